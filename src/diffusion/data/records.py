@@ -1,0 +1,50 @@
+"""What a data source yields: a usable sample, or a record of why an input was skipped.
+
+Sources (the built-in shapes, image folders, existing WebDataset tars) all yield these, so the shard
+writer and the manifest treat every source alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from PIL import Image
+
+#: Why an input was skipped. Each reason is counted in the shard manifest; none is fatal.
+SkipReason = Literal[
+    "empty_file",  # zero bytes
+    "not_an_image",  # not a format Pillow recognises
+    "corrupt",  # recognised but fails to decode
+    "truncated",  # the file ends before the image data does
+    "missing_caption",  # no caption found for this image
+    "empty_caption",  # a caption that is empty or only white space
+    "duplicate",  # the same pixels as an earlier image (after conversion)
+]
+SKIP_REASONS: tuple[str, ...] = SkipReason.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image-caption pair, ready to write.
+
+    Attributes:
+        key: unique, stable id; shards are written in sorted key order.
+        image: RGB PIL image at the configured resolution (square).
+        caption: the text.
+        meta: JSON-serialisable metadata; categorical attributes under ``meta["attributes"]``.
+    """
+
+    key: str
+    image: Image.Image
+    caption: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that was not used: where it came from and why (one of SKIP_REASONS)."""
+
+    source: str
+    reason: str
+    detail: str = ""
