@@ -20,6 +20,7 @@ SkipReason = Literal[
     "missing_caption",  # no caption found for this image
     "empty_caption",  # a caption that is empty or only white space
     "duplicate",  # the same pixels as an earlier image (after conversion)
+    "missing_file",  # listed (metadata.jsonl, a tar sample's txt/json) but the image is not there
 ]
 SKIP_REASONS: tuple[str, ...] = SkipReason.__args__  # type: ignore[attr-defined]
 

@@ -1,0 +1,176 @@
+"""Stage `shard`: a source of images and captions -> WebDataset shards, a tokenizer and a manifest.
+
+Reads the `shard` section of params.yaml (`diffusion.config.ShardConfig`) and writes
+
+    <out_dir>/train/shard-*.tar, <out_dir>/val/shard-*.tar   (DESIGN.md, Data format)
+    <out_dir>/manifest.json                                  (counts, skipped inputs by reason)
+    <tokenizer_path>                                         (BPE trained on the train captions)
+
+Everything is written to a temporary folder first and moved into place only when complete, so a killed
+run leaves the previous output (or none), never a half-written one. A rerun with the same parameters
+writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from diffusion.config import ConfigError, ShardConfig
+from diffusion.data.records import Sample, Skipped
+from diffusion.data.shapes import attribute_values, generate_shapes, validate_holdout
+from diffusion.data.shards import atomic_write_json, write_shards
+from diffusion.data.sources import SourceError, iter_folder, iter_webdataset, summarise
+from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
+
+
+class ShardError(RuntimeError):
+    """The source gave nothing usable, or cannot be read; nothing was written."""
+
+
+def validate(cfg: ShardConfig) -> None:
+    """Checks that need more than the config itself, run before any work (bad input stops early)."""
+    if cfg.source == "shapes":
+        validate_holdout(cfg.shapes)
+    elif cfg.source == "folder" and not Path(cfg.path).is_dir():
+        raise ConfigError(f"shard.path: folder {cfg.path!r} does not exist")
+
+
+def _is_val(key: str, cfg: ShardConfig) -> bool:
+    """Seeded, order-independent split of a user source: a hash of (seed, key) against val_fraction."""
+    digest = hashlib.blake2b(f"{cfg.seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < cfg.val_fraction
+
+
+def _user_items(cfg: ShardConfig) -> Iterator[Sample | Skipped]:
+    if cfg.source == "folder":
+        return iter_folder(Path(cfg.path), cfg.folder_layout, cfg.caption_template, cfg.resolution)
+    return iter_webdataset(cfg.path, cfg.resolution)
+
+
+class _Split:
+    """Routes one pass over a user source to train (streamed to the writer) and val (kept: it is small)."""
+
+    def __init__(self, cfg: ShardConfig) -> None:
+        self.cfg = cfg
+        self.val: list[Sample] = []
+        self.skipped: list[Skipped] = []
+        self.captions: list[str] = []
+
+    def train(self, items: Iterable[Sample | Skipped]) -> Iterator[Sample]:
+        for item in items:
+            if isinstance(item, Skipped):
+                self.skipped.append(item)
+                print(f"  skipped {item.source}: {item.reason} {item.detail}".rstrip())
+            elif _is_val(item.key, self.cfg):
+                self.val.append(item)
+            else:
+                self.captions.append(item.caption)
+                yield item
+
+
+def _with_captions(samples: Iterable[Sample], captions: list[str]) -> Iterator[Sample]:
+    for s in samples:
+        captions.append(s.caption)
+        yield s
+
+
+def _write(cfg: ShardConfig, tmp: Path) -> dict[str, Any]:
+    """Write both splits into `tmp`; return the manifest (without paths that depend on `tmp`)."""
+    kw = dict(samples_per_shard=cfg.samples_per_shard, image_format=cfg.image_format)
+    if cfg.source == "shapes":
+        captions: list[str] = []
+        train = write_shards(
+            _with_captions(generate_shapes(cfg.shapes, "train", cfg.resolution, cfg.seed), captions),
+            tmp / "train", **kw,
+        )
+        val_captions: list[str] = []
+        val = write_shards(
+            _with_captions(generate_shapes(cfg.shapes, "val", cfg.resolution, cfg.seed), val_captions),
+            tmp / "val", **kw,
+        )
+        skipped: list[Skipped] = []
+        extra = {"attributes": {k: list(v) for k, v in attribute_values(cfg.shapes.level).items()},
+                 "holdout": list(cfg.shapes.holdout)}
+    else:
+        split = _Split(cfg)
+        train = write_shards(split.train(_user_items(cfg)), tmp / "train", **kw)
+        if not split.captions:
+            raise ShardError(
+                f"shard.path: no usable image in {cfg.path!r} "
+                f"(skipped: {', '.join(f'{r}={n}' for r, n in summarise(split.skipped).items() if n) or 'none'});"
+                " expected images with captions (metadata.jsonl, side-car .txt, or class folders)"
+            )
+        val = write_shards(split.val, tmp / "val", **kw)
+        captions, skipped, extra = split.captions, split.skipped, {}
+        val_captions = [s.caption for s in split.val]
+    return {
+        "captions": captions,
+        "manifest": {
+            "source": cfg.source,
+            "path": cfg.path,
+            "resolution": cfg.resolution,
+            "counts": {"train": len(captions), "val": len(val_captions)},
+            "shards": {"train": [p.name for p in train], "val": [p.name for p in val]},
+            "skipped": summarise(skipped),
+            # Never silent: which inputs were skipped and why (first few of each reason).
+            "skipped_examples": _examples(skipped),
+            **extra,
+        },
+    }
+
+
+def _examples(skipped: list[Skipped], per_reason: int = 5) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for s in skipped:
+        if len(out.setdefault(s.reason, [])) < per_reason:
+            out[s.reason].append(s.source)
+    return out
+
+
+def run(cfg: ShardConfig) -> dict[str, Any]:
+    """Run the stage; returns the manifest. Raises SourceError/ShardError before touching the outputs."""
+    validate(cfg)
+    out_dir = Path(cfg.out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        print(f"shard: source={cfg.source} resolution={cfg.resolution} -> {out_dir}")
+        result = _write(cfg, tmp)
+        manifest = result["manifest"]
+        atomic_write_json(tmp / "manifest.json", manifest)
+        tokenizer = train_tokenizer(result["captions"], cfg.vocab_size, cfg.max_length)
+        # Swap the finished folder into place; the tokenizer is written atomically beside it.
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+        save_tokenizer(tokenizer, Path(cfg.tokenizer_path))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    counts, skipped = manifest["counts"], {k: v for k, v in manifest["skipped"].items() if v}
+    print(f"shard: wrote {counts['train']} train and {counts['val']} val samples to {out_dir}/{{train,val}}")
+    print(f"shard: skipped {json.dumps(skipped) if skipped else 'nothing'}; manifest {out_dir / 'manifest.json'}")
+    print(f"shard: tokenizer ({tokenizer.get_vocab_size()} tokens) -> {cfg.tokenizer_path}")
+    return manifest
+
+
+def main(cfg: ShardConfig) -> dict[str, Any]:
+    """The DVC stage: validate, then run inside the stage's MLflow run (counts as metrics, the manifest)."""
+    import mlflow
+
+    from diffusion.tracking import stage_run
+
+    validate(cfg)
+    with stage_run("shard", cfg.to_dict()) as active:
+        manifest = run(cfg)
+        mlflow.log_metrics(
+            {"train_samples": manifest["counts"]["train"], "val_samples": manifest["counts"]["val"]}
+            | {f"skipped_{reason}": n for reason, n in manifest["skipped"].items()}
+        )
+        mlflow.log_dict(manifest, "manifest.json")
+        print(f"shard: MLflow run {active.info.run_id}")
+    return manifest

@@ -1,0 +1,266 @@
+"""Stream WebDataset shards for training (`make_loader`) or read them once, in order (`iter_shards`).
+
+Batches (docs/INTERFACES.md, Data): ``{"image": (B,3,H,W) float32 in [-1,1], "tokens": (B,T) long,
+"caption": list[str], "meta": list[dict], "key": list[str]}``.
+
+Why the training loader is built this way (DESIGN.md, Known pitfalls 1):
+
+- DDP needs every rank to run the same number of steps: a rank that runs out of batches first stops calling
+  all_reduce and the others wait for it forever. With ``resampled=True`` every rank and every worker draws
+  shards *with replacement* from the full list, forever, and ``WebLoader.with_epoch(n)`` cuts that
+  endless stream at exactly `n` batches on every rank. The cut is on the loader, after the workers' streams
+  are merged, so `n` counts batches, not per-worker samples (``.with_epoch`` on the dataset would count in
+  each worker). Batches are assembled in the dataset with ``partial=False`` and the loader uses
+  ``batch_size=None``, so every batch is full.
+- Splitting shards by node is then unnecessary: each rank already sees a different stream because the
+  stream is seeded by (seed, rank, worker, epoch). ``split_by_node`` over a resampled stream would only
+  thin it. It is used (with ``split_by_worker``) in the non-resampled mode, where each shard is read once
+  per pass and must go to one rank and one worker only.
+- Fewer shards than workers: with resampling every worker samples from all shards, so no worker is empty.
+  (webdataset's ``check_empty`` is what raises "No samples found" for a worker without shards; not used.)
+- Reproducible: ``wds.WebDataset(resampled=True)`` seeds its shard sampler with the pid, the clock and
+  ``os.urandom`` (``webdataset/shardlists.py``, ``ResampledShards.__iter__`` without ``deterministic``), so
+  we compose the pipeline from webdataset's stages ourselves, with explicit seeds. The rank is read in the
+  main process when an epoch starts (torch.distributed is not initialised inside spawned workers), and
+  the epoch number travels to the workers with the dataset, so every epoch draws a new stream.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from tokenizers import Tokenizer
+
+from diffusion.data.shards import list_shards
+from diffusion.data.tokenizer import encode
+
+
+def expand_urls(urls: Sequence[str] | str) -> list[str]:
+    """A list of shard URLs from a list, a brace pattern (``shard-{000000..000009}.tar``) or a folder."""
+    if isinstance(urls, (str, os.PathLike)):
+        urls = str(urls)
+        if os.path.isdir(urls):
+            out = list_shards(urls)
+        else:
+            out = list(wds.shardlists.expand_urls(urls))
+    else:
+        out = [str(u) for u in urls]
+    if not out:
+        raise FileNotFoundError(f"no shards found in {urls!r} (run `python cli.py shard` first)")
+    return out
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed if initialised, else RANK/WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _decode_rgb(data: bytes) -> np.ndarray:
+    """Image bytes -> (H, W, 3) uint8."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [-1, 1]."""
+    return pixels.movedim(-1, -3).float().div_(127.5).sub_(1.0).contiguous()
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Image bytes -> (3, H, W) float32 in [-1, 1]."""
+    return to_model_range(torch.tensor(_decode_rgb(data)))  # copies the read-only array
+
+
+def _decode_sample(sample: dict[str, Any], image_keys: Sequence[str]) -> dict[str, Any]:
+    """A raw WebDataset sample (bytes per extension) -> key, image (H, W, 3) uint8, caption, meta.
+
+    Images stay uint8 until a whole batch is stacked: one float conversion per batch, a quarter of the
+    bytes through the shuffle buffer and worker queues' pickling."""
+    key = sample["__key__"]
+    image_key = next((k for k in image_keys if k in sample), None)
+    if image_key is None:
+        raise KeyError(f"{sample.get('__url__', '?')}: sample {key!r} has none of {list(image_keys)}")
+    caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    return {"key": key, "image": _decode_rgb(sample[image_key]), "caption": caption, "meta": meta}
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """An iterable of full batches read from shards; the dataset half of :func:`make_loader`.
+
+    Every random choice (shards, shuffle buffer, caption dropout) comes from a ``random.Random`` seeded by
+    ``(seed, rank, worker, epoch)``, so runs are reproducible and ranks and workers differ.
+    `rank`, `world_size` and `epoch` are set by :class:`StreamLoader` in the main process before each epoch.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        tokenizer: Tokenizer,
+        *,
+        batch_size: int,
+        shuffle_buffer: int,
+        seed: int,
+        resampled: bool,
+        caption_dropout: float,
+        image_keys: Sequence[str],
+    ):
+        super().__init__()
+        self.urls, self.tokenizer, self.batch_size = urls, tokenizer, batch_size
+        self.shuffle_buffer, self.seed, self.resampled = shuffle_buffer, seed, resampled
+        self.caption_dropout, self.image_keys = caption_dropout, tuple(image_keys)
+        self.rank, self.world_size, self.epoch = 0, 1, 0
+
+    def _rng(self, worker: int, purpose: str) -> random.Random:
+        # Seeding with a str is stable across processes and Python runs (it is hashed with SHA-512,
+        # not with the salted hash()).
+        return random.Random(f"{self.seed}/{self.rank}/{worker}/{self.epoch}/{purpose}")
+
+    def _shard_urls(self, worker: int, num_workers: int) -> Iterator[dict[str, str]]:
+        if self.resampled:  # infinite, with replacement, different for every (rank, worker, epoch)
+            rng = self._rng(worker, "shards")
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        # One pass: a permutation shared by all ranks and workers (seeded by epoch only), then
+        # split by node and by worker so each shard is read by exactly one of them.
+        order = list(self.urls)
+        random.Random(f"{self.seed}/{self.epoch}/order").shuffle(order)
+        yield from ({"url": u} for u in order[self.rank :: self.world_size][worker::num_workers])
+
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        captions = [s["caption"] for s in samples]
+        return {
+            "image": to_model_range(torch.from_numpy(np.stack([s["image"] for s in samples]))),  # (B,3,H,W)
+            "tokens": encode(self.tokenizer, captions),  # (B, T)
+            "caption": captions,
+            "meta": [s["meta"] for s in samples],
+            "key": [s["key"] for s in samples],
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        samples = wds.tarfile_to_samples()(self._shard_urls(worker, num_workers))
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(
+                self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=self._rng(worker, "shuffle")
+            )(samples)
+        samples = (_decode_sample(s, self.image_keys) for s in samples)
+        if self.caption_dropout > 0:
+            samples = _drop_captions(samples, self.caption_dropout, self._rng(worker, "dropout"))
+        yield from wds.batched(self.batch_size, collation_fn=self._collate, partial=False)(samples)
+
+
+def _drop_captions(samples: Iterator[dict], p: float, rng: random.Random) -> Iterator[dict]:
+    """Replace the caption with the null caption ``""`` with probability `p` (DESIGN.md pitfall 2:
+    dropout at load time, so every epoch drops different captions and the model learns the null
+    condition that classifier-free guidance uses at sampling)."""
+    for s in samples:
+        if rng.random() < p:
+            s = {**s, "caption": ""}
+        yield s
+
+
+class StreamLoader(wds.WebLoader):
+    """``wds.WebLoader`` that, at the start of every pass, tells the dataset the rank and the epoch.
+
+    ``iterator1`` runs in the main process once per pass over the DataLoader (also on each repetition
+    made by ``with_epoch``), before the workers are started and handed a copy of the dataset. Workers are
+    therefore not persistent: a persistent worker would keep the first epoch's copy.
+    """
+
+    def __init__(self, dataset: ShardStream, **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.stream = dataset
+        self._next_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next pass at `epoch` (e.g. when resuming); passes count up from there."""
+        self._next_epoch = epoch
+
+    def iterator1(self):
+        self.stream.rank, self.stream.world_size = dist_info()
+        self.stream.epoch = self._next_epoch
+        self._next_epoch += 1
+        return super().iterator1()
+
+
+def make_loader(
+    urls: Sequence[str] | str,
+    tokenizer: Tokenizer,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    epoch_steps: int | None = None,
+    seed: int = 0,
+    resampled: bool = True,
+    caption_dropout: float = 0.0,
+    image_key_order: Sequence[str] = ("png", "jpg"),
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+) -> StreamLoader:
+    """A training loader over WebDataset shards, correct under DDP (see the module docstring).
+
+    Args:
+        urls: shard paths/URLs, a brace pattern, or a folder of ``.tar`` files.
+        tokenizer: encodes captions to (T,) ids (``[BOS] ... [EOS] [PAD]*``).
+        batch_size: samples per batch; every batch is full.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        shuffle_buffer: samples in the shuffle buffer (<= 1: no sample shuffling).
+        epoch_steps: batches per epoch, exactly, on every rank. None: endless when resampled, one pass
+            over this rank's shards otherwise.
+        seed: base seed; streams are seeded by (seed, rank, worker, epoch).
+        resampled: draw shards with replacement (training). False: each shard once per pass, split
+            across ranks and workers (needs at least as many shards as ranks).
+        caption_dropout: probability of replacing a caption with ``""`` (the null condition).
+        image_key_order: image extensions to look for, first found wins.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    if not 0.0 <= caption_dropout <= 1.0:
+        raise ValueError(f"caption_dropout: expected a probability in [0, 1], got {caption_dropout}")
+    if epoch_steps is not None and epoch_steps < 1:
+        raise ValueError(f"epoch_steps: expected >= 1 or None, got {epoch_steps}")
+    urls = expand_urls(urls)
+    _, world_size = dist_info()
+    if not resampled and len(urls) < world_size:
+        # A rank without shards yields no batch and the others would wait for it in all_reduce.
+        raise ValueError(f"{len(urls)} shards for {world_size} ranks: use resampled=True or more shards")
+    stream = ShardStream(
+        urls, tokenizer, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed,
+        resampled=resampled, caption_dropout=caption_dropout, image_keys=image_key_order,
+    )
+    kwargs: dict[str, Any] = {"batch_size": None, "num_workers": num_workers, "pin_memory": pin_memory}
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = prefetch_factor
+    loader = StreamLoader(stream, **kwargs)
+    if epoch_steps is not None:
+        # On the loader: exactly `epoch_steps` batches per rank; with_length gives Lightning a len().
+        loader = loader.with_epoch(epoch_steps).with_length(epoch_steps, silent=True)
+    return loader
+
+
+def iter_shards(urls: Sequence[str] | str, tokenizer: Tokenizer | None = None) -> Iterator[dict[str, Any]]:
+    """Every sample of `urls` exactly once, in shard order then file order, in this process.
+
+    Yields ``{"key", "image": (3,H,W) float in [-1,1], "caption", "meta"}`` (plus ``"tokens": (T,) long``
+    when a tokenizer is given). For evaluation and latent encoding, where nothing may be skipped or doubled.
+    """
+    for sample in wds.tarfile_to_samples()({"url": u} for u in expand_urls(urls)):
+        out = _decode_sample(sample, ("png", "jpg", "jpeg"))
+        out["image"] = to_model_range(torch.tensor(out["image"]))  # (3, H, W); copies the read-only array
+        if tokenizer is not None:
+            out["tokens"] = encode(tokenizer, [out["caption"]])[0]
+        yield out

@@ -1,0 +1,256 @@
+"""Write samples into WebDataset tar shards, deterministically and atomically.
+
+Layout (DESIGN.md, Data format; the layout img2dataset writes): each sample is a group of tar members that
+share a key, ``<key>.png`` (or ``.jpg``), ``<key>.txt`` (the caption, UTF-8) and ``<key>.json`` (the
+metadata). WebDataset groups consecutive members by the part of the file name before the first dot, so a key
+must not contain a dot.
+
+Determinism (DESIGN.md, Reproducibility): the same samples in the same order give byte-identical tars, so a
+second ``dvc repro`` sees unchanged outputs. We write with :mod:`tarfile` directly and fix every header field
+that would otherwise record the machine or the clock (mtime, uid/gid, user and group names, mode); there is
+no gzip (its header holds a timestamp). webdataset's ``TarWriter`` stamps ``mtime=time.time()`` unless it is
+given one (``webdataset/writer.py``, ``ti.mtime = self.mtime if self.mtime is not None else now``).
+
+Atomicity: shards are written into a hidden sibling folder and swapped into place only when all are complete,
+so a killed run leaves either the previous complete set or nothing, never a half-written one that a later
+stage would silently train on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from diffusion.data.records import Sample
+
+ImageFormat = Literal["png", "jpg"]
+IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg")
+
+#: PNG: zlib level 6 without Pillow's `optimize` search, so the bytes depend only on the pixels (and the
+#: zlib version). JPEG: quality 95, baseline, standard tables; libjpeg is deterministic for fixed options.
+_ENCODE_OPTIONS: dict[str, dict[str, Any]] = {
+    "png": {"format": "PNG", "compress_level": 6, "optimize": False},
+    "jpg": {"format": "JPEG", "quality": 95, "optimize": False, "progressive": False},
+}
+
+
+class ShardList(list):
+    """The shard paths written (a ``list[Path]``), with the number of samples in each.
+
+    Attributes:
+        counts: samples in each shard, in the same order as the paths.
+    """
+
+    def __init__(self, paths: Iterable[Path] = (), counts: Iterable[int] = ()):
+        super().__init__(paths)
+        self.counts: list[int] = list(counts)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary for a manifest: shard file names and sample counts."""
+        return {
+            "num_shards": len(self),
+            "num_samples": self.num_samples,
+            "shards": {Path(p).name: n for p, n in zip(self, self.counts)},
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic files
+# --------------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` via a temporary file in the same folder and :func:`os.replace`.
+
+    ``os.replace`` is atomic on POSIX and Windows when source and target are on the same file system, which a
+    sibling file is; readers see the old file or the new one, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Atomically write UTF-8 `text` to `path` (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Atomically write `obj` as indented, key-sorted JSON (stable bytes for DVC) with a final newline."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding one sample
+# --------------------------------------------------------------------------------------------------
+
+
+def encode_image(image: Image.Image, image_format: ImageFormat) -> bytes:
+    """Encode an image to PNG or JPEG bytes with fixed options (deterministic). Converts to RGB."""
+    if image_format not in _ENCODE_OPTIONS:
+        raise ValueError(f"image_format: expected one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, **_ENCODE_OPTIONS[image_format])
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add one file with every machine- and time-dependent header field fixed."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _check_key(key: str, seen: set[str]) -> None:
+    if not key or "." in key or key.startswith("/") or key.endswith("/"):
+        raise ValueError(
+            f"sample key {key!r}: must be non-empty and contain no '.' (WebDataset splits a member name "
+            "into key and extension at the first dot)"
+        )
+    if key in seen:
+        raise ValueError(f"sample key {key!r}: duplicate (keys identify samples and must be unique)")
+    seen.add(key)
+
+
+def _write_sample(tar: tarfile.TarFile, sample: Sample, image_format: ImageFormat) -> None:
+    _add_member(tar, f"{sample.key}.{image_format}", encode_image(sample.image, image_format))
+    _add_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
+    meta = json.dumps(sample.meta, sort_keys=True, ensure_ascii=False)
+    _add_member(tar, f"{sample.key}.json", meta.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Shard sets
+# --------------------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Remove temporary folders left by killed runs (their pid is gone) next to `out_dir`."""
+    for prefix in (f".{out_dir.name}.tmp-", f".{out_dir.name}.old-"):
+        for tmp in out_dir.parent.glob(prefix + "*"):
+            pid = tmp.name[len(prefix):]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Swap the finished `tmp` folder into `out_dir`: old set aside, new renamed in, old deleted."""
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    out_dir: str | Path,
+    *,
+    samples_per_shard: int,
+    image_format: ImageFormat = "png",
+    prefix: str = "shard",
+) -> ShardList:
+    """Write `samples`, in the order given, to ``out_dir/{prefix}-000000.tar``, ...; replace `out_dir`.
+
+    The caller sorts (shards hold samples in iteration order). Samples are streamed: one shard is open at a
+    time. Everything goes to ``out_dir.parent/.{out_dir.name}.tmp-<pid>`` first; only when the last shard is
+    closed is the old `out_dir` removed and the new one renamed into place. If iterating `samples` raises,
+    the temporary folder is removed and the previous `out_dir` is left as it was.
+
+    Returns:
+        the shard paths (inside `out_dir`) as a :class:`ShardList`, with ``.counts`` per shard.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard: expected >= 1, got {samples_per_shard}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format: expected one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        names, counts = _write_into(samples, tmp, samples_per_shard, image_format, prefix)
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ShardList((out_dir / n for n in names), counts)
+
+
+def _write_into(
+    samples: Iterable[Sample], folder: Path, samples_per_shard: int, image_format: ImageFormat, prefix: str
+) -> tuple[list[str], list[int]]:
+    names: list[str] = []
+    counts: list[int] = []
+    seen: set[str] = set()
+    tar: tarfile.TarFile | None = None
+    try:
+        for sample in samples:
+            _check_key(sample.key, seen)
+            if tar is None or counts[-1] == samples_per_shard:
+                if tar is not None:
+                    tar.close()
+                names.append(f"{prefix}-{len(names):06d}.tar")
+                counts.append(0)
+                # PAX is tarfile's default; it adds extended headers only for names that need them
+                # (non-ASCII, long), from the name alone, so the bytes stay deterministic.
+                tar = tarfile.open(folder / names[-1], "w", format=tarfile.PAX_FORMAT)
+            _write_sample(tar, sample, image_format)
+            counts[-1] += 1
+    finally:
+        if tar is not None:
+            tar.close()
+    return names, counts
+
+
+def list_shards(directory: str | Path) -> list[str]:
+    """Sorted paths (as strings, ready for WebDataset) of the ``*.tar`` files in `directory`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: shard folder not found (run `python cli.py shard` first)")
+    return sorted(str(p) for p in directory.glob("*.tar"))

@@ -1,0 +1,104 @@
+"""MLflow tracking: where the store is, and one tagged run per stage execution (DESIGN.md, Tracking).
+
+- The tracking URI is ``MLFLOW_TRACKING_URI`` if set, else a sqlite file ``mlflow.db`` at the project
+  root, so every stage, and every DVC experiment, writes to the same store that ``mlflow ui
+  --backend-store-uri sqlite:///mlflow.db`` shows.
+- Each run is tagged with the stage, the git commit and the DVC experiment name (DVC sets ``DVC_STAGE``
+  and ``DVC_EXP_NAME`` in a stage's environment), and carries the stage's resolved parameters, both as
+  flattened MLflow params (comparable in the UI) and as a YAML artifact (exactly what ran).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_EXPERIMENT = "diffusion"
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project root: ``DVC_ROOT`` if DVC is running us, else the git top level, else the cwd."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"])
+    start = start or Path.cwd()
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=start, capture_output=True, text=True, check=True
+        )
+        return Path(out.stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return start
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db``.
+
+    Passed explicitly to Lightning's MLFlowLogger too: its own default (``./mlruns``) is a file store that
+    MLflow 3 refuses (DESIGN.md).
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The current commit hash, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root or project_root(), capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become strings (MLflow params are strings)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def stage_tags(stage: str) -> dict[str, str]:
+    """Tags every stage run carries, so runs can be filtered by stage, commit and experiment."""
+    return {
+        "stage": stage,
+        "git_commit": git_commit(),
+        "dvc_stage": os.environ.get("DVC_STAGE", ""),
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+    }
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str, params: Mapping[str, Any], *, run_id: str | None = None, experiment: str | None = None
+) -> Iterator[Any]:
+    """Open (or, with ``run_id``, resume) the MLflow run of one stage execution.
+
+    Args:
+        stage: the stage name (``shard``, ``train`` ...), used as tag and run name.
+        params: the stage's resolved parameters (its config's ``to_dict()``).
+        run_id: an existing run to continue (a resumed training run); its params are not logged again,
+            since MLflow refuses to change a logged param (DESIGN.md pitfall 11).
+        experiment: the MLflow experiment; default ``MLFLOW_EXPERIMENT_NAME`` or "diffusion".
+    Yields:
+        the active ``mlflow.ActiveRun``.
+    """
+    import mlflow  # imported here: the library must import without MLflow's start-up cost
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=stage_tags(stage)) as run:
+        if run_id is None:
+            mlflow.log_params(flatten(params))
+            mlflow.log_text(yaml.safe_dump({stage: dict(params)}, sort_keys=False), f"params/{stage}.yaml")
+        yield run

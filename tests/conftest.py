@@ -1,0 +1,41 @@
+"""Shared test setup: offline, quiet, single-threaded, and never touching the project's own outputs."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path_factory, monkeypatch):
+    """Every test gets its own MLflow store, so no test writes to the repository's mlflow.db."""
+    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+
+
+@pytest.fixture
+def cli_env(tmp_path):
+    """Environment for running `python cli.py` in a subprocess from a temporary working folder."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_cli(args, cwd, env, check=True):
+    """Run `python <repo>/cli.py ARGS` in `cwd`; return the CompletedProcess (text output)."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cli {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc

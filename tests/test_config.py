@@ -1,0 +1,105 @@
+"""Layer (a) of STYLE.md 15: params.yaml parses into its configs; bad values are refused by name."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffusion.config import (
+    ConfigError,
+    ShardConfig,
+    ShapesConfig,
+    apply_overrides,
+    load_params,
+    load_section,
+    parse_override,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_parses_every_section():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg = ShardConfig.from_dict(params["shard"])
+    assert cfg.source == "shapes"
+    assert isinstance(cfg.shapes, ShapesConfig)
+    assert cfg.shapes.holdout == tuple(params["shard"]["shapes"]["holdout"])
+
+
+def test_round_trip_through_plain_data():
+    cfg = load_section(ShardConfig, ROOT / "params.yaml")
+    assert ShardConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_configs_are_frozen():
+    cfg = ShardConfig()
+    with pytest.raises(AttributeError):
+        cfg.resolution = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"colour_depth": 8}, "shard.colour_depth"),
+        ({"resolution": "big"}, "shard.resolution"),
+        ({"resolution": 2}, "shard.resolution"),
+        ({"resolution": 64.5}, "shard.resolution"),
+        ({"source": "imagenet"}, "shard.source"),
+        ({"shapes": {"num_train": -5}}, "shard.shapes.num_train"),
+        ({"shapes": {"level": 3}}, "shard.shapes.level"),
+        ({"shapes": {"holdout": "purple triangle"}}, "shard.shapes.holdout"),
+        ({"val_fraction": 1.0}, "shard.val_fraction"),
+        ({"image_format": True}, "shard.image_format"),
+        ({"source": "folder"}, "shard.path"),
+        ({"caption_template": "a photo"}, "shard.caption_template"),
+    ],
+)
+def test_bad_values_name_the_key(data, key):
+    with pytest.raises(ConfigError) as err:
+        ShardConfig.from_dict(data, "shard")
+    assert key in str(err.value)
+
+
+def test_error_lists_allowed_choices():
+    with pytest.raises(ConfigError, match="'shapes', 'folder', 'webdataset'"):
+        ShardConfig.from_dict({"source": "x"})
+
+
+def test_yaml_numbers_are_coerced():
+    cfg = ShardConfig.from_dict({"samples_per_shard": 1e3, "val_fraction": "1e-1"})
+    assert cfg.samples_per_shard == 1000 and isinstance(cfg.samples_per_shard, int)
+    assert cfg.val_fraction == pytest.approx(0.1)
+
+
+def test_overrides_dvc_style(tmp_path):
+    assert parse_override("shard.shapes.num_train=12") == (["shard", "shapes", "num_train"], 12)
+    assert parse_override("shard.shapes.holdout=[red star, blue circle]")[1] == ["red star", "blue circle"]
+    params = {"shard": {"resolution": 64}}
+    out = apply_overrides(params, ["shard.resolution=32", "shard.shapes.level=pair"])
+    assert out == {"shard": {"resolution": 32, "shapes": {"level": "pair"}}}
+    assert params == {"shard": {"resolution": 64}}, "the input must not be modified"
+    for bad in ["shard.resolution", "=3", "shard..x=1", "shard.resolution=[1"]:
+        with pytest.raises(ConfigError):
+            parse_override(bad)
+    with pytest.raises(ConfigError, match="shard.resolution is not a mapping"):
+        apply_overrides(params, ["shard.resolution.x=1"])
+
+
+def test_load_params_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("shard: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_params(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("other: {}\n")
+    with pytest.raises(ConfigError, match="section 'shard' is missing"):
+        load_section(ShardConfig, empty)
+
+
+def test_help_documents_every_field():
+    helps = ShardConfig.help()
+    assert set(helps) == {f for f in ShardConfig().to_dict()}
+    assert all(text for text in helps.values())
+    assert "(>= 8)" in helps["resolution"]

@@ -1,0 +1,187 @@
+"""Streaming loader: batch format, exact epoch length (also with workers), seeding, caption dropout,
+ordered reading, and a 2-process gloo DDP run that would hang if the ranks' batch counts differed."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.data.loader import iter_shards, make_loader
+from diffusion.data.records import Sample
+from diffusion.data.shards import write_shards
+from diffusion.data.tokenizer import null_tokens, save_tokenizer, train_tokenizer
+
+SIZE = 8
+COLOURS = ("red", "green", "blue", "yellow")
+
+
+def make_samples(n: int, start: int = 0) -> list[Sample]:
+    out = []
+    for i in range(start, start + n):
+        colour = COLOURS[i % 4]
+        pixels = np.full((SIZE, SIZE, 3), i % 256, dtype=np.uint8)
+        out.append(Sample(f"k{i:05d}", Image.fromarray(pixels), f"a {colour} square number {i}", {"i": i}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer([s.caption for s in make_samples(40)], vocab_size=80, max_length=12)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Four shards with unequal sample counts: 3, 5, 7 and 9 (24 samples)."""
+    root = tmp_path_factory.mktemp("shards")
+    paths, start = [], 0
+    for i, n in enumerate((3, 5, 7, 9)):
+        paths += write_shards(make_samples(n, start), root / f"part{i}", samples_per_shard=n, prefix=f"p{i}")
+        start += n
+    return [str(p) for p in paths]
+
+
+def keys_of(loader) -> list[str]:
+    return [k for batch in loader for k in batch["key"]]
+
+
+def test_batch_format_and_epoch_length(shards, tok):
+    loader = make_loader(shards, tok, batch_size=4, epoch_steps=5, shuffle_buffer=10)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 5
+    b = batches[0]
+    assert b["image"].shape == (4, 3, SIZE, SIZE) and b["image"].dtype == torch.float32
+    assert b["image"].min() >= -1.0 and b["image"].max() <= 1.0
+    assert b["tokens"].shape == (4, 12) and b["tokens"].dtype == torch.long
+    assert len(b["caption"]) == len(b["meta"]) == 4
+    # Pixels decode to the value written: every pixel of sample i is i, i.e. i / 127.5 - 1.
+    i = b["meta"][0]["i"]
+    assert torch.allclose(b["image"][0], torch.full((3, SIZE, SIZE), i / 127.5 - 1.0))
+    assert b["caption"][0] == f"a {COLOURS[i % 4]} square number {i}"
+    assert len(list(loader)) == 5  # a second epoch has the same length
+
+
+def test_seeded_streams(shards, tok):
+    def run(seed):
+        loader = make_loader(shards, tok, batch_size=3, epoch_steps=4, seed=seed, shuffle_buffer=8)
+        return keys_of(loader), keys_of(loader)  # two epochs
+
+    a, b = run(0), run(0)
+    assert a == b  # reproducible
+    assert a[0] != a[1]  # each epoch draws a new stream
+    assert run(1)[0] != a[0]
+
+
+def test_workers_with_fewer_shards_than_workers(shards, tok):
+    loader = make_loader(shards[:1], tok, batch_size=2, epoch_steps=7, num_workers=2, shuffle_buffer=4)
+    batches = list(loader)
+    assert len(batches) == 7  # counted on the loader, not per worker
+    assert all(b["image"].shape == (2, 3, SIZE, SIZE) for b in batches)
+    assert {k for b in batches for k in b["key"]} <= {f"k{i:05d}" for i in range(3)}
+
+
+def test_caption_dropout(shards, tok):
+    loader = make_loader(shards, tok, batch_size=8, epoch_steps=40, caption_dropout=0.3, shuffle_buffer=1)
+    dropped = total = 0
+    for b in loader:
+        for caption, tokens in zip(b["caption"], b["tokens"]):
+            total += 1
+            if caption == "":
+                dropped += 1
+                assert torch.equal(tokens, null_tokens(tok, 1)[0])
+            else:
+                assert not torch.equal(tokens, null_tokens(tok, 1)[0])
+    assert 0.2 < dropped / total < 0.4  # 320 draws of p = 0.3: sd ~ 0.026
+
+
+def test_iter_shards_reads_each_sample_once_in_order(shards, tok):
+    samples = list(iter_shards(shards, tokenizer=tok))
+    assert [s["key"] for s in samples] == [f"k{i:05d}" for i in range(24)]
+    assert samples[5]["image"].shape == (3, SIZE, SIZE) and samples[5]["tokens"].shape == (12,)
+    assert samples[5]["meta"] == {"i": 5} and samples[5]["caption"].endswith("number 5")
+
+
+def test_single_pass_mode_with_workers(shards, tok):
+    loader = make_loader(shards, tok, batch_size=1, num_workers=2, resampled=False, shuffle_buffer=5)
+    keys = keys_of(loader)
+    assert sorted(keys) == [f"k{i:05d}" for i in range(24)]  # every sample once, split across workers
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch, torch.distributed as dist
+    from diffusion.data.loader import make_loader
+    from diffusion.data.tokenizer import load_tokenizer
+
+    rank, port, tok_path, shards = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    loader = make_loader(shards, load_tokenizer(tok_path), batch_size=3, epoch_steps=6, num_workers=2,
+                         shuffle_buffer=4, seed=0)
+    count, keys = 0, []
+    for batch in loader:
+        total = torch.ones(1)
+        dist.all_reduce(total)  # a rank with fewer batches would leave the other waiting here
+        assert total.item() == 2
+        count += 1
+        keys += batch["key"]
+    dist.barrier()
+    dist.destroy_process_group()
+    print(json.dumps({"rank": rank, "count": count, "keys": keys}))
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_ddp_two_ranks_equal_batches(shards, tok, tmp_path):
+    tok_path = save_tokenizer(tok, tmp_path / "tokenizer.json")
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(r), port, str(tok_path), *shards],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=100)
+            assert p.returncode == 0, err[-2000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [r["count"] for r in results] == [6, 6]
+    assert all(len(r["keys"]) == 18 for r in results)
+    assert results[0]["keys"] != results[1]["keys"]  # each rank draws its own stream
+
+
+def test_map_style_datasets():
+    """The seed's map-style API: dummy dataset and ListDataset give (3,S,S) in [-1,1] and (T,) long."""
+    from diffusion.data import ListDataset, create_dummy_dataset
+
+    ds = create_dummy_dataset(num_samples=12, image_size=16, seed=3)
+    image, tokens = ds[0]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+    assert -1.0 <= image.min() < image.max() <= 1.0
+    assert tokens.shape == (16,) and tokens.dtype == torch.long and tokens[0] == 2
+    again = create_dummy_dataset(num_samples=12, image_size=16, seed=3, tokenizer=ds.tokenizer)
+    assert torch.equal(again[5][0], ds[5][0]) and again.captions == ds.captions
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    lst = ListDataset([wide, torch.zeros(3, 32, 32)], ["a red square", "grey"], ds.tokenizer, image_size=8)
+    assert lst[0][0].shape == lst[1][0].shape == (3, 8, 8)
+    assert torch.allclose(lst[0][0][0], torch.ones(8, 8)) and torch.allclose(lst[0][0][1], -torch.ones(8, 8))
+    assert len(torch.utils.data.DataLoader(lst, batch_size=2).__iter__().__next__()) == 2

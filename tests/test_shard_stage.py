@@ -1,0 +1,143 @@
+"""The `shard` stage end to end: the CLI, byte-identical reruns, a user's folder with bad files, bad params."""
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, run_cli
+from test_sources import BAD_REASONS, EXTRA, caption_of, flat_tree, good_paths, write
+
+from diffusion.config import ConfigError, ShardConfig
+from diffusion.data.loader import iter_shards
+from diffusion.data.tokenizer import load_tokenizer
+from pipeline import shard as stage
+
+TINY = {
+    "resolution": 16, "samples_per_shard": 40, "vocab_size": 64, "max_length": 16,
+    "shapes": {"num_train": 90, "num_val": 20, "holdout": ["purple triangle"]},
+}
+
+
+def tiny_params(tmp_path: Path, **shard) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["shard"].update(TINY | shard)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_cli_shard_writes_shards_tokenizer_manifest_identically_twice(tmp_path, cli_env):
+    tiny_params(tmp_path)
+    first = run_cli(["shard"], tmp_path, cli_env)
+    assert "wrote 90 train and 20 val samples" in first.stdout
+    assert "MLflow run" in first.stdout
+    data = tmp_path / "data"
+    before = digests(data)
+    assert sorted(p for p in before if p.endswith(".tar")) == [
+        "shards/train/shard-000000.tar", "shards/train/shard-000001.tar", "shards/train/shard-000002.tar",
+        "shards/val/shard-000000.tar",
+    ]
+    run_cli(["shard"], tmp_path, cli_env)
+    assert digests(data) == before, "a rerun must write byte-identical files"
+
+    manifest = json.loads((data / "shards" / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 90, "val": 20}
+    assert sum(manifest["skipped"].values()) == 0
+    with tarfile.open(data / "shards" / "train" / "shard-000000.tar") as tar:
+        members = tar.getmembers()
+    assert len(members) == 40 * 3 and all(m.mtime == 0 for m in members)
+    assert {Path(m.name).suffix for m in members} == {".png", ".txt", ".json"}
+
+    samples = list(iter_shards(sorted(str(p) for p in (data / "shards" / "val").glob("*.tar"))))
+    assert samples[0]["image"].shape == (3, 16, 16)
+    assert all("attributes" in s["meta"] for s in samples)
+    train = list(iter_shards(sorted(str(p) for p in (data / "shards" / "train").glob("*.tar"))))
+    combos = {(s["meta"]["attributes"]["color"], s["meta"]["attributes"]["shape"]) for s in train}
+    assert ("purple", "triangle") not in combos, "a held-out combination leaked into train"
+
+    tok = load_tokenizer(data / "tokenizer.json")
+    ids = tok.encode(train[0]["caption"]).ids
+    assert len(ids) == 16 and ids[0] == 2 and 1 not in ids, "train captions tokenize without [UNK]"
+
+
+def test_user_folder_counts_every_bad_file_and_keeps_every_good_image(tmp_path):
+    src = tmp_path / "photos"
+    tree = flat_tree()
+    write(src, tree)
+    for path in tree:  # side-car captions for everything but the two caption cases
+        if Path(path).suffix.lower() in {".png", ".jpg", ".gif", ".webp"} and Path(path).name != "uncaptioned.png":
+            write(src, {str(Path(path).with_suffix(".txt")): caption_of(path)})
+    write(src, {"blank_caption.txt": "   \n"})
+    cfg = ShardConfig.from_dict(
+        TINY | {"source": "folder", "path": str(src), "val_fraction": 0.3,
+                "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "out" / "tok.json")}
+    )
+    manifest = stage.run(cfg)
+
+    expected = {reason: 0 for reason in manifest["skipped"]}
+    expected.update(BAD_REASONS, duplicate=1, missing_caption=1, empty_caption=1)
+    assert manifest["skipped"] == expected
+    assert set(manifest["skipped_examples"]) == {r for r, n in expected.items() if n}
+    captions = [
+        s["caption"] for split in ("train", "val")
+        for s in iter_shards(sorted(str(p) for p in (tmp_path / "out" / split).glob("*.tar")))
+    ]
+    assert sorted(captions) == sorted(caption_of(p) for p in good_paths(tree))
+    assert manifest["counts"]["train"] + manifest["counts"]["val"] == len(good_paths(tree))
+    assert manifest["counts"]["val"] > 0
+    assert len(EXTRA) == 3
+
+
+def test_source_with_no_usable_image_stops_and_writes_nothing(tmp_path, cli_env):
+    src = tmp_path / "junk"
+    write(src, {"a.png": b"", "b.jpg": b"not an image", "a.txt": "cap", "b.txt": "cap"})
+    tiny_params(tmp_path, source="folder", path=str(src))
+    proc = run_cli(["shard"], tmp_path, cli_env, check=False)
+    assert proc.returncode == 1
+    assert "no usable image" in proc.stderr and "empty_file=1" in proc.stderr
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.tar"))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("shard.colour=red", "shard.colour"),
+        ("shard.shapes.num_train=-5", "shard.shapes.num_train"),
+        ("shard.source=imagenet", "shard.source"),
+        ("shard.shapes.holdout=[purple hexagon]", "shard.shapes.holdout"),
+    ],
+)
+def test_bad_parameter_exits_2_naming_the_key_and_touches_nothing(tmp_path, cli_env, override, key):
+    tiny_params(tmp_path)
+    out = tmp_path / "data" / "shards"
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("previous output")
+    proc = run_cli(["shard", "-S", override], tmp_path, cli_env, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert key in proc.stderr
+    assert [p.name for p in (tmp_path / "data").rglob("*")] == ["shards", "keep.txt"]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_folder_is_a_bad_parameter(tmp_path):
+    cfg = ShardConfig.from_dict({"source": "folder", "path": str(tmp_path / "nowhere")})
+    with pytest.raises(ConfigError, match="shard.path"):
+        stage.validate(cfg)
+
+
+def test_help_documents_the_stage_and_its_parameters(cli_env, tmp_path):
+    proc = run_cli(["shard", "--help"], tmp_path, cli_env)
+    for text in ("WebDataset", "--set", "shard.resolution", "shard.shapes", "metadata.jsonl"):
+        assert text in proc.stdout, text
+    top = run_cli(["--help"], tmp_path, cli_env)
+    assert "shard" in top.stdout

@@ -1,0 +1,107 @@
+"""Shard writer: deterministic bytes, fixed tar headers, round trip, shard sizes, atomic replacement."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion.data.records import Sample
+from diffusion.data.shards import atomic_write_json, list_shards, write_shards
+
+
+def make_samples(n: int, size: int = 16, offset: int = 0) -> list[Sample]:
+    rng = np.random.default_rng(offset)
+    return [
+        Sample(
+            key=f"s{offset + i:05d}",
+            image=Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
+            caption=f"a caption número {offset + i}",
+            meta={"attributes": {"color": "red", "shape": "circle"}, "index": offset + i},
+        )
+        for i in range(n)
+    ]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_rerun_is_byte_identical_and_headers_fixed(tmp_path):
+    samples = make_samples(7)
+    for fmt in ("png", "jpg"):
+        a = write_shards(samples, tmp_path / fmt / "a", samples_per_shard=3, image_format=fmt)
+        b = write_shards(samples, tmp_path / fmt / "b", samples_per_shard=3, image_format=fmt)
+        assert [p.name for p in a] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+        assert digests(tmp_path / fmt / "a") == digests(tmp_path / fmt / "b")
+    with tarfile.open(a[0]) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members[:3]] == ["s00000.jpg", "s00000.txt", "s00000.json"]
+    for m in members:
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
+    with open(a[0], "rb") as f:
+        assert f.read(2) != b"\x1f\x8b"  # not gzip
+
+
+def test_round_trip_and_counts(tmp_path):
+    samples = make_samples(5)
+    shards = write_shards(samples, tmp_path / "out", samples_per_shard=2, image_format="png")
+    assert shards.counts == [2, 2, 1] and shards.num_samples == 5
+    assert shards.summary()["shards"] == {"shard-000000.tar": 2, "shard-000001.tar": 2, "shard-000002.tar": 1}
+    assert list_shards(tmp_path / "out") == [str(p) for p in shards]
+    read = []
+    for path in shards:
+        with tarfile.open(path) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        keys = sorted({name.split(".")[0] for name in files})
+        assert len(keys) <= 2
+        read += [(k, files[f"{k}.png"], files[f"{k}.txt"], files[f"{k}.json"]) for k in keys]
+    assert [r[0] for r in read] == [s.key for s in samples]
+    for (key, png, txt, js), s in zip(read, samples):
+        assert txt.decode("utf-8") == s.caption
+        assert json.loads(js) == s.meta
+        assert js.decode() == json.dumps(s.meta, sort_keys=True)
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        np.testing.assert_array_equal(pixels, np.asarray(s.image))  # PNG is lossless
+
+
+def test_bad_keys_are_refused(tmp_path):
+    s = make_samples(1)[0]
+    with pytest.raises(ValueError, match="no '.'"):
+        write_shards([Sample("a.b", s.image, "x")], tmp_path / "o", samples_per_shard=2)
+    with pytest.raises(ValueError, match="duplicate"):
+        write_shards([s, s], tmp_path / "o", samples_per_shard=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_failure_leaves_previous_output_intact(tmp_path):
+    out = tmp_path / "shards"
+    write_shards(make_samples(4), out, samples_per_shard=2)
+    before = digests(out)
+
+    def failing():
+        yield from make_samples(3, offset=100)
+        raise RuntimeError("source died")
+
+    with pytest.raises(RuntimeError, match="source died"):
+        write_shards(failing(), out, samples_per_shard=2)
+    assert digests(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # no temporary folder left
+
+    # A successful run replaces the whole set (no stale shard from the old, larger set survives).
+    write_shards(make_samples(1, offset=200), out, samples_per_shard=2)
+    assert [p.name for p in out.iterdir()] == ["shard-000000.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+def test_atomic_write_json(tmp_path):
+    path = atomic_write_json(tmp_path / "m" / "manifest.json", {"b": 1, "a": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
+    assert path.read_text().index('"a"') < path.read_text().index('"b"')
+    assert [p.name for p in path.parent.iterdir()] == ["manifest.json"]

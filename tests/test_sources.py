@@ -1,0 +1,366 @@
+"""Image decoding and the folder / WebDataset sources, on fixtures built here with Pillow.
+
+Every fixture folder mixes good images in every awkward mode with each kind of bad file, so each layout is
+checked for exact skip counts, exactly-once delivery with the right caption, and the pixel conversions
+(transparency on white, 16-bit scaling, centre crop).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from diffusion.data import images
+from diffusion.data.records import SKIP_REASONS, Sample, Skipped
+from diffusion.data.sources import SourceError, iter_folder, iter_webdataset, sanitise_key, summarise
+
+RES = 16
+TEMPLATE = "a photo of a {label}"
+RED, YELLOW, BLUE = (255, 0, 0), (255, 255, 0), (0, 0, 255)
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def noise(size: tuple[int, int], seed: int) -> Image.Image:
+    """Random pixels: they compress badly, so a cut file is cut inside the image data."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def half_transparent(mode: str, opaque) -> Image.Image:
+    """Left half fully transparent (black underneath), right half ``opaque``."""
+    img = Image.new(mode, (20, 20), 0)
+    img.paste(opaque, (10, 0, 20, 20))
+    return img
+
+
+def palette_with_transparency() -> Image.Image:
+    img = Image.new("P", (20, 20), 0)
+    img.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)  # index 0 black (transparent), 1 green
+    img.paste(1, (10, 0, 20, 20))
+    img.info["transparency"] = 0
+    return img
+
+
+def wide_with_marked_centre() -> Image.Image:
+    """48x16: black | yellow | white thirds, a red mark in the middle; the crop must keep yellow and red."""
+    img = Image.new("RGB", (48, 16), (0, 0, 0))
+    img.paste(YELLOW, (16, 0, 32, 16))
+    img.paste((255, 255, 255), (32, 0, 48, 16))
+    img.paste(RED, (22, 5, 26, 11))
+    return img
+
+
+def good_images() -> dict[str, bytes]:
+    """Stem -> file; every one distinct after conversion, so none is a duplicate of another."""
+    gradient = Image.fromarray(np.tile(np.arange(0, 200, 10, dtype=np.uint8), (20, 1)))
+    one_bit = Image.new("1", (20, 20), 0)
+    one_bit.paste(1, (0, 0, 20, 10))
+    palette = Image.new("P", (20, 20), 5)
+    palette.putpalette([i % 256 for i in range(768)])
+    return {
+        "grey.png": encode(gradient, "PNG"),
+        "onebit.png": encode(one_bit, "PNG"),
+        "palette.gif": encode(palette, "GIF"),
+        "palette_alpha.png": encode(palette_with_transparency(), "PNG"),
+        "rgba.png": encode(half_transparent("RGBA", BLUE + (255,)), "PNG"),
+        "grey_alpha.png": encode(half_transparent("LA", (100, 255)), "PNG"),
+        "cmyk.JPG": encode(Image.new("CMYK", (20, 20), (255, 0, 0, 0)), "JPEG", quality=95),
+        "grey16.png": encode(Image.fromarray(np.full((20, 20), 32768, dtype=np.uint16)), "PNG"),
+        "wide.png": encode(wide_with_marked_centre(), "PNG"),
+        "tall.jpg": encode(noise((16, 40), seed=1), "JPEG", quality=90),
+        "photo.webp": encode(noise((24, 24), seed=2), "WEBP", lossless=True),
+    }
+
+
+def bad_images() -> dict[str, bytes]:
+    """Name -> file; the expected reason is in ``BAD_REASONS``."""
+    png, jpg = encode(noise((64, 64), 3), "PNG"), encode(noise((64, 64), 4), "JPEG", quality=95)
+    broken = bytearray(png)
+    broken[200:400] = bytes(b ^ 0xFF for b in broken[200:400])  # inside the compressed pixel data
+    return {
+        "empty.jpg": b"",
+        "notes.png": b"this is a text file with an image extension\n",
+        "cut.png": png[: len(png) // 2],
+        "cut.jpg": jpg[: len(jpg) // 2],
+        "broken.png": bytes(broken),
+    }
+
+
+BAD_REASONS = {"empty_file": 1, "not_an_image": 1, "truncated": 2, "corrupt": 1}
+EXTRA = {  # valid images that are skipped for their caption, and a copy of grey.png
+    "uncaptioned.png": encode(noise((20, 20), 5), "PNG"),
+    "blank_caption.png": encode(noise((20, 20), 6), "PNG"),
+    "z_copy.png": good_images()["grey.png"],
+}
+SUBFOLDER = {"tall.jpg", "photo.webp", "cut.jpg"}  # these live in more/ (recursion)
+
+
+def caption_of(name: str) -> str:
+    return f"a picture of {Path(name).stem}"
+
+
+def write(root: Path, files: dict[str, bytes | str]) -> None:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+
+def flat_tree() -> dict[str, bytes]:
+    """Relative path -> bytes for the captions and metadata layouts, plus files that must be ignored."""
+    files = {**good_images(), **bad_images(), **EXTRA}
+    tree = {(f"more/{name}" if name in SUBFOLDER else name): data for name, data in files.items()}
+    tree.update({"README.md": b"# my images\n", ".DS_Store": b"\0\1", "._grey.png": b"AppleDouble"})
+    return tree
+
+
+def expected(good: dict[str, str], **reasons: int) -> tuple[dict[str, str], dict[str, int]]:
+    counts = {reason: 0 for reason in SKIP_REASONS}
+    counts.update(BAD_REASONS, duplicate=1, **reasons)
+    return good, counts
+
+
+def collect(items) -> tuple[dict[str, Sample], list[Skipped]]:
+    samples: dict[str, Sample] = {}
+    skipped = []
+    for item in items:
+        if isinstance(item, Skipped):
+            skipped.append(item)
+            continue
+        assert item.meta["source"] not in samples, f"{item.meta['source']} yielded twice"
+        samples[item.meta["source"]] = item
+    return samples, skipped
+
+
+def check(items, good_captions: dict[str, str], counts: dict[str, int]) -> dict[str, Sample]:
+    """Exact skip counts; every good image once, with its caption, RGB at RES; the pixel conversions."""
+    samples, skipped = collect(items)
+    assert summarise(skipped) == counts, [(s.source, s.reason, s.detail) for s in skipped]
+    assert {source: s.caption for source, s in samples.items()} == good_captions
+    keys = [s.key for s in samples.values()]
+    assert len(set(keys)) == len(keys) and all(re.fullmatch(r"[A-Za-z0-9_\-/]+", k) for k in keys), keys
+    for sample in samples.values():
+        assert sample.image.mode == "RGB" and sample.image.size == (RES, RES)
+    by_stem = {Path(source).stem: np.asarray(s.image).astype(int) for source, s in samples.items()}
+    for transparent in ("rgba", "palette_alpha", "grey_alpha"):
+        assert (by_stem[transparent][RES // 2, 0] >= 250).all(), f"{transparent}: transparency not white"
+    assert by_stem["rgba"][RES // 2, -1].tolist() == list(BLUE)
+    assert abs(by_stem["grey16"][0, 0] - 128).max() <= 1  # 32768 / 257, not clipped to 255
+    assert abs(by_stem["wide"][RES // 2, RES // 2] - RED).max() <= 40  # the centre survives the crop
+    assert abs(by_stem["wide"][0, 0] - YELLOW).max() <= 40  # and the black/white sides are cut away
+    assert abs(by_stem["cmyk"][0, 0] - (0, 255, 255)).max() <= 10
+    wide = next(s for source, s in samples.items() if Path(source).stem == "wide")
+    assert (wide.meta["original_width"], wide.meta["original_height"]) == (48, 16)
+    return samples
+
+
+def good_paths(tree: dict[str, bytes]) -> list[str]:
+    names = set(good_images())
+    return [path for path in tree if Path(path).name in names]
+
+
+def test_captions_layout(tmp_path):
+    tree = flat_tree()
+    write(tmp_path, tree)
+    for path in tree:
+        if Path(path).suffix.lower() in {".png", ".jpg", ".webp", ".gif"} and Path(path).name != "uncaptioned.png":
+            write(tmp_path, {str(Path(path).with_suffix(".txt")): caption_of(path) + "\n"})
+    write(tmp_path, {"blank_caption.txt": "  \n"})
+    good = {path: caption_of(path) for path in good_paths(tree)}
+    for layout in ("captions", "auto"):
+        check(iter_folder(tmp_path, layout, TEMPLATE, RES), *expected(good, missing_caption=1, empty_caption=1))
+
+
+def metadata_rows(tree: dict[str, bytes]) -> list[dict]:
+    rows = [
+        {"file_name": path, "text": caption_of(path)}
+        for path in sorted(tree, reverse=True)  # any order in the file; the output is sorted anyway
+        if Path(path).suffix not in {".md", ""} and not Path(path).name.startswith(".")
+        and Path(path).name != "uncaptioned.png"
+    ]
+    for row in rows:
+        if row["file_name"] == "blank_caption.png":
+            row["text"] = "  "
+        if row["file_name"] == "rgba.png":
+            row["attributes"] = {"style": "flat", "count": 2}
+    return rows + [{"file_name": "gone.png", "text": "listed but never saved"}]
+
+
+def test_metadata_layout(tmp_path):
+    tree = flat_tree()
+    write(tmp_path, tree)
+    lines = [json.dumps(row) for row in metadata_rows(tree)]
+    write(tmp_path, {"metadata.jsonl": "\n".join(lines) + "\n"})
+    good = {path: caption_of(path) for path in good_paths(tree)}
+    for layout in ("metadata", "auto"):
+        counts = expected(good, missing_caption=1, empty_caption=1, missing_file=1)
+        samples = check(iter_folder(tmp_path, layout, TEMPLATE, RES), *counts)
+        assert samples["rgba.png"].meta["attributes"] == {"style": "flat", "count": "2"}
+        assert samples["more/tall.jpg"].key == "more/tall"
+
+
+def test_malformed_metadata_names_the_line(tmp_path):
+    write(tmp_path, good_images())
+    good_line = json.dumps({"file_name": "grey.png", "text": "grey"})
+    write(tmp_path, {"metadata.jsonl": f"{good_line}\n\n{{'file_name': broken\n"})
+    with pytest.raises(SourceError, match=r"metadata\.jsonl, line 3"):
+        list(iter_folder(tmp_path, "auto", TEMPLATE, RES))
+    write(tmp_path, {"metadata.jsonl": json.dumps({"file_name": "../outside.png", "text": "x"})})
+    with pytest.raises(SourceError, match="line 1.*relative"):
+        list(iter_folder(tmp_path, "metadata", TEMPLATE, RES))
+
+
+def test_classes_layout(tmp_path):
+    files = {**good_images(), **bad_images(), "z_copy.png": EXTRA["z_copy.png"]}
+    in_dogs = SUBFOLDER | {"z_copy.png"}  # the copy sorts after big_cats/grey.png, so grey.png wins
+    tree = {(f"dogs-small/{n}" if n in in_dogs else f"big_cats/{n}"): d for n, d in files.items()}
+    tree["uncaptioned.png"] = EXTRA["uncaptioned.png"]  # in the root: no class
+    tree["big_cats/about.txt"] = b"not an image, not counted"
+    write(tmp_path, tree)
+    label = {"big_cats": "big cats", "dogs-small": "dogs small"}
+    good = {path: TEMPLATE.format(label=label[path.split("/")[0]]) for path in good_paths(tree)}
+    for layout in ("classes", "auto"):
+        samples = check(iter_folder(tmp_path, layout, TEMPLATE, RES), *expected(good, missing_caption=1))
+        assert samples["dogs-small/tall.jpg"].meta["attributes"] == {"class": "dogs small"}
+
+
+def test_folder_order_is_deterministic_and_errors_name_the_problem(tmp_path):
+    write(tmp_path, {f"cats/{name}": data for name, data in {**good_images(), **bad_images()}.items()})
+
+    def run():
+        return [
+            (item.key, item.image.tobytes()) if isinstance(item, Sample) else (item.source, item.reason)
+            for item in iter_folder(tmp_path, "auto", TEMPLATE, RES)
+        ]
+
+    assert run() == run()
+    with pytest.raises(SourceError, match="not a folder"):
+        iter_folder(tmp_path / "nope", "auto", TEMPLATE, RES)  # at the call, before any work
+    flat = tmp_path / "flat"
+    write(flat, {"a.png": good_images()["grey.png"]})
+    with pytest.raises(SourceError, match="metadata.*captions.*classes"):
+        list(iter_folder(flat, "auto", TEMPLATE, RES))
+
+
+def test_keys_are_webdataset_safe():
+    assert sanitise_key("my photos/IMG 0001.final.JPG") == "my_photos/IMG_0001_final"
+    assert sanitise_key("café.png") == "caf_"
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def test_exif_orientation_makes_phone_photos_upright():
+    stored = Image.new("RGB", (30, 20), BLUE)
+    stored.paste(RED, (0, 0, 15, 20))  # left half red as stored; orientation 6 shows it on top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    prepared = images.prepare(encode(stored, "JPEG", quality=95, exif=exif), "phone.jpg", RES)
+    assert prepared.original_size == (20, 30)
+    pixels = np.asarray(prepared.image).astype(int)
+    assert abs(pixels[0, RES // 2] - RED).max() <= 40 and abs(pixels[-1, RES // 2] - BLUE).max() <= 40
+
+
+@pytest.mark.parametrize(
+    ("img", "grey"),
+    [
+        (Image.frombytes("I;16B", (4, 4), (65535).to_bytes(2, "big") * 16), 255),
+        (Image.fromarray(np.full((4, 4), 32768, dtype=np.int32)), 128),  # mode I
+        (Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)), 128),  # mode F in [0, 1]
+    ],
+)
+def test_wide_modes_scale_to_8_bit(img, grey):
+    assert np.asarray(images.to_rgb(img)).tolist() == np.full((4, 4, 3), grey).tolist()
+
+
+def test_decompression_bomb_and_global_truncation_flag(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 20x20 = 400 > 2 * 50: Pillow refuses it
+    bomb = images.decode(good_images()["grey.png"], "bomb.png")
+    assert isinstance(bomb, Skipped) and bomb.reason == "corrupt" and "decompression bomb" in bomb.detail
+    monkeypatch.undo()
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as another library might set it
+    assert images.decode(bad_images()["cut.png"], "cut.png").reason == "truncated"
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored afterwards
+
+
+# ----------------------------------------------------------------------------------------- webdataset
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]], cut: int | None = None) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+    data = buffer.getvalue()
+    path.write_bytes(data[:cut] if cut else data)
+
+
+def img2dataset_sample(key: str, image: tuple[str, bytes], txt: str | None, **json_fields) -> list:
+    """The three files img2dataset writes per sample; json carries url, caption, sizes (+ ours)."""
+    meta = {"url": f"https://example.com/{key}", "key": key, "status": "success", "width": 20, **json_fields}
+    members = [(f"{key}.{image[0]}", image[1]), (f"{key}.json", json.dumps(meta).encode())]
+    return members + ([(f"{key}.txt", txt.encode())] if txt is not None else [])
+
+
+def make_shards(root: Path) -> None:
+    good, bad = good_images(), bad_images()
+    write_tar(root / "shards-000.tar", [
+        *img2dataset_sample("000000000", ("jpg", good["tall.jpg"]), "tall", attributes={"kind": "noise"}),
+        *img2dataset_sample("000000001", ("png", bad["broken.png"]), "broken"),
+        *img2dataset_sample("000000002", ("png", good["rgba.png"]), None),  # no txt, no json caption
+        *img2dataset_sample("000000003", ("webp", good["photo.webp"]), " "),
+    ])
+    write_tar(root / "shards-001.tar", [
+        *img2dataset_sample("000000004", ("png", good["wide.png"]), None, caption="wide from json"),
+        *img2dataset_sample("000000005", ("jpg", good["tall.jpg"]), "same pixels as 000000000"),
+        ("000000006.txt", b"an image that never downloaded"),
+    ])
+    # A tar that breaks off inside its second sample's image: the first sample still counts.
+    members = img2dataset_sample("000000007", ("png", good["grey.png"]), "grey")
+    members += img2dataset_sample("000000008", ("png", encode(noise((64, 64), 7), "PNG")), "lost")
+    write_tar(root / "shards-002.tar", members, cut=4096 + 512 * 3)
+
+
+def test_webdataset_source(tmp_path):
+    make_shards(tmp_path)
+    patterns = [
+        str(tmp_path / "shards-*.tar"),
+        str(tmp_path / "shards-{000..002}.tar"),
+        [str(tmp_path / f"shards-00{i}.tar") for i in (2, 0, 1)],  # a list, sorted by the source
+    ]
+    runs = [collect(iter_webdataset(pattern, RES)) for pattern in patterns]
+    samples, skipped = runs[0]
+    counts = {reason: 0 for reason in SKIP_REASONS}
+    counts.update(corrupt=2, missing_caption=1, empty_caption=1, duplicate=1, missing_file=1)
+    assert summarise(skipped) == counts, [(s.source, s.reason, s.detail) for s in skipped]
+    assert [s.key for s in samples.values()] == ["000000000", "000000004", "000000007"]
+    assert [s.caption for s in samples.values()] == ["tall", "wide from json", "grey"]
+    first = next(iter(samples.values()))
+    assert first.meta["url"] == "https://example.com/000000000" and first.meta["attributes"] == {"kind": "noise"}
+    assert all(s.image.mode == "RGB" and s.image.size == (RES, RES) for s in samples.values())
+    for other_samples, other_skipped in runs[1:]:  # same result, same order, whichever way it was named
+        assert [(k, s.image.tobytes()) for k, s in other_samples.items()] == [
+            (k, s.image.tobytes()) for k, s in samples.items()
+        ]
+        assert other_skipped == skipped
+
+
+def test_webdataset_source_errors(tmp_path):
+    with pytest.raises(SourceError, match="no tar files matched"):
+        iter_webdataset(str(tmp_path / "*.tar"), RES)  # at the call, before any work
+    with pytest.raises(SourceError, match="no such tar file"):
+        iter_webdataset(str(tmp_path / "shards-{000..001}.tar"), RES)
