@@ -1,0 +1,320 @@
+"""Reverse-process samplers as small pure functions (STYLE.md 5), and classifier-free guidance.
+
+Every sampler takes a :class:`ModelFn` returning the network's raw output, and maps it through
+``scheduler.to_x0_eps`` (STYLE.md 6): the U-Net and the DiT, and eps-, v- and x0-prediction, share all of them.
+
+Notation, as in :mod:`diffusion.scheduler`: ``ab[t]`` is alpha-bar_t; ``t`` the current timestep and ``s``
+the next one in the (descending) list of timesteps, i.e. the one the step goes to; after the last listed
+timestep the step goes to "t = -1", where alpha-bar = 1 (clean data).
+
+Timesteps. :func:`make_timesteps` reproduces diffusers' ``DDIMScheduler.set_timesteps`` (``steps_offset=0``).
+Every sampler steps from each listed timestep to the *next listed* one, so the network is always evaluated
+at the noise level x is at. diffusers' DDPM and DPM-Solver do the same; diffusers' DDIM instead steps to
+``t - T // num_steps``, which differs from the next listed timestep for "linspace" and for step counts that
+do not divide T (an off-by-one of the kind DESIGN.md pitfall 7 warns about). Where T // num_steps is the gap
+("leading" and "trailing" with num_steps dividing T) the two agree exactly.
+
+Precision: the update arithmetic runs in x's dtype (tables are read in that dtype). Keep x in float32 (or
+float64) and put mixed precision inside `model_fn` (autocast); the raw output is cast to x's dtype.
+Randomness comes only from the `generator` argument (STYLE.md 9); no host syncs inside the loops (the
+timesteps are read once as Python ints).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffusion.scheduler import DDPMScheduler
+
+Spacing = Literal["leading", "trailing", "linspace"]
+SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
+
+
+class ModelFn(Protocol):
+    """A denoiser as the samplers see it: x_t (B, C, H, W) and t (B,) long -> the raw network output
+    (B, C, H, W) of the scheduler's prediction type. Bind text conditioning (or CFG) in a closure."""
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor: ...
+
+
+class StepCallback(Protocol):
+    """Called after every step with its index, its timestep, the new x and the x_0 predicted at t."""
+
+    def __call__(self, i: int, t: int, x: Tensor, x0: Tensor) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Timesteps
+# --------------------------------------------------------------------------------------------------
+
+
+def make_timesteps(scheduler: DDPMScheduler, num_steps: int, spacing: Spacing = "trailing") -> Tensor:
+    """`num_steps` descending timesteps (CPU LongTensor), exactly as diffusers' ``DDIMScheduler.set_timesteps``
+    with ``steps_offset=0`` (Lin et al. 2023 Table 2 names the spacings).
+
+    - "leading":  k * (T // n) for k = n-1..0. Never reaches T-1: with T = 1000, n = 50 it starts at 980,
+      so the first step sees a sample that is not pure noise (pitfall 7; Stable Diffusion's
+      ``steps_offset=1`` shifts this to 981..1).
+    - "trailing": round(T - k * T / n) - 1 for k = 0..n-1. Starts at T-1 (pure noise with zero-terminal-SNR)
+      and ends near T/n - 1; the recommended spacing (Lin et al. 2023 sec. 3.3).
+    - "linspace": round(linspace(0, T-1, n)), reversed. Starts at T-1 and ends at 0.
+
+    The off-by-one to watch (pitfall 7): "T-1", not T, is the noisiest index; and with n = 1 both "leading"
+    and "linspace" give [0], a single step from pure noise evaluated as if nearly clean. Use "trailing".
+    """
+    T = scheduler.num_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps: expected an integer in [1, {T}] (T of the scheduler), got {num_steps!r}")
+    num_steps = int(num_steps)
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64)
+    elif spacing == "leading":
+        ts = (np.arange(0, num_steps) * (T // num_steps)).round()[::-1].astype(np.int64)
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"spacing: expected one of {', '.join(map(repr, SPACINGS))}, got {spacing!r}")
+    return torch.from_numpy(ts.copy())
+
+
+def _timestep_list(scheduler: DDPMScheduler, timesteps: Tensor | list[int]) -> list[int]:
+    """The timesteps as Python ints (read once, before the loop), checked to be descending and in [0, T)."""
+    ts = timesteps.tolist() if isinstance(timesteps, Tensor) else [int(t) for t in timesteps]
+    T = scheduler.num_timesteps
+    if not ts or any(not 0 <= t < T for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"timesteps: expected a non-empty, strictly descending list in [0, {T}), got {ts}")
+    return ts
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like x, drawn from `generator` on its own device (as diffusers'
+    ``randn_tensor`` does, so a CPU generator gives the same numbers on any accelerator)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _alpha_bars(scheduler: DDPMScheduler, x: Tensor, ts: list[int]) -> list[tuple[int, Tensor, Tensor]]:
+    """For each step: (t, alpha-bar_t, alpha-bar_s) as 0-d tensors on x's device; alpha-bar_{-1} = 1.
+
+    Setting alpha-bar = 1 after the last step is diffusers' ``set_alpha_to_one=True`` (DDIM) and
+    ``self.one`` (DDPM): the last step lands on clean data and returns the predicted x_0 exactly.
+    """
+    ab = scheduler.table("alphas_cumprod", x)
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return [(t, ab[t], ab[s] if s >= 0 else one) for t, s in zip(ts, ts[1:] + [-1])]
+
+
+# --------------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------------
+
+
+def ddpm_posterior(x0: Tensor, x_t: Tensor, ab_t: Tensor, ab_s: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and variance of q(x_s | x_t, x_0), Ho et al. 2020 eq. 6-7, for s < t not necessarily t - 1.
+
+    With alpha_t = ab_t / ab_s and beta_t = 1 - alpha_t (the step from s to t, so strided subsets work):
+    mean = sqrt(ab_s) beta_t / (1 - ab_t) x_0 + sqrt(alpha_t) (1 - ab_s) / (1 - ab_t) x_t   (eq. 7)
+    var  = (1 - ab_s) / (1 - ab_t) beta_t   ("fixed_small", beta-tilde of eq. 7; clamped at 1e-20 as diffusers)
+    """
+    alpha_t = ab_t / ab_s
+    beta_t = 1 - alpha_t
+    mean = (ab_s.sqrt() * beta_t / (1 - ab_t)) * x0 + (alpha_t.sqrt() * (1 - ab_s) / (1 - ab_t)) * x_t
+    var = ((1 - ab_s) / (1 - ab_t) * beta_t).clamp(min=1e-20)
+    return mean, var
+
+
+def sample_ddpm(
+    model_fn: ModelFn,
+    x: Tensor,
+    scheduler: DDPMScheduler,
+    timesteps: Tensor | list[int],
+    *,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Ancestral sampling (Ho et al. 2020 Algorithm 2): x_s ~ q(x_s | x_t, x_0 = predicted x_0), eq. 6-7.
+
+    x: (B, C, H, W) noise at timesteps[0]. `timesteps` may be the full chain T-1..0 or a strided subset;
+    each step uses alpha-bar of the next listed timestep (diffusers' ``previous_timestep``). Noise is drawn
+    from `generator` at every step with t > 0, in the same order as diffusers' ``DDPMScheduler.step``
+    (at the last listed step the variance is 0, clamped to 1e-20, so that draw only keeps the order).
+    """
+    B = x.shape[0]
+    for i, (t, ab_t, ab_s) in enumerate(_alpha_bars(scheduler, x, _timestep_list(scheduler, timesteps))):
+        t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
+        x0, _ = scheduler.to_x0_eps(model_fn(x, t_batch), x, t_batch)
+        mean, var = ddpm_posterior(x0, x, ab_t, ab_s)
+        x = mean + var.sqrt() * _randn_like(x, generator) if t > 0 else mean
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_ddim(
+    model_fn: ModelFn,
+    x: Tensor,
+    scheduler: DDPMScheduler,
+    timesteps: Tensor | list[int],
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models"), eq. 12 with sigma from eq. 16:
+
+    sigma_t = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s)                           (eq. 16)
+    x_s = sqrt(ab_s) x0_pred + sqrt(1 - ab_s - sigma_t^2) eps_pred + sigma_t z,  z ~ N(0, I)     (eq. 12)
+
+    eta = 0 is deterministic (no noise is drawn); eta = 1 is DDPM's posterior. The last step uses
+    alpha-bar_s = 1 (diffusers ``set_alpha_to_one=True``), so it returns the predicted x_0.
+    """
+    if eta < 0:
+        raise ValueError(f"eta: expected a value >= 0, got {eta}")
+    B = x.shape[0]
+    for i, (t, ab_t, ab_s) in enumerate(_alpha_bars(scheduler, x, _timestep_list(scheduler, timesteps))):
+        t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
+        x0, eps = scheduler.to_x0_eps(model_fn(x, t_batch), x, t_batch)
+        sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).sqrt()  # eq. 16
+        # eq. 12 without the noise; the clamp only guards eta > 1 (outside the paper's range) from NaN
+        x = ab_s.sqrt() * x0 + (1 - ab_s - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x = x + sigma * _randn_like(x, generator)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_dpmpp_2m(
+    model_fn: ModelFn,
+    x: Tensor,
+    scheduler: DDPMScheduler,
+    timesteps: Tensor | list[int],
+    *,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep, data prediction.
+
+    With alpha = sqrt(ab), sigma = sqrt(1 - ab), lambda = log(alpha / sigma), h = lambda_s - lambda_t:
+    first step, first order (= DDIM):  x_s = (sigma_s / sigma_t) x - alpha_s (e^{-h} - 1) x0_t
+    later steps, r = h_prev / h:        D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev, and the same update with D.
+    Final step: to sigma = 0 (diffusers ``final_sigmas_type="zero"``), where the first-order update is
+    exactly x0_t. diffusers' ``lower_order_final`` (for < 15 steps) also makes only this last step first
+    order when solver_order = 2, so it needs nothing more here. A zero alpha-bar (zero terminal SNR) is
+    replaced by 2**-24, as diffusers does, so that lambda stays finite.
+    """
+    ts = _timestep_list(scheduler, timesteps)
+    ab = scheduler.table("alphas_cumprod", x)
+    ab = torch.where(ab > 0, ab, torch.full_like(ab, 2.0**-24))
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    lam = alpha.log() - sigma.log()
+    B, x0_prev, h_prev = x.shape[0], None, None
+    for i, (t, s) in enumerate(zip(ts, ts[1:] + [-1])):
+        t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
+        x0, _ = scheduler.convert_output(model_fn(x, t_batch), x, alpha[t], sigma[t])
+        if s < 0:
+            x = x0  # sigma_s = 0, alpha_s = 1, h = inf: the first-order update reduces to x0
+        else:
+            h = lam[s] - lam[t]
+            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (h / (2 * h_prev))  # D0 + D1 / 2
+            x = (sigma[s] / sigma[t]) * x - alpha[s] * torch.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+#: Sampler registry (STYLE.md 3); its keys are the choices of the CLI and the config.
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp_2m}
+
+
+def sample(
+    name: str,
+    model_fn: ModelFn,
+    x: Tensor,
+    scheduler: DDPMScheduler,
+    num_steps: int,
+    *,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+    spacing: Spacing = "trailing",
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Run sampler `name` for `num_steps` steps from x = x_T (B, C, H, W) and return x_0.
+
+    "trailing" is the default because it is the only spacing whose first step is at T-1, the timestep
+    whose alpha-bar matches the pure-noise input (Lin et al. 2023 sec. 3.3). "ddpm" with num_steps ==
+    num_timesteps is the full ancestral chain (every spacing gives T-1..0 then). `eta` is used by "ddim",
+    `generator` by "ddpm" and by "ddim" with eta > 0; "dpmpp" is deterministic.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {', '.join(map(repr, SAMPLERS))}, got {name!r}")
+    timesteps = make_timesteps(scheduler, num_steps, spacing)
+    kwargs: dict = {"callback": callback}
+    if name in ("ddpm", "ddim"):
+        kwargs["generator"] = generator
+    if name == "ddim":
+        kwargs["eta"] = eta
+    return SAMPLERS[name](model_fn, x, scheduler, timesteps, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# --------------------------------------------------------------------------------------------------
+
+
+def rescale_guidance(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
+    """Guidance rescale, Lin et al. 2023 sec. 3.4 eq. 15-16 (diffusers ``rescale_noise_cfg``):
+    x_rescaled = x_cfg * std(x_cond) / std(x_cfg) per sample (eq. 15), then mixed
+    x = rescale * x_rescaled + (1 - rescale) * x_cfg (eq. 16), against over-exposure at high scales."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * guided
+
+
+def _cat_pair(key: str, c: Tensor | None, u: Tensor | None) -> Tensor | None:
+    """Concatenate the conditional and unconditional value of one keyword along the batch; an
+    unconditional batch of 1 (e.g. the null caption encoded once) is broadcast to the conditional batch."""
+    if c is None or u is None:
+        if c is not u:
+            raise ValueError(f"cond[{key!r}] and uncond[{key!r}] must both be tensors or both be None")
+        return None
+    if u.shape[0] == 1 and c.shape[0] != 1:
+        u = u.expand(c.shape[0], *u.shape[1:])
+    return torch.cat([c, u])
+
+
+def classifier_free_guidance(
+    net: Callable[..., Tensor],
+    cond: Mapping[str, Tensor | None],
+    uncond: Mapping[str, Tensor | None],
+    scale: float,
+    rescale: float = 0.0,
+) -> ModelFn:
+    """Wrap `net(x, t, **kwargs)` into a guided :class:`ModelFn` (Ho & Salimans 2022, eq. 6):
+
+    out = uncond + scale * (cond - uncond), on every channel (DESIGN.md pitfall 5: DiT's
+    ``forward_with_cfg`` guides only 3 of 4). One batched forward per step:
+    ``net(cat[x, x], cat[t, t], **{k: cat[cond[k], uncond[k]]})``. scale == 1 is the conditional model
+    alone and runs only the conditional half. `rescale` in [0, 1] is guidance rescale (:func:`rescale_guidance`).
+    `cond` and `uncond` hold the same keys (e.g. context, context_mask, pooled); None values stay None.
+    """
+    if set(cond) != set(uncond):
+        raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"rescale: expected a value in [0, 1], got {rescale}")
+    if scale == 1.0:
+        return lambda x_t, t: net(x_t, t, **cond)
+    both = {k: _cat_pair(k, cond[k], uncond[k]) for k in cond}  # concatenated once, reused every step
+
+    def guided(x_t: Tensor, t: Tensor) -> Tensor:
+        out_c, out_u = net(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)  # 2 x (B, C, H, W)
+        out = out_u + scale * (out_c - out_u)
+        return rescale_guidance(out, out_c, rescale) if rescale > 0 else out
+
+    return guided

@@ -1,0 +1,348 @@
+"""Samplers and guidance: timesteps, DDPM, DDIM and DPM-Solver++(2M) against diffusers; CFG; exactness.
+
+Parity in float64 on identical inputs (STYLE.md 15c). For DDPM and DDIM, diffusers runs on our float64
+tables (the tables themselves are compared in test_scheduler.py), so the step math is compared exactly.
+diffusers' DPM-Solver casts sigmas and the sample to float32 internally, so it is compared at 1e-5.
+"""
+
+from fractions import Fraction
+
+import pytest
+import torch
+
+from diffusion.samplers import (
+    SAMPLERS,
+    classifier_free_guidance,
+    ddpm_posterior,
+    make_timesteps,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+)
+from diffusion.scheduler import DDPMScheduler
+
+diffusers = pytest.importorskip("diffusers")
+from test_scheduler import CustomScheduler, use_our_tables  # noqa: E402
+
+T = 1000
+SHAPE = (2, 4, 4, 4)
+
+
+def toy_model(scheduler, c=0.5):
+    """A fixed, nonlinear stand-in for a network: the raw output of the scheduler's prediction type that
+    corresponds to x0_hat = c + 0.1 sin(x) cos(t / T), bounded whatever t, so values stay O(1)."""
+    ab = scheduler.tables(torch.float64)["alphas_cumprod"]
+
+    def model_fn(x, t):
+        a = ab[t].sqrt().view(-1, 1, 1, 1).to(x.dtype)
+        s = (1 - ab[t]).sqrt().view(-1, 1, 1, 1).to(x.dtype)
+        x0 = c + 0.1 * torch.sin(x) * torch.cos(t.view(-1, 1, 1, 1).to(x.dtype) / T)
+        eps = (x - a * x0) / s
+        return {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[scheduler.prediction_type]
+
+    return model_fn
+
+
+def noise(seed=0, dtype=torch.float64):
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def tb(t, like):
+    return torch.full((like.shape[0],), int(t), dtype=torch.long)
+
+
+def maxdiff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def ref_ddim(ours, pred="epsilon", **kw):
+    ref = diffusers.DDIMScheduler(num_train_timesteps=T, clip_sample=False, prediction_type=pred, **kw)
+    return use_our_tables(ref, ours)
+
+
+# ---- timesteps (pitfall 7) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 50, 999, 1000])
+def test_make_timesteps_match_diffusers(spacing, n):
+    ref = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=0)
+    ref.set_timesteps(n)
+    ts = make_timesteps(DDPMScheduler(), n, spacing)
+    assert ts.dtype == torch.long and ts.tolist() == ref.timesteps.tolist()
+    assert len(ts) == n and (ts[:-1] > ts[1:]).all()
+
+
+@pytest.mark.parametrize(
+    "spacing, n, first, last",
+    [
+        ("leading", 10, 900, 0), ("leading", 50, 980, 0), ("leading", 1, 0, 0), ("leading", 1000, 999, 0),
+        ("trailing", 10, 999, 99), ("trailing", 50, 999, 19), ("trailing", 1, 999, 999), ("trailing", 3, 999, 332),
+        ("linspace", 10, 999, 0), ("linspace", 50, 999, 0), ("linspace", 1, 0, 0), ("linspace", 2, 999, 0),
+    ],
+)
+def test_first_and_last_timesteps(spacing, n, first, last):
+    """The off-by-one (diffusers #2585, latent-diffusion #136): only trailing/linspace start at T-1."""
+    ts = make_timesteps(DDPMScheduler(), n, spacing)
+    assert (ts[0].item(), ts[-1].item()) == (first, last)
+
+
+def test_make_timesteps_rejects_bad_arguments():
+    s = DDPMScheduler(num_timesteps=20)
+    for n in (0, 21):
+        with pytest.raises(ValueError, match=r"num_steps.*\[1, 20\]"):
+            make_timesteps(s, n)
+    with pytest.raises(ValueError, match="'leading', 'trailing', 'linspace'"):
+        make_timesteps(s, 5, "uniform")
+    with pytest.raises(ValueError, match="descending"):
+        sample_ddim(toy_model(s), noise(), s, [3, 5])
+
+
+# ---- DDPM ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("t, s", [(999, 998), (500, 480), (37, 0), (1, 0), (99, -1), (0, -1)])
+def test_ddpm_step_matches_diffusers(pred, t, s):
+    ours = DDPMScheduler(prediction_type=pred)
+    ref = use_our_tables(diffusers.DDPMScheduler(clip_sample=False, prediction_type=pred), ours)
+    ref.set_timesteps(timesteps=[t, s] if s >= 0 else [t])  # previous_timestep is then s
+    x, model = noise(1), toy_model(ours)
+    out = model(x, tb(t, x))
+    got = ref.step(out, t, x, generator=torch.Generator().manual_seed(7)).prev_sample
+    z = noise(7) if t > 0 else torch.zeros(SHAPE, dtype=torch.float64)
+    var_ref = ref._get_variance(t)
+    mean_ref = got - var_ref.sqrt() * z  # diffusers' noise is drawn from the same seeded generator
+    ab = ours.tables()["alphas_cumprod"]
+    x0, _ = ours.to_x0_eps(out, x, tb(t, x))
+    mean, var = ddpm_posterior(x0, x, ab[t], ab[s] if s >= 0 else torch.tensor(1.0, dtype=torch.float64))
+    assert maxdiff(mean, mean_ref) <= 1e-10 and maxdiff(var, var_ref) <= 1e-15
+    steps = []
+    sample_ddpm(model, x, ours, [t, s] if s >= 0 else [t], generator=torch.Generator().manual_seed(7),
+                callback=lambda i, t_, x_, x0_: steps.append(x_))
+    assert maxdiff(steps[0], got) <= 1e-10
+
+
+@pytest.mark.parametrize("pred, timesteps", [("epsilon", "full"), ("v_prediction", "trailing50")])
+def test_ddpm_loop_matches_diffusers(pred, timesteps):
+    ours = DDPMScheduler(prediction_type=pred)
+    ts = make_timesteps(ours, T if timesteps == "full" else 50, "trailing")
+    ref = use_our_tables(diffusers.DDPMScheduler(clip_sample=False, prediction_type=pred), ours)
+    ref.set_timesteps(timesteps=ts.tolist())
+    model, x = toy_model(ours), noise(1)
+    g = torch.Generator().manual_seed(3)
+    for t in ref.timesteps:
+        x = ref.step(model(x, tb(t, x)), t, x, generator=g).prev_sample
+    got = sample_ddpm(model, noise(1), ours, ts, generator=torch.Generator().manual_seed(3))
+    assert maxdiff(got, x) <= 1e-9
+
+
+# ---- DDIM ---------------------------------------------------------------------------------------------
+
+
+def ref_ddim_step(ref, out, t, s, x, eta, z):
+    """One diffusers DDIM step from t to s. diffusers steps to t - T // num_inference_steps; an exact
+    Fraction for num_inference_steps makes that our s (the next listed timestep; -1 after the last)."""
+    ref.num_inference_steps = Fraction(T, t - s if s >= 0 else t + 1)
+    return ref.step(out, t, x, eta=eta, variance_noise=z if eta > 0 else None).prev_sample
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_ddim_steps_match_diffusers(spacing, eta, zero_snr):
+    ours = DDPMScheduler(prediction_type="v_prediction", rescale_zero_terminal_snr=zero_snr)
+    ref, model = ref_ddim(ours, "v_prediction"), toy_model(ours)
+    ts = make_timesteps(ours, 7, spacing).tolist()
+    x, xs, g = noise(2), [], torch.Generator().manual_seed(5)
+    sample_ddim(model, x, ours, ts, eta=eta, generator=g, callback=lambda i, t, x_, x0: xs.append(x_))
+    g = torch.Generator().manual_seed(5)
+    for i, (t, s) in enumerate(zip(ts, ts[1:] + [-1])):
+        z = torch.randn(SHAPE, generator=g, dtype=torch.float64) if eta > 0 else None
+        want = ref_ddim_step(ref, model(x, tb(t, x)), t, s, x, eta, z)
+        assert maxdiff(xs[i], want) <= 1e-10, (i, t, s)
+        x = want
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("spacing, n, eta", [("leading", 10, 0.0), ("trailing", 50, 0.0), ("trailing", 10, 1.0)])
+def test_ddim_loop_matches_diffusers(pred, spacing, n, eta):
+    """Where n divides T, diffusers' own timesteps and previous-step rule give the same chain as ours."""
+    ours = DDPMScheduler(prediction_type=pred)
+    ref = ref_ddim(ours, pred, timestep_spacing=spacing)
+    ref.set_timesteps(n)
+    model, x = toy_model(ours), noise(1)
+    g = torch.Generator().manual_seed(9)
+    for t in ref.timesteps:
+        x = ref.step(model(x, tb(t, x)), t, x, eta=eta, generator=g if eta > 0 else None).prev_sample
+    got = sample("ddim", model, noise(1), ours, n, eta=eta, spacing=spacing, generator=torch.Generator().manual_seed(9))
+    assert maxdiff(got, x) <= 1e-10
+
+
+def test_ddim_float32_loop_against_diffusers_own_tables():
+    ours = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    ref = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  clip_sample=False, timestep_spacing="trailing")
+    ref.set_timesteps(20)
+    model, x = toy_model(ours), noise(1, torch.float32)
+    for t in ref.timesteps:
+        x = ref.step(model(x, tb(t, x)), t, x).prev_sample
+    got = sample("ddim", model, noise(1, torch.float32), ours, 20)
+    assert got.dtype == torch.float32 and maxdiff(got, x) <= 1e-4
+
+
+def test_ddim_eta0_is_deterministic_and_draws_no_noise():
+    s = DDPMScheduler()
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    a = sample("ddim", toy_model(s), noise(), s, 10, generator=g)
+    assert torch.equal(g.get_state(), state)
+    assert torch.equal(a, sample("ddim", toy_model(s), noise(), s, 10))
+
+
+# ---- DPM-Solver++(2M) -------------------------------------------------------------------------------
+
+
+def dpm_on_our_tables(ref, ours, timesteps):
+    """Set diffusers' DPM-Solver to `timesteps` and give it our float64 tables (its own sigmas are float32).
+    Like its __init__, replace a zero terminal alpha-bar by 2**-24 (rescale_betas_zero_snr)."""
+    ref.set_timesteps(timesteps=timesteps.tolist())
+    ab = ours.tables(torch.float64)["alphas_cumprod"]
+    if ref.config.rescale_betas_zero_snr:
+        ab[-1] = 2.0**-24
+    ref.alphas_cumprod = ab
+    ref.sigmas = torch.cat([((1 - ab) / ab).sqrt()[timesteps], torch.zeros(1, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize(
+    "n, spacing, pred, schedule, zero_snr",
+    [
+        (10, "trailing", "epsilon", "linear", False),
+        (20, "trailing", "epsilon", "scaled_linear", False),
+        (10, "linspace", "v_prediction", "cosine", False),
+        (20, "leading", "sample", "linear", False),
+        (20, "trailing", "v_prediction", "scaled_linear", True),
+        (1, "trailing", "v_prediction", "linear", False),
+    ],
+)
+def test_dpmpp_2m_loop_matches_diffusers(n, spacing, pred, schedule, zero_snr):
+    beta = dict(beta_start=0.00085, beta_end=0.012) if schedule == "scaled_linear" else {}
+    ours = DDPMScheduler(beta_schedule=schedule, prediction_type=pred, rescale_zero_terminal_snr=zero_snr, **beta)
+    ref = diffusers.DPMSolverMultistepScheduler(
+        beta_schedule={"cosine": "squaredcos_cap_v2"}.get(schedule, schedule), algorithm_type="dpmsolver++",
+        solver_order=2, prediction_type=pred, rescale_betas_zero_snr=zero_snr, timestep_spacing=spacing, **beta)
+    ts = make_timesteps(ours, n, spacing)
+    if spacing == "trailing":  # DPM-Solver's own "trailing" equals DDIM's; its leading/linspace do not
+        ref.set_timesteps(n)
+        assert ref.timesteps.tolist() == ts.tolist()
+    dpm_on_our_tables(ref, ours, ts)
+    model, x = toy_model(ours), noise(4)
+    for t in ref.timesteps:
+        x = ref.step(model(x, tb(t, x)), t, x).prev_sample
+    got = sample_dpmpp_2m(model, noise(4), ours, ts)
+    assert maxdiff(got, x) <= 1e-6  # not exact: diffusers casts the sample to float32 in every step
+
+
+def test_dpmpp_float32_loop_against_diffusers_own_tables():
+    ours = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    ref = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                timestep_spacing="trailing")
+    ref.set_timesteps(20)
+    model, x = toy_model(ours), noise(4, torch.float32)
+    for t in ref.timesteps:
+        x = ref.step(model(x, tb(t, x)), t, x).prev_sample
+    got = sample("dpmpp", model, noise(4, torch.float32), ours, 20)
+    assert got.dtype == torch.float32 and maxdiff(got, x) <= 1e-4
+
+
+# ---- every sampler, every prediction type ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_exact_denoiser_recovers_the_data(name, pred):
+    """With data concentrated on one point c, the exact denoiser's x0 is c at every t, so every sampler
+    must return c (the last step lands on alpha-bar = 1)."""
+    s = DDPMScheduler(num_timesteps=50, prediction_type=pred)
+    ab = s.tables()["alphas_cumprod"]
+
+    def exact(x, t):
+        a, sig = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+        eps = (x - a * 0.3) / sig
+        return {"epsilon": eps, "v_prediction": a * eps - sig * 0.3, "sample": torch.full_like(x, 0.3)}[pred]
+
+    out = sample(name, exact, noise(), s, 7, eta=1.0, generator=torch.Generator().manual_seed(0))
+    assert maxdiff(out, torch.full(SHAPE, 0.3, dtype=torch.float64)) <= 1e-9
+
+
+def test_sample_registry_and_full_ddpm_chain():
+    s = DDPMScheduler(num_timesteps=20)
+    with pytest.raises(ValueError, match="'ddpm', 'ddim', 'dpmpp'"):
+        sample("euler", toy_model(s), noise(), s, 10)
+    seen = []
+    sample("ddpm", toy_model(s), noise(), s, 20, generator=torch.Generator().manual_seed(0),
+           callback=lambda i, t, x, x0: seen.append(t))
+    assert seen == list(range(19, -1, -1))
+
+
+def test_custom_scheduler_with_a_sampler():
+    s = CustomScheduler(num_timesteps=100, prediction_type="v_prediction")
+    out = sample("dpmpp", toy_model(s, c=0.2), noise(), s, 10)
+    assert torch.isfinite(out).all() and maxdiff(out, torch.full(SHAPE, 0.2, dtype=torch.float64)) < 0.2
+
+
+# ---- classifier-free guidance ------------------------------------------------------------------------
+
+
+class CountingNet:
+    """net(x, t, context, mask) whose output differs between cond and uncond on every channel."""
+
+    def __init__(self):
+        self.calls, self.batches = 0, []
+
+    def __call__(self, x, t, context=None, mask=None):
+        self.calls += 1
+        self.batches.append(x.shape[0])
+        assert mask is None
+        return x * context.view(-1, 1, 1, 1) + 0.01 * t.view(-1, 1, 1, 1)
+
+
+def test_cfg_is_one_batched_forward_guiding_every_channel():
+    net, x, t = CountingNet(), noise(), torch.tensor([10, 20])
+    c, u = torch.tensor([2.0, 3.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)  # uncond broadcast
+    fn = classifier_free_guidance(net, {"context": c, "mask": None}, {"context": u, "mask": None}, scale=4.0)
+    out = fn(x, t)
+    assert net.calls == 1 and net.batches == [4]
+    oc, ou = CountingNet()(x, t, c), CountingNet()(x, t, u.expand(2))
+    want = ou + 4.0 * (oc - ou)
+    for ch in range(SHAPE[1]):  # pitfall 5: all channels, not [:, :3]
+        assert maxdiff(out[:, ch], want[:, ch]) <= 1e-12
+
+
+def test_cfg_scale_one_is_the_conditional_model_alone():
+    net, x, t = CountingNet(), noise(), torch.tensor([10, 20])
+    c = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    fn = classifier_free_guidance(net, {"context": c, "mask": None}, {"context": c * 0, "mask": None}, scale=1.0)
+    assert torch.equal(fn(x, t), CountingNet()(x, t, c)) and net.batches == [2]
+
+
+def test_cfg_rescale_matches_diffusers():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    net, x, t = CountingNet(), noise(), torch.tensor([10, 20])
+    c, u = torch.tensor([2.0, 3.0], dtype=torch.float64), torch.tensor([0.5, 0.1], dtype=torch.float64)
+    plain = classifier_free_guidance(net, {"context": c}, {"context": u}, 7.5)(x, t)
+    for r in (0.0, 0.7, 1.0):
+        got = classifier_free_guidance(net, {"context": c}, {"context": u}, 7.5, rescale=r)(x, t)
+        assert maxdiff(got, rescale_noise_cfg(plain, net(x, t, c), guidance_rescale=r)) <= 1e-12
+    full = classifier_free_guidance(net, {"context": c}, {"context": u}, 7.5, rescale=1.0)(x, t)
+    assert torch.allclose(full.std(dim=(1, 2, 3)), net(x, t, c).std(dim=(1, 2, 3)))  # eq. 15: std restored
+
+
+def test_cfg_rejects_mismatched_conditions():
+    net = CountingNet()
+    with pytest.raises(ValueError, match="same keys"):
+        classifier_free_guidance(net, {"context": torch.ones(1)}, {}, 3.0)
+    with pytest.raises(ValueError, match="both be None"):
+        classifier_free_guidance(net, {"context": torch.ones(1)}, {"context": None}, 3.0)
