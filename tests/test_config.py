@@ -103,3 +103,19 @@ def test_help_documents_every_field():
     assert set(helps) == {f for f in ShardConfig().to_dict()}
     assert all(text for text in helps.values())
     assert "(>= 8)" in helps["resolution"]
+
+
+def test_fixed_length_tuples_load_from_lists():
+    import dataclasses
+
+    from diffusion.config import Config, param
+
+    @dataclasses.dataclass(frozen=True)
+    class Pair(Config):
+        betas: tuple[float, int] = param((0.9, 2), "a float and an int")
+
+    assert Pair.from_dict({"betas": [0.5, 3]}).betas == (0.5, 3)
+    with pytest.raises(ConfigError, match=r"betas\[1\]"):
+        Pair.from_dict({"betas": [0.5, "x"]})
+    with pytest.raises(ConfigError, match="expected 2 items"):
+        Pair.from_dict({"betas": [0.5]})

@@ -102,6 +102,116 @@ class Attention(nn.Module):
         mask = None
         if key_padding_mask is not None:
             mask = key_padding_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, M), broadcast over heads, queries
+        if causal and mask is not None:
+            # SDPA takes either is_causal or a mask; with both, fold causality into the mask.
+            n, m = q.shape[-2], k.shape[-2]
+            mask = mask & torch.ones(n, m, dtype=torch.bool, device=x.device).tril()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         y = y.transpose(1, 2).reshape(B, N, C)  # (B, h, N, C/h) -> (B, N, C)
         return self.out(y)
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocks shared by the U-Net and the DiT
+# --------------------------------------------------------------------------------------------------
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Adaptive normalisation's affine step ``x * (1 + scale) + shift`` (DiT's ``modulate``; the AdaGN of
+    Dhariwal & Nichol 2021, sec. 3). ``shift`` and ``scale`` must already broadcast against ``x``."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the real tokens: states (B, T, D), mask (B, T) bool (True = real) or None -> (B, D)."""
+    if mask is None:
+        return states.mean(dim=1)
+    w = mask.to(states.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (states * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+
+def key_padding_mask_or_none(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The text padding mask to hand to :class:`Attention`, or None when no key is padding.
+
+    Without padding the mask is dropped, so scaled_dot_product_attention may use its fast kernels. A row
+    with no real token at all (an all-False mask) would make softmax return NaN; such a row attends to
+    every token instead. mask: (B, T) bool, True where the token is real.
+    """
+    if mask is None:
+        return None
+    mask = mask.to(torch.bool)
+    if bool(mask.all()):
+        return None
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP ``Linear -> activation -> Linear`` (Vaswani et al. 2017, sec. 3.3).
+
+    Args:
+        dim: input and output width.
+        hidden_dim: inner width.
+        activation: "gelu" (exact), "gelu_tanh" (DiT, PixArt) or "geglu" (Shazeer 2020, eq. 6; Stable
+            Diffusion's U-Net): ``(x W + b) * gelu(x V + c)`` with W and V fused in one projection.
+        dropout: dropout on the inner activations.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu", dropout: float = 0.0) -> None:
+        super().__init__()
+        if activation not in ("gelu", "gelu_tanh", "geglu"):
+            raise ValueError(f"activation: expected one of 'gelu', 'gelu_tanh', 'geglu', got {activation!r}")
+        self.activation = activation
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim if activation == "geglu" else hidden_dim)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., dim) -> (..., dim)."""
+        h = self.fc1(x)
+        if self.activation == "geglu":
+            h, gate = h.chunk(2, dim=-1)  # (..., hidden_dim) each
+            h = h * F.gelu(gate)
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.fc2(self.drop(h))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block with self-attention, cross-attention to text and a feed-forward layer,
+    each residual (Stable Diffusion's ``BasicTransformerBlock``; Rombach et al. 2022, sec. 3.3).
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        context_dim: width of the text states attended to.
+        ff_mult: feed-forward inner width as a multiple of ``dim``.
+        activation: feed-forward activation (see :class:`FeedForward`).
+        dropout: dropout inside the feed-forward layer.
+        qkv_bias: bias on the attention input projections (Stable Diffusion has none).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        context_dim: int,
+        ff_mult: float = 4.0,
+        activation: str = "geglu",
+        dropout: float = 0.0,
+        qkv_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, num_heads, context_dim=context_dim, qkv_bias=qkv_bias)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, int(dim * ff_mult), activation, dropout)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, N, dim); context: (B, T, context_dim); context_mask: (B, T) bool or None -> (B, N, dim)."""
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, key_padding_mask=context_mask)
+        return x + self.ff(self.norm3(x))

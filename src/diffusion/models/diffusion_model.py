@@ -1,0 +1,318 @@
+"""The text-to-image latent diffusion model: text encoder + KL autoencoder + a denoiser, and sampling.
+
+Latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"): the
+denoiser works on the VAE's latents, scaled to about unit variance, and is conditioned on text states by
+cross-attention (sec. 3.3). Sampling uses classifier-free guidance (Ho & Salimans 2022) with the null caption
+``""`` as the unconditional input, the same caption that caption dropout feeds in training (DESIGN.md
+pitfall 2).
+
+Denoisers come from a registry, not an ``if/elif`` chain (STYLE.md 3). A new one is a config (a frozen
+:class:`~diffusion.config.Config` with ``in_channels`` and ``context_dim`` fields, and ``out_channels`` if it
+has one) and an ``nn.Module`` built from it whose ``forward(x, t, context, context_mask=None, pooled=None)``
+returns the raw prediction (docs/INTERFACES.md)::
+
+    @dataclass(frozen=True)
+    class TinyConfig(Config):
+        in_channels: int = param(4, "latent channels")
+        context_dim: int = param(256, "text width")
+
+    class Tiny(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.conv = nn.Conv2d(cfg.in_channels, cfg.in_channels, 3, padding=1)
+        def forward(self, x, t, context, context_mask=None, pooled=None):
+            return self.conv(x)
+
+    register_denoiser("tiny", TinyConfig, Tiny)
+    model = LatentDiffusionModel(vocab_size=1000, denoising_type="tiny")
+
+The config may expose ``downsample_factor`` (the U-Net) or ``patch_size`` (the DiT): the latent side must be
+a multiple of it, which :meth:`LatentDiffusionModel.generate` checks before doing any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffusion.config import Config, ConfigError
+from diffusion.data.tokenizer import BOS_ID, EOS_ID
+from diffusion.models.dit import DiT, DiTConfig
+from diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
+from diffusion.models.unet import UNet, UNetConfig
+from diffusion.models.vae import AutoencoderKL, VAEConfig
+from diffusion.samplers import SAMPLERS, ModelFn, StepCallback, classifier_free_guidance, sample
+
+DENOISERS: dict[str, tuple[type[Config], type[nn.Module]]] = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.pt"
+
+
+def register_denoiser(
+    name: str, config_cls: type[Config], module_cls: type[nn.Module], *, overwrite: bool = False
+) -> None:
+    """Make ``LatentDiffusionModel(denoising_type=name)`` build ``module_cls(config_cls(...))``."""
+    if name in DENOISERS and not overwrite:
+        raise ValueError(f"denoiser {name!r} is already registered (pass overwrite=True to replace it)")
+    if not (isinstance(config_cls, type) and issubclass(config_cls, Config)):
+        raise TypeError(f"config_cls must be a Config subclass, got {config_cls!r}")
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    missing = {"in_channels", "context_dim"} - fields
+    if missing:
+        raise TypeError(f"{config_cls.__name__} lacks the field(s) {sorted(missing)} the model sets")
+    DENOISERS[name] = (config_cls, module_cls)
+
+
+def _resolve(
+    cls: type[Config], given: Config | Mapping[str, Any] | None, forced: dict[str, tuple[Any, str]], key: str
+) -> Config:
+    """Build ``cls`` from ``given`` with the ``forced`` fields (name -> (value, why)) set; refuse contradictions.
+
+    In a mapping, any value given for a forced field must equal it. A config instance cannot tell an explicit
+    value from a default, so there a field left at its default is overwritten and only other values must agree.
+    """
+    if given is None:
+        data: dict[str, Any] = {}
+        explicit = set()
+    elif isinstance(given, Config):
+        if not isinstance(given, cls):
+            raise ConfigError(f"{key}: expected a {cls.__name__}, got a {type(given).__name__}")
+        data = given.to_dict()
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        explicit = {k for k in forced if data.get(k) != defaults.get(k)}
+    elif isinstance(given, Mapping):
+        data, explicit = dict(given), set(given)
+    else:
+        raise ConfigError(f"{key}: expected a mapping or a {cls.__name__}, got {given!r}")
+    for name, (value, why) in forced.items():
+        if name in explicit and data[name] != value:
+            raise ConfigError(f"{key}.{name}: is {data[name]!r} but must be {value!r} ({why})")
+        data[name] = value
+    return cls.from_dict(data, key)
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's device (so a CPU seed gives the same x_T everywhere)."""
+    g_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=g_device).to(device)
+
+
+class LatentDiffusionModel(nn.Module):
+    """Text encoder, VAE and denoiser, with consistent widths, and text-to-image sampling.
+
+    Args:
+        vocab_size: tokenizer vocabulary size (sets ``text_encoder.vocab_size``).
+        denoising_type: a key of :data:`DENOISERS` ("unet", "dit", or one registered).
+        text_encoder, vae, denoiser: configs or mappings of their fields (None: defaults). The denoiser's
+            ``in_channels`` (and ``out_channels``) are set to the VAE's ``latent_dim`` and its ``context_dim``
+            to the text encoder's ``width``; a config that says otherwise is refused.
+        latent_scale, latent_shift: the diffusion space is ``(z - shift) * scale``, measured on the VAE's
+            latents over the data (DESIGN.md pitfall 4), not SD's 0.18215.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        denoising_type: str = "unet",
+        text_encoder: TextEncoderConfig | Mapping[str, Any] | None = None,
+        vae: VAEConfig | Mapping[str, Any] | None = None,
+        denoiser: Config | Mapping[str, Any] | None = None,
+        latent_scale: float = 1.0,
+        latent_shift: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if denoising_type not in DENOISERS:
+            raise ValueError(f"unknown denoising_type {denoising_type!r}; expected one of: {', '.join(DENOISERS)}")
+        if not latent_scale > 0:
+            raise ValueError(f"latent_scale: expected a value > 0, got {latent_scale!r}")
+        text_cfg = _resolve(
+            TextEncoderConfig, text_encoder, {"vocab_size": (vocab_size, "the tokenizer's vocabulary")}, "text_encoder"
+        )
+        vae_cfg = _resolve(VAEConfig, vae, {}, "vae")
+        config_cls, module_cls = DENOISERS[denoising_type]
+        forced = {
+            "in_channels": (vae_cfg.latent_dim, "vae.latent_dim"),
+            "context_dim": (text_cfg.width, "text_encoder.width"),
+        }
+        if "out_channels" in {f.name for f in dataclasses.fields(config_cls)}:
+            forced["out_channels"] = (vae_cfg.latent_dim, "vae.latent_dim")
+        den_cfg = _resolve(config_cls, denoiser, forced, "denoiser")
+
+        self.vocab_size = vocab_size
+        self.denoising_type = denoising_type
+        self.latent_scale = float(latent_scale)
+        self.latent_shift = float(latent_shift)
+        self.text_encoder = TextEncoder(text_cfg)
+        self.vae = AutoencoderKL(vae_cfg)
+        self.denoiser = module_cls(den_cfg)
+        self.denoiser_config = den_cfg
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved arguments that rebuild this model (plain data, JSON-ready; STYLE.md 4)."""
+        return {
+            "vocab_size": self.vocab_size,
+            "denoising_type": self.denoising_type,
+            "text_encoder": self.text_encoder.cfg.to_dict(),
+            "vae": self.vae.cfg.to_dict(),
+            "denoiser": self.denoiser_config.to_dict(),
+            "latent_scale": self.latent_scale,
+            "latent_shift": self.latent_shift,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def latent_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the denoiser's own."""
+        cfg = self.denoiser_config
+        return self.vae.downsample_factor * getattr(cfg, "downsample_factor", getattr(cfg, "patch_size", 1))
+
+    # ---- conditioning and latents -----------------------------------------------------------------
+
+    def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens: (B, T) long -> states (B, T, D), mask (B, T) bool (True = real token), pooled (B, D)."""
+        mask = tokens != self.text_encoder.cfg.pad_token_id
+        states, pooled = self.text_encoder(tokens, mask)
+        return states, mask, pooled
+
+    def null_tokens(self, batch: int, length: int) -> torch.Tensor:
+        """(batch, length) long: the tokenization of "" (``[BOS, EOS, PAD, ...]``, docs/INTERFACES.md), the
+        unconditional input of classifier-free guidance and of caption dropout."""
+        tokens = torch.full((batch, length), self.text_encoder.cfg.pad_token_id, dtype=torch.long, device=self.device)
+        tokens[:, 0], tokens[:, 1] = BOS_ID, EOS_ID
+        return tokens
+
+    def encode_images(
+        self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """x: (B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) diffusion-space latents ``(z - shift) * scale``,
+        z sampled from the posterior (``sample=False``: its mean)."""
+        posterior = self.vae.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return (z - self.latent_shift) * self.latent_scale
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) diffusion-space latents -> (B, 3, h*f, w*f) images clamped to [-1, 1]."""
+        return self.vae.decode(z / self.latent_scale + self.latent_shift).clamp(-1.0, 1.0)
+
+    def forward(self, noisy_latents: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The training forward: x_t (B, C, h, w), t (B,), tokens (B, T) -> raw prediction (B, C', h, w)
+        of the scheduler's ``prediction_type`` (C' = 2C for a DiT with ``learn_sigma``)."""
+        states, mask, pooled = self.encode_text(tokens)
+        return self.denoiser(noisy_latents, t, context=states, context_mask=mask, pooled=pooled)
+
+    # ---- sampling ---------------------------------------------------------------------------------
+
+    def _check_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        f = self.latent_multiple
+        if H % f or W % f or H <= 0 or W <= 0:
+            raise ValueError(
+                f"image_size {H}x{W} is not a positive multiple of {f} (the VAE's downsampling factor "
+                f"{self.vae.downsample_factor} times the denoiser's)"
+            )
+        return H, W
+
+    def _model_fn(
+        self, tokens: torch.Tensor, uncond_tokens: torch.Tensor | None, guidance_scale: float, guidance_rescale: float
+    ) -> ModelFn:
+        """The ModelFn the samplers call: conditional, or classifier-free guided against the null caption."""
+        C = self.vae.cfg.latent_dim
+
+        def net(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+            # Keep the C predicted channels (a DiT with learn_sigma adds C variance channels no sampler uses).
+            return self.denoiser(x, t, **cond)[:, :C]
+
+        states, mask, pooled = self.encode_text(tokens)
+        cond = {"context": states, "context_mask": mask, "pooled": pooled}
+        if guidance_scale == 1.0:  # guidance 1 is the conditional model: skip the unconditional half
+            return lambda x, t: net(x, t, **cond)
+        if uncond_tokens is None:  # one null caption, broadcast over the batch by the guidance
+            uncond_tokens = self.null_tokens(1, tokens.shape[1])
+        uncond_tokens = uncond_tokens.to(tokens.device)
+        if uncond_tokens.shape[1:] != tokens.shape[1:] or uncond_tokens.shape[0] not in (1, tokens.shape[0]):
+            raise ValueError(
+                f"uncond_tokens of shape {tuple(uncond_tokens.shape)} do not match the tokens' {tuple(tokens.shape)}"
+            )
+        u_states, u_mask, u_pooled = self.encode_text(uncond_tokens)
+        uncond = {"context": u_states, "context_mask": u_mask, "pooled": u_pooled}
+        return classifier_free_guidance(net, cond, uncond, guidance_scale, rescale=guidance_rescale)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        text_tokens: torch.Tensor,
+        scheduler: nn.Module,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        image_size: int | tuple[int, int] = (256, 256),
+        sampler: str = "ddim",
+        generator: torch.Generator | None = None,
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        uncond_tokens: torch.Tensor | None = None,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Text to images.
+
+        Args:
+            text_tokens: (B, T) long, tokenized captions (``[BOS] ... [EOS] [PAD]*``).
+            scheduler: the :class:`~diffusion.scheduler.DDPMScheduler` the denoiser was trained with.
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance weight w (1: no guidance, one forward per step).
+            image_size: (H, W) or a side; multiples of :attr:`latent_multiple`.
+            sampler: a key of ``diffusion.samplers.SAMPLERS`` ("ddpm", "ddim", "dpmpp").
+            generator: seeds x_T and any sampler noise; the same seed gives the same images.
+            eta: DDIM stochasticity (0: deterministic).
+            guidance_rescale: Lin et al. 2023 sec. 3.4 rescaling of the guided prediction (0: off).
+            uncond_tokens: (B, T) or (1, T) negative prompt; default the null caption (as in training).
+            callback: ``callback(i, t, x, x0)`` after each step (diffusion.samplers.StepCallback).
+        Returns:
+            (B, 3, H, W) float images in [0, 1].
+        """
+        H, W = self._check_size(image_size)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
+        was_training = self.training
+        self.eval()
+        try:
+            tokens = text_tokens.to(self.device)
+            model_fn = self._model_fn(tokens, uncond_tokens, guidance_scale, guidance_rescale)
+            f = self.vae.downsample_factor
+            x_T = _randn((tokens.shape[0], self.vae.cfg.latent_dim, H // f, W // f), generator, self.device)
+            x_0 = sample(sampler, model_fn, x_T, scheduler, num_inference_steps,
+                         generator=generator, eta=eta, callback=callback)
+            return (self.decode_latents(x_0) + 1.0) / 2.0  # [-1, 1] -> [0, 1]
+        finally:
+            self.train(was_training)
+
+    # ---- persistence ------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` (what builds the model) and ``model.pt`` (its state dict) to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        torch.save(self.state_dict(), directory / WEIGHTS_FILE)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> LatentDiffusionModel:
+        """Rebuild a model saved by :meth:`save_pretrained`. Weights are loaded with ``weights_only=True``
+        (they may come from anyone; DESIGN.md pitfall 14). A custom denoiser must be registered first."""
+        directory = Path(directory)
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        model = cls(**config)
+        state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+        return model.to(map_location)

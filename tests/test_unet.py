@@ -1,0 +1,145 @@
+"""Tiny-config tests of the U-Net denoiser (shapes, gradients, text masking, checkpointing, config)."""
+
+import pytest
+import torch
+
+from diffusion.config import ConfigError
+from diffusion.models.unet import UNet, UNetConfig
+
+CTX = 16
+
+
+def tiny_cfg(**kw):
+    base = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
+                context_dim=CTX, norm_groups=4)
+    return UNetConfig(**{**base, **kw})
+
+
+def perturb_zeros(model, seed=0):
+    """Give the zero-initialised tensors small random values, so every path carries signal and gradient."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def inputs(b=2, h=8, w=8, t_len=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, h, w, generator=g)
+    t = torch.tensor([3, 700][:b] + [10] * max(0, b - 2))
+    ctx = torch.randn(b, t_len, CTX, generator=g)
+    mask = torch.ones(b, t_len, dtype=torch.bool)
+    mask[0, 3:] = False
+    return x, t, ctx, mask
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (16, 16), (8, 16)])
+def test_output_shape_matches_input(hw):
+    torch.manual_seed(0)
+    model = perturb_zeros(UNet(tiny_cfg()))
+    x, t, ctx, mask = inputs(h=hw[0], w=hw[1])
+    assert model(x, t, ctx, mask).shape == x.shape
+
+
+def test_output_is_exactly_zero_at_init():
+    torch.manual_seed(0)
+    out = UNet(tiny_cfg())(*inputs())
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_gradient_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = perturb_zeros(UNet(tiny_cfg(attention_levels=(0, 1))))
+    x, t, ctx, mask = inputs()
+    pooled = torch.randn(2, CTX)
+    loss = (model(x, t, ctx, mask, pooled=pooled) - torch.randn_like(x)).pow(2).mean()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_padding_keys_are_ignored():
+    torch.manual_seed(0)
+    model = perturb_zeros(UNet(tiny_cfg())).eval()
+    x, t, ctx, mask = inputs()
+    pad = torch.randn(2, 4, CTX)
+    ctx_padded = torch.cat([ctx, pad], dim=1)  # (B, T + 4, D)
+    mask_padded = torch.cat([mask, torch.zeros(2, 4, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        ref = model(x, t, ctx, mask)
+        out = model(x, t, ctx_padded, mask_padded)
+        unmasked = model(x, t, ctx_padded, None)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked, ref, atol=1e-4)  # the padding would matter if it were not masked
+
+
+def test_all_true_mask_equals_no_mask():
+    torch.manual_seed(0)
+    model = perturb_zeros(UNet(tiny_cfg())).eval()
+    x, t, ctx, _ = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, ctx, torch.ones(2, 5, dtype=torch.bool)), model(x, t, ctx))
+
+
+def test_gradient_checkpointing_matches(monkeypatch):
+    import diffusion.models.unet as unet_module
+
+    calls = []
+    real = unet_module.checkpoint
+    monkeypatch.setattr(unet_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    plain = perturb_zeros(UNet(tiny_cfg()))
+    ckpt = UNet(tiny_cfg(gradient_checkpointing=True))
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, ctx, mask = inputs()
+    outs = []
+    for model in (plain, ckpt):
+        model.train()
+        out = model(x, t, ctx, mask)
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1])
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert calls  # the checkpointed path really ran
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    model = perturb_zeros(UNet(tiny_cfg())).eval()
+    x, t, ctx, mask = inputs()
+    with torch.no_grad():
+        ref = model(x, t, ctx, mask)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last), t, ctx, mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_head_dim_sets_heads_per_level():
+    model = UNet(tiny_cfg(head_dim=8))
+    assert model.down[-1].attn.block.attn1.num_heads == 32 // 8
+    assert model.mid[0].attn.block.attn1.num_heads == 4
+
+
+def test_indivisible_latent_raises():
+    with pytest.raises(ValueError, match="divisible"):
+        UNet(tiny_cfg())(*inputs(h=9, w=8))
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"norm_groups": 6}, "norm_groups"),
+        ({"attention_levels": (2,)}, "attention_levels"),
+        ({"num_heads": 3}, "num_heads"),
+        ({"head_dim": 5}, "head_dim"),
+        ({"channel_mult": ()}, "channel_mult"),
+        ({"dropout": 1.5}, "dropout"),
+    ],
+)
+def test_bad_config_names_key(changes, key):
+    data = {**tiny_cfg().to_dict(), **changes}
+    with pytest.raises(ConfigError, match=rf"model\.unet\.{key}"):
+        UNetConfig.from_dict(data, "model.unet")

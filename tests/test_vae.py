@@ -1,0 +1,102 @@
+"""Tiny-config tests of the KL autoencoder (diffusion.models.vae)."""
+
+import pytest
+import torch
+
+from diffusion.config import ConfigError
+from diffusion.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+
+
+def tiny(channel_mult=(1, 2, 2), **kw) -> AutoencoderKL:
+    torch.manual_seed(0)
+    cfg = VAEConfig(base_channels=8, channel_mult=channel_mult, num_res_blocks=1, norm_groups=4, **kw)
+    return AutoencoderKL(cfg)
+
+
+@pytest.mark.parametrize("channel_mult, factor", [((1, 2, 2), 4), ((1, 2, 2, 2), 8)])
+def test_round_trip_shapes(channel_mult, factor):
+    vae = tiny(channel_mult)
+    assert vae.downsample_factor == factor
+    x = torch.rand(2, 3, 32, 16) * 2 - 1
+    posterior = vae.encode(x)
+    assert posterior.mean.shape == (2, 4, 32 // factor, 16 // factor)
+    assert posterior.logvar.shape == posterior.mean.shape
+    recon, post = vae(x)
+    assert recon.shape == x.shape
+    assert vae.decode(posterior.mode()).shape == x.shape
+
+
+def test_size_not_divisible_refused():
+    vae = tiny()
+    with pytest.raises(ValueError, match=r"30x32.*4"):
+        vae.encode(torch.zeros(1, 3, 30, 32))
+
+
+def test_kl_zero_for_standard_normal_and_positive_otherwise():
+    zeros = torch.zeros(2, 4, 3, 3)
+    assert torch.equal(DiagonalGaussian(zeros, zeros).kl(), torch.zeros(2))
+    kl = DiagonalGaussian(zeros + 0.5, zeros - 1.0).kl()
+    assert kl.shape == (2,) and (kl > 0).all()
+    # Closed form for one dim: 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2), summed over 36 dims.
+    expected = 36 * 0.5 * (0.25 + torch.exp(torch.tensor(-1.0)) - 1 + 1)
+    torch.testing.assert_close(kl, expected.expand(2))
+
+
+def test_logvar_is_clamped():
+    g = DiagonalGaussian(torch.zeros(1, 1, 1, 1), torch.full((1, 1, 1, 1), 100.0), clamp=(-30.0, 20.0))
+    assert g.logvar.item() == 20.0 and torch.isfinite(g.std).all()
+
+
+def test_sample_reproducible_with_generator():
+    vae = tiny().eval()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    post = vae.encode(x)
+    a = post.sample(torch.Generator().manual_seed(3))
+    b = post.sample(torch.Generator().manual_seed(3))
+    c = post.sample(torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    r1, _ = vae(x, generator=torch.Generator().manual_seed(3))
+    r2, _ = vae(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(r1, r2)
+    assert torch.equal(post.mode(), post.mean)
+
+
+@pytest.mark.parametrize("kw", [{}, {"mid_attention": False, "quant_conv": False}, {"gradient_checkpointing": True}])
+def test_gradient_reaches_every_parameter(kw):
+    vae = tiny(**kw).train()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon, post = vae(x, generator=torch.Generator().manual_seed(0))
+    # Squared error (not a plain sum, whose gradient through the final GroupNorm is degenerate) plus KL.
+    ((recon - x).pow(2).mean() + post.kl().mean()).backward()
+    for name, p in vae.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_same_gradients():
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    grads = []
+    for flag in (False, True):
+        vae = tiny(gradient_checkpointing=flag).train()
+        recon, _ = vae(x, sample_posterior=False)
+        recon.pow(2).sum().backward()
+        grads.append(vae.encoder.conv_in.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"base_channels": 8, "norm_groups": 3}, "norm_groups"),
+        ({"channel_mult": []}, "channel_mult"),
+        ({"channel_mult": [1, 0]}, "channel_mult"),
+        ({"logvar_clamp": [5.0, -5.0]}, "logvar_clamp"),
+        ({"logvar_clamp": [-5.0]}, "logvar_clamp"),
+        ({"latent_dim": 0}, "latent_dim"),
+        ({"num_res_blocks": "two"}, "num_res_blocks"),
+        ({"latent_channels": 4}, "latent_channels"),
+    ],
+)
+def test_bad_config_names_key(data, key):
+    with pytest.raises(ConfigError, match=key):
+        VAEConfig.from_dict(data, "train_vae.model")
