@@ -1,0 +1,118 @@
+"""Callbacks of the diffusion training stage: sample grids from the EMA weights, and the loss curve.
+
+Both run on rank 0 only and touch the host only every N steps, so the training step itself never waits
+for them.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, EMAWeightAveraging
+
+from diffusion.evaluation.grid import make_grid
+from diffusion.scheduler import DDPMScheduler
+from diffusion.training.checkpointing import log_image
+
+
+def ema_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.nn.Module:
+    """The `LatentDiffusionModel` holding the EMA weights, or the live one if there is no EMA callback.
+
+    Lightning's `EMAWeightAveraging` keeps its average in an `AveragedModel` wrapping a copy of the whole
+    LightningModule (``_average_model.module``); it has no public accessor, so we read the attribute rather
+    than swap weights in and out of the live model.
+    """
+    for cb in trainer.callbacks:
+        if isinstance(cb, EMAWeightAveraging) and getattr(cb, "_average_model", None) is not None:
+            return cb._average_model.module.model
+    return pl_module.model
+
+
+class SampleGrid(Callback):
+    """Every `every_n_steps` optimizer steps, sample `prompts` with the EMA weights and a fast sampler, and
+    log one grid (a row per seed, a column per prompt) to MLflow as ``samples/step_XXXXXXX.png``.
+
+    Args:
+        tokens: (P, T) the tokenized fixed prompts.
+        scheduler: the training noise schedule.
+        image_size: side of the generated images (pixels).
+        every_n_steps: how often; 0 disables.
+        sampler, num_steps, guidance: how to sample (a few DPM-Solver++ steps keep this cheap).
+        seeds: one row of images per seed.
+    """
+
+    def __init__(
+        self, tokens: torch.Tensor, scheduler: DDPMScheduler, image_size: int, every_n_steps: int,
+        sampler: str = "dpmpp", num_steps: int = 10, guidance: float = 4.0, seeds: Sequence[int] = (0, 1),
+    ) -> None:
+        self.tokens, self.scheduler, self.image_size = tokens, scheduler, image_size
+        self.every, self.sampler, self.num_steps, self.guidance = every_n_steps, sampler, num_steps, guidance
+        self.seeds = tuple(seeds)
+        self.last_grid = None
+
+    @torch.no_grad()
+    def render(self, model: torch.nn.Module) -> Any:
+        """Sample every prompt once per seed; returns the grid as a PIL image."""
+        device = next(model.parameters()).device
+        rows = []
+        for seed in self.seeds:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            rows.append(model.generate(
+                text_tokens=self.tokens.to(device), scheduler=self.scheduler.to(device),
+                num_inference_steps=self.num_steps, guidance_scale=self.guidance,
+                image_size=(self.image_size, self.image_size), sampler=self.sampler, generator=generator,
+            ))
+        return make_grid(torch.cat(rows), nrow=len(self.tokens))  # (seeds * P, 3, H, W)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if not self.every or step % self.every or not trainer.is_global_zero or step == getattr(self, "_done", -1):
+            return
+        self._done = step  # with gradient accumulation several batches end on the same optimizer step
+        self.last_grid = self.render(ema_model(trainer, pl_module))
+        log_image(trainer, self.last_grid, f"samples/step_{step:07d}.png")
+
+
+class LossCurve(Callback):
+    """Records (step, loss) every `every_n_steps` and writes a CSV that ``dvc plots`` renders.
+
+    The points are kept in the checkpoint (``state_dict``), so a resumed run writes the whole curve. Reading
+    the loss costs one host sync per recorded point, not per step.
+    """
+
+    def __init__(self, path: str | Path, every_n_steps: int = 10) -> None:
+        self.path = Path(path)
+        self.every = max(1, every_n_steps)
+        self.points: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every or (self.points and self.points[-1][0] == step):
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.points.append((step, float(loss.detach())))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "loss"])
+            writer.writerows((s, f"{v:.6f}") for s, v in self.points)
+        tmp.replace(self.path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"points": list(self.points)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.points = [tuple(p) for p in state_dict["points"]]

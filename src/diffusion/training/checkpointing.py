@@ -1,0 +1,435 @@
+"""Resumable training runs, shared by the training stages (train_vae, train): keys, checkpoints, MLflow.
+
+A training stage killed half way (a preempted job, a SIGKILL, a power cut) and started again with the
+same parameters continues where it stopped; started with *changed* parameters, it starts afresh. That
+is decided by a **run key**, a short hash of everything that determines the result:
+
+- the stage's resolved config, minus the fields that do not change the trained weights (worker count,
+  logging and checkpoint frequency, output paths: the `exclude` list, per stage);
+- `extra` inputs the config does not capture: a fingerprint of the input data (shard names and sizes)
+  and of the code (a checkpoint of different code is not the same run). So `dvc repro` after a change
+  to the data or to the code never resumes, or re-exports, a checkpoint made before it.
+
+Layout (a ``persist: true, cache: false`` DVC output, DESIGN.md Reproducibility)::
+
+    <checkpoint_dir>/<stage>-<key>/last.ckpt          Lightning's full state: weights, optimizers, loops
+                                   mlflow_run_id.txt   the MLflow run this checkpoint belongs to
+                                   run_key.json        what the key was computed from (for people)
+
+Resume protocol (DESIGN.md pitfalls 11 and 12):
+1. ``last.ckpt`` exists in the key's folder -> ``trainer.fit(..., ckpt_path=last.ckpt)``: the global step,
+   optimizer, schedulers and callback states continue. ``ModelCheckpoint(dirpath=...)`` is explicit.
+2. The MLflow run id stored beside it is continued (``stage_run(run_id=...)`` and
+   ``MLFlowLogger(run_id=...)``): its params equal ours because the key matched, so MLflow's refusal to
+   change a logged param never triggers. No checkpoint (or a run that no longer exists in the store):
+   a new run.
+3. Every write is atomic: Lightning writes checkpoints to a temporary file and moves it into place
+   (``lightning_fabric.utilities.cloud_io._atomic_save``); our small files use ``os.replace``.
+
+Only global rank 0 opens the MLflow run: under DDP, Lightning starts the other ranks by re-running the
+stage script, which must not open runs of their own (one run per stage execution).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+from diffusion.config import ConfigError
+from diffusion.data.shards import atomic_write_json, atomic_write_text
+
+LAST_CHECKPOINT = "last.ckpt"
+RUN_ID_FILE = "mlflow_run_id.txt"
+KEY_FILE = "run_key.json"
+
+#: Fields shared by the training configs (`diffusion.config.TrainerFields`) that change how often things
+#: happen, or where, but not the trained weights. Stages add their own (output paths, eval sizes).
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    "num_workers",
+    "log_every_n_steps",
+    "val_every_n_steps",
+    "checkpoint_every_n_steps",
+    "checkpoint_dir",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Run keys
+# --------------------------------------------------------------------------------------------------
+
+
+def _drop(params: Mapping[str, Any], exclude: Iterable[str]) -> dict[str, Any]:
+    """A deep copy of `params` without the dotted keys in `exclude` (``"model.dropout"`` drops a nested key)."""
+    out = json.loads(json.dumps(dict(params), sort_keys=True, default=str))
+    for dotted in exclude:
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def run_key(
+    params: Mapping[str, Any],
+    *,
+    exclude: Iterable[str] = DEFAULT_EXCLUDE,
+    extra: Mapping[str, Any] | None = None,
+    length: int = 12,
+) -> str:
+    """A short stable hash of `params` (minus `exclude`) and `extra`: equal iff the run is the same run.
+
+    Args:
+        params: the stage's resolved config as plain data (``cfg.to_dict()``).
+        exclude: dotted keys that do not change the result.
+        extra: other inputs of the result (data and code fingerprints), JSON-serialisable.
+        length: hex digits kept (12 = 48 bits; collisions between a user's runs are not a concern).
+    """
+    payload = {"params": _drop(params, exclude), "extra": dict(extra or {})}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def files_fingerprint(paths: Iterable[str | Path]) -> str:
+    """Hash of the names and sizes of `paths` (sorted): cheap, stat only, for large input data.
+
+    Sizes, not contents: hashing gigabytes of shards at every start would cost more than it saves. The
+    shard writer is deterministic, so other data practically always gives other names or sizes.
+    """
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        h.update(f"{p.name}\0{p.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def source_fingerprint(*roots: str | Path) -> str:
+    """Hash of the contents of every ``.py`` file under `roots` (files or folders), in path order."""
+    h = hashlib.sha256()
+    for root in roots:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(root.rglob("*.py"))
+        for f in files:
+            h.update(f"{f.relative_to(root.parent) if f != root else f.name}\0".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# The run folder and the MLflow run beside the checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a keyed run keeps its checkpoints, and what a restart continues from.
+
+    Attributes:
+        stage, key: the stage name and the run key.
+        dir: ``<checkpoint_dir>/<stage>-<key>``.
+        ckpt_path: ``dir/last.ckpt`` if it exists (pass to ``trainer.fit(ckpt_path=...)``), else None.
+        run_id: the MLflow run stored beside the checkpoint, or None.
+    """
+
+    stage: str
+    key: str
+    dir: Path
+    ckpt_path: Path | None
+    run_id: str | None
+
+    @property
+    def resuming(self) -> bool:
+        return self.ckpt_path is not None
+
+
+def find_resume(checkpoint_dir: str | Path, stage: str, key: str) -> ResumePoint:
+    """Look in ``<checkpoint_dir>/<stage>-<key>/`` for a checkpoint and its MLflow run id."""
+    folder = Path(checkpoint_dir) / f"{stage}-{key}"
+    last = folder / LAST_CHECKPOINT
+    id_file = folder / RUN_ID_FILE
+    run_id = (id_file.read_text().strip() or None) if id_file.is_file() else None
+    return ResumePoint(stage, key, folder, last if last.is_file() else None, run_id)
+
+
+def record_run(point: ResumePoint, run_id: str, params: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+    """Write the MLflow run id (and what the key hashes) into the run folder, atomically."""
+    point.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(point.dir / RUN_ID_FILE, run_id + "\n")
+    atomic_write_json(point.dir / KEY_FILE, {"stage": point.stage, "key": point.key, "params": params, "extra": extra})
+
+
+def is_launch_rank_zero() -> bool:
+    """Whether this process is global rank 0, judged from the launcher's environment *before* the Trainer
+    exists: Lightning's DDP launcher sets LOCAL_RANK/NODE_RANK in the processes it starts; torchrun sets
+    RANK; SLURM sets SLURM_PROCID. The process that launches the others has none of them (or zeros)."""
+    keys = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in keys)
+
+
+def _run_exists(run_id: str | None) -> bool:
+    """Whether `run_id` is a live run in the current tracking store (it may come from another store)."""
+    if not run_id:
+        return False
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from diffusion.tracking import tracking_uri
+
+    try:
+        return MlflowClient(tracking_uri()).get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def mlflow_logger(run_id: str) -> Any:
+    """Lightning's MLFlowLogger logging into the stage's run, with the tracking URI passed explicitly (its
+    own default ``./mlruns`` is a file store MLflow 3 refuses, DESIGN.md Tracking)."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from diffusion.tracking import tracking_uri
+
+    return MLFlowLogger(tracking_uri=tracking_uri(), run_id=run_id, log_model=False)
+
+
+@dataclass
+class StageRun:
+    """What :func:`resumable_stage_run` yields.
+
+    Attributes:
+        point: the run folder and the checkpoint to resume from (``point.ckpt_path``).
+        run_id: the stage's MLflow run (None on ranks other than 0).
+        logger: the Lightning logger for the Trainer (``False`` on ranks other than 0).
+        active: the ``mlflow.ActiveRun`` (None on ranks other than 0).
+    """
+
+    point: ResumePoint
+    run_id: str | None
+    logger: Any
+    active: Any = None
+
+
+@contextlib.contextmanager
+def resumable_stage_run(
+    stage: str,
+    params: Mapping[str, Any],
+    checkpoint_dir: str | Path,
+    *,
+    exclude: Iterable[str] = DEFAULT_EXCLUDE,
+    extra: Mapping[str, Any] | None = None,
+) -> Iterator[StageRun]:
+    """Open (or continue) the MLflow run of one training-stage execution and find its checkpoint.
+
+    The MLflow run is continued only together with a checkpoint of the same key (module docstring); the
+    run id is written beside the checkpoints before training starts, so a kill at any point leaves it.
+    """
+    from diffusion.tracking import stage_run
+
+    extra = dict(extra or {})
+    key = run_key(params, exclude=exclude, extra=extra)
+    point = find_resume(checkpoint_dir, stage, key)
+    if not is_launch_rank_zero():
+        yield StageRun(point, None, False)
+        return
+    run_id = point.run_id if point.resuming and _run_exists(point.run_id) else None
+    if point.resuming and run_id is None:
+        warnings.warn(f"{stage}: resuming {point.ckpt_path} in a new MLflow run (run {point.run_id} not found)")
+    with stage_run(stage, params, run_id=run_id) as active:
+        record_run(point, active.info.run_id, params, extra)
+        yield StageRun(point, active.info.run_id, mlflow_logger(active.info.run_id), active)
+
+
+def log_image(trainer: pl.Trainer, image: Any, artifact_file: str) -> bool:
+    """Log a PIL image to the Trainer's MLflow run as an artifact (rank 0 only). False if there is no
+    MLflow logger (e.g. ``logger=False``)."""
+    logger = trainer.logger
+    run_id = getattr(logger, "run_id", None)
+    if not trainer.is_global_zero or run_id is None:
+        return False
+    logger.experiment.log_image(run_id, image, artifact_file=artifact_file)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Callbacks
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_callback(dirpath: str | Path, every_n_steps: int) -> ModelCheckpoint:
+    """Save ``<dirpath>/last.ckpt`` every `every_n_steps` optimizer steps and at the end of training.
+
+    Only ``last.ckpt`` is kept (``save_top_k=0``: nothing is monitored, a resume needs the latest state
+    only); ``enable_version_counter=False`` so a resumed run overwrites it rather than writing
+    ``last-v1.ckpt``.
+    """
+    return ModelCheckpoint(
+        dirpath=str(dirpath),
+        every_n_train_steps=every_n_steps,
+        save_top_k=0,
+        save_last=True,
+        enable_version_counter=False,
+    )
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step. Checkpoints stay as they were."""
+
+
+class NonFiniteLossCheck(Callback):
+    """Stop training with :class:`NonFiniteLossError` when the loss is not finite.
+
+    Trade-off: ``loss.item()`` every step would force a host-device sync per step. Instead the first bad
+    step is recorded *on the device* (``torch.where``, no sync) and read back every `check_every` steps,
+    before every checkpoint save (so a checkpoint never holds the weights of a diverged run, and the last
+    good ``last.ckpt`` stays), and at the end of training. A divergence is therefore reported up to
+    `check_every` steps late, but it names the step where it happened.
+
+    Reads the loss from the training step's output (``{"loss": tensor}`` or a tensor), automatic or manual
+    optimization alike.
+    """
+
+    def __init__(self, check_every: int = 1) -> None:
+        if check_every < 1:
+            raise ValueError(f"check_every: expected >= 1, got {check_every}")
+        self.check_every = check_every
+        self._bad_step: torch.Tensor | None = None  # () long; -1 while every loss was finite
+        self._bad_value: torch.Tensor | None = None  # () float; the first non-finite loss
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        loss = loss.detach().float()
+        if self._bad_step is None:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_value = torch.zeros((), device=loss.device)
+        first = (self._bad_step < 0) & ~torch.isfinite(loss).all()
+        # global_step after this batch's optimizer step = the 1-based number of the step that made `loss`.
+        self._bad_step = torch.where(first, trainer.global_step, self._bad_step)
+        self._bad_value = torch.where(first, loss.reshape(-1)[0], self._bad_value)
+        if trainer.global_step % self.check_every == 0:
+            self.check(trainer)
+
+    def check(self, trainer: pl.Trainer | None = None) -> None:
+        """Raise if a non-finite loss was recorded (one host sync)."""
+        if self._bad_step is None:
+            return
+        step = int(self._bad_step)
+        if step >= 0:
+            now = f" (detected at step {trainer.global_step})" if trainer is not None else ""
+            raise NonFiniteLossError(
+                f"non-finite training loss ({float(self._bad_value)}) at step {step}{now}; training stopped, "
+                "the last checkpoint is from before it. Lower the learning rate, enable gradient clipping, "
+                "or use bf16 rather than fp16"
+            )
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Raising here aborts the save (this hook runs while the checkpoint is assembled, before writing).
+        self.check(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check(trainer)
+
+
+class LoaderResume(Callback):
+    """Give a resumed run fresh data: set the loader's pass number (which seeds its stream) to the global
+    step at which the run resumes.
+
+    WebDataset streams cannot seek, so a resumed run cannot continue the interrupted pass exactly ("as far
+    as WebDataset allows"); without this it would replay the first batches of pass 0. The callback's state
+    is restored with the checkpoint, before Lightning first iterates the loader.
+
+    Args:
+        loader: anything with ``set_epoch(int)`` (``diffusion.data.loader.StreamLoader``).
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.global_step = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.global_step = trainer.global_step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_step": self.global_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.global_step = int(state_dict.get("global_step", 0))
+        if self.global_step > 0 and hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.global_step)
+
+
+# --------------------------------------------------------------------------------------------------
+# The Trainer
+# --------------------------------------------------------------------------------------------------
+
+
+def _precision(value: Any) -> str:
+    return "32-true" if str(value) in ("32", "32-true") else str(value)
+
+
+def build_trainer(
+    cfg: Any,
+    *,
+    callbacks: Sequence[Callback],
+    logger: Any,
+    manual_optimization: bool = False,
+    default_root_dir: str | Path | None = None,
+    **overrides: Any,
+) -> pl.Trainer:
+    """A Lightning Trainer from the shared training fields (``diffusion.config.TrainerFields``).
+
+    Step-based: ``max_steps`` ends training, validation runs every ``val_every_n_steps`` batches across
+    epochs (``check_val_every_n_epoch=None``, as streaming loaders need). ``use_distributed_sampler=False``:
+    the WebDataset loader splits data across ranks itself (DESIGN.md pitfall 1).
+
+    Args:
+        cfg: a config with the TrainerFields (precision, devices, num_nodes, strategy, accelerator,
+            max_steps, log_every_n_steps, val_every_n_steps, accumulate_grad_batches, gradient_clip_val).
+        callbacks, logger: passed through (``logger=False`` disables logging).
+        manual_optimization: the system steps its optimizers itself; then Lightning refuses accumulation
+            and clipping flags (DESIGN.md pitfall 13), so they must be at their defaults.
+        default_root_dir: where Lightning puts anything without an explicit path (the run folder).
+        overrides: any other ``pl.Trainer`` argument, e.g. ``limit_val_batches``.
+    """
+    accumulate, clip = cfg.accumulate_grad_batches, cfg.gradient_clip_val
+    if manual_optimization and (accumulate != 1 or clip):
+        key = "accumulate_grad_batches" if accumulate != 1 else "gradient_clip_val"
+        raise ConfigError(
+            f"{key}: manual optimization cannot accumulate or clip gradients in Lightning (DESIGN.md pitfall 13); "
+            f"got accumulate_grad_batches={accumulate}, gradient_clip_val={clip}"
+        )
+    kwargs: dict[str, Any] = dict(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=_precision(cfg.precision),
+        max_steps=cfg.max_steps,
+        max_epochs=-1,
+        log_every_n_steps=cfg.log_every_n_steps,
+        val_check_interval=cfg.val_every_n_steps,
+        check_val_every_n_epoch=None,
+        callbacks=list(callbacks),
+        logger=logger,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=str(default_root_dir) if default_root_dir else None,
+    )
+    if not manual_optimization:
+        kwargs.update(accumulate_grad_batches=accumulate, gradient_clip_val=clip)
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)

@@ -1,0 +1,145 @@
+"""The LightningModule "system" that trains a denoiser and its text encoder (STYLE.md 11).
+
+It owns the loss and the optimizer and nothing else: the networks are plain modules held by a
+`LatentDiffusionModel`, the noise schedule is a `DDPMScheduler`, and sampling lives in `samplers.py`.
+
+One training step (Ho et al. 2020, Algorithm 1, in latent space as in Rombach et al. 2022):
+
+    z_0 ~ data (cached VAE latents, or images encoded by the frozen VAE on the fly)
+    t ~ U{0, ..., T-1},  eps ~ N(0, I)
+    z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps                     (eq. 4)
+    loss = w(t) * || f_theta(z_t, t, text) - target(z_0, eps, t) ||^2
+
+where the target is eps, v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0 (Salimans & Ho 2022) or z_0,
+following the scheduler's `prediction_type`, and w(t) is 1 or the Min-SNR-gamma weight (Hang et al.
+2023, eq. 10), whose form depends on the prediction type (DESIGN.md pitfall 9):
+
+    epsilon: min(SNR, gamma) / SNR      v_prediction: min(SNR, gamma) / (SNR + 1)      sample: min(SNR, gamma)
+
+Caption dropout (so classifier-free guidance has an unconditional model to subtract) happens in the
+loader, at load time (DESIGN.md pitfall 2); the system sees already-dropped captions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from diffusion.scheduler import DDPMScheduler
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """What the system needs from the train config: the optimizer, the schedule and the loss weighting."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    min_lr_ratio: float = 0.1
+    min_snr_gamma: float | None = None
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weight per sample (Hang et al. 2023, eq. 10), for each prediction type.
+
+    The paper states the weight for x0-prediction, min(SNR, gamma); predicting eps scales the x0 error by
+    SNR, and predicting v by SNR + 1, so those weights are divided accordingly.
+    """
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps
+    (Loshchilov & Hutter 2017, without restarts)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DiffusionSystem(pl.LightningModule):
+    """Trains `model.text_encoder` and `model.denoiser` of a `LatentDiffusionModel`; the VAE stays frozen.
+
+    Args:
+        model: a `LatentDiffusionModel` (text encoder, VAE, denoiser, latent scale and shift).
+        scheduler: the noise schedule and prediction type.
+        optim: optimizer, LR schedule and loss-weighting settings.
+    """
+
+    def __init__(self, model: torch.nn.Module, scheduler: DDPMScheduler, optim: OptimSettings) -> None:
+        super().__init__()
+        self.model = model
+        self.scheduler = scheduler
+        self.optim = optim
+        # The VAE is a fixed feature map here (it was trained by the train_vae stage): no gradients, and
+        # kept in float32 under mixed precision (DESIGN.md pitfall 10) by encoding outside autocast.
+        self.model.vae.requires_grad_(False)
+        # Lightning's EMA averages every parameter of the module, frozen ones included, and float rounding
+        # of decay * x + (1 - decay) * x drifts them by a few ulps; keep the VAE's exact weights to put back.
+        self._vae_state = {k: v.detach().clone() for k, v in self.model.vae.state_dict().items()}
+
+    def restore_frozen_vae(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Put the VAE's original weights into `model` (the live or the EMA copy); returns it."""
+        model.vae.load_state_dict(self._vae_state)
+        return model
+
+    def latents_of(self, batch: dict) -> torch.Tensor:
+        """Scaled latents of a batch: cached (the latent loader already sampled and scaled them) or, for
+        image batches (the seed's map-style datasets), encoded now by the frozen VAE."""
+        if "latents" in batch:
+            return batch["latents"]
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            self.model.vae.eval()
+            return self.model.encode_images(batch["image"].float())
+
+    def diffusion_loss(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The weighted denoising loss of one batch (see the module docstring)."""
+        b = latents.shape[0]
+        t = torch.randint(0, self.scheduler.num_timesteps, (b,), device=latents.device)
+        noise = torch.randn_like(latents)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        pred = self.model(noisy, t, tokens)
+        target = self.scheduler.get_target(latents, noise, t)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if self.optim.min_snr_gamma is not None:
+            weight = min_snr_weight(self.scheduler.snr(t), self.optim.min_snr_gamma, self.scheduler.prediction_type)
+            per_sample = per_sample * weight
+        return per_sample.mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(self.latents_of(batch), batch["tokens"])
+        # Logged as a tensor: Lightning reduces and moves it to the host only on logging steps, so the
+        # step itself never waits for the device (no .item() here).
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        # No weight decay on biases and norm gains (1-d tensors), as in GPT-2/nanoGPT and DiT.
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": self.optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        # The fused kernel updates all parameters in one launch on CUDA and CPU.
+        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, fused=True)
+        o = self.optim
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, o.warmup_steps, o.max_steps, o.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,179 @@
+"""The latent scale and shift, measured on the data, and the VAE artifact that carries them.
+
+A diffusion model's noise schedule assumes data of roughly unit variance. A KL-VAE with a tiny KL weight
+makes latents of whatever variance the training settled on, so Latent Diffusion rescales them: "we set
+the scale factor to the component-wise standard deviation of the latents of the first batch" (Rombach et
+al. 2022, sec. 4.3.2 and app. G; 0.18215 is that number *for their KL-f8 on their data*). We measure it
+over `scale_batches` batches rather than one, on posterior samples z ~ q(z|x) (what the diffusion model
+is trained on, DESIGN.md pitfall 3), and store it with the weights (pitfall 4, STYLE 10), so that
+
+    latents = (z - latent_shift) * latent_scale        has mean 0 and variance 1 over the data.
+
+The shift (the mean, as SD3 and FLUX also store) is scalar, like the scale.
+
+The artifact, ``<dir>/``:
+    model.pt      the AutoencoderKL state dict (float32), loaded with ``torch.load(weights_only=True)``
+    config.json   {"vae": VAEConfig as a mapping, "latent_scale", "latent_shift", "latent_std",
+                   "latent_mean", "measured_on": {...}, "format": 1}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusion.models.vae import AutoencoderKL, VAEConfig
+
+ARTIFACT_FORMAT = 1
+WEIGHTS_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class LatentStats:
+    """Statistics of posterior samples over the data: every channel and position pooled (a scalar each).
+
+    Attributes:
+        mean, std: of z over all the values seen.
+        num_values: how many latent values (B * C * h * w summed over batches) they come from.
+        num_batches: how many batches.
+    """
+
+    mean: float
+    std: float
+    num_values: int
+    num_batches: int
+
+    @property
+    def shift(self) -> float:
+        return self.mean
+
+    @property
+    def scale(self) -> float:
+        """1 / std, so that (z - shift) * scale has unit variance."""
+        return 1.0 / self.std
+
+
+@torch.no_grad()
+def measure_latent_stats(
+    vae: AutoencoderKL,
+    batches: Iterable[Mapping[str, Any] | torch.Tensor],
+    num_batches: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> LatentStats:
+    """Mean and standard deviation of posterior samples z ~ q(z|x) over up to `num_batches` batches.
+
+    Runs in float32 without autocast (DESIGN.md pitfall 10) and accumulates in float64, so millions of
+    values do not lose precision. Uses fewer batches if `batches` ends first; raises if it is empty.
+
+    Args:
+        vae: the trained autoencoder (put in eval mode here).
+        batches: loader batches (``{"image": (B, 3, H, W) in [-1, 1]}``) or image tensors.
+        num_batches: how many batches to use at most.
+        generator: seeds the posterior noise (reproducible statistics).
+        device: where to run; default the VAE's.
+    """
+    device = torch.device(device) if device is not None else next(vae.parameters()).device
+    was_training = vae.training
+    vae.eval()
+    total = total_sq = 0.0
+    count = seen = 0
+    try:
+        for batch in batches:
+            if seen >= num_batches:
+                break
+            x = batch["image"] if isinstance(batch, Mapping) else batch
+            with torch.autocast(device_type=device.type, enabled=False):
+                z = vae.encode(x.to(device=device, dtype=torch.float32)).sample(generator)  # (B, C, h, w)
+            z = z.double()
+            total += z.sum().item()
+            total_sq += z.square().sum().item()
+            count += z.numel()
+            seen += 1
+    finally:
+        vae.train(was_training)
+    if count < 2:
+        raise ValueError("measure_latent_stats: no batches to measure the latent scale on")
+    mean = total / count
+    var = max(total_sq / count - mean * mean, 0.0) * count / (count - 1)
+    if not math.isfinite(var) or var <= 0.0:
+        raise ValueError(f"measure_latent_stats: latent variance is {var}; the VAE's latents are degenerate")
+    return LatentStats(mean=mean, std=math.sqrt(var), num_values=count, num_batches=seen)
+
+
+def save_vae(vae: AutoencoderKL, stats: LatentStats, out_dir: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the VAE artifact (weights, config, latent scale and shift) to `out_dir`, atomically.
+
+    Everything goes to a hidden sibling folder that replaces `out_dir` only once complete, so a killed
+    run leaves the previous artifact or none, never weights without their scale.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        state = {k: v.detach().float().cpu().contiguous() for k, v in vae.state_dict().items()}
+        torch.save(state, tmp / WEIGHTS_FILE)
+        config = {
+            "format": ARTIFACT_FORMAT,
+            "vae": vae.cfg.to_dict(),
+            "latent_scale": stats.scale,
+            "latent_shift": stats.shift,
+            "latent_std": stats.std,
+            "latent_mean": stats.mean,
+            "measured_on": {"num_batches": stats.num_batches, "num_values": stats.num_values},
+            **(dict(extra) if extra else {}),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        old = out_dir.parent / f".{out_dir.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def read_vae_config(vae_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a VAE artifact; a clear error names the folder and the stage."""
+    path = Path(vae_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: VAE artifact not found. It is written by the train_vae stage: run `python cli.py train-vae` "
+            "(or `dvc repro train_vae`) first"
+        )
+    config = json.loads(path.read_text())
+    if config.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{path}: unknown VAE artifact format {config.get('format')!r} (expected {ARTIFACT_FORMAT})")
+    return config
+
+
+def load_vae(vae_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[AutoencoderKL, float, float]:
+    """Load the VAE artifact written by :func:`save_vae`.
+
+    Returns:
+        (the AutoencoderKL in eval mode, float32, latent_scale, latent_shift), to be used as
+        ``latents = (vae.encode(x).sample() - shift) * scale`` and ``x = vae.decode(latents / scale + shift)``.
+    """
+    config = read_vae_config(vae_dir)
+    vae = AutoencoderKL(VAEConfig.from_dict(config["vae"], "vae"))
+    # weights_only: never unpickle arbitrary objects from a file a user hands in (DESIGN.md pitfall 14).
+    state = torch.load(Path(vae_dir) / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    vae.load_state_dict(state)
+    return vae.to(map_location).float().eval(), float(config["latent_scale"]), float(config["latent_shift"])
+
+
+def stats_dict(stats: LatentStats) -> dict[str, float]:
+    """The statistics as plain data for metrics files and MLflow."""
+    return {"latent_scale": stats.scale, "latent_shift": stats.shift, "latent_std": stats.std, "latent_mean": stats.mean}

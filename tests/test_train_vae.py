@@ -1,0 +1,291 @@
+"""Stage tests of train_vae and the shared resumable-run infrastructure (tiny: 32 px, an 8-channel VAE)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from diffusion.config import ConfigError, ShardConfig, TrainVAEConfig
+
+TINY = {
+    "model": {"base_channels": 8, "norm_groups": 4, "channel_mult": [1, 2], "num_res_blocks": 1,
+              "mid_attention": False},
+    "batch_size": 4, "max_steps": 4, "warmup_steps": 0, "shuffle_buffer": 10, "log_every_n_steps": 1,
+    "val_every_n_steps": 100, "checkpoint_every_n_steps": 2, "val_batches": 2, "scale_batches": 4,
+    "grid_images": 4, "accelerator": "cpu",
+}
+
+
+def _overrides(values: dict, prefix: str = "train_vae") -> list[str]:
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += _overrides(value, f"{prefix}.{key}")
+        else:
+            out += ["-S", f"{prefix}.{key}={json.dumps(value)}"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """Tiny shards (200 train, 48 val images at 32 px) and a tokenizer, made once by the shard stage."""
+    from pipeline import shard
+
+    root = tmp_path_factory.mktemp("train_vae_data")
+    cfg = ShardConfig.from_dict({
+        "resolution": 32, "samples_per_shard": 100, "out_dir": str(root / "data/shards"),
+        "tokenizer_path": str(root / "data/tokenizer.json"), "vocab_size": 64,
+        "shapes": {"num_train": 200, "num_val": 48, "holdout": []},
+    })
+    shard.run(cfg)
+    return root
+
+
+@pytest.fixture
+def workdir(data_root, tmp_path) -> Path:
+    """A project folder: the repository's params.yaml and the tiny data (linked)."""
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "data").symlink_to(data_root / "data")
+    return tmp_path
+
+
+def tiny_cfg(root: Path, **changes) -> TrainVAEConfig:
+    paths = {"shards_dir": str(root / "data/shards"), "tokenizer_path": str(root / "data/tokenizer.json"),
+             "out_dir": str(root / "models/vae"), "metrics_path": str(root / "metrics/vae.json"),
+             "checkpoint_dir": str(root / "checkpoints/train_vae")}
+    return TrainVAEConfig.from_dict({**TINY, **paths, **changes}, "train_vae")
+
+
+def _runs(stage: str = "train_vae"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("diffusion")
+    return client, client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'") if exp else []
+
+
+def _artifacts(client, run_id: str, path=None) -> list[str]:
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, a.path) if a.is_dir else [a.path]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage from the command line: killed, resumed, outputs and MLflow
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cli_stage_killed_then_resumes_same_run(workdir, cli_env):
+    args = ["train-vae", *_overrides({**TINY, "max_steps": 10})]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=workdir, env=cli_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not list(workdir.glob("checkpoints/train_vae/*/last.ckpt")) and time.time() < deadline:
+        assert proc.poll() is None, "the stage ended before writing a checkpoint"
+        time.sleep(0.05)
+    assert proc.poll() is None, "the stage finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (ckpt,) = workdir.glob("checkpoints/train_vae/*/last.ckpt")
+    # Our own file (a test fixture), so the full unpickler is fine here.
+    killed_at = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    assert 2 <= killed_at < 10
+    run_id = (ckpt.parent / "mlflow_run_id.txt").read_text().strip()
+
+    started = time.time() * 1000
+    out = run_cli(args, workdir, cli_env).stdout
+    assert f"resuming from {ckpt.relative_to(workdir)}" in out
+    assert (ckpt.parent / "mlflow_run_id.txt").read_text().strip() == run_id
+
+    # One MLflow run, continued: tags, params, per-step metrics, the grid.
+    client, runs = _runs()
+    assert [r.info.run_id for r in runs] == [run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert {"stage", "git_commit", "dvc_exp_name"} <= set(run.data.tags)
+    assert run.data.params["batch_size"] == "4" and run.data.params["model.base_channels"] == "8"
+    history = client.get_metric_history(run_id, "train/loss")
+    resumed_steps = sorted(m.step for m in history if m.timestamp >= started)
+    # The global step continued: the second process logged only the steps after the checkpoint.
+    assert resumed_steps == list(range(killed_at, 10))
+    assert any(p.startswith("reconstructions/") and p.endswith(".png") for p in _artifacts(client, run_id))
+
+    metrics = json.loads((workdir / "metrics/vae.json").read_text())
+    assert metrics["steps"] == 10
+    assert {"val_psnr", "val_ssim", "train_loss", "latent_scale", "latent_shift"} <= set(metrics)
+    assert metrics["val_psnr"] > 0 and 0 < metrics["latent_scale"]
+    assert run.data.metrics["val_psnr"] == pytest.approx(metrics["val_psnr"])
+    _check_vae_artifact(workdir / "models/vae", workdir / "data/shards/val")
+
+
+def _check_vae_artifact(vae_dir: Path, val_shards: Path) -> None:
+    """models/vae loads, and its scale makes the val latents roughly unit variance."""
+    from diffusion.data.loader import iter_shards
+    from diffusion.training import load_vae
+
+    config = json.loads((vae_dir / "config.json").read_text())
+    assert config["vae"]["base_channels"] == 8 and "latent_scale" in config and "latent_shift" in config
+    vae, scale, shift = load_vae(vae_dir)
+    x = torch.stack([s["image"] for s, _ in zip(iter_shards(str(val_shards)), range(32))])
+    with torch.no_grad():
+        z = vae.encode(x).sample(torch.Generator().manual_seed(0))
+    scaled = (z - shift) * scale
+    assert 0.6 < scaled.std().item() < 1.6
+    assert abs(scaled.mean().item()) < 0.6
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process runs: changed parameters, the discriminator, a diverging loss
+# ------------------------------------------------------------------------------------------------
+
+
+def test_same_params_rerun_resumes_changed_params_start_fresh(tmp_path, data_root):
+    from pipeline.train_vae import main
+
+    (tmp_path / "data").symlink_to(data_root / "data")
+    first = main(tiny_cfg(tmp_path, max_steps=2))
+    weights = (tmp_path / "models/vae/model.pt").read_bytes()
+    # Same parameters, data and code (e.g. `dvc repro -f`): the finished checkpoint is resumed, nothing
+    # trains, the outputs are identical, and the same MLflow run continues.
+    again = main(tiny_cfg(tmp_path, max_steps=2))
+    assert again == first and "train_loss" in again
+    assert (tmp_path / "models/vae/model.pt").read_bytes() == weights
+    assert len(_runs()[1]) == 1
+    second = main(tiny_cfg(tmp_path, max_steps=2, lr=1e-4))
+    assert second["steps"] == 2
+    folders = sorted((tmp_path / "checkpoints/train_vae").iterdir())
+    assert len(folders) == 2  # a new key: a fresh start beside the old checkpoint
+    ids = {(f / "mlflow_run_id.txt").read_text().strip() for f in folders}
+    _, runs = _runs()
+    assert len(ids) == 2 and {r.info.run_id for r in runs} == ids
+
+
+def test_discriminator_path_runs_with_manual_optimization(tmp_path, data_root):
+    from pipeline.train_vae import main
+
+    (tmp_path / "data").symlink_to(data_root / "data")
+    disc = {"enabled": True, "start_step": 1, "num_layers": 2, "channels": 8}
+    metrics = main(tiny_cfg(tmp_path, max_steps=3, discriminator=disc))
+    # One global step per batch although two optimizers step (pytorch-lightning #17958 avoided).
+    assert metrics["steps"] == 3
+    assert {"train_d_loss", "train_g_loss", "train_d_weight"} <= set(metrics)
+    assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, data_root, monkeypatch):
+    from diffusion.training.checkpointing import NonFiniteLossError
+    from diffusion.training.vae_system import VAESystem
+    from pipeline.train_vae import main
+
+    real = VAESystem.reconstruction_losses
+
+    def poisoned(self, x, recon, posterior):
+        out = real(self, x, recon, posterior)
+        if self.training and self.global_step >= 2:  # the third step's loss
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(VAESystem, "reconstruction_losses", poisoned)
+    (tmp_path / "data").symlink_to(data_root / "data")
+    cfg = tiny_cfg(tmp_path, max_steps=6, log_every_n_steps=5, checkpoint_every_n_steps=2)
+    with pytest.raises(NonFiniteLossError, match=r"at step 3\b"):
+        main(cfg)
+    (ckpt,) = (tmp_path / "checkpoints/train_vae").glob("*/last.ckpt")
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2  # the last good one
+    assert not (tmp_path / "models/vae").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration and inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_config_exits_2_naming_the_key(workdir, cli_env):
+    proc = run_cli(["train-vae", "-S", "train_vae.batch_size=0"], workdir, cli_env, check=False)
+    assert proc.returncode == 2 and "train_vae.batch_size" in proc.stderr
+
+
+def test_discriminator_refuses_accumulation_and_clipping():
+    with pytest.raises(ConfigError, match=r"train_vae\.accumulate_grad_batches: .*discriminator\.enabled"):
+        TrainVAEConfig.from_dict({"discriminator": {"enabled": True}, "accumulate_grad_batches": 2}, "train_vae")
+    with pytest.raises(ConfigError, match=r"train_vae\.gradient_clip_val: .*discriminator\.enabled"):
+        TrainVAEConfig.from_dict({"discriminator": {"enabled": True}, "gradient_clip_val": 1.0}, "train_vae")
+    TrainVAEConfig.from_dict({"accumulate_grad_batches": 2, "gradient_clip_val": 1.0}, "train_vae")  # fine without
+
+
+def test_missing_shards_name_the_shard_command(tmp_path):
+    from pipeline.train_vae import TrainVAEError, validate
+
+    with pytest.raises(TrainVAEError, match="python cli.py shard"):
+        validate(tiny_cfg(tmp_path))
+
+
+def test_params_yaml_section_parses():
+    from diffusion.config import load_section
+
+    cfg = load_section(TrainVAEConfig, ROOT / "params.yaml")
+    assert cfg.checkpoint_dir == "checkpoints/train_vae" and cfg.kl_weight > 0
+
+
+@pytest.mark.parametrize("first, second", [("diffusion.config", "diffusion.models.vae"),
+                                           ("diffusion.models.vae", "diffusion.config")])
+def test_config_and_vae_import_in_either_order(first, second):
+    code = (f"import {first}, {second}\n"
+            "from diffusion.config import TrainVAEConfig\nfrom diffusion.models.vae import VAEConfig\n"
+            "assert isinstance(TrainVAEConfig.from_dict({}, 'train_vae').model, VAEConfig)")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+
+
+# ------------------------------------------------------------------------------------------------
+# Units: run keys, latent statistics, the grid
+# ------------------------------------------------------------------------------------------------
+
+
+def test_run_key_ignores_excluded_fields_only():
+    from diffusion.training.checkpointing import run_key
+
+    base = tiny_cfg(Path("/x")).to_dict()
+    key = run_key(base, extra={"data": "d"})
+    assert run_key({**base, "num_workers": 3, "log_every_n_steps": 7}, extra={"data": "d"}) == key
+    assert run_key({**base, "lr": 0.1}, extra={"data": "d"}) != key
+    assert run_key(base, extra={"data": "other"}) != key
+    assert run_key(base, exclude=("model.base_channels",), extra={"data": "d"}) == run_key(
+        {**base, "model": {**base["model"], "base_channels": 16}}, exclude=("model.base_channels",),
+        extra={"data": "d"})
+
+
+def test_latent_stats_give_unit_variance_and_round_trip(tmp_path):
+    from diffusion.models.vae import AutoencoderKL
+    from diffusion.training.latent_stats import load_vae, measure_latent_stats, save_vae
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(tiny_cfg(tmp_path).model)
+    batches = [{"image": torch.rand(4, 3, 16, 16) * 2 - 1} for _ in range(3)]
+    stats = measure_latent_stats(vae, batches, 3, generator=torch.Generator().manual_seed(0))
+    z = torch.cat([vae.encode(b["image"]).sample(torch.Generator().manual_seed(0)) for b in batches[:1]])
+    assert stats.num_batches == 3 and stats.num_values == 3 * z.numel()
+    assert stats.scale == pytest.approx(1 / stats.std)
+    save_vae(vae, stats, tmp_path / "vae")
+    loaded, scale, shift = load_vae(tmp_path / "vae")
+    assert (scale, shift) == (stats.scale, stats.shift)
+    x = batches[0]["image"]
+    torch.testing.assert_close(loaded.encode(x).mean, vae.eval().encode(x).mean)
+
+
+def test_make_grid_layout():
+    from diffusion.evaluation.grid import make_grid, pairs
+
+    originals, recons = torch.zeros(3, 3, 4, 4), torch.ones(3, 3, 4, 4)
+    img = make_grid(pairs(originals, recons), nrow=2, padding=1, pad_value=0.5)
+    assert img.size == (2 * 5 + 1, 3 * 5 + 1)
+    px = img.load()
+    assert px[1, 1] == (0, 0, 0) and px[6, 1] == (255, 255, 255) and px[0, 0] == (128, 128, 128)
