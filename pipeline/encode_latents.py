@@ -1,0 +1,189 @@
+"""Stage `encode_latents`: the image shards, encoded once by the frozen VAE, as latent shards.
+
+Reads the `encode_latents` section of params.yaml (`diffusion.config.EncodeLatentsConfig`), the image shards
+written by `shard` and the VAE written by `train_vae`, and writes
+
+    <out_dir>/train/*.tar, <out_dir>/val/*.tar   posterior mean and log-variance, caption, metadata
+    <out_dir>/manifest.json                      counts, shards, latent shape, the VAE's scale and shift
+
+(format: `diffusion.data.latents`). Training then reads latents instead of running the VAE on every step.
+
+The VAE runs frozen (eval mode, no gradients, float32), in batches, over the shards in order; with
+`samples_per_shard: null` every image shard becomes a latent shard of the same name and size. Everything is
+written to a temporary folder and swapped into place when complete, so a killed run leaves the previous
+output (or none); a rerun with the same inputs writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from diffusion.config import ConfigError, EncodeLatentsConfig
+from diffusion.data.latents import LatentRecord, encode_records, rechunk, write_latent_shards
+from diffusion.data.loader import iter_shards
+from diffusion.data.shards import ShardList, atomic_write_json, list_shards
+from diffusion.training.latent_stats import CONFIG_FILE, load_vae
+
+SPLITS: tuple[str, ...] = ("train", "val")
+
+
+class EncodeLatentsError(RuntimeError):
+    """An input (the VAE or the image shards) is missing: the message names the stage that writes it."""
+
+
+def validate(cfg: EncodeLatentsConfig) -> None:
+    """Check the inputs exist before any work; a missing one names the stage to run first."""
+    vae_dir = Path(cfg.vae_dir)
+    if not (vae_dir / CONFIG_FILE).is_file():
+        raise EncodeLatentsError(
+            f"{vae_dir}: VAE not found (no {CONFIG_FILE}). It is written by the train_vae stage: "
+            "run `python cli.py train-vae` (or `dvc repro train_vae`) first"
+        )
+    for split in SPLITS:
+        folder = Path(cfg.shards_dir) / split
+        # An empty val folder is legitimate (val_fraction 0); an empty train folder is not.
+        if not folder.is_dir() or (split == "train" and not any(folder.glob("*.tar"))):
+            raise EncodeLatentsError(
+                f"{folder}: no image shards. They are written by the shard stage: run `python cli.py shard` "
+                "(or `dvc repro shard`) first"
+            )
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("encode_latents.device: 'cuda' requested but no GPU is available; use 'cpu' or 'auto'")
+
+
+def _device(cfg: EncodeLatentsConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def load_frozen_vae(cfg: EncodeLatentsConfig) -> tuple[torch.nn.Module, Any, Any]:
+    """The VAE in eval mode, float32, without gradients, on the configured device; and its scale/shift."""
+    vae, scale, shift = load_vae(cfg.vae_dir)
+    vae = vae.to(device=_device(cfg), dtype=torch.float32).eval().requires_grad_(False)
+    if torch.device(_device(cfg)).type == "cuda":
+        # cuDNN's autotuner may pick a different kernel per run; fixed kernels keep reruns identical.
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    return vae, scale, shift
+
+
+def _expected_counts(cfg: EncodeLatentsConfig) -> dict[str, int | None]:
+    """Samples per split from the shard manifest, for the progress bar (None if there is no manifest)."""
+    path = Path(cfg.shards_dir) / "manifest.json"
+    try:
+        counts = json.loads(path.read_text())["counts"]
+        return {split: int(counts[split]) for split in SPLITS}
+    except (OSError, KeyError, TypeError, ValueError):
+        return dict.fromkeys(SPLITS)
+
+
+def _counted(records: Iterable[LatentRecord], bar: tqdm) -> Iterator[LatentRecord]:
+    for record in records:
+        bar.update(1)
+        yield record
+
+
+def _groups(
+    cfg: EncodeLatentsConfig, vae: torch.nn.Module, urls: list[str], bar: tqdm
+) -> Iterator[tuple[str, Iterable[LatentRecord]]]:
+    """(shard name, records): one per image shard, or re-chunked to `samples_per_shard`."""
+    if cfg.samples_per_shard is None:
+        # Batches stay within a shard; the last batch of each shard may be smaller, deterministically.
+        for url in urls:
+            yield Path(url).name, _counted(encode_records(vae, iter_shards([url]), cfg.batch_size), bar)
+    else:
+        records = _counted(encode_records(vae, iter_shards(urls), cfg.batch_size), bar)
+        yield from rechunk(records, cfg.samples_per_shard)
+
+
+def encode_split(
+    cfg: EncodeLatentsConfig, vae: torch.nn.Module, split: str, dest: Path, total: int | None
+) -> ShardList:
+    """Encode ``<shards_dir>/<split>`` into ``dest`` (a folder), with a progress bar."""
+    urls = list_shards(Path(cfg.shards_dir) / split)
+    with tqdm(total=total, desc=f"encode_latents {split}", unit="img", mininterval=1.0) as bar:
+        return write_latent_shards(_groups(cfg, vae, urls, bar), dest)
+
+
+def _latent_shape(folder: Path) -> list[int]:
+    from diffusion.data.latents import iter_latents
+
+    first = next(iter_latents(list_shards(folder)), None)
+    return list(first["mean"].shape) if first is not None else []
+
+
+def _manifest(
+    cfg: EncodeLatentsConfig, written: dict[str, ShardList], tmp: Path, scale: Any, shift: Any
+) -> dict[str, Any]:
+    """What was written; no timings, so the file is identical on a rerun."""
+    return {
+        "counts": {split: shards.num_samples for split, shards in written.items()},
+        "shards": {split: shards.summary()["shards"] for split, shards in written.items()},
+        "latent_shape": _latent_shape(tmp / "train"),
+        "dtype": "float16",
+        "members": ["mean.npy", "logvar.npy", "txt", "json"],
+        "vae": {
+            "dir": cfg.vae_dir,
+            # For reference only: the loader takes scale and shift from the VAE itself (DESIGN.md pitfall 4).
+            "latent_scale": torch.as_tensor(scale).tolist(),
+            "latent_shift": torch.as_tensor(shift).tolist(),
+        },
+    }
+
+
+def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
+    """Run the stage; returns the manifest plus ``seconds`` and ``samples_per_s``."""
+    validate(cfg)
+    vae, scale, shift = load_frozen_vae(cfg)
+    out_dir = Path(cfg.out_dir)
+    # A fixed name, as the shard stage uses: what a killed run left behind is removed by the next one.
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    print(f"encode_latents: {cfg.shards_dir}/{{train,val}} with the VAE in {cfg.vae_dir} "
+          f"(device {_device(cfg)}, batch {cfg.batch_size}) -> {out_dir}")
+    try:
+        start, expected = time.perf_counter(), _expected_counts(cfg)
+        written = {split: encode_split(cfg, vae, split, tmp / split, expected[split]) for split in SPLITS}
+        seconds = time.perf_counter() - start
+        manifest = _manifest(cfg, written, tmp, scale, shift)
+        atomic_write_json(tmp / "manifest.json", manifest)
+        # Swap the finished tree into place (as the shard stage does).
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    counts, total = manifest["counts"], sum(manifest["counts"].values())
+    rate = total / seconds if seconds > 0 else float("nan")
+    print(f"encode_latents: wrote {counts['train']} train and {counts['val']} val latents "
+          f"{tuple(manifest['latent_shape'])} float16 to {out_dir}/{{train,val}} in {seconds:.1f} s ({rate:.1f} img/s)")
+    print(f"encode_latents: manifest {out_dir / 'manifest.json'}")
+    return {**manifest, "seconds": seconds, "samples_per_s": rate}
+
+
+def main(cfg: EncodeLatentsConfig) -> dict[str, Any]:
+    """The DVC stage: validate, then run inside the stage's MLflow run (counts and throughput as metrics)."""
+    import mlflow
+
+    from diffusion.tracking import stage_run
+
+    validate(cfg)  # before opening a run: a missing input should not leave an empty run behind
+    with stage_run("encode_latents", cfg.to_dict()) as active:
+        result = run(cfg)
+        mlflow.log_metrics({
+            "train_samples": result["counts"]["train"],
+            "val_samples": result["counts"]["val"],
+            "seconds": result["seconds"],
+            "samples_per_s": result["samples_per_s"],
+        })
+        mlflow.log_dict({k: v for k, v in result.items() if k not in ("seconds", "samples_per_s")}, "manifest.json")
+        print(f"encode_latents: MLflow run {active.info.run_id} in {mlflow.get_tracking_uri()}")
+    return result

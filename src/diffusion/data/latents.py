@@ -1,0 +1,317 @@
+"""Latent shards: the VAE's posterior of every image, cached once, and the training loader that reads them.
+
+Format (written by the ``encode_latents`` stage to ``data/latents/{train,val}/*.tar``): WebDataset tars in
+which each sample is a group of members sharing a key (DESIGN.md, Data format):
+
+    <key>.mean.npy     float16 (C, h, w)   mean of q(z|x), the VAE's posterior
+    <key>.logvar.npy   float16 (C, h, w)   its log-variance (already clamped by the VAE)
+    <key>.txt          the caption, UTF-8, exactly as in the image shard
+    <key>.json         the metadata (attributes ...), JSON with sorted keys
+
+Why this and not a latent:
+
+- The posterior, not a sample of it, is stored (DESIGN.md pitfall 3): a cached sample would give the
+  diffusion model the same latent for an image in every epoch, a frozen draw of what the VAE was trained
+  to treat as random. The loader draws ``z = mean + std * eps`` afresh every time, from a seeded generator.
+- No tokens are stored (pitfall 2): the tokenizer runs at load time, after caption dropout, so every epoch
+  drops different captions, and the tokenizer can change without re-encoding.
+- float16 halves the size; logvar is clamped to [-30, 20] by the VAE, well inside float16's range.
+- The latents are *not* scaled: the scale and shift are measured with the VAE (pitfall 4) and applied by
+  the loader, ``latents = (z - shift) * scale``, so re-measuring them does not need re-encoding.
+
+Determinism (DESIGN.md, Reproducibility): samples keep the image shards' order, the ``.npy`` members are
+written by ``np.lib.format.write_array`` (format 1.0: a fixed header from dtype, order and shape only), and
+tar members get fixed headers (mtime 0, no owner), so a rerun writes byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from tokenizers import Tokenizer
+
+from diffusion.data.loader import ShardStream, StreamLoader, _drop_captions, dist_info, expand_urls
+from diffusion.data.shards import ShardList, _add_member, _check_key
+from diffusion.data.tokenizer import encode
+
+MEAN_EXT, LOGVAR_EXT = "mean.npy", "logvar.npy"
+#: The dtype latents are stored in.
+STORE_DTYPE = np.float16
+#: npy format version: 1.0 has a 64-byte-aligned header that depends only on dtype, order and shape.
+NPY_VERSION = (1, 0)
+
+
+@dataclass(frozen=True)
+class LatentRecord:
+    """One encoded sample, ready to write.
+
+    Attributes:
+        key: the image shard's key.
+        mean, logvar: (C, h, w) float16 arrays, the posterior q(z|x).
+        caption: the caption text.
+        meta: JSON-serialisable metadata (``meta["attributes"]``...).
+    """
+
+    key: str
+    mean: np.ndarray
+    logvar: np.ndarray
+    caption: str
+    meta: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding and writing
+# --------------------------------------------------------------------------------------------------
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` as ``.npy`` bytes with a fixed header (no pickle), so equal arrays give equal bytes."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), version=NPY_VERSION, allow_pickle=False)
+    return buf.getvalue()
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    """The array in ``.npy`` bytes (pickled objects refused: shards may come from anywhere)."""
+    array = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    # read_array wraps the bytes without copying (read-only); torch wants a writable array.
+    return array if array.flags.writeable else array.copy()
+
+
+def _to_store(x: torch.Tensor, name: str, keys: Sequence[str]) -> np.ndarray:
+    """(B, C, h, w) float32 -> float16 numpy; a value float16 cannot hold is an error, not an inf on disk."""
+    out = x.detach().float().cpu().numpy().astype(STORE_DTYPE)  # (B, C, h, w)
+    bad = ~np.isfinite(out).reshape(len(keys), -1).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"VAE posterior {name} is not finite in float16 for samples {[k for k, b in zip(keys, bad) if b][:5]}"
+            " (a diverged VAE? retrain it with `python cli.py train-vae`)"
+        )
+    return out
+
+
+@torch.no_grad()
+def encode_batch(vae: torch.nn.Module, images: torch.Tensor, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior of a batch: images (B, 3, H, W) in [-1, 1] -> (mean, logvar), each (B, C, h, w) float16.
+
+    The VAE runs in float32 (pitfall 10) on the device its parameters are on.
+    """
+    device = next(vae.parameters()).device
+    posterior = vae.encode(images.to(device=device, dtype=torch.float32))
+    return _to_store(posterior.mean, "mean", keys), _to_store(posterior.logvar, "logvar", keys)
+
+
+def encode_records(vae: torch.nn.Module, samples: Iterable[dict[str, Any]], batch_size: int) -> Iterator[LatentRecord]:
+    """Encode samples (``{"key", "image": (3,H,W), "caption", "meta"}``, as ``iter_shards`` yields them) in
+    batches of `batch_size`, keeping their order. Put `vae` in eval mode first (done by the stage)."""
+    it = iter(samples)
+    while batch := list(itertools.islice(it, batch_size)):
+        keys = [s["key"] for s in batch]
+        mean, logvar = encode_batch(vae, torch.stack([s["image"] for s in batch]), keys)  # (B, C, h, w) x 2
+        for i, s in enumerate(batch):
+            yield LatentRecord(s["key"], mean[i], logvar[i], s["caption"], s["meta"])
+
+
+def rechunk(
+    records: Iterable[LatentRecord], samples_per_shard: int, prefix: str = "latents"
+) -> Iterator[tuple[str, Iterator[LatentRecord]]]:
+    """Split a stream of records into shards of `samples_per_shard`: ``(name, records)`` pairs.
+
+    Each group must be consumed before the next is taken (they share one iterator), as
+    :func:`write_latent_shards` does.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard: expected >= 1, got {samples_per_shard}")
+    it = iter(records)
+    for i in itertools.count():
+        first = next(it, None)
+        if first is None:
+            return
+        yield f"{prefix}-{i:06d}.tar", itertools.chain([first], itertools.islice(it, samples_per_shard - 1))
+
+
+def _write_record(tar: tarfile.TarFile, r: LatentRecord) -> None:
+    _add_member(tar, f"{r.key}.{MEAN_EXT}", npy_bytes(r.mean))
+    _add_member(tar, f"{r.key}.{LOGVAR_EXT}", npy_bytes(r.logvar))
+    _add_member(tar, f"{r.key}.txt", r.caption.encode("utf-8"))
+    _add_member(tar, f"{r.key}.json", json.dumps(r.meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+
+
+def write_latent_shards(groups: Iterable[tuple[str, Iterable[LatentRecord]]], folder: str | Path) -> ShardList:
+    """Write each ``(name, records)`` group to ``folder/name`` (an uncompressed tar, fixed headers).
+
+    The caller makes the result atomic by writing into a temporary folder and swapping it into place
+    (the stage does, for the whole output tree). Returns the paths with ``.counts`` per shard.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, counts, seen = [], [], set()
+    for name, records in groups:
+        path, count = folder / name, 0
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for r in records:
+                _check_key(r.key, seen)
+                _write_record(tar, r)
+                count += 1
+        if count == 0:  # an empty input shard: write nothing rather than a tar WebDataset cannot read
+            path.unlink()
+            continue
+        paths.append(path)
+        counts.append(count)
+    return ShardList(paths, counts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def decode_latent_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """A raw WebDataset sample -> ``{"key", "mean", "logvar": (C,h,w) float16 tensors, "caption", "meta"}``."""
+    key = sample["__key__"]
+    missing = [e for e in (MEAN_EXT, LOGVAR_EXT) if e not in sample]
+    if missing:
+        raise KeyError(
+            f"{sample.get('__url__', '?')}: sample {key!r} has no {', '.join(missing)}: not a latent shard "
+            "(latent shards are written by `python cli.py encode-latents`)"
+        )
+    return {
+        "key": key,
+        "mean": torch.from_numpy(read_npy(sample[MEAN_EXT])),  # (C, h, w) float16
+        "logvar": torch.from_numpy(read_npy(sample[LOGVAR_EXT])),  # (C, h, w) float16
+        "caption": sample["txt"].decode("utf-8") if "txt" in sample else "",
+        "meta": json.loads(sample["json"]) if "json" in sample else {},
+    }
+
+
+def iter_latents(urls: Sequence[str] | str) -> Iterator[dict[str, Any]]:
+    """Every sample of the latent shards `urls` exactly once, in shard then file order, in this process.
+
+    Yields ``{"key", "mean", "logvar": (C,h,w) float32, "caption", "meta"}``: the stored posterior, for
+    evaluation and checks, where nothing may be skipped, doubled or randomised.
+    """
+    for sample in wds.tarfile_to_samples()({"url": u} for u in expand_urls(urls)):
+        out = decode_latent_sample(sample)
+        out["mean"], out["logvar"] = out["mean"].float(), out["logvar"].float()
+        yield out
+
+
+def _as_stat(value: float | Sequence[float], name: str) -> torch.Tensor:
+    """A scalar or per-channel scale/shift as a tensor that broadcasts against (B, C, h, w)."""
+    t = torch.as_tensor(value, dtype=torch.float32)
+    if t.ndim > 1:
+        raise ValueError(f"{name}: expected a number or one number per latent channel, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name}: expected finite values, got {value!r}")
+    return t.reshape(-1, 1, 1) if t.ndim == 1 else t  # (C, 1, 1) or ()
+
+
+class LatentStream(ShardStream):
+    """The dataset half of :func:`make_latent_loader`: :class:`ShardStream` (same shard sampling, shuffle,
+    seeding by (seed, rank, worker, epoch) and caption dropout) over latent shards, drawing
+    ``z ~ q(z|x)`` at load time and scaling it: ``latents = (z - shift) * scale``."""
+
+    def __init__(self, urls: list[str], tokenizer: Tokenizer, *, latent_scale: float | Sequence[float],
+                 latent_shift: float | Sequence[float], **kwargs: Any):
+        super().__init__(urls, tokenizer, image_keys=(), **kwargs)
+        self.scale = _as_stat(latent_scale, "latent_scale")
+        self.shift = _as_stat(latent_shift, "latent_shift")
+
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        captions = [s["caption"] for s in samples]
+        return {
+            "mean": torch.stack([s["mean"] for s in samples]).float(),  # (B, C, h, w)
+            "logvar": torch.stack([s["logvar"] for s in samples]).float(),  # (B, C, h, w)
+            "tokens": encode(self.tokenizer, captions),  # (B, T), after dropout
+            "caption": captions,
+            "meta": [s["meta"] for s in samples],
+            "key": [s["key"] for s in samples],
+        }
+
+    def _sample(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        mean, logvar = batch.pop("mean"), batch.pop("logvar")
+        eps = torch.randn(mean.shape, generator=generator)  # (B, C, h, w)
+        z = mean + torch.exp(0.5 * logvar) * eps
+        if self.scale.ndim and self.scale.shape[0] != z.shape[1]:
+            raise ValueError(f"latent_scale has {self.scale.shape[0]} channels, the latents {z.shape[1]}")
+        return {"latents": (z - self.shift) * self.scale, **batch}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # ShardStream.__iter__ decodes images; this is the same pipeline with the latent decoder.
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        samples = wds.tarfile_to_samples()(self._shard_urls(worker, num_workers))
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(
+                self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=self._rng(worker, "shuffle")
+            )(samples)
+        samples = (decode_latent_sample(s) for s in samples)
+        if self.caption_dropout > 0:
+            samples = _drop_captions(samples, self.caption_dropout, self._rng(worker, "dropout"))
+        # The posterior noise, like every other draw, is seeded by (seed, rank, worker, epoch).
+        generator = torch.Generator().manual_seed(self._rng(worker, "posterior").getrandbits(63))
+        for batch in wds.batched(self.batch_size, collation_fn=self._collate, partial=False)(samples):
+            yield self._sample(batch, generator)
+
+
+def make_latent_loader(
+    urls: Sequence[str] | str,
+    tokenizer: Tokenizer,
+    *,
+    batch_size: int,
+    latent_scale: float | Sequence[float],
+    latent_shift: float | Sequence[float],
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    epoch_steps: int | None = None,
+    seed: int = 0,
+    caption_dropout: float = 0.1,
+    resampled: bool = True,
+    pin_memory: bool = False,
+) -> StreamLoader:
+    """The training loader over latent shards, DDP-correct as :func:`diffusion.data.loader.make_loader`.
+
+    Batches: ``{"latents": (B,C,h,w) float32 = (mean + std*eps - shift) * scale, "tokens": (B,T) long,
+    "caption": list[str] ("" where dropped), "meta": list[dict], "key": list[str]}``.
+
+    Args:
+        urls: latent shard paths, a brace pattern, or a folder of ``.tar`` files.
+        tokenizer: encodes the captions (after dropout) to (T,) ids.
+        batch_size: samples per batch; every batch is full.
+        latent_scale, latent_shift: measured with the VAE (``load_vae``); a number or one per channel.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        shuffle_buffer: samples in the shuffle buffer (<= 1: none).
+        epoch_steps: batches per epoch on every rank (None: endless when resampled, one pass otherwise).
+        seed: base seed; shards, shuffle, dropout and posterior noise are seeded by (seed, rank, worker, epoch).
+        caption_dropout: probability of replacing a caption with the null caption ``""`` (pitfall 2).
+        resampled: draw shards with replacement (training); False: each shard once per pass.
+        pin_memory: page-locked batches, for faster copies to a GPU.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    if not 0.0 <= caption_dropout <= 1.0:
+        raise ValueError(f"caption_dropout: expected a probability in [0, 1], got {caption_dropout}")
+    if epoch_steps is not None and epoch_steps < 1:
+        raise ValueError(f"epoch_steps: expected >= 1 or None, got {epoch_steps}")
+    urls = expand_urls(urls)
+    if not resampled and len(urls) < dist_info()[1]:
+        raise ValueError(f"{len(urls)} shards for {dist_info()[1]} ranks: use resampled=True or more shards")
+    stream = LatentStream(
+        urls, tokenizer, latent_scale=latent_scale, latent_shift=latent_shift, batch_size=batch_size,
+        shuffle_buffer=shuffle_buffer, seed=seed, resampled=resampled, caption_dropout=caption_dropout,
+    )
+    loader = StreamLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    if epoch_steps is not None:
+        # On the loader, not the dataset: exactly `epoch_steps` batches per rank (pitfall 1).
+        loader = loader.with_epoch(epoch_steps).with_length(epoch_steps, silent=True)
+    return loader
