@@ -78,6 +78,30 @@ def stage_tags(stage: str) -> dict[str, str]:
     }
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite store (``<dir>/mlartifacts``).
+
+    MLflow's default for a database store is ``./mlruns`` relative to the *current* folder, which scatters
+    artifacts wherever a stage or a test happens to run. A server (http URI) decides for itself: None.
+    """
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ensure_experiment(name: str) -> str:
+    """Make `name` the active experiment, creating it (with its artifact location) if needed."""
+    import mlflow
+
+    existing = mlflow.get_experiment_by_name(name)
+    if existing is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=artifact_location(mlflow.get_tracking_uri()))
+        except mlflow.exceptions.MlflowException:
+            pass  # created meanwhile by another process
+    return mlflow.set_experiment(name).experiment_id
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str, params: Mapping[str, Any], *, run_id: str | None = None, experiment: str | None = None
@@ -96,7 +120,7 @@ def stage_run(
     import mlflow  # imported here: the library must import without MLflow's start-up cost
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    ensure_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=stage_tags(stage)) as run:
         if run_id is None:
             mlflow.log_params(flatten(params))

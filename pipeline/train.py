@@ -1,0 +1,211 @@
+"""Stage `train`: latent shards -> the text encoder and the U-Net or DiT, with EMA, resumable.
+
+Reads the `train` section of params.yaml (`diffusion.config.TrainConfig`), the tokenizer (from `shard`),
+the VAE and its latent scale/shift (from `train_vae`) and the latent shards (from `encode_latents`), and
+writes
+
+    <out_dir>/config.json, model.pt, tokenizer.json   the EMA weights, the config that built them, the
+                                                      tokenizer: all that sampling needs (load with
+                                                      LatentDiffusionModel.from_pretrained)
+    <metrics_path>                                    final figures for `dvc metrics show`
+    <loss_curve_path>                                 (step, loss) for `dvc plots show`
+    <checkpoint_dir>/train-<key>/                     resumable checkpoints (training/checkpointing.py)
+
+and logs to one MLflow run: params, the loss per step, sample grids for fixed prompts (EMA weights), the
+final metrics. Killed and rerun with the same parameters, data and code, it resumes from its last
+checkpoint (step, optimizer, EMA) in the same MLflow run; with anything changed, it starts afresh.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusion.config import TrainConfig
+from diffusion.data.shards import atomic_write_json, list_shards
+from diffusion.training.checkpointing import DEFAULT_EXCLUDE
+
+STAGE = "train"
+#: Fields that do not change the trained weights (paths: the data itself is fingerprinted; the sample
+#: grids only look at the model).
+EXCLUDE = (*DEFAULT_EXCLUDE, "latents_dir", "tokenizer_path", "vae_dir", "out_dir", "metrics_path",
+           "loss_curve_path", "sample_every_n_steps", "sample_prompts", "sample_sampler", "sample_steps",
+           "sample_guidance")
+
+
+class TrainError(RuntimeError):
+    """An input of the stage is missing; nothing was written."""
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Checks that need the inputs, before any work. Returns the train latent shards."""
+    try:
+        urls = list_shards(Path(cfg.latents_dir) / "train")
+    except FileNotFoundError:
+        urls = []
+    if not urls:
+        raise TrainError(f"train.latents_dir: no latent shards in {cfg.latents_dir}/train; "
+                         "run `python cli.py encode-latents` (or `dvc repro encode_latents`) first")
+    if not Path(cfg.tokenizer_path).is_file():
+        raise TrainError(f"train.tokenizer_path: {cfg.tokenizer_path} not found; run `python cli.py shard` first")
+    if not (Path(cfg.vae_dir) / "model.pt").is_file():
+        raise TrainError(f"train.vae_dir: no VAE in {cfg.vae_dir}; run `python cli.py train-vae` first")
+    return urls
+
+
+def build_model(cfg: TrainConfig, tokenizer: Any) -> Any:
+    """The LatentDiffusionModel: the trained VAE (frozen) with a fresh text encoder and denoiser, whose
+    vocabulary and length follow the tokenizer, input channels and context width the VAE and text encoder."""
+    from diffusion.data.tokenizer import max_length_of
+    from diffusion.models import LatentDiffusionModel
+    from diffusion.training.latent_stats import load_vae
+
+    vae, scale, shift = load_vae(cfg.vae_dir)
+    text = cfg.text_encoder.replace(vocab_size=tokenizer.get_vocab_size(), max_length=max_length_of(tokenizer))
+    model = LatentDiffusionModel(
+        vocab_size=tokenizer.get_vocab_size(), denoising_type=cfg.denoising_type, text_encoder=text,
+        vae=vae.cfg, denoiser=cfg.denoiser_config(), latent_scale=scale, latent_shift=shift,
+    )
+    model.vae.load_state_dict(vae.state_dict())
+    return model
+
+
+def _fingerprints(urls: list[str]) -> dict[str, str]:
+    """The data and the code that shape the weights (part of the run key: see checkpointing)."""
+    import diffusion.data.latents as latents
+    import diffusion.models as models
+    import diffusion.scheduler as scheduler
+    import diffusion.training.diffusion_system as system
+    from diffusion.training.checkpointing import files_fingerprint, source_fingerprint
+
+    code = [Path(models.__file__).parent, latents.__file__, scheduler.__file__, system.__file__, __file__]
+    return {"data": files_fingerprint(urls), "code": source_fingerprint(*code)}
+
+
+def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenizer: Any, side: int) -> list:
+    from pytorch_lightning.callbacks import EMAWeightAveraging
+
+    from diffusion.data.tokenizer import encode
+    from diffusion.training import checkpointing as ckpt
+    from diffusion.training.callbacks import LossCurve, SampleGrid
+
+    prompts = encode(tokenizer, list(cfg.sample_prompts)) if cfg.sample_prompts else None
+    return [
+        ckpt.NonFiniteLossCheck(cfg.log_every_n_steps),
+        ckpt.LoaderResume(loader),
+        # EMA once per optimizer step, saved in and restored from the checkpoint (DESIGN.md pitfall 8).
+        EMAWeightAveraging(decay=cfg.ema_decay),
+        LossCurve(cfg.loss_curve_path, cfg.log_every_n_steps),
+        SampleGrid(prompts, scheduler, side, cfg.sample_every_n_steps if prompts is not None else 0,
+                   sampler=cfg.sample_sampler, num_steps=cfg.sample_steps, guidance=cfg.sample_guidance),
+        ckpt.checkpoint_callback(run.point.dir, cfg.checkpoint_every_n_steps),
+    ]
+
+
+def _fit(cfg: TrainConfig, run: Any, urls: list[str]) -> tuple[Any, Any, Any]:
+    """Build tokenizer, model, loader, system and Trainer; train (resuming). Returns (trainer, system, grid)."""
+    from diffusion.data.latents import iter_latents, make_latent_loader
+    from diffusion.data.tokenizer import load_tokenizer
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.training import checkpointing as ckpt
+    from diffusion.training.callbacks import SampleGrid
+    from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    model = build_model(cfg, tokenizer)
+    scheduler = DDPMScheduler.from_config(cfg.scheduler)
+    loader = make_latent_loader(
+        urls, tokenizer, batch_size=cfg.batch_size, latent_scale=model.latent_scale, latent_shift=model.latent_shift,
+        num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+        epoch_steps=cfg.max_steps * cfg.accumulate_grad_batches, caption_dropout=cfg.caption_dropout,
+        pin_memory=torch.cuda.is_available(),
+    )
+    first = next(iter_latents(urls[:1]))
+    side = first["mean"].shape[-1] * model.vae.downsample_factor  # image side the latents decode to
+    optim = OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                          warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio,
+                          min_snr_gamma=cfg.min_snr_gamma)
+    system = DiffusionSystem(model, scheduler, optim)
+    callbacks = _callbacks(cfg, run, loader, scheduler, tokenizer, side)
+    trainer = ckpt.build_trainer(cfg, callbacks=callbacks, logger=run.logger, default_root_dir=run.point.dir,
+                                 limit_val_batches=0)
+    if run.point.resuming:
+        print(f"train: resuming from {run.point.ckpt_path}")
+    trainer.fit(system, loader, ckpt_path=run.point.ckpt_path)
+    grid = next(cb for cb in callbacks if isinstance(cb, SampleGrid))
+    return trainer, system, grid
+
+
+def export(cfg: TrainConfig, model: Any) -> Path:
+    """Write the EMA model, its config and the tokenizer to out_dir, atomically (a temporary folder that
+    replaces the old one when complete)."""
+    out = Path(cfg.out_dir)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.copyfile(cfg.tokenizer_path, tmp / "tokenizer.json")
+    atomic_write_json(tmp / "train_config.json", cfg.to_dict())
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, seconds: float) -> dict[str, Any]:
+    """Export the EMA weights, write the metrics and the loss curve, log them. Rank 0 only."""
+    import mlflow
+
+    from diffusion.training.callbacks import LossCurve, ema_model
+
+    model = system.restore_frozen_vae(ema_model(trainer, system))
+    export(cfg, model)
+    curve = next(cb for cb in trainer.callbacks if isinstance(cb, LossCurve))
+    curve.write()
+    tail = [loss for _, loss in curve.points[-10:]]
+    metrics = {
+        "steps": trainer.global_step,
+        "final_loss": sum(tail) / len(tail) if tail else float("nan"),
+        "train_seconds": round(seconds, 1),
+        "parameters_denoiser": sum(p.numel() for p in model.denoiser.parameters()),
+        "parameters_text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
+    }
+    Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg.metrics_path, metrics)
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+    mlflow.log_artifact(cfg.loss_curve_path, "plots")
+    mlflow.log_dict(model.config, "model/config.json")
+    if grid.tokens is not None:
+        mlflow.log_image(grid.render(model), "samples/final.png")
+    return metrics
+
+
+def main(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The DVC stage. Returns the metrics (None on DDP ranks other than 0, which only train)."""
+    import pytorch_lightning as pl
+
+    from diffusion.tracking import tracking_uri
+    from diffusion.training.checkpointing import resumable_stage_run
+
+    urls = validate(cfg)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    with resumable_stage_run(STAGE, cfg.to_dict(), cfg.checkpoint_dir, exclude=EXCLUDE,
+                             extra=_fingerprints(urls)) as run:
+        print(f"train: {cfg.denoising_type}, {cfg.max_steps} steps, batch {cfg.batch_size}, "
+              f"checkpoints in {run.point.dir}")
+        start = time.perf_counter()
+        trainer, system, grid = _fit(cfg, run, urls)
+        # Every rank says how far it got: under DDP unequal step counts would mean a hang or lost data.
+        print(f"train: rank {trainer.global_rank} took {trainer.global_step} optimizer steps", flush=True)
+        if not trainer.is_global_zero:
+            return None
+        metrics = _finish(cfg, run, trainer, system, grid, time.perf_counter() - start)
+        print(f"train: final loss {metrics['final_loss']:.4f} after {metrics['steps']} steps "
+              f"({metrics['train_seconds']:.0f} s)")
+        print(f"train: EMA model -> {cfg.out_dir}; metrics -> {cfg.metrics_path}; loss curve -> {cfg.loss_curve_path}")
+        print(f"train: MLflow run {run.run_id} at {tracking_uri()}")
+    return metrics

@@ -1,0 +1,94 @@
+"""The seed's training entry point: train a `LatentDiffusionModel` on a map-style dataset in a few lines.
+
+    from diffusion.data import create_dummy_dataset
+    from diffusion.models import LatentDiffusionModel
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.train import train_diffusion_model
+
+    data = create_dummy_dataset(num_samples=100)
+    model = LatentDiffusionModel(vocab_size=data.tokenizer.get_vocab_size(), denoising_type="unet")
+    trainer = train_diffusion_model(model=model, scheduler=DDPMScheduler(num_timesteps=1000), train_dataset=data)
+
+The dataset yields ``(image (3, H, W) in [-1, 1], tokens (T,))`` pairs (`diffusion.data.TextImageDataset`);
+images are encoded by the model's (frozen) VAE on the fly. The DVC pipeline's `train` stage uses the same
+system on cached latents, with checkpoints, resume and MLflow (pipeline/train.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EMAWeightAveraging
+
+from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+
+
+class CaptionDropoutCollate:
+    """Batches (image, tokens) pairs and replaces each caption by the null caption with probability `p`,
+    at load time (DESIGN.md pitfall 2), so the model also learns the unconditional prediction that
+    classifier-free guidance subtracts (Ho & Salimans 2022, sec. 3.2)."""
+
+    def __init__(self, null_token_row: torch.Tensor, p: float, seed: int = 0) -> None:
+        self.null = null_token_row  # (T,) long
+        self.p = p
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        images = torch.stack([img for img, _ in items])  # (B, 3, H, W)
+        tokens = torch.stack([tok for _, tok in items])  # (B, T)
+        drop = torch.rand(len(items), generator=self.generator) < self.p  # (B,)
+        tokens[drop] = self.null.to(tokens.dtype)
+        return {"image": images, "tokens": tokens}
+
+
+def train_diffusion_model(
+    model: torch.nn.Module,
+    scheduler: Any,
+    train_dataset: torch.utils.data.Dataset,
+    *,
+    batch_size: int = 8,
+    max_steps: int = 100,
+    lr: float = 1e-4,
+    warmup_steps: int = 10,
+    caption_dropout: float = 0.1,
+    ema_decay: float = 0.999,
+    min_snr_gamma: float | None = None,
+    precision: str = "32",
+    accumulate_grad_batches: int = 1,
+    gradient_clip_val: float | None = 1.0,
+    num_workers: int = 0,
+    seed: int = 0,
+    **trainer_kwargs: Any,
+) -> pl.Trainer:
+    """Train `model`'s text encoder and denoiser on `train_dataset`; returns the Lightning trainer.
+
+    When it returns, the model holds the EMA weights (Lightning's `EMAWeightAveraging` copies them in at
+    the end of training). Extra keyword arguments go to `pl.Trainer` (e.g. ``devices``, ``logger``).
+    """
+    pl.seed_everything(seed, workers=True, verbose=False)
+    length = train_dataset[0][1].shape[0]
+    collate = CaptionDropoutCollate(model.null_tokens(1, length)[0].cpu(), caption_dropout, seed)
+    loader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=batch_size, shuffle=True, drop_last=len(train_dataset) >= batch_size,
+        num_workers=num_workers, collate_fn=collate, generator=torch.Generator().manual_seed(seed),
+    )
+    system = DiffusionSystem(
+        model, scheduler,
+        OptimSettings(lr=lr, warmup_steps=warmup_steps, max_steps=max_steps, min_snr_gamma=min_snr_gamma),
+    )
+    trainer_kwargs.setdefault("logger", False)
+    trainer_kwargs.setdefault("enable_checkpointing", False)
+    trainer_kwargs.setdefault("log_every_n_steps", 1)
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        precision=precision,
+        accumulate_grad_batches=accumulate_grad_batches,
+        gradient_clip_val=gradient_clip_val,
+        callbacks=[EMAWeightAveraging(decay=ema_decay)] + list(trainer_kwargs.pop("callbacks", [])),
+        **trainer_kwargs,
+    )
+    trainer.fit(system, loader)
+    system.restore_frozen_vae(model)
+    return trainer

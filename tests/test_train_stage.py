@@ -1,0 +1,249 @@
+"""The `train` stage: outputs, MLflow, resume after SIGKILL, DDP with two processes, the seed's API.
+
+A module fixture runs shard -> train_vae -> encode_latents once at 32 px with a tiny VAE; each test
+copies that project folder and runs the train stage on it with a tiny U-Net or DiT.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, run_cli
+
+from diffusion.config import apply_overrides
+
+TINY = [
+    "shard.resolution=32", "shard.samples_per_shard=100", "shard.vocab_size=64", "shard.shapes.num_train=200",
+    "shard.shapes.num_val=32", "shard.shapes.holdout=[]",
+    "train_vae.model.base_channels=8", "train_vae.model.norm_groups=4", "train_vae.model.channel_mult=[1, 2]",
+    "train_vae.model.num_res_blocks=1", "train_vae.model.mid_attention=false", "train_vae.batch_size=8",
+    "train_vae.max_steps=4", "train_vae.scale_batches=4", "train_vae.val_batches=1", "train_vae.accelerator=cpu",
+    "train.text_encoder.width=32", "train.text_encoder.depth=1", "train.text_encoder.num_heads=2",
+    "train.unet.base_channels=16", "train.unet.num_heads=2", "train.unet.norm_groups=8",
+    "train.dit.hidden_size=32", "train.dit.depth=2", "train.dit.num_heads=2",
+    "train.batch_size=8", "train.max_steps=12", "train.warmup_steps=2", "train.log_every_n_steps=2",
+    "train.checkpoint_every_n_steps=4", "train.sample_every_n_steps=6", "train.sample_steps=3",
+    "train.shuffle_buffer=50", "train.accelerator=cpu",
+]
+
+
+def write_params(folder: Path, extra: list[str] = ()) -> Path:
+    params = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), [*TINY, *extra])
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> Path:
+    """shard, train_vae and encode_latents outputs for the tiny configuration (made once)."""
+    from diffusion.config import EncodeLatentsConfig, ShardConfig, TrainVAEConfig, load_section
+    from pipeline import encode_latents, shard, train_vae
+
+    root = tmp_path_factory.mktemp("upstream")
+    params = write_params(root)
+    cwd = os.getcwd()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'upstream.db'}")
+        os.chdir(root)
+        try:
+            shard.run(load_section(ShardConfig, params))
+            train_vae.main(load_section(TrainVAEConfig, params))
+            encode_latents.main(load_section(EncodeLatentsConfig, params))
+        finally:
+            os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def project(upstream, tmp_path) -> Path:
+    for name in ("data", "models"):
+        shutil.copytree(upstream / name, tmp_path / name)
+    write_params(tmp_path)
+    return tmp_path
+
+
+def runs(stage: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("diffusion")
+    return client, (client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'") if exp else [])
+
+
+def test_train_stage_writes_model_metrics_curve_and_one_mlflow_run(project, cli_env):
+    out = run_cli(["train"], project, cli_env)
+    assert "train: final loss" in out.stdout
+    model_dir = project / "models/diffusion"
+    assert {p.name for p in model_dir.iterdir()} >= {"config.json", "model.pt", "tokenizer.json"}
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert metrics["steps"] == 12 and metrics["final_loss"] == metrics["final_loss"]  # not NaN
+    curve = (project / "plots/train_loss.csv").read_text().splitlines()
+    assert curve[0] == "step,loss" and [int(r.split(",")[0]) for r in curve[1:]] == [2, 4, 6, 8, 10, 12]
+
+    client, found = runs("train")
+    assert len(found) == 1
+    run = found[0]
+    assert run.data.tags["stage"] == "train" and "git_commit" in run.data.tags and "dvc_exp_name" in run.data.tags
+    assert run.data.params["denoising_type"] == "unet" and run.data.params["unet.base_channels"] == "16"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(history) >= 5, "the loss is logged per step, not only at the end"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert {"samples/step_0000006.png", "samples/step_0000012.png", "samples/final.png"} <= artifacts
+
+    from diffusion.data.tokenizer import encode, load_tokenizer
+    from diffusion.models import LatentDiffusionModel
+    from diffusion.scheduler import DDPMScheduler
+
+    model = LatentDiffusionModel.from_pretrained(model_dir)
+    tokens = encode(load_tokenizer(model_dir / "tokenizer.json"), ["a red circle in the top left"])
+    images = model.generate(text_tokens=tokens, scheduler=DDPMScheduler(), num_inference_steps=2,
+                            guidance_scale=3.0, image_size=(32, 32), sampler="dpmpp")
+    assert images.shape == (1, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+
+
+def test_dit_trains_through_the_same_stage(project, cli_env):
+    run_cli(["train", "-S", "train.denoising_type=dit", "-S", "train.max_steps=4",
+             "-S", "train.sample_every_n_steps=0"], project, cli_env)
+    config = json.loads((project / "models/diffusion/config.json").read_text())
+    assert config["denoising_type"] == "dit" and config["denoiser"]["hidden_size"] == 32
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"stage ended before {path} appeared:\n{proc.stdout.read()}")
+        if time.time() > end:
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.2)
+
+
+def test_killed_train_stage_resumes_from_its_checkpoint_in_the_same_run(project, cli_env):
+    args = [sys.executable, str(ROOT / "cli.py"), "train", "-S", "train.max_steps=40", "-S", "train.sample_every_n_steps=0"]
+    proc = subprocess.Popen(args, cwd=project, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt_root = project / "checkpoints/train"
+    end = time.time() + 240
+    while not list(ckpt_root.glob("train-*/last.ckpt")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < end, "no checkpoint appeared"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = next(ckpt_root.glob("train-*/last.ckpt"))
+    killed_at = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < killed_at < 40, killed_at
+    assert not (project / "models/diffusion").exists(), "a killed run exports nothing"
+
+    out = run_cli(["train", "-S", "train.max_steps=40", "-S", "train.sample_every_n_steps=0"], project, cli_env)
+    assert "resuming from" in out.stdout
+    assert json.loads((project / "metrics/train.json").read_text())["steps"] == 40
+    client, found = runs("train")
+    assert len(found) == 1, "the resumed execution continues the same MLflow run"
+    steps = [m.step for m in client.get_metric_history(found[0].info.run_id, "train/loss")]
+    assert max(steps) >= 38 and len(set(steps)) == len(steps), "steps continue, none logged twice from 0"
+    curve = [int(r.split(",")[0]) for r in (project / "plots/train_loss.csv").read_text().splitlines()[1:]]
+    assert curve == list(range(2, 41, 2)), "the loss curve spans both executions"
+
+
+def train_in_process(project: Path, *overrides: str):
+    """Run the train stage in this process (no interpreter start-up), from the project folder."""
+    from diffusion.config import TrainConfig, load_section
+    from pipeline import train
+
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        return train.main(load_section(TrainConfig, project / "params.yaml", list(overrides)))
+    finally:
+        os.chdir(cwd)
+
+
+def test_changed_parameters_start_a_fresh_run(project, capsys):
+    quick = ("train.max_steps=2", "train.sample_every_n_steps=0")
+    train_in_process(project, *quick)
+    train_in_process(project, *quick, "train.lr=1e-3")
+    assert "resuming" not in capsys.readouterr().out
+    assert len(list((project / "checkpoints/train").iterdir())) == 2
+    assert len(runs("train")[1]) == 2
+
+
+@pytest.mark.timeout(300)
+def test_ddp_two_processes_train_together_with_one_mlflow_run(project, cli_env):
+    out = run_cli(["train", "-S", "train.devices=2", "-S", "train.strategy=ddp", "-S", "train.max_steps=6",
+                   "-S", "train.sample_every_n_steps=0", "-S", "train.checkpoint_every_n_steps=100"],
+                  project, cli_env)
+    ranks = sorted(line for line in out.stdout.splitlines() if line.startswith("train: rank "))
+    assert ranks == ["train: rank 0 took 6 optimizer steps", "train: rank 1 took 6 optimizer steps"], out.stdout
+    assert len(runs("train")[1]) == 1
+    assert json.loads((project / "metrics/train.json").read_text())["steps"] == 6
+
+
+def test_non_finite_loss_stops_with_the_step_named(project):
+    from diffusion.training.checkpointing import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"step \d+"):
+        train_in_process(project, "train.lr=1e30", "train.gradient_clip_val=null", "train.warmup_steps=0",
+                         "train.log_every_n_steps=1", "train.sample_every_n_steps=0")
+    assert not (project / "models/diffusion").exists()
+
+
+def test_missing_latents_and_bad_parameters_exit_with_clear_errors(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from diffusion.cli import app
+
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    missing = CliRunner().invoke(app, ["train"])
+    assert missing.exit_code == 1 and "encode-latents" in missing.output
+    bad = CliRunner().invoke(app, ["train", "-S", "train.denoising_type=gan"])
+    assert bad.exit_code == 2 and "train.denoising_type" in bad.output
+
+
+def test_seed_api_trains_on_a_map_style_dataset():
+    from pytorch_lightning import Trainer
+
+    from diffusion.data import create_dummy_dataset
+    from diffusion.models import LatentDiffusionModel
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.train import train_diffusion_model
+
+    data = create_dummy_dataset(num_samples=16, image_size=16)
+    model = LatentDiffusionModel(
+        vocab_size=data.tokenizer.get_vocab_size(), denoising_type="unet",
+        text_encoder={"width": 32, "depth": 1, "num_heads": 2, "max_length": 16},
+        vae={"base_channels": 8, "norm_groups": 4, "channel_mult": [1, 2], "num_res_blocks": 1},
+        denoiser={"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
+                  "num_heads": 2, "norm_groups": 8},
+    )
+    before = [p.detach().clone() for p in model.denoiser.parameters()]
+    vae_before = [p.detach().clone() for p in model.vae.parameters()]
+    trainer = train_diffusion_model(model=model, scheduler=DDPMScheduler(num_timesteps=1000), train_dataset=data,
+                                    batch_size=4, max_steps=3, enable_progress_bar=False)
+    assert isinstance(trainer, Trainer) and trainer.global_step == 3
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.denoiser.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(vae_before, model.vae.parameters())), "the VAE stays frozen"
+
+
+def test_min_snr_weights_and_lr_schedule():
+    from diffusion.training.diffusion_system import min_snr_weight, warmup_cosine
+
+    snr = torch.tensor([0.5, 5.0, 50.0])
+    assert torch.allclose(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
+    assert torch.allclose(min_snr_weight(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+    assert torch.allclose(min_snr_weight(snr, 5.0, "sample"), torch.tensor([0.5, 5.0, 5.0]))
+    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
