@@ -141,15 +141,17 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str]) -> tuple[Any, Any, Any]:
     return trainer, system, grid
 
 
-def export(cfg: TrainConfig, model: Any) -> Path:
-    """Write the EMA model, its config and the tokenizer to out_dir, atomically (a temporary folder that
-    replaces the old one when complete)."""
+def export(cfg: TrainConfig, model: Any, image_size: int) -> Path:
+    """Write the EMA model, its config, the tokenizer and the training resolution to out_dir, atomically
+    (a temporary folder that replaces the old one when complete)."""
     out = Path(cfg.out_dir)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     shutil.copyfile(cfg.tokenizer_path, tmp / "tokenizer.json")
-    atomic_write_json(tmp / "train_config.json", cfg.to_dict())
+    # The train section that made it (its scheduler is the sampling schedule) and the image side the
+    # latents decode to, the default size for sampling.
+    atomic_write_json(tmp / "train_config.json", {**cfg.to_dict(), "image_size": image_size})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -162,7 +164,7 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     from diffusion.training.callbacks import LossCurve, ema_model
 
     model = system.restore_frozen_vae(ema_model(trainer, system))
-    export(cfg, model)
+    export(cfg, model, grid.image_size)
     curve = next(cb for cb in trainer.callbacks if isinstance(cb, LossCurve))
     curve.write()
     tail = [loss for _, loss in curve.points[-10:]]

@@ -1,2 +1,338 @@
-def main():
-    print("ok")
+"""The command line: one command per pipeline stage, each reading its section of params.yaml.
+
+``python cli.py <stage>`` (or the installed ``diffusion <stage>``) is what dvc.yaml runs. Every command
+takes ``--params PATH`` and DVC-style overrides ``-S section.key=value`` (repeatable), exactly as
+``dvc exp run -S`` spells them. A bad parameter exits with code 2 and a message naming the key, before
+the stage reads or writes anything.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+import typer
+
+from diffusion.config import Config, ConfigError, load_section
+
+app = typer.Typer(
+    help="Train a text-to-image latent diffusion model: each command is one stage of the DVC pipeline "
+    "(dvc.yaml), configured by its section of params.yaml.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", "-p", help="The parameters file (one section per stage).")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-S",
+        help="Override a parameter, as `dvc exp run -S` does: section.key=value (value read as YAML). Repeatable.",
+    ),
+]
+
+
+def _params_epilog(cls: type[Config]) -> str:
+    """The section's keys with their help and defaults, appended to the command's --help."""
+    defaults = cls().to_dict()
+    lines = [f"Parameters (section '{cls.section}' of params.yaml; override with -S {cls.section}.KEY=VALUE):", ""]
+    for key, text in cls.help().items():
+        lines.append(f"  {cls.section}.{key} = {defaults[key]!r}: {text}")
+    # Typer/rich rewraps epilog text; a blank line between entries keeps one per line.
+    return "\n\n".join(lines)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def run_stage(cls: type[Config], params: Path, overrides: list[str] | None, fn: Callable[[Any], Any]) -> Any:
+    """Load and validate the section (exit 2 on a bad parameter), then run the stage."""
+    try:
+        cfg = load_section(cls, params, overrides or [])
+    except ConfigError as e:
+        _fail(str(e), 2)
+    return fn(cfg)
+
+
+def _shard_config() -> type[Config]:
+    from diffusion.config import ShardConfig
+
+    return ShardConfig
+
+
+@app.command(epilog=_params_epilog(_shard_config()))
+def shard(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Write the dataset as WebDataset shards, train the tokenizer, and count what was skipped.
+
+    Sources: the built-in procedural 'shapes' dataset (the default), a folder of your own images
+    (metadata.jsonl, side-car .txt captions, or one subfolder per class), or existing WebDataset tars
+    (as img2dataset writes them). Writes <out_dir>/{train,val}/*.tar, <out_dir>/manifest.json and the
+    tokenizer; corrupt or uncaptioned images are skipped and counted in the manifest.
+    """
+    from pipeline import shard as stage
+    from diffusion.data.sources import SourceError
+
+    def go(cfg: Any) -> None:
+        try:
+            stage.main(cfg)
+        except ConfigError as e:
+            _fail(str(e), 2)
+        except (SourceError, stage.ShardError) as e:
+            _fail(str(e), 1)
+
+    run_stage(_shard_config(), params, set_, go)
+
+
+def main() -> None:
+    """Entry point of the `diffusion` console script and of `python cli.py`."""
+    app(prog_name=Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith("cli.py") else "diffusion")
+
+
+def _encode_latents_config() -> type[Config]:
+    from diffusion.config import EncodeLatentsConfig
+
+    return EncodeLatentsConfig
+
+
+@app.command("encode-latents", epilog=_params_epilog(_encode_latents_config()))
+def encode_latents(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Encode the image shards with the frozen VAE into latent shards (posterior mean and log-variance).
+
+    Reads <shards_dir>/{train,val}/*.tar (from `shard`) and the VAE in <vae_dir> (from `train-vae`), and
+    writes <out_dir>/{train,val}/*.tar and <out_dir>/manifest.json. The posterior is stored, not a sample,
+    so training draws new latents every epoch; captions are stored as text and tokenized at load time.
+    """
+    from pipeline import encode_latents as stage
+
+    def go(cfg: Any) -> None:
+        try:
+            stage.main(cfg)
+        except ConfigError as e:
+            _fail(str(e), 2)
+        except stage.EncodeLatentsError as e:
+            _fail(str(e), 1)
+
+    run_stage(_encode_latents_config(), params, set_, go)
+
+
+def _train_vae_config() -> type[Config]:
+    from diffusion.config import TrainVAEConfig
+
+    return TrainVAEConfig
+
+
+def _epilog_when_asked(command: str, config: Callable[[], type[Config]]) -> str | None:
+    """`_params_epilog` of `config`, built only when this process shows ``<command> --help``.
+
+    The training configs nest model configs that live beside their networks (``models/vae.py``), so
+    building their defaults imports torch, about 3 s that every other command would pay at start-up.
+    """
+    argv = sys.argv[1:]
+    if command in argv and any(a in ("--help", "-h") for a in argv):
+        return _params_epilog(config())
+    return None
+
+
+@app.command("train-vae", epilog=_epilog_when_asked("train-vae", _train_vae_config))
+def train_vae(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Train the KL autoencoder on the image shards; measure its latent scale and shift.
+
+    Reads <shards_dir>/{train,val}/*.tar (from `shard`) and writes <out_dir>/ (model.pt, and config.json
+    with the VAE's config, latent_scale and latent_shift) and <metrics_path> (val PSNR/SSIM, losses).
+    Checkpoints go to <checkpoint_dir>/train_vae-<key>/; rerun with the same parameters, it resumes
+    there and continues the same MLflow run. A non-finite loss stops it with an error naming the step.
+    """
+    from pipeline import train_vae as stage
+    from diffusion.training.checkpointing import NonFiniteLossError
+
+    def go(cfg: Any) -> None:
+        try:
+            stage.main(cfg)
+        except ConfigError as e:
+            _fail(str(e), 2)
+        except (stage.TrainVAEError, NonFiniteLossError) as e:
+            _fail(str(e), 1)
+
+    run_stage(_train_vae_config(), params, set_, go)
+
+
+def _train_config() -> type[Config]:
+    from diffusion.config import TrainConfig
+
+    return TrainConfig
+
+
+@app.command("train", epilog=_epilog_when_asked("train", _train_config))
+def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Train the text encoder and the denoiser (U-Net or DiT) on the cached latents, with EMA.
+
+    Reads <latents_dir>/train/*.tar (from `encode-latents`), the tokenizer (from `shard`) and the VAE
+    (from `train-vae`); writes the EMA model, its config and the tokenizer to <out_dir>, the final figures
+    to <metrics_path> and the loss curve to <loss_curve_path>. Sample grids for fixed prompts go to
+    MLflow every sample_every_n_steps. Checkpoints go to <checkpoint_dir>/train-<key>/; rerun with the
+    same parameters it resumes there (step, optimizer, EMA) in the same MLflow run. Choose the network
+    with -S train.denoising_type=dit (and -S train.dit_preset=DiT-S/2 for a preset).
+    """
+    from pipeline import train as stage
+    from diffusion.training.checkpointing import NonFiniteLossError
+
+    def go(cfg: Any) -> None:
+        try:
+            stage.main(cfg)
+        except ConfigError as e:
+            _fail(str(e), 2)
+        except (stage.TrainError, NonFiniteLossError) as e:
+            _fail(str(e), 1)
+
+    run_stage(_train_config(), params, set_, go)
+
+
+# ---- sample -----------------------------------------------------------------------------------------
+
+#: The command-line flag of each sampling option, so an error from the pipeline names what the user typed.
+_SAMPLE_FLAGS = {"steps": "--steps", "sampler": "--sampler", "guidance": "--guidance",
+                 "num_images_per_prompt": "--num-images", "image_size": "--size"}
+
+
+def _is_mlflow_uri(model: str) -> bool:
+    """`models:/name@alias`, `runs:/<id>/path`, `mlflow-artifacts:/...` (an existing folder is a folder)."""
+    return ":/" in model and not Path(model).exists()
+
+
+def _sample_model_dir(model: str | None, params: Path, overrides: list[str] | None) -> tuple[Path, int | None]:
+    """The model folder to sample from and the training resolution its MLflow model records (else None).
+
+    Default: train.out_dir of params.yaml. An MLflow model URI is downloaded (weights are not loaded yet).
+    """
+    if model is None:
+        try:
+            return Path(load_section(_train_config(), params, overrides or []).out_dir), None
+        except ConfigError as e:
+            _fail(f"{e} (or pass --model DIR or an MLflow model URI)", 2)
+    if not _is_mlflow_uri(model):
+        return Path(model), None
+    from mlflow.exceptions import MlflowException
+
+    from diffusion.evaluation.pyfunc import download_model_dir
+
+    try:
+        return download_model_dir(model)
+    except (MlflowException, OSError) as e:
+        _fail(f"--model {model}: cannot load this MLflow model ({e})", 1)
+    raise AssertionError("unreachable")
+
+
+@app.command("sample")
+def sample(
+    prompts: Annotated[
+        list[str], typer.Argument(metavar="PROMPT", help="Prompt(s); repeat for several. \"\" samples unconditionally.")
+    ],
+    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")] = 1,
+    steps: Annotated[int, typer.Option(min=1, help="Sampler steps.")] = 20,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")] = 4.0,
+    sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpmpp (DPM-Solver++ 2M).")] = "dpmpp",
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise; the same seed gives the same images.")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write (a grid for several images).")] = Path(
+        "samples.png"
+    ),
+    model: Annotated[str | None, typer.Option(
+        help="A model folder, or an MLflow model URI (models:/NAME@ALIAS, runs:/ID/PATH); default: train.out_dir "
+        "of --params."
+    )] = None,
+    size: Annotated[int | None, typer.Option(
+        help="Image side in pixels, a multiple of the model's latent factor; default: the training resolution."
+    )] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda ...")] = "auto",
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Sample images for text prompts from the trained model and write them as one PNG.
+
+    Reads the train stage's model folder (default <train.out_dir>, from `python cli.py train`) or a model
+    registered in MLflow by the evaluate stage. Options are checked before the model is loaded; an empty
+    prompt, words outside the vocabulary and prompts over the tokenizer's length only warn.
+    """
+    from diffusion.pipeline_model import (
+        ModelNotFoundError, ModelSpec, SampleOptionError, TextToImagePipeline, images_to_grid,
+    )
+
+    model_dir, recorded_size = _sample_model_dir(model, params, set_)
+    options = dict(steps=steps, guidance=guidance, sampler=sampler, num_images_per_prompt=num_images, image_size=size)
+    try:
+        ModelSpec.read(model_dir, recorded_size).check(**options)  # before any weights are read
+        pipe = TextToImagePipeline.from_pretrained(
+            model_dir, device=None if device == "auto" else device, image_size=recorded_size)
+    except ModelNotFoundError as e:
+        _fail(str(e), 1)
+    except SampleOptionError as e:
+        _fail(f"{_SAMPLE_FLAGS.get(e.option, e.option)}: {e.detail}", 2)
+    for message in pipe.check_prompts(prompts):
+        typer.echo(f"warning: {message}", err=True)
+    images = pipe.generate(prompts, seed=seed, warn=False, **options)  # (N, H, W, 3) uint8; warned above
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images_to_grid(images, len(prompts)).save(out)
+    h, w = images.shape[1:3]
+    typer.echo(f"sample: {len(images)} image(s) of {w}x{h} ({sampler}, {steps} steps, guidance {guidance}, "
+               f"seed {seed}) -> {out}")
+
+
+def _judge_config() -> type[Config]:
+    from diffusion.config import JudgeConfig
+
+    return JudgeConfig
+
+
+@app.command("train-judge", epilog=_params_epilog(_judge_config()))
+def train_judge(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Train the attribute judge (a small CNN) on the real train shards; score it on the real val images.
+
+    Reads <shards_dir>/{train,val}/*.tar and manifest.json (from `shard`); writes <out_dir>/ (model.pt,
+    config.json with the attribute vocabulary) and <metrics_path> (per-attribute and all-correct accuracy on
+    real val images: the ceiling of prompt adherence). Data without attributes gets an empty judge, and
+    `evaluate` then reports FID/KID only.
+    """
+    from pipeline import evaluate as stage
+
+    def go(cfg: Any) -> None:
+        try:
+            stage.train_judge_main(cfg)
+        except ConfigError as e:
+            _fail(str(e), 2)
+        except stage.EvaluateError as e:
+            _fail(str(e), 1)
+
+    run_stage(_judge_config(), params, set_, go)
+
+
+def _evaluate_config() -> type[Config]:
+    from diffusion.config import EvaluateConfig
+
+    return EvaluateConfig
+
+
+@app.command("evaluate", epilog=_params_epilog(_evaluate_config()))
+def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Evaluate the trained model: prompt adherence, FID/KID, judge FD, speed, a sampler sweep, a grid.
+
+    Reads the EMA model in <model_dir> (from `train`), the judge in <judge_dir> (from `train-judge`) and the
+    real val shards. Writes <metrics_path> (flat figures for `dvc metrics show`), <sweep_path> (one row per
+    sampler setting) and <samples_path> (grid prompts x seeds, captioned), logs them to one MLflow run,
+    and registers the model as <registered_model_name>@<registered_model_alias>.
+    """
+    from pipeline import evaluate as stage
+
+    def go(cfg: Any) -> None:
+        try:
+            stage.main(cfg)
+        except ConfigError as e:
+            _fail(str(e), 2)
+        except stage.EvaluateError as e:
+            _fail(str(e), 1)
+
+    run_stage(_evaluate_config(), params, set_, go)
