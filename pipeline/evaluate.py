@@ -1,0 +1,388 @@
+"""Stages `train_judge` and `evaluate`: how well the trained model follows its prompts, and how real it looks.
+
+`train_judge` (``diffusion.config.JudgeConfig``) fits the attribute classifier (``evaluation/judge.py``) on
+the real train shards and writes ``<out_dir>/`` (weights, config, vocabulary) and ``<metrics_path>`` (its
+accuracy on the real val images: the ceiling of prompt adherence). It is its own cached DVC stage, so a new
+diffusion model never retrains it. Data without attributes gets an empty judge (``vocab: {}``): evaluate
+then reports FID/KID only, and says so.
+
+`evaluate` (``diffusion.config.EvaluateConfig``) loads the EMA model from ``train`` and
+
+1. picks `num_samples` val samples (seeded) and uses their captions as prompts (or canonical captions of
+   their attributes), generates one image per prompt with the main sampler setting, and reports prompt
+   adherence (overall, per attribute, on held-out combinations), the judge's Fréchet distance, Inception
+   FID and KID against the same real val images, and images/s;
+2. runs the sweep: each {sampler, steps, guidance} on the first `sweep_samples` prompts, for adherence,
+   judge FD and images/s (no FID: the Inception network costs ~130 ms per image on the CPU);
+3. draws ``reports/samples.png`` (grid prompts x seeds, each prompt written under its column);
+4. writes ``metrics/eval.json`` (flat numbers) and the sweep CSV, logs all of it to one MLflow run, and
+   registers the pipeline as an MLflow pyfunc model (``evaluation/pyfunc.py``).
+
+Everything is seeded: the same model, params and seed give the same figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusion.config import EvaluateConfig, JudgeConfig, SweepEntry
+from diffusion.data.shards import atomic_write_json, list_shards
+from diffusion.evaluation.judge import AttributeJudge, LabelledImages, encode_labels, load_split
+from diffusion.evaluation.metrics import adherence, score_images
+
+STAGE = "evaluate"
+
+
+class EvaluateError(RuntimeError):
+    """An input of train_judge or evaluate is missing; nothing was written."""
+
+
+def _shards(shards_dir: str, split: str, section: str) -> list[str]:
+    try:
+        urls = list_shards(Path(shards_dir) / split)
+    except FileNotFoundError:
+        urls = []
+    if not urls:
+        raise EvaluateError(f"{section}.shards_dir: no shards in {shards_dir}/{split}; run `python cli.py shard` "
+                            "(or `dvc repro shard`) first")
+    return urls
+
+
+def _manifest(shards_dir: str) -> dict[str, Any]:
+    path = Path(shards_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage: train_judge
+# --------------------------------------------------------------------------------------------------
+
+
+def run_train_judge(cfg: JudgeConfig) -> dict[str, Any]:
+    """Fit the judge on the real train images, score it on the real val images, write both outputs."""
+    from diffusion.evaluation.judge import JudgeTrainSettings, accuracy, build_vocab, train_judge
+
+    train_urls, val_urls = _shards(cfg.shards_dir, "train", "train_judge"), _shards(cfg.shards_dir, "val", "train_judge")
+    start = time.perf_counter()
+    train = load_split(train_urls, limit=cfg.max_train_images)
+    vocab = build_vocab(_manifest(cfg.shards_dir).get("attributes"), train.attributes)
+    out, tmp = Path(cfg.out_dir), Path(cfg.out_dir).parent / f".{Path(cfg.out_dir).name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if not vocab or len(train) == 0:
+        print("train_judge: the shards carry no attributes; evaluate will report FID/KID only")
+        atomic_write_json(tmp / "config.json", {"vocab": {}, "reason": "no attributes in the train shards"})
+        metrics: dict[str, Any] = {"attributes": 0, "train_images": 0}
+    else:
+        print(f"train_judge: {len(train)} train images, attributes {', '.join(vocab)}; {cfg.steps} steps")
+        settings = JudgeTrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+                                      channels=cfg.channels, feature_dim=cfg.feature_dim)
+        judge, losses = train_judge(train, vocab, settings)
+        val = load_split(val_urls)
+        scores = accuracy(judge, val) if len(val) else {}
+        judge.save(tmp)
+        tail = losses[-20:]
+        metrics = {"attributes": len(vocab), "train_images": len(train), "val_images": len(val),
+                   "final_loss": sum(tail) / len(tail), **{f"val_{k}": v for k, v in scores.items()}}
+    metrics["train_seconds"] = round(time.perf_counter() - start, 1)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg.metrics_path, metrics)
+    return metrics
+
+
+def train_judge_main(cfg: JudgeConfig) -> dict[str, Any]:
+    """The DVC stage `train_judge`, in its own MLflow run."""
+    import mlflow
+
+    from diffusion.tracking import stage_run
+
+    _shards(cfg.shards_dir, "train", "train_judge")
+    with stage_run("train_judge", cfg.to_dict()) as active:
+        metrics = run_train_judge(cfg)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _finite(v)})
+        if "val_all_correct" in metrics:
+            print(f"train_judge: real val accuracy, all attributes correct: {metrics['val_all_correct']:.3f} "
+                  f"({', '.join(f'{k[8:]} {v:.3f}' for k, v in metrics.items() if k.startswith('val_acc_'))})")
+        print(f"train_judge: judge -> {cfg.out_dir}; metrics -> {cfg.metrics_path}; MLflow run {active.info.run_id}")
+    return metrics
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage: evaluate
+# --------------------------------------------------------------------------------------------------
+
+
+def validate(cfg: EvaluateConfig) -> list[str]:
+    """Check the inputs before any work; return the val shards. Errors name the stage to run."""
+    model = Path(cfg.model_dir)
+    if not all((model / f).is_file() for f in ("config.json", "model.pt", "tokenizer.json", "train_config.json")):
+        raise EvaluateError(f"evaluate.model_dir: no trained model in {cfg.model_dir}; run `python cli.py train` "
+                            "(or `dvc repro train`) first")
+    if not (Path(cfg.judge_dir) / "config.json").is_file():
+        raise EvaluateError(f"evaluate.judge_dir: no judge in {cfg.judge_dir}; run `python cli.py train-judge` "
+                            "(or `dvc repro train_judge`) first")
+    return _shards(cfg.shards_dir, "val", "evaluate")
+
+
+def _device(cfg: EvaluateConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_generator(model_dir: str, device: torch.device) -> tuple[Any, Any, Any]:
+    """(LatentDiffusionModel with the EMA weights, the scheduler it was trained with, the tokenizer)."""
+    from diffusion.data.tokenizer import load_tokenizer
+    from diffusion.models import LatentDiffusionModel
+    from diffusion.scheduler import DDPMScheduler, SchedulerConfig
+
+    model = LatentDiffusionModel.from_pretrained(model_dir, map_location=device).eval()
+    train_cfg = json.loads((Path(model_dir) / "train_config.json").read_text())
+    scheduler = DDPMScheduler.from_config(SchedulerConfig.from_dict(train_cfg.get("scheduler"), "train.scheduler"))
+    return model, scheduler.to(device), load_tokenizer(Path(model_dir) / "tokenizer.json")
+
+
+def load_judge(judge_dir: str) -> AttributeJudge | None:
+    """The judge, or None when train_judge found no attributes (FID/KID only)."""
+    config = json.loads((Path(judge_dir) / "config.json").read_text())
+    return AttributeJudge.load(judge_dir) if config.get("vocab") else None
+
+
+def choose_prompts(cfg: EvaluateConfig, val: LabelledImages) -> tuple[LabelledImages, list[str]]:
+    """`num_samples` val samples (a seeded choice, kept in shard order; all if fewer) and their prompts."""
+    from diffusion.data.shapes import canonical_caption
+
+    n = len(val)
+    if cfg.num_samples < n:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.num_samples].sort().values
+        val = val.subset(idx)
+    if cfg.prompts == "caption":
+        return val, list(val.captions)
+    try:
+        return val, [canonical_caption(a) for a in val.attributes]
+    except ValueError as e:  # not the built-in dataset's attributes: there is no canonical phrasing
+        raise EvaluateError(f"evaluate.prompts: 'canonical' needs the shapes dataset's attributes ({e}); "
+                            "use prompts: caption") from None
+
+
+def generate(model: Any, scheduler: Any, tokenizer: Any, prompts: list[str], setting: SweepEntry, side: int,
+             batch_size: int, seed: int) -> tuple[torch.Tensor, float]:
+    """Images for `prompts` with one sampler setting: ((N, 3, side, side) uint8, seconds spent sampling).
+
+    One seeded CPU generator draws all the noise, in order: the same seed gives the same images, on any device.
+    """
+    from tqdm import tqdm
+
+    from diffusion.data.tokenizer import encode
+
+    gen = torch.Generator().manual_seed(seed)
+    steps = setting.steps or scheduler.num_timesteps  # null: the full chain (DDPM over every timestep)
+    out, seconds = [], 0.0
+    for i in tqdm(range(0, len(prompts), batch_size), desc=f"evaluate {setting.label()}", unit="batch",
+                  mininterval=2.0):
+        tokens = encode(tokenizer, prompts[i : i + batch_size])
+        start = time.perf_counter()
+        images = model.generate(tokens, scheduler, num_inference_steps=steps, guidance_scale=setting.guidance,
+                                image_size=side, sampler=setting.sampler, generator=gen)  # (B, 3, H, W) in [0, 1]
+        if images.is_cuda:
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        out.append(images.mul(255.0).round().clamp(0, 255).to(torch.uint8).cpu())
+    return torch.cat(out), seconds
+
+
+def run_sweep(cfg: EvaluateConfig, gen_args: tuple, val: LabelledImages, prompts: list[str], side: int,
+              judge: AttributeJudge | None, real_feats: torch.Tensor | None, main: tuple) -> list[dict[str, Any]]:
+    """Adherence, judge FD and images/s per sweep setting on the first `sweep_samples` prompts (same seed
+    for every setting). A sweep entry equal to the main setting reuses the main images of those prompts."""
+    k = min(cfg.sweep_samples, len(prompts))
+    rows = []
+    for setting in cfg.sweep:
+        if setting == cfg.main_setting():
+            images, seconds = main[0][:k], main[1] * k / len(main[0])
+        else:
+            images, seconds = generate(*gen_args, prompts[:k], setting, side, cfg.batch_size, cfg.seed)
+        row: dict[str, Any] = {"label": setting.label(), "sampler": setting.sampler,
+                               "steps": setting.steps or gen_args[1].num_timesteps, "guidance": setting.guidance,
+                               "images_per_second": len(images) / max(seconds, 1e-9), "samples": len(images)}
+        if judge is not None:
+            wanted = val.subset(range(k))
+            scores, _ = score_images(judge, images, wanted.attributes, wanted.holdout, real_feats)
+            row.update({key: scores[key] for key in ("adherence", "adherence_heldout", "judge_fd") if key in scores})
+        rows.append(row)
+        print(f"evaluate: sweep {row['label']}: " + ", ".join(
+            f"{key} {row[key]:.3f}" for key in ("adherence", "adherence_heldout", "judge_fd", "images_per_second")
+            if key in row))
+    return rows
+
+
+def write_sweep(rows: list[dict[str, Any]], path: str) -> None:
+    fields = ["label", "sampler", "steps", "guidance", "adherence", "adherence_heldout", "judge_fd",
+              "images_per_second", "samples"]
+    fields = [f for f in fields if any(f in r for r in rows)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def samples_grid(cfg: EvaluateConfig, gen_args: tuple, side: int) -> Any:
+    """reports/samples.png: one column per grid prompt, one row per seed (seed, seed + 1, ...)."""
+    from diffusion.evaluation.grid import make_grid
+
+    prompts = list(cfg.grid_prompts)
+    rows = [generate(*gen_args, prompts, cfg.main_setting(), side, len(prompts), cfg.seed + r)[0]
+            for r in range(cfg.grid_seeds)]
+    images = torch.cat(rows).float().div(255.0)  # (seeds * prompts, 3, H, W), row-major
+    scale = max(1, math.ceil(128 / side))  # upscale small samples (nearest) so the captions fit under them
+    images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    return caption_columns(make_grid(images, nrow=len(prompts)), prompts, side * scale)
+
+
+def caption_columns(grid: Any, captions: list[str], cell: int, padding: int = 2) -> Any:
+    """Add a white band under a make_grid picture with each caption wrapped under its column."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(grid)
+    lines = [_wrap(c, draw, font, cell) for c in captions]
+    line_h = int(draw.textbbox((0, 0), "Ag", font=font)[3]) + 2
+    band = max(len(ls) for ls in lines) * line_h + 2 * padding
+    out = Image.new("RGB", (grid.width, grid.height + band), "white")
+    out.paste(grid, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for col, ls in enumerate(lines):
+        for j, line in enumerate(ls):
+            draw.text((padding + col * (cell + padding), grid.height + j * line_h), line, fill="black", font=font)
+    return out
+
+
+def _wrap(text: str, draw: Any, font: Any, width: int) -> list[str]:
+    lines: list[str] = []
+    for word in (text or "(empty prompt)").split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _fid(cfg: EvaluateConfig, real: torch.Tensor, fake: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """Inception FID and KID of the main setting's images against the same prompts' real val images."""
+    from diffusion.evaluation.fid import InceptionFeatures, fid_kid, inception_features
+
+    start = time.perf_counter()
+    extractor = InceptionFeatures(device)
+    f_real = inception_features(real, cfg.fid_batch_size, extractor, progress="inception real")
+    f_fake = inception_features(fake, cfg.fid_batch_size, extractor, progress="inception generated")
+    per_image = (time.perf_counter() - start) / (len(real) + len(fake))
+    scores = fid_kid(f_real, f_fake, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size, seed=cfg.seed)
+    return {**scores, "fid_samples": len(fake), "inception_seconds_per_image": per_image}
+
+
+def run(cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
+    """Generate, judge, measure. Returns (flat metrics, sweep rows, the samples grid as a PIL image)."""
+    val_urls = validate(cfg)
+    device = _device(cfg)
+    model, scheduler, tokenizer = load_generator(cfg.model_dir, device)
+    judge = load_judge(cfg.judge_dir)
+    val, prompts = choose_prompts(cfg, load_split(val_urls, require_attributes=judge is not None))
+    if len(val) < 2:
+        raise EvaluateError(f"evaluate: {len(val)} usable val image(s) in {cfg.shards_dir}/val; at least 2 are needed")
+    side = val.images.shape[-1]
+    try:
+        model._check_size(side)  # refuse an impossible size before sampling anything
+    except ValueError as e:
+        raise EvaluateError(f"evaluate: the val images cannot be generated by this model: {e}") from None
+    gen_args = (model, scheduler, tokenizer)
+    main = cfg.main_setting()
+    print(f"evaluate: {len(prompts)} val prompts ({cfg.prompts}), {main.label()}, {side} px, on {device}")
+    images, seconds = generate(*gen_args, prompts, main, side, cfg.batch_size, cfg.seed)
+    metrics: dict[str, Any] = {"num_samples": len(images), "images_per_second": len(images) / seconds,
+                               "seconds_per_image": seconds / len(images)}
+    real_feats = None
+    if judge is None:
+        print("evaluate: the data has no attributes (no judge): reporting FID/KID only, no adherence or judge FD")
+    else:
+        judge = judge.to(device)
+        real_feats, real_preds = judge.judge(val.float_images())
+        target = encode_labels(judge.vocab, val.attributes)
+        ceiling = adherence(real_preds, target)
+        metrics["judge_real_adherence"] = ceiling["all_correct"]
+        if val.holdout.any():  # the judge never saw these combinations either: their own ceiling
+            metrics["judge_real_adherence_heldout"] = adherence(real_preds, target, val.holdout)["all_correct"]
+        metrics.update({f"judge_real_{k}": v for k, v in ceiling.items() if k.startswith("acc_")})
+        metrics.update(score_images(judge, images, val.attributes, val.holdout, real_feats)[0])
+    if cfg.fid:
+        metrics.update(_fid(cfg, val.images, images, device))
+    sweep = run_sweep(cfg, gen_args, val, prompts, side, judge, real_feats, (images, seconds))
+    grid = samples_grid(cfg, gen_args, side) if cfg.grid_prompts else None
+    return metrics, sweep, grid
+
+
+def _register(cfg: EvaluateConfig) -> str | None:
+    """Log the pipeline as an MLflow pyfunc model in the active run and register it (name and alias from
+    params). Returns the model URI, or None when registration is off or the pyfunc module is missing."""
+    if not cfg.register:
+        print("evaluate: model registration is off (evaluate.register: false)")
+        return None
+    try:
+        from diffusion.evaluation.pyfunc import log_and_register
+    except ImportError as e:  # the pyfunc model is a separate module; evaluation stands without it
+        print(f"evaluate: not registering the model: diffusion.evaluation.pyfunc is unavailable ({e})")
+        return None
+    return log_and_register(cfg.model_dir, cfg.registered_model_name, cfg.registered_model_alias)
+
+
+def main(cfg: EvaluateConfig) -> dict[str, Any]:
+    """The DVC stage: validate, evaluate, write metrics/eval.json, the sweep, the grid; log to one MLflow run."""
+    import mlflow
+
+    from diffusion.tracking import stage_run, tracking_uri
+
+    validate(cfg)
+    with stage_run(STAGE, cfg.to_dict()) as active:
+        metrics, sweep, grid = run(cfg)
+        Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cfg.metrics_path, {k: v for k, v in metrics.items() if _finite(v)})
+        write_sweep(sweep, cfg.sweep_path)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _finite(v)})
+        for row in sweep:
+            mlflow.log_metrics({f"sweep/{row['label']}/{k}": float(row[k]) for k in
+                                ("adherence", "adherence_heldout", "judge_fd", "images_per_second") if _finite(row.get(k))})
+        mlflow.log_artifact(cfg.sweep_path, "plots")
+        if grid is not None:
+            Path(cfg.samples_path).parent.mkdir(parents=True, exist_ok=True)
+            grid.save(cfg.samples_path)
+            mlflow.log_image(grid, "samples.png")
+        uri = _register(cfg)
+        if uri:
+            mlflow.set_tag("registered_model_uri", uri)
+        _report(cfg, metrics, uri)
+        print(f"evaluate: MLflow run {active.info.run_id} at {tracking_uri()}")
+    return metrics
+
+
+def _report(cfg: EvaluateConfig, metrics: dict[str, Any], uri: str | None) -> None:
+    keys = ("adherence", "adherence_heldout", "judge_real_adherence", "judge_fd", "fid", "kid_mean", "kid_std",
+            "images_per_second")
+    print("evaluate: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics))
+    print(f"evaluate: metrics -> {cfg.metrics_path}; sweep -> {cfg.sweep_path}; grid -> {cfg.samples_path}"
+          + (f"; model -> {uri}" if uri else ""))

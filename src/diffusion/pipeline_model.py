@@ -1,0 +1,296 @@
+"""Text to images from a trained model folder: the one sampling entry point shared by ``cli.py sample``, the
+MLflow pyfunc model (``evaluation/pyfunc_model.py``) and the evaluate stage.
+
+A model folder is what the train stage exports (``pipeline/train.py``)::
+
+    config.json         the LatentDiffusionModel's resolved config (LatentDiffusionModel.from_pretrained)
+    model.pt            its EMA weights
+    tokenizer.json      the caption tokenizer
+    train_config.json   the train section that produced it; its ``scheduler`` is the noise schedule
+
+Usage::
+
+    pipe = TextToImagePipeline.from_pretrained("models/diffusion")
+    images = pipe(["a red circle in the top left"], steps=20, guidance=4.0, seed=0)   # list of PIL images
+
+Checks happen in two steps so that a bad request fails before any work: :class:`ModelSpec` reads only the
+JSON files (the model is built on the ``meta`` device, which allocates no weights) and validates the
+options; then the weights are loaded. Prompt problems (empty, unknown words, too long) are warnings, not
+errors: sampling proceeds, as a user of diffusers expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Files of a model folder, and the stage that writes them (named in errors).
+MODEL_FILES = ("config.json", "model.pt", "tokenizer.json", "train_config.json")
+TRAIN_HINT = "run `python cli.py train` (or `dvc repro train`) first"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model folder, or a file in it, is missing; the message names the stage that writes it."""
+
+
+class SampleOptionError(ValueError):
+    """A sampling option is out of range. ``option`` is the keyword (``steps``, ``image_size`` ...)."""
+
+    def __init__(self, option: str, detail: str) -> None:
+        super().__init__(f"{option}: {detail}")
+        self.option, self.detail = option, detail
+
+
+class PromptWarning(UserWarning):
+    """A prompt the model will read differently from what the user wrote (it still samples)."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} not found: the model folder {path.parent} is incomplete; {TRAIN_HINT}")
+    return json.loads(path.read_text())
+
+
+def _training_resolution(train_config: dict[str, Any], vae_factor: int) -> int | None:
+    """The image side the model was trained at, or None if nothing records it.
+
+    The model folder does not store it (the denoiser is resolution-agnostic), so it is read from, in order:
+    an ``image_size`` key the train stage may record in train_config.json, then the latent shards' manifest
+    (``<latents_dir>/manifest.json``, its ``latent_shape`` times the VAE factor; paths in params.yaml are
+    relative to the project root, where the CLI and the stages run).
+    """
+    if train_config.get("image_size"):
+        return int(train_config["image_size"])
+    manifest = Path(train_config.get("latents_dir", "")) / "manifest.json"
+    if train_config.get("latents_dir") and manifest.is_file():
+        shape = json.loads(manifest.read_text()).get("latent_shape")
+        if shape:
+            return int(shape[-1]) * vae_factor
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What sampling must know about a model folder, read without loading its weights.
+
+    Attributes:
+        model_dir: the folder.
+        latent_multiple: image sides must be multiples of this (VAE factor times the denoiser's).
+        image_size: the training resolution (the default side), None if unknown.
+        num_timesteps: T of the noise schedule (the most sampler steps possible).
+    """
+
+    model_dir: Path
+    latent_multiple: int
+    image_size: int | None
+    num_timesteps: int
+
+    @classmethod
+    def read(cls, model_dir: str | Path, image_size: int | None = None) -> ModelSpec:
+        """Read `model_dir`'s JSON files. `image_size` overrides the recorded training resolution."""
+        import torch
+
+        from diffusion.models import LatentDiffusionModel
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file() or not (model_dir / "model.pt").is_file():
+            raise ModelNotFoundError(
+                f"{model_dir}: no trained model (config.json and model.pt). The train stage writes it: {TRAIN_HINT}"
+            )
+        config = _read_json(model_dir / "config.json")
+        train_config = _read_json(model_dir / "train_config.json")
+        if not (model_dir / "tokenizer.json").is_file():
+            raise ModelNotFoundError(f"{model_dir}/tokenizer.json not found; {TRAIN_HINT}")
+        with torch.device("meta"):  # builds the modules without allocating weights: only shapes are needed
+            model = LatentDiffusionModel(**config)
+        size = image_size or _training_resolution(train_config, model.vae.downsample_factor)
+        return cls(model_dir, model.latent_multiple, size, int(train_config["scheduler"]["num_timesteps"]))
+
+    def check(
+        self, *, steps: int, guidance: float, sampler: str, num_images_per_prompt: int = 1,
+        image_size: int | Sequence[int] | None = None,
+    ) -> tuple[int, int]:
+        """Validate sampling options before any work; returns the (H, W) to sample. Raises SampleOptionError."""
+        from diffusion.samplers import SAMPLERS
+
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= self.num_timesteps:
+            raise SampleOptionError("steps", f"expected an integer in [1, {self.num_timesteps}], got {steps!r}")
+        if sampler not in SAMPLERS:
+            raise SampleOptionError("sampler", f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
+        if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+            raise SampleOptionError("guidance", f"expected a finite number >= 0, got {guidance!r}")
+        if isinstance(num_images_per_prompt, bool) or not int(num_images_per_prompt) >= 1:
+            raise SampleOptionError("num_images_per_prompt", f"expected >= 1, got {num_images_per_prompt!r}")
+        size = image_size or self.image_size
+        if size is None:
+            raise SampleOptionError(
+                "image_size", "the training resolution is not recorded with this model; give one explicitly"
+            )
+        H, W = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+        f = self.latent_multiple
+        if H <= 0 or W <= 0 or H % f or W % f:
+            raise SampleOptionError(
+                "image_size", f"{H}x{W} is not a positive multiple of {f} (the model's latent_multiple: the VAE's "
+                f"downsampling factor times the denoiser's); try {max(f, round(H / f) * f)}",
+            )
+        return int(H), int(W)
+
+
+def _untruncated(tokenizer: Any) -> Any:
+    """A copy of `tokenizer` without truncation or padding, to count the tokens a prompt really has."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def prompt_warnings(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
+    """What the model will not see as written: empty prompts (unconditional), words outside the vocabulary
+    (``[UNK]``), prompts longer than the tokenizer's ``max_length`` (truncated; counted before truncation)."""
+    from diffusion.data.tokenizer import max_length_of, unknown_words
+
+    limit, counter, out = max_length_of(tokenizer), _untruncated(tokenizer), []
+    for i, prompt in enumerate(prompts):
+        quoted = repr(prompt if len(prompt) <= 60 else prompt[:57] + "...")
+        name = f"prompt {i + 1} ({quoted})" if len(prompts) > 1 else f"prompt {quoted}"
+        if not prompt.strip():
+            out.append(f"{name} is empty: sampling unconditionally (the null caption of classifier-free guidance)")
+            continue
+        unknown = unknown_words(tokenizer, prompt)
+        if unknown:
+            out.append(f"{name}: words outside the vocabulary, read as [UNK]: {', '.join(map(repr, unknown))}")
+        n = len(counter.encode(prompt).ids)  # [BOS] and [EOS] included, as max_length counts them
+        if n > limit:
+            out.append(f"{name} has {n} tokens, over the maximum of {limit}: it is truncated")
+    return out
+
+
+class TextToImagePipeline:
+    """A trained model with its tokenizer and noise schedule: prompts in, PIL images out.
+
+    Args:
+        model: the LatentDiffusionModel (EMA weights), on its device, in eval mode.
+        tokenizer: its `tokenizers.Tokenizer`.
+        scheduler: the DDPMScheduler it was trained with.
+        spec: the folder's :class:`ModelSpec` (size multiple, training resolution, T).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, scheduler: Any, spec: ModelSpec) -> None:
+        self.model, self.tokenizer, self.scheduler, self.spec = model.eval(), tokenizer, scheduler, spec
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | Path, *, device: str | None = None, image_size: int | None = None
+    ) -> TextToImagePipeline:
+        """Load a model folder (see the module docstring) onto `device` (None: CUDA if available, else CPU).
+        `image_size` sets the default side where the folder does not record the training resolution."""
+        import torch
+
+        from diffusion.config import ConfigError
+        from diffusion.data.tokenizer import load_tokenizer
+        from diffusion.models import LatentDiffusionModel
+        from diffusion.scheduler import DDPMScheduler, SchedulerConfig
+
+        spec = ModelSpec.read(model_dir, image_size)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        train_config = _read_json(spec.model_dir / "train_config.json")
+        try:
+            sched_cfg = SchedulerConfig.from_dict(train_config["scheduler"], "scheduler")
+        except (KeyError, ConfigError) as e:
+            raise ModelNotFoundError(f"{spec.model_dir}/train_config.json: no valid scheduler section ({e})") from e
+        model = LatentDiffusionModel.from_pretrained(spec.model_dir, map_location=device)
+        scheduler = DDPMScheduler.from_config(sched_cfg).to(device)
+        return cls(model, load_tokenizer(spec.model_dir / "tokenizer.json"), scheduler, spec)
+
+    def check_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """Warnings for `prompts` (see :func:`prompt_warnings`)."""
+        return prompt_warnings(self.tokenizer, prompts)
+
+    def generate(
+        self, prompts: Sequence[str], *, steps: int = 20, guidance: float = 4.0, sampler: str = "dpmpp",
+        seed: int = 0, num_images_per_prompt: int = 1, image_size: int | Sequence[int] | None = None,
+        progress: bool = True, batch_size: int | None = None, warn: bool = True,
+    ) -> np.ndarray:
+        """Like ``__call__``, but returns one (N, H, W, 3) uint8 array, N = len(prompts) * num_images_per_prompt,
+        prompt-major (the images of prompt 0 first)."""
+        import torch
+
+        from diffusion.data.tokenizer import encode
+
+        if isinstance(prompts, str):
+            raise TypeError("prompts: expected a list of strings, not a single string")
+        H, W = self.spec.check(steps=steps, guidance=guidance, sampler=sampler,
+                               num_images_per_prompt=num_images_per_prompt, image_size=image_size)
+        if warn:
+            for message in self.check_prompts(prompts):
+                warnings.warn(message, PromptWarning, stacklevel=2)
+        # Empty prompts encode as "", the null caption: guided against itself, that is the unconditional model.
+        tokens = encode(self.tokenizer, [p for p in prompts for _ in range(int(num_images_per_prompt))])  # (N, T)
+        chunk = batch_size or max(len(tokens), 1)
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))  # CPU: same x_T on every device
+        bar = _progress_bar(steps * math.ceil(len(tokens) / chunk), progress)
+        out = []
+        try:
+            for start in range(0, len(tokens), chunk):
+                images = self.model.generate(
+                    text_tokens=tokens[start : start + chunk], scheduler=self.scheduler,
+                    num_inference_steps=int(steps), guidance_scale=float(guidance), image_size=(H, W),
+                    sampler=sampler, generator=generator, callback=(lambda *_: bar.update(1)) if bar else None,
+                )  # (B, 3, H, W) in [0, 1]
+                out.append((images * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        finally:
+            if bar:
+                bar.close()
+        if not out:
+            return np.zeros((0, H, W, 3), np.uint8)
+        return torch.cat(out).numpy()  # (N, H, W, 3)
+
+    def __call__(self, prompts: Sequence[str], **options: Any) -> list[Any]:
+        """Sample images for `prompts`.
+
+        Options (keywords): steps=20, guidance=4.0 (classifier-free guidance scale), sampler="dpmpp"
+        ("ddpm", "ddim", "dpmpp"), seed=0, num_images_per_prompt=1, image_size=None (the training
+        resolution; an int side or (H, W), multiples of ``spec.latent_multiple``), progress=True (a tqdm bar
+        over sampler steps), batch_size=None (all at once), warn=True (PromptWarning for odd prompts).
+        The same options and seed give the same images.
+
+        Returns:
+            a list of PIL RGB images, prompt-major.
+        """
+        from PIL import Image
+
+        return [Image.fromarray(a) for a in self.generate(prompts, **options)]
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    """A tqdm bar over sampler steps (stderr), or None."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sampling", unit="step", leave=False)
+
+
+def images_to_grid(images: np.ndarray, num_prompts: int) -> Any:
+    """(N, H, W, 3) uint8 images -> one PIL image: the image itself if N == 1, else a grid with a row per
+    prompt (or, for one prompt, as square as possible)."""
+    import torch
+    from PIL import Image
+
+    from diffusion.evaluation.grid import make_grid
+
+    if len(images) == 1:
+        return Image.fromarray(images[0])
+    per_prompt = len(images) // max(num_prompts, 1)
+    nrow = math.ceil(math.sqrt(len(images))) if num_prompts == 1 else per_prompt
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # (N, H, W, 3) -> (N, 3, H, W)
+    return make_grid(x, nrow=nrow)

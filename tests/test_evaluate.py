@@ -1,0 +1,271 @@
+"""The judge, the metrics (adherence, Fréchet distance, Inception FID/KID) and the train_judge/evaluate stages.
+
+The judge tests use shapes images generated in memory (no shards: faster); the stage test runs the whole
+pipeline once at 32 px with tiny models (a module fixture) and then `python cli.py evaluate`.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, run_cli
+
+from diffusion.config import ConfigError, EvaluateConfig, JudgeConfig, apply_overrides
+from diffusion.evaluation.judge import (
+    IGNORE, JudgeTrainSettings, LabelledImages, accuracy, build_vocab, encode_labels, to_uint8, train_judge,
+)
+from diffusion.evaluation.metrics import adherence, frechet_distance
+
+
+def shapes_images(n: int, split: str, resolution: int = 32, seed: int = 0) -> LabelledImages:
+    """`n` images of the built-in dataset (level single), in memory, as the shard stage would write them."""
+    import numpy as np
+
+    from diffusion.config import ShapesConfig
+    from diffusion.data.shapes import generate_shapes
+
+    cfg = ShapesConfig(num_train=n, num_val=n)
+    samples = list(generate_shapes(cfg, split, resolution, seed))
+    images = torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in samples])  # (N, 3, H, W)
+    return LabelledImages(images, [s.meta["attributes"] for s in samples],
+                          torch.zeros(n, dtype=torch.bool), [s.caption for s in samples])
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics on hand-made cases
+# --------------------------------------------------------------------------------------------------
+
+
+def test_adherence_counts_an_image_only_when_every_named_attribute_matches():
+    target = {"color": torch.tensor([0, 1, 2, 3]), "shape": torch.tensor([0, 0, IGNORE, 1])}
+    predicted = {"color": torch.tensor([0, 1, 2, 0]), "shape": torch.tensor([0, 1, 5, 1])}
+    out = adherence(predicted, target)
+    # image 0: both right; 1: shape wrong; 2: colour right, shape not named; 3: colour wrong
+    assert out["all_correct"] == pytest.approx(2 / 4)
+    assert out["acc_color"] == pytest.approx(3 / 4) and out["acc_shape"] == pytest.approx(2 / 3)
+    held = adherence(predicted, target, mask=torch.tensor([False, True, True, False]))
+    assert held["all_correct"] == pytest.approx(1 / 2) and held["count"] == 2
+    none = adherence(predicted, target, mask=torch.zeros(4, dtype=torch.bool))
+    assert math.isnan(none["all_correct"]) and none["count"] == 0
+
+
+def test_labels_and_vocab_ignore_missing_and_unknown_values():
+    vocab = build_vocab(None, [{"class": "dog"}, {"class": "cat"}, {}])
+    assert vocab == {"class": ["cat", "dog"]}  # class-folder data: the values seen, sorted
+    labels = encode_labels(vocab, [{"class": "dog"}, {"class": "bird"}, {}])
+    assert labels["class"].tolist() == [1, IGNORE, IGNORE]
+    assert build_vocab({"shape": ["circle", "square"]}, [{"shape": "star"}]) == {"shape": ["circle", "square"]}
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_exact_for_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 8, generator=g) @ torch.randn(8, 8, generator=g)  # correlated features
+    shift = torch.arange(8, dtype=torch.float32) / 4
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    # Same covariance, means apart by `shift`: the distance is exactly |shift|^2 (Heusel et al. 2017, eq. 6).
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift.square().sum()), rel=1e-9)
+    # 1-D Gaussians: (mu1 - mu2)^2 + (s1 - s2)^2.
+    x = torch.randn(5000, 1, generator=g, dtype=torch.float64)
+    mu, sd = x.mean().item(), x.std().item()
+    assert frechet_distance(x, 3 * x + 1) == pytest.approx((2 * mu + 1) ** 2 + (3 * sd - sd) ** 2, rel=1e-9)
+    with pytest.raises(ValueError):
+        frechet_distance(a[:1], a)
+
+
+def test_fid_kid_on_inception_features_of_a_handful_of_images():
+    from diffusion.evaluation.fid import InceptionFeatures, fid_kid, inception_features, inception_path
+
+    assert inception_path().name == "default_1.pt"
+    real = shapes_images(4, "val").images  # (4, 3, 32, 32) uint8
+    noise = torch.randint(0, 256, real.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    extractor = InceptionFeatures()
+    f_real, f_noise = inception_features(real, 4, extractor), inception_features(noise, 4, extractor)
+    assert f_real.shape == (4, 2048) and torch.isfinite(f_real).all()
+    same, other = fid_kid(f_real, f_real, kid_subsets=5), fid_kid(f_real, f_noise, kid_subsets=5)
+    assert abs(same["fid"]) < 1.0 and other["fid"] > 50.0
+    assert other["kid_mean"] > same["kid_mean"] + 0.1
+    assert other == fid_kid(f_real, f_noise, kid_subsets=5)  # KID's random subsets are seeded
+    assert fid_kid(f_real, f_noise[:3], kid_subset_size=1000)["kid_subset_size"] == 3  # capped at the count
+
+
+# --------------------------------------------------------------------------------------------------
+# The judge
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_judge():
+    train = shapes_images(1500, "train")
+    vocab = build_vocab(None, train.attributes)
+    judge, losses = train_judge(train, vocab, JudgeTrainSettings(steps=300, batch_size=48, warmup_steps=10),
+                                progress=False)
+    return judge, losses, shapes_images(96, "val")
+
+
+def test_judge_reads_real_images_and_is_not_trivially_satisfied(trained_judge):
+    judge, losses, val = trained_judge
+    assert losses[-1] < losses[0] / 3
+    real = accuracy(judge, val)
+    assert real["all_correct"] >= 0.8, real
+
+    # Random noise: the judge must not find the prompt's attributes in it.
+    noise = torch.randint(0, 256, val.images.shape, generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    _, preds = judge.judge(noise.float().div(127.5).sub(1.0))
+    noise_score = adherence(preds, encode_labels(judge.vocab, val.attributes))["all_correct"]
+
+    # Images made for other prompts: real val images scored against a shifted list of prompts.
+    shuffled = [val.attributes[(i + 1) % len(val)] for i in range(len(val))]
+    _, preds = judge.judge(val.float_images())
+    other_score = adherence(preds, encode_labels(judge.vocab, shuffled))["all_correct"]
+    assert noise_score <= 0.1 and other_score <= 0.1, (noise_score, other_score)
+    assert real["all_correct"] - max(noise_score, other_score) >= 0.7
+
+
+def test_judge_round_trips_and_is_deterministic(trained_judge, tmp_path):
+    from diffusion.evaluation.judge import AttributeJudge
+
+    judge, _, val = trained_judge
+    judge.save(tmp_path / "judge")
+    loaded = AttributeJudge.load(tmp_path / "judge")
+    x = val.float_images()[:8]
+    assert torch.equal(judge.judge(x)[0], loaded.judge(x)[0])
+    assert judge.judge(torch.nn.functional.interpolate(x, scale_factor=2))[0].shape == (8, judge.feature_dim)
+    small = shapes_images(64, "train")
+    settings = JudgeTrainSettings(steps=3, batch_size=8, channels=(4, 8), feature_dim=8)
+    a, _ = train_judge(small, build_vocab(None, small.attributes), settings, progress=False)
+    b, _ = train_judge(small, build_vocab(None, small.attributes), settings, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(to_uint8(val.float_images()), val.images)
+
+
+def test_configs_parse_params_and_refuse_bad_values():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg = EvaluateConfig.from_dict(params["evaluate"], "evaluate")
+    assert JudgeConfig.from_dict(params["train_judge"], "train_judge").steps >= 1
+    assert cfg.main_setting().label() == "dpmpp-20-g4"
+    assert [s.label() for s in cfg.sweep][:2] == ["ddim-50-g4", "dpmpp-20-g4"]
+    with pytest.raises(ConfigError, match=r"evaluate.sweep\[0\].sampler"):
+        EvaluateConfig.from_dict({"sweep": [{"sampler": "euler"}]}, "evaluate")
+    with pytest.raises(ConfigError, match="evaluate.num_samples"):
+        EvaluateConfig.from_dict({"num_samples": 1}, "evaluate")
+
+
+def test_prompts_are_a_seeded_choice_of_val_captions_or_their_canonical_phrasing():
+    from pipeline.evaluate import choose_prompts
+
+    val = shapes_images(20, "val")
+    chosen, prompts = choose_prompts(EvaluateConfig(num_samples=5, seed=3), val)
+    again, _ = choose_prompts(EvaluateConfig(num_samples=5, seed=3), val)
+    assert len(prompts) == 5 and prompts == chosen.captions and again.captions == chosen.captions
+    assert set(prompts) <= set(val.captions)
+    _, canonical = choose_prompts(EvaluateConfig(num_samples=5, seed=3, prompts="canonical"), val)
+    a = chosen.attributes[0]
+    assert canonical[0].startswith(f"a {a['size']} {a['color']} {a['shape']}".replace("a o", "an o"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages, on a tiny pipeline
+# --------------------------------------------------------------------------------------------------
+
+TINY = [
+    "shard.resolution=32", "shard.samples_per_shard=200", "shard.vocab_size=64", "shard.shapes.num_train=200",
+    "shard.shapes.num_val=24", "shard.shapes.holdout=[purple triangle]", "shard.shapes.holdout_val_fraction=0.25",
+    "train_vae.model.base_channels=8", "train_vae.model.norm_groups=4", "train_vae.model.channel_mult=[1, 2]",
+    "train_vae.model.num_res_blocks=1", "train_vae.model.mid_attention=false", "train_vae.batch_size=8",
+    "train_vae.max_steps=2", "train_vae.scale_batches=2", "train_vae.val_batches=1", "train_vae.accelerator=cpu",
+    "train.text_encoder.width=32", "train.text_encoder.depth=1", "train.text_encoder.num_heads=2",
+    "train.unet.base_channels=16", "train.unet.num_heads=2", "train.unet.norm_groups=8", "train.batch_size=8",
+    "train.max_steps=2", "train.warmup_steps=1", "train.sample_every_n_steps=0", "train.shuffle_buffer=20",
+    "train.accelerator=cpu",
+    "train_judge.steps=20", "train_judge.batch_size=16",
+    "evaluate.num_samples=6", "evaluate.batch_size=6", "evaluate.sweep_samples=3", "evaluate.kid_subsets=5",
+    "evaluate.steps=3", "evaluate.grid_prompts=[a red circle in the top left, a blue star]", "evaluate.grid_seeds=2",
+    "evaluate.sweep=[{sampler: dpmpp, steps: 3, guidance: 4.0}, {sampler: ddim, steps: 2, guidance: 1.0}]",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(tmp_path_factory) -> Path:
+    """shard -> train_vae -> encode_latents -> train -> train_judge outputs for the tiny configuration."""
+    from diffusion.config import EncodeLatentsConfig, ShardConfig, TrainConfig, TrainVAEConfig, load_section
+    from pipeline import encode_latents, evaluate, shard, train, train_vae
+
+    root = tmp_path_factory.mktemp("evaluate")
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)))
+    cwd = os.getcwd()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'upstream.db'}")
+        os.chdir(root)
+        try:
+            shard.run(load_section(ShardConfig, params))
+            train_vae.main(load_section(TrainVAEConfig, params))
+            encode_latents.main(load_section(EncodeLatentsConfig, params))
+            train.main(load_section(TrainConfig, params))
+            evaluate.train_judge_main(load_section(JudgeConfig, params))
+        finally:
+            os.chdir(cwd)
+    return root
+
+
+def test_train_judge_writes_the_judge_and_its_metrics(pipeline_root):
+    metrics = json.loads((pipeline_root / "metrics/judge.json").read_text())
+    assert metrics["attributes"] == 4 and metrics["train_images"] == 200 and metrics["val_images"] == 24
+    assert {"val_all_correct", "val_acc_color", "val_acc_shape", "val_acc_position", "val_acc_size"} <= set(metrics)
+    config = json.loads((pipeline_root / "models/judge/config.json").read_text())
+    assert config["vocab"]["position"][0] == "top left" and (pipeline_root / "models/judge/model.pt").is_file()
+
+
+def test_evaluate_stage_writes_metrics_sweep_grid_and_one_mlflow_run(pipeline_root, cli_env):
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    run_cli(["evaluate"], pipeline_root, cli_env)
+    metrics = json.loads((pipeline_root / "metrics/eval.json").read_text())
+    expected = {"adherence", "adherence_heldout", "adherence_seen", "acc_color", "acc_shape", "judge_real_adherence",
+                "judge_fd", "fid", "kid_mean", "kid_std", "images_per_second", "num_samples"}
+    assert expected <= set(metrics) and metrics["num_samples"] == 6
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())
+    sweep = (pipeline_root / "plots/eval_sweep.csv").read_text().splitlines()
+    assert sweep[0].startswith("label,sampler,steps,guidance,adherence") and len(sweep) == 3
+    assert sweep[2].startswith("ddim-2-g1,ddim,2,1,")
+    grid = Image.open(pipeline_root / "reports/samples.png")
+    assert grid.width >= 2 * 128 and grid.height > 2 * 128  # 2 prompts x 2 seeds, upscaled, captions below
+
+    client = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("diffusion")
+    runs = client.search_runs([exp.experiment_id], "tags.stage = 'evaluate'")
+    assert len(runs) == 1
+    logged = runs[0].data.metrics
+    assert logged["adherence"] == pytest.approx(metrics["adherence"]) and logged["fid"] == pytest.approx(metrics["fid"])
+    assert "sweep/ddim-2-g1/adherence" in logged
+    assert "samples.png" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    version = client.get_model_version_by_alias("diffusion-shapes", "candidate")  # registered at the end
+    assert version.run_id == runs[0].info.run_id
+
+
+def test_evaluate_without_a_model_names_the_stage_to_run(tmp_path, cli_env):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    proc = run_cli(["evaluate"], tmp_path, cli_env, check=False)
+    assert proc.returncode == 1 and "python cli.py train" in proc.stderr
+
+
+def test_train_judge_without_attributes_leaves_an_empty_judge(tmp_path):
+    """Data without attributes (e.g. captioned photos): no judge, and evaluate falls back to FID/KID only."""
+    from PIL import Image
+
+    from diffusion.data.records import Sample
+    from diffusion.data.shards import write_shards
+    from pipeline.evaluate import load_judge, run_train_judge
+
+    samples = [Sample(f"k{i}", Image.new("RGB", (16, 16), (i * 20, 0, 0)), f"photo {i}", {}) for i in range(6)]
+    for split in ("train", "val"):
+        write_shards(samples, tmp_path / "shards" / split, samples_per_shard=10)
+    cfg = JudgeConfig(shards_dir=str(tmp_path / "shards"), out_dir=str(tmp_path / "judge"),
+                      metrics_path=str(tmp_path / "judge.json"), steps=2)
+    assert run_train_judge(cfg)["attributes"] == 0
+    assert load_judge(cfg.out_dir) is None

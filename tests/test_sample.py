@@ -1,0 +1,210 @@
+"""Sampling from a trained model folder: TextToImagePipeline, `cli.py sample`, and the MLflow pyfunc model.
+
+The model folder is built here, at tiny sizes with random weights, in the layout the train stage exports
+(config.json, model.pt, tokenizer.json, train_config.json), so these tests need no earlier stage.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from diffusion.config import TrainConfig
+from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
+from diffusion.models import LatentDiffusionModel
+from diffusion.pipeline_model import (
+    ModelNotFoundError, ModelSpec, SampleOptionError, TextToImagePipeline, images_to_grid,
+)
+
+CAPTIONS = [f"a {c} {s} in the {p}" for c in ("red", "blue", "green") for s in ("circle", "square", "triangle")
+            for p in ("top left", "center", "bottom right")]  # no "z" anywhere: "zebra" is out of vocabulary
+MAX_LENGTH = 10
+SIDE = 16  # the "training resolution": latents 4x4, VAE factor 4, U-Net factor 2 -> sides multiple of 8
+PROMPTS = ["a red circle in the top left", "a blue square in the center"]
+FAST = {"steps": 2, "guidance": 3.0, "sampler": "dpmpp", "seed": 5}
+
+
+def make_model_dir(root: Path) -> Path:
+    """A model folder as `pipeline/train.py` exports it, plus the latents manifest that records the
+    training resolution (train_config.json's latents_dir points at it)."""
+    tok = train_tokenizer(CAPTIONS, vocab_size=80, max_length=MAX_LENGTH)
+    torch.manual_seed(0)
+    model = LatentDiffusionModel(
+        vocab_size=tok.get_vocab_size(),
+        text_encoder={"max_length": MAX_LENGTH, "width": 32, "depth": 1, "num_heads": 2},
+        vae={"base_channels": 8, "channel_mult": (1, 2, 2), "num_res_blocks": 1, "norm_groups": 4},
+        denoiser={"base_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1, "attention_levels": (1,),
+                  "num_heads": 2, "norm_groups": 4},
+    )
+    with torch.no_grad():  # the U-Net's output layer starts at zero; perturb it so the prompt matters
+        for p in model.denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model_dir = model.save_pretrained(root / "model")
+    save_tokenizer(tok, model_dir / "tokenizer.json")
+    latents = root / "latents"
+    latents.mkdir()
+    (latents / "manifest.json").write_text(json.dumps({"latent_shape": [4, SIDE // 4, SIDE // 4]}))
+    cfg = TrainConfig().replace(latents_dir=str(latents), out_dir=str(model_dir))
+    (model_dir / "train_config.json").write_text(json.dumps(cfg.to_dict()))
+    return model_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread here and in the subprocesses: on a loaded 2-core machine two OpenMP threads spin
+    against each other and a tiny sampling call takes seconds instead of milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def env(cli_env) -> dict:
+    return {**cli_env, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("sample"))
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir) -> TextToImagePipeline:
+    return TextToImagePipeline.from_pretrained(model_dir, device="cpu")
+
+
+# ---- the pipeline -------------------------------------------------------------------------------------
+
+
+def test_pipeline_images_and_defaults(pipe):
+    images = pipe(PROMPTS, num_images_per_prompt=2, progress=False, **FAST)
+    assert len(images) == 4 and all(isinstance(im, Image.Image) and im.size == (SIDE, SIDE) for im in images)
+    assert pipe.spec.image_size == SIDE and pipe.spec.latent_multiple == 8
+    bigger = pipe.generate(PROMPTS[:1], image_size=24, progress=False, **FAST)
+    assert bigger.shape == (1, 24, 24, 3) and bigger.dtype == np.uint8
+    # The prompt conditions the image (the weights are random, but not text-blind).
+    a = pipe.generate(PROMPTS, progress=False, **FAST)
+    assert not np.array_equal(a[0], a[1])
+
+
+@pytest.mark.parametrize(("options", "option"), [
+    ({"image_size": 20}, "image_size"), ({"steps": 0}, "steps"), ({"steps": 1001}, "steps"),
+    ({"sampler": "euler"}, "sampler"), ({"guidance": -1.0}, "guidance"), ({"num_images_per_prompt": 0},
+                                                                          "num_images_per_prompt"),
+])
+def test_bad_options_are_refused(model_dir, options, option):
+    spec = ModelSpec.read(model_dir)
+    with pytest.raises(SampleOptionError) as err:
+        spec.check(**{"steps": 2, "guidance": 3.0, "sampler": "dpmpp", **options})
+    assert err.value.option == option
+
+
+def test_prompt_warnings(pipe):
+    long = "a red circle in the top left and a blue square in the center"
+    messages = pipe.check_prompts(["", "a zebra circle", long, PROMPTS[0]])
+    assert len(messages) == 3
+    assert "unconditional" in messages[0] and "'zebra'" in messages[1] and "truncated" in messages[2]
+
+
+def test_missing_model_names_the_stage(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="python cli.py train"):
+        TextToImagePipeline.from_pretrained(tmp_path / "nowhere")
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+
+
+def test_cli_sample_png_and_determinism(model_dir, pipe, tmp_path, env):
+    base = ["sample", "--model", str(model_dir), "--steps", "2", "--seed", "3", "--device", "cpu"]
+    proc = run_cli([*base, PROMPTS[0], "--out", "one.png"], tmp_path, env)
+    assert "one.png" in proc.stdout
+    assert Image.open(tmp_path / "one.png").size == (SIDE, SIDE)
+    run_cli([*base, PROMPTS[0], "--num-images", "4", "--out", "grid.png"], tmp_path, env)
+    assert Image.open(tmp_path / "grid.png").size == (2 * (SIDE + 2) + 2,) * 2  # 2x2, make_grid's 2 px padding
+    # Deterministic for a seed: the same bytes again, here from this process rather than a second CLI run.
+    again = pipe.generate(PROMPTS[:1], steps=2, seed=3, num_images_per_prompt=4, progress=False)
+    images_to_grid(again, 1).save(tmp_path / "again.png")
+    assert (tmp_path / "grid.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+
+
+def test_cli_sample_warns_and_proceeds(model_dir, tmp_path, env):
+    long = "a red circle in the top left and a blue square in the center"
+    proc = run_cli(["sample", "", "a zebra circle", long, "--model", str(model_dir), "--steps", "1",
+                    "--device", "cpu", "--out", "w.png"], tmp_path, env)
+    assert "unconditional" in proc.stderr
+    assert "'zebra'" in proc.stderr and "vocabulary" in proc.stderr
+    assert "truncated" in proc.stderr
+    assert Image.open(tmp_path / "w.png").size == (SIDE + 4, 3 * (SIDE + 2) + 2)  # a row per prompt
+
+
+def test_cli_sample_missing_model_exits_1(tmp_path, env):
+    (tmp_path / "params.yaml").write_text("train:\n  out_dir: models/diffusion\n")
+    proc = run_cli(["sample", "a red circle"], tmp_path, env, check=False)
+    assert proc.returncode == 1
+    assert "models/diffusion" in proc.stderr and "python cli.py train" in proc.stderr
+
+
+def test_cli_sample_bad_size_exits_2_before_loading(model_dir, tmp_path, env):
+    # Garbage weights: had the command loaded them before checking --size, it would fail differently.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "train_config.json"):
+        (broken / name).write_bytes((model_dir / name).read_bytes())
+    (broken / "model.pt").write_bytes(b"not a checkpoint")
+    proc = run_cli(["sample", "a red circle", "--model", str(broken), "--size", "20"], tmp_path, env, check=False)
+    assert proc.returncode == 2
+    assert "--size" in proc.stderr and "multiple of 8" in proc.stderr
+    assert not (tmp_path / "samples.png").exists()
+
+
+# ---- the MLflow pyfunc model --------------------------------------------------------------------------
+
+
+def test_prompts_from_input():
+    import pandas as pd
+
+    from diffusion.evaluation.pyfunc import prompts_from_input
+
+    assert prompts_from_input(["a", ""]) == ["a", ""]
+    assert prompts_from_input(pd.DataFrame({0: ["a", "b"]})) == ["a", "b"]  # what MLflow makes of a list
+    assert prompts_from_input(pd.DataFrame({"x": [1], "prompt": ["c"]})) == ["c"]
+    assert prompts_from_input(pd.Series(["d"])) == ["d"]
+
+
+def test_pyfunc_registers_and_round_trips_in_a_fresh_process(model_dir, pipe, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from diffusion.evaluation.pyfunc import log_and_register
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    with mlflow.start_run() as run:
+        uri = log_and_register(model_dir, "tiny-t2i", "champion")
+    assert uri == "models:/tiny-t2i@champion"
+    version = MlflowClient().get_model_version_by_alias("tiny-t2i", "champion")
+    assert str(version.version) == "1" and version.run_id == run.info.run_id
+
+    params = {**FAST, "num_images_per_prompt": 1}
+    out = tmp_path / "out.npy"
+    code = (f"import mlflow, numpy as np; m = mlflow.pyfunc.load_model({uri!r}); "
+            f"np.save({str(out)!r}, m.predict({PROMPTS!r}, params={params!r}))")
+    # A fresh process in another folder: the model comes from the registry alone (model folder, code, config).
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    images = np.load(out)
+    assert images.shape == (2, SIDE, SIDE, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, pipe.generate(PROMPTS, progress=False, **FAST))
+
+    # Registering again (into the same run, by id, with no run active) makes version 2 and moves the alias.
+    assert log_and_register(model_dir, "tiny-t2i", "champion", run_id=run.info.run_id) == uri
+    moved = MlflowClient().get_model_version_by_alias("tiny-t2i", "champion")
+    assert str(moved.version) == "2" and moved.run_id == run.info.run_id
