@@ -51,13 +51,21 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def run_stage(cls: type[Config], params: Path, overrides: list[str] | None, fn: Callable[[Any], Any]) -> Any:
-    """Load and validate the section (exit 2 on a bad parameter), then run the stage."""
+def run_stage(
+    cls: type[Config], params: Path, overrides: list[str] | None, main: Callable[[Any], Any],
+    input_errors: tuple[type[Exception], ...] = (),
+) -> Any:
+    """Load and validate the section, then run the stage's `main`.
+
+    Exit 2 on a bad parameter (found on load, or by the stage's own checks before it works); exit 1 on a
+    missing or unusable input (`input_errors`), with the message naming what to run or fix.
+    """
     try:
-        cfg = load_section(cls, params, overrides or [])
+        return main(load_section(cls, params, overrides or []))
     except ConfigError as e:
         _fail(str(e), 2)
-    return fn(cfg)
+    except input_errors as e:
+        _fail(str(e), 1)
 
 
 def _shard_config() -> type[Config]:
@@ -78,20 +86,7 @@ def shard(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
     from pipeline import shard as stage
     from diffusion.data.sources import SourceError
 
-    def go(cfg: Any) -> None:
-        try:
-            stage.main(cfg)
-        except ConfigError as e:
-            _fail(str(e), 2)
-        except (SourceError, stage.ShardError) as e:
-            _fail(str(e), 1)
-
-    run_stage(_shard_config(), params, set_, go)
-
-
-def main() -> None:
-    """Entry point of the `diffusion` console script and of `python cli.py`."""
-    app(prog_name=Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith("cli.py") else "diffusion")
+    run_stage(_shard_config(), params, set_, stage.main, (SourceError, stage.ShardError))
 
 
 def _encode_latents_config() -> type[Config]:
@@ -110,15 +105,7 @@ def encode_latents(params: ParamsOption = Path("params.yaml"), set_: SetOption =
     """
     from pipeline import encode_latents as stage
 
-    def go(cfg: Any) -> None:
-        try:
-            stage.main(cfg)
-        except ConfigError as e:
-            _fail(str(e), 2)
-        except stage.EncodeLatentsError as e:
-            _fail(str(e), 1)
-
-    run_stage(_encode_latents_config(), params, set_, go)
+    run_stage(_encode_latents_config(), params, set_, stage.main, (stage.EncodeLatentsError,))
 
 
 def _train_vae_config() -> type[Config]:
@@ -151,15 +138,7 @@ def train_vae(params: ParamsOption = Path("params.yaml"), set_: SetOption = None
     from pipeline import train_vae as stage
     from diffusion.training.checkpointing import NonFiniteLossError
 
-    def go(cfg: Any) -> None:
-        try:
-            stage.main(cfg)
-        except ConfigError as e:
-            _fail(str(e), 2)
-        except (stage.TrainVAEError, NonFiniteLossError) as e:
-            _fail(str(e), 1)
-
-    run_stage(_train_vae_config(), params, set_, go)
+    run_stage(_train_vae_config(), params, set_, stage.main, (stage.TrainVAEError, NonFiniteLossError))
 
 
 def _train_config() -> type[Config]:
@@ -182,15 +161,7 @@ def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
     from pipeline import train as stage
     from diffusion.training.checkpointing import NonFiniteLossError
 
-    def go(cfg: Any) -> None:
-        try:
-            stage.main(cfg)
-        except ConfigError as e:
-            _fail(str(e), 2)
-        except (stage.TrainError, NonFiniteLossError) as e:
-            _fail(str(e), 1)
-
-    run_stage(_train_config(), params, set_, go)
+    run_stage(_train_config(), params, set_, stage.main, (stage.TrainError, NonFiniteLossError))
 
 
 # ---- sample -----------------------------------------------------------------------------------------
@@ -299,15 +270,7 @@ def train_judge(params: ParamsOption = Path("params.yaml"), set_: SetOption = No
     """
     from pipeline import evaluate as stage
 
-    def go(cfg: Any) -> None:
-        try:
-            stage.train_judge_main(cfg)
-        except ConfigError as e:
-            _fail(str(e), 2)
-        except stage.EvaluateError as e:
-            _fail(str(e), 1)
-
-    run_stage(_judge_config(), params, set_, go)
+    run_stage(_judge_config(), params, set_, stage.train_judge_main, (stage.EvaluateError,))
 
 
 def _evaluate_config() -> type[Config]:
@@ -327,12 +290,9 @@ def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = None)
     """
     from pipeline import evaluate as stage
 
-    def go(cfg: Any) -> None:
-        try:
-            stage.main(cfg)
-        except ConfigError as e:
-            _fail(str(e), 2)
-        except stage.EvaluateError as e:
-            _fail(str(e), 1)
+    run_stage(_evaluate_config(), params, set_, stage.main, (stage.EvaluateError,))
 
-    run_stage(_evaluate_config(), params, set_, go)
+
+def main() -> None:
+    """Entry point of the `diffusion` console script and of `python cli.py`."""
+    app(prog_name=Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith("cli.py") else "diffusion")
