@@ -18,6 +18,23 @@ def _isolated_mlflow(tmp_path_factory, monkeypatch):
     """Every test gets its own MLflow store, so no test writes to the repository's mlflow.db."""
     store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    _reset_mlflow_globals()
+    yield
+    _reset_mlflow_globals()
+
+
+def _reset_mlflow_globals():
+    """MLflow's fluent API keeps the active experiment and tracking URI in module globals; a test that set
+    them must not leave them pointing into another test's (deleted) store."""
+    if "mlflow" not in sys.modules:
+        return
+    import mlflow
+    from mlflow.tracking import fluent
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    fluent._active_experiment_id = None
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
 @pytest.fixture
