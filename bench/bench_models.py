@@ -1,4 +1,21 @@
-"""Training throughput of our denoisers against diffusers' at matched sizes (a script that prints, not a test).
+"""Our denoisers against diffusers' at matched sizes, on the CPU (a script that prints, not a test).
+
+For each pair it prints, as ours/diffusers ratios measured in the same run:
+
+* **training samples/s**: one step = forward + MSE loss + backward + AdamW step, float32, on text with
+  some padding (the mask is passed to both). Ours uses what our training system uses (fused AdamW, the
+  sync-free text mask); diffusers' side uses what its example training scripts use (``torch.optim.AdamW``
+  with its defaults). The two models of a pair are timed alternately, step by step, so a load spike hits
+  both alike; the figure is the median step (``--stat min``: the fastest, steadier on a loaded machine).
+* **peak training memory**: each model trains ``--mem-steps`` steps in a fresh subprocess; the figure is
+  the peak resident set size during those steps minus the resident set size just before the first one
+  (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``; ``ru_maxrss`` where that is refused). It is
+  what a step adds on top of the weights, inputs and imports: activations, gradients, AdamW state and the
+  allocator's slack. tracemalloc cannot see torch's allocations, hence the process-level figure.
+* **sampling images/s**: 20 DPM-Solver++(2M) steps with classifier-free guidance in one batched forward
+  per step. Ours goes through ``samplers.classifier_free_guidance``; diffusers' model through a plain loop
+  that doubles the batch and splits the output as diffusers' pipelines do. Both run the same sampler
+  (``samplers.sample``), so only the networks differ. Alternated run by run; median.
 
 Pairs, each at the same depth, widths, heads, context width and (nearly) the same parameter count:
 
@@ -8,135 +25,292 @@ Pairs, each at the same depth, widths, heads, context width and (nearly) the sam
   (``class_embed_type="projection"``).
 * ``DiT(adaln_single=True)`` vs ``diffusers.PixArtTransformer2DModel`` (adaLN-single, cross-attention
   to the text states, GELU-tanh MLP). Ours also has a pooled-text projection and a LayerNorm before
-  the cross-attention, which PixArt lacks: a fraction of a percent of the parameters. A row for our
-  default DiT (per-block adaLN-Zero, more parameters) is printed for information.
+  the cross-attention, which PixArt lacks: a fraction of a percent of the parameters.
 
-One training step = forward + MSE loss + backward + AdamW step, in float32, on text with some padding
-(the mask is passed to both). The two models of a pair are timed alternately, step by step, so a load
-spike hits both alike; the figure is the median over the timed steps (``--stat min``: the fastest step,
-steadier when other processes load the CPU).
-
-    python bench/bench_models.py                 # default sizes, about 1-2 minutes on 2 quiet cores
+    python bench/bench_models.py                     # default sizes, a few minutes on 2 quiet cores
     python bench/bench_models.py --steps 10 --threads 4 --channels-last
+    python bench/bench_models.py --only train        # one of: train, memory, sample
+
+The builders and forward adapters here are also used by ``bench/gpu.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from diffusion.models.dit import DiT, DiTConfig
 from diffusion.models.unet import UNet, UNetConfig
+from diffusion.samplers import classifier_free_guidance, sample
+from diffusion.scheduler import DDPMScheduler
+
+#: A denoiser as the benchmarks call it: (x, t, context, context_mask, pooled) -> prediction (B, C, H, W).
+Net = Callable[..., torch.Tensor]
 
 
-def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """Latents (B, 4, S, S), timesteps (B,), text states (B, T, D) with a padding mask (B, T), pooled (B, D)."""
-    g = torch.Generator().manual_seed(0)
-    B, T, D, S = args.batch, args.text_len, args.context_dim, args.size
+# --------------------------------------------------------------------------------------------------
+# Inputs, models and adapters (shared with bench/gpu.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def make_batch(batch: int, text_len: int, context_dim: int, size: int, device: str = "cpu",
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    """Latents x (B, 4, S, S), timesteps t (B,), text states (B, T, D) with a padding mask (B, T) (every
+    caption between T/4 and T tokens long), pooled text (B, D) and a regression target (B, 4, S, S)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, D, S = batch, text_len, context_dim, size
     lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
-    mask = torch.arange(T)[None] < lengths[:, None]  # (B, T)
-    return {
+    batch_ = {
         "x": torch.randn(B, 4, S, S, generator=g),
         "t": torch.randint(0, 1000, (B,), generator=g),
         "context": torch.randn(B, T, D, generator=g),
-        "mask": mask,
+        "mask": torch.arange(T)[None] < lengths[:, None],  # (B, T)
         "pooled": torch.randn(B, D, generator=g),
         "target": torch.randn(B, 4, S, S, generator=g),
     }
+    return {k: v.to(device) for k, v in batch_.items()}
 
 
-def ours_step(model):
-    def forward(b):
-        return model(b["x"], b["t"], b["context"], b["mask"], pooled=b["pooled"])
-    return forward
-
-
-def diffusers_unet_step(model):
-    def forward(b):
-        return model(b["x"], b["t"], encoder_hidden_states=b["context"], class_labels=b["pooled"],
-                     encoder_attention_mask=b["mask"], return_dict=False)[0]
-    return forward
-
-
-def pixart_step(model):
-    def forward(b):
-        return model(b["x"], encoder_hidden_states=b["context"], timestep=b["t"],
-                     encoder_attention_mask=b["mask"], return_dict=False)[0]
-    return forward
-
-
-def build_unets(args):
+def diffusers_unet_like(cfg: UNetConfig, size: int):
+    """``UNet2DConditionModel`` with our U-Net's levels, widths, heads and conditioning."""
     from diffusers import UNet2DConditionModel
 
-    cfg = UNetConfig(base_channels=args.unet_channels, channel_mult=(1, 2, 4), num_res_blocks=2,
-                     attention_levels=(1, 2), num_heads=4, context_dim=args.context_dim, norm_groups=32)
-    ours = UNet(cfg)
     kinds = ["CrossAttn" if lvl in cfg.attention_levels else "" for lvl in range(len(cfg.channel_mult))]
-    theirs = UNet2DConditionModel(
-        sample_size=args.size, in_channels=4, out_channels=4, block_out_channels=cfg.widths,
+    return UNet2DConditionModel(
+        sample_size=size, in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=cfg.widths,
         down_block_types=tuple(f"{k}DownBlock2D" for k in kinds),
         up_block_types=tuple(f"{k}UpBlock2D" for k in reversed(kinds)),
-        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim, attention_head_dim=cfg.num_heads,
+        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
+        # diffusers' `attention_head_dim` is, for this model, the number of heads per level.
+        attention_head_dim=tuple(cfg.heads(w) for w in cfg.widths),
         norm_num_groups=cfg.norm_groups, use_linear_projection=True, resnet_time_scale_shift="scale_shift",
         class_embed_type="projection", projection_class_embeddings_input_dim=cfg.context_dim,
     )
-    return ours, theirs
 
 
-def build_dits(args, adaln_single: bool):
+def pixart_like(cfg: DiTConfig):
+    """``PixArtTransformer2DModel`` with our DiT's depth, width, heads, patch and context width."""
     from diffusers import PixArtTransformer2DModel
 
-    cfg = DiTConfig(input_size=args.size, patch_size=2, hidden_size=args.dit_hidden, depth=args.dit_depth,
-                    num_heads=args.dit_heads, context_dim=args.context_dim, adaln_single=adaln_single)
-    theirs = PixArtTransformer2DModel(
-        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads, in_channels=4,
-        out_channels=4, num_layers=cfg.depth, cross_attention_dim=cfg.context_dim, sample_size=args.size,
-        patch_size=cfg.patch_size, caption_channels=None, use_additional_conditions=False,
+    return PixArtTransformer2DModel(
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+        cross_attention_dim=cfg.context_dim, sample_size=cfg.input_size, patch_size=cfg.patch_size,
+        caption_channels=None, use_additional_conditions=False,
     )
-    return DiT(cfg), theirs
 
 
-def train_step(model, forward, opt, batch) -> float:
-    """One timed optimizer step; returns seconds."""
+def ours_net(model) -> Net:
+    return lambda x, t, context, mask, pooled: model(x, t, context, mask, pooled=pooled)
+
+
+def diffusers_unet_net(model) -> Net:
+    return lambda x, t, context, mask, pooled: model(
+        x, t, encoder_hidden_states=context, class_labels=pooled, encoder_attention_mask=mask, return_dict=False)[0]
+
+
+def pixart_net(model) -> Net:
+    return lambda x, t, context, mask, pooled: model(
+        x, encoder_hidden_states=context, timestep=t, encoder_attention_mask=mask, return_dict=False)[0]
+
+
+def call(net: Net, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    return net(b["x"], b["t"], b["context"], b["mask"], b["pooled"])
+
+
+def diffusers_style_guidance(net: Net, cond: dict, uncond: dict, scale: float):
+    """The guided model function of diffusers' pipelines, written out: the prompt and negative-prompt
+    embeddings concatenated once, then per step ``noise_pred = net(cat([x, x]))``, ``chunk(2)``, combined."""
+    B = cond["context"].shape[0]
+    both = {k: torch.cat([cond[k], uncond[k].expand(B, *uncond[k].shape[1:])]) for k in cond}
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out_c, out_u = net(torch.cat([x, x]), torch.cat([t, t]), both["context"], both["mask"],
+                           both["pooled"]).chunk(2)
+        return out_u + scale * (out_c - out_u)
+
+    return model_fn
+
+
+def guidance_inputs(batch: int, text_len: int, context_dim: int, device: str = "cpu") -> tuple[dict, dict]:
+    """Conditional text (B rows, padded) and one unconditional row (the null caption: 2 real tokens)."""
+    b = make_batch(batch, text_len, context_dim, 4, device, seed=1)
+    cond = {"context": b["context"], "mask": b["mask"], "pooled": b["pooled"]}
+    g = torch.Generator().manual_seed(2)
+    uncond = {
+        "context": torch.randn(1, text_len, context_dim, generator=g).to(device),
+        "mask": (torch.arange(text_len) < 2)[None].to(device),
+        "pooled": torch.randn(1, context_dim, generator=g).to(device),
+    }
+    return cond, uncond
+
+
+def ours_guided(net: Net, cond: dict, uncond: dict, scale: float):
+    """Our path: ``samplers.classifier_free_guidance`` over the keyword form of the denoiser."""
+    def kw_net(x, t, context, context_mask, pooled):
+        return net(x, t, context, context_mask, pooled)
+    rename = lambda d: {"context": d["context"], "context_mask": d["mask"], "pooled": d["pooled"]}  # noqa: E731
+    return classifier_free_guidance(kw_net, rename(cond), rename(uncond), scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# The CPU measurements
+# --------------------------------------------------------------------------------------------------
+
+
+def unet_cfg(args: argparse.Namespace) -> UNetConfig:
+    return UNetConfig(base_channels=args.unet_channels, channel_mult=(1, 2, 4), num_res_blocks=2,
+                      attention_levels=(1, 2), num_heads=4, context_dim=args.context_dim, norm_groups=32)
+
+
+def dit_cfg(args: argparse.Namespace) -> DiTConfig:
+    return DiTConfig(input_size=args.size, patch_size=2, hidden_size=args.dit_hidden, depth=args.dit_depth,
+                     num_heads=args.dit_heads, context_dim=args.context_dim, adaln_single=True)
+
+
+def build(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Net]:
+    """One model of the benchmark by name: unet-ours, unet-diffusers, dit-ours, dit-diffusers."""
+    torch.manual_seed(0)
+    if name == "unet-ours":
+        model = UNet(unet_cfg(args))
+        net = ours_net(model)
+    elif name == "unet-diffusers":
+        model = diffusers_unet_like(unet_cfg(args), args.size)
+        net = diffusers_unet_net(model)
+    elif name == "dit-ours":
+        model = DiT(dit_cfg(args))
+        net = ours_net(model)
+    elif name == "dit-diffusers":
+        model = pixart_like(dit_cfg(args))
+        net = pixart_net(model)
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, net
+
+
+def optimizer_for(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Ours: fused AdamW, as DiffusionSystem.configure_optimizers; diffusers: AdamW's defaults, as its scripts."""
+    if name.endswith("-ours"):
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def train_step(net: Net, opt: torch.optim.Optimizer, batch: dict) -> float:
+    """One optimizer step; returns seconds."""
     start = time.perf_counter()
-    loss = F.mse_loss(forward(batch), batch["target"])
+    loss = F.mse_loss(call(net, batch), batch["target"])
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return time.perf_counter() - start
 
 
-def bench_pair(name, pair, args, batch) -> dict:
-    """Time both models of a pair alternately; samples/s from the median step."""
-    runs = []
-    for model, forward in pair:
-        model.train()
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        runs.append((model, forward, torch.optim.AdamW(model.parameters(), lr=1e-4), []))
+def cpu_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    batch = make_batch(args.batch, args.text_len, args.context_dim, args.size)
     if args.channels_last:
-        batch = {**batch, "x": batch["x"].contiguous(memory_format=torch.channels_last)}
+        batch["x"] = batch["x"].contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def bench_train(pair: tuple[str, str], args: argparse.Namespace) -> dict:
+    """Both models of a pair, alternately, step by step; samples/s from the median (or fastest) step."""
+    batch = cpu_batch(args)
+    runs = []
+    for name in pair:
+        model, net = build(name, args)
+        model.train()
+        runs.append((model, net, optimizer_for(name, model), []))
     for i in range(args.warmup + args.steps):
-        for model, forward, opt, times in runs:
-            dt = train_step(model, forward, opt, batch)
+        for _, net, opt, times in runs:
+            dt = train_step(net, opt, batch)
             if i >= args.warmup:
                 times.append(dt)
-    (ours, _, _, t_ours), (theirs, _, _, t_theirs) = runs
     stat = statistics.median if args.stat == "median" else min
-    sps = [args.batch / stat(t) for t in (t_ours, t_theirs)]
-    params = [sum(p.numel() for p in m.parameters()) for m in (ours, theirs)]
-    return {"name": name, "params": params, "sps": sps, "ratio": sps[0] / sps[1]}
+    sps = [args.batch / stat(times) for *_, times in runs]
+    params = [sum(p.numel() for p in model.parameters()) for model, *_ in runs]
+    return {"params": params, "train_sps": sps}
 
 
-def main() -> None:
+def memory_child(name: str, args: argparse.Namespace) -> None:
+    """In a fresh process: build one model, reset the peak RSS, train, print the peak's rise as JSON."""
+    torch.set_num_threads(args.threads)
+    batch = cpu_batch(args)
+    model, net = build(name, args)
+    model.train()
+    opt = optimizer_for(name, model)
+
+    def status_kib(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    rss0 = status_kib("VmRSS")
+    try:  # "5" resets the peak RSS (VmHWM, and ru_maxrss with it) to the current RSS (proc(5), Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        method = "VmHWM after clear_refs"
+    except OSError:
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the high-water mark so far
+        method = "ru_maxrss delta"
+    for _ in range(args.mem_steps):
+        train_step(net, opt, batch)
+    peak = status_kib("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"name": name, "peak_rise_mib": (peak - rss0) / 1024, "method": method}))
+
+
+def bench_memory(pair: tuple[str, str], args: argparse.Namespace) -> dict:
+    """Peak training-memory rise of each model of the pair, each in its own subprocess."""
+    out = []
+    for name in pair:
+        cmd = [sys.executable, __file__, "--memory-child", name, *args.passthrough]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return {"mem_mib": [r["peak_rise_mib"] for r in out], "mem_method": out[0]["method"]}
+
+
+@torch.inference_mode()
+def bench_sample(pair: tuple[str, str], args: argparse.Namespace) -> dict:
+    """Guided 20-step DPM-Solver++ sampling of both models, run by run alternately; images/s from the median."""
+    scheduler = DDPMScheduler()
+    cond, uncond = guidance_inputs(args.sample_batch, args.text_len, args.context_dim)
+    fns = []
+    for name in pair:
+        model, net = build(name, args)
+        model.eval()
+        guided = ours_guided if name.endswith("-ours") else diffusers_style_guidance
+        fns.append((guided(net, cond, uncond, 4.0), []))
+    x_T = torch.randn(args.sample_batch, 4, args.size, args.size, generator=torch.Generator().manual_seed(3))
+    if args.channels_last:
+        x_T = x_T.contiguous(memory_format=torch.channels_last)
+    for i in range(1 + args.sample_runs):  # the first run of each is a warm-up
+        for fn, times in fns:
+            start = time.perf_counter()
+            sample("dpmpp", fn, x_T, scheduler, args.sample_steps)
+            if i > 0:
+                times.append(time.perf_counter() - start)
+    return {"sample_ips": [args.sample_batch / statistics.median(times) for _, times in fns]}
+
+
+PAIRS = {"UNet vs UNet2DConditionModel": ("unet-ours", "unet-diffusers"),
+         "DiT (adaLN-single) vs PixArt": ("dit-ours", "dit-diffusers")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every model")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="training batch")
     p.add_argument("--size", type=int, default=16, help="latent side (4 channels)")
     p.add_argument("--text-len", type=int, default=16)
     p.add_argument("--context-dim", type=int, default=256)
@@ -145,42 +319,78 @@ def main() -> None:
     p.add_argument("--dit-depth", type=int, default=6)
     p.add_argument("--dit-heads", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=15, help="timed steps per model (median reported)")
+    p.add_argument("--steps", type=int, default=15, help="timed training steps per model")
     p.add_argument("--stat", choices=("median", "min"), default="median",
-                   help="step time reported: the median, or the fastest (steadier on a loaded machine)")
+                   help="training step time reported: the median, or the fastest (steadier on a loaded machine)")
     p.add_argument("--channels-last", action="store_true", help="channels_last models and latents (both sides)")
-    p.add_argument("--no-default-dit", action="store_true", help="skip the informational adaLN-Zero DiT row")
-    args = p.parse_args()
+    p.add_argument("--mem-steps", type=int, default=3, help="training steps of the memory measurement")
+    p.add_argument("--sample-batch", type=int, default=4, help="images per sampling run (the network sees 2x)")
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--sample-runs", type=int, default=3, help="timed sampling runs per model (median)")
+    p.add_argument("--only", choices=("train", "memory", "sample"), action="append",
+                   help="run only these measurements (repeatable; default all)")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args, rest = p.parse_known_args(argv)
+    if rest:
+        p.error(f"unrecognised arguments: {' '.join(rest)}")
+    # The flags the memory subprocesses get: every size flag of this run, none of the control flags.
+    argv = sys.argv[1:] if argv is None else argv
+    args.passthrough = [a for i, a in enumerate(argv) if not _is_control(argv, i)]
+    return args
 
+
+def _is_control(argv: list[str], i: int) -> bool:
+    """True for --only / --memory-child and their values (not forwarded to the memory subprocesses)."""
+    a = argv[i]
+    if a.startswith(("--only", "--memory-child")):
+        return True
+    return i > 0 and argv[i - 1] in ("--only", "--memory-child")
+
+
+def main() -> None:
+    args = parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    batch = make_batch(args)
+    if args.memory_child:
+        memory_child(args.memory_child, args)
+        return
+    todo = args.only or ["train", "memory", "sample"]
     rows = []
-    ours, theirs = build_unets(args)
-    pair = [(ours, ours_step(ours)), (theirs, diffusers_unet_step(theirs))]
-    rows.append(bench_pair("UNet vs UNet2DConditionModel", pair, args, batch))
-    ours, theirs = build_dits(args, adaln_single=True)
-    pair = [(ours, ours_step(ours)), (theirs, pixart_step(theirs))]
-    rows.append(bench_pair("DiT (adaLN-single) vs PixArt", pair, args, batch))
-    if not args.no_default_dit:
-        ours, theirs = build_dits(args, adaln_single=False)
-        pair = [(ours, ours_step(ours)), (theirs, pixart_step(theirs))]
-        rows.append(bench_pair("DiT (adaLN-Zero) vs PixArt [info]", pair, args, batch))
+    for title, pair in PAIRS.items():
+        row = {"pair": title}
+        if "train" in todo:
+            row.update(bench_train(pair, args))
+        if "memory" in todo:
+            row.update(bench_memory(pair, args))
+        if "sample" in todo:
+            row.update(bench_sample(pair, args))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     print_table(rows, args)
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"\ntorch {torch.__version__}, {args.threads} threads, float32, batch {args.batch}, "
-          f"latents 4x{args.size}x{args.size}, text ({args.batch},{args.text_len},{args.context_dim}) padded, "
-          f"{args.stat} of {args.steps} steps after {args.warmup} warm-up{', channels_last' if args.channels_last else ''}")
-    cols = ("pair", "params ours", "params diffusers", "ours smp/s", "diffusers smp/s", "ours/diffusers")
-    head = f"{cols[0]:36s} {cols[1]:>12s} {cols[2]:>17s} {cols[3]:>11s} {cols[4]:>16s} {cols[5]:>15s}"
+    print(f"\ntorch {torch.__version__}, {args.threads} threads, float32, latents 4x{args.size}x{args.size}, "
+          f"text ({args.text_len}, {args.context_dim}) padded{', channels_last' if args.channels_last else ''}")
+    print(f"train: batch {args.batch}, {args.stat} of {args.steps} steps after {args.warmup} warm-up; "
+          f"memory: peak RSS rise over {args.mem_steps} steps; sample: batch {args.sample_batch} "
+          f"(x2 guided), {args.sample_steps} dpmpp steps, median of {args.sample_runs} runs")
+    head = (f"{'pair':30s} {'params ours/diff':>21s} {'train smp/s':>17s} {'ratio':>6s} "
+            f"{'peak MiB':>15s} {'ratio':>6s} {'sample img/s':>15s} {'ratio':>6s}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        (po, pd), (so, sd) = r["params"], r["sps"]
-        print(f"{r['name']:36s} {po:12,d} {pd:17,d} {so:11.2f} {sd:16.2f} {r['ratio']:14.2f}x")
+        line = f"{r['pair']:30s} {r.get('params', [0, 0])[0] / 1e6:9.2f}M/{r.get('params', [0, 0])[1] / 1e6:7.2f}M "
+        # ratios as "ours is N x better": throughput ours/diffusers, memory diffusers/ours
+        for key, better_high in (("train_sps", True), ("mem_mib", False), ("sample_ips", True)):
+            if key in r:
+                o, d = r[key]
+                line += f"{o:8.2f}/{d:<8.2f} {(o / d if better_high else d / o):5.2f}x "
+            else:
+                line += f"{'-':>17s} {'-':>6s} "
+        print(line)
+    print("ratios: ours/diffusers for throughput, diffusers/ours for memory (above 1: ours better)")
+
 
 if __name__ == "__main__":
     main()

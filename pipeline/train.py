@@ -35,7 +35,7 @@ STAGE = "train"
 #: grids only look at the model).
 EXCLUDE = (*DEFAULT_EXCLUDE, "latents_dir", "tokenizer_path", "vae_dir", "out_dir", "metrics_path",
            "loss_curve_path", "sample_every_n_steps", "sample_prompts", "sample_sampler", "sample_steps",
-           "sample_guidance")
+           "sample_guidance", "compile")
 
 
 class TrainError(RuntimeError):
@@ -130,7 +130,7 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str]) -> tuple[Any, Any, Any]:
     optim = OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                           warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio,
                           min_snr_gamma=cfg.min_snr_gamma)
-    system = DiffusionSystem(model, scheduler, optim)
+    system = DiffusionSystem(model, scheduler, optim, compile_denoiser=cfg.compile)
     callbacks = _callbacks(cfg, run, loader, scheduler, tokenizer, side)
     trainer = ckpt.build_trainer(cfg, callbacks=callbacks, logger=run.logger, default_root_dir=run.point.dir,
                                  limit_val_batches=0)

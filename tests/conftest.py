@@ -21,6 +21,9 @@ def _isolated_mlflow(tmp_path_factory, monkeypatch):
     _reset_mlflow_globals()
     yield
     _reset_mlflow_globals()
+    # mlflow.set_experiment also exports MLFLOW_EXPERIMENT_ID, which would point the next test's runs at an
+    # experiment id of a store that no longer exists.
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 def _reset_mlflow_globals():
@@ -34,7 +37,9 @@ def _reset_mlflow_globals():
     while mlflow.active_run() is not None:
         mlflow.end_run()
     fluent._active_experiment_id = None
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
 @pytest.fixture

@@ -580,6 +580,10 @@ class TrainConfig(TrainerFields):
     checkpoint_dir: str = param(
         "checkpoints/train", "resumable checkpoints, one folder per parameter set (persistent, uncached DVC output)"
     )
+    compile: bool = param(
+        False, "torch.compile the denoiser's training forward (faster steps on a GPU after a compile of about a "
+        "minute; docs/performance.md)"
+    )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, prefix: str | None = None) -> TrainConfig:

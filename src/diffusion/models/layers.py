@@ -136,11 +136,18 @@ def key_padding_mask_or_none(mask: torch.Tensor | None) -> torch.Tensor | None:
     Without padding the mask is dropped, so scaled_dot_product_attention may use its fast kernels. A row
     with no real token at all (an all-False mask) would make softmax return NaN; such a row attends to
     every token instead. mask: (B, T) bool, True where the token is real.
+
+    Whether the mask can be dropped is decided only for a CPU tensor outside ``torch.compile``. For a
+    tensor on an accelerator, ``bool(mask.all())`` would make the host wait for the device on every
+    forward (a host sync inside the training step), and under ``torch.compile`` it would break the graph;
+    there the mask is always kept: the attention result is the same (an all-True mask masks nothing) and
+    the memory-efficient kernels, which take a mask, cost about the same as flash attention on the short
+    text sequences this mask is for.
     """
     if mask is None:
         return None
     mask = mask.to(torch.bool)
-    if bool(mask.all()):
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     return mask | ~mask.any(dim=-1, keepdim=True)
 
