@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+
 import resource
 import statistics
 import subprocess

@@ -24,7 +24,7 @@ from diffusion.config import ConfigError, ShardConfig
 from diffusion.data.records import Sample, Skipped
 from diffusion.data.shapes import attribute_values, generate_shapes, validate_holdout
 from diffusion.data.shards import atomic_write_json, write_shards
-from diffusion.data.sources import SourceError, iter_folder, iter_webdataset, summarise
+from diffusion.data.sources import iter_folder, iter_webdataset, summarise
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 
 

@@ -23,7 +23,6 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -33,7 +32,7 @@ from diffusion.models.layers import (
     FeedForward,
     TimestepEmbedder,
     key_padding_mask_or_none,
-    masked_mean,
+    time_text_embedding,
     modulate,
 )
 
@@ -225,12 +224,7 @@ class DiT(nn.Module):
     def condition(self, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
                   pooled: torch.Tensor | None) -> torch.Tensor:
         """c = MLP(sinusoid(t)) + Linear(pooled): (B, D). Without ``pooled``, the masked mean of ``context``."""
-        c = self.t_embedder(t)
-        if self.pooled_embedder is not None:
-            if pooled is None:
-                pooled = masked_mean(context, mask)
-            c = c + self.pooled_embedder(pooled.to(c.dtype))
-        return c
+        return time_text_embedding(self.t_embedder, self.pooled_embedder, t, context, mask, pooled)
 
     def forward(
         self,

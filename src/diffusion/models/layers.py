@@ -130,6 +130,24 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (states * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
 
+def time_text_embedding(
+    time_embed: nn.Module, pooled_embed: nn.Module | None, t: torch.Tensor, context: torch.Tensor,
+    mask: torch.Tensor | None, pooled: torch.Tensor | None,
+) -> torch.Tensor:
+    """The conditioning vector of both denoisers: embed(t) (+ a projection of the pooled text).
+
+    Adding a pooled text vector to the timestep embedding is how the U-Net of Imagen/SDXL and the adaLN of
+    DiT/PixArt condition on the caption as a whole; without a given `pooled`, the masked mean of the text
+    states stands in. Returns (B, D).
+    """
+    emb = time_embed(t)
+    if pooled_embed is not None:
+        if pooled is None:
+            pooled = masked_mean(context, mask)
+        emb = emb + pooled_embed(pooled.to(emb.dtype))
+    return emb
+
+
 def key_padding_mask_or_none(mask: torch.Tensor | None) -> torch.Tensor | None:
     """The text padding mask to hand to :class:`Attention`, or None when no key is padding.
 

@@ -29,7 +29,7 @@ from diffusion.models.layers import (
     TimestepEmbedder,
     TransformerBlock,
     key_padding_mask_or_none,
-    masked_mean,
+    time_text_embedding,
     modulate,
 )
 
@@ -250,12 +250,7 @@ class UNet(nn.Module):
     def embed(self, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
               pooled: torch.Tensor | None) -> torch.Tensor:
         """Timestep embedding plus, if ``use_pooled``, the pooled-text embedding: (B, 4 * base_channels)."""
-        emb = self.time_embed(t)
-        if self.pooled_embed is not None:
-            if pooled is None:
-                pooled = masked_mean(context, mask)
-            emb = emb + self.pooled_embed(pooled.to(emb.dtype))
-        return emb
+        return time_text_embedding(self.time_embed, self.pooled_embed, t, context, mask, pooled)
 
     def forward(
         self,
