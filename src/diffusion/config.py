@@ -679,7 +679,7 @@ class EvaluateConfig(Config):
     fid: bool = param(True, "compute Inception FID/KID for the main setting (~130 ms per image on 2 CPU cores)")
     fid_batch_size: int = param(16, "images per Inception forward pass", ge=1)
     kid_subsets: int = param(100, "KID: random subsets averaged (Binkowski et al. 2018)", ge=1)
-    kid_subset_size: int = param(1000, "KID: images per subset (capped at the sample count)", ge=2)
+    kid_subset_size: int = param(1000, "KID: images per subset (capped at half the sample count)", ge=2)
     sweep: tuple[SweepEntry, ...] = param(
         (SweepEntry("ddim", 50, 4.0), SweepEntry("dpmpp", 20, 4.0), SweepEntry("dpmpp", 10, 4.0),
          SweepEntry("dpmpp", 20, 1.0), SweepEntry("dpmpp", 20, 3.0), SweepEntry("dpmpp", 20, 6.0)),

@@ -109,7 +109,8 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = 100, k
             seed: int = 0) -> dict[str, float]:
     """FID and KID (mean, std over subsets) from (N, D) real and (M, D) generated features.
 
-    The KID subset size is capped at min(N, M) (torchmetrics refuses a larger one). KID's subsets are drawn
+    The KID subset size is capped at half of min(N, M), so subsets differ and the std means something.
+    KID's subsets are drawn
     with the global RNG, so it runs under a forked RNG seeded with `seed`: the result is deterministic.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -121,7 +122,9 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = 100, k
     fid = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=True)
     fid.update(real.double(), real=True)  # torchmetrics sums in float64 anyway
     fid.update(fake.double(), real=False)
-    size = min(kid_subset_size, len(real), len(fake))
+    # At most half the smaller set: subsets as large as the whole set would all be the same set, and the
+    # KID's spread over subsets (its std) would be zero rather than an uncertainty.
+    size = max(2, min(kid_subset_size, len(real) // 2, len(fake) // 2))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=kid_subsets, subset_size=size)
