@@ -40,7 +40,7 @@ import torch
 import webdataset as wds
 from tokenizers import Tokenizer
 
-from diffusion.data.loader import ShardStream, StreamLoader, _drop_captions, dist_info, expand_urls
+from diffusion.data.loader import ShardStream, StreamLoader, dist_info, expand_urls
 from diffusion.data.shards import ShardList, _add_member, _check_key
 from diffusion.data.tokenizer import encode
 
@@ -246,21 +246,13 @@ class LatentStream(ShardStream):
             raise ValueError(f"latent_scale has {self.scale.shape[0]} channels, the latents {z.shape[1]}")
         return {"latents": (z - self.shift) * self.scale, **batch}
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        # ShardStream.__iter__ decodes images; this is the same pipeline with the latent decoder.
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        samples = wds.tarfile_to_samples()(self._shard_urls(worker, num_workers))
-        if self.shuffle_buffer > 1:
-            samples = wds.shuffle(
-                self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=self._rng(worker, "shuffle")
-            )(samples)
-        samples = (decode_latent_sample(s) for s in samples)
-        if self.caption_dropout > 0:
-            samples = _drop_captions(samples, self.caption_dropout, self._rng(worker, "dropout"))
+    def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return decode_latent_sample(sample)
+
+    def batches(self, batches: Iterator[dict[str, Any]], worker: int) -> Iterator[dict[str, Any]]:
         # The posterior noise, like every other draw, is seeded by (seed, rank, worker, epoch).
         generator = torch.Generator().manual_seed(self._rng(worker, "posterior").getrandbits(63))
-        for batch in wds.batched(self.batch_size, collation_fn=self._collate, partial=False)(samples):
+        for batch in batches:
             yield self._sample(batch, generator)
 
 

@@ -148,6 +148,14 @@ class ShardStream(torch.utils.data.IterableDataset):
             "key": [s["key"] for s in samples],
         }
 
+    def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """One raw WebDataset sample -> the fields `_collate` batches (a subclass reads other shards)."""
+        return _decode_sample(sample, self.image_keys)
+
+    def batches(self, batches: Iterator[dict[str, Any]], worker: int) -> Iterator[dict[str, Any]]:
+        """A last per-batch step in the worker (identity here; the latent loader samples the posterior)."""
+        return batches
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -156,10 +164,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             samples = wds.shuffle(
                 self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=self._rng(worker, "shuffle")
             )(samples)
-        samples = (_decode_sample(s, self.image_keys) for s in samples)
+        samples = (self.decode(s) for s in samples)
         if self.caption_dropout > 0:
             samples = _drop_captions(samples, self.caption_dropout, self._rng(worker, "dropout"))
-        yield from wds.batched(self.batch_size, collation_fn=self._collate, partial=False)(samples)
+        batches = wds.batched(self.batch_size, collation_fn=self._collate, partial=False)(samples)
+        yield from self.batches(batches, worker)
 
 
 def _drop_captions(samples: Iterator[dict], p: float, rng: random.Random) -> Iterator[dict]:
