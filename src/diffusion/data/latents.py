@@ -40,7 +40,7 @@ import torch
 import webdataset as wds
 from tokenizers import Tokenizer
 
-from diffusion.data.loader import ShardStream, StreamLoader, dist_info, expand_urls
+from diffusion.data.loader import ShardStream, StreamLoader, expand_urls, stream_loader
 from diffusion.data.shards import ShardList, _add_member, _check_key
 from diffusion.data.tokenizer import encode
 
@@ -289,21 +289,8 @@ def make_latent_loader(
         resampled: draw shards with replacement (training); False: each shard once per pass.
         pin_memory: page-locked batches, for faster copies to a GPU.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    if not 0.0 <= caption_dropout <= 1.0:
-        raise ValueError(f"caption_dropout: expected a probability in [0, 1], got {caption_dropout}")
-    if epoch_steps is not None and epoch_steps < 1:
-        raise ValueError(f"epoch_steps: expected >= 1 or None, got {epoch_steps}")
-    urls = expand_urls(urls)
-    if not resampled and len(urls) < dist_info()[1]:
-        raise ValueError(f"{len(urls)} shards for {dist_info()[1]} ranks: use resampled=True or more shards")
-    stream = LatentStream(
-        urls, tokenizer, latent_scale=latent_scale, latent_shift=latent_shift, batch_size=batch_size,
-        shuffle_buffer=shuffle_buffer, seed=seed, resampled=resampled, caption_dropout=caption_dropout,
+    return stream_loader(
+        LatentStream, urls, tokenizer, batch_size=batch_size, num_workers=num_workers, epoch_steps=epoch_steps,
+        resampled=resampled, caption_dropout=caption_dropout, pin_memory=pin_memory,
+        latent_scale=latent_scale, latent_shift=latent_shift, shuffle_buffer=shuffle_buffer, seed=seed,
     )
-    loader = StreamLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
-    if epoch_steps is not None:
-        # On the loader, not the dataset: exactly `epoch_steps` batches per rank (pitfall 1).
-        loader = loader.with_epoch(epoch_steps).with_length(epoch_steps, silent=True)
-    return loader

@@ -236,6 +236,20 @@ def make_loader(
         caption_dropout: probability of replacing a caption with ``""`` (the null condition).
         image_key_order: image extensions to look for, first found wins.
     """
+    return stream_loader(
+        ShardStream, urls, tokenizer, batch_size=batch_size, num_workers=num_workers, epoch_steps=epoch_steps,
+        resampled=resampled, caption_dropout=caption_dropout, pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor, shuffle_buffer=shuffle_buffer, seed=seed, image_keys=image_key_order,
+    )
+
+
+def stream_loader(
+    stream_cls: type[ShardStream], urls: Sequence[str] | str, tokenizer: Tokenizer, *, batch_size: int,
+    num_workers: int, epoch_steps: int | None, resampled: bool, caption_dropout: float, pin_memory: bool = False,
+    prefetch_factor: int = 2, **stream_kwargs: Any,
+) -> StreamLoader:
+    """Check the arguments, build a `stream_cls` stream over `urls` and its DDP-correct loader; shared by
+    the image loader (`make_loader`) and the latent loader (`data.latents.make_latent_loader`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     if not 0.0 <= caption_dropout <= 1.0:
@@ -247,16 +261,15 @@ def make_loader(
     if not resampled and len(urls) < world_size:
         # A rank without shards yields no batch and the others would wait for it in all_reduce.
         raise ValueError(f"{len(urls)} shards for {world_size} ranks: use resampled=True or more shards")
-    stream = ShardStream(
-        urls, tokenizer, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed,
-        resampled=resampled, caption_dropout=caption_dropout, image_keys=image_key_order,
-    )
+    stream = stream_cls(urls, tokenizer, batch_size=batch_size, resampled=resampled, caption_dropout=caption_dropout,
+                        **stream_kwargs)
     kwargs: dict[str, Any] = {"batch_size": None, "num_workers": num_workers, "pin_memory": pin_memory}
     if num_workers > 0:
         kwargs["prefetch_factor"] = prefetch_factor
     loader = StreamLoader(stream, **kwargs)
     if epoch_steps is not None:
-        # On the loader: exactly `epoch_steps` batches per rank; with_length gives Lightning a len().
+        # On the loader, not the dataset (DESIGN.md pitfall 1): exactly `epoch_steps` batches per rank;
+        # with_length gives Lightning a len().
         loader = loader.with_epoch(epoch_steps).with_length(epoch_steps, silent=True)
     return loader
 

@@ -20,7 +20,6 @@ the weights are initialised under a forked, seeded RNG, so a run is deterministi
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.pt"
+from diffusion.models.io import load_weights, read_config, save_module
+
 IGNORE = -100  # label of an attribute a sample lacks (or a value outside the vocabulary): no loss, no score
 
 Vocab = dict[str, list[str]]  # attribute name -> its values, in a fixed order (the head's classes)
@@ -101,19 +100,13 @@ class AttributeJudge(nn.Module):
         return torch.cat(feats), {name: torch.cat(p) for name, p in preds.items()}
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
-        torch.save(self.state_dict(), directory / WEIGHTS_FILE)
-        return directory
+        return save_module(self, self.config, directory)
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> AttributeJudge:
         """Rebuild a judge written by :meth:`save` (weights loaded with ``weights_only=True``, pitfall 14)."""
-        directory = Path(directory)
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        judge = cls(**config)
-        judge.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True))
+        judge = cls(**read_config(directory))
+        load_weights(judge, directory, map_location)
         return judge.eval()
 
 

@@ -33,7 +33,6 @@ a multiple of it, which :meth:`LatentDiffusionModel.generate` checks before doin
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from torch import nn
 from diffusion.config import Config, ConfigError
 from diffusion.data.tokenizer import BOS_ID, EOS_ID
 from diffusion.models.dit import DiT, DiTConfig
+from diffusion.models.io import load_weights, read_config, save_module
 from diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion.models.unet import UNet, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
@@ -51,8 +51,6 @@ from diffusion.samplers import SAMPLERS, ModelFn, StepCallback, classifier_free_
 
 DENOISERS: dict[str, tuple[type[Config], type[nn.Module]]] = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.pt"
 
 
 def register_denoiser(
@@ -300,19 +298,12 @@ class LatentDiffusionModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` (what builds the model) and ``model.pt`` (its state dict) to ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
-        torch.save(self.state_dict(), directory / WEIGHTS_FILE)
-        return directory
+        return save_module(self, self.config, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> LatentDiffusionModel:
         """Rebuild a model saved by :meth:`save_pretrained`. Weights are loaded with ``weights_only=True``
         (they may come from anyone; DESIGN.md pitfall 14). A custom denoiser must be registered first."""
-        directory = Path(directory)
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        model = cls(**config)
-        state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
-        model.load_state_dict(state)
+        model = cls(**read_config(directory))
+        load_weights(model, directory, map_location)
         return model.to(map_location)
