@@ -44,7 +44,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
 from diffusion.config import ConfigError
 from diffusion.data.shards import atomic_write_json, atomic_write_text
@@ -421,7 +421,9 @@ def build_trainer(
         log_every_n_steps=cfg.log_every_n_steps,
         val_check_interval=cfg.val_every_n_steps,
         check_val_every_n_epoch=None,
-        callbacks=list(callbacks),
+        # The bar shows the loss; refreshing it every step would read the loss back from the device on
+        # every step (a host sync), so it refreshes as often as metrics are logged.
+        callbacks=[*callbacks, TQDMProgressBar(refresh_rate=cfg.log_every_n_steps)],
         logger=logger,
         enable_progress_bar=True,
         enable_model_summary=False,
