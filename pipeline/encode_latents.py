@@ -16,7 +16,6 @@ output (or none); a rerun with the same inputs writes byte-identical files.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from diffusion.config import ConfigError, EncodeLatentsConfig
 from diffusion.data.latents import LatentRecord, encode_records, rechunk, write_latent_shards
 from diffusion.data.loader import iter_shards
+from diffusion.data.locations import is_remote, list_split, read_manifest, resolve, split_shards
 from diffusion.data.shards import ShardList, atomic_write_json, list_shards
 from diffusion.training.latent_stats import CONFIG_FILE, load_vae
 
@@ -48,12 +48,17 @@ def validate(cfg: EncodeLatentsConfig) -> None:
             "run `python cli.py train-vae` (or `dvc repro train_vae`) first"
         )
     for split in SPLITS:
-        folder = Path(cfg.shards_dir) / split
+        try:
+            shards = list_split(cfg.shards_dir, split)  # a folder, or a URL (diffusion.data.locations)
+        except FileNotFoundError as error:
+            if is_remote(cfg.shards_dir):
+                raise EncodeLatentsError(f"encode_latents.shards_dir: {error}") from error
+            shards = None
         # An empty val folder is legitimate (val_fraction 0); an empty train folder is not.
-        if not folder.is_dir() or (split == "train" and not any(folder.glob("*.tar"))):
+        if shards is None or (split == "train" and not shards):
             raise EncodeLatentsError(
-                f"{folder}: no image shards. They are written by the shard stage: run `python cli.py shard` "
-                "(or `dvc repro shard`) first"
+                f"{resolve(cfg.shards_dir, split)}: no image shards. They are written by the shard stage: run "
+                "`python cli.py shard` (or `dvc repro shard`) first"
             )
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("encode_latents.device: 'cuda' requested but no GPU is available; use 'cpu' or 'auto'")
@@ -77,11 +82,10 @@ def load_frozen_vae(cfg: EncodeLatentsConfig) -> tuple[torch.nn.Module, Any, Any
 
 def _expected_counts(cfg: EncodeLatentsConfig) -> dict[str, int | None]:
     """Samples per split from the shard manifest, for the progress bar (None if there is no manifest)."""
-    path = Path(cfg.shards_dir) / "manifest.json"
     try:
-        counts = json.loads(path.read_text())["counts"]
+        counts = read_manifest(cfg.shards_dir)["counts"]
         return {split: int(counts[split]) for split in SPLITS}
-    except (OSError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):
         return dict.fromkeys(SPLITS)
 
 
@@ -92,15 +96,16 @@ def _counted(records: Iterable[LatentRecord], bar: tqdm) -> Iterator[LatentRecor
 
 
 def _groups(
-    cfg: EncodeLatentsConfig, vae: torch.nn.Module, urls: list[str], bar: tqdm
+    cfg: EncodeLatentsConfig, vae: torch.nn.Module, shards: list[tuple[str, str]], bar: tqdm
 ) -> Iterator[tuple[str, Iterable[LatentRecord]]]:
-    """(shard name, records): one per image shard, or re-chunked to `samples_per_shard`."""
+    """(shard name, records): one per image shard (`shards`: (name, path or URL)), or re-chunked to
+    `samples_per_shard`."""
     if cfg.samples_per_shard is None:
         # Batches stay within a shard; the last batch of each shard may be smaller, deterministically.
-        for url in urls:
-            yield Path(url).name, _counted(encode_records(vae, iter_shards([url]), cfg.batch_size), bar)
+        for name, url in shards:
+            yield name, _counted(encode_records(vae, iter_shards([url]), cfg.batch_size), bar)
     else:
-        records = _counted(encode_records(vae, iter_shards(urls), cfg.batch_size), bar)
+        records = _counted(encode_records(vae, iter_shards([url for _, url in shards]), cfg.batch_size), bar)
         yield from rechunk(records, cfg.samples_per_shard)
 
 
@@ -108,9 +113,9 @@ def encode_split(
     cfg: EncodeLatentsConfig, vae: torch.nn.Module, split: str, dest: Path, total: int | None
 ) -> ShardList:
     """Encode ``<shards_dir>/<split>`` into ``dest`` (a folder), with a progress bar."""
-    urls = list_shards(Path(cfg.shards_dir) / split)
+    shards = split_shards(cfg.shards_dir, split)
     with tqdm(total=total, desc=f"encode_latents {split}", unit="img", mininterval=1.0) as bar:
-        return write_latent_shards(_groups(cfg, vae, urls, bar), dest)
+        return write_latent_shards(_groups(cfg, vae, shards, bar), dest)
 
 
 def _latent_shape(folder: Path) -> list[int]:

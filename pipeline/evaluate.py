@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from diffusion.config import EvaluateConfig, JudgeConfig, SweepEntry
-from diffusion.data.shards import atomic_write_json, list_shards
+from diffusion.data.locations import is_remote, list_split, read_manifest
+from diffusion.data.shards import atomic_write_json
 from diffusion.evaluation.judge import AttributeJudge, LabelledImages, encode_labels, load_split
 from diffusion.evaluation.metrics import adherence, score_images
 
@@ -47,8 +48,10 @@ class EvaluateError(RuntimeError):
 
 def _shards(shards_dir: str, split: str, section: str) -> list[str]:
     try:
-        urls = list_shards(Path(shards_dir) / split)
-    except FileNotFoundError:
+        urls = list_split(shards_dir, split)  # a folder, or a URL (diffusion.data.locations)
+    except FileNotFoundError as error:
+        if is_remote(shards_dir):
+            raise EvaluateError(f"{section}.shards_dir: {error}") from error
         urls = []
     if not urls:
         raise EvaluateError(f"{section}.shards_dir: no shards in {shards_dir}/{split}; run `python cli.py shard` "
@@ -57,8 +60,7 @@ def _shards(shards_dir: str, split: str, section: str) -> list[str]:
 
 
 def _manifest(shards_dir: str) -> dict[str, Any]:
-    path = Path(shards_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_manifest(shards_dir) or {}
 
 
 # --------------------------------------------------------------------------------------------------

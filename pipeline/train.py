@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from diffusion.config import TrainConfig
-from diffusion.data.shards import atomic_write_json, list_shards
+from diffusion.data.locations import is_remote, list_split
+from diffusion.data.shards import atomic_write_json
 from diffusion.training.checkpointing import DEFAULT_EXCLUDE
 
 STAGE = "train"
@@ -45,8 +46,10 @@ class TrainError(RuntimeError):
 def validate(cfg: TrainConfig) -> list[str]:
     """Checks that need the inputs, before any work. Returns the train latent shards."""
     try:
-        urls = list_shards(Path(cfg.latents_dir) / "train")
-    except FileNotFoundError:
+        urls = list_split(cfg.latents_dir, "train")  # a folder, or a URL (diffusion.data.locations)
+    except FileNotFoundError as error:
+        if is_remote(cfg.latents_dir):
+            raise TrainError(f"train.latents_dir: {error}") from error
         urls = []
     if not urls:
         raise TrainError(f"train.latents_dir: no latent shards in {cfg.latents_dir}/train; "
@@ -190,7 +193,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     import pytorch_lightning as pl
 
     from diffusion.tracking import tracking_uri
-    from diffusion.training.checkpointing import resumable_stage_run
+    from diffusion.training.checkpointing import rank_report, resumable_stage_run
 
     urls = validate(cfg)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -201,8 +204,9 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
               f"checkpoints in {run.point.dir}")
         start = time.perf_counter()
         trainer, system, grid = _fit(cfg, run, urls)
-        # Every rank says how far it got: under DDP unequal step counts would mean a hang or lost data.
-        print(f"train: rank {trainer.global_rank} took {trainer.global_step} optimizer steps", flush=True)
+        # Every rank says how far it got and a digest of its weights: under DDP both must be equal on
+        # every rank, on one machine or several (checkpointing.rank_report).
+        print(rank_report(STAGE, trainer, system), flush=True)
         if not trainer.is_global_zero:
             return None
         metrics = _finish(cfg, run, trainer, system, grid, time.perf_counter() - start)

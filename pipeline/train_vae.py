@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from diffusion.config import ConfigError, TrainVAEConfig
-from diffusion.data.shards import atomic_write_json, list_shards
+from diffusion.data.locations import is_remote, list_split, read_manifest
+from diffusion.data.shards import atomic_write_json
 from diffusion.training.checkpointing import DEFAULT_EXCLUDE
 
 STAGE = "train_vae"
@@ -39,28 +40,29 @@ class TrainVAEError(RuntimeError):
 
 def validate(cfg: TrainVAEConfig) -> tuple[list[str], list[str]]:
     """Checks that need the inputs, before any work. Returns the (train, val) shard paths."""
-    shards = Path(cfg.shards_dir)
     urls = {}
     for split in ("train", "val"):
         try:
-            urls[split] = list_shards(shards / split)
-        except FileNotFoundError:
+            urls[split] = list_split(cfg.shards_dir, split)  # a folder, or a URL (diffusion.data.locations)
+        except FileNotFoundError as error:
+            if is_remote(cfg.shards_dir):
+                raise TrainVAEError(f"train_vae.shards_dir: {error}") from error
             urls[split] = []
         if not urls[split]:
             raise TrainVAEError(
-                f"train_vae.shards_dir: no {split} shards in {shards / split}; make them with "
+                f"train_vae.shards_dir: no {split} shards in {cfg.shards_dir}/{split}; make them with "
                 "`python cli.py shard` (or `dvc repro shard`) first"
             )
     if not Path(cfg.tokenizer_path).is_file():
         raise TrainVAEError(f"train_vae.tokenizer_path: {cfg.tokenizer_path} not found; run `python cli.py shard` first")
-    _check_resolution(cfg, shards / "manifest.json")
+    _check_resolution(cfg, read_manifest(cfg.shards_dir))
     return urls["train"], urls["val"]
 
 
-def _check_resolution(cfg: TrainVAEConfig, manifest: Path) -> None:
+def _check_resolution(cfg: TrainVAEConfig, manifest: dict[str, Any] | None) -> None:
     try:
-        resolution = int(json.loads(manifest.read_text())["resolution"])
-    except (OSError, KeyError, TypeError, ValueError):
+        resolution = int(manifest["resolution"])
+    except (KeyError, TypeError, ValueError):
         return  # shards made elsewhere: the VAE's own check reports a size it cannot take
     factor = cfg.model.downsample_factor
     if resolution % factor:

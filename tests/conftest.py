@@ -1,5 +1,6 @@
 """Shared test setup: offline, quiet, single-threaded, and never touching the project's own outputs."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -61,3 +62,47 @@ def run_cli(args, cwd, env, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"cli {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread in this process for the test: on a busy 2-core machine two OpenMP threads spin against
+    each other (and against helper processes such as curl or a server), and a tiny run takes many times longer."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it; a tiny race with other processes is accepted)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_folder(folder):
+    """Serve `folder` over HTTP on 127.0.0.1 from a thread of this process; yields the base URL. Stands in
+    for object storage or a web server holding shards (WebDataset fetches http(s) URLs with curl)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # one line per request on stderr would drown the test output
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -1,7 +1,10 @@
-"""End to end: `dvc repro` of the whole pipeline in a temporary clone, at a tiny size.
+"""End to end: `dvc repro` of the whole pipeline in a temporary clone, at a tiny size, then experiments.
 
 Checks that every stage's outputs appear, that MLflow holds one run per stage with its tags, and that a
-second `dvc repro` with nothing changed runs nothing (DESIGN.md, Reproducibility).
+second `dvc repro` with nothing changed runs nothing (DESIGN.md, Reproducibility). Then, on the same clone
+(a second `dvc repro` of everything would cost minutes): a DiT experiment (`dvc exp run -S`) beside the U-Net
+baseline in `dvc exp show`, in `dvc plots` and in one MLflow experiment; a `dvc exp run --temp` experiment
+whose MLflow run still lands in the repository's own mlflow.db; the trained model as a DVC artifact.
 """
 
 import json
@@ -48,6 +51,9 @@ def dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     # `python` in dvc.yaml's commands must be this interpreter (the project's environment).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # No MLFLOW_TRACKING_URI (conftest points it at a per-test store): the stages must find the clone's own
+    # <root>/mlflow.db by themselves, as they do for a user, temporary experiment folders included.
+    env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, f"dvc {args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -55,7 +61,8 @@ def dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(900)
-def test_dvc_repro_runs_every_stage_once_and_then_nothing(tmp_path):
+def test_dvc_repro_runs_every_stage_once_and_then_nothing_then_experiments(tmp_path):
+    """One clone for all of it: the experiments reuse what the first `dvc repro` made (its stages cached)."""
     repo = clone(tmp_path / "repo")
     first = dvc(["repro"], repo)
     for stage in STAGES:
@@ -67,9 +74,7 @@ def test_dvc_repro_runs_every_stage_once_and_then_nothing(tmp_path):
     metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert {"fid", "kid_mean"} <= set(metrics) and any(k.startswith("adherence") for k in metrics), sorted(metrics)
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    client = mlflow_client(repo)
     runs = client.search_runs([client.get_experiment_by_name("diffusion").experiment_id])
     by_stage = {}
     for run in runs:
@@ -83,3 +88,189 @@ def test_dvc_repro_runs_every_stage_once_and_then_nothing(tmp_path):
     assert "Running stage" not in second.stdout, second.stdout
     status = dvc(["status"], repo)
     assert "up to date" in status.stdout.lower(), status.stdout
+
+    # What a user does next: commit the results as the baseline, then experiment on top of it.
+    baseline = commit_baseline(repo)
+    check_model_artifact(repo)
+    check_plots_html(repo)
+    check_dit_experiment(repo, baseline)
+    check_temp_experiment(repo, baseline)
+    check_exp_show_and_plots_diff(repo, baseline)
+
+
+def mlflow_client(repo: Path):
+    """A client on the store the stages wrote to by default: <repo>/mlflow.db."""
+    from mlflow.tracking import MlflowClient
+
+    assert (repo / "mlflow.db").is_file(), "the stages' MLflow store is at the repository root"
+    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def git(args: list[str], repo: Path) -> str:
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args]
+    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def commit_baseline(repo: Path) -> str:
+    """Commit dvc.lock, the metrics and the plots (what `dvc exp show` reads for the baseline); returns the sha.
+
+    `git add -A` as a user would: .gitignore keeps the resumable checkpoints (a `cache: false` output that
+    DVC does not git-ignore itself) out of the commit, and DVC's own .gitignore files the cached outputs."""
+    git(["add", "-A"], repo)
+    git(["commit", "-qm", "baseline: U-Net"], repo)
+    tracked = git(["ls-files"], repo).split()
+    assert {"dvc.lock", "metrics/eval.json", "plots/train_loss.csv"} <= set(tracked)
+    assert not [f for f in tracked if f.startswith("checkpoints/") or f.endswith((".pt", ".ckpt", ".tar"))], tracked
+    return git(["rev-parse", "HEAD"], repo)
+
+
+def check_model_artifact(repo: Path) -> None:
+    """dvc.yaml declares models/diffusion as a model artifact, and `dvc artifacts get` fetches a registered
+    version of it (a GTO git tag `<name>@v<semver>`: how DVC's model registry records versions)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        artifact = dvc_repo.artifacts.read()["dvc.yaml"]["diffusion-model"]
+    assert (artifact.path, artifact.type) == ("models/diffusion", "model")
+    assert artifact.desc and artifact.labels
+
+    git(["tag", "-a", "diffusion-model@v0.1.0", "-m", "the U-Net baseline"], repo)
+    out = repo.parent / "artifact"
+    dvc(["artifacts", "get", str(repo), "diffusion-model", "-o", str(out)], repo)
+    assert (out / "model.pt").read_bytes() == (repo / "models/diffusion/model.pt").read_bytes()
+    assert (out / "config.json").is_file()
+
+
+def check_plots_html(repo: Path) -> None:
+    """`dvc plots show` writes an HTML page with the titled loss curve and sampler sweep."""
+    out = repo.parent / "dvc_plots"
+    dvc(["plots", "show", "-o", str(out)], repo)
+    html = (out / "index.html").read_text()
+    assert "Diffusion training loss" in html and "Sampler sweep" in html
+
+
+def check_dit_experiment(repo: Path, baseline: str) -> None:
+    """`dvc exp run -S train.denoising_type=dit` reruns only what the denoiser changes, and MLflow holds its
+    runs beside the baseline's in one experiment, comparable in the UI."""
+    run = dvc(["exp", "run", "-n", "dit", "-S", "train.denoising_type=dit"], repo)
+    for stage in ("train", "evaluate"):
+        assert f"Running stage '{stage}'" in run.stdout, stage
+    for stage in ("shard", "train_vae", "encode_latents", "train_judge"):
+        assert f"Stage '{stage}' didn't change, skipping" in run.stdout, stage
+
+    client = mlflow_client(repo)
+    # Every run of the store, baseline and experiment alike, is in the one MLflow experiment the UI compares.
+    experiment = client.get_experiment_by_name("diffusion").experiment_id
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {r.info.experiment_id for r in runs} == {experiment}
+    dit_runs = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("dvc_exp_name") == "dit"}
+    assert sorted(dit_runs) == ["evaluate", "train"], sorted(dit_runs)
+    assert all(r.data.tags["git_commit"] == baseline for r in dit_runs.values())
+    unet_runs = {r.data.tags["stage"]: r for r in runs if not r.data.tags.get("dvc_exp_name")}
+    # The same params and metric names, the same sample grid artifact: the UI lines them up side by side.
+    for stage, grid in (("train", "samples/final.png"), ("evaluate", "samples.png")):
+        a, b = unet_runs[stage], dit_runs[stage]
+        assert set(a.data.params) == set(b.data.params) and set(a.data.metrics) == set(b.data.metrics), stage
+        for r in (a, b):
+            assert grid in artifact_paths(client, r.info.run_id), (stage, r.info.run_id)
+    assert [r.data.params["denoising_type"] for r in (unet_runs["train"], dit_runs["train"])] == ["unet", "dit"]
+
+
+def check_temp_experiment(repo: Path, baseline: str) -> None:
+    """`dvc exp run --temp` runs in a throw-away copy under .dvc/tmp/exps/, yet its MLflow run is in the
+    repository's mlflow.db (the copy's would be deleted with it), tagged with the experiment's name.
+
+    The cheapest stage (shard, as the only target) is enough: what is checked is where the run lands."""
+    manifest = (repo / "data/shards/manifest.json").read_bytes()
+    run = dvc(["exp", "run", "--temp", "-n", "shard-temp", "-S", "shard.seed=1", "shard"], repo)
+    assert "Running stage 'shard'" in run.stdout, run.stdout
+    # It ran elsewhere: the workspace's parameters and data are untouched.
+    assert yaml.safe_load((repo / "params.yaml").read_text())["shard"]["seed"] == 0
+    assert (repo / "data/shards/manifest.json").read_bytes() == manifest
+
+    client = mlflow_client(repo)
+    (shard,) = [r for r in client.search_runs([client.get_experiment_by_name("diffusion").experiment_id])
+                if r.data.tags.get("dvc_exp_name") == "shard-temp"]
+    assert shard.data.tags["stage"] == "shard" and shard.data.params["seed"] == "1"
+    assert shard.data.tags["git_commit"] == baseline
+    # Its artifacts went beside the root store too, not into the deleted copy.
+    assert shard.info.artifact_uri.startswith((repo / "mlartifacts").as_uri()), shard.info.artifact_uri
+
+
+def check_exp_show_and_plots_diff(repo: Path, baseline: str) -> None:
+    """`dvc exp show` lists the baseline and both experiments with their own params and metrics, and
+    `dvc plots diff` draws the U-Net's and the DiT's loss curves on one plot, once per definition."""
+    rows = exp_rows(repo)
+    base, dit, temp = rows[baseline], rows["dit"], rows["shard-temp"]
+    assert [r["params"]["train"]["denoising_type"] for r in (base, dit)] == ["unet", "dit"]
+    assert temp["params"]["shard"]["seed"] == 1
+    for row in (base, dit):
+        assert {"fid", "kid_mean", "adherence"} <= set(row["metrics"]["metrics/eval.json"])
+    # Different networks: the experiment's metric is its own, not the baseline's carried over.
+    assert (dit["metrics"]["metrics/train.json"]["parameters_denoiser"]
+            != base["metrics"]["metrics/train.json"]["parameters_denoiser"])
+
+    # Each plot once, from the top-level definitions (not a second time from the stage outputs).
+    plots = json.loads(dvc(["plots", "diff", "HEAD", "dit", "--json"], repo).stdout)["data"]
+    assert set(plots) == {"train_loss", "eval_sweep", "reports/samples.png"}, sorted(plots)
+    (loss,) = plots["train_loss"]
+    assert sorted(loss["revisions"]) == ["HEAD", "dit"]
+    spec = loss["content"]
+    assert spec["encoding"]["x"]["field"] == "step" and spec["title"]["text"].startswith("Diffusion training loss")
+    assert {p["rev"] for p in spec["data"]["values"]} == {"HEAD", "dit"}, "a curve per revision"
+    (sweep,) = plots["eval_sweep"]
+    assert [sweep["content"]["encoding"][axis]["field"] for axis in "xy"] == ["images_per_second", "adherence"]
+
+
+def exp_rows(repo: Path) -> dict[str, dict]:
+    """`dvc exp show --json` as {baseline sha or experiment name: {"params": ..., "metrics": ...}}."""
+    shown = json.loads(dvc(["exp", "show", "--json"], repo).stdout)
+    rows = {}
+
+    def row(entry: dict) -> dict:
+        data = entry["data"]
+        return {"params": data["params"]["params.yaml"]["data"],
+                "metrics": {path: m["data"] for path, m in data["metrics"].items()}}
+
+    for commit in shown:
+        if commit["rev"] != "workspace":
+            rows[commit["rev"]] = row(commit)
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                rows[rev["name"]] = row(rev)
+    return rows
+
+
+def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += artifact_paths(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+def test_project_root_is_never_a_temporary_experiment_folder(tmp_path, monkeypatch):
+    """Queued and --temp experiments run in <root>/.dvc/tmp/exps/[standalone/]tmpXXXX, a git clone deleted
+    afterwards: the MLflow store must still be <root>/mlflow.db, whether DVC_ROOT or git names the copy."""
+    from diffusion.tracking import project_root, tracking_uri
+
+    root = tmp_path / "repo"
+    copy = root / ".dvc/tmp/exps/standalone/tmpab12cd"
+    copy.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    monkeypatch.setenv("DVC_ROOT", str(copy))
+    assert project_root() == root
+    assert tracking_uri() == f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    assert project_root() == root
+
+    monkeypatch.delenv("DVC_ROOT")
+    assert project_root(copy) == root, "the copy's git top level maps back too"
+    monkeypatch.chdir(copy)
+    assert tracking_uri() == f"sqlite:///{root / 'mlflow.db'}"
+    # A folder that merely looks alike is left alone.
+    other = tmp_path / "other/.dvc/tmp/cache"
+    other.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=other, check=True)
+    assert project_root(other) == other

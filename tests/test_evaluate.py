@@ -4,9 +4,11 @@ The judge tests use shapes images generated in memory (no shards: faster); the s
 pipeline once at 32 px with tiny models (a module fixture) and then `python cli.py evaluate`.
 """
 
+import contextlib
 import json
 import math
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -248,6 +250,122 @@ def test_evaluate_stage_writes_metrics_sweep_grid_and_one_mlflow_run(pipeline_ro
     assert "samples.png" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     version = client.get_model_version_by_alias("diffusion-shapes", "candidate")  # registered at the end
     assert version.run_id == runs[0].info.run_id
+
+
+def _rest(base: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
+    """Call MLflow's REST API (``/api/2.0/mlflow/<endpoint>``): GET with `query`, or POST `body` as JSON."""
+    import urllib.parse
+    import urllib.request
+
+    url = f"{base}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@contextlib.contextmanager
+def mlflow_server(db: Path, artifacts: Path, log: Path):
+    """`mlflow server` on 127.0.0.1 over the sqlite store `db`, as a team would run it; yields its base URL
+    once /health answers, and stops the server (and the workers it started) whatever happens."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+               "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    with open(log, "w") as out:  # a file, not a pipe: nobody reads a pipe while the test runs
+        # Its own process group, so that stopping it also stops the web server workers it starts.
+        server = subprocess.Popen(command, cwd=artifacts.parent, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, f"mlflow server exited {server.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"mlflow server did not answer /health:\n{log.read_text()}"
+            time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.mark.timeout(300)
+def test_mlflow_server_serves_the_stage_runs_and_the_registered_model(pipeline_root, tmp_path, monkeypatch,
+                                                                       one_thread):
+    """A tracking server for a team: `mlflow server` started on the project's sqlite store gives back, through
+    its REST API, one run per stage with its tags and metrics, and the model evaluate registered."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from diffusion.config import load_section
+    from pipeline import evaluate
+
+    # A project as the stages leave it: the module's store (train_vae, encode_latents, train, train_judge)
+    # as its mlflow.db, then evaluate, which adds its run and registers diffusion-shapes@candidate.
+    project = tmp_path / "project"
+    for name in ("data", "models", "metrics"):
+        shutil.copytree(pipeline_root / name, project / name)
+    shutil.copyfile(pipeline_root / "params.yaml", project / "params.yaml")
+    db = project / "mlflow.db"
+    shutil.copyfile(pipeline_root / "upstream.db", db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.chdir(project)
+    # The quickest evaluate that still registers the model: no FID, no sweep, two prompts, one sampler step.
+    quick = ["evaluate.fid=false", "evaluate.sweep=[]", "evaluate.num_samples=2", "evaluate.steps=1",
+             "evaluate.grid_prompts=[a red circle]", "evaluate.grid_seeds=1"]
+    evaluate.main(load_section(EvaluateConfig, project / "params.yaml", quick))
+    local = MlflowClient(f"sqlite:///{db}").get_model_version_by_alias("diffusion-shapes", "candidate")
+
+    with mlflow_server(db, tmp_path / "artifacts", tmp_path / "server.log") as base:
+        experiment = _rest(base, "experiments/get-by-name", experiment_name="diffusion")["experiment"]
+        found = _rest(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 50})
+        by_stage = {}
+        for run in found["runs"]:
+            tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+            assert "git_commit" in tags and tags["stage"] not in by_stage, "one run per stage execution"
+            by_stage[tags["stage"]] = run
+        assert set(by_stage) == {"train_vae", "encode_latents", "train", "train_judge", "evaluate"}
+        for stage, metrics_file, key in (("train_vae", "vae.json", "latent_scale"), ("train", "train.json", "steps"),
+                                         ("train_judge", "judge.json", "val_all_correct"),
+                                         ("evaluate", "eval.json", "judge_real_adherence")):
+            logged = {m["key"]: m["value"] for m in by_stage[stage]["data"]["metrics"]}
+            expected = json.loads((project / "metrics" / metrics_file).read_text())[key]
+            assert logged[key] == pytest.approx(expected, rel=1e-12), (stage, key)
+        params = {p["key"]: p["value"] for p in by_stage["train"]["data"]["params"]}
+        assert params["unet.base_channels"] == "16" and params["max_steps"] == "2"
+
+        model = _rest(base, "registered-models/get", name="diffusion-shapes")["registered_model"]
+        assert model["aliases"] == [{"alias": "candidate", "version": str(local.version)}]
+        version = _rest(base, "registered-models/alias", name="diffusion-shapes", alias="candidate")["model_version"]
+        assert version["run_id"] == by_stage["evaluate"]["info"]["run_id"]
+        assert version["source"] == local.source and version["source"].startswith("models:/")
+        assert version["status"] == "READY"
+
+        # What a teammate's code does with MLFLOW_TRACKING_URI=http://host:port: the same client, over HTTP.
+        remote = MlflowClient(base)
+        assert remote.get_model_version_by_alias("diffusion-shapes", "candidate").source == local.source
+        [train_run] = remote.search_runs([experiment["experiment_id"]], "tags.stage = 'train'")
+        assert train_run.info.run_id == by_stage["train"]["info"]["run_id"]
+        assert train_run.data.metrics["parameters_denoiser"] == json.loads(
+            (project / "metrics/train.json").read_text())["parameters_denoiser"]
 
 
 def test_evaluate_without_a_model_names_the_stage_to_run(tmp_path, cli_env):

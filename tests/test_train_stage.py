@@ -6,6 +6,7 @@ copies that project folder and runs the train stage on it with a tiny U-Net or D
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_cli
+from conftest import ROOT, free_port, run_cli, serve_folder
 
 from diffusion.config import apply_overrides
 
@@ -176,15 +177,108 @@ def test_changed_parameters_start_a_fresh_run(project, capsys):
     assert len(runs("train")[1]) == 2
 
 
+def rank_lines(output: str) -> list[tuple[int, int, str]]:
+    """(global rank, optimizer steps, weights digest) from each rank's closing line (checkpointing.rank_report)."""
+    found = re.findall(r"^train: rank (\d+) of \d+ took (\d+) optimizer steps; weights (\w+)$", output, re.M)
+    return [(int(rank), int(steps), digest) for rank, steps, digest in found]
+
+
 @pytest.mark.timeout(300)
 def test_ddp_two_processes_train_together_with_one_mlflow_run(project, cli_env):
     out = run_cli(["train", "-S", "train.devices=2", "-S", "train.strategy=ddp", "-S", "train.max_steps=6",
                    "-S", "train.sample_every_n_steps=0", "-S", "train.checkpoint_every_n_steps=100"],
                   project, cli_env)
-    ranks = sorted(line for line in out.stdout.splitlines() if line.startswith("train: rank "))
-    assert ranks == ["train: rank 0 took 6 optimizer steps", "train: rank 1 took 6 optimizer steps"], out.stdout
+    ranks = sorted(rank_lines(out.stdout))
+    assert [r[:2] for r in ranks] == [(0, 6), (1, 6)], out.stdout
+    assert ranks[0][2] == ranks[1][2], "DDP averages gradients: both ranks end with the same weights"
     assert len(runs("train")[1]) == 1
     assert json.loads((project / "metrics/train.json").read_text())["steps"] == 6
+
+
+def _node_command(launcher: str, node_rank: int, port: int, overrides: list[str]) -> tuple[list[str], dict]:
+    """The command and environment that start node `node_rank` of a 2-node run, as a launcher would."""
+    stage = [str(ROOT / "cli.py"), "train", *(arg for o in overrides for arg in ("-S", o))]
+    if launcher == "torchrun":
+        # torchrun with a static rendezvous: node 0's agent hosts the store at --master-addr:--master-port;
+        # each worker gets RANK, LOCAL_RANK, GROUP_RANK, WORLD_SIZE and TORCHELASTIC_RUN_ID, from which
+        # Lightning picks its TorchElasticEnvironment.
+        run = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        return [*run, *stage], {}
+    # A hand-made cluster, as Lightning's docs describe it: MASTER_ADDR, MASTER_PORT, WORLD_SIZE, NODE_RANK
+    # on each machine and a plain `python` start. Lightning's default LightningEnvironment reads them; with
+    # devices=1 it starts no further process on the node.
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node_rank), "WORLD_SIZE": "2"}
+    return [sys.executable, *stage], env
+
+
+@pytest.mark.timeout(300)
+# torchrun costs a third interpreter start per node for the same training path; it is `slow`.
+@pytest.mark.parametrize("launcher", ["env", "torchrun"])
+def test_two_nodes_train_together_and_only_node_zero_writes(launcher, project, tmp_path_factory, cli_env):
+    """Two machines, simulated by two processes on localhost with a project copy each (no shared disk),
+    joined by gloo: both take the same steps and end with the same weights (ranks read different batches,
+    so only averaged gradients keep them equal); only global rank 0 exports, checkpoints and logs to MLflow."""
+    nodes = [project, tmp_path_factory.mktemp("node1")]
+    for name in ("data", "models"):
+        shutil.copytree(project / name, nodes[1] / name)
+    shutil.copyfile(project / "params.yaml", nodes[1] / "params.yaml")
+    port = free_port()
+    overrides = ["train.num_nodes=2", "train.devices=1", "train.strategy=ddp", "train.max_steps=4",
+                 "train.sample_every_n_steps=0", "train.checkpoint_every_n_steps=100"]
+    procs, logs = [], [node / "node.log" for node in nodes]
+    try:
+        for rank, (node, log) in enumerate(zip(nodes, logs)):
+            cmd, env = _node_command(launcher, rank, port, overrides)
+            # Output to files, not pipes: a full pipe would block one node, and the other waits for it.
+            # One thread per node: the two "machines" share this machine's cores, and two OpenMP threads
+            # per process spin against each other (Lightning divides the cores only among the processes
+            # it starts on one node itself).
+            env = {**cli_env, **env, "OMP_NUM_THREADS": "1"}
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(cmd, cwd=node, env=env, stdout=out, stderr=subprocess.STDOUT))
+        for proc in procs:
+            proc.wait(timeout=240)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    outs = [log.read_text() for log in logs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n----\n".join(outs)
+    (rank0,), (rank1,) = rank_lines(outs[0]), rank_lines(outs[1])
+    assert rank0[:2] == (0, 4) and rank1[:2] == (1, 4), outs
+    assert rank0[2] == rank1[2], "the two nodes ended with different weights: gradients were not averaged"
+    assert "rank 0 of 2" in outs[0] and "rank 1 of 2" in outs[1]
+
+    assert (nodes[0] / "models/diffusion/model.pt").is_file() and not (nodes[1] / "models/diffusion").exists()
+    assert json.loads((nodes[0] / "metrics/train.json").read_text())["steps"] == 4
+    assert not (nodes[1] / "metrics").exists()
+    ckpt = next((nodes[0] / "checkpoints/train").glob("train-*/last.ckpt"))
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 4
+    assert not list(nodes[1].glob("checkpoints/train/*/last.ckpt"))
+    found = runs("train")[1]
+    assert len(found) == 1, "one MLflow run for the execution, not one per node"
+    assert found[0].data.params["num_nodes"] == "2"
+
+
+def test_train_stage_reads_its_latents_through_a_url_as_from_the_folder(project, tmp_path_factory, capsys,
+                                                                          one_thread):
+    """`train.latents_dir` may be the latents folder behind a URL (diffusion.data.locations). Moved out of the
+    project and read through `pipe:cat` and over HTTP (curl), it trains exactly the weights the folder does."""
+    quick = ("train.max_steps=2", "train.sample_every_n_steps=0", "train.checkpoint_every_n_steps=100")
+    train_in_process(project, *quick)
+    bucket = tmp_path_factory.mktemp("bucket")
+    shutil.move(project / "data/latents", bucket / "latents")  # no local copy is left to fall back on
+    train_in_process(project, *quick, f"train.latents_dir=pipe:cat {bucket}/latents/{{}}")
+    with serve_folder(bucket) as base:
+        train_in_process(project, *quick, f"train.latents_dir={base}/latents")
+    out = capsys.readouterr().out
+    lines = rank_lines(out)
+    assert [line[:2] for line in lines] == [(0, 2)] * 3, out
+    assert len({line[2] for line in lines}) == 1, "the same shards in the same order give the same weights"
+    # Each location was a run of its own (its shards are part of the run key), so each really trained.
+    assert "resuming" not in out and len(list((project / "checkpoints/train").iterdir())) == 3
 
 
 def test_non_finite_loss_stops_with_the_step_named(project):

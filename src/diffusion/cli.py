@@ -31,7 +31,9 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option(
         "--set", "-S",
-        help="Override a parameter, as `dvc exp run -S` does: section.key=value (value read as YAML). Repeatable.",
+        help="Override a parameter, as `dvc exp run -S` does: section.key=value (value read as YAML). Repeatable. "
+        "`-S profile=gpu` selects the profile profiles/gpu.yaml (256 px, DiT-B/2, one 80 GB GPU); other "
+        "overrides apply over the profile.",
     ),
 ]
 

@@ -19,6 +19,7 @@ fields are built recursively, so a whole section is one call.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -268,25 +269,113 @@ def apply_overrides(params: dict[str, Any], overrides: list[str] | tuple[str, ..
     return out
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read params.yaml (a mapping of sections) and apply overrides. Raises ConfigError naming the file."""
-    path = Path(path)
+#: The profile that is params.yaml as written (the laptop-CPU run). Its file, profiles/cpu.yaml, holds only
+#: empty sections and may be absent: it exists because dvc.yaml names ``profiles/${profile}.yaml``.
+BASE_PROFILE = "cpu"
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def profile_path(params_path: str | Path, name: str) -> Path:
+    """The file of profile `name` for a params file: ``profiles/<name>.yaml`` beside it."""
+    return Path(params_path).parent / "profiles" / f"{name}.yaml"
+
+
+def _read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping of sections. Raises ConfigError naming the file."""
     if not path.is_file():
-        raise ConfigError(f"{path}: parameters file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(params, dict):
+    if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return apply_overrides(params, overrides)
+    return data
+
+
+def read_profile(params: Mapping[str, Any], params_path: str | Path) -> tuple[Path | None, dict[str, Any]]:
+    """The profile that `params` selects with its ``profile`` key (BASE_PROFILE if absent): (its file, its sections).
+
+    The file is None for the base profile without a file. Raises ConfigError naming the file and the key for
+    an unknown profile, and for a key of the profile file that is not a section of params.yaml.
+    """
+    name = params.get("profile", BASE_PROFILE)
+    if not isinstance(name, str) or not _PROFILE_NAME.fullmatch(name):
+        raise ConfigError(f"profile: expected a profile name (letters, digits, '_', '-'), got {name!r}")
+    path = profile_path(params_path, name)
+    if not path.is_file():
+        if name == BASE_PROFILE:
+            return None, {}
+        known = sorted({BASE_PROFILE, *(p.stem for p in path.parent.glob("*.yaml"))})
+        raise ConfigError(f"profile: {path} not found for profile {name!r}; expected one of: {', '.join(known)}")
+    layer = _read_mapping(path, "profile file")
+    sections = [k for k, v in params.items() if isinstance(v, dict)]
+    for section, values in layer.items():
+        if section not in sections:
+            raise ConfigError(
+                f"{path}: unknown key {section!r}; a profile holds sections of {params_path}: {', '.join(sections)}"
+            )
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{path}: {section}: expected a mapping of that section's keys, got {values!r}")
+    return path, {k: v or {} for k, v in layer.items()}
+
+
+def merge_layer(base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of `base` with `layer`'s values set over it: mappings merge key by key, anything else
+    (a value, a list) replaces. A key `base` lacks is added; the section's config judges it."""
+    import copy
+
+    out = copy.deepcopy(dict(base))
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_layer(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _layers(path: Path, overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, Any], Path | None, dict[str, Any]]:
+    """params.yaml, the selected profile's file and its sections. An override may select the profile."""
+    base = _read_mapping(path, "parameters file")
+    for text in overrides:  # a misspelt section would otherwise be set, read by no stage, and ignored
+        top = parse_override(text)[0][0]
+        if top not in base and top != "profile":
+            hint = (" (DVC's form for another params file; here -S section.key=value applies over the profile)"
+                    if ":" in text.split("=", 1)[0] else "")
+            raise ConfigError(f"override {text!r}: {path} has no key {top!r}{hint}; expected one of: {', '.join(base)}")
+    profile_file, layer = read_profile(apply_overrides(base, overrides), path)
+    return base, profile_file, layer
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read params.yaml, layer the selected profile over it, then the overrides. Errors name the file.
+
+    Three layers, each over the one before (a profile is "params.yaml with these keys changed"):
+
+        params.yaml  <-  profiles/<profile>.yaml  <-  overrides (``-S section.key=value``)
+
+    ``profile`` is a top-level key of params.yaml (``cpu``, the file as written, by default), so one override
+    selects another: ``-S profile=gpu``. DVC's ``dvc exp run -S`` writes into params.yaml itself, the bottom
+    layer; a key that the profile sets is changed for DVC in the profile file
+    (``-S profiles/gpu.yaml:train.batch_size=128``).
+    """
+    base, _, layer = _layers(Path(path), overrides)
+    return apply_overrides(merge_layer(base, layer), overrides)
 
 
 def load_section(cls: type[C], path: str | Path = "params.yaml", overrides: tuple[str, ...] | list[str] = ()) -> C:
-    """Load one section (``cls.section``) of a params file into its config, overrides applied."""
-    params = load_params(path, overrides)
-    if cls.section not in params:
+    """Load one section (``cls.section``) of a params file into its config: profile and overrides applied."""
+    path = Path(path)
+    base, profile_file, layer = _layers(path, overrides)
+    if cls.section not in base:
         raise ConfigError(f"{path}: section {cls.section!r} is missing")
+    if layer.get(cls.section):
+        # The profile's own values first, so that a mistake in it names its file (not an -S override).
+        try:
+            cls.from_dict(merge_layer(base[cls.section], layer[cls.section]), cls.section)
+        except ConfigError as e:
+            raise ConfigError(f"{profile_file}: {e}") from None
+    params = apply_overrides(merge_layer(base, layer), overrides)
     return cls.from_dict(params[cls.section], cls.section)
 
 
@@ -353,13 +442,20 @@ class ShardConfig(Config):
 # --------------------------------------------------------------------------------------------------
 
 
+#: Appended to the help of every parameter naming a folder of shards that a stage reads (diffusion.data.locations).
+_URL_HELP = (
+    "; or that folder at a URL: https://HOST/PATH (its manifest.json lists the shards), or a pipe: command "
+    "with {} for each file's path in it, e.g. 'pipe:aws s3 cp s3://BUCKET/PATH/{} -'"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodeLatentsConfig(Config):
     """Stage `encode_latents`: image shards + the frozen VAE -> latent shards (posterior mean and log-variance)."""
 
     section: ClassVar[str] = "encode_latents"
 
-    shards_dir: str = param("data/shards", "the image shards to encode: <shards_dir>/{train,val}/*.tar")
+    shards_dir: str = param("data/shards", "the image shards to encode: <shards_dir>/{train,val}/*.tar" + _URL_HELP)
     vae_dir: str = param("models/vae", "the trained VAE (weights, config, latent scale/shift)")
     out_dir: str = param("data/latents", "where {train,val}/*.tar and manifest.json are written")
     batch_size: int = param(64, "images per VAE forward pass", ge=1)
@@ -449,7 +545,7 @@ class TrainVAEConfig(TrainerFields):
 
     section: ClassVar[str] = "train_vae"
 
-    shards_dir: str = param("data/shards", "image shards from the shard stage: <shards_dir>/{train,val}/*.tar")
+    shards_dir: str = param("data/shards", "image shards from the shard stage: <shards_dir>/{train,val}/*.tar" + _URL_HELP)
     tokenizer_path: str = param("data/tokenizer.json", "the shard stage's tokenizer (the loader encodes captions)")
     out_dir: str = param("models/vae", "where the VAE artifact goes: model.pt, config.json (with latent scale/shift)")
     metrics_path: str = param("metrics/vae.json", "final metrics for `dvc metrics show`")
@@ -540,7 +636,7 @@ class TrainConfig(TrainerFields):
 
     section: ClassVar[str] = "train"
 
-    latents_dir: str = param("data/latents", "latent shards from encode_latents: <latents_dir>/{train,val}/*.tar")
+    latents_dir: str = param("data/latents", "latent shards from encode_latents: <latents_dir>/{train,val}/*.tar" + _URL_HELP)
     tokenizer_path: str = param("data/tokenizer.json", "the shard stage's tokenizer")
     vae_dir: str = param("models/vae", "the VAE from train_vae (decodes samples; its latent scale and shift)")
     out_dir: str = param("models/diffusion", "where the EMA weights, the config and the tokenizer are exported")
@@ -598,6 +694,10 @@ class TrainConfig(TrainerFields):
             raise ConfigError(f"denoising_type: expected one of {', '.join(map(repr, DENOISERS))}, got {self.denoising_type!r}")
         if self.dit_preset is not None and self.dit_preset not in DIT_PRESETS:
             raise ConfigError(f"dit_preset: expected one of {', '.join(DIT_PRESETS)} or null, got {self.dit_preset!r}")
+        if self.dit_preset is not None:
+            # Resolved here, so that `dit` (what to_dict() logs to MLflow and keys checkpoints by) holds the
+            # sizes that build the network rather than the section's values that the preset replaces.
+            object.__setattr__(self, "dit", self.dit.replace(**DIT_PRESETS[self.dit_preset]))
         if not self.sample_prompts and self.sample_every_n_steps:
             raise ConfigError("sample_prompts: empty, but sample_every_n_steps asks for sample grids")
 
@@ -624,7 +724,8 @@ class JudgeConfig(Config):
 
     section: ClassVar[str] = "train_judge"
 
-    shards_dir: str = param("data/shards", "image shards from the shard stage: <shards_dir>/{train,val}/*.tar, manifest.json")
+    shards_dir: str = param("data/shards", "image shards from the shard stage: <shards_dir>/{train,val}/*.tar, manifest.json"
+                                + _URL_HELP)
     out_dir: str = param("models/judge", "where the judge goes: model.pt, config.json (architecture and vocabulary)")
     metrics_path: str = param("metrics/judge.json", "its accuracy on the real val images, for `dvc metrics show`")
     steps: int = param(400, "AdamW steps (warm-up, then cosine decay to zero)", ge=1)
@@ -663,7 +764,8 @@ class EvaluateConfig(Config):
 
     model_dir: str = param("models/diffusion", "the EMA model from train (config.json, model.pt, tokenizer.json)")
     judge_dir: str = param("models/judge", "the judge from train_judge")
-    shards_dir: str = param("data/shards", "real images: <shards_dir>/val/*.tar (prompts, FID reference, judge ceiling)")
+    shards_dir: str = param("data/shards", "real images: <shards_dir>/val/*.tar (prompts, FID reference, judge ceiling)"
+                                + _URL_HELP)
     metrics_path: str = param("metrics/eval.json", "flat figures for `dvc metrics show`")
     sweep_path: str = param("plots/eval_sweep.csv", "the sweep table (one row per setting) for `dvc plots show`")
     samples_path: str = param("reports/samples.png", "the grid: one column per grid prompt, one row per seed")

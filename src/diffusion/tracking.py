@@ -2,7 +2,9 @@
 
 - The tracking URI is ``MLFLOW_TRACKING_URI`` if set, else a sqlite file ``mlflow.db`` at the project
   root, so every stage, and every DVC experiment, writes to the same store that ``mlflow ui
-  --backend-store-uri sqlite:///mlflow.db`` shows.
+  --backend-store-uri sqlite:///mlflow.db`` shows. That includes queued and ``--temp`` experiments, which
+  DVC runs in a throw-away copy of the repository under ``<root>/.dvc/tmp/exps/``: a store found there
+  would be deleted with the copy, so such a path is mapped back to ``<root>``.
 - Each run is tagged with the stage, the git commit and the DVC experiment name (DVC sets ``DVC_STAGE``
   and ``DVC_EXP_NAME`` in a stage's environment), and carries the stage's resolved parameters, both as
   flattened MLflow params (comparable in the UI) and as a YAML artifact (exactly what ran).
@@ -21,19 +23,45 @@ import yaml
 
 DEFAULT_EXPERIMENT = "diffusion"
 
+#: Where DVC runs queued (``dvc exp run --queue`` + ``dvc queue start``) and ``dvc exp run --temp``
+#: experiments: each in a temporary git clone of the repository, ``<root>/.dvc/tmp/exps/tmpXXXX/`` (queued)
+#: or ``<root>/.dvc/tmp/exps/standalone/tmpXXXX/`` (--temp), removed once the experiment is saved
+#: (dvc/repo/experiments/executor/local.py, TempDirExecutor).
+DVC_EXP_TMP_DIR = (".dvc", "tmp", "exps")
+
+
+def outside_dvc_exp_tmp(path: Path) -> Path:
+    """`path`, or the repository it was copied from if it lies in one of DVC's temporary experiment folders.
+
+    ``/repo/.dvc/tmp/exps/tmpab12/src`` -> ``/repo``. The outermost match wins, so a copy inside a copy
+    still maps to the real repository.
+    """
+    parts = Path(os.path.abspath(path)).parts
+    n = len(DVC_EXP_TMP_DIR)
+    for i in range(len(parts) - n + 1):
+        if parts[i:i + n] == DVC_EXP_TMP_DIR:
+            return Path(*parts[:i])
+    return path
+
 
 def project_root(start: Path | None = None) -> Path:
-    """The project root: ``DVC_ROOT`` if DVC is running us, else the git top level, else the cwd."""
+    """The project root: ``DVC_ROOT`` if DVC is running us, else the git top level, else the cwd.
+
+    Never a temporary experiment folder (`outside_dvc_exp_tmp`). DVC 3 already sets ``DVC_ROOT`` to the
+    original repository for queued and ``--temp`` experiments, but the git top level of such a folder is the
+    folder itself (a stage run by hand there, or a DVC that leaves ``DVC_ROOT`` alone, would otherwise open
+    an ``mlflow.db`` that is deleted with the folder).
+    """
     if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"])
+        return outside_dvc_exp_tmp(Path(os.environ["DVC_ROOT"]))
     start = start or Path.cwd()
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--show-toplevel"], cwd=start, capture_output=True, text=True, check=True
         )
-        return Path(out.stdout.strip())
+        return outside_dvc_exp_tmp(Path(out.stdout.strip()))
     except (OSError, subprocess.CalledProcessError):
-        return start
+        return outside_dvc_exp_tmp(start)
 
 
 def tracking_uri() -> str:
@@ -69,10 +97,14 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def stage_tags(stage: str) -> dict[str, str]:
-    """Tags every stage run carries, so runs can be filtered by stage, commit and experiment."""
+    """Tags every stage run carries, so runs can be filtered by stage, commit and experiment.
+
+    In a DVC experiment the commit is the experiment's baseline (``DVC_EXP_BASELINE_REV``, set by DVC): a
+    queued experiment may run after the repository's HEAD has moved on.
+    """
     return {
         "stage": stage,
-        "git_commit": git_commit(),
+        "git_commit": os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(),
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
     }

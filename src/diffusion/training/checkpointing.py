@@ -47,6 +47,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
 from diffusion.config import ConfigError
+from diffusion.data.locations import is_remote
 from diffusion.data.shards import atomic_write_json, atomic_write_text
 
 LAST_CHECKPOINT = "last.ckpt"
@@ -107,11 +108,41 @@ def files_fingerprint(paths: Iterable[str | Path]) -> str:
 
     Sizes, not contents: hashing gigabytes of shards at every start would cost more than it saves. The
     shard writer is deterministic, so other data practically always gives other names or sizes.
+    Shards read through a URL (``pipe:``, ``https://``: ``diffusion.data.locations``) count by their full
+    URL, since a size would cost a request per shard: keep each version of a dataset under its own prefix.
     """
     h = hashlib.sha256()
-    for p in sorted(Path(p) for p in paths):
-        h.update(f"{p.name}\0{p.stat().st_size}\n".encode())
+    for p in sorted((str(p) for p in paths), key=Path):  # Path order, as before URLs were accepted
+        h.update(f"{p}\n".encode() if is_remote(p) else f"{Path(p).name}\0{Path(p).stat().st_size}\n".encode())
     return h.hexdigest()[:16]
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short hash of `module`'s parameters and buffers (names, dtypes, shapes and bytes).
+
+    Under DDP every rank holds a full copy of the weights and applies the same averaged gradients, so
+    every rank must report the same digest; a different one means the ranks trained apart.
+    """
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # (numel,): a 0-d tensor cannot change dtype view
+        h.update(t.view(torch.uint8).numpy().tobytes())  # raw bytes: bfloat16 has no numpy dtype
+    return h.hexdigest()[:12]
+
+
+def rank_report(stage: str, trainer: pl.Trainer, module: torch.nn.Module) -> str:
+    """The line each rank prints when training ends: its global rank, its optimizer steps and, where the
+    strategy keeps a full copy of the weights on every rank (DDP, one device), their digest. Under DDP
+    unequal steps would mean a hang or lost data, unequal digests ranks that did not average gradients.
+    FSDP and DeepSpeed shard the weights, so their ranks hold different parts and print no digest."""
+    from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+
+    line = f"{stage}: rank {trainer.global_rank} of {trainer.world_size} took {trainer.global_step} optimizer steps"
+    # The exact class: DeepSpeedStrategy is a subclass of DDPStrategy, and it shards the weights.
+    if type(trainer.strategy) in (DDPStrategy, SingleDeviceStrategy):
+        line += f"; weights {weights_digest(module)}"
+    return line
 
 
 def source_fingerprint(*roots: str | Path) -> str:

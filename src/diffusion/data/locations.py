@@ -1,0 +1,127 @@
+"""Where a stage reads shards from: a local folder, or the same folder behind a URL (object storage, a web server).
+
+Every stage that reads shards takes a *location* (``train_vae.shards_dir``, ``encode_latents.shards_dir``,
+``train.latents_dir``, ``train_judge.shards_dir``, ``evaluate.shards_dir``) laid out as the stage that wrote
+it left it::
+
+    <location>/manifest.json           written with the shards; lists the shard names of each split
+    <location>/<split>/<name>.tar      the shards (WebDataset tars), split = train or val
+
+A location is one of:
+
+- a local folder, ``data/latents``: the shards are the ``*.tar`` files found in ``<location>/<split>/``;
+- a URL prefix that WebDataset opens (``https://host/data/latents``, ``http://``, ``gs://``, ``file://``):
+  each file is ``<location>/<path>``, fetched by WebDataset's ``gopen`` (``curl`` for http(s), ``gsutil``
+  for ``gs://``);
+- a ``pipe:`` command in which ``{}`` stands for a file's path inside the folder,
+  ``pipe:aws s3 cp s3://bucket/data/latents/{} -``: WebDataset runs the command and reads the file from its
+  standard output (``pipe:aws s3 cp s3://bucket/data/latents/train/shard-000000.tar -``). Any tool that
+  writes an object to stdout works (``aws s3 cp ... -``, ``gsutil cat``, ``rclone cat``, ``curl -s``).
+
+A web server or a bucket cannot be listed in one way that works everywhere, so for a URL the shards are
+the ones the manifest names; that is also why a URL location is a folder and not a shard pattern: a stage
+reads both splits, which have different shard counts, and the manifest. Upload a folder as the stage wrote
+it, e.g. ``aws s3 sync data/latents s3://bucket/data/latents``. Only reading goes through URLs: stages
+still write their outputs to local folders (push them with DVC or sync them to the bucket).
+
+The library loaders (``make_loader``, ``make_latent_loader``, ``iter_shards``) take WebDataset URLs
+directly: lists and brace patterns (``pipe:aws s3 cp s3://bucket/shard-{000000..000099}.tar -``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+#: Stands for a file's path inside the folder, in a ``pipe:`` location.
+PLACEHOLDER = "{}"
+
+
+def is_remote(location: str) -> bool:
+    """Whether `location` is read through WebDataset's ``gopen`` (a ``pipe:`` command or a ``scheme://`` URL)."""
+    return str(location).startswith("pipe:") or "://" in str(location)
+
+
+def _check(location: str) -> None:
+    """Refuse a URL WebDataset cannot open before anything is fetched, saying what to write instead."""
+    from webdataset.gopen import gopen_schemes
+
+    if location.startswith("pipe:"):
+        if PLACEHOLDER not in location:
+            raise FileNotFoundError(
+                f"{location!r}: a pipe: location needs {PLACEHOLDER} where a file's path in the folder goes, "
+                f"e.g. 'pipe:aws s3 cp s3://bucket/data/latents/{PLACEHOLDER} -'"
+            )
+        return
+    scheme = location.split("://", 1)[0]
+    if scheme not in gopen_schemes:
+        known = ", ".join(sorted(k for k in gopen_schemes if not k.startswith("_")))
+        raise FileNotFoundError(
+            f"{location!r}: WebDataset cannot open {scheme}:// URLs (it opens {known}); "
+            f"use a pipe: command, e.g. 'pipe:aws s3 cp {location.rstrip('/')}/{PLACEHOLDER} -'"
+        )
+
+
+def resolve(location: str, path: str) -> str:
+    """The URL (or local path) of the file at `path` (``"train/shard-000000.tar"``) inside `location`."""
+    location = str(location)
+    if location.startswith("pipe:"):
+        return location.replace(PLACEHOLDER, path)
+    if is_remote(location):
+        return f"{location.rstrip('/')}/{path}"  # not Path(): it would fold "https://" into "https:/"
+    return str(Path(location) / path)
+
+
+def read_manifest(location: str) -> dict[str, Any] | None:
+    """The location's ``manifest.json``, or None if it is missing or unreadable (the callers of this use it
+    for checks and progress bars only; listing a URL's shards needs it and says so, `list_split`)."""
+    location = str(location)
+    if not is_remote(location):
+        try:
+            return json.loads((Path(location) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+    return _fetch_manifest(location, required=False)
+
+
+def _fetch_manifest(location: str, *, required: bool) -> dict[str, Any] | None:
+    from webdataset import gopen
+
+    _check(location)
+    url = resolve(location, MANIFEST)
+    try:
+        with gopen(url) as stream:  # a failed command (404, no such key) raises on close
+            return json.loads(stream.read())
+    except (OSError, ValueError) as error:
+        if not required:
+            return None
+        raise FileNotFoundError(f"{url}: cannot read the manifest that lists the shards ({error})") from error
+
+
+def list_split(location: str, split: str) -> list[str]:
+    """The shards of `split` in `location`, sorted: local paths, or URLs ready for WebDataset.
+
+    Raises:
+        FileNotFoundError: a local folder without ``<split>/``, a URL whose manifest cannot be read or does
+            not list `split`, or a URL WebDataset cannot open (the message says what to write instead).
+    """
+    return [url for _, url in split_shards(location, split)]
+
+
+def split_shards(location: str, split: str) -> list[tuple[str, str]]:
+    """``(file name, path or URL)`` of each shard of `split`, sorted by name. The name is the shard's own
+    (``shard-000000.tar``), which a ``pipe:`` URL does not end with. Raises as :func:`list_split`."""
+    location = str(location)
+    if not is_remote(location):
+        folder = Path(location) / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: shard folder not found")
+        return [(p.name, str(p)) for p in sorted(folder.glob("*.tar"))]
+    manifest = _fetch_manifest(location, required=True)
+    names = (manifest.get("shards") or {}).get(split)
+    if names is None:
+        raise FileNotFoundError(f"{resolve(location, MANIFEST)}: no shards listed for split {split!r}")
+    # The shard stage lists names, encode_latents maps names to sample counts: both iterate as names.
+    return [(name, resolve(location, f"{split}/{name}")) for name in sorted(names)]
