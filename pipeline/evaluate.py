@@ -11,12 +11,16 @@ then reports FID/KID only, and says so.
 1. picks `num_samples` val samples (seeded) and uses their captions as prompts (or canonical captions of
    their attributes), generates one image per prompt with the main sampler setting, and reports prompt
    adherence (overall, per attribute, on held-out combinations), the judge's Fréchet distance, Inception
-   FID and KID against the same real val images, and images/s;
+   FID and KID against the same real val images, and images/s; beside them two ceilings, the judge's
+   adherence on those real images (``judge_real_*``: how well the judge reads) and on their VAE
+   reconstructions decode(encode(x).mean) (``judge_vae_*``: every sample comes out of that decoder, so this
+   is the most the latent space allows; a low value means the VAE, not the denoiser, loses the attributes);
 2. runs the sweep: each {sampler, steps, guidance} on the first `sweep_samples` prompts, for adherence,
    judge FD and images/s (no FID: the Inception network costs ~130 ms per image on the CPU);
 3. draws ``reports/samples.png`` (grid prompts x seeds, each prompt written under its column);
-4. writes ``metrics/eval.json`` (flat numbers) and the sweep CSV, logs all of it to one MLflow run, and
-   registers the pipeline as an MLflow pyfunc model (``evaluation/pyfunc.py``).
+4. writes ``metrics/eval.json`` (flat numbers) and the sweep CSV, logs all of it to one MLflow run (with the
+   denoiser's type and parameter count as params, so U-Net and DiT runs tell apart), and registers the
+   pipeline as an MLflow pyfunc model (``evaluation/pyfunc.py``).
 
 Everything is seeded: the same model, params and seed give the same figures.
 """
@@ -36,8 +40,8 @@ import torch
 from diffusion.config import EvaluateConfig, JudgeConfig, SweepEntry
 from diffusion.data.locations import is_remote, list_split, read_manifest
 from diffusion.data.shards import atomic_write_json
-from diffusion.evaluation.judge import AttributeJudge, LabelledImages, encode_labels, load_split
-from diffusion.evaluation.metrics import adherence, score_images
+from diffusion.evaluation.judge import AttributeJudge, LabelledImages, load_split, to_uint8
+from diffusion.evaluation.metrics import judge_ceilings, score_images
 
 STAGE = "evaluate"
 
@@ -87,7 +91,8 @@ def run_train_judge(cfg: JudgeConfig) -> dict[str, Any]:
         print(f"train_judge: {len(train)} train images, attributes {', '.join(vocab)}; {cfg.steps} steps")
         settings = JudgeTrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                       weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-                                      channels=cfg.channels, feature_dim=cfg.feature_dim)
+                                      channels=cfg.channels, feature_dim=cfg.feature_dim,
+                                      blur_sigma_max=cfg.blur_sigma_max, noise_std=cfg.noise_std)
         judge, losses = train_judge(train, vocab, settings)
         val = load_split(val_urls)
         scores = accuracy(judge, val) if len(val) else {}
@@ -208,6 +213,16 @@ def generate(model: Any, scheduler: Any, tokenizer: Any, prompts: list[str], set
     return torch.cat(out), seconds
 
 
+def reconstruct(model: Any, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> their VAE reconstructions decode(encode(x).mean), uint8 (N, 3, H, W), in
+    batches. ``to_uint8`` of [-1, 1] rounds (x + 1) * 127.5, the same number as :func:`generate`'s
+    ((x + 1) / 2) * 255, so these are exactly the images a denoiser that returned a real latent would give."""
+    # Each chunk: uint8 -> [-1, 1] (the loader's range) -> reconstruction in [-1, 1] -> uint8 on the CPU.
+    chunks = [to_uint8(model.reconstruct(c.to(model.device).float().div(127.5).sub(1.0))).cpu()
+              for c in images.split(batch_size)]
+    return torch.cat(chunks) if chunks else images.clone()
+
+
 def run_sweep(cfg: EvaluateConfig, gen_args: tuple, val: LabelledImages, prompts: list[str], side: int,
               judge: AttributeJudge | None, real_feats: torch.Tensor | None, main: tuple) -> list[dict[str, Any]]:
     """Adherence, judge FD and images/s per sweep setting on the first `sweep_samples` prompts (same seed
@@ -324,13 +339,8 @@ def run(cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict[str, Any]], Any]
         print("evaluate: the data has no attributes (no judge): reporting FID/KID only, no adherence or judge FD")
     else:
         judge = judge.to(device)
-        real_feats, real_preds = judge.judge(val.float_images())
-        target = encode_labels(judge.vocab, val.attributes)
-        ceiling = adherence(real_preds, target)
-        metrics["judge_real_adherence"] = ceiling["all_correct"]
-        if val.holdout.any():  # the judge never saw these combinations either: their own ceiling
-            metrics["judge_real_adherence_heldout"] = adherence(real_preds, target, val.holdout)["all_correct"]
-        metrics.update({f"judge_real_{k}": v for k, v in ceiling.items() if k.startswith("acc_")})
+        ceilings, real_feats = judge_ceilings(judge, val, reconstruct(model, val.images, cfg.batch_size))
+        metrics.update(ceilings)
         metrics.update(score_images(judge, images, val.attributes, val.holdout, real_feats)[0])
     if cfg.fid:
         metrics.update(_fid(cfg, val.images, images, device))
@@ -353,6 +363,21 @@ def _register(cfg: EvaluateConfig) -> str | None:
     return log_and_register(cfg.model_dir, cfg.registered_model_name, cfg.registered_model_alias)
 
 
+def denoiser_params(model_dir: str) -> dict[str, Any]:
+    """MLflow params naming the evaluated denoiser, so that U-Net and DiT evaluate runs tell apart in the UI
+    (evaluate's own params only name the model folder): ``denoising_type`` from the folder's
+    train_config.json and ``parameters_denoiser`` (the name train's metric has), counted on a model built from
+    config.json on the ``meta`` device, which allocates no weights."""
+    from diffusion.models import LatentDiffusionModel
+    from diffusion.models.io import read_config
+
+    train_cfg = json.loads((Path(model_dir) / "train_config.json").read_text())
+    with torch.device("meta"):
+        model = LatentDiffusionModel(**read_config(model_dir))
+    return {"denoising_type": train_cfg.get("denoising_type", model.denoising_type),
+            "parameters_denoiser": sum(p.numel() for p in model.denoiser.parameters())}
+
+
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
     """The DVC stage: validate, evaluate, write metrics/eval.json, the sweep, the grid; log to one MLflow run."""
     import mlflow
@@ -361,6 +386,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
     validate(cfg)
     with stage_run(STAGE, cfg.to_dict()) as active:
+        mlflow.log_params(denoiser_params(cfg.model_dir))
         metrics, sweep, grid = run(cfg)
         Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cfg.metrics_path, {k: v for k, v in metrics.items() if _finite(v)})
@@ -383,8 +409,8 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _report(cfg: EvaluateConfig, metrics: dict[str, Any], uri: str | None) -> None:
-    keys = ("adherence", "adherence_heldout", "judge_real_adherence", "judge_fd", "fid", "kid_mean", "kid_std",
-            "images_per_second")
+    keys = ("adherence", "adherence_heldout", "judge_real_adherence", "judge_vae_adherence", "judge_fd", "fid",
+            "kid_mean", "kid_std", "images_per_second")
     print("evaluate: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics))
     print(f"evaluate: metrics -> {cfg.metrics_path}; sweep -> {cfg.sweep_path}; grid -> {cfg.samples_path}"
           + (f"; model -> {uri}" if uri else ""))

@@ -78,6 +78,72 @@ def test_frechet_distance_is_zero_for_equal_sets_and_exact_for_a_shift():
         frechet_distance(a[:1], a)
 
 
+def _frechet_scipy(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Heusel et al. 2017, eq. 6 as pytorch-fid writes it: np.cov and scipy's sqrtm of the product."""
+    import warnings
+
+    import numpy as np
+    import scipy.linalg
+
+    a, b = a.double().numpy(), b.double().numpy()
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # "Matrix is singular": expected when N < D, and the reason for this test
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        cross = np.trace(scipy.linalg.sqrtm(s_a @ s_b)).real
+    return float(np.square(a.mean(0) - b.mean(0)).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
+
+
+@pytest.mark.parametrize("n, m, d", [(40, 30, 64), (8, 5, 256), (300, 250, 32)])
+def test_frechet_distance_cross_term_routes_agree_with_scipy_and_torchmetrics(n, m, d):
+    """Both routes to tr((S_a S_b)^(1/2)) (the (N, M) cross-Gram SVD, the (D, D) eigh) and the public function
+    against scipy's sqrtm and torchmetrics' eigvals, with fewer samples than dimensions (the Gram route) and
+    more (the covariance route). Where S_a S_b is singular the references carry ~1e-7 relative noise from its
+    zero eigenvalues; the Gram route has none, hence rel=1e-6."""
+    from torchmetrics.image.fid import _compute_fid
+
+    from diffusion.evaluation.metrics import _trace_sqrt_cov, _trace_sqrt_gram, trace_sqrt_product
+
+    g = torch.Generator().manual_seed(n + d)
+    mix = torch.randn(d, d, generator=g) / d**0.5  # correlated features, like network activations
+    a = (torch.randn(n, d, generator=g) @ mix).relu()
+    b = (torch.randn(m, d, generator=g) @ mix * 1.2 + 0.1).relu()
+    a_c, b_c = a.double() - a.double().mean(0), b.double() - b.double().mean(0)  # centred, (N, D) and (M, D)
+    gram, cov = _trace_sqrt_gram(a_c, b_c), _trace_sqrt_cov(a_c, b_c)
+    assert float(gram) == pytest.approx(float(cov), rel=1e-6)
+    assert torch.equal(trace_sqrt_product(a_c, b_c), gram if min(n, m) < d else cov)  # the cheaper route runs
+    expected = _frechet_scipy(a, b)
+    a64, b64 = a.double(), b.double()
+    reference = float(_compute_fid(a64.mean(0), torch.cov(a64.T), b64.mean(0), torch.cov(b64.T)))
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(reference, rel=1e-6)
+    assert frechet_distance(b, a) == pytest.approx(frechet_distance(a, b), rel=1e-12)
+
+
+def test_frechet_distance_with_fewer_samples_than_dimensions_is_exact_on_known_cases():
+    """The Gram route (N < D, S singular) on cases with a closed form: equal sets give 0, a shift |shift|^2."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(20, 128, generator=g, dtype=torch.float64).relu()  # (N, D), N < D: rank-19 covariance
+    shift = torch.linspace(-1, 1, 128, dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift.square().sum()), rel=1e-9)
+
+
+def test_fid_matches_torchmetrics_frechet_inception_distance():
+    """fid_kid's FID (metrics.frechet_distance) against torchmetrics' FrechetInceptionDistance, its former
+    implementation, on the same precomputed features, on both sides of N = D."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from diffusion.evaluation.fid import _Precomputed, fid_kid
+
+    g = torch.Generator().manual_seed(2)
+    for n, d in ((12, 96), (150, 96)):
+        real, fake = torch.randn(n, d, generator=g).relu(), (torch.randn(n, d, generator=g) + 0.3).relu()
+        metric = FrechetInceptionDistance(feature=_Precomputed(d))
+        metric.update(real.double(), real=True)
+        metric.update(fake.double(), real=False)
+        assert fid_kid(real, fake, kid_subsets=2)["fid"] == pytest.approx(float(metric.compute()), rel=1e-6)
+
+
 def test_fid_kid_on_inception_features_of_a_handful_of_images():
     from diffusion.evaluation.fid import InceptionFeatures, fid_kid, inception_features, inception_path
 
@@ -144,6 +210,44 @@ def test_judge_round_trips_and_is_deterministic(trained_judge, tmp_path):
     b, _ = train_judge(small, build_vocab(None, small.attributes), settings, progress=False)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert torch.equal(to_uint8(val.float_images()), val.images)
+
+
+class _IdentityVAE(torch.nn.Module):
+    """A stand-in LatentDiffusionModel whose VAE reconstructs perfectly: decode(encode(x)) = x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # gives it a device, as the real model has
+
+    @property
+    def device(self) -> torch.device:
+        return self.unused.device
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_vae_ceiling_equals_the_real_ceiling_for_a_perfect_vae_and_drops_for_a_useless_one(trained_judge):
+    """judge_vae_* is the judge on the reconstructions: a VAE that returns its input scores exactly what the real
+    images score (and `reconstruct` round-trips uint8 exactly); one that returns grey loses the attributes."""
+    from diffusion.evaluation.metrics import judge_ceilings
+    from pipeline.evaluate import reconstruct
+
+    judge, _, val = trained_judge
+    same = reconstruct(_IdentityVAE(), val.images, batch_size=40)  # 3 batches, the last one short
+    assert torch.equal(same, val.images)
+    scores, feats = judge_ceilings(judge, val, same)
+    assert feats.shape == (len(val), judge.feature_dim)
+    real = {k[len("judge_real_"):]: v for k, v in scores.items() if k.startswith("judge_real_")}
+    vae = {k[len("judge_vae_"):]: v for k, v in scores.items() if k.startswith("judge_vae_")}
+    assert set(real) == {"adherence", "acc_color", "acc_shape", "acc_position", "acc_size"} and vae == real
+    assert real["adherence"] == pytest.approx(accuracy(judge, val)["all_correct"])
+
+    grey, _ = judge_ceilings(judge, val, torch.full_like(val.images, 128))
+    assert grey["judge_vae_adherence"] <= 0.1 < grey["judge_real_adherence"]
+    assert grey["judge_real_adherence"] == scores["judge_real_adherence"]
+    with pytest.raises(ValueError, match="one reconstruction per real image"):
+        judge_ceilings(judge, val, val.images[:3])
 
 
 def test_configs_parse_params_and_refuse_bad_values():
@@ -228,12 +332,18 @@ def test_evaluate_stage_writes_metrics_sweep_grid_and_one_mlflow_run(pipeline_ro
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    run_cli(["evaluate"], pipeline_root, cli_env)
+    proc = run_cli(["evaluate"], pipeline_root, cli_env)
+    assert "Failed to log model config" not in proc.stdout + proc.stderr  # no param clash with MLflow's log_model
     metrics = json.loads((pipeline_root / "metrics/eval.json").read_text())
     expected = {"adherence", "adherence_heldout", "adherence_seen", "acc_color", "acc_shape", "judge_real_adherence",
-                "judge_fd", "fid", "kid_mean", "kid_std", "images_per_second", "num_samples"}
+                "judge_vae_adherence", "judge_vae_adherence_heldout", "judge_vae_acc_color", "judge_vae_acc_shape",
+                "judge_vae_acc_position", "judge_vae_acc_size", "judge_fd", "fid", "kid_mean", "kid_std",
+                "images_per_second", "num_samples"}
     assert expected <= set(metrics) and metrics["num_samples"] == 6
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())
+    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k.startswith("judge_vae_"))
+    assert f"judge_vae_adherence {metrics['judge_vae_adherence']:.4g}" in proc.stdout  # in the summary line
+    assert metrics == pytest.approx({**metrics, **_vae_ceiling_by_hand(pipeline_root)})
     sweep = (pipeline_root / "plots/eval_sweep.csv").read_text().splitlines()
     assert sweep[0].startswith("label,sampler,steps,guidance,adherence") and len(sweep) == 3
     assert sweep[2].startswith("ddim-2-g1,ddim,2,1,")
@@ -247,9 +357,50 @@ def test_evaluate_stage_writes_metrics_sweep_grid_and_one_mlflow_run(pipeline_ro
     logged = runs[0].data.metrics
     assert logged["adherence"] == pytest.approx(metrics["adherence"]) and logged["fid"] == pytest.approx(metrics["fid"])
     assert "sweep/ddim-2-g1/adherence" in logged
+    assert logged["judge_vae_adherence"] == pytest.approx(metrics["judge_vae_adherence"])
+    params = runs[0].data.params
+    train_metrics = json.loads((pipeline_root / "metrics/train.json").read_text())
+    assert params["denoising_type"] == "unet"  # which denoiser this evaluate run measured
+    assert int(params["parameters_denoiser"]) == train_metrics["parameters_denoiser"]
+    # The stage's device and the registered model's serving device are separate params, both logged.
+    assert params["device"] == "cpu" and params["serving_device"] == "None" and params["serving_image_size"] == "32"
     assert "samples.png" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     version = client.get_model_version_by_alias("diffusion-shapes", "candidate")  # registered at the end
     assert version.run_id == runs[0].info.run_id
+
+
+def test_serving_options_read_the_prefixed_model_config_and_the_plain_one_of_older_models():
+    from diffusion.evaluation.pyfunc import serving_options
+
+    assert serving_options({"serving_device": "cpu", "serving_image_size": 32}) == {"device": "cpu", "image_size": 32}
+    assert serving_options({"device": None, "image_size": 16}) == {"device": None, "image_size": 16}
+    assert serving_options(None) == {"device": None, "image_size": None}
+
+
+def _vae_ceiling_by_hand(root: Path) -> dict[str, float]:
+    """judge_vae_* for the tiny pipeline, without evaluate's helpers: the VAE's decode(encode(x).mean) of the
+    same val images, quantised as a PNG, read by the judge, scored with metrics.adherence."""
+    from diffusion.config import load_section
+    from diffusion.data.locations import list_split
+    from diffusion.evaluation.judge import AttributeJudge, load_split
+    from diffusion.models import LatentDiffusionModel
+    from pipeline.evaluate import choose_prompts
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # params.yaml's paths are relative to the project root
+        cfg = load_section(EvaluateConfig, root / "params.yaml")
+        val, _ = choose_prompts(cfg, load_split(list_split(cfg.shards_dir, "val")))
+    model = LatentDiffusionModel.from_pretrained(root / "models/diffusion").eval()
+    judge = AttributeJudge.load(root / "models/judge")
+    with torch.no_grad():
+        x = val.float_images()  # (N, 3, H, W) in [-1, 1]
+        rec = model.vae.decode(model.vae.encode(x).mean).clamp(-1.0, 1.0)  # unscaled latents: scale cancels
+    _, preds = judge.judge(to_uint8(rec).float().div(127.5).sub(1.0))
+    target = encode_labels(judge.vocab, val.attributes)
+    scores = adherence(preds, target)
+    out = {"judge_vae_adherence": scores["all_correct"],
+           "judge_vae_adherence_heldout": adherence(preds, target, val.holdout)["all_correct"]}
+    return {**out, **{f"judge_vae_{k}": v for k, v in scores.items() if k.startswith("acc_")}}
 
 
 def _rest(base: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
@@ -389,3 +540,22 @@ def test_train_judge_without_attributes_leaves_an_empty_judge(tmp_path):
                       metrics_path=str(tmp_path / "judge.json"), steps=2)
     assert run_train_judge(cfg)["attributes"] == 0
     assert load_judge(cfg.out_dir) is None
+
+
+def test_degrade_blurs_and_adds_noise_reproducibly_and_is_identity_when_off():
+    from diffusion.evaluation.judge import degrade
+
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    assert torch.equal(degrade(images, 0.0, 0.0, torch.Generator().manual_seed(1)), images)
+    blurred = degrade(images, 1.5, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(blurred, degrade(images, 1.5, 0.0, torch.Generator().manual_seed(1)))
+
+    def tv(x):  # total variation: blurring lowers it
+        return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+    assert tv(blurred) < 0.8 * tv(images)
+    flat = torch.full((2, 3, 8, 8), 0.3)  # a constant image stays constant (normalised kernel, replicate pad)
+    assert torch.allclose(degrade(flat, 1.5, 0.0, torch.Generator().manual_seed(2)), flat, atol=1e-6)
+    noisy = degrade(flat, 0.0, 0.1, torch.Generator().manual_seed(3))
+    assert 0.07 < (noisy - flat).std().item() < 0.13

@@ -289,3 +289,14 @@ def test_make_grid_layout():
     assert img.size == (2 * 5 + 1, 3 * 5 + 1)
     px = img.load()
     assert px[1, 1] == (0, 0, 0) and px[6, 1] == (255, 255, 255) and px[0, 0] == (128, 128, 128)
+
+
+def test_lr_schedule_constant_or_cosine_to_min_ratio():
+    from diffusion.training.vae_system import warmup
+
+    constant = warmup(10)
+    assert constant(0) == pytest.approx(0.1) and constant(9) == 1.0 and constant(500) == 1.0
+    cosine = warmup(10, 100, 0.05)
+    assert cosine(0) == pytest.approx(0.1) and cosine(10) == pytest.approx(1.0)
+    assert cosine(55) == pytest.approx(0.525) and cosine(100) == pytest.approx(0.05)
+    assert cosine(40) > cosine(60) > cosine(80)

@@ -559,6 +559,10 @@ class TrainVAEConfig(TrainerFields):
     beta2: float = param(0.9, "AdamW beta2 (LDM/VQGAN use 0.9)", ge=0.0, lt=1.0)
     weight_decay: float = param(0.0, "AdamW decoupled weight decay", ge=0.0)
     warmup_steps: int = param(100, "linear learning-rate warm-up steps, then constant", ge=0)
+    min_lr_ratio: float | None = param(
+        None, "null: constant LR after warm-up (LDM); a ratio: cosine decay to lr * ratio at max_steps, which "
+        "settles a short run's weights (the CPU profile)", ge=0.0, le=1.0
+    )
     l1_weight: float = param(1.0, "weight of the L1 reconstruction loss (mean over pixels)", ge=0.0)
     mse_weight: float = param(0.0, "weight of the squared-error reconstruction loss (mean over pixels)", ge=0.0)
     kl_weight: float = param(
@@ -736,6 +740,11 @@ class JudgeConfig(Config):
     channels: tuple[int, ...] = param((16, 32, 64, 128), "widths of the conv blocks; each halves the side", ge=1)
     feature_dim: int = param(128, "width of the penultimate layer (the features of the judge's Fréchet distance)", ge=2)
     max_train_images: int | None = param(None, "read at most this many train images (null: all)", ge=1)
+    blur_sigma_max: float = param(
+        0.0, "train on copies blurred by a Gaussian of random sigma up to this (px), so soft generated edges "
+        "are read by their shape, not penalised for softness", ge=0.0
+    )
+    noise_std: float = param(0.0, "and with this much added Gaussian noise (images in [-1, 1])", ge=0.0)
     seed: int = param(0, "seed of the weights and the batch order (the fit is deterministic on the CPU)", ge=0)
 
 

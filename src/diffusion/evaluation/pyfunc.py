@@ -16,8 +16,11 @@ The logged model:
   coerced) and serialises to JSON as nested lists when served;
 - the ``diffusion`` package itself (``code_paths``), so the model loads with the code that trained it, and
   an explicit, pinned requirements list, so logging never asks pip or the network to infer one;
-- model_config ``image_size`` (the training resolution, the default size) and ``device`` (None: CUDA if
-  available); override at load with ``mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})``.
+- model_config :data:`MODEL_CONFIG_KEYS`: ``serving_image_size`` (the training resolution, the default size)
+  and ``serving_device`` (None: CUDA if available); override at load with
+  ``mlflow.pyfunc.load_model(uri, model_config={"serving_device": "cpu"})``. MLflow also logs the model_config
+  as params of the run the model is logged in (evaluate's), where ``device`` is already evaluate's own
+  device: a plain ``device`` key clashed with it ("Changing param values is not allowed"), hence the prefix.
 
 Usage::
 
@@ -40,12 +43,23 @@ from typing import Any
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
 #: The artifact key of the model folder inside the logged model.
 ARTIFACT_KEY = "model_dir"
+#: model_config keys -> the TextToImagePipeline.from_pretrained argument each sets. Prefixed, because MLflow
+#: logs them as params of the active run, and a stage param of the same name (evaluate's ``device``) with
+#: another value makes that logging fail.
+MODEL_CONFIG_KEYS = {"serving_image_size": "image_size", "serving_device": "device"}
 #: predict() params and their defaults; image_size 0 means the training resolution.
 PARAMS: dict[str, Any] = {
     "steps": 20, "guidance": 4.0, "sampler": "dpmpp", "seed": 0, "num_images_per_prompt": 1, "image_size": 0,
 }
 #: What loading and sampling import (checked with ``sys.modules`` after a fresh load), pinned at log time.
 REQUIREMENTS = ("torch", "numpy", "pillow", "tokenizers", "tqdm", "pyyaml", "mlflow")
+
+
+def serving_options(model_config: dict[str, Any] | None) -> dict[str, Any]:
+    """A logged model's model_config -> ``{"image_size": ..., "device": ...}`` for TextToImagePipeline.
+    Models registered before the keys were prefixed carry the plain names; those are read too."""
+    config = model_config or {}
+    return {arg: config.get(key, config.get(arg)) for key, arg in MODEL_CONFIG_KEYS.items()}
 
 
 def signature() -> Any:
@@ -108,7 +122,7 @@ def _log(model_dir: Path, name: str, image_size: int | None) -> Any:
             code_paths=[str(_package_copy(Path(tmp)))],
             signature=signature(),
             pip_requirements=pip_requirements(),
-            model_config={"image_size": image_size, "device": None},
+            model_config={"serving_image_size": image_size, "serving_device": None},
             registered_model_name=name,
         )
 
@@ -157,7 +171,7 @@ def download_model_dir(uri: str) -> tuple[Path, int | None]:
         mlflow.set_tracking_uri(tracking_uri())
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     flavor = Model.load(local).flavors.get("python_function", {})
-    config = flavor.get("config") or {}
+    config = flavor.get("config")
     artifact = (flavor.get("artifacts") or {}).get(ARTIFACT_KEY, {})
     model_dir = local / artifact.get("path", f"artifacts/{ARTIFACT_KEY}")
-    return model_dir, config.get("image_size")
+    return model_dir, serving_options(config)["image_size"]

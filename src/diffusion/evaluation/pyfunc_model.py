@@ -16,13 +16,12 @@ class TextToImageModel(PythonModel):
     """``predict(prompts, params) -> (N, H, W, 3) uint8`` (see ``diffusion.evaluation.pyfunc``)."""
 
     def load_context(self, context: Any) -> None:
-        from diffusion.evaluation.pyfunc import ARTIFACT_KEY
+        from diffusion.evaluation.pyfunc import ARTIFACT_KEY, serving_options
         from diffusion.pipeline_model import TextToImagePipeline
 
-        config = context.model_config or {}
-        self.pipeline = TextToImagePipeline.from_pretrained(
-            context.artifacts[ARTIFACT_KEY], device=config.get("device"), image_size=config.get("image_size")
-        )
+        # model_config {"serving_device": ..., "serving_image_size": ...} -> device=..., image_size=...
+        self.pipeline = TextToImagePipeline.from_pretrained(context.artifacts[ARTIFACT_KEY],
+                                                            **serving_options(context.model_config))
 
     # The hint is pd.DataFrame on purpose: MLflow 3 infers no signature from it, so the logged one (with its
     # params schema) stays in force; a hint such as list[str] would replace it by one without params, and

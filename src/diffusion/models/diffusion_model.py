@@ -203,6 +203,14 @@ class LatentDiffusionModel(nn.Module):
         """(B, C, h, w) diffusion-space latents -> (B, 3, h*f, w*f) images clamped to [-1, 1]."""
         return self.vae.decode(z / self.latent_scale + self.latent_shift).clamp(-1.0, 1.0)
 
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) in [-1, 1] -> decode(encode(x).mean), (B, 3, H, W) clamped to [-1, 1].
+
+        Through the same ``decode_latents`` as :meth:`generate`: the best a sample could look if the denoiser
+        returned the real image's latent exactly (evaluate's ``judge_vae_*`` ceiling)."""
+        return self.decode_latents(self.encode_images(x, sample=False))
+
     def forward(self, noisy_latents: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The training forward: x_t (B, C, h, w), t (B,), tokens (B, T) -> raw prediction (B, C', h, w)
         of the scheduler's ``prediction_type`` (C' = 2C for a DiT with ``learn_sigma``)."""

@@ -46,6 +46,11 @@ class VAEConfig(Config):
         (-30.0, 20.0), "range the predicted log-variance is clamped to (LDM's values; keeps exp() finite)"
     )
     quant_conv: bool = param(True, "1x1 convs on the moments and before the decoder (LDM's quant_conv)")
+    logvar_init: float | None = param(
+        None,
+        "initial bias of the predicted log-variance; null: PyTorch's default (about 0, a posterior as wide as the "
+        "prior). A low value such as -8 starts q(z|x) nearly deterministic, as a trained KL-VAE ends up",
+    )
     gradient_checkpointing: bool = param(False, "recompute ResnetBlocks in the backward pass to save memory")
 
     def __post_init__(self) -> None:
@@ -219,6 +224,15 @@ class AutoencoderKL(nn.Module):
         self.decoder = decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.quant_conv else nn.Identity()
         self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.quant_conv else nn.Identity()
+        if cfg.logvar_init is not None:
+            # With the default init the posterior starts with std ~1 against latents of std ~1, and only the
+            # tiny KL weight and the reconstruction gradient through the noise shrink it, slowly: a short run
+            # (our CPU profile) ends with posterior std ~0.5, a decoder that learned to average over that noise
+            # (blurred shapes), and diffusion trained on noisy samples. A trained LDM KL-f8 posterior is nearly a
+            # point (std << 1), so starting it there costs nothing and removes the slow phase.
+            moments = self.quant_conv if cfg.quant_conv else self.encoder.conv_out
+            with torch.no_grad():
+                moments.bias[c:].fill_(cfg.logvar_init)
 
     @property
     def downsample_factor(self) -> int:

@@ -30,6 +30,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from diffusion.models.vae import AutoencoderKL, DiagonalGaussian
 from diffusion.training.discriminator import D_LOSSES, NLayerDiscriminator, adaptive_weight, generator_loss
+from diffusion.training.diffusion_system import warmup_cosine
 
 if TYPE_CHECKING:
     from diffusion.config import TrainVAEConfig
@@ -40,8 +41,11 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def warmup(steps: int):
-    """Linear learning-rate warm-up over `steps` optimizer steps, then constant (a LambdaLR factor)."""
+def warmup(steps: int, total: int | None = None, min_ratio: float | None = None):
+    """A LambdaLR factor: linear warm-up over `steps` optimizer steps, then constant, or, with `min_ratio`,
+    cosine decay to `min_ratio` at `total` steps (the diffusion stage's schedule)."""
+    if min_ratio is not None and total is not None:
+        return lambda step: warmup_cosine(step, steps, total, min_ratio)
     return lambda step: min(1.0, (step + 1) / steps) if steps > 0 else 1.0
 
 
@@ -169,12 +173,12 @@ class VAESystem(pl.LightningModule):
         cfg = self.cfg
         betas = (cfg.beta1, cfg.beta2)  # LDM/VQGAN's (0.5, 0.9): a short memory suits the GAN game
         opt_g = torch.optim.AdamW(self.vae.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
-        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup(cfg.warmup_steps))
+        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         if self.discriminator is None:
             return {"optimizer": opt_g, "lr_scheduler": {"scheduler": sched_g, "interval": "step"}}
         d_lr = cfg.discriminator.lr if cfg.discriminator.lr is not None else cfg.lr
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=d_lr, betas=betas, weight_decay=cfg.weight_decay)
-        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup(cfg.warmup_steps))
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         return [opt_g, opt_d], [sched_g, sched_d]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
