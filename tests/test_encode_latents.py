@@ -182,7 +182,10 @@ def test_caption_dropout_rate_and_null_tokens(tmp_path, tok):
     captions = [c for b in batches for c in b["caption"]]
     rate = captions.count("") / len(captions)
     assert len(captions) == 2000 and 0.2 < rate < 0.3, rate  # binomial sd ~0.01
-    tokens, dropped = torch.cat([b["tokens"] for b in batches]), torch.tensor([c == "" for c in captions])
+    # Batches are trimmed to their longest caption (trim_padding): pad them back to max_length to compare.
+    width = null_tokens(tok, 1).shape[1]
+    tokens = torch.cat([torch.nn.functional.pad(b["tokens"], (0, width - b["tokens"].shape[1])) for b in batches])
+    dropped = torch.tensor([c == "" for c in captions])
     assert torch.equal(tokens[dropped], null_tokens(tok, int(dropped.sum())))
     assert torch.equal(tokens[~dropped], encode(tok, [c for c in captions if c]))
     again = [c for b in make_latent_loader(urls, tok, caption_dropout=0.25, **kw) for c in b["caption"]]
@@ -235,7 +238,7 @@ def test_loader_with_workers_gives_exactly_epoch_steps_full_batches(project, tok
                                 epoch_steps=5, shuffle_buffer=4)
     batches = list(loader)
     assert len(loader) == len(batches) == 5  # with_epoch on the loader counts batches (pitfall 1)
-    assert all(b["latents"].shape == (3, 3, 8, 8) and b["tokens"].shape == (3, 8) for b in batches)
+    assert all(b["latents"].shape == (3, 3, 8, 8) and b["tokens"].shape[0] == 3 for b in batches)
 
 
 def test_failed_run_keeps_the_previous_output(project, monkeypatch):

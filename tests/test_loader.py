@@ -17,7 +17,7 @@ from PIL import Image
 from diffusion.data.loader import iter_shards, make_loader
 from diffusion.data.records import Sample
 from diffusion.data.shards import write_shards
-from diffusion.data.tokenizer import null_tokens, save_tokenizer, train_tokenizer
+from diffusion.data.tokenizer import PAD_ID, encode, null_tokens, save_tokenizer, train_tokenizer
 
 SIZE = 8
 COLOURS = ("red", "green", "blue", "yellow")
@@ -59,8 +59,12 @@ def test_batch_format_and_epoch_length(shards, tok):
     b = batches[0]
     assert b["image"].shape == (4, 3, SIZE, SIZE) and b["image"].dtype == torch.float32
     assert b["image"].min() >= -1.0 and b["image"].max() <= 1.0
-    assert b["tokens"].shape == (4, 12) and b["tokens"].dtype == torch.long
     assert len(b["caption"]) == len(b["meta"]) == 4
+    # Tokens: the captions' encoding without the padding columns all four share (trim_padding).
+    full = encode(tok, b["caption"])  # (4, max_length 12)
+    longest = int((full != PAD_ID).sum(dim=1).max())
+    assert b["tokens"].dtype == torch.long and b["tokens"].shape == (4, longest) and longest < 12
+    assert torch.equal(b["tokens"], full[:, :longest]) and (full[:, longest:] == PAD_ID).all()
     # Pixels decode to the value written: every pixel of sample i is i, i.e. i / 127.5 - 1.
     i = b["meta"][0]["i"]
     assert torch.allclose(b["image"][0], torch.full((3, SIZE, SIZE), i / 127.5 - 1.0))
@@ -91,13 +95,14 @@ def test_caption_dropout(shards, tok):
     loader = make_loader(shards, tok, batch_size=8, epoch_steps=40, caption_dropout=0.3, shuffle_buffer=1)
     dropped = total = 0
     for b in loader:
+        null = null_tokens(tok, 1)[0, : b["tokens"].shape[1]]  # the batch's columns (trim_padding)
         for caption, tokens in zip(b["caption"], b["tokens"]):
             total += 1
             if caption == "":
                 dropped += 1
-                assert torch.equal(tokens, null_tokens(tok, 1)[0])
+                assert torch.equal(tokens, null)
             else:
-                assert not torch.equal(tokens, null_tokens(tok, 1)[0])
+                assert not torch.equal(tokens, null)
     assert 0.2 < dropped / total < 0.4  # 320 draws of p = 0.3: sd ~ 0.026
 
 

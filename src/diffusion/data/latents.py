@@ -42,7 +42,7 @@ from tokenizers import Tokenizer
 
 from diffusion.data.loader import ShardStream, StreamLoader, expand_urls, stream_loader
 from diffusion.data.shards import ShardList, _add_member, _check_key
-from diffusion.data.tokenizer import encode
+from diffusion.data.tokenizer import encode, trim_padding
 
 MEAN_EXT, LOGVAR_EXT = "mean.npy", "logvar.npy"
 #: The dtype latents are stored in.
@@ -232,7 +232,7 @@ class LatentStream(ShardStream):
         return {
             "mean": torch.stack([s["mean"] for s in samples]).float(),  # (B, C, h, w)
             "logvar": torch.stack([s["logvar"] for s in samples]).float(),  # (B, C, h, w)
-            "tokens": encode(self.tokenizer, captions),  # (B, T), after dropout
+            "tokens": trim_padding(encode(self.tokenizer, captions)),  # (B, T), after dropout
             "caption": captions,
             "meta": [s["meta"] for s in samples],
             "key": [s["key"] for s in samples],

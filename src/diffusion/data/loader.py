@@ -41,7 +41,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from diffusion.data.shards import list_shards
-from diffusion.data.tokenizer import encode
+from diffusion.data.tokenizer import encode, trim_padding
 
 
 def expand_urls(urls: Sequence[str] | str) -> list[str]:
@@ -142,7 +142,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         captions = [s["caption"] for s in samples]
         return {
             "image": to_model_range(torch.from_numpy(np.stack([s["image"] for s in samples]))),  # (B,3,H,W)
-            "tokens": encode(self.tokenizer, captions),  # (B, T)
+            "tokens": trim_padding(encode(self.tokenizer, captions)),  # (B, T)
             "caption": captions,
             "meta": [s["meta"] for s in samples],
             "key": [s["key"] for s in samples],

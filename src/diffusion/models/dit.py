@@ -34,6 +34,7 @@ from diffusion.models.layers import (
     key_padding_mask_or_none,
     time_text_embedding,
     modulate,
+    sincos_pos_embed_2d,
 )
 
 #: The DiT paper's model sizes (Peebles & Xie 2023, table 1): (depth, hidden_size, num_heads), times
@@ -83,24 +84,6 @@ class DiTConfig(Config):
         if name not in DIT_PRESETS:
             raise ConfigError(f"preset: unknown DiT preset {name!r}; expected one of: {', '.join(DIT_PRESETS)}")
         return cls.from_dict({**DIT_PRESETS[name], **overrides})
-
-
-def sincos_pos_embed_2d(dim: int, gh: int, gw: int) -> torch.Tensor:
-    """Fixed 2D sin-cos positions (DiT / MAE ``get_2d_sincos_pos_embed``) for a gh x gw grid.
-
-    Half the channels encode the column, half the row, each as [sin, cos] of ``pos / 10000^(2i/(dim/2))``
-    (Vaswani et al. 2017, sec. 3.5). Returns (gh * gw, dim) float32, tokens in row-major (row, column) order.
-    """
-    quarter = dim // 4
-    omega = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
-    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
-                                indexing="ij")  # (gh, gw) each
-
-    def embed_1d(pos: torch.Tensor) -> torch.Tensor:
-        out = pos.reshape(-1, 1) * omega[None]  # (gh * gw, dim/4)
-        return torch.cat([out.sin(), out.cos()], dim=1)  # (gh * gw, dim/2)
-
-    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()  # (gh * gw, dim), column half first as DiT
 
 
 class DiTBlock(nn.Module):
