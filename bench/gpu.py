@@ -16,6 +16,12 @@ Items, in order (each skipped, and listed as skipped, once the time budget is sh
    pitfall 10; cuDNN may use TF32, PyTorch's default for convolutions).
 4. The same training steps under ``torch.compile`` (default mode); the compile warm-up is timed apart.
 
+The networks are the profile's (``--profile``, default ``gpu``: ``params.yaml`` with ``profiles/gpu.yaml`` over
+it, as the train stage reads them; ``-S section.key=value`` overrides a key as ``cli.py -S`` does): its DiT
+(DiT-B/2, and DiT-S/2 at the same settings) and its U-Net (``train.unet``: widths 192/384/576, 151.9M parameters),
+both cross-attending to text states of the profile's text encoder width (512). Inputs: 4x32x32 latents
+(256 px through the f=8 VAE) and random text states; no text encoder, VAE or data loading in the steps.
+
 Measurements: CUDA events around a window of ``--steps`` steps after ``--warmup`` steps; peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed window (weights, gradients, AdamW state, activations).
 
@@ -48,7 +54,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the GPU machine has no editable install
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # the GPU machine has no editable install
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import (  # noqa: E402
@@ -63,6 +70,8 @@ from bench_models import (  # noqa: E402
     pixart_like,
     pixart_net,
 )
+from diffusion.config import TrainConfig, load_section  # noqa: E402
+from diffusion.models import DIT_PRESETS  # noqa: E402
 from diffusion.models.dit import DiT, DiTConfig  # noqa: E402
 from diffusion.models.unet import UNet, UNetConfig  # noqa: E402
 from diffusion.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
@@ -312,18 +321,26 @@ class Bench:
 # --------------------------------------------------------------------------------------------------
 
 
+def profile_train(args: argparse.Namespace) -> TrainConfig:
+    """The profile's ``train`` section as the train stage reads it: params.yaml <- profiles/<profile>.yaml <- -S."""
+    return load_section(TrainConfig, ROOT / "params.yaml", [f"profile={args.profile}", *args.set])
+
+
 def unet_profile(args: argparse.Namespace) -> UNetConfig:
-    """The U-Net of the GPU profile: widths (192, 384, 768) (DiT-B's width at the lowest level, and 64-channel
-    heads dividing every width), 2 ResBlocks a level, transformers at the two lower levels and in the middle."""
-    return UNetConfig(base_channels=args.unet_channels, channel_mult=(1, 2, 4), num_res_blocks=2,
-                      attention_levels=(1, 2), head_dim=64 if not args.smoke else 16,
-                      context_dim=args.context_dim, norm_groups=32 if not args.smoke else 8)
+    """The profile's U-Net (``train.unet``; for ``gpu``: widths 192/384/576, 2 ResBlocks a level, transformers
+    with 64-channel heads at the two lower levels and in the middle), on 4-channel latents and text states
+    ``--context-dim`` wide (the profile's text encoder width), as LatentDiffusionModel sets them.
+    ``--smoke``: widths 16/32/48, 16-channel heads, 8 groups."""
+    over = {"base_channels": 16, "head_dim": 16, "norm_groups": 8} if args.smoke else {}
+    return profile_train(args).unet.replace(in_channels=4, out_channels=4, context_dim=args.context_dim, **over)
 
 
 def dit_profile(name: str, args: argparse.Namespace, adaln_single: bool = False) -> DiTConfig:
+    """The profile's DiT (``train.dit``: mlp_ratio, pooled text, ...) at preset `name`, on ``--size`` latents
+    and ``--context-dim`` text states; for ``gpu`` and "DiT-B/2" (adaLN-Zero) the network the profile trains."""
     over = {"depth": 2, "hidden_size": 64, "num_heads": 4} if args.smoke else {}
-    return DiTConfig.from_preset(name, input_size=args.size, context_dim=args.context_dim,
-                                 adaln_single=adaln_single, **over)
+    return profile_train(args).dit.replace(**{**DIT_PRESETS[name], **over}, in_channels=4, input_size=args.size,
+                                           context_dim=args.context_dim, adaln_single=adaln_single)
 
 
 def plan(bench: Bench) -> None:
@@ -429,8 +446,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--size", type=int, default=32, help="latent side (256 px images with the f=8 VAE)")
     p.add_argument("--text-len", type=int, default=77)
-    p.add_argument("--context-dim", type=int, default=256, help="text width (our text encoder's default)")
-    p.add_argument("--unet-channels", type=int, default=192)
+    p.add_argument("--context-dim", type=int, default=None,
+                   help="text width (default: the profile's text encoder width, 512 for gpu)")
+    p.add_argument("--profile", default="gpu", help="the profile whose DiT and U-Net are benchmarked")
+    p.add_argument("--set", "-S", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a parameter over the profile, as cli.py -S (e.g. -S train.unet.base_channels=256)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--sample-steps", type=int, default=20)
@@ -440,10 +460,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds of budget a compiled item needs left to be started")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers references")
     args = p.parse_args(argv)
+    if args.context_dim is None:
+        args.context_dim = profile_train(args).text_encoder.width
     if args.smoke:
         args.batch = args.unet_batch = 4
         args.sample_batch = args.vae_batch = 2
-        args.size, args.text_len, args.context_dim, args.unet_channels = 8, 8, 32, 16
+        args.size, args.text_len, args.context_dim = 8, 8, 32
         args.warmup, args.steps, args.sample_steps, args.sample_runs, args.vae_runs = 2, 2, 3, 1, 1
     return args
 
