@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from diffusion.config import Config, ConfigError, param
+from diffusion.data.tokenizer import null_tokens, trim_padding
 from diffusion.models import DENOISERS, LatentDiffusionModel, UNetConfig, register_denoiser
 from diffusion.samplers import SAMPLERS
 from diffusion.scheduler import DDPMScheduler
@@ -138,6 +139,19 @@ def test_latents_scaling_and_training_forward():
     assert out.shape == z.shape
     states, mask, pooled = model.encode_text(tokens())
     assert states.shape == (2, 16, 32) and pooled.shape == (2, 32) and mask.sum().item() == 4 + 5
+
+
+@pytest.mark.parametrize("denoising_type", ["unet", "dit"])
+def test_trimmed_padding_gives_the_same_prediction(denoising_type):
+    """Loaders drop the padding columns every caption of a batch shares (trim_padding): the text states of
+    the real tokens, the pooled EOS state and so the denoiser's prediction do not change."""
+    model = make(denoising_type)
+    full = tokens()  # (2, 16), the longest caption 5 tokens
+    trimmed = trim_padding(full)
+    assert trimmed.shape == (2, 5) and torch.equal(trimmed, full[:, :5])
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    torch.testing.assert_close(model(z, t, trimmed), model(z, t, full), atol=1e-5, rtol=1e-5)
+    assert trim_padding(null_tokens(16, 3)).shape == (3, 2)  # [BOS, EOS]: never shorter
 
 
 @pytest.mark.parametrize("denoising_type", ["unet", "dit"])

@@ -300,3 +300,26 @@ def test_lr_schedule_constant_or_cosine_to_min_ratio():
     assert cosine(0) == pytest.approx(0.1) and cosine(10) == pytest.approx(1.0)
     assert cosine(55) == pytest.approx(0.525) and cosine(100) == pytest.approx(0.05)
     assert cosine(40) > cosine(60) > cosine(80)
+
+
+def test_validation_metrics_are_float32_under_bf16_autocast(tmp_path, monkeypatch):
+    """bf16-mixed training (the CPU default) must not make PSNR/SSIM those of a bf16 forward: validation
+    runs the VAE and the metrics in float32, so it reads the same inside autocast as outside."""
+    from diffusion.training.vae_system import VAESystem
+
+    torch.manual_seed(0)
+    system = VAESystem(tiny_cfg(tmp_path))
+    monkeypatch.setattr(system, "log", lambda *a, **k: None)
+    monkeypatch.setattr(system, "log_dict", lambda *a, **k: None)
+    # A smooth image with an object, as the shapes are: SSIM of a good reconstruction is far above 0.
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    image = torch.stack([0.3 * xx, 0.3 * yy, 0.8 * ((xx**2 + yy**2) < 0.2).float() - 0.4])[None].repeat(4, 1, 1, 1)
+
+    def metrics(autocast: bool) -> tuple[float, float]:
+        system.psnr.reset()
+        system.ssim.reset()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            system.validation_step({"image": image}, 0)
+        return system.psnr.compute().item(), system.ssim.compute().item()
+
+    assert metrics(autocast=True) == pytest.approx(metrics(autocast=False), rel=1e-6)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from diffusion.config import ConfigError
-from diffusion.models.unet import UNet, UNetConfig
+from diffusion.models.layers import sincos_pos_embed_2d
+from diffusion.models.unet import SpatialTransformer, UNet, UNetConfig
 
 CTX = 16
 
@@ -137,9 +138,37 @@ def test_indivisible_latent_raises():
         ({"head_dim": 5}, "head_dim"),
         ({"channel_mult": ()}, "channel_mult"),
         ({"dropout": 1.5}, "dropout"),
+        ({"base_channels": 6, "norm_groups": 2, "num_heads": 2, "position_embedding": True}, "position_embedding"),
     ],
 )
 def test_bad_config_names_key(changes, key):
     data = {**tiny_cfg().to_dict(), **changes}
     with pytest.raises(ConfigError, match=rf"model\.unet\.{key}"):
         UNetConfig.from_dict(data, "model.unet")
+
+
+def test_position_embedding_adds_sincos_to_the_tokens():
+    """With position_embedding the attention block sees proj_in(norm(x)) + the 2-D sin-cos grid, row-major."""
+    torch.manual_seed(0)
+    st = perturb_zeros(SpatialTransformer(16, 2, CTX, 4, 0.0, position_embedding=True))
+    _, _, ctx, mask = inputs()
+    x = torch.randn(2, 16, 4, 6)
+    seen = {}
+    st.block.register_forward_pre_hook(lambda m, args: seen.update(h=args[0]))  # returns None: args unchanged
+    st(x, ctx, mask)
+    tokens = st.proj_in(st.norm(x).permute(0, 2, 3, 1).reshape(2, 24, 16))
+    torch.testing.assert_close(seen["h"], tokens + sincos_pos_embed_2d(16, 4, 6)[None])
+
+
+def test_position_embedding_adds_no_parameters_and_changes_the_output():
+    def build(pos):
+        torch.manual_seed(0)
+        return perturb_zeros(UNet(tiny_cfg(position_embedding=pos)))
+
+    plain, with_pos = build(False), build(True)
+    assert plain.state_dict().keys() == with_pos.state_dict().keys()  # checkpoints load either way
+    with_pos.load_state_dict(plain.state_dict())
+    x, t, ctx, mask = inputs()
+    assert not torch.allclose(plain(x, t, ctx, mask), with_pos(x, t, ctx, mask), atol=1e-4)
+    # Fixed positions, computed for whatever grid comes in: a wider latent works with the same weights.
+    assert with_pos(inputs(h=8, w=16)[0], t, ctx, mask).shape == (2, 4, 8, 16)
