@@ -132,7 +132,7 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str]) -> tuple[Any, Any, Any]:
     side = first["mean"].shape[-1] * model.vae.downsample_factor  # image side the latents decode to
     optim = OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                           warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio,
-                          min_snr_gamma=cfg.min_snr_gamma)
+                          min_snr_gamma=cfg.min_snr_gamma, min_snr_on=cfg.min_snr_on)
     system = DiffusionSystem(model, scheduler, optim, compile_denoiser=cfg.compile)
     callbacks = _callbacks(cfg, run, loader, scheduler, tokenizer, side)
     trainer = ckpt.build_trainer(cfg, callbacks=callbacks, logger=run.logger, default_root_dir=run.point.dir,

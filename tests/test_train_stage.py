@@ -335,6 +335,13 @@ def test_min_snr_weights_and_lr_schedule():
     assert torch.allclose(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
     assert torch.allclose(min_snr_weight(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
     assert torch.allclose(min_snr_weight(snr, 5.0, "sample"), torch.tensor([0.5, 5.0, 5.0]))
+    # Capping SNR + 1: z_0 weight min(SNR + 1, 5) = [1.5, 5, 5], so v-prediction keeps weight 1 at high noise.
+    plus = {t: min_snr_weight(snr, 5.0, t, on="snr_plus_one") for t in ("epsilon", "v_prediction", "sample")}
+    assert torch.allclose(plus["sample"], torch.tensor([1.5, 5.0, 5.0]))
+    assert torch.allclose(plus["epsilon"], torch.tensor([3.0, 1.0, 0.1]))
+    assert torch.allclose(plus["v_prediction"], torch.tensor([1.0, 5 / 6, 5 / 51]))
+    with pytest.raises(ValueError, match="min_snr_on"):
+        min_snr_weight(snr, 5.0, "epsilon", on="snr_squared")
     assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)

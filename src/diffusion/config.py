@@ -667,6 +667,10 @@ class TrainConfig(TrainerFields):
         ge=0.0, le=1.0,
     )
     min_snr_gamma: float | None = param(None, "Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual; null: off)", gt=0.0)
+    min_snr_on: Literal["snr", "snr_plus_one"] = param(
+        "snr", "what Min-SNR caps: snr (the paper: z_0 weight min(SNR, gamma)) | snr_plus_one (min(SNR + 1, gamma): "
+        "weight 1 at high noise, where layout is decided; see diffusion_system)"
+    )
     shuffle_buffer: int = param(2_000, "samples in the loader's shuffle buffer", ge=0)
     sample_every_n_steps: int = param(500, "log a grid of samples for sample_prompts every N steps (0: never)", ge=0)
     sample_prompts: tuple[str, ...] = param(
