@@ -255,7 +255,10 @@ def test_configs_parse_params_and_refuse_bad_values():
     cfg = EvaluateConfig.from_dict(params["evaluate"], "evaluate")
     assert JudgeConfig.from_dict(params["train_judge"], "train_judge").steps >= 1
     assert cfg.main_setting().label() == "dpmpp-20-g4"
-    assert [s.label() for s in cfg.sweep][:2] == ["ddim-50-g4", "dpmpp-20-g4"]
+    # Labels "<sampler>-<steps>-g<guidance>", one per sweep entry of params.yaml, in order.
+    assert [s.label() for s in cfg.sweep] == [
+        f"{e['sampler']}-{e['steps']}-g{e['guidance']:g}" for e in params["evaluate"]["sweep"]
+    ]
     with pytest.raises(ConfigError, match=r"evaluate.sweep\[0\].sampler"):
         EvaluateConfig.from_dict({"sweep": [{"sampler": "euler"}]}, "evaluate")
     with pytest.raises(ConfigError, match="evaluate.num_samples"):
