@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from diffusion.config import ConfigError
-from diffusion.models.dit import DIT_PRESETS, DiT, DiTConfig, sincos_pos_embed_2d
+from diffusion.models.dit import DIT_PRESETS, DiT, DiTConfig
+from diffusion.models.layers import sincos_pos_embed_2d
 
 CTX = 16
 

@@ -34,7 +34,7 @@ from diffusion.models.layers import (
     key_padding_mask_or_none,
     time_text_embedding,
     modulate,
-    sincos_pos_embed_2d,
+    SinCosPositions,
 )
 
 #: The DiT paper's model sizes (Peebles & Xie 2023, table 1): (depth, hidden_size, num_heads), times
@@ -164,7 +164,7 @@ class DiT(nn.Module):
             for _ in range(cfg.depth)
         )
         self.final_layer = FinalLayer(D, p, cfg.out_channels, cfg.adaln_single)
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self.pos_embed = SinCosPositions(cfg.hidden_size)  # (1, gh * gw, D) for a gh x gw token grid
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -189,13 +189,6 @@ class DiT(nn.Module):
             if m is not None:
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    def pos_embed(self, gh: int, gw: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(1, gh * gw, D) positions for a gh x gw token grid, computed once per grid size and cached."""
-        key = (gh, gw, device, dtype)
-        if key not in self._pos_cache:
-            self._pos_cache[key] = sincos_pos_embed_2d(self.cfg.hidden_size, gh, gw).to(device, dtype)[None]
-        return self._pos_cache[key]
 
     def unpatchify(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         """(B, gh * gw, p*p*C) tokens -> (B, C, gh * p, gw * p) image."""

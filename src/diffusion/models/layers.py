@@ -258,3 +258,18 @@ def sincos_pos_embed_2d(dim: int, gh: int, gw: int) -> torch.Tensor:
         return torch.cat([out.sin(), out.cos()], dim=1)  # (gh * gw, dim/2)
 
     return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()  # (gh * gw, dim), column half first as DiT
+
+
+class SinCosPositions:
+    """``positions(gh, gw, device, dtype)`` -> (1, gh * gw, dim) fixed sin-cos positions, computed once per grid
+    size, device and dtype and kept (no parameters or buffers: the state dict is unchanged)."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, gh: int, gw: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (gh, gw, device, dtype)
+        if key not in self._cache:
+            self._cache[key] = sincos_pos_embed_2d(self.dim, gh, gw).to(device, dtype)[None]
+        return self._cache[key]

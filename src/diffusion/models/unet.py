@@ -31,7 +31,7 @@ from diffusion.models.layers import (
     key_padding_mask_or_none,
     time_text_embedding,
     modulate,
-    sincos_pos_embed_2d,
+    SinCosPositions,
 )
 
 
@@ -130,16 +130,15 @@ class SpatialTransformer(nn.Module):
 
     With ``position_embedding`` the tokens get fixed 2-D sin-cos positions after ``proj_in``, as a DiT's
     patches do (Peebles & Xie 2023). A plain U-Net knows where it is only from the zero padding of its
-    convolutions, which the attention then mixes away; on a small latent grid (8x8, 4x4) a caption's
-    "top left" is then learned only after ~100k samples. With explicit positions, a cross-attention query
-    knows its own place and can match it against the caption's position words directly.
+    convolutions; with explicit positions a cross-attention query knows its own place and can match it
+    against the caption's position words. Measured on the built-in shapes it was not what made position
+    learnable (batch 32: 0.22 vs 0.20 after 2000 steps); the loss weighting was (diffusion_system).
     """
 
     def __init__(self, ch: int, num_heads: int, context_dim: int, groups: int, dropout: float,
                  position_embedding: bool = False) -> None:
         super().__init__()
-        self.position_embedding = position_embedding
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self.positions = SinCosPositions(ch) if position_embedding else None
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch)
         self.block = TransformerBlock(ch, num_heads, context_dim, activation="geglu", dropout=dropout)
@@ -152,18 +151,10 @@ class SpatialTransformer(nn.Module):
         B, C, H, W = x.shape
         # (B, C, H, W) -> (B, H, W, C) -> (B, HW, C); free when x is channels_last
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))
-        if self.position_embedding:
-            h = h + self._positions(H, W, h.device, h.dtype)
+        if self.positions is not None:
+            h = h + self.positions(H, W, h.device, h.dtype)
         h = self.proj_out(self.block(h, context, mask))
         return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W)
-
-    def _positions(self, H: int, W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(1, H * W, C) positions in the tokens' row-major order, computed once per grid size."""
-        key = (H, W, device, dtype)
-        if key not in self._pos_cache:
-            ch = self.proj_in.out_features
-            self._pos_cache[key] = sincos_pos_embed_2d(ch, H, W).to(device, dtype)[None]
-        return self._pos_cache[key]
 
 
 class Stage(nn.Module):
