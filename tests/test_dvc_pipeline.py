@@ -93,7 +93,7 @@ def test_dvc_repro_runs_every_stage_once_and_then_nothing_then_experiments(tmp_p
     baseline = commit_baseline(repo)
     check_model_artifact(repo)
     check_plots_html(repo)
-    check_dit_experiment(repo, baseline)
+    check_unet_experiment(repo, baseline)
     check_temp_experiment(repo, baseline)
     check_exp_show_and_plots_diff(repo, baseline)
 
@@ -149,10 +149,10 @@ def check_plots_html(repo: Path) -> None:
     assert "Diffusion training loss" in html and "Sampler sweep" in html
 
 
-def check_dit_experiment(repo: Path, baseline: str) -> None:
-    """`dvc exp run -S train.denoising_type=dit` reruns only what the denoiser changes, and MLflow holds its
-    runs beside the baseline's in one experiment, comparable in the UI."""
-    run = dvc(["exp", "run", "-n", "dit", "-S", "train.denoising_type=dit"], repo)
+def check_unet_experiment(repo: Path, baseline: str) -> None:
+    """`dvc exp run -S train.denoising_type=unet` (the default is the DiT) reruns only what the denoiser
+    changes, and MLflow holds its runs beside the baseline's in one experiment, comparable in the UI."""
+    run = dvc(["exp", "run", "-n", "unet", "-S", "train.denoising_type=unet"], repo)
     for stage in ("train", "evaluate"):
         assert f"Running stage '{stage}'" in run.stdout, stage
     for stage in ("shard", "train_vae", "encode_latents", "train_judge"):
@@ -163,17 +163,17 @@ def check_dit_experiment(repo: Path, baseline: str) -> None:
     experiment = client.get_experiment_by_name("diffusion").experiment_id
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert {r.info.experiment_id for r in runs} == {experiment}
-    dit_runs = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("dvc_exp_name") == "dit"}
-    assert sorted(dit_runs) == ["evaluate", "train"], sorted(dit_runs)
-    assert all(r.data.tags["git_commit"] == baseline for r in dit_runs.values())
-    unet_runs = {r.data.tags["stage"]: r for r in runs if not r.data.tags.get("dvc_exp_name")}
+    unet_runs = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("dvc_exp_name") == "unet"}
+    assert sorted(unet_runs) == ["evaluate", "train"], sorted(unet_runs)
+    assert all(r.data.tags["git_commit"] == baseline for r in unet_runs.values())
+    dit_runs = {r.data.tags["stage"]: r for r in runs if not r.data.tags.get("dvc_exp_name")}
     # The same params and metric names, the same sample grid artifact: the UI lines them up side by side.
     for stage, grid in (("train", "samples/final.png"), ("evaluate", "samples.png")):
-        a, b = unet_runs[stage], dit_runs[stage]
+        a, b = dit_runs[stage], unet_runs[stage]
         assert set(a.data.params) == set(b.data.params) and set(a.data.metrics) == set(b.data.metrics), stage
         for r in (a, b):
             assert grid in artifact_paths(client, r.info.run_id), (stage, r.info.run_id)
-    assert [r.data.params["denoising_type"] for r in (unet_runs["train"], dit_runs["train"])] == ["unet", "dit"]
+    assert [r.data.params["denoising_type"] for r in (dit_runs["train"], unet_runs["train"])] == ["dit", "unet"]
 
 
 def check_temp_experiment(repo: Path, baseline: str) -> None:
@@ -201,23 +201,23 @@ def check_exp_show_and_plots_diff(repo: Path, baseline: str) -> None:
     """`dvc exp show` lists the baseline and both experiments with their own params and metrics, and
     `dvc plots diff` draws the U-Net's and the DiT's loss curves on one plot, once per definition."""
     rows = exp_rows(repo)
-    base, dit, temp = rows[baseline], rows["dit"], rows["shard-temp"]
-    assert [r["params"]["train"]["denoising_type"] for r in (base, dit)] == ["unet", "dit"]
+    base, unet, temp = rows[baseline], rows["unet"], rows["shard-temp"]
+    assert [r["params"]["train"]["denoising_type"] for r in (base, unet)] == ["dit", "unet"]
     assert temp["params"]["shard"]["seed"] == 1
-    for row in (base, dit):
+    for row in (base, unet):
         assert {"fid", "kid_mean", "adherence"} <= set(row["metrics"]["metrics/eval.json"])
     # Different networks: the experiment's metric is its own, not the baseline's carried over.
-    assert (dit["metrics"]["metrics/train.json"]["parameters_denoiser"]
+    assert (unet["metrics"]["metrics/train.json"]["parameters_denoiser"]
             != base["metrics"]["metrics/train.json"]["parameters_denoiser"])
 
     # Each plot once, from the top-level definitions (not a second time from the stage outputs).
-    plots = json.loads(dvc(["plots", "diff", "HEAD", "dit", "--json"], repo).stdout)["data"]
+    plots = json.loads(dvc(["plots", "diff", "HEAD", "unet", "--json"], repo).stdout)["data"]
     assert set(plots) == {"train_loss", "eval_sweep", "reports/samples.png"}, sorted(plots)
     (loss,) = plots["train_loss"]
-    assert sorted(loss["revisions"]) == ["HEAD", "dit"]
+    assert sorted(loss["revisions"]) == ["HEAD", "unet"]
     spec = loss["content"]
     assert spec["encoding"]["x"]["field"] == "step" and spec["title"]["text"].startswith("Diffusion training loss")
-    assert {p["rev"] for p in spec["data"]["values"]} == {"HEAD", "dit"}, "a curve per revision"
+    assert {p["rev"] for p in spec["data"]["values"]} == {"HEAD", "unet"}, "a curve per revision"
     (sweep,) = plots["eval_sweep"]
     assert [sweep["content"]["encoding"][axis]["field"] for axis in "xy"] == ["images_per_second", "adherence"]
 

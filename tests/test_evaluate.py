@@ -363,7 +363,7 @@ def test_evaluate_stage_writes_metrics_sweep_grid_and_one_mlflow_run(pipeline_ro
     assert logged["judge_vae_adherence"] == pytest.approx(metrics["judge_vae_adherence"])
     params = runs[0].data.params
     train_metrics = json.loads((pipeline_root / "metrics/train.json").read_text())
-    assert params["denoising_type"] == "unet"  # which denoiser this evaluate run measured
+    assert params["denoising_type"] == "dit"  # which denoiser this evaluate run measured
     assert int(params["parameters_denoiser"]) == train_metrics["parameters_denoiser"]
     # The stage's device and the registered model's serving device are separate params, both logged.
     assert params["device"] == "cpu" and params["serving_device"] == "None" and params["serving_image_size"] == "32"

@@ -94,7 +94,7 @@ def test_train_stage_writes_model_metrics_curve_and_one_mlflow_run(project, cli_
     assert len(found) == 1
     run = found[0]
     assert run.data.tags["stage"] == "train" and "git_commit" in run.data.tags and "dvc_exp_name" in run.data.tags
-    assert run.data.params["denoising_type"] == "unet" and run.data.params["unet.base_channels"] == "16"
+    assert run.data.params["denoising_type"] == "dit" and run.data.params["dit.hidden_size"] == "32"
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(history) >= 5, "the loss is logged per step, not only at the end"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
@@ -111,11 +111,11 @@ def test_train_stage_writes_model_metrics_curve_and_one_mlflow_run(project, cli_
     assert images.shape == (1, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
 
 
-def test_dit_trains_through_the_same_stage(project, cli_env):
-    run_cli(["train", "-S", "train.denoising_type=dit", "-S", "train.max_steps=4",
+def test_unet_trains_through_the_same_stage(project, cli_env):
+    run_cli(["train", "-S", "train.denoising_type=unet", "-S", "train.max_steps=4",
              "-S", "train.sample_every_n_steps=0"], project, cli_env)
     config = json.loads((project / "models/diffusion/config.json").read_text())
-    assert config["denoising_type"] == "dit" and config["denoiser"]["hidden_size"] == 32
+    assert config["denoising_type"] == "unet" and config["denoiser"]["base_channels"] == 16
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
