@@ -7,8 +7,8 @@ Both paths run the same step (text encoder + denoiser forward and backward, Adam
 
 and the script prints samples/s of each and their ratio (issue 4's target: cached >= 2x on the CPU at the
 default sizes). Sizes come from params.yaml where its sections define them (``shard.resolution``,
-``train_vae.model``, ``train.unet``, ``train.text_encoder``, ``train.batch_size``), else from the model
-configs' defaults; ``--tiny`` uses small sizes for a quick check. The VAE has random weights: speed does
+``train_vae.model``, ``train.unet``/``train.dit``, ``train.text_encoder``, ``train.batch_size``), else from the model
+configs' defaults; the denoiser is ``train.denoising_type``'s (``train.unet`` or ``train.dit``); ``--tiny`` uses small sizes for a quick check. The VAE has random weights: speed does
 not depend on them. A script that prints figures, not a test (STYLE.md 15).
 
     python bench/bench_latents.py              # default sizes
@@ -41,7 +41,7 @@ from diffusion.models.vae import AutoencoderKL, VAEConfig
 from diffusion.scheduler import DDPMScheduler
 
 TINY = {
-    "resolution": 32, "batch_size": 8,
+    "resolution": 32, "batch_size": 8, "denoising_type": "unet",
     "vae": {"latent_dim": 4, "base_channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "norm_groups": 8},
     "unet": {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
              "norm_groups": 8, "context_dim": 64},
@@ -69,42 +69,32 @@ def sizes(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "resolution": _get(params, "shard", "resolution") or 64,
         "batch_size": args.batch_size or _get(params, "train", "batch_size") or 32,
         "vae": _get(params, "train_vae", "model") or {},
-        "unet": _get(params, "train", "unet") or _get(params, "train", "model", "unet") or {},
-        "text_encoder": _get(params, "train", "text_encoder") or _get(params, "train", "model", "text_encoder") or {},
+        "denoising_type": _get(params, "train", "denoising_type") or "unet",
+        "unet": _get(params, "train", "unet") or {},
+        "dit": _get(params, "train", "dit") or {},
+        "text_encoder": _get(params, "train", "text_encoder") or {},
     }
-    used = [k for k in ("vae", "unet", "text_encoder") if found[k]]
+    used = [k for k in ("vae", found["denoising_type"], "text_encoder") if found[k]]
     return found, f"{args.params} ({', '.join(used) or 'no model sections: model config defaults'})"
 
 
-class StandInDenoiser(torch.nn.Module):
-    """A small conv net standing in for the U-Net when `diffusion.models.unet` cannot be imported."""
-
-    def __init__(self, channels: int, context_dim: int, width: int = 128) -> None:
-        super().__init__()
-        self.inp = torch.nn.Conv2d(channels, width, 3, padding=1)
-        self.cond = torch.nn.Linear(context_dim + 1, width)
-        block = lambda: torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Conv2d(width, width, 3, padding=1))  # noqa: E731
-        self.body = torch.nn.Sequential(*[block() for _ in range(4)])
-        self.out = torch.nn.Conv2d(width, channels, 3, padding=1)
-
-    def forward(self, x, t, context, context_mask=None, pooled=None):  # noqa: ANN001 (denoiser interface)
-        c = torch.cat([context.mean(1), t.float()[:, None] / 1000], dim=1)  # (B, D + 1)
-        return self.out(self.body(self.inp(x) + self.cond(c)[:, :, None, None]))  # (B, C, h, w)
-
-
 def build_models(s: dict[str, Any], vocab_size: int) -> tuple[torch.nn.Module, ...]:
-    """(vae, text encoder, denoiser, label of the denoiser)."""
+    """(vae, text encoder, denoiser, label of the denoiser): the denoiser the train stage would build."""
+    from diffusion.models.dit import DiT, DiTConfig
+    from diffusion.models.unet import UNet, UNetConfig
+
     vae = AutoencoderKL(VAEConfig.from_dict(s["vae"], "vae")).eval().requires_grad_(False)
     text = TextEncoder(TextEncoderConfig.from_dict({**s["text_encoder"], "vocab_size": vocab_size}, "text_encoder"))
-    channels, width = vae.cfg.latent_dim, text.cfg.width
-    try:
-        from diffusion.models.unet import UNet, UNetConfig
-
-        unet_cfg = {**s["unet"], "in_channels": channels, "out_channels": channels, "context_dim": width}
-        denoiser, label = UNet(UNetConfig.from_dict(unet_cfg, "unet")), "UNet"
-    except ImportError:
-        denoiser, label = StandInDenoiser(channels, width), "STAND-IN conv net (diffusion.models.unet not importable)"
-    return vae, text, denoiser, label
+    channels, width, kind = vae.cfg.latent_dim, text.cfg.width, s["denoising_type"]
+    io = {"in_channels": channels, "context_dim": width}
+    if kind == "dit":
+        side = s["resolution"] // vae.downsample_factor
+        cfg = DiTConfig.from_dict({**s["dit"], **io, "input_size": side}, "dit")
+        return vae, text, DiT(cfg), "DiT"
+    if kind == "unet":
+        cfg = UNetConfig.from_dict({**s["unet"], **io, "out_channels": channels}, "unet")
+        return vae, text, UNet(cfg), "UNet"
+    raise ConfigError(f"train.denoising_type: expected unet or dit, got {kind!r}")
 
 
 class Step:
