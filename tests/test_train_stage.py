@@ -328,6 +328,55 @@ def test_seed_api_trains_on_a_map_style_dataset():
     assert all(torch.equal(a, b) for a, b in zip(vae_before, model.vae.parameters())), "the VAE stays frozen"
 
 
+def _tiny_seed_model():
+    from diffusion.data import create_dummy_dataset
+    from diffusion.models import LatentDiffusionModel
+
+    data = create_dummy_dataset(num_samples=16, image_size=16)
+    model = LatentDiffusionModel(
+        vocab_size=data.tokenizer.get_vocab_size(), denoising_type="dit",
+        text_encoder={"width": 32, "depth": 1, "num_heads": 2, "max_length": 16},
+        vae={"base_channels": 8, "norm_groups": 4, "channel_mult": [1, 2], "num_res_blocks": 1},
+        denoiser={"hidden_size": 32, "depth": 1, "num_heads": 2},
+    )
+    return model, data
+
+
+def test_bf16_mixed_trains_with_gradient_clipping_and_the_fused_adamw():
+    """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (it assumes a GradScaler);
+    bf16-mixed has no scaler, so the system clips itself and the default train config (clip 1.0) runs."""
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.train import train_diffusion_model
+
+    model, data = _tiny_seed_model()
+    before = [p.detach().clone() for p in model.denoiser.parameters()]
+    trainer = train_diffusion_model(model=model, scheduler=DDPMScheduler(num_timesteps=1000), train_dataset=data,
+                                    batch_size=4, max_steps=2, precision="bf16-mixed", gradient_clip_val=1.0,
+                                    enable_progress_bar=False)
+    assert trainer.global_step == 2
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.denoiser.parameters()))
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_system_clips_gradients_of_the_fused_adamw(algorithm):
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+
+    model, _ = _tiny_seed_model()
+    system = DiffusionSystem(model, DDPMScheduler(num_timesteps=1000), OptimSettings())
+    opt = system.configure_optimizers()["optimizer"]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)
+    system.configure_gradient_clipping(opt, 0.5, algorithm)
+    grads = torch.cat([p.grad.flatten() for p in params])
+    if algorithm == "norm":
+        assert grads.norm().item() == pytest.approx(0.5, rel=1e-4)
+    else:
+        assert grads.abs().max().item() == pytest.approx(0.5)
+
+
 def test_min_snr_weights_and_lr_schedule():
     from diffusion.training.diffusion_system import min_snr_weight, warmup_cosine
 
