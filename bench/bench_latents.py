@@ -7,9 +7,10 @@ Both paths run the same step (text encoder + denoiser forward and backward, Adam
 
 and the script prints samples/s of each and their ratio (issue 4's target: cached >= 2x on the CPU at the
 default sizes). Sizes come from params.yaml where its sections define them (``shard.resolution``,
-``train_vae.model``, ``train.unet``/``train.dit``, ``train.text_encoder``, ``train.batch_size``), else from the model
-configs' defaults; the denoiser is ``train.denoising_type``'s (``train.unet`` or ``train.dit``); ``--tiny`` uses small sizes for a quick check. The VAE has random weights: speed does
-not depend on them. A script that prints figures, not a test (STYLE.md 15).
+``train_vae.model``, ``train.text_encoder``, ``train.batch_size``, and the denoiser ``train.denoising_type``
+names: ``train.unet`` or ``train.dit``), else from the model configs' defaults; ``--tiny`` uses small sizes
+for a quick check. The VAE has random weights: speed does not depend on them. A script that prints
+figures, not a test (STYLE.md 15).
 
     python bench/bench_latents.py              # default sizes
     python bench/bench_latents.py --tiny

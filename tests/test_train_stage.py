@@ -309,22 +309,35 @@ def test_missing_latents_and_bad_parameters_exit_with_clear_errors(tmp_path, mon
     assert bad.exit_code == 2 and "train.denoising_type" in bad.output
 
 
-def test_seed_api_trains_on_a_map_style_dataset():
-    from pytorch_lightning import Trainer
+SEED_DENOISERS = {
+    "unet": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
+             "num_heads": 2, "norm_groups": 8},
+    "dit": {"hidden_size": 32, "depth": 1, "num_heads": 2},
+}
 
+
+def _tiny_seed_model(denoising_type: str):
+    """A tiny LatentDiffusionModel and the seed's dummy dataset, built as the seed API's users do."""
     from diffusion.data import create_dummy_dataset
     from diffusion.models import LatentDiffusionModel
-    from diffusion.scheduler import DDPMScheduler
-    from diffusion.train import train_diffusion_model
 
     data = create_dummy_dataset(num_samples=16, image_size=16)
     model = LatentDiffusionModel(
-        vocab_size=data.tokenizer.get_vocab_size(), denoising_type="unet",
+        vocab_size=data.tokenizer.get_vocab_size(), denoising_type=denoising_type,
         text_encoder={"width": 32, "depth": 1, "num_heads": 2, "max_length": 16},
         vae={"base_channels": 8, "norm_groups": 4, "channel_mult": [1, 2], "num_res_blocks": 1},
-        denoiser={"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
-                  "num_heads": 2, "norm_groups": 8},
+        denoiser=SEED_DENOISERS[denoising_type],
     )
+    return model, data
+
+
+def test_seed_api_trains_on_a_map_style_dataset():
+    from pytorch_lightning import Trainer
+
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.train import train_diffusion_model
+
+    model, data = _tiny_seed_model("unet")
     before = [p.detach().clone() for p in model.denoiser.parameters()]
     vae_before = [p.detach().clone() for p in model.vae.parameters()]
     trainer = train_diffusion_model(model=model, scheduler=DDPMScheduler(num_timesteps=1000), train_dataset=data,
@@ -334,27 +347,13 @@ def test_seed_api_trains_on_a_map_style_dataset():
     assert all(torch.equal(a, b) for a, b in zip(vae_before, model.vae.parameters())), "the VAE stays frozen"
 
 
-def _tiny_seed_model():
-    from diffusion.data import create_dummy_dataset
-    from diffusion.models import LatentDiffusionModel
-
-    data = create_dummy_dataset(num_samples=16, image_size=16)
-    model = LatentDiffusionModel(
-        vocab_size=data.tokenizer.get_vocab_size(), denoising_type="dit",
-        text_encoder={"width": 32, "depth": 1, "num_heads": 2, "max_length": 16},
-        vae={"base_channels": 8, "norm_groups": 4, "channel_mult": [1, 2], "num_res_blocks": 1},
-        denoiser={"hidden_size": 32, "depth": 1, "num_heads": 2},
-    )
-    return model, data
-
-
 def test_bf16_mixed_trains_with_gradient_clipping_and_the_fused_adamw():
     """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (it assumes a GradScaler);
     bf16-mixed has no scaler, so the system clips itself and the default train config (clip 1.0) runs."""
     from diffusion.scheduler import DDPMScheduler
     from diffusion.train import train_diffusion_model
 
-    model, data = _tiny_seed_model()
+    model, data = _tiny_seed_model("dit")
     before = [p.detach().clone() for p in model.denoiser.parameters()]
     trainer = train_diffusion_model(model=model, scheduler=DDPMScheduler(num_timesteps=1000), train_dataset=data,
                                     batch_size=4, max_steps=2, precision="bf16-mixed", gradient_clip_val=1.0,
@@ -369,7 +368,7 @@ def test_system_clips_gradients_of_the_fused_adamw(algorithm):
     from diffusion.scheduler import DDPMScheduler
     from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
 
-    model, _ = _tiny_seed_model()
+    model, _ = _tiny_seed_model("dit")
     system = DiffusionSystem(model, DDPMScheduler(num_timesteps=1000), OptimSettings())
     opt = system.configure_optimizers()["optimizer"]
     params = [p for group in opt.param_groups for p in group["params"]]
