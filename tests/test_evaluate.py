@@ -65,8 +65,10 @@ def test_labels_and_vocab_ignore_missing_and_unknown_values():
 
 def test_frechet_distance_is_zero_for_equal_sets_and_exact_for_a_shift():
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(200, 8, generator=g) @ torch.randn(8, 8, generator=g)  # correlated features
-    shift = torch.arange(8, dtype=torch.float32) / 4
+    # float64 throughout: in float32, `a + shift` itself rounds (relative 1e-9 of the distance, varying with
+    # the CPU's matmul kernel), and the test is of the formula, not of the data's rounding.
+    a = torch.randn(200, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    shift = torch.arange(8, dtype=torch.float64) / 4
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
     # Same covariance, means apart by `shift`: the distance is exactly |shift|^2 (Heusel et al. 2017, eq. 6).
     assert frechet_distance(a, a + shift) == pytest.approx(float(shift.square().sum()), rel=1e-9)
