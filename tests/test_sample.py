@@ -19,6 +19,7 @@ from conftest import run_cli
 from diffusion.config import TrainConfig
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 from diffusion.models import LatentDiffusionModel
+from diffusion.tracking import ensure_experiment
 from diffusion.pipeline_model import (
     ModelNotFoundError, ModelSpec, SampleOptionError, TextToImagePipeline, images_to_grid,
 )
@@ -186,8 +187,13 @@ def test_pyfunc_registers_and_round_trips_in_a_fresh_process(model_dir, pipe, tm
     from diffusion.evaluation.pyfunc import log_and_register
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    # A named experiment with its artifacts beside the test's store: the default experiment's artifact root
+    # is ./mlruns of the current folder, which put this model into the checkout's mlruns/.
+    ensure_experiment("pyfunc-test")
     with mlflow.start_run() as run:
         uri = log_and_register(model_dir, "tiny-t2i", "champion")
+    store = Path(os.environ["MLFLOW_TRACKING_URI"][len("sqlite:///"):]).parent
+    assert mlflow.get_experiment(run.info.experiment_id).artifact_location == (store / "mlartifacts").resolve().as_uri()
     assert uri == "models:/tiny-t2i@champion"
     version = MlflowClient().get_model_version_by_alias("tiny-t2i", "champion")
     assert str(version.version) == "1" and version.run_id == run.info.run_id
