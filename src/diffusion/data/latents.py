@@ -41,7 +41,7 @@ import webdataset as wds
 from tokenizers import Tokenizer
 
 from diffusion.data.loader import ShardStream, StreamLoader, expand_urls, stream_loader
-from diffusion.data.shards import ShardList, _add_member, _check_key
+from diffusion.data.shards import ShardList, add_tar_member, check_sample_key
 from diffusion.data.tokenizer import encode, trim_padding
 
 MEAN_EXT, LOGVAR_EXT = "mean.npy", "logvar.npy"
@@ -141,10 +141,10 @@ def rechunk(
 
 
 def _write_record(tar: tarfile.TarFile, r: LatentRecord) -> None:
-    _add_member(tar, f"{r.key}.{MEAN_EXT}", npy_bytes(r.mean))
-    _add_member(tar, f"{r.key}.{LOGVAR_EXT}", npy_bytes(r.logvar))
-    _add_member(tar, f"{r.key}.txt", r.caption.encode("utf-8"))
-    _add_member(tar, f"{r.key}.json", json.dumps(r.meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    add_tar_member(tar, f"{r.key}.{MEAN_EXT}", npy_bytes(r.mean))
+    add_tar_member(tar, f"{r.key}.{LOGVAR_EXT}", npy_bytes(r.logvar))
+    add_tar_member(tar, f"{r.key}.txt", r.caption.encode("utf-8"))
+    add_tar_member(tar, f"{r.key}.json", json.dumps(r.meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
 
 
 def write_latent_shards(groups: Iterable[tuple[str, Iterable[LatentRecord]]], folder: str | Path) -> ShardList:
@@ -160,7 +160,7 @@ def write_latent_shards(groups: Iterable[tuple[str, Iterable[LatentRecord]]], fo
         path, count = folder / name, 0
         with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
             for r in records:
-                _check_key(r.key, seen)
+                check_sample_key(r.key, seen)
                 _write_record(tar, r)
                 count += 1
         if count == 0:  # an empty input shard: write nothing rather than a tar WebDataset cannot read

@@ -118,7 +118,7 @@ def encode_image(image: Image.Image, image_format: ImageFormat) -> bytes:
     return buf.getvalue()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     """Add one file with every machine- and time-dependent header field fixed."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -130,7 +130,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _check_key(key: str, seen: set[str]) -> None:
+def check_sample_key(key: str, seen: set[str]) -> None:
+    """Refuse a key WebDataset would split wrongly or that repeats one in `seen`; then add it to `seen`."""
     if not key or "." in key or key.startswith("/") or key.endswith("/"):
         raise ValueError(
             f"sample key {key!r}: must be non-empty and contain no '.' (WebDataset splits a member name "
@@ -142,10 +143,10 @@ def _check_key(key: str, seen: set[str]) -> None:
 
 
 def _write_sample(tar: tarfile.TarFile, sample: Sample, image_format: ImageFormat) -> None:
-    _add_member(tar, f"{sample.key}.{image_format}", encode_image(sample.image, image_format))
-    _add_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
+    add_tar_member(tar, f"{sample.key}.{image_format}", encode_image(sample.image, image_format))
+    add_tar_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
     meta = json.dumps(sample.meta, sort_keys=True, ensure_ascii=False)
-    _add_member(tar, f"{sample.key}.json", meta.encode("utf-8"))
+    add_tar_member(tar, f"{sample.key}.json", meta.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def _write_into(
     tar: tarfile.TarFile | None = None
     try:
         for sample in samples:
-            _check_key(sample.key, seen)
+            check_sample_key(sample.key, seen)
             if tar is None or counts[-1] == samples_per_shard:
                 if tar is not None:
                     tar.close()
