@@ -323,3 +323,33 @@ def test_validation_metrics_are_float32_under_bf16_autocast(tmp_path, monkeypatc
         return system.psnr.compute().item(), system.ssim.compute().item()
 
     assert metrics(autocast=True) == pytest.approx(metrics(autocast=False), rel=1e-6)
+
+
+def test_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
+    from diffusion.training import checkpointing as ckpt
+
+    assert ckpt.resolve_precision(32, "cpu") == ckpt.resolve_precision("32", "auto") == "32-true"
+    assert ckpt.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit setting is kept
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for amx, want in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert ckpt.resolve_precision("auto", "auto") == want
+        assert ckpt.resolve_precision("auto", "cpu") == want
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for bf16, want in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        assert ckpt.resolve_precision("auto", "gpu") == ckpt.resolve_precision("auto", "auto") == want
+    assert ckpt.resolve_precision("auto", "mps") == "32-true"
+
+
+def test_precision_auto_runs_and_tags_what_ran(tmp_path, data_root, monkeypatch):
+    from pipeline.train_vae import main
+
+    from diffusion.training.checkpointing import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # as on a CPU with AMX
+    (tmp_path / "data").symlink_to(data_root / "data")
+    main(tiny_cfg(tmp_path, max_steps=2, precision="auto", accelerator="cpu"))
+    (run,) = _runs()[1]
+    assert run.data.params["precision"] == "auto"
+    assert run.data.tags["trainer_precision"] == resolve_precision("auto", "cpu") == "bf16-mixed"

@@ -481,9 +481,10 @@ class TrainerFields(Config):
 
     seed: int = param(0, "seed of weights, noise and data order (the run is reproducible from it)", ge=0)
     max_steps: int = param(1_000, "optimizer steps to train for (training ends there)", ge=1)
-    precision: Literal[32, "32", "bf16-mixed", "16-mixed"] = param(
-        32, "32 (float32), 'bf16-mixed' (autocast to bfloat16, weights float32) or '16-mixed' (float16 with a "
-        "loss scaler; prefer bf16, DESIGN.md pitfall 10)"
+    precision: Literal[32, "32", "bf16-mixed", "16-mixed", "auto"] = param(
+        32, "32 (float32), 'bf16-mixed' (autocast to bfloat16, weights float32), '16-mixed' (float16 with a "
+        "loss scaler; prefer bf16, DESIGN.md pitfall 10), or 'auto': bf16-mixed where the hardware runs bfloat16 "
+        "fast (a CUDA GPU that supports it, a CPU with AMX), else 32"
     )
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = param("auto", "Lightning accelerator")
     devices: int | Literal["auto"] = param(1, "devices per node (-1 or 'auto': all)", ge=-1)
