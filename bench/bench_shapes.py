@@ -13,8 +13,8 @@ import argparse
 import io
 import time
 
-from diffusion.config import ShapesConfig
 from diffusion.data.shapes import generate_shapes
+from diffusion.stage_configs import ShapesConfig
 
 
 def _run(cfg: ShapesConfig, resolution: int, encode: bool) -> tuple[float, int]:

@@ -70,13 +70,14 @@ from bench_models import (  # noqa: E402
     pixart_like,
     pixart_net,
 )
-from diffusion.config import TrainConfig, load_section  # noqa: E402
+from diffusion.config import load_section  # noqa: E402
 from diffusion.models import DIT_PRESETS  # noqa: E402
 from diffusion.models.dit import DiT, DiTConfig  # noqa: E402
 from diffusion.models.unet import UNet, UNetConfig  # noqa: E402
 from diffusion.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from diffusion.samplers import sample  # noqa: E402
 from diffusion.scheduler import DDPMScheduler  # noqa: E402
+from diffusion.stage_configs import TrainConfig  # noqa: E402
 
 #: Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), matched against the device name.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

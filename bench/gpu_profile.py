@@ -33,7 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # the GPU machine may have no editable install
 
-from diffusion.config import EncodeLatentsConfig, EvaluateConfig, TrainConfig, TrainVAEConfig, load_section  # noqa: E402
+from diffusion.config import load_section  # noqa: E402
+from diffusion.stage_configs import EncodeLatentsConfig, EvaluateConfig, TrainConfig, TrainVAEConfig  # noqa: E402
 
 
 def measure(name: str, batch: int, step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> dict:
@@ -91,7 +92,11 @@ def main() -> None:
     f = vae_cfg.model.downsample_factor
     shrink = (lambda b: 2) if a.smoke else (lambda b: b)
     warmup, steps = (1, 1) if a.smoke else (a.warmup, a.steps)
-    amp = (lambda prec: torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16-mixed"))
+    from diffusion.training.trainer import resolve_precision
+
+    # The stages' precision as their Trainer resolves it ("auto": bf16 where it is fast).
+    amp = (lambda prec: torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=resolve_precision(prec, device.type) == "bf16-mixed"))
     rows = []
     print(f"profile {a.profile} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}", flush=True)

@@ -1,6 +1,6 @@
 """Stage `encode_latents`: the image shards, encoded once by the frozen VAE, as latent shards.
 
-Reads the `encode_latents` section of params.yaml (`diffusion.config.EncodeLatentsConfig`), the image shards
+Reads the `encode_latents` section of params.yaml (`diffusion.stage_configs.EncodeLatentsConfig`), the image shards
 written by `shard` and the VAE written by `train_vae`, and writes
 
     <out_dir>/train/*.tar, <out_dir>/val/*.tar   posterior mean and log-variance, caption, metadata
@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from diffusion.config import ConfigError, EncodeLatentsConfig
+from diffusion.config import ConfigError
 from diffusion.data.latents import LatentRecord, encode_records, rechunk, write_latent_shards
 from diffusion.data.loader import iter_shards
 from diffusion.data.locations import is_remote, list_split, read_manifest, resolve, split_shards
 from diffusion.data.shards import ShardList, atomic_write_json, list_shards
+from diffusion.stage_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import CONFIG_FILE, load_vae
 
 SPLITS: tuple[str, ...] = ("train", "val")

@@ -1,12 +1,12 @@
 """Stages `train_judge` and `evaluate`: how well the trained model follows its prompts, and how real it looks.
 
-`train_judge` (``diffusion.config.JudgeConfig``) fits the attribute classifier (``evaluation/judge.py``) on
+`train_judge` (``diffusion.stage_configs.JudgeConfig``) fits the attribute classifier (``evaluation/judge.py``) on
 the real train shards and writes ``<out_dir>/`` (weights, config, vocabulary) and ``<metrics_path>`` (its
 accuracy on the real val images: the ceiling of prompt adherence). It is its own cached DVC stage, so a new
 diffusion model never retrains it. Data without attributes gets an empty judge (``vocab: {}``): evaluate
 then reports FID/KID only, and says so.
 
-`evaluate` (``diffusion.config.EvaluateConfig``) loads the EMA model from ``train`` and
+`evaluate` (``diffusion.stage_configs.EvaluateConfig``) loads the EMA model from ``train`` and
 
 1. picks `num_samples` val samples (seeded) and uses their captions as prompts (or canonical captions of
    their attributes), generates one image per prompt with the main sampler setting, and reports prompt
@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
-from diffusion.config import EvaluateConfig, JudgeConfig, SweepEntry
 from diffusion.data.locations import is_remote, list_split, read_manifest
 from diffusion.data.shards import atomic_write_json
 from diffusion.evaluation.judge import AttributeJudge, LabelledImages, load_split, to_uint8
 from diffusion.evaluation.metrics import judge_ceilings, score_images
+from diffusion.stage_configs import EvaluateConfig, JudgeConfig, SweepEntry
 
 STAGE = "evaluate"
 

@@ -1,6 +1,6 @@
 """Stage `shard`: a source of images and captions -> WebDataset shards, a tokenizer and a manifest.
 
-Reads the `shard` section of params.yaml (`diffusion.config.ShardConfig`) and writes
+Reads the `shard` section of params.yaml (`diffusion.stage_configs.ShardConfig`) and writes
 
     <out_dir>/train/shard-*.tar, <out_dir>/val/shard-*.tar   (DESIGN.md, Data format)
     <out_dir>/manifest.json                                  (counts, skipped inputs by reason)
@@ -20,12 +20,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from diffusion.config import ConfigError, ShardConfig
+from diffusion.config import ConfigError
 from diffusion.data.records import Sample, Skipped
 from diffusion.data.shapes import attribute_values, generate_shapes, validate_holdout
 from diffusion.data.shards import atomic_write_json, write_shards
 from diffusion.data.sources import iter_folder, iter_webdataset, summarise
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
+from diffusion.stage_configs import ShardConfig
 
 
 class ShardError(RuntimeError):

@@ -1,6 +1,6 @@
 """Stage `train`: latent shards -> the text encoder and the U-Net or DiT, with EMA, resumable.
 
-Reads the `train` section of params.yaml (`diffusion.config.TrainConfig`), the tokenizer (from `shard`),
+Reads the `train` section of params.yaml (`diffusion.stage_configs.TrainConfig`), the tokenizer (from `shard`),
 the VAE and its latent scale/shift (from `train_vae`) and the latent shards (from `encode_latents`), and
 writes
 
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from diffusion.config import TrainConfig
 from diffusion.data.locations import is_remote, list_split
 from diffusion.data.shards import atomic_write_json
+from diffusion.stage_configs import TrainConfig
 from diffusion.training.checkpointing import DEFAULT_EXCLUDE
 
 STAGE = "train"
@@ -115,9 +115,9 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str]) -> tuple[Any, Any, Any]:
     from diffusion.data.latents import iter_latents, make_latent_loader
     from diffusion.data.tokenizer import load_tokenizer
     from diffusion.scheduler import DDPMScheduler
-    from diffusion.training import checkpointing as ckpt
     from diffusion.training.callbacks import SampleGrid
     from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+    from diffusion.training.trainer import build_trainer
 
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     model = build_model(cfg, tokenizer)
@@ -135,7 +135,7 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str]) -> tuple[Any, Any, Any]:
                           min_snr_gamma=cfg.min_snr_gamma, min_snr_on=cfg.min_snr_on)
     system = DiffusionSystem(model, scheduler, optim, compile_denoiser=cfg.compile)
     callbacks = _callbacks(cfg, run, loader, scheduler, tokenizer, side)
-    trainer = ckpt.build_trainer(cfg, callbacks=callbacks, logger=run.logger, default_root_dir=run.point.dir,
+    trainer = build_trainer(cfg, callbacks=callbacks, logger=run.logger, default_root_dir=run.point.dir,
                                  limit_val_batches=0)
     if run.point.resuming:
         print(f"train: resuming from {run.point.ckpt_path}")

@@ -1,6 +1,6 @@
 """Stage `train_vae`: image shards -> the KL autoencoder, with its latent scale and shift.
 
-Reads the `train_vae` section of params.yaml (`diffusion.config.TrainVAEConfig`) and writes
+Reads the `train_vae` section of params.yaml (`diffusion.stage_configs.TrainVAEConfig`) and writes
 
     <out_dir>/model.pt, <out_dir>/config.json   the VAE, its config, latent_scale and latent_shift
                                                  (diffusion.training.latent_stats; load with load_vae)
@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from diffusion.config import ConfigError, TrainVAEConfig
+from diffusion.config import ConfigError
 from diffusion.data.locations import is_remote, list_split, read_manifest
 from diffusion.data.shards import atomic_write_json
+from diffusion.stage_configs import TrainVAEConfig
 from diffusion.training.checkpointing import DEFAULT_EXCLUDE
 
 STAGE = "train_vae"
@@ -115,6 +116,7 @@ def _fit(cfg: TrainVAEConfig, run: Any, train_urls: list[str], val_batches: Any)
     from diffusion.data.loader import make_loader
     from diffusion.data.tokenizer import load_tokenizer
     from diffusion.training import checkpointing as ckpt
+    from diffusion.training.trainer import build_trainer
     from diffusion.training.vae_system import ReconstructionGrid, VAESystem
 
     loader = make_loader(
@@ -128,7 +130,7 @@ def _fit(cfg: TrainVAEConfig, run: Any, train_urls: list[str], val_batches: Any)
         ReconstructionGrid(min(cfg.grid_images, cfg.batch_size)),
         ckpt.checkpoint_callback(run.point.dir, cfg.checkpoint_every_n_steps),
     ]
-    trainer = ckpt.build_trainer(
+    trainer = build_trainer(
         cfg, callbacks=callbacks, logger=run.logger, manual_optimization=cfg.discriminator.enabled,
         default_root_dir=run.point.dir,
     )

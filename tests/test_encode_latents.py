@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, run_cli
-from diffusion.config import EncodeLatentsConfig, load_section
+from diffusion.config import load_section
 from diffusion.data.latents import (
     LatentRecord, iter_latents, make_latent_loader, npy_bytes, read_npy, write_latent_shards,
 )
@@ -28,6 +28,7 @@ from diffusion.data.records import Sample
 from diffusion.data.shards import list_shards, write_shards
 from diffusion.data.tokenizer import encode, null_tokens, train_tokenizer
 from diffusion.models.vae import AutoencoderKL, VAEConfig
+from diffusion.stage_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import LatentStats, load_vae, save_vae
 
 SCALE, SHIFT = 2.0, 0.5

@@ -16,19 +16,20 @@ import torch
 import yaml
 from conftest import ROOT, run_cli
 
-from diffusion.config import ConfigError, EvaluateConfig, JudgeConfig, apply_overrides
+from diffusion.config import ConfigError, apply_overrides
 from diffusion.evaluation.judge import (
     IGNORE, JudgeTrainSettings, LabelledImages, accuracy, build_vocab, encode_labels, to_uint8, train_judge,
 )
 from diffusion.evaluation.metrics import adherence, frechet_distance
+from diffusion.stage_configs import EvaluateConfig, JudgeConfig
 
 
 def shapes_images(n: int, split: str, resolution: int = 32, seed: int = 0) -> LabelledImages:
     """`n` images of the built-in dataset (level single), in memory, as the shard stage would write them."""
     import numpy as np
 
-    from diffusion.config import ShapesConfig
     from diffusion.data.shapes import generate_shapes
+    from diffusion.stage_configs import ShapesConfig
 
     cfg = ShapesConfig(num_train=n, num_val=n)
     samples = list(generate_shapes(cfg, split, resolution, seed))
@@ -304,7 +305,8 @@ TINY = [
 @pytest.fixture(scope="module")
 def pipeline_root(tmp_path_factory) -> Path:
     """shard -> train_vae -> encode_latents -> train -> train_judge outputs for the tiny configuration."""
-    from diffusion.config import EncodeLatentsConfig, ShardConfig, TrainConfig, TrainVAEConfig, load_section
+    from diffusion.config import load_section
+    from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainConfig, TrainVAEConfig
     from pipeline import encode_latents, evaluate, shard, train, train_vae
 
     root = tmp_path_factory.mktemp("evaluate")

@@ -12,18 +12,8 @@ import torch
 import yaml
 from conftest import ROOT
 
-from diffusion.config import (
-    BASE_PROFILE,
-    ConfigError,
-    EncodeLatentsConfig,
-    EvaluateConfig,
-    JudgeConfig,
-    ShardConfig,
-    TrainConfig,
-    TrainVAEConfig,
-    load_params,
-    load_section,
-)
+from diffusion.config import BASE_PROFILE, ConfigError, load_params, load_section
+from diffusion.stage_configs import EncodeLatentsConfig, EvaluateConfig, JudgeConfig, ShardConfig, TrainConfig, TrainVAEConfig
 
 PARAMS = ROOT / "params.yaml"
 GPU = ["profile=gpu"]
@@ -67,7 +57,7 @@ def test_the_cpu_profile_is_params_yaml_as_written():
 
 def test_trainer_accepts_the_profile_settings():
     """Lightning builds a Trainer from each training section (on the CPU: the profile's accelerator is gpu)."""
-    from diffusion.training.checkpointing import build_trainer
+    from diffusion.training.trainer import build_trainer
 
     for cls in (TrainVAEConfig, TrainConfig):
         cfg = gpu(cls, f"{cls.section}.accelerator=cpu")

@@ -79,7 +79,7 @@ def test_urls_webdataset_cannot_open_are_refused_with_what_to_write_instead(fold
 
 
 def test_stages_refuse_a_bad_url_before_any_work(tmp_path):
-    from diffusion.config import EncodeLatentsConfig, TrainConfig
+    from diffusion.stage_configs import EncodeLatentsConfig, TrainConfig
     from pipeline import encode_latents, evaluate, train
 
     with pytest.raises(train.TrainError, match=r"train.latents_dir: .*pipe:aws s3 cp s3://b/latents/\{\} -"):

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from diffusion.config import TrainConfig
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 from diffusion.models import LatentDiffusionModel
+from diffusion.stage_configs import TrainConfig
 from diffusion.tracking import ensure_experiment
 from diffusion.pipeline_model import (
     ModelNotFoundError, ModelSpec, SampleOptionError, TextToImagePipeline, images_to_grid,

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from diffusion.config import ConfigError, ShapesConfig
+from diffusion.config import ConfigError
 from diffusion.data.shapes import (
     ATTRIBUTE_VALUES,
     COLORS,
@@ -24,6 +24,7 @@ from diffusion.data.shapes import (
     generate_shapes,
     validate_holdout,
 )
+from diffusion.stage_configs import ShapesConfig
 
 
 def _samples(split="train", resolution=32, seed=0, **cfg):

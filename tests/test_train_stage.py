@@ -46,7 +46,8 @@ def write_params(folder: Path, extra: list[str] = ()) -> Path:
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory) -> Path:
     """shard, train_vae and encode_latents outputs for the tiny configuration (made once)."""
-    from diffusion.config import EncodeLatentsConfig, ShardConfig, TrainVAEConfig, load_section
+    from diffusion.config import load_section
+    from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainVAEConfig
     from pipeline import encode_latents, shard, train_vae
 
     root = tmp_path_factory.mktemp("upstream")
@@ -163,7 +164,8 @@ def test_killed_train_stage_resumes_from_its_checkpoint_in_the_same_run(project,
 
 def train_in_process(project: Path, *overrides: str):
     """Run the train stage in this process (no interpreter start-up), from the project folder."""
-    from diffusion.config import TrainConfig, load_section
+    from diffusion.config import load_section
+    from diffusion.stage_configs import TrainConfig
     from pipeline import train
 
     cwd = os.getcwd()

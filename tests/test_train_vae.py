@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
-from diffusion.config import ConfigError, ShardConfig, TrainVAEConfig
+from diffusion.config import ConfigError
+from diffusion.stage_configs import ShardConfig, TrainVAEConfig
 
 TINY = {
     "model": {"base_channels": 8, "norm_groups": 4, "channel_mult": [1, 2], "num_res_blocks": 1,
@@ -236,11 +237,11 @@ def test_params_yaml_section_parses():
     assert cfg.checkpoint_dir == "checkpoints/train_vae" and cfg.kl_weight > 0
 
 
-@pytest.mark.parametrize("first, second", [("diffusion.config", "diffusion.models.vae"),
-                                           ("diffusion.models.vae", "diffusion.config")])
+@pytest.mark.parametrize("first, second", [("diffusion.stage_configs", "diffusion.models.vae"),
+                                           ("diffusion.models.vae", "diffusion.stage_configs")])
 def test_config_and_vae_import_in_either_order(first, second):
     code = (f"import {first}, {second}\n"
-            "from diffusion.config import TrainVAEConfig\nfrom diffusion.models.vae import VAEConfig\n"
+            "from diffusion.stage_configs import TrainVAEConfig\nfrom diffusion.models.vae import VAEConfig\n"
             "assert isinstance(TrainVAEConfig.from_dict({}, 'train_vae').model, VAEConfig)")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
 
@@ -326,26 +327,26 @@ def test_validation_metrics_are_float32_under_bf16_autocast(tmp_path, monkeypatc
 
 
 def test_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
-    from diffusion.training import checkpointing as ckpt
+    from diffusion.training import trainer
 
-    assert ckpt.resolve_precision(32, "cpu") == ckpt.resolve_precision("32", "auto") == "32-true"
-    assert ckpt.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit setting is kept
+    assert trainer.resolve_precision(32, "cpu") == trainer.resolve_precision("32", "auto") == "32-true"
+    assert trainer.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit setting is kept
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for amx, want in ((True, "bf16-mixed"), (False, "32-true")):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
-        assert ckpt.resolve_precision("auto", "auto") == want
-        assert ckpt.resolve_precision("auto", "cpu") == want
+        assert trainer.resolve_precision("auto", "auto") == want
+        assert trainer.resolve_precision("auto", "cpu") == want
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for bf16, want in ((True, "bf16-mixed"), (False, "32-true")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
-        assert ckpt.resolve_precision("auto", "gpu") == ckpt.resolve_precision("auto", "auto") == want
-    assert ckpt.resolve_precision("auto", "mps") == "32-true"
+        assert trainer.resolve_precision("auto", "gpu") == trainer.resolve_precision("auto", "auto") == want
+    assert trainer.resolve_precision("auto", "mps") == "32-true"
 
 
 def test_precision_auto_runs_and_tags_what_ran(tmp_path, data_root, monkeypatch):
     from pipeline.train_vae import main
 
-    from diffusion.training.checkpointing import resolve_precision
+    from diffusion.training.trainer import resolve_precision
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # as on a CPU with AMX
     (tmp_path / "data").symlink_to(data_root / "data")

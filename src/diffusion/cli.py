@@ -71,7 +71,7 @@ def run_stage(
 
 
 def _shard_config() -> type[Config]:
-    from diffusion.config import ShardConfig
+    from diffusion.stage_configs import ShardConfig
 
     return ShardConfig
 
@@ -92,7 +92,7 @@ def shard(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
 
 
 def _encode_latents_config() -> type[Config]:
-    from diffusion.config import EncodeLatentsConfig
+    from diffusion.stage_configs import EncodeLatentsConfig
 
     return EncodeLatentsConfig
 
@@ -111,7 +111,7 @@ def encode_latents(params: ParamsOption = Path("params.yaml"), set_: SetOption =
 
 
 def _train_vae_config() -> type[Config]:
-    from diffusion.config import TrainVAEConfig
+    from diffusion.stage_configs import TrainVAEConfig
 
     return TrainVAEConfig
 
@@ -144,7 +144,7 @@ def train_vae(params: ParamsOption = Path("params.yaml"), set_: SetOption = None
 
 
 def _train_config() -> type[Config]:
-    from diffusion.config import TrainConfig
+    from diffusion.stage_configs import TrainConfig
 
     return TrainConfig
 
@@ -256,7 +256,7 @@ def sample(
 
 
 def _judge_config() -> type[Config]:
-    from diffusion.config import JudgeConfig
+    from diffusion.stage_configs import JudgeConfig
 
     return JudgeConfig
 
@@ -276,7 +276,7 @@ def train_judge(params: ParamsOption = Path("params.yaml"), set_: SetOption = No
 
 
 def _evaluate_config() -> type[Config]:
-    from diffusion.config import EvaluateConfig
+    from diffusion.stage_configs import EvaluateConfig
 
     return EvaluateConfig
 

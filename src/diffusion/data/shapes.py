@@ -40,8 +40,9 @@ from typing import Literal, NamedTuple, TypeVar
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffusion.config import ConfigError, ShapesConfig
+from diffusion.config import ConfigError
 from diffusion.data.records import Sample
+from diffusion.stage_configs import ShapesConfig
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")

@@ -33,7 +33,7 @@ from diffusion.training.discriminator import D_LOSSES, NLayerDiscriminator, adap
 from diffusion.training.diffusion_system import warmup_cosine
 
 if TYPE_CHECKING:
-    from diffusion.config import TrainVAEConfig
+    from diffusion.stage_configs import TrainVAEConfig
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:

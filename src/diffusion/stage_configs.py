@@ -1,0 +1,456 @@
+"""The configuration of every pipeline stage: one frozen dataclass per section of ``params.yaml``.
+
+Each class names its section (``section = "train"``), and every field carries its help text and bounds
+(:func:`diffusion.config.param`), which ``python cli.py <stage> --help`` prints. How a config is built,
+validated and overridden (``-S key=value``, profiles) is :mod:`diffusion.config`; what each stage takes is
+here, in pipeline order: shard, encode_latents, the training stages (train_vae, train, with the Trainer
+fields they share), train_judge and evaluate. Model shapes nest their own configs (``VAEConfig``,
+``UNetConfig``, ``DiTConfig``, ...), which live beside their models and are imported lazily (see
+:func:`_vae_config_class`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from diffusion.config import Config, ConfigError, param
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage: shard
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesConfig(Config):
+    """The built-in procedural dataset (`diffusion.data.shapes`): coloured shapes with captions."""
+
+    num_train: int = param(10_000, "training images to generate", ge=1)
+    num_val: int = param(500, "validation images to generate", ge=1)
+    level: Literal["single", "pair"] = param(
+        "single", "'single': one object per image; 'pair': two objects and a spatial relation"
+    )
+    holdout: tuple[str, ...] = param(
+        (),
+        "attribute combinations kept out of the training split, as 'colour shape' (e.g. 'purple triangle'); "
+        "they appear only in val, to measure compositional generalisation",
+    )
+    holdout_val_fraction: float = param(
+        0.2, "fraction of val images drawn from the held-out combinations (when there are any)", ge=0.0, le=1.0
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardConfig(Config):
+    """Stage `shard`: a source of images and captions -> WebDataset shards, a tokenizer and a manifest."""
+
+    section: ClassVar[str] = "shard"
+
+    source: Literal["shapes", "folder", "webdataset"] = param(
+        "shapes", "'shapes' (built in), 'folder' (your images), or 'webdataset' (existing .tar shards)"
+    )
+    path: str | None = param(None, "folder or tar glob/list for 'folder' and 'webdataset' sources")
+    folder_layout: Literal["auto", "metadata", "captions", "classes"] = param(
+        "auto",
+        "'metadata': metadata.jsonl with file_name/text; 'captions': side-car .txt per image; "
+        "'classes': one subfolder per class; 'auto' picks in that order",
+    )
+    caption_template: str = param("a photo of a {label}", "caption for class-folder images; {label} is the class")
+    resolution: int = param(64, "side of the square images written (resized, centre-cropped)", ge=8)
+    val_fraction: float = param(0.05, "fraction of a user source held out for validation", ge=0.0, lt=1.0)
+    samples_per_shard: int = param(2_000, "samples in each .tar shard", ge=1)
+    image_format: Literal["png", "jpg"] = param("png", "encoding of images in the shards (png is lossless)")
+    seed: int = param(0, "seed for generation and the train/val split", ge=0)
+    out_dir: str = param("data/shards", "where {train,val}/*.tar and manifest.json are written")
+    tokenizer_path: str = param("data/tokenizer.json", "where the trained tokenizer is written")
+    vocab_size: int = param(1_000, "tokenizer vocabulary size (BPE, trained on the train captions)", ge=16)
+    max_length: int = param(32, "tokens per caption, begin/end included (longer captions are truncated)", ge=4)
+    shapes: ShapesConfig = param(ShapesConfig(), "the built-in dataset's options (source: shapes)")
+
+    def __post_init__(self) -> None:
+        if self.source != "shapes" and not self.path:
+            raise ConfigError(f"path: required for source {self.source!r} (a folder or tar files)")
+        if "{label}" not in self.caption_template:
+            raise ConfigError(f"caption_template: must contain {{label}}, got {self.caption_template!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage: encode_latents
+# --------------------------------------------------------------------------------------------------
+
+
+#: Appended to the help of every parameter naming a folder of shards that a stage reads (diffusion.data.locations).
+_URL_HELP = (
+    "; or that folder at a URL: https://HOST/PATH (its manifest.json lists the shards), or a pipe: command "
+    "with {} for each file's path in it, e.g. 'pipe:aws s3 cp s3://BUCKET/PATH/{} -'"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeLatentsConfig(Config):
+    """Stage `encode_latents`: image shards + the frozen VAE -> latent shards (posterior mean and log-variance)."""
+
+    section: ClassVar[str] = "encode_latents"
+
+    shards_dir: str = param("data/shards", "the image shards to encode: <shards_dir>/{train,val}/*.tar" + _URL_HELP)
+    vae_dir: str = param("models/vae", "the trained VAE (weights, config, latent scale/shift)")
+    out_dir: str = param("data/latents", "where {train,val}/*.tar and manifest.json are written")
+    batch_size: int = param(64, "images per VAE forward pass", ge=1)
+    samples_per_shard: int | None = param(
+        None, "samples per latent shard; null: one latent shard per image shard, same name and size", ge=1
+    )
+    device: Literal["auto", "cpu", "cuda"] = param(
+        "cpu", "where the VAE runs: 'cpu' (byte-identical reruns on one machine), 'cuda', or 'auto' (a GPU if present)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Training stages: shared Trainer fields; stage: train_vae
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerFields(Config):
+    """Fields every Lightning training stage shares (``diffusion.training.trainer.build_trainer``).
+
+    A stage config inherits them, so they sit flat in its section (``-S train_vae.max_steps=100``).
+    """
+
+    seed: int = param(0, "seed of weights, noise and data order (the run is reproducible from it)", ge=0)
+    max_steps: int = param(1_000, "optimizer steps to train for (training ends there)", ge=1)
+    precision: Literal[32, "32", "bf16-mixed", "16-mixed", "auto"] = param(
+        32, "32 (float32), 'bf16-mixed' (autocast to bfloat16, weights float32), '16-mixed' (float16 with a "
+        "loss scaler; prefer bf16, DESIGN.md pitfall 10), or 'auto': bf16-mixed where the hardware runs bfloat16 "
+        "fast (a CUDA GPU that supports it, a CPU with AMX), else 32"
+    )
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = param("auto", "Lightning accelerator")
+    devices: int | Literal["auto"] = param(1, "devices per node (-1 or 'auto': all)", ge=-1)
+    num_nodes: int = param(1, "machines (launched by torchrun or SLURM)", ge=1)
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"] = param(
+        "auto", "Lightning distribution strategy (DDP for several devices; FSDP cannot clip gradients by norm)"
+    )
+    accumulate_grad_batches: int = param(1, "batches whose gradients are summed per optimizer step", ge=1)
+    gradient_clip_val: float | None = param(None, "clip the gradient norm to this (null: no clipping)", gt=0)
+    num_workers: int = param(0, "data-loading worker processes per device (0: in the main process)", ge=0)
+    log_every_n_steps: int = param(10, "log training metrics every N steps (Lightning's default 50 hides short runs)", ge=1)
+    val_every_n_steps: int = param(250, "validate every N training batches", ge=1)
+    checkpoint_every_n_steps: int = param(100, "save <checkpoint_dir>/<stage>-<key>/last.ckpt every N steps", ge=1)
+    checkpoint_dir: str = param(
+        "checkpoints", "resumable checkpoints, one folder per parameter set (a persistent, uncached DVC output)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.devices == 0:
+            raise ConfigError("devices: expected -1, 'auto' or at least 1, got 0")
+        if self.strategy == "fsdp" and self.gradient_clip_val is not None:
+            raise ConfigError(
+                "gradient_clip_val: Lightning cannot clip gradients by norm under strategy 'fsdp' "
+                "(DESIGN.md pitfall 13); set it to null or use ddp"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscriminatorConfig(Config):
+    """The optional PatchGAN of the VAE's adversarial loss (VQGAN, Esser et al. 2021; LDM's first stage)."""
+
+    enabled: bool = param(False, "train with the adversarial loss (needs manual optimization: no accumulation or clipping)")
+    start_step: int = param(1_000, "step from which the discriminator trains and its loss counts", ge=0)
+    weight: float = param(0.5, "factor on the adaptively weighted generator loss (LDM's disc_weight)", ge=0.0)
+    loss: Literal["hinge", "vanilla"] = param("hinge", "discriminator loss: 'hinge' (LDM) or 'vanilla' (softplus)")
+    num_layers: int = param(3, "stride-2 conv layers (images must be at least 3 * 2**num_layers px)", ge=1, le=6)
+    channels: int = param(64, "width of the first discriminator layer", ge=1)
+    lr: float | None = param(None, "discriminator learning rate (null: the autoencoder's)", gt=0.0)
+
+
+def _vae_config_class() -> type[Config]:
+    """``diffusion.models.vae.VAEConfig``, imported on first use.
+
+    ``models/vae.py`` imports this module (for ``Config``), and imports torch, so VAEConfig is neither
+    importable at the top of this file (a cycle when vae.py is imported first) nor worth importing for
+    every command line call. It is resolved lazily: put into this module's namespace for
+    ``typing.get_type_hints`` (which resolves the string annotation ``VAEConfig`` here) just before a
+    :class:`TrainVAEConfig` is built.
+    """
+    from diffusion.models.vae import VAEConfig
+
+    globals()["VAEConfig"] = VAEConfig
+    return VAEConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainVAEConfig(TrainerFields):
+    """Stage `train_vae`: image shards -> the KL autoencoder, its latent scale and shift, ``models/vae/``."""
+
+    section: ClassVar[str] = "train_vae"
+
+    shards_dir: str = param("data/shards", "image shards from the shard stage: <shards_dir>/{train,val}/*.tar" + _URL_HELP)
+    tokenizer_path: str = param("data/tokenizer.json", "the shard stage's tokenizer (the loader encodes captions)")
+    out_dir: str = param("models/vae", "where the VAE artifact goes: model.pt, config.json (with latent scale/shift)")
+    metrics_path: str = param("metrics/vae.json", "final metrics for `dvc metrics show`")
+    model: VAEConfig = dataclasses.field(  # noqa: F821 (resolved lazily, see _vae_config_class)
+        default_factory=lambda: _vae_config_class()(),
+        metadata={"help": "the autoencoder's shape (diffusion.models.vae.VAEConfig)"},
+    )
+    batch_size: int = param(16, "images per batch per device", ge=1)
+    lr: float = param(2e-4, "peak learning rate (AdamW)", gt=0.0)
+    beta1: float = param(0.5, "AdamW beta1 (LDM/VQGAN use 0.5)", ge=0.0, lt=1.0)
+    beta2: float = param(0.9, "AdamW beta2 (LDM/VQGAN use 0.9)", ge=0.0, lt=1.0)
+    weight_decay: float = param(0.0, "AdamW decoupled weight decay", ge=0.0)
+    warmup_steps: int = param(100, "linear learning-rate warm-up steps, then constant", ge=0)
+    min_lr_ratio: float | None = param(
+        None, "null: constant LR after warm-up (LDM); a ratio: cosine decay to lr * ratio at max_steps, which "
+        "settles a short run's weights (the CPU profile)", ge=0.0, le=1.0
+    )
+    l1_weight: float = param(1.0, "weight of the L1 reconstruction loss (mean over pixels)", ge=0.0)
+    mse_weight: float = param(0.0, "weight of the squared-error reconstruction loss (mean over pixels)", ge=0.0)
+    kl_weight: float = param(
+        1e-6, "weight of KL(q(z|x) || N(0, I)) per pixel value; LDM's 1e-6 keeps detail (larger blurs)", ge=0.0
+    )
+    discriminator: DiscriminatorConfig = param(DiscriminatorConfig(), "the optional adversarial loss")
+    shuffle_buffer: int = param(1_000, "samples in the loader's shuffle buffer", ge=0)
+    val_batches: int = param(4, "validation batches (from the val shards, in order) for PSNR, SSIM and the grid", ge=1)
+    grid_images: int = param(8, "originals shown beside their reconstructions in the MLflow grid", ge=1)
+    scale_batches: int = param(
+        50, "train batches over which the latent scale and shift are measured (Rombach et al. 2022, sec. 4.3.2)", ge=1
+    )
+    checkpoint_dir: str = param(
+        "checkpoints/train_vae", "resumable checkpoints, one folder per parameter set (persistent, uncached DVC output)"
+    )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, prefix: str | None = None) -> TrainVAEConfig:
+        _vae_config_class()  # the `model` annotation names VAEConfig (see _vae_config_class)
+        return super().from_dict(data, prefix)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.l1_weight == 0.0 and self.mse_weight == 0.0:
+            raise ConfigError("l1_weight: l1_weight and mse_weight are both 0; nothing would train the decoder")
+        if self.discriminator.enabled:
+            # GAN training steps two optimizers by hand; Lightning refuses these flags then (pitfall 13).
+            if self.accumulate_grad_batches != 1:
+                raise ConfigError(
+                    f"accumulate_grad_batches: must be 1 with discriminator.enabled (manual optimization cannot "
+                    f"accumulate gradients), got {self.accumulate_grad_batches}"
+                )
+            if self.gradient_clip_val is not None:
+                raise ConfigError(
+                    f"gradient_clip_val: must be null with discriminator.enabled (manual optimization cannot "
+                    f"clip gradients), got {self.gradient_clip_val}"
+                )
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage: train (the denoiser and the text encoder)
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_config_classes() -> None:
+    """Put the model configs that :class:`TrainConfig` nests into this module's namespace (lazily, for
+    the reason given in :func:`_vae_config_class`)."""
+    from diffusion.models.dit import DiTConfig
+    from diffusion.models.text_encoder import TextEncoderConfig
+    from diffusion.models.unet import UNetConfig
+    from diffusion.scheduler import SchedulerConfig
+
+    globals().update(
+        DiTConfig=DiTConfig, TextEncoderConfig=TextEncoderConfig, UNetConfig=UNetConfig, SchedulerConfig=SchedulerConfig
+    )
+
+
+def _nested(name: str, help: str) -> Any:
+    """A nested model-config field whose class is imported on first use."""
+
+    def factory() -> Config:
+        _model_config_classes()
+        return globals()[name]()
+
+    return dataclasses.field(default_factory=factory, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(TrainerFields):
+    """Stage `train`: latent shards + tokenizer + VAE -> the text encoder and denoiser, ``models/diffusion/``.
+
+    The denoiser's input channels and context width, and the text encoder's vocabulary and length, are not
+    parameters: they follow from the VAE and the tokenizer, which the stage reads.
+    """
+
+    section: ClassVar[str] = "train"
+
+    latents_dir: str = param("data/latents", "latent shards from encode_latents: <latents_dir>/{train,val}/*.tar" + _URL_HELP)
+    tokenizer_path: str = param("data/tokenizer.json", "the shard stage's tokenizer")
+    vae_dir: str = param("models/vae", "the VAE from train_vae (decodes samples; its latent scale and shift)")
+    out_dir: str = param("models/diffusion", "where the EMA weights, the config and the tokenizer are exported")
+    metrics_path: str = param("metrics/train.json", "final figures for `dvc metrics show`")
+    loss_curve_path: str = param("plots/train_loss.csv", "the loss curve (step, loss) for `dvc plots show`")
+    denoising_type: str = param("unet", "the denoiser: a key of diffusion.models.DENOISERS ('unet', 'dit', ...)")
+    text_encoder: TextEncoderConfig = _nested("TextEncoderConfig", "the text encoder's shape")  # noqa: F821
+    unet: UNetConfig = _nested("UNetConfig", "the U-Net's shape (denoising_type: unet)")  # noqa: F821
+    dit: DiTConfig = _nested("DiTConfig", "the DiT's shape (denoising_type: dit)")  # noqa: F821
+    dit_preset: str | None = param(
+        None, "a DiT preset ('DiT-S/2' ... 'DiT-XL/8'); sets dit.depth, hidden_size, num_heads and patch_size"
+    )
+    scheduler: SchedulerConfig = _nested("SchedulerConfig", "the noise schedule and prediction type")  # noqa: F821
+    batch_size: int = param(32, "latents per batch per device", ge=1)
+    lr: float = param(3e-4, "peak learning rate (AdamW)", gt=0.0)
+    beta1: float = param(0.9, "AdamW beta1", ge=0.0, lt=1.0)
+    beta2: float = param(0.999, "AdamW beta2", ge=0.0, lt=1.0)
+    weight_decay: float = param(0.01, "AdamW decoupled weight decay (not on biases and norms)", ge=0.0)
+    warmup_steps: int = param(100, "linear warm-up steps, then cosine decay", ge=0)
+    min_lr_ratio: float = param(0.1, "the cosine decay ends at lr * min_lr_ratio", ge=0.0, le=1.0)
+    ema_decay: float = param(0.999, "EMA decay per optimizer step (the exported and sampled weights)", ge=0.0, lt=1.0)
+    caption_dropout: float = param(
+        0.1, "probability a caption is replaced by the null caption at load time (classifier-free guidance)",
+        ge=0.0, le=1.0,
+    )
+    min_snr_gamma: float | None = param(None, "Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual; null: off)", gt=0.0)
+    min_snr_on: Literal["snr", "snr_plus_one"] = param(
+        "snr", "what Min-SNR caps: snr (the paper: z_0 weight min(SNR, gamma)) | snr_plus_one (min(SNR + 1, gamma): "
+        "weight 1 at high noise, where layout is decided; see diffusion_system)"
+    )
+    shuffle_buffer: int = param(2_000, "samples in the loader's shuffle buffer", ge=0)
+    sample_every_n_steps: int = param(500, "log a grid of samples for sample_prompts every N steps (0: never)", ge=0)
+    sample_prompts: tuple[str, ...] = param(
+        ("a red circle in the top left", "a large blue square in the center", "a small green triangle in the bottom right",
+         "a yellow star in the top right"),
+        "fixed prompts of the sample grids",
+    )
+    sample_sampler: Literal["ddpm", "ddim", "dpmpp"] = param("dpmpp", "sampler of the grids")
+    sample_steps: int = param(20, "sampler steps of the grids", ge=1)
+    sample_guidance: float = param(4.0, "classifier-free guidance scale of the grids", ge=0.0)
+    checkpoint_dir: str = param(
+        "checkpoints/train", "resumable checkpoints, one folder per parameter set (persistent, uncached DVC output)"
+    )
+    compile: bool = param(
+        False, "torch.compile the denoiser's training forward (faster steps on a GPU after a compile of about a "
+        "minute; docs/performance.md)"
+    )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, prefix: str | None = None) -> TrainConfig:
+        _model_config_classes()
+        return super().from_dict(data, prefix)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from diffusion.models import DENOISERS, DIT_PRESETS
+
+        if self.denoising_type not in DENOISERS:
+            raise ConfigError(f"denoising_type: expected one of {', '.join(map(repr, DENOISERS))}, got {self.denoising_type!r}")
+        if self.dit_preset is not None and self.dit_preset not in DIT_PRESETS:
+            raise ConfigError(f"dit_preset: expected one of {', '.join(DIT_PRESETS)} or null, got {self.dit_preset!r}")
+        if self.dit_preset is not None:
+            # Resolved here, so that `dit` (what to_dict() logs to MLflow and keys checkpoints by) holds the
+            # sizes that build the network rather than the section's values that the preset replaces.
+            object.__setattr__(self, "dit", self.dit.replace(**DIT_PRESETS[self.dit_preset]))
+        if not self.sample_prompts and self.sample_every_n_steps:
+            raise ConfigError("sample_prompts: empty, but sample_every_n_steps asks for sample grids")
+
+    def denoiser_config(self) -> Config:
+        """The chosen denoiser's config, with the DiT preset applied."""
+        if self.denoising_type == "dit" and self.dit_preset:
+            from diffusion.models import DIT_PRESETS
+
+            return self.dit.replace(**DIT_PRESETS[self.dit_preset])
+        return getattr(self, self.denoising_type)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages: train_judge and evaluate
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig(Config):
+    """Stage `train_judge`: real train shards -> the attribute classifier that scores prompt adherence.
+
+    Its own cached stage, so a change to the diffusion model (or to evaluate's settings) never retrains it.
+    """
+
+    section: ClassVar[str] = "train_judge"
+
+    shards_dir: str = param("data/shards", "image shards from the shard stage: <shards_dir>/{train,val}/*.tar, manifest.json"
+                                + _URL_HELP)
+    out_dir: str = param("models/judge", "where the judge goes: model.pt, config.json (architecture and vocabulary)")
+    metrics_path: str = param("metrics/judge.json", "its accuracy on the real val images, for `dvc metrics show`")
+    steps: int = param(400, "AdamW steps (warm-up, then cosine decay to zero)", ge=1)
+    batch_size: int = param(64, "images per step, drawn with replacement", ge=1)
+    lr: float = param(3e-3, "peak learning rate", gt=0.0)
+    weight_decay: float = param(1e-4, "AdamW decoupled weight decay (not on biases and norms)", ge=0.0)
+    warmup_steps: int = param(30, "linear learning-rate warm-up steps", ge=0)
+    channels: tuple[int, ...] = param((16, 32, 64, 128), "widths of the conv blocks; each halves the side", ge=1)
+    feature_dim: int = param(128, "width of the penultimate layer (the features of the judge's Fréchet distance)", ge=2)
+    max_train_images: int | None = param(None, "read at most this many train images (null: all)", ge=1)
+    blur_sigma_max: float = param(
+        0.0, "train on copies blurred by a Gaussian of random sigma up to this (px), so soft generated edges "
+        "are read by their shape, not penalised for softness", ge=0.0
+    )
+    noise_std: float = param(0.0, "and with this much added Gaussian noise (images in [-1, 1])", ge=0.0)
+    seed: int = param(0, "seed of the weights and the batch order (the fit is deterministic on the CPU)", ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepEntry(Config):
+    """One sampler setting of evaluate's sweep."""
+
+    sampler: Literal["ddpm", "ddim", "dpmpp"] = param("dpmpp", "the sampler (diffusion.samplers.SAMPLERS)")
+    steps: int | None = param(20, "denoising steps (null: every training timestep, the full DDPM chain)", ge=1)
+    guidance: float = param(4.0, "classifier-free guidance scale (1: none)", ge=0.0)
+
+    def label(self) -> str:
+        return f"{self.sampler}-{'all' if self.steps is None else self.steps}-g{self.guidance:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig(Config):
+    """Stage `evaluate`: the EMA model + the judge + real val images -> adherence, FID/KID, FD, a grid, a sweep.
+
+    Prompts are the val set's own captions by default (``prompts: caption``): the generated set then has the
+    real val images' attribute distribution and phrasing, so FID/KID compare like with like, and adherence
+    tests the phrasings the model was trained on. ``canonical`` uses one fixed phrasing per attribute set.
+    """
+
+    section: ClassVar[str] = "evaluate"
+
+    model_dir: str = param("models/diffusion", "the EMA model from train (config.json, model.pt, tokenizer.json)")
+    judge_dir: str = param("models/judge", "the judge from train_judge")
+    shards_dir: str = param("data/shards", "real images: <shards_dir>/val/*.tar (prompts, FID reference, judge ceiling)"
+                                + _URL_HELP)
+    metrics_path: str = param("metrics/eval.json", "flat figures for `dvc metrics show`")
+    sweep_path: str = param("plots/eval_sweep.csv", "the sweep table (one row per setting) for `dvc plots show`")
+    samples_path: str = param("reports/samples.png", "the grid: one column per grid prompt, one row per seed")
+    prompts: Literal["caption", "canonical"] = param(
+        "caption", "val prompts: the val captions, or canonical captions of the val attributes"
+    )
+    num_samples: int = param(500, "val prompts (a seeded choice; all if fewer) generated for the main setting", ge=2)
+    sampler: Literal["ddpm", "ddim", "dpmpp"] = param("dpmpp", "sampler of the main setting")
+    steps: int | None = param(20, "sampler steps of the main setting (null: every training timestep)", ge=1)
+    guidance: float = param(4.0, "classifier-free guidance of the main setting", ge=0.0)
+    batch_size: int = param(50, "images generated per batch", ge=1)
+    seed: int = param(0, "seed of the prompt choice and of the sampling noise", ge=0)
+    fid: bool = param(True, "compute Inception FID/KID for the main setting (~130 ms per image on 2 CPU cores)")
+    fid_batch_size: int = param(16, "images per Inception forward pass", ge=1)
+    kid_subsets: int = param(100, "KID: random subsets averaged (Binkowski et al. 2018)", ge=1)
+    kid_subset_size: int = param(1000, "KID: images per subset (capped at half the sample count)", ge=2)
+    sweep: tuple[SweepEntry, ...] = param(
+        (SweepEntry("ddim", 50, 4.0), SweepEntry("dpmpp", 20, 4.0), SweepEntry("dpmpp", 10, 4.0),
+         SweepEntry("dpmpp", 20, 1.0), SweepEntry("dpmpp", 20, 3.0), SweepEntry("dpmpp", 20, 6.0)),
+        "sampler settings compared by adherence, judge FD and speed (add {sampler: ddpm, steps: null} for the full chain)",
+    )
+    sweep_samples: int = param(200, "prompts per sweep setting (the first of the main setting's prompts)", ge=2)
+    grid_prompts: tuple[str, ...] = param(
+        ("a red circle in the top left", "a large blue square in the center", "a small green triangle in the bottom right",
+         "a yellow star in the top right", "a purple triangle in the center"),
+        "prompts of reports/samples.png, one column each",
+    )
+    grid_seeds: int = param(4, "rows of reports/samples.png: one seed each", ge=1)
+    device: Literal["cpu", "cuda", "auto"] = param("cpu", "where sampling and the judge run ('auto': a GPU if present)")
+    register: bool = param(True, "log the pipeline as an MLflow pyfunc model and register it")
+    registered_model_name: str = param("diffusion-shapes", "MLflow registered model name")
+    registered_model_alias: str = param("candidate", "alias set on the new model version ('latest' is reserved)")
+
+    def main_setting(self) -> SweepEntry:
+        return SweepEntry(self.sampler, self.steps, self.guidance)

@@ -1,0 +1,111 @@
+"""The Lightning Trainer of the training stages (train_vae, train), built from their shared fields.
+
+The fields are ``diffusion.stage_configs.TrainerFields``; :func:`build_trainer` turns them into a
+step-based ``pl.Trainer`` with the settings streaming WebDataset loaders need, and resolves
+``precision: auto`` (:func:`resolve_precision`) to what this hardware runs fast. Resuming, checkpoints and the
+MLflow run are :mod:`diffusion.training.checkpointing`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+
+from diffusion.config import ConfigError
+
+
+def fast_bf16(accelerator: str) -> bool:
+    """Whether bfloat16 autocast pays off where a Trainer with this `accelerator` setting runs.
+
+    On a GPU: when it supports bfloat16 (Ampere and later). On a CPU: only with AMX (Intel Sapphire Rapids
+    and later), whose tile instructions run bfloat16 matrix products and convolutions; there the CPU VAE
+    trains 1.7x faster in bf16-mixed. Without AMX, bfloat16 costs conversions and gains nothing: the same
+    VAE step is 15% slower than float32 on an AVX-512-BF16 CPU without AMX, and CPUs without native
+    bfloat16 at all (most laptops) emulate it. ``torch.cpu._is_amx_tile_supported`` is the check Inductor
+    uses for its AMX kernels.
+    """
+    use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if use_gpu:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if accelerator not in ("cpu", "auto"):
+        return False  # mps: autocast to bfloat16 there is not what this check is about
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(amx and amx())
+
+
+def resolve_precision(value: Any, accelerator: str) -> str:
+    """Lightning's precision string for a config value: ``32`` -> "32-true"; "auto" -> "bf16-mixed" where
+    :func:`fast_bf16`, else "32-true"; anything else as it is."""
+    if str(value) == "auto":
+        return "bf16-mixed" if fast_bf16(accelerator) else "32-true"
+    return "32-true" if str(value) in ("32", "32-true") else str(value)
+
+
+def build_trainer(
+    cfg: Any,
+    *,
+    callbacks: Sequence[Callback],
+    logger: Any,
+    manual_optimization: bool = False,
+    default_root_dir: str | Path | None = None,
+    **overrides: Any,
+) -> pl.Trainer:
+    """A Lightning Trainer from the shared training fields (``diffusion.stage_configs.TrainerFields``).
+
+    Step-based: ``max_steps`` ends training, validation runs every ``val_every_n_steps`` batches across
+    epochs (``check_val_every_n_epoch=None``, as streaming loaders need). ``use_distributed_sampler=False``:
+    the WebDataset loader splits data across ranks itself (DESIGN.md pitfall 1).
+
+    Args:
+        cfg: a config with the TrainerFields (precision, devices, num_nodes, strategy, accelerator,
+            max_steps, log_every_n_steps, val_every_n_steps, accumulate_grad_batches, gradient_clip_val).
+        callbacks, logger: passed through (``logger=False`` disables logging).
+        manual_optimization: the system steps its optimizers itself; then Lightning refuses accumulation
+            and clipping flags (DESIGN.md pitfall 13), so they must be at their defaults.
+        default_root_dir: where Lightning puts anything without an explicit path (the run folder).
+        overrides: any other ``pl.Trainer`` argument, e.g. ``limit_val_batches``.
+    """
+    accumulate, clip = cfg.accumulate_grad_batches, cfg.gradient_clip_val
+    if manual_optimization and (accumulate != 1 or clip):
+        key = "accumulate_grad_batches" if accumulate != 1 else "gradient_clip_val"
+        raise ConfigError(
+            f"{key}: manual optimization cannot accumulate or clip gradients in Lightning (DESIGN.md pitfall 13); "
+            f"got accumulate_grad_batches={accumulate}, gradient_clip_val={clip}"
+        )
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    precision = resolve_precision(cfg.precision, cfg.accelerator)
+    if str(cfg.precision) == "auto":
+        print(f"precision auto: {precision} ({'fast' if precision == 'bf16-mixed' else 'no fast'} bfloat16 here)")
+    if isinstance(logger, MLFlowLogger):  # what ran, beside the configured value (a tag, not a param: a run
+        logger.experiment.set_tag(logger.run_id, "trainer_precision", precision)  # resumed elsewhere may differ)
+    kwargs: dict[str, Any] = dict(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=precision,
+        max_steps=cfg.max_steps,
+        max_epochs=-1,
+        log_every_n_steps=cfg.log_every_n_steps,
+        val_check_interval=cfg.val_every_n_steps,
+        check_val_every_n_epoch=None,
+        # The bar shows the loss; refreshing it every step would read the loss back from the device on
+        # every step (a host sync), so it refreshes as often as metrics are logged.
+        callbacks=[*callbacks, TQDMProgressBar(refresh_rate=cfg.log_every_n_steps)],
+        logger=logger,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=str(default_root_dir) if default_root_dir else None,
+    )
+    if not manual_optimization:
+        kwargs.update(accumulate_grad_batches=accumulate, gradient_clip_val=clip)
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
