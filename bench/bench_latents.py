@@ -14,6 +14,7 @@ figures, not a test (STYLE.md 15).
 
     python bench/bench_latents.py              # default sizes
     python bench/bench_latents.py --tiny
+    python bench/bench_latents.py --profile gpu --batch-size 8 --steps 3   # LDM sizes: 256 px, f=8, DiT-B/2
     python bench/bench_latents.py -S unet.base_channels=64 -S batch_size=16
 """
 
@@ -37,6 +38,7 @@ from diffusion.data.loader import iter_shards, make_loader
 from diffusion.data.shapes import generate_shapes
 from diffusion.data.shards import write_shards
 from diffusion.data.tokenizer import train_tokenizer
+from diffusion.models.dit import DIT_PRESETS
 from diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 from diffusion.scheduler import DDPMScheduler
@@ -64,7 +66,7 @@ def sizes(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if args.tiny:
         return TINY, "--tiny"
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, [f"profile={args.profile}"] if args.profile else [])
     except ConfigError:
         params = {}
     found = {
@@ -73,11 +75,13 @@ def sizes(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "vae": _get(params, "train_vae", "model") or {},
         "denoising_type": _get(params, "train", "denoising_type") or "unet",
         "unet": _get(params, "train", "unet") or {},
-        "dit": _get(params, "train", "dit") or {},
+        # The preset over the DiT section, as TrainConfig.denoiser_config applies it.
+        "dit": {**(_get(params, "train", "dit") or {}), **DIT_PRESETS.get(_get(params, "train", "dit_preset"), {})},
         "text_encoder": _get(params, "train", "text_encoder") or {},
     }
     used = [k for k in ("vae", found["denoising_type"], "text_encoder") if found[k]]
-    return found, f"{args.params} ({', '.join(used) or 'no model sections: model config defaults'})"
+    where = f"{args.params} with profile {args.profile}" if args.profile else args.params
+    return found, f"{where} ({', '.join(used) or 'no model sections: model config defaults'})"
 
 
 def build_models(s: dict[str, Any], vocab_size: int) -> tuple[torch.nn.Module, ...]:
@@ -189,6 +193,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--profile", default=None,
+                        help="read the sizes of this profile (profiles/<name>.yaml over params.yaml), e.g. gpu")
     parser.add_argument("--tiny", action="store_true", help="small models and images, for a quick check")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per path (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=None)
