@@ -18,11 +18,11 @@ from PIL import Image
 from conftest import run_cli
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 from diffusion.models import LatentDiffusionModel
-from diffusion.stage_configs import TrainConfig
-from diffusion.tracking import ensure_experiment
 from diffusion.pipeline_model import (
     ModelNotFoundError, ModelSpec, SampleOptionError, TextToImagePipeline, images_to_grid,
 )
+from diffusion.stage_configs import TrainConfig
+from diffusion.tracking import ensure_experiment
 
 CAPTIONS = [f"a {c} {s} in the {p}" for c in ("red", "blue", "green") for s in ("circle", "square", "triangle")
             for p in ("top left", "center", "bottom right")]  # no "z" anywhere: "zebra" is out of vocabulary

@@ -17,6 +17,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
 from diffusion.config import ConfigError
+from diffusion.training.checkpointing import is_launch_rank_zero
 
 
 def fast_bf16(accelerator: str) -> bool:
@@ -44,6 +45,19 @@ def resolve_precision(value: Any, accelerator: str) -> str:
     if str(value) == "auto":
         return "bf16-mixed" if fast_bf16(accelerator) else "32-true"
     return "32-true" if str(value) in ("32", "32-true") else str(value)
+
+
+def _precision(cfg: Any, logger: Any) -> str:
+    """The resolved precision; said on the console when it was "auto", and tagged on the MLflow run
+    (``trainer_precision``: a tag, not a param, because a run resumed on other hardware may differ)."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    precision = resolve_precision(cfg.precision, cfg.accelerator)
+    if str(cfg.precision) == "auto" and is_launch_rank_zero():
+        print(f"precision auto: {precision} ({'fast' if precision == 'bf16-mixed' else 'no fast'} bfloat16 here)")
+    if isinstance(logger, MLFlowLogger):
+        logger.experiment.set_tag(logger.run_id, "trainer_precision", precision)
+    return precision
 
 
 def build_trainer(
@@ -77,13 +91,7 @@ def build_trainer(
             f"{key}: manual optimization cannot accumulate or clip gradients in Lightning (DESIGN.md pitfall 13); "
             f"got accumulate_grad_batches={accumulate}, gradient_clip_val={clip}"
         )
-    from pytorch_lightning.loggers import MLFlowLogger
-
-    precision = resolve_precision(cfg.precision, cfg.accelerator)
-    if str(cfg.precision) == "auto":
-        print(f"precision auto: {precision} ({'fast' if precision == 'bf16-mixed' else 'no fast'} bfloat16 here)")
-    if isinstance(logger, MLFlowLogger):  # what ran, beside the configured value (a tag, not a param: a run
-        logger.experiment.set_tag(logger.run_id, "trainer_precision", precision)  # resumed elsewhere may differ)
+    precision = _precision(cfg, logger)
     kwargs: dict[str, Any] = dict(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
