@@ -5,9 +5,9 @@
 Each model trains ``--warmup`` steps, then ``--steps`` steps under ``torch.profiler``; the script prints the
 step's device time split into categories (matrix products, attention, norms, copies, the optimizer,
 other elementwise work) for both models side by side, then each model's top kernels. Same setting as
-``bench/gpu.py``: bf16 autocast around the forward, float32 weights, fused AdamW for ours and
-``torch.optim.AdamW``'s default for diffusers' (as their training scripts), 4x32x32 latents, text (77, 512)
-with padding, the profile's DiT settings (``--profile``, ``-S``).
+``bench/gpu.py`` (its ``train_step``): bf16 autocast around the forward, float32 weights, AdamW fused on a
+GPU for both models, 4x32x32 latents, text (77, 512) with padding, the profile's DiT settings
+(``--profile``, ``-S``).
 
     python bench/gpu_kernels.py                 # on the GPU machine: batch 256, about a minute
     python bench/gpu_kernels.py --smoke         # tiny shapes on whatever device is here (checks the script)
@@ -25,20 +25,19 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_models import call, make_batch, optimizer_for, ours_net, pixart_like, pixart_net  # noqa: E402
-from gpu import autocast, dit_profile, has_diffusers, parse_args, sync  # noqa: E402
+from bench_models import make_batch, ours_net, pixart_like, pixart_net  # noqa: E402
+from gpu import dit_profile, has_diffusers, parse_args, sync, train_step  # noqa: E402
 
 from diffusion.models.dit import DiT  # noqa: E402
 
 #: Kernel (or operator) name patterns -> category, first match wins. CUDA GEMMs are cuBLAS/CUTLASS kernels
 #: (sm90_xmma..., cutlass..., nvjet..., *gemm*); attention is flash / memory-efficient (fmha) kernels.
 CATEGORIES = [
-    ("optimizer", r"adam|multi_tensor_apply|foreach"),  # foreach kernels: only torch.optim.AdamW's here
+    ("optimizer", r"adam|multi_tensor_apply|foreach"),
     ("attention", r"flash|fmha|attention|attn"),
     ("matmul", r"gemm|xmma|cutlass|cublas|matmul|\bmm\b|addmm|bmm|linear|nvjet"),
     ("norm", r"layer_norm|layernorm|group_norm"),
@@ -58,17 +57,8 @@ def profile_steps(name: str, args, device: str) -> tuple[dict[str, float], list[
     torch.manual_seed(0)
     model = (DiT(cfg) if name == "dit-ours" else pixart_like(cfg)).to(device).train()
     net = ours_net(model) if name == "dit-ours" else pixart_net(model)
-    opt = optimizer_for(name, model)
     batch = make_batch(args.batch, args.text_len, args.context_dim, args.size, device)
-
-    def step() -> None:
-        with autocast(device):
-            pred = call(net, batch)
-        loss = F.mse_loss(pred.float(), batch["target"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = train_step(model, net, batch, device)  # exactly bench/gpu.py's step
     for _ in range(args.warmup):
         step()
     sync(device)
