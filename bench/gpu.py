@@ -15,6 +15,8 @@ Items, in order (each skipped, and listed as skipped, once the time budget is sh
 3. VAE encode images/s: our AutoencoderKL (f=8) on 256 px images, float32 as in training (DESIGN.md
    pitfall 10; cuDNN may use TF32, PyTorch's default for convolutions).
 4. The same training steps under ``torch.compile`` (default mode); the compile warm-up is timed apart.
+   ``--compile-mode`` sets another mode (e.g. ``max-autotune-no-cudagraphs``), and ``--regional`` compiles each
+   transformer block of a DiT instead of the whole model (with ``--only`` to pick the items).
 
 The networks are the profile's (``--profile``, default ``gpu``: ``params.yaml`` with ``profiles/gpu.yaml`` over
 it, as the train stage reads them; ``-S section.key=value`` overrides a key as ``cli.py -S`` does): its DiT
@@ -42,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import sys
@@ -142,6 +145,21 @@ def train_step(model: torch.nn.Module, net, batch: dict, device: str):
     return step
 
 
+def compiled(model: torch.nn.Module, mode: str = "default", regional: bool = False) -> torch.nn.Module:
+    """``torch.compile`` of the whole model, or with `regional` of each transformer block in place (ours:
+    ``blocks``, diffusers': ``transformer_blocks``; "regional compilation" in PyTorch's recipes). The blocks
+    share one code object and their shapes, so the compiled graph is reused by every block: one block's
+    compilation instead of the whole network's, at the cost of no fusion across block boundaries."""
+    if not regional:
+        return torch.compile(model, mode=mode)
+    blocks = getattr(model, "blocks", None) or getattr(model, "transformer_blocks", None)
+    if blocks is None:
+        raise ValueError(f"--regional: {type(model).__name__} has no blocks or transformer_blocks to compile")
+    for block in blocks:
+        block.compile(mode=mode)
+    return model
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -187,6 +205,8 @@ class Bench:
 
     def run(self, name: str, fn, need_s: float, **kw) -> None:
         """Run one item if at least `need_s` seconds of budget are left; record its row or its failure."""
+        if self.args.only and not re.search(self.args.only, name):
+            return
         if self.left() < need_s:
             self.skipped.append(f"{name} (needs ~{need_s:.0f} s, {max(0.0, self.left()):.0f} s left)")
             print(f"SKIP {name}: time budget", flush=True)
@@ -228,10 +248,12 @@ class Bench:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         params = sum(p.numel() for p in model.parameters())
+        mode = {"compile_mode": self.args.compile_mode, "regional": self.args.regional} if compile_ else {}
         while True:
             try:
-                return {"params_M": round(params / 1e6, 2), "compile": compile_, "channels_last": channels_last,
-                        **self._train(model, adapter, batch_size, compile_, channels_last)}
+                row = self._train(model, adapter, batch_size, compile_, channels_last)
+                return {"params_M": round(params / 1e6, 2), "compile": compile_, **mode,
+                        "channels_last": channels_last, **row}
             except torch.OutOfMemoryError:
                 if batch_size <= 8:
                     raise
@@ -246,7 +268,7 @@ class Bench:
         if channels_last:
             b["x"] = b["x"].contiguous(memory_format=torch.channels_last)
         flops_fwd = counted_forward_flops(net, b, dev)
-        run_net = adapter(torch.compile(model)) if compile_ else net
+        run_net = adapter(compiled(model, a.compile_mode, a.regional)) if compile_ else net
         step = train_step(model, run_net, b, dev)
         timer = Timer(dev)
         timer.start()
@@ -417,6 +439,8 @@ def print_table(bench: Bench) -> None:
             print(f"{row['item']:58s} ERROR {row['error']}")
             continue
         rate = row.get("samples_per_s", row.get("images_per_s", ""))
+        if row.get("compile_mode", "default") != "default" or row.get("regional"):
+            row = {**row, "item": f"{row['item']} ({row['compile_mode']}{', regional' if row['regional'] else ''})"}
         fmt = lambda k, spec: format(row[k], spec) if k in row else "-"  # noqa: E731
         print(f"{row['item']:58s} {fmt('params_M', '8.1f')} {fmt('batch', '5d')} {fmt('step_ms', '8.1f')} "
               f"{rate:>9} {fmt('peak_mem_gib', '8.2f'):>8s} {fmt('tflops', '8.1f'):>8s} {fmt('mfu', '6.1%'):>6s} "
@@ -441,8 +465,9 @@ def print_table(bench: Bench) -> None:
     ratio("sample U-Net", "sample UNet2DConditionModel [diffusers]", "images_per_s")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
+    """The benchmark's flags; ``bench/gpu_kernels.py`` adds its own to the same parser."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes and steps on whatever device (a script check)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
     p.add_argument("--budget", type=float, default=400, help="seconds; items that would not fit are skipped")
@@ -464,8 +489,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-runs", type=int, default=5)
     p.add_argument("--compile-need", type=float, default=75,
                    help="seconds of budget a compiled item needs left to be started")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode of the compiled items (e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--regional", action="store_true",
+                   help="compiled items compile each transformer block, not the whole model (DiTs only)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers references")
-    args = p.parse_args(argv)
+    p.add_argument("--only", default=None, metavar="REGEX",
+                   help="run only the items whose name matches (e.g. 'DiT-B/2.*compiled'); the others are not listed")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse the flags (``parser``: one from :func:`build_parser` with more flags) and apply the profile and
+    ``--smoke`` to them."""
+    args = (parser or build_parser()).parse_args(argv)
     if args.context_dim is None:
         args.context_dim = profile_train(args).text_encoder.width
     if args.smoke:
