@@ -66,6 +66,23 @@ def test_every_block_gets_a_contiguous_residual_stream():
     assert seen == [(True, True)] * 3
 
 
+@pytest.mark.parametrize("patch_size", [2, 4])
+def test_patchify_is_the_strided_convolution(patch_size):
+    # patchify computes x_embedder (DiT's p x p conv, stride p) as a linear map of each flattened patch: same
+    # tokens, in the same order, and the same gradients, on a non-square grid.
+    torch.manual_seed(0)
+    model = DiT(tiny_cfg(patch_size=patch_size, input_size=8))
+    x = torch.randn(2, 4, 2 * patch_size, 3 * patch_size)
+    ours = model.patchify(x, 2, 3)
+    ref = model.x_embedder(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(ours, ref)
+    assert ours.is_contiguous()
+    grad = torch.randn_like(ref)
+    g_ours = torch.autograd.grad(ours, model.x_embedder.weight, grad)[0]
+    g_ref = torch.autograd.grad(model.x_embedder(x).flatten(2).transpose(1, 2), model.x_embedder.weight, grad)[0]
+    torch.testing.assert_close(g_ours, g_ref)
+
+
 @pytest.mark.parametrize("adaln_single", [False, True])
 def test_gradient_reaches_every_parameter(adaln_single):
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Diffusion Transformer (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers") with
 text cross-attention as in PixArt-alpha (Chen et al. 2023, sec. 2.3).
 
-    x (B,C,H,W) ─ patchify (conv, stride p) + 2D sin-cos positions ─> tokens (B, N, D), N = (H/p)(W/p)
+    x (B,C,H,W) ─ patchify (p x p conv, stride p) + 2D sin-cos positions ─> tokens (B, N, D), N = (H/p)(W/p)
     c = MLP(sinusoid(t)) + Linear(pooled text)                                 (B, D)
     N blocks:  x += gate1 * SelfAttn(modulate(LN(x), c))        adaLN-Zero (DiT sec. 3.2)
                x += CrossAttn(LN(x), text states, text mask)    not modulated (PixArt-alpha)
@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -190,6 +191,23 @@ class DiT(nn.Module):
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def patchify(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+        """(B, C, gh * p, gw * p) latents -> (B, gh * gw, D) tokens: ``x_embedder``, the DiT's strided p x p
+        convolution, computed as what it is, one linear map of each flattened patch.
+
+        Same weights and result as ``x_embedder(x).flatten(2).transpose(1, 2)``, but (1) the tokens come out
+        contiguous, where the transposed view would set the memory layout of the whole residual stream
+        (elementwise ops keep their first input's strides) and make every LayerNorm copy its input, forward
+        and backward (12% more training memory in bench/bench_models.py, 224 vs 198 MiB); and (2) it is one
+        matrix product instead of cuDNN's convolution kernels, whose weight gradient over a few input channels
+        reduces over every token: 5.1 ms of a 161 ms DiT-B/2 step in a profile on an H200 (bench/gpu_kernels.py,
+        docs/performance.md), the same in PixArt.
+        """
+        p, B, C = self.cfg.patch_size, x.shape[0], x.shape[1]
+        patches = x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p)
+        patches = patches.reshape(B, gh * gw, C * p * p)  # in the order of the conv weight's (C, p, p)
+        return F.linear(patches, self.x_embedder.weight.flatten(1), self.x_embedder.bias)
+
     def unpatchify(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         """(B, gh * gw, p*p*C) tokens -> (B, C, gh * p, gw * p) image."""
         p, c = self.cfg.patch_size, self.cfg.out_channels
@@ -227,11 +245,7 @@ class DiT(nn.Module):
         if H % p or W % p:
             raise ValueError(f"latent size {(H, W)} is not divisible by patch_size {p}")
         gh, gw = H // p, W // p
-        # (B, D, gh, gw) -> (B, gh * gw, D), made contiguous: the transposed view would otherwise set the memory
-        # layout of the whole residual stream (elementwise ops keep their first input's strides), and every
-        # LayerNorm would copy its input first, forward and backward, and keep the copy for backward: 12% more
-        # training memory in bench/bench_models.py (224 vs 198 MiB).
-        h = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous()
+        h = self.patchify(x, gh, gw)  # (B, gh * gw, D)
         h = h + self.pos_embed(gh, gw, h.device, h.dtype)
         c = self.condition(t, context, context_mask, pooled)  # (B, D)
         cond = self.adaln_single(c) if self.adaln_single is not None else c  # (B, 6D) or (B, D)
