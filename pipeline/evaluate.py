@@ -1,10 +1,4 @@
-"""Stages `train_judge` and `evaluate`: how well the trained model follows its prompts, and how real it looks.
-
-`train_judge` (``diffusion.stage_configs.JudgeConfig``) fits the attribute classifier (``evaluation/judge.py``) on
-the real train shards and writes ``<out_dir>/`` (weights, config, vocabulary) and ``<metrics_path>`` (its
-accuracy on the real val images: the ceiling of prompt adherence). It is its own cached DVC stage, so a new
-diffusion model never retrains it. Data without attributes gets an empty judge (``vocab: {}``): evaluate
-then reports FID/KID only, and says so.
+"""Stage `evaluate`: how well the trained model follows its prompts, and how real it looks.
 
 `evaluate` (``diffusion.stage_configs.EvaluateConfig``) loads the EMA model from ``train`` and
 
@@ -30,108 +24,24 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffusion.data.locations import is_remote, list_split, read_manifest
+from diffusion.data.locations import require_split
 from diffusion.data.shards import atomic_write_json
 from diffusion.evaluation.judge import AttributeJudge, LabelledImages, load_split, to_uint8
 from diffusion.evaluation.metrics import judge_ceilings, score_images
-from diffusion.stage_configs import EvaluateConfig, JudgeConfig, SweepEntry
+from diffusion.stage_configs import EvaluateConfig, SweepEntry
+from diffusion.tracking import is_finite_number
 
 STAGE = "evaluate"
 
 
 class EvaluateError(RuntimeError):
-    """An input of train_judge or evaluate is missing; nothing was written."""
-
-
-def _shards(shards_dir: str, split: str, section: str) -> list[str]:
-    try:
-        urls = list_split(shards_dir, split)  # a folder, or a URL (diffusion.data.locations)
-    except FileNotFoundError as error:
-        if is_remote(shards_dir):
-            raise EvaluateError(f"{section}.shards_dir: {error}") from error
-        urls = []
-    if not urls:
-        raise EvaluateError(f"{section}.shards_dir: no shards in {shards_dir}/{split}; run `python cli.py shard` "
-                            "(or `dvc repro shard`) first")
-    return urls
-
-
-def _manifest(shards_dir: str) -> dict[str, Any]:
-    return read_manifest(shards_dir) or {}
-
-
-# --------------------------------------------------------------------------------------------------
-# Stage: train_judge
-# --------------------------------------------------------------------------------------------------
-
-
-def run_train_judge(cfg: JudgeConfig) -> dict[str, Any]:
-    """Fit the judge on the real train images, score it on the real val images, write both outputs."""
-    from diffusion.evaluation.judge import JudgeTrainSettings, accuracy, build_vocab, train_judge
-
-    train_urls, val_urls = _shards(cfg.shards_dir, "train", "train_judge"), _shards(cfg.shards_dir, "val", "train_judge")
-    start = time.perf_counter()
-    train = load_split(train_urls, limit=cfg.max_train_images)
-    vocab = build_vocab(_manifest(cfg.shards_dir).get("attributes"), train.attributes)
-    out, tmp = Path(cfg.out_dir), Path(cfg.out_dir).parent / f".{Path(cfg.out_dir).name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if not vocab or len(train) == 0:
-        print("train_judge: the shards carry no attributes; evaluate will report FID/KID only")
-        atomic_write_json(tmp / "config.json", {"vocab": {}, "reason": "no attributes in the train shards"})
-        metrics: dict[str, Any] = {"attributes": 0, "train_images": 0}
-    else:
-        print(f"train_judge: {len(train)} train images, attributes {', '.join(vocab)}; {cfg.steps} steps")
-        settings = JudgeTrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                      weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-                                      channels=cfg.channels, feature_dim=cfg.feature_dim,
-                                      blur_sigma_max=cfg.blur_sigma_max, noise_std=cfg.noise_std)
-        judge, losses = train_judge(train, vocab, settings)
-        val = load_split(val_urls)
-        scores = accuracy(judge, val) if len(val) else {}
-        judge.save(tmp)
-        tail = losses[-20:]
-        metrics = {"attributes": len(vocab), "train_images": len(train), "val_images": len(val),
-                   "final_loss": sum(tail) / len(tail), **{f"val_{k}": v for k, v in scores.items()}}
-    metrics["train_seconds"] = round(time.perf_counter() - start, 1)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg.metrics_path, metrics)
-    return metrics
-
-
-def train_judge_main(cfg: JudgeConfig) -> dict[str, Any]:
-    """The DVC stage `train_judge`, in its own MLflow run."""
-    import mlflow
-
-    from diffusion.tracking import stage_run
-
-    _shards(cfg.shards_dir, "train", "train_judge")
-    with stage_run("train_judge", cfg.to_dict()) as active:
-        metrics = run_train_judge(cfg)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _finite(v)})
-        if "val_all_correct" in metrics:
-            print(f"train_judge: real val accuracy, all attributes correct: {metrics['val_all_correct']:.3f} "
-                  f"({', '.join(f'{k[8:]} {v:.3f}' for k, v in metrics.items() if k.startswith('val_acc_'))})")
-        print(f"train_judge: judge -> {cfg.out_dir}; metrics -> {cfg.metrics_path}; MLflow run {active.info.run_id}")
-    return metrics
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# --------------------------------------------------------------------------------------------------
-# Stage: evaluate
-# --------------------------------------------------------------------------------------------------
+    """An input of evaluate is missing; nothing was written."""
 
 
 def validate(cfg: EvaluateConfig) -> list[str]:
@@ -143,7 +53,7 @@ def validate(cfg: EvaluateConfig) -> list[str]:
     if not (Path(cfg.judge_dir) / "config.json").is_file():
         raise EvaluateError(f"evaluate.judge_dir: no judge in {cfg.judge_dir}; run `python cli.py train-judge` "
                             "(or `dvc repro train_judge`) first")
-    return _shards(cfg.shards_dir, "val", "evaluate")
+    return require_split(cfg.shards_dir, "val", "evaluate.shards_dir", "shard", EvaluateError)
 
 
 def _device(cfg: EvaluateConfig) -> torch.device:
@@ -389,12 +299,13 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         mlflow.log_params(denoiser_params(cfg.model_dir))
         metrics, sweep, grid = run(cfg)
         Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg.metrics_path, {k: v for k, v in metrics.items() if _finite(v)})
+        atomic_write_json(cfg.metrics_path, {k: v for k, v in metrics.items() if is_finite_number(v)})
         write_sweep(sweep, cfg.sweep_path)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _finite(v)})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if is_finite_number(v)})
         for row in sweep:
-            mlflow.log_metrics({f"sweep/{row['label']}/{k}": float(row[k]) for k in
-                                ("adherence", "adherence_heldout", "judge_fd", "images_per_second") if _finite(row.get(k))})
+            keys = ("adherence", "adherence_heldout", "judge_fd", "images_per_second")
+            mlflow.log_metrics({f"sweep/{row['label']}/{k}": float(row[k])
+                                for k in keys if is_finite_number(row.get(k))})
         mlflow.log_artifact(cfg.sweep_path, "plots")
         if grid is not None:
             Path(cfg.samples_path).parent.mkdir(parents=True, exist_ok=True)

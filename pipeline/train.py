@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from diffusion.data.locations import is_remote, list_split
+from diffusion.data.locations import require_split
 from diffusion.data.shards import atomic_write_json
 from diffusion.stage_configs import TrainConfig
 from diffusion.training.checkpointing import DEFAULT_EXCLUDE
@@ -45,15 +45,7 @@ class TrainError(RuntimeError):
 
 def validate(cfg: TrainConfig) -> list[str]:
     """Checks that need the inputs, before any work. Returns the train latent shards."""
-    try:
-        urls = list_split(cfg.latents_dir, "train")  # a folder, or a URL (diffusion.data.locations)
-    except FileNotFoundError as error:
-        if is_remote(cfg.latents_dir):
-            raise TrainError(f"train.latents_dir: {error}") from error
-        urls = []
-    if not urls:
-        raise TrainError(f"train.latents_dir: no latent shards in {cfg.latents_dir}/train; "
-                         "run `python cli.py encode-latents` (or `dvc repro encode_latents`) first")
+    urls = require_split(cfg.latents_dir, "train", "train.latents_dir", "encode_latents", TrainError, "latent shards")
     if not Path(cfg.tokenizer_path).is_file():
         raise TrainError(f"train.tokenizer_path: {cfg.tokenizer_path} not found; run `python cli.py shard` first")
     if not (Path(cfg.vae_dir) / "model.pt").is_file():

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from diffusion.config import ConfigError
-from diffusion.data.locations import is_remote, list_split, read_manifest
+from diffusion.data.locations import read_manifest, require_split
 from diffusion.data.shards import atomic_write_json
 from diffusion.stage_configs import TrainVAEConfig
 from diffusion.training.checkpointing import DEFAULT_EXCLUDE
@@ -43,17 +43,8 @@ def validate(cfg: TrainVAEConfig) -> tuple[list[str], list[str]]:
     """Checks that need the inputs, before any work. Returns the (train, val) shard paths."""
     urls = {}
     for split in ("train", "val"):
-        try:
-            urls[split] = list_split(cfg.shards_dir, split)  # a folder, or a URL (diffusion.data.locations)
-        except FileNotFoundError as error:
-            if is_remote(cfg.shards_dir):
-                raise TrainVAEError(f"train_vae.shards_dir: {error}") from error
-            urls[split] = []
-        if not urls[split]:
-            raise TrainVAEError(
-                f"train_vae.shards_dir: no {split} shards in {cfg.shards_dir}/{split}; make them with "
-                "`python cli.py shard` (or `dvc repro shard`) first"
-            )
+        urls[split] = require_split(cfg.shards_dir, split, "train_vae.shards_dir", "shard", TrainVAEError,
+                                    f"{split} shards")
     if not Path(cfg.tokenizer_path).is_file():
         raise TrainVAEError(f"train_vae.tokenizer_path: {cfg.tokenizer_path} not found; run `python cli.py shard` first")
     _check_resolution(cfg, read_manifest(cfg.shards_dir))

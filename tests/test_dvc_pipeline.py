@@ -7,6 +7,7 @@ baseline in `dvc exp show`, in `dvc plots` and in one MLflow experiment; a `dvc 
 whose MLflow run still lands in the repository's own mlflow.db; the trained model as a DVC artifact.
 """
 
+import ast
 import json
 import os
 import shutil
@@ -58,6 +59,52 @@ def dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           timeout=900)
     assert proc.returncode == 0, f"dvc {args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
+
+
+def _module_file(name: str) -> Path | None:
+    """The project file of a module name (diffusion.* under src/, pipeline.*), or None for other packages."""
+    parts = name.split(".")
+    base = {"diffusion": ROOT / "src", "pipeline": ROOT}.get(parts[0])
+    if base is None:
+        return None
+    path = base.joinpath(*parts)
+    return next((p for p in (path.with_suffix(".py"), path / "__init__.py") if p.is_file()), None)
+
+
+def _module_level_imports(path: Path) -> set[Path]:
+    """Project modules that `path` imports when it is imported: its top-level import statements (also those
+    inside a top-level if/try), not the lazy ones inside functions. ``from a.b import c`` counts ``a.b`` and
+    ``a.b.c`` when c is a module. Package ``__init__`` files are not followed: re-exports would pull in every
+    sibling, and dvc.yaml lists the modules a stage uses."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        for n in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else [node]:
+            names = []
+            if isinstance(n, ast.Import):
+                names = [a.name for a in n.names]
+            elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+                names = [n.module, *(f"{n.module}.{a.name}" for a in n.names)]
+            found |= {f for f in map(_module_file, names) if f is not None and f.name != "__init__.py"}
+    return found
+
+
+def test_every_stage_depends_on_the_modules_its_code_imports():
+    """dvc.yaml's deps are written by hand; a module a stage imports but does not list would not rerun the
+    stage when it changes (a stale output, DESIGN.md Reproducibility). The module-level import closure of
+    each stage's module is a lower bound of what it runs (lazy imports come on top), so it must be listed."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGES)
+    for name, stage in stages.items():
+        deps = [str(d).rstrip("/") for d in stage["deps"]]
+        todo, seen = [ROOT / "pipeline" / f"{name}.py"], set()
+        while todo:
+            path = todo.pop()
+            if path not in seen:
+                seen.add(path)
+                todo.extend(_module_level_imports(path))
+        needed = {str(p.relative_to(ROOT)) for p in seen}
+        missing = sorted(n for n in needed if not any(n == d or n.startswith(d + "/") for d in deps))
+        assert not missing, f"dvc.yaml: stage {name} imports {missing} but does not list them in deps"
 
 
 @pytest.mark.timeout(900)

@@ -307,7 +307,7 @@ def pipeline_root(tmp_path_factory) -> Path:
     """shard -> train_vae -> encode_latents -> train -> train_judge outputs for the tiny configuration."""
     from diffusion.config import load_section
     from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainConfig, TrainVAEConfig
-    from pipeline import encode_latents, evaluate, shard, train, train_vae
+    from pipeline import encode_latents, shard, train, train_judge, train_vae
 
     root = tmp_path_factory.mktemp("evaluate")
     params = root / "params.yaml"
@@ -321,7 +321,7 @@ def pipeline_root(tmp_path_factory) -> Path:
             train_vae.main(load_section(TrainVAEConfig, params))
             encode_latents.main(load_section(EncodeLatentsConfig, params))
             train.main(load_section(TrainConfig, params))
-            evaluate.train_judge_main(load_section(JudgeConfig, params))
+            train_judge.main(load_section(JudgeConfig, params))
         finally:
             os.chdir(cwd)
     return root
@@ -538,14 +538,15 @@ def test_train_judge_without_attributes_leaves_an_empty_judge(tmp_path):
 
     from diffusion.data.records import Sample
     from diffusion.data.shards import write_shards
-    from pipeline.evaluate import load_judge, run_train_judge
+    from pipeline import train_judge
+    from pipeline.evaluate import load_judge
 
     samples = [Sample(f"k{i}", Image.new("RGB", (16, 16), (i * 20, 0, 0)), f"photo {i}", {}) for i in range(6)]
     for split in ("train", "val"):
         write_shards(samples, tmp_path / "shards" / split, samples_per_shard=10)
     cfg = JudgeConfig(shards_dir=str(tmp_path / "shards"), out_dir=str(tmp_path / "judge"),
                       metrics_path=str(tmp_path / "judge.json"), steps=2)
-    assert run_train_judge(cfg)["attributes"] == 0
+    assert train_judge.run(cfg)["attributes"] == 0
     assert load_judge(cfg.out_dir) is None
 
 

@@ -78,9 +78,23 @@ def test_urls_webdataset_cannot_open_are_refused_with_what_to_write_instead(fold
         list_split(f"pipe:cat {folder}/{{}}", "test")
 
 
+def test_require_split_names_the_key_the_folder_and_the_stage_to_run(tmp_path, folder):
+    from diffusion.data.locations import require_split
+
+    class StageError(RuntimeError):
+        pass
+
+    assert require_split(str(folder), "train", "x.shards_dir", "shard", StageError) == list_split(str(folder), "train")
+    (tmp_path / "empty/val").mkdir(parents=True)
+    for location in (tmp_path / "missing", tmp_path / "empty"):  # no split folder; a split folder without shards
+        with pytest.raises(StageError, match=rf"^x.latents_dir: no latent shards in {location}/val; run `python cli.py "
+                                             r"encode-latents` \(or `dvc repro encode_latents`\) first$"):
+            require_split(str(location), "val", "x.latents_dir", "encode_latents", StageError, "latent shards")
+
+
 def test_stages_refuse_a_bad_url_before_any_work(tmp_path):
-    from diffusion.stage_configs import EncodeLatentsConfig, TrainConfig
-    from pipeline import encode_latents, evaluate, train
+    from diffusion.stage_configs import EncodeLatentsConfig, EvaluateConfig, JudgeConfig, TrainConfig
+    from pipeline import encode_latents, evaluate, train, train_judge
 
     with pytest.raises(train.TrainError, match=r"train.latents_dir: .*pipe:aws s3 cp s3://b/latents/\{\} -"):
         train.validate(TrainConfig(latents_dir="s3://b/latents"))
@@ -89,8 +103,17 @@ def test_stages_refuse_a_bad_url_before_any_work(tmp_path):
     with pytest.raises(encode_latents.EncodeLatentsError, match="encode_latents.shards_dir: .*manifest"):
         encode_latents.validate(EncodeLatentsConfig(shards_dir=f"pipe:cat {tmp_path}/nothing/{{}}",
                                                     vae_dir=str(tmp_path / "vae")))
-    with pytest.raises(evaluate.EvaluateError, match="evaluate.shards_dir"):
-        evaluate._shards("gs-nope://b/shards", "val", "evaluate")
+    model, judge = tmp_path / "model", tmp_path / "judge"  # evaluate's other inputs, present (empty files)
+    for folder, names in ((model, ("config.json", "model.pt", "tokenizer.json", "train_config.json")),
+                          (judge, ("config.json",))):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_text("{}")
+    with pytest.raises(evaluate.EvaluateError, match="evaluate.shards_dir: .*manifest"):
+        evaluate.validate(EvaluateConfig(shards_dir=f"pipe:cat {tmp_path}/nothing/{{}}", model_dir=str(model),
+                                         judge_dir=str(judge)))
+    with pytest.raises(train_judge.TrainJudgeError, match="train_judge.shards_dir: .*manifest"):
+        train_judge.main(JudgeConfig(shards_dir=f"pipe:cat {tmp_path}/nothing/{{}}"))
 
 
 def test_run_keys_count_remote_shards_by_url_without_fetching_them():

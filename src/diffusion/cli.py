@@ -270,9 +270,9 @@ def train_judge(params: ParamsOption = Path("params.yaml"), set_: SetOption = No
     real val images: the ceiling of prompt adherence). Data without attributes gets an empty judge, and
     `evaluate` then reports FID/KID only.
     """
-    from pipeline import evaluate as stage
+    from pipeline import train_judge as stage
 
-    run_stage(_judge_config(), params, set_, stage.train_judge_main, (stage.EvaluateError,))
+    run_stage(_judge_config(), params, set_, stage.main, (stage.TrainJudgeError,))
 
 
 def _evaluate_config() -> type[Config]:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -94,6 +95,11 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = str(value) if isinstance(value, (list, tuple)) else value
     return out
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether `value` is a metric MLflow and ``dvc metrics`` can take: an int or float, finite, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def stage_tags(stage: str) -> dict[str, str]:

@@ -110,6 +110,30 @@ def list_split(location: str, split: str) -> list[str]:
     return [url for _, url in split_shards(location, split)]
 
 
+def require_split(location: str, split: str, key: str, made_by: str, error: type[Exception],
+                  what: str = "shards") -> list[str]:
+    """:func:`list_split`, for a stage's input: the shards, or `error` with a message that names the params
+    key, the place looked at and the stage that writes them. Checked before a stage does any work.
+
+    Args:
+        location: the folder or URL from the params (``cfg.shards_dir``, ``cfg.latents_dir``).
+        key: the params key it came from, as "section.key".
+        made_by: the stage that writes these shards ("shard", "encode_latents").
+        error: the calling stage's error class, which ``cli.py`` turns into a clean exit.
+        what: what the shards are, for the message ("latent shards").
+    """
+    try:
+        urls = list_split(location, split)  # a folder, or a URL
+    except FileNotFoundError as e:
+        if is_remote(location):  # the message says what was tried and what to write instead
+            raise error(f"{key}: {e}") from e
+        urls = []
+    if not urls:
+        raise error(f"{key}: no {what} in {location}/{split}; run `python cli.py {made_by.replace('_', '-')}` "
+                    f"(or `dvc repro {made_by}`) first")
+    return urls
+
+
 def split_shards(location: str, split: str) -> list[tuple[str, str]]:
     """``(file name, path or URL)`` of each shard of `split`, sorted by name. The name is the shard's own
     (``shard-000000.tar``), which a ``pipe:`` URL does not end with. Raises as :func:`list_split`."""
