@@ -41,7 +41,8 @@ from bench_models import (  # noqa: E402
     pixart_like,
     pixart_net,
 )
-from gpu import build_parser, dit_profile, has_diffusers, parse_args, sync, train_step, unet_profile  # noqa: E402
+from gpu import build_parser, parse_args  # noqa: E402
+from gpu_common import dit_profile, has_diffusers, sync, train_step, unet_profile  # noqa: E402
 
 from diffusion.models.dit import DiT  # noqa: E402
 from diffusion.models.unet import UNet  # noqa: E402
