@@ -109,6 +109,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise err
         return tp.from_dict(value, key)
+    return _coerce_scalar(value, tp, key, err)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str, err: ConfigError) -> Any:
+    """:func:`_coerce` for the leaf annotations: bool, int, float, str and Path."""
     if tp is bool:
         if not isinstance(value, bool):
             raise err
