@@ -13,10 +13,12 @@ kernel launches per step, then each model's top kernels. Same setting as ``bench
     python bench/gpu_kernels.py                      # on the GPU machine: the DiT pair at batch 256, ~40 s
     python bench/gpu_kernels.py --pair unet          # the U-Net pair at --unet-batch (128)
     python bench/gpu_kernels.py --compile            # both under torch.compile (adds a compilation each)
+    python bench/gpu_kernels.py --compile --regional # each transformer block compiled: a quarter of the compile time
     python bench/gpu_kernels.py --smoke              # tiny shapes on whatever device is here (checks the script)
 
 It takes ``bench/gpu.py``'s flags (``--smoke``, ``--cpu``, ``--batch``, ``--unet-batch``, ``--warmup``,
-``--steps``, ``--profile``, ``-S``). On a CPU the rows are operators (CPU time), not kernels.
+``--steps``, ``--profile``, ``-S``, ``--compile-mode``, ``--regional``).
+On a CPU the rows are operators (CPU time), not kernels.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from bench_models import (  # noqa: E402
     pixart_net,
 )
 from gpu import build_parser, parse_args  # noqa: E402
-from gpu_common import dit_profile, has_diffusers, sync, train_step, unet_profile  # noqa: E402
+from gpu_common import compiled, dit_profile, has_diffusers, sync, train_step, unet_profile  # noqa: E402
 
 from diffusion.models.dit import DiT  # noqa: E402
 from diffusion.models.unet import UNet  # noqa: E402
@@ -88,7 +90,9 @@ def profile_steps(name: str, args, device: str) -> tuple[dict[str, float], list[
     torch.manual_seed(0)
     model, adapter, batch_size = build(name, args)
     model.to(device).train()
-    net = adapter(torch.compile(model)) if args.compile else adapter(model)
+    # --compile-mode and --regional as in bench/gpu.py: regional compilation compiles one block, not
+    # the network (~12 s instead of ~45 s for DiT-B/2 on an H200), so a profile fits a short device call.
+    net = adapter(compiled(model, args.compile_mode, args.regional)) if args.compile else adapter(model)
     batch = make_batch(batch_size, args.text_len, args.context_dim, args.size, device)
     step = train_step(model, net, batch, device)  # exactly bench/gpu.py's step
     for _ in range(args.warmup):
