@@ -74,6 +74,124 @@ def fresh(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+class Run:
+    """What every item shares: the device, the step counts, the ``--smoke`` shrink, the rows so far."""
+
+    def __init__(self, a: argparse.Namespace, device: torch.device) -> None:
+        self.device, self.smoke = device, a.smoke
+        self.warmup, self.steps = (1, 1) if a.smoke else (a.warmup, a.steps)
+        self.side = 64 if a.smoke else 256  # the profile's shard.resolution
+        self.rows: list[dict] = []
+
+    def batch(self, b: int) -> int:
+        return 2 if self.smoke else b
+
+    def amp(self, precision: str | int):
+        """The stage's precision as its Trainer resolves it ("auto": bf16 where it is fast)."""
+        from diffusion.training.trainer import resolve_precision
+
+        bf16 = resolve_precision(precision, self.device.type) == "bf16-mixed"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def measure(self, name: str, batch: int, step: Callable[[], None]) -> None:
+        """Time `step` (see :func:`measure`) and keep the row, in $OUT/gpu_profile.json too where $OUT is set."""
+        self.rows.append(measure(name, batch, step, self.warmup, self.steps, self.device))
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "gpu_profile.json").write_text(json.dumps(self.rows, indent=1))
+
+
+def train_vae_rows(run: Run, vae_cfg: TrainVAEConfig, extra_batches: list[int]) -> torch.nn.Module:
+    """train_vae at the profile's batch (and `extra_batches`); returns the VAE, frozen, for the later items."""
+    from diffusion.training.vae_system import VAESystem
+
+    system = VAESystem(vae_cfg).to(run.device)
+    opt = system.configure_optimizers()["optimizer"]
+    for b in [run.batch(vae_cfg.batch_size), *(() if run.smoke else extra_batches)]:
+        fresh(run.device)
+        x = torch.rand(b, 3, run.side, run.side, device=run.device) * 2 - 1
+
+        def vae_step() -> None:
+            with run.amp(vae_cfg.precision):
+                recon, posterior = system.vae(x)
+            loss = system.reconstruction_losses(x, recon, posterior)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        run.measure(f"train_vae ({vae_cfg.precision})", b, vae_step)
+        opt.zero_grad(set_to_none=True)
+        del x
+    return system.vae.eval().requires_grad_(False)
+
+
+def encode_row(run: Run, vae: torch.nn.Module, enc: EncodeLatentsConfig) -> None:
+    """encode_latents: the VAE encode in float32 without gradients, as the stage runs it."""
+    fresh(run.device)
+    b = run.batch(enc.batch_size)
+    x = torch.rand(b, 3, run.side, run.side, device=run.device) * 2 - 1
+
+    def encode_step() -> None:
+        with torch.no_grad():
+            vae.encode(x)
+
+    run.measure("encode_latents (fp32)", b, encode_step)
+
+
+def evaluate_row(run: Run, kind: str, model: torch.nn.Module, vae: torch.nn.Module, ev: EvaluateConfig,
+                 latent: tuple[int, int, int]) -> None:
+    """evaluate: one guided denoiser forward (2 x batch rows) and the float32 VAE decode, as evaluate runs them."""
+    fresh(run.device)
+    b = run.batch(ev.batch_size)
+    z, tokens = torch.randn(2 * b, *latent, device=run.device), torch.randint(4, 1000, (2 * b, 32), device=run.device)
+    t = torch.full((2 * b,), 500, device=run.device)
+
+    def eval_step() -> None:
+        with torch.no_grad():
+            with torch.autocast(run.device.type, dtype=torch.bfloat16):
+                model(z, t, tokens)
+            vae.decode(z[:b])
+
+    run.measure(f"evaluate {kind}: 2x denoise + decode", b, eval_step)
+
+
+def denoiser_rows(run: Run, vae: torch.nn.Module, vae_cfg: TrainVAEConfig, train: TrainConfig, ev: EvaluateConfig,
+                  compile_: bool) -> None:
+    """train (eager, and compiled with `compile_`) and evaluate, for the DiT and the U-Net of the profile."""
+    from diffusion.models import LatentDiffusionModel
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+
+    latent = (vae_cfg.model.latent_dim, run.side // vae_cfg.model.downsample_factor,
+              run.side // vae_cfg.model.downsample_factor)
+    for kind in ("dit", "unet"):
+        cfg = train.replace(denoising_type=kind)
+        for compiled in (False, True) if compile_ else (False,):
+            fresh(run.device)
+            model = LatentDiffusionModel(vocab_size=1000, denoising_type=kind, text_encoder=cfg.text_encoder,
+                                         vae=vae_cfg.model, denoiser=cfg.denoiser_config()).to(run.device)
+            dsys = DiffusionSystem(model, DDPMScheduler.from_config(cfg.scheduler).to(run.device),
+                                   OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay), compile_denoiser=compiled)
+            opt = dsys.configure_optimizers()["optimizer"]
+            b = run.batch(cfg.batch_size)
+            z = torch.randn(b, *latent, device=run.device)
+            tokens = torch.randint(4, 1000, (b, 32), device=run.device)
+
+            def train_step() -> None:
+                with run.amp(cfg.precision):
+                    loss = dsys.diffusion_loss(z, tokens)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            params = sum(q.numel() for q in model.denoiser.parameters()) / 1e6
+            run.measure(f"train {kind} {params:.0f}M ({'compiled' if compiled else 'eager'})", b, train_step)
+            opt.zero_grad(set_to_none=True)
+            del dsys, opt, z, tokens
+            if not compiled:
+                evaluate_row(run, kind, model.eval(), vae, ev, latent)
+            del model
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="gpu")
@@ -88,110 +206,13 @@ def main() -> None:
     params, sets = ROOT / "params.yaml", [f"profile={a.profile}"]
     vae_cfg, train = load_section(TrainVAEConfig, params, sets), load_section(TrainConfig, params, sets)
     enc, ev = load_section(EncodeLatentsConfig, params, sets), load_section(EvaluateConfig, params, sets)
-    side = 64 if a.smoke else 256  # the profile's shard.resolution
-    f = vae_cfg.model.downsample_factor
-    shrink = (lambda b: 2) if a.smoke else (lambda b: b)
-    warmup, steps = (1, 1) if a.smoke else (a.warmup, a.steps)
-    from diffusion.training.trainer import resolve_precision
-
-    # The stages' precision as their Trainer resolves it ("auto": bf16 where it is fast).
-    amp = (lambda prec: torch.autocast(device.type, dtype=torch.bfloat16,
-                                       enabled=resolve_precision(prec, device.type) == "bf16-mixed"))
-    rows = []
     print(f"profile {a.profile} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}", flush=True)
-
-    def record(row: dict) -> None:
-        rows.append(row)
-        if os.environ.get("OUT"):
-            Path(os.environ["OUT"], "gpu_profile.json").write_text(json.dumps(rows, indent=1))
-
-    # ---- train_vae ----
-    from diffusion.training.vae_system import VAESystem
-
-    system = VAESystem(vae_cfg).to(device)
-    opt = system.configure_optimizers()["optimizer"]
-    for b in [shrink(vae_cfg.batch_size), *(() if a.smoke else a.vae_batches)]:
-        fresh(device)
-        x = torch.rand(b, 3, side, side, device=device) * 2 - 1
-
-        def vae_step() -> None:
-            with amp(vae_cfg.precision):
-                recon, posterior = system.vae(x)
-            loss = system.reconstruction_losses(x, recon, posterior)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        record(measure(f"train_vae ({vae_cfg.precision})", b, vae_step, warmup, steps, device))
-        opt.zero_grad(set_to_none=True)
-        del x
-    vae = system.vae.eval().requires_grad_(False)
-    del system, opt
-
-    # ---- encode_latents ----
-    fresh(device)
-    b = shrink(enc.batch_size)
-    x = torch.rand(b, 3, side, side, device=device) * 2 - 1
-
-    def encode_step() -> None:
-        with torch.no_grad():
-            vae.encode(x)
-
-    record(measure("encode_latents (fp32)", b, encode_step, warmup, steps, device))
-    del x
-
-    # ---- train: both denoisers ----
-    from diffusion.models import LatentDiffusionModel
-    from diffusion.scheduler import DDPMScheduler
-    from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
-
-    compiles = [False] + ([True] if train.compile and not a.no_compile and not a.smoke else [])
-    latent = (vae_cfg.model.latent_dim, side // f, side // f)
-    def evaluate_row(kind: str, model: torch.nn.Module) -> dict:
-        """evaluate: one guided denoiser forward (2 x batch rows) and the float32 VAE decode, as evaluate runs them."""
-        fresh(device)
-        b = shrink(ev.batch_size)
-        z, tokens = torch.randn(2 * b, *latent, device=device), torch.randint(4, 1000, (2 * b, 32), device=device)
-        t = torch.full((2 * b,), 500, device=device)
-
-        def eval_step() -> None:
-            with torch.no_grad():
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    model(z, t, tokens)
-                vae.decode(z[:b])
-
-        return measure(f"evaluate {kind}: 2x denoise + decode", b, eval_step, warmup, steps, device)
-
-    for kind in ("dit", "unet"):
-        cfg = train.replace(denoising_type=kind)
-        for compiled in compiles:
-            fresh(device)
-            model = LatentDiffusionModel(vocab_size=1000, denoising_type=kind, text_encoder=cfg.text_encoder,
-                                         vae=vae_cfg.model, denoiser=cfg.denoiser_config()).to(device)
-            dsys = DiffusionSystem(model, DDPMScheduler.from_config(cfg.scheduler).to(device),
-                                   OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay), compile_denoiser=compiled)
-            opt = dsys.configure_optimizers()["optimizer"]
-            b = shrink(cfg.batch_size)
-            z, tokens = torch.randn(b, *latent, device=device), torch.randint(4, 1000, (b, 32), device=device)
-
-            def train_step() -> None:
-                with amp(cfg.precision):
-                    loss = dsys.diffusion_loss(z, tokens)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            params = sum(q.numel() for q in model.denoiser.parameters()) / 1e6
-            label = f"train {kind} {params:.0f}M ({'compiled' if compiled else 'eager'})"
-            record(measure(label, b, train_step, warmup, steps, device))
-            opt.zero_grad(set_to_none=True)
-            del dsys, opt, z, tokens
-            if not compiled:
-                record(evaluate_row(kind, model.eval()))
-            del model
-
-    print(json.dumps(rows))
+    run = Run(a, device)
+    vae = train_vae_rows(run, vae_cfg, a.vae_batches)
+    encode_row(run, vae, enc)
+    denoiser_rows(run, vae, vae_cfg, train, ev, compile_=train.compile and not a.no_compile and not a.smoke)
+    print(json.dumps(run.rows))
 
 
 if __name__ == "__main__":

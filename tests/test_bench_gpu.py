@@ -7,6 +7,7 @@ A script that imported ``diffusion`` before putting ``src/`` on the path failed 
 costing a device run (2026-11-30); this is the check that would have caught it.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -68,3 +69,16 @@ def test_gpu_kernel_profile_runs_unchanged_without_the_project_installed():
     # The patch embedding is a matrix product now: no convolution in ours (PixArt's conv stays).
     conv = re.search(r"^convolution\s+([\d.]+)\s+([\d.]+)", out, re.M)
     assert conv and float(conv.group(1)) == 0 and float(conv.group(2)) > 0, out
+
+
+def test_gpu_profile_fit_check_runs_unchanged_without_the_project_installed():
+    """bench/gpu_profile.py: every GPU stage's step at the profile's full-size networks (batch 2, 64 px here)."""
+    out = run_script(str(ROOT / "bench/gpu_profile.py"), "--smoke")
+    rows = json.loads(out.strip().splitlines()[-1])
+    items = [re.sub(r" \d+M ", " ", r["item"]) for r in rows]
+    assert items == ["train_vae (bf16-mixed)", "encode_latents (fp32)", "train dit (eager)",
+                     "evaluate dit: 2x denoise + decode", "train unet (eager)", "evaluate unet: 2x denoise + decode"], out
+    assert all(r["batch"] == 2 and r["step_ms"] > 0 and not r.get("oom") for r in rows), rows
+    # the profile's DiT-B/2 and its U-Net are built at full size even at the smoke batch
+    sizes = [int(m) for m in re.findall(r"^train (?:dit|unet) (\d+)M", out, re.M)]
+    assert len(sizes) == 2 and min(sizes) > 100, out
