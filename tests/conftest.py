@@ -106,3 +106,20 @@ def serve_folder(folder):
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def shapes_images(n: int, split: str, resolution: int = 32, seed: int = 0):
+    """`n` images of the built-in dataset (level single), in memory, as the shard stage would write them: a
+    ``diffusion.evaluation.judge.LabelledImages``."""
+    import numpy as np
+    import torch
+
+    from diffusion.data.shapes import generate_shapes
+    from diffusion.evaluation.judge import LabelledImages
+    from diffusion.stage_configs import ShapesConfig
+
+    cfg = ShapesConfig(num_train=n, num_val=n)
+    samples = list(generate_shapes(cfg, split, resolution, seed))
+    images = torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in samples])  # (N, 3, H, W)
+    return LabelledImages(images, [s.meta["attributes"] for s in samples],
+                          torch.zeros(n, dtype=torch.bool), [s.caption for s in samples])

@@ -1,7 +1,7 @@
-"""The judge, the metrics (adherence, Fréchet distance, Inception FID/KID) and the train_judge/evaluate stages.
+"""The metrics (adherence, Fréchet distance, Inception FID/KID) and the train_judge/evaluate stages.
 
-The judge tests use shapes images generated in memory (no shards: faster); the stage test runs the whole
-pipeline once at 32 px with tiny models (a module fixture) and then `python cli.py evaluate`.
+The stage tests run the whole pipeline once at 32 px with tiny models (a module fixture) and then
+`python cli.py evaluate`. The judge itself is tested in test_judge.py.
 """
 
 import contextlib
@@ -14,28 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, shapes_images
 
 from diffusion.config import ConfigError, apply_overrides
-from diffusion.evaluation.judge import (
-    IGNORE, JudgeTrainSettings, LabelledImages, accuracy, build_vocab, encode_labels, to_uint8, train_judge,
-)
+from diffusion.evaluation.judge import IGNORE, build_vocab, encode_labels, to_uint8
 from diffusion.evaluation.metrics import adherence, frechet_distance
 from diffusion.stage_configs import EvaluateConfig, JudgeConfig
-
-
-def shapes_images(n: int, split: str, resolution: int = 32, seed: int = 0) -> LabelledImages:
-    """`n` images of the built-in dataset (level single), in memory, as the shard stage would write them."""
-    import numpy as np
-
-    from diffusion.data.shapes import generate_shapes
-    from diffusion.stage_configs import ShapesConfig
-
-    cfg = ShapesConfig(num_train=n, num_val=n)
-    samples = list(generate_shapes(cfg, split, resolution, seed))
-    images = torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in samples])  # (N, 3, H, W)
-    return LabelledImages(images, [s.meta["attributes"] for s in samples],
-                          torch.zeros(n, dtype=torch.bool), [s.caption for s in samples])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,94 +147,6 @@ def test_fid_kid_on_inception_features_of_a_handful_of_images():
     # Capped at half the smaller set, so the subsets differ and KID's std measures a spread.
     assert other["kid_subset_size"] == 2 and other["kid_std"] > 0
     assert fid_kid(f_real, f_noise[:3], kid_subset_size=1000)["kid_subset_size"] == 2
-
-
-# --------------------------------------------------------------------------------------------------
-# The judge
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def trained_judge():
-    train = shapes_images(1500, "train")
-    vocab = build_vocab(None, train.attributes)
-    judge, losses = train_judge(train, vocab, JudgeTrainSettings(steps=300, batch_size=48, warmup_steps=10),
-                                progress=False)
-    return judge, losses, shapes_images(96, "val")
-
-
-def test_judge_reads_real_images_and_is_not_trivially_satisfied(trained_judge):
-    judge, losses, val = trained_judge
-    assert losses[-1] < losses[0] / 3
-    real = accuracy(judge, val)
-    assert real["all_correct"] >= 0.8, real
-
-    # Random noise: the judge must not find the prompt's attributes in it.
-    noise = torch.randint(0, 256, val.images.shape, generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    _, preds = judge.judge(noise.float().div(127.5).sub(1.0))
-    noise_score = adherence(preds, encode_labels(judge.vocab, val.attributes))["all_correct"]
-
-    # Images made for other prompts: real val images scored against a shifted list of prompts.
-    shuffled = [val.attributes[(i + 1) % len(val)] for i in range(len(val))]
-    _, preds = judge.judge(val.float_images())
-    other_score = adherence(preds, encode_labels(judge.vocab, shuffled))["all_correct"]
-    assert noise_score <= 0.1 and other_score <= 0.1, (noise_score, other_score)
-    assert real["all_correct"] - max(noise_score, other_score) >= 0.7
-
-
-def test_judge_round_trips_and_is_deterministic(trained_judge, tmp_path):
-    from diffusion.evaluation.judge import AttributeJudge
-
-    judge, _, val = trained_judge
-    judge.save(tmp_path / "judge")
-    loaded = AttributeJudge.load(tmp_path / "judge")
-    x = val.float_images()[:8]
-    assert torch.equal(judge.judge(x)[0], loaded.judge(x)[0])
-    assert judge.judge(torch.nn.functional.interpolate(x, scale_factor=2))[0].shape == (8, judge.feature_dim)
-    small = shapes_images(64, "train")
-    settings = JudgeTrainSettings(steps=3, batch_size=8, channels=(4, 8), feature_dim=8)
-    a, _ = train_judge(small, build_vocab(None, small.attributes), settings, progress=False)
-    b, _ = train_judge(small, build_vocab(None, small.attributes), settings, progress=False)
-    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-    assert torch.equal(to_uint8(val.float_images()), val.images)
-
-
-class _IdentityVAE(torch.nn.Module):
-    """A stand-in LatentDiffusionModel whose VAE reconstructs perfectly: decode(encode(x)) = x."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))  # gives it a device, as the real model has
-
-    @property
-    def device(self) -> torch.device:
-        return self.unused.device
-
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def test_vae_ceiling_equals_the_real_ceiling_for_a_perfect_vae_and_drops_for_a_useless_one(trained_judge):
-    """judge_vae_* is the judge on the reconstructions: a VAE that returns its input scores exactly what the real
-    images score (and `reconstruct` round-trips uint8 exactly); one that returns grey loses the attributes."""
-    from diffusion.evaluation.metrics import judge_ceilings
-    from pipeline.evaluate import reconstruct
-
-    judge, _, val = trained_judge
-    same = reconstruct(_IdentityVAE(), val.images, batch_size=40)  # 3 batches, the last one short
-    assert torch.equal(same, val.images)
-    scores, feats = judge_ceilings(judge, val, same)
-    assert feats.shape == (len(val), judge.feature_dim)
-    real = {k[len("judge_real_"):]: v for k, v in scores.items() if k.startswith("judge_real_")}
-    vae = {k[len("judge_vae_"):]: v for k, v in scores.items() if k.startswith("judge_vae_")}
-    assert set(real) == {"adherence", "acc_color", "acc_shape", "acc_position", "acc_size"} and vae == real
-    assert real["adherence"] == pytest.approx(accuracy(judge, val)["all_correct"])
-
-    grey, _ = judge_ceilings(judge, val, torch.full_like(val.images, 128))
-    assert grey["judge_vae_adherence"] <= 0.1 < grey["judge_real_adherence"]
-    assert grey["judge_real_adherence"] == scores["judge_real_adherence"]
-    with pytest.raises(ValueError, match="one reconstruction per real image"):
-        judge_ceilings(judge, val, val.images[:3])
 
 
 def test_configs_parse_params_and_refuse_bad_values():
@@ -530,40 +426,3 @@ def test_evaluate_without_a_model_names_the_stage_to_run(tmp_path, cli_env):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     proc = run_cli(["evaluate"], tmp_path, cli_env, check=False)
     assert proc.returncode == 1 and "python cli.py train" in proc.stderr
-
-
-def test_train_judge_without_attributes_leaves_an_empty_judge(tmp_path):
-    """Data without attributes (e.g. captioned photos): no judge, and evaluate falls back to FID/KID only."""
-    from PIL import Image
-
-    from diffusion.data.records import Sample
-    from diffusion.data.shards import write_shards
-    from pipeline import train_judge
-    from pipeline.evaluate import load_judge
-
-    samples = [Sample(f"k{i}", Image.new("RGB", (16, 16), (i * 20, 0, 0)), f"photo {i}", {}) for i in range(6)]
-    for split in ("train", "val"):
-        write_shards(samples, tmp_path / "shards" / split, samples_per_shard=10)
-    cfg = JudgeConfig(shards_dir=str(tmp_path / "shards"), out_dir=str(tmp_path / "judge"),
-                      metrics_path=str(tmp_path / "judge.json"), steps=2)
-    assert train_judge.run(cfg)["attributes"] == 0
-    assert load_judge(cfg.out_dir) is None
-
-
-def test_degrade_blurs_and_adds_noise_reproducibly_and_is_identity_when_off():
-    from diffusion.evaluation.judge import degrade
-
-    torch.manual_seed(0)
-    images = torch.rand(6, 3, 16, 16) * 2 - 1
-    assert torch.equal(degrade(images, 0.0, 0.0, torch.Generator().manual_seed(1)), images)
-    blurred = degrade(images, 1.5, 0.0, torch.Generator().manual_seed(1))
-    assert torch.equal(blurred, degrade(images, 1.5, 0.0, torch.Generator().manual_seed(1)))
-
-    def tv(x):  # total variation: blurring lowers it
-        return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-
-    assert tv(blurred) < 0.8 * tv(images)
-    flat = torch.full((2, 3, 8, 8), 0.3)  # a constant image stays constant (normalised kernel, replicate pad)
-    assert torch.allclose(degrade(flat, 1.5, 0.0, torch.Generator().manual_seed(2)), flat, atol=1e-6)
-    noisy = degrade(flat, 0.0, 0.1, torch.Generator().manual_seed(3))
-    assert 0.07 < (noisy - flat).std().item() < 0.13

@@ -37,7 +37,7 @@ def test_rerun_is_byte_identical_and_headers_fixed(tmp_path):
     samples = make_samples(7)
     for fmt in ("png", "jpg"):
         a = write_shards(samples, tmp_path / fmt / "a", samples_per_shard=3, image_format=fmt)
-        b = write_shards(samples, tmp_path / fmt / "b", samples_per_shard=3, image_format=fmt)
+        write_shards(samples, tmp_path / fmt / "b", samples_per_shard=3, image_format=fmt)
         assert [p.name for p in a] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
         assert digests(tmp_path / fmt / "a") == digests(tmp_path / fmt / "b")
     with tarfile.open(a[0]) as tar:
