@@ -6,16 +6,18 @@ validated and overridden (``-S key=value``, profiles) is :mod:`diffusion.config`
 here, in pipeline order: shard, encode_latents, the training stages (train_vae, train, with the Trainer
 fields they share), train_judge and evaluate. Model shapes nest their own configs (``VAEConfig``,
 ``UNetConfig``, ``DiTConfig``, ...), which live beside their models and are imported lazily (see
-:func:`_vae_config_class`).
+:func:`_model_configs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from diffusion.config import Config, ConfigError, param
+
+T = TypeVar("T", bound="TrainerFields")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,6 +143,11 @@ class TrainerFields(Config):
         "checkpoints", "resumable checkpoints, one folder per parameter set (a persistent, uncached DVC output)"
     )
 
+    @classmethod
+    def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str | None = None) -> T:
+        _model_configs()  # the stages' nested model configs, for their annotations (see _model_configs)
+        return super().from_dict(data, prefix)
+
     def __post_init__(self) -> None:
         if self.devices == 0:
             raise ConfigError("devices: expected -1, 'auto' or at least 1, got 0")
@@ -164,19 +171,33 @@ class DiscriminatorConfig(Config):
     lr: float | None = param(None, "discriminator learning rate (null: the autoencoder's)", gt=0.0)
 
 
-def _vae_config_class() -> type[Config]:
-    """``diffusion.models.vae.VAEConfig``, imported on first use.
+def _model_configs() -> None:
+    """Put the model configs that the training stages nest (``VAEConfig``, ``TextEncoderConfig``, ``UNetConfig``,
+    ``DiTConfig``, ``SchedulerConfig``) into this module's namespace.
 
-    ``models/vae.py`` imports this module (for ``Config``), and imports torch, so VAEConfig is neither
-    importable at the top of this file (a cycle when vae.py is imported first) nor worth importing for
-    every command line call. It is resolved lazily: put into this module's namespace for
-    ``typing.get_type_hints`` (which resolves the string annotation ``VAEConfig`` here) just before a
-    :class:`TrainVAEConfig` is built.
+    They live beside their models, whose modules import torch, which a command line call such as
+    ``cli.py shard --help`` should not pay for. So they are imported on first use: just before a training
+    config is built, for ``typing.get_type_hints``, which resolves the string annotations (``model: VAEConfig``)
+    in this module's namespace.
     """
+    from diffusion.models.dit import DiTConfig
+    from diffusion.models.text_encoder import TextEncoderConfig
+    from diffusion.models.unet import UNetConfig
     from diffusion.models.vae import VAEConfig
+    from diffusion.scheduler import SchedulerConfig
 
-    globals()["VAEConfig"] = VAEConfig
-    return VAEConfig
+    globals().update(VAEConfig=VAEConfig, TextEncoderConfig=TextEncoderConfig, UNetConfig=UNetConfig,
+                     DiTConfig=DiTConfig, SchedulerConfig=SchedulerConfig)
+
+
+def _nested(name: str, help: str) -> Any:
+    """A nested model-config field whose class is imported on first use (:func:`_model_configs`)."""
+
+    def factory() -> Config:
+        _model_configs()
+        return globals()[name]()
+
+    return dataclasses.field(default_factory=factory, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,10 +210,7 @@ class TrainVAEConfig(TrainerFields):
     tokenizer_path: str = param("data/tokenizer.json", "the shard stage's tokenizer (the loader encodes captions)")
     out_dir: str = param("models/vae", "where the VAE artifact goes: model.pt, config.json (with latent scale/shift)")
     metrics_path: str = param("metrics/vae.json", "final metrics for `dvc metrics show`")
-    model: VAEConfig = dataclasses.field(  # noqa: F821 (resolved lazily, see _vae_config_class)
-        default_factory=lambda: _vae_config_class()(),
-        metadata={"help": "the autoencoder's shape (diffusion.models.vae.VAEConfig)"},
-    )
+    model: VAEConfig = _nested("VAEConfig", "the autoencoder's shape (diffusion.models.vae.VAEConfig)")  # noqa: F821
     batch_size: int = param(16, "images per batch per device", ge=1)
     lr: float = param(2e-4, "peak learning rate (AdamW)", gt=0.0)
     beta1: float = param(0.5, "AdamW beta1 (LDM/VQGAN use 0.5)", ge=0.0, lt=1.0)
@@ -219,11 +237,6 @@ class TrainVAEConfig(TrainerFields):
         "checkpoints/train_vae", "resumable checkpoints, one folder per parameter set (persistent, uncached DVC output)"
     )
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, prefix: str | None = None) -> TrainVAEConfig:
-        _vae_config_class()  # the `model` annotation names VAEConfig (see _vae_config_class)
-        return super().from_dict(data, prefix)
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.l1_weight == 0.0 and self.mse_weight == 0.0:
@@ -245,29 +258,6 @@ class TrainVAEConfig(TrainerFields):
 # --------------------------------------------------------------------------------------------------
 # Stage: train (the denoiser and the text encoder)
 # --------------------------------------------------------------------------------------------------
-
-
-def _model_config_classes() -> None:
-    """Put the model configs that :class:`TrainConfig` nests into this module's namespace (lazily, for
-    the reason given in :func:`_vae_config_class`)."""
-    from diffusion.models.dit import DiTConfig
-    from diffusion.models.text_encoder import TextEncoderConfig
-    from diffusion.models.unet import UNetConfig
-    from diffusion.scheduler import SchedulerConfig
-
-    globals().update(
-        DiTConfig=DiTConfig, TextEncoderConfig=TextEncoderConfig, UNetConfig=UNetConfig, SchedulerConfig=SchedulerConfig
-    )
-
-
-def _nested(name: str, help: str) -> Any:
-    """A nested model-config field whose class is imported on first use."""
-
-    def factory() -> Config:
-        _model_config_classes()
-        return globals()[name]()
-
-    return dataclasses.field(default_factory=factory, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,11 +318,6 @@ class TrainConfig(TrainerFields):
         False, "torch.compile the denoiser's training forward (faster steps on a GPU after a compile of about a "
         "minute; docs/performance.md)"
     )
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, prefix: str | None = None) -> TrainConfig:
-        _model_config_classes()
-        return super().from_dict(data, prefix)
 
     def __post_init__(self) -> None:
         super().__post_init__()
