@@ -28,7 +28,7 @@ from tqdm import tqdm
 from diffusion.config import ConfigError
 from diffusion.data.latents import LatentRecord, encode_records, rechunk, write_latent_shards
 from diffusion.data.loader import iter_shards
-from diffusion.data.locations import is_remote, list_split, read_manifest, resolve, split_shards
+from diffusion.data.locations import read_manifest, require_split, split_shards
 from diffusion.data.shards import ShardList, atomic_write_json, list_shards
 from diffusion.stage_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import CONFIG_FILE, load_vae
@@ -49,18 +49,9 @@ def validate(cfg: EncodeLatentsConfig) -> None:
             "run `python cli.py train-vae` (or `dvc repro train_vae`) first"
         )
     for split in SPLITS:
-        try:
-            shards = list_split(cfg.shards_dir, split)  # a folder, or a URL (diffusion.data.locations)
-        except FileNotFoundError as error:
-            if is_remote(cfg.shards_dir):
-                raise EncodeLatentsError(f"encode_latents.shards_dir: {error}") from error
-            shards = None
         # An empty val folder is legitimate (val_fraction 0); an empty train folder is not.
-        if shards is None or (split == "train" and not shards):
-            raise EncodeLatentsError(
-                f"{resolve(cfg.shards_dir, split)}: no image shards. They are written by the shard stage: run "
-                "`python cli.py shard` (or `dvc repro shard`) first"
-            )
+        require_split(cfg.shards_dir, split, "encode_latents.shards_dir", "shard", EncodeLatentsError,
+                      "image shards", allow_empty=split != "train")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("encode_latents.device: 'cuda' requested but no GPU is available; use 'cpu' or 'auto'")
 

@@ -90,6 +90,11 @@ def test_require_split_names_the_key_the_folder_and_the_stage_to_run(tmp_path, f
         with pytest.raises(StageError, match=rf"^x.latents_dir: no latent shards in {location}/val; run `python cli.py "
                                              r"encode-latents` \(or `dvc repro encode_latents`\) first$"):
             require_split(str(location), "val", "x.latents_dir", "encode_latents", StageError, "latent shards")
+    # allow_empty (encode_latents' val split, empty with shard.val_fraction 0): an empty split is [], a missing one
+    # is still an error.
+    assert require_split(str(tmp_path / "empty"), "val", "k", "shard", StageError, allow_empty=True) == []
+    with pytest.raises(StageError, match="no shards in"):
+        require_split(str(tmp_path / "missing"), "val", "k", "shard", StageError, allow_empty=True)
 
 
 def test_stages_refuse_a_bad_url_before_any_work(tmp_path):

@@ -111,7 +111,7 @@ def list_split(location: str, split: str) -> list[str]:
 
 
 def require_split(location: str, split: str, key: str, made_by: str, error: type[Exception],
-                  what: str = "shards") -> list[str]:
+                  what: str = "shards", allow_empty: bool = False) -> list[str]:
     """:func:`list_split`, for a stage's input: the shards, or `error` with a message that names the params
     key, the place looked at and the stage that writes them. Checked before a stage does any work.
 
@@ -121,14 +121,16 @@ def require_split(location: str, split: str, key: str, made_by: str, error: type
         made_by: the stage that writes these shards ("shard", "encode_latents").
         error: the calling stage's error class, which ``cli.py`` turns into a clean exit.
         what: what the shards are, for the message ("latent shards").
+        allow_empty: an existing split with no shards is returned as [] (a val split of a source without
+            one, ``shard.val_fraction: 0``); a missing one still raises.
     """
     try:
         urls = list_split(location, split)  # a folder, or a URL
     except FileNotFoundError as e:
         if is_remote(location):  # the message says what was tried and what to write instead
             raise error(f"{key}: {e}") from e
-        urls = []
-    if not urls:
+        urls = None
+    if urls is None or (not urls and not allow_empty):
         raise error(f"{key}: no {what} in {location}/{split}; run `python cli.py {made_by.replace('_', '-')}` "
                     f"(or `dvc repro {made_by}`) first")
     return urls
