@@ -73,13 +73,14 @@ from bench_models import (  # noqa: E402
 from gpu_common import (  # noqa: E402
     Timer,
     autocast,
+    build_parser,
     compiled,
     counted_forward_flops,
     dit_forward_flops,
     dit_profile,
     has_diffusers,
+    parse_args,
     peak_flops,
-    profile_train,
     train_step,
     unet_profile,
 )
@@ -351,58 +352,8 @@ def print_table(bench: Bench) -> None:
     ratio("sample U-Net", "sample UNet2DConditionModel [diffusers]", "images_per_s")
 
 
-def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
-    """The benchmark's flags; ``bench/gpu_kernels.py`` adds its own to the same parser."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes and steps on whatever device (a script check)")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
-    # 440 s + the 30 s hard stop stays under 8 minutes; on an H200 (2026-11-30) every item but diffusers'
-    # compiled U-Net took 325 s, leaving it the ~100 s it needs.
-    p.add_argument("--budget", type=float, default=440, help="seconds; items that would not fit are skipped")
-    p.add_argument("--batch", type=int, default=256, help="DiT training batch")
-    p.add_argument("--unet-batch", type=int, default=128, help="U-Net training batch")
-    p.add_argument("--sample-batch", type=int, default=64, help="images per guided sampling run (net sees 2x)")
-    p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--size", type=int, default=32, help="latent side (256 px images with the f=8 VAE)")
-    p.add_argument("--text-len", type=int, default=77)
-    p.add_argument("--context-dim", type=int, default=None,
-                   help="text width (default: the profile's text encoder width, 512 for gpu)")
-    p.add_argument("--profile", default="gpu", help="the profile whose DiT and U-Net are benchmarked")
-    p.add_argument("--set", "-S", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a parameter over the profile, as cli.py -S (e.g. -S train.unet.base_channels=256)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--sample-runs", type=int, default=2)
-    p.add_argument("--vae-runs", type=int, default=5)
-    p.add_argument("--compile-need", type=float, default=75,
-                   help="seconds of budget a compiled item needs left to be started")
-    p.add_argument("--compile-mode", default="default",
-                   help="torch.compile mode of the compiled items (e.g. max-autotune-no-cudagraphs)")
-    p.add_argument("--regional", action="store_true",
-                   help="compiled items compile each transformer block, not the whole model (DiTs only)")
-    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers references")
-    p.add_argument("--only", default=None, metavar="REGEX",
-                   help="run only the items whose name matches (e.g. 'DiT-B/2.*compiled'); the others are not listed")
-    return p
-
-
-def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Parse the flags (``parser``: one from :func:`build_parser` with more flags) and apply the profile and
-    ``--smoke`` to them."""
-    args = (parser or build_parser()).parse_args(argv)
-    if args.context_dim is None:
-        args.context_dim = profile_train(args).text_encoder.width
-    if args.smoke:
-        args.batch = args.unet_batch = 4
-        args.sample_batch = args.vae_batch = 2
-        args.size, args.text_len, args.context_dim = 8, 8, 32
-        args.warmup, args.steps, args.sample_steps, args.sample_runs, args.vae_runs = 2, 2, 3, 1, 1
-    return args
-
-
 def main() -> None:
-    args = parse_args()
+    args = parse_args(parser=build_parser(__doc__))
     warnings.filterwarnings("ignore")
     # float32 work outside autocast (the loss, the VAE) may use TF32 tensor cores, as Lightning users set.
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -43,8 +43,16 @@ from bench_models import (  # noqa: E402
     pixart_like,
     pixart_net,
 )
-from gpu import build_parser, parse_args  # noqa: E402
-from gpu_common import compiled, dit_profile, has_diffusers, sync, train_step, unet_profile  # noqa: E402
+from gpu_common import (  # noqa: E402
+    build_parser,
+    compiled,
+    dit_profile,
+    has_diffusers,
+    parse_args,
+    sync,
+    train_step,
+    unet_profile,
+)
 
 from diffusion.models.dit import DiT  # noqa: E402
 from diffusion.models.unet import UNet  # noqa: E402
