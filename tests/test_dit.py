@@ -140,6 +140,20 @@ def test_gradient_checkpointing_matches(monkeypatch):
     assert calls
 
 
+def test_exact_gelu_is_the_tanh_form_within_its_approximation_error():
+    """mlp_activation 'gelu' (the CPU pipeline's) and 'gelu_tanh' (DiT's) share weights and state dict, and
+    differ only by the tanh approximation (at most 5e-4 per activation): the same network, not another one."""
+    tanh = perturb_zeros(DiT(tiny_cfg()))
+    exact = DiT(tiny_cfg(mlp_activation="gelu"))
+    exact.load_state_dict(tanh.state_dict())
+    assert [type(b.mlp).__name__ for b in exact.blocks] == ["FeedForward"] * 2
+    assert {b.mlp.activation for b in exact.blocks} == {"gelu"} and {b.mlp.activation for b in tanh.blocks} == {"gelu_tanh"}
+    with torch.no_grad():
+        a, b = tanh(*inputs()), exact(*inputs())
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * a.abs().max().item())
+
+
 def test_pos_embed_matches_diffusers():
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
@@ -198,6 +212,7 @@ def test_unknown_preset_lists_names():
         ({"hidden_size": 6, "num_heads": 2}, "hidden_size"),
         ({"mlp_ratio": 0.0}, "mlp_ratio"),
         ({"depth": 0}, "depth"),
+        ({"mlp_activation": "relu"}, "mlp_activation"),
     ],
 )
 def test_bad_config_names_key(changes, key):

@@ -84,6 +84,34 @@ def test_gradient_checkpointing_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+
+def test_cpu_channels_last_path_gives_the_nchw_results(monkeypatch):
+    """On a CPU the towers run in NHWC (vae._cpu_channels_last): the same posterior, image and gradients as in
+    NCHW up to float rounding, and the outputs come back in the NCHW layout the callers index."""
+    import diffusion.models.vae as vae_module
+
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    runs = []
+    for layout in ("nhwc", "nchw"):
+        if layout == "nchw":
+            monkeypatch.setattr(vae_module, "_cpu_channels_last", lambda t: t)
+        vae = tiny().train()
+        inner = []  # the layout inside the towers
+        for conv in (vae.encoder.conv_in, vae.decoder.conv_in):
+            conv.register_forward_hook(lambda m, i, o: inner.append(o.is_contiguous(memory_format=torch.channels_last)))
+        posterior = vae.encode(x)
+        recon = vae.decode(posterior.mode())
+        recon.pow(2).sum().backward()
+        assert inner == [layout == "nhwc"] * 2
+        assert recon.is_contiguous() and posterior.mean.stride()[1:] == (16, 4, 1)  # NCHW, (B, 2C, h, w) chunked
+        runs.append((posterior.mean, posterior.logvar, recon, [p.grad for p in vae.parameters()]))
+    (m1, v1, r1, g1), (m2, v2, r2, g2) = runs
+    for a, b in [(m1, m2), (v1, v2), (r1, r2)]:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g1, g2):  # sums over every pixel: rounding grows
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "data, key",
     [

@@ -20,7 +20,7 @@ adaLN-Zero's identity start), which removes about a quarter of the parameters.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,11 @@ class DiTConfig(Config):
     depth: int = param(12, "transformer blocks", ge=1)
     num_heads: int = param(6, "attention heads", ge=1)
     mlp_ratio: float = param(4.0, "MLP inner width as a multiple of hidden_size", gt=0.0)
+    mlp_activation: Literal["gelu_tanh", "gelu"] = param(
+        "gelu_tanh", "the MLP's GELU: 'gelu_tanh', the tanh approximation of DiT and PixArt, or 'gelu', the exact "
+        "(erf) one, the same function within 1e-3 and 3-5x faster on a CPU (PyTorch's tanh form is not vectorised "
+        "as well there); on a GPU both are one fused kernel"
+    )
     context_dim: int = param(256, "width of the text states (the text encoder's width)", ge=1)
     learn_sigma: bool = param(False, "also predict the variance: output 2 * in_channels channels (DiT)")
     use_pooled: bool = param(True, "add a projection of the pooled text to the timestep conditioning")
@@ -94,17 +99,18 @@ class DiTBlock(nn.Module):
         dim: token width D.
         adaln_single: take the shared (B, 6D) modulation and add this block's (6, D) table, instead of
             projecting the (B, D) conditioning with this block's own zero-initialised ``Linear(D, 6D)``.
+        mlp_activation: "gelu_tanh" or "gelu" (:attr:`DiTConfig.mlp_activation`).
     """
 
     def __init__(self, dim: int, num_heads: int, context_dim: int, mlp_ratio: float, qkv_bias: bool,
-                 adaln_single: bool) -> None:
+                 adaln_single: bool, mlp_activation: str = "gelu_tanh") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
         self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
         self.cross_attn = Attention(dim, num_heads, context_dim=context_dim, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = FeedForward(dim, int(dim * mlp_ratio), activation="gelu_tanh")
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio), activation=mlp_activation)
         if adaln_single:
             self.scale_shift_table = nn.Parameter(torch.zeros(6 * dim))
             self.adaLN_modulation = None
@@ -161,7 +167,8 @@ class DiT(nn.Module):
         self.pooled_embedder = nn.Linear(cfg.context_dim, D) if cfg.use_pooled else None
         self.adaln_single = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D)) if cfg.adaln_single else None
         self.blocks = nn.ModuleList(
-            DiTBlock(D, cfg.num_heads, cfg.context_dim, cfg.mlp_ratio, cfg.qkv_bias, cfg.adaln_single)
+            DiTBlock(D, cfg.num_heads, cfg.context_dim, cfg.mlp_ratio, cfg.qkv_bias, cfg.adaln_single,
+                     cfg.mlp_activation)
             for _ in range(cfg.depth)
         )
         self.final_layer = FinalLayer(D, p, cfg.out_channels, cfg.adaln_single)

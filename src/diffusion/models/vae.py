@@ -212,6 +212,19 @@ def decoder(cfg: VAEConfig) -> _Tower:
     return _Tower(cfg, cfg.latent_dim, chans[-1], blocks, ch, cfg.in_channels)
 
 
+def _cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """`x` in NHWC memory (channels_last) on a CPU, as it is.
+
+    Given an NHWC input, oneDNN runs every convolution of a tower in NHWC and keeps its output so, instead of
+    reordering each layer's input and output to its blocked layout and back; GroupNorm, SiLU and the mid
+    attention (whose (B, HW, C) tokens are then a free view) follow the layout. With the default VAE on 2
+    cores, NHWC against NCHW in one process: encode and decode ~20%, a training step ~9% faster.
+    The results (made NCHW again) differ from NCHW's only by float rounding. Not on a GPU, where eager
+    channels_last measured slower for this VAE (H200: 976 vs 1197 images/s, docs/performance.md).
+    """
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" and x.dim() == 4 else x
+
+
 class AutoencoderKL(nn.Module):
     """Encoder, Gaussian posterior, decoder. Images in [-1, 1]; latents are *not* scaled here (the measured
     latent scale and shift belong to the diffusion model, DESIGN.md pitfall 4)."""
@@ -244,12 +257,13 @@ class AutoencoderKL(nn.Module):
         H, W = x.shape[-2:]
         if H % f or W % f:
             raise ValueError(f"image size {H}x{W} is not divisible by the VAE's downsampling factor {f}")
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # 2 x (B, C, h, w)
+        moments = self.quant_conv(self.encoder(_cpu_channels_last(x))).contiguous()
+        mean, logvar = moments.chunk(2, dim=1)  # 2 x (B, C, h, w)
         return DiagonalGaussian(mean, logvar, self.cfg.logvar_clamp)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, C, h, w) -> (B, in_channels, h*f, w*f), unclamped (about [-1, 1] once trained)."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(_cpu_channels_last(z))).contiguous()
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
