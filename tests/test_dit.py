@@ -141,7 +141,7 @@ def test_gradient_checkpointing_matches(monkeypatch):
 
 
 def test_exact_gelu_is_the_tanh_form_within_its_approximation_error():
-    """mlp_activation 'gelu' (the CPU pipeline's) and 'gelu_tanh' (DiT's) share weights and state dict, and
+    """mlp_activation 'gelu' (exact, faster on a CPU) and 'gelu_tanh' (DiT's) share weights and state dict, and
     differ only by the tanh approximation (at most 5e-4 per activation): the same network, not another one."""
     tanh = perturb_zeros(DiT(tiny_cfg()))
     exact = DiT(tiny_cfg(mlp_activation="gelu"))
