@@ -83,18 +83,16 @@ def _fingerprints(urls: list[str]) -> dict[str, str]:
 
 
 def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenizer: Any, side: int) -> list:
-    from pytorch_lightning.callbacks import EMAWeightAveraging
-
     from diffusion.data.tokenizer import encode
     from diffusion.training import checkpointing as ckpt
-    from diffusion.training.callbacks import LossCurve, SampleGrid
+    from diffusion.training.callbacks import EMA, LossCurve, SampleGrid
 
     prompts = encode(tokenizer, list(cfg.sample_prompts)) if cfg.sample_prompts else None
     return [
         ckpt.NonFiniteLossCheck(cfg.log_every_n_steps),
         ckpt.LoaderResume(loader),
         # EMA once per optimizer step, saved in and restored from the checkpoint (DESIGN.md pitfall 8).
-        EMAWeightAveraging(decay=cfg.ema_decay),
+        EMA(decay=cfg.ema_decay),
         LossCurve(cfg.loss_curve_path, cfg.log_every_n_steps),
         SampleGrid(prompts, scheduler, side, cfg.sample_every_n_steps if prompts is not None else 0,
                    sampler=cfg.sample_sampler, num_steps=cfg.sample_steps, guidance=cfg.sample_guidance),

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EMAWeightAveraging
 
+from diffusion.training.callbacks import EMA
 from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
 
 
@@ -64,8 +64,8 @@ def train_diffusion_model(
 ) -> pl.Trainer:
     """Train `model`'s text encoder and denoiser on `train_dataset`; returns the Lightning trainer.
 
-    When it returns, the model holds the EMA weights (Lightning's `EMAWeightAveraging` copies them in at
-    the end of training). Extra keyword arguments go to `pl.Trainer` (e.g. ``devices``, ``logger``).
+    When it returns, the model holds the EMA weights (our `EMA`, a Lightning `EMAWeightAveraging`, copies them
+    in at the end of training). Extra keyword arguments go to `pl.Trainer` (e.g. ``devices``, ``logger``).
     """
     pl.seed_everything(seed, workers=True, verbose=False)
     length = train_dataset[0][1].shape[0]
@@ -86,7 +86,7 @@ def train_diffusion_model(
         precision=precision,
         accumulate_grad_batches=accumulate_grad_batches,
         gradient_clip_val=gradient_clip_val,
-        callbacks=[EMAWeightAveraging(decay=ema_decay)] + list(trainer_kwargs.pop("callbacks", [])),
+        callbacks=[EMA(decay=ema_decay)] + list(trainer_kwargs.pop("callbacks", [])),
         **trainer_kwargs,
     )
     trainer.fit(system, loader)
