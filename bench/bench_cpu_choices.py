@@ -1,4 +1,5 @@
-"""The CPU pipeline's two CPU-specific choices against their alternatives (a script that prints, not a test).
+"""Three implementation choices of the pipeline against their alternatives, on the CPU (a script that prints,
+not a test).
 
 * **VAE memory layout**: ``AutoencoderKL`` runs its towers in NHWC (channels_last) on a CPU
   (``diffusion.models.vae._cpu_channels_last``). Measured against NCHW: encode (encode_latents' batch), decode
@@ -6,11 +7,14 @@
 * **DiT activation**: ``train.dit.mlp_activation: gelu`` (exact, erf) against ``gelu_tanh`` (DiT's and PixArt's
   tanh approximation): one training step of the train stage (text encoder + DiT, ``DiffusionSystem``) and one
   guided-sampling forward (2 x 50 rows), the networks of ``params.yaml``.
+* **EMA update**: ``training.callbacks.EMA`` (torch's foreach ``_foreach_lerp_`` over every tensor) against
+  Lightning's ``EMAWeightAveraging`` as it comes (a per-tensor average, three kernels per tensor), over the
+  train stage's whole system (text encoder, DiT, frozen VAE: what the callback averages).
 
 Both sides of each pair run in one process, alternated step by step; the figure is the median, and the ratio
 (alternative / chosen, above 1: the chosen one is faster) is what to read on a shared machine.
 
-    python bench/bench_cpu_choices.py                # ~1 minute on 2 cores
+    python bench/bench_cpu_choices.py                # ~30 s on 2 cores
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -134,6 +139,23 @@ def dit_activation(args: argparse.Namespace, params: Path) -> None:
     report("DiT guided forward, 2 x 50 rows", chosen, alternate(forward, args.warmup, args.steps))
 
 
+def ema_update(args: argparse.Namespace, params: Path) -> None:
+    """One EMA update of the train stage's system, as the two callbacks build their AveragedModel."""
+    vae_cfg, cfg = load_section(TrainVAEConfig, params), load_section(TrainConfig, params)
+    torch.manual_seed(0)
+    model = LatentDiffusionModel(vocab_size=1000, denoising_type=cfg.denoising_type, text_encoder=cfg.text_encoder,
+                                 vae=vae_cfg.model, denoiser=cfg.denoiser_config())
+    system = DiffusionSystem(model, DDPMScheduler.from_config(cfg.scheduler),
+                             OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay))
+    averages = {"foreach": AveragedModel(system, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True),
+                "per-tensor": AveragedModel(system, avg_fn=get_ema_avg_fn(cfg.ema_decay), use_buffers=True)}
+    for average in averages.values():
+        average.update_parameters(system)  # the first update copies; the timed ones average
+    tensors = len(list(system.parameters())) + len(list(system.buffers()))
+    report(f"EMA update, {tensors} tensors", "foreach", alternate(
+        {k: (lambda a=a: a.update_parameters(system)) for k, a in averages.items()}, args.warmup, args.steps))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -151,6 +173,7 @@ def main() -> None:
           f"median of {args.steps} alternated steps after {args.warmup}")
     vae_layout(args, params)
     dit_activation(args, params)
+    ema_update(args, params)
 
 
 if __name__ == "__main__":
