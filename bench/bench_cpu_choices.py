@@ -103,6 +103,15 @@ def vae_layout(args: argparse.Namespace, params: Path) -> None:
         vae_module._cpu_channels_last = nhwc
 
 
+def train_system(cfg: TrainConfig, vae_cfg: TrainVAEConfig, denoiser) -> DiffusionSystem:
+    """The train stage's LightningModule (text encoder, denoiser, frozen VAE) for `denoiser`, seeded."""
+    torch.manual_seed(0)
+    model = LatentDiffusionModel(vocab_size=1000, denoising_type=cfg.denoising_type, text_encoder=cfg.text_encoder,
+                                 vae=vae_cfg.model, denoiser=denoiser)
+    return DiffusionSystem(model, DDPMScheduler.from_config(cfg.scheduler),
+                           OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay))
+
+
 def dit_activation(args: argparse.Namespace, params: Path) -> None:
     vae_cfg, cfg = load_section(TrainVAEConfig, params), load_section(TrainConfig, params)
     chosen = cfg.dit.mlp_activation
@@ -112,11 +121,9 @@ def dit_activation(args: argparse.Namespace, params: Path) -> None:
     tokens = torch.randint(4, 1000, (cfg.batch_size, 32))
     train, forward = {}, {}
     for act in (chosen, other):
-        torch.manual_seed(0)
-        model = LatentDiffusionModel(vocab_size=1000, denoising_type="dit", text_encoder=cfg.text_encoder,
-                                     vae=vae_cfg.model, denoiser=cfg.denoiser_config().replace(mlp_activation=act))
-        system = DiffusionSystem(model, DDPMScheduler.from_config(cfg.scheduler),
-                                 OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay))
+        dit = cfg.replace(denoising_type="dit")
+        system = train_system(dit, vae_cfg, dit.denoiser_config().replace(mlp_activation=act))
+        model = system.model
         opt = system.configure_optimizers()["optimizer"]
 
         def step(system=system, opt=opt) -> None:
@@ -142,11 +149,7 @@ def dit_activation(args: argparse.Namespace, params: Path) -> None:
 def ema_update(args: argparse.Namespace, params: Path) -> None:
     """One EMA update of the train stage's system, as the two callbacks build their AveragedModel."""
     vae_cfg, cfg = load_section(TrainVAEConfig, params), load_section(TrainConfig, params)
-    torch.manual_seed(0)
-    model = LatentDiffusionModel(vocab_size=1000, denoising_type=cfg.denoising_type, text_encoder=cfg.text_encoder,
-                                 vae=vae_cfg.model, denoiser=cfg.denoiser_config())
-    system = DiffusionSystem(model, DDPMScheduler.from_config(cfg.scheduler),
-                             OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay))
+    system = train_system(cfg, vae_cfg, cfg.denoiser_config())
     averages = {"foreach": AveragedModel(system, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True),
                 "per-tensor": AveragedModel(system, avg_fn=get_ema_avg_fn(cfg.ema_decay), use_buffers=True)}
     for average in averages.values():

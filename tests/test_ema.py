@@ -46,7 +46,7 @@ def loader():
     return torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
 
 
-def fit(ema: Callback, steps: int, root, ckpt_path=None, *extra: Callback) -> tuple[Tiny, Record, pl.Trainer]:
+def fit(ema: Callback, steps: int, root, ckpt_path=None, extra: tuple[Callback, ...] = ()) -> tuple[Tiny, Record, pl.Trainer]:
     model, record = Tiny(), Record()
     trainer = pl.Trainer(max_steps=steps, callbacks=[record, ema, *extra], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=bool(extra), accelerator="cpu", devices=1,
@@ -74,7 +74,7 @@ def test_ema_is_saved_in_and_restored_from_the_checkpoint(tmp_path):
     """A checkpoint written mid-run (as the train stage's, every N steps) holds the EMA; resuming from it ends
     with the EMA of the uninterrupted run."""
     every4 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    whole, _, _ = fit(EMA(decay=DECAY), 8, tmp_path / "whole", None, every4)
+    whole, _, _ = fit(EMA(decay=DECAY), 8, tmp_path / "whole", extra=(every4,))
     ckpt = next((tmp_path / "ckpt").glob("*step=4.ckpt"))
     model, record, trainer = fit(EMA(decay=DECAY), 8, tmp_path / "resumed", ckpt)
     assert trainer.global_step == 8 and len(record.weights) == 4
