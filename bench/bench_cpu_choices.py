@@ -1,5 +1,5 @@
-"""Three implementation choices of the pipeline against their alternatives, on the CPU (a script that prints,
-not a test).
+"""Implementation choices of the pipeline against their alternatives, on the CPU (a script that prints, not a
+test).
 
 * **VAE memory layout**: ``AutoencoderKL`` runs its towers in NHWC (channels_last) on a CPU
   (``diffusion.models.vae._cpu_channels_last``). Measured against NCHW: encode (encode_latents' batch), decode
@@ -7,6 +7,11 @@ not a test).
 * **DiT activation**: ``train.dit.mlp_activation: gelu`` (exact, erf) against ``gelu_tanh`` (DiT's and PixArt's
   tanh approximation): one training step of the train stage (text encoder + DiT, ``DiffusionSystem``) and one
   guided-sampling forward (2 x 50 rows), the networks of ``params.yaml``.
+* **DiT inference paths** (sampling in evaluate, in the training grids and in ``cli sample``): the feed-forward's
+  first linear and GELU as one oneDNN product with the GELU fused (``layers._cpu_linear_gelu``) against
+  ``F.linear`` then ``F.gelu``; and the text's cross-attention keys and values reused from the run's first
+  step (``layers.reuse_text_keys_values``, as ``LatentDiffusionModel.generate`` samples) against projected at
+  every step. One guided forward of evaluate's batch (2 x 50 rows) each.
 * **EMA update**: ``training.callbacks.EMA`` (torch's foreach ``_foreach_lerp_`` over every tensor) against
   Lightning's ``EMAWeightAveraging`` as it comes (a per-tensor average, three kernels per tensor), over the
   train stage's whole system (text encoder, DiT, frozen VAE: what the callback averages).
@@ -14,12 +19,13 @@ not a test).
 Both sides of each pair run in one process, alternated step by step; the figure is the median, and the ratio
 (alternative / chosen, above 1: the chosen one is faster) is what to read on a shared machine.
 
-    python bench/bench_cpu_choices.py                # ~30 s on 2 cores
+    python bench/bench_cpu_choices.py                # ~40 s on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -32,6 +38,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_a
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+import diffusion.models.layers as layers  # noqa: E402
 import diffusion.models.vae as vae_module  # noqa: E402
 from diffusion.config import load_section  # noqa: E402
 from diffusion.models import LatentDiffusionModel  # noqa: E402
@@ -146,6 +153,36 @@ def dit_activation(args: argparse.Namespace, params: Path) -> None:
     report("DiT guided forward, 2 x 50 rows", chosen, alternate(forward, args.warmup, args.steps))
 
 
+def dit_inference(args: argparse.Namespace, params: Path) -> None:
+    """The fused linear + GELU, and the reused text keys and values, each against its absence."""
+    vae_cfg, cfg = load_section(TrainVAEConfig, params), load_section(TrainConfig, params)
+    dit = cfg.replace(denoising_type="dit")
+    denoiser = train_system(dit, vae_cfg, dit.denoiser_config()).model.denoiser.eval()
+    h = args.image_size // vae_cfg.model.downsample_factor
+    rows = 2 * 50  # evaluate's batch, doubled by guidance
+    xs, t = torch.randn(rows, vae_cfg.model.latent_dim, h, h), torch.full((rows,), 500)
+    ctx = torch.randn(rows, 32, cfg.text_encoder.width)
+    fused = layers._linear_pointwise
+
+    def forward(op) -> Callable[[], None]:
+        def run() -> None:
+            layers._linear_pointwise = op
+            denoiser(xs, t, ctx)
+        return run
+
+    try:
+        with torch.inference_mode():
+            report("DiT guided forward: linear+GELU", "fused", alternate(
+                {"fused": forward(fused), "separate": forward(None)}, args.warmup, args.steps))
+            reusing = copy.deepcopy(denoiser)
+            with layers.reuse_text_keys_values(reusing):  # the first call projects, the timed ones reuse
+                report("DiT guided forward: text k/v", "reused", alternate(
+                    {"reused": lambda: reusing(xs, t, ctx), "per step": lambda: denoiser(xs, t, ctx)},
+                    args.warmup, args.steps))
+    finally:
+        layers._linear_pointwise = fused
+
+
 def ema_update(args: argparse.Namespace, params: Path) -> None:
     """One EMA update of the train stage's system, as the two callbacks build their AveragedModel."""
     vae_cfg, cfg = load_section(TrainVAEConfig, params), load_section(TrainConfig, params)
@@ -176,6 +213,7 @@ def main() -> None:
           f"median of {args.steps} alternated steps after {args.warmup}")
     vae_layout(args, params)
     dit_activation(args, params)
+    dit_inference(args, params)
     ema_update(args, params)
 
 

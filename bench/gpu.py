@@ -69,6 +69,7 @@ from bench_models import (  # noqa: E402
     ours_net,
     pixart_like,
     pixart_net,
+    sampling_scope,
 )
 from gpu_common import (  # noqa: E402
     Timer,
@@ -214,6 +215,7 @@ class Bench:
             model.to(memory_format=torch.channels_last)
         cond, uncond = guidance_inputs(batch_size, a.text_len, a.context_dim, dev)
         guided = (ours_guided if adapter is ours_net else diffusers_style_guidance)(net, cond, uncond, 4.0)
+        ours = adapter is ours_net
 
         def fn(x, t):
             with autocast(dev):
@@ -223,11 +225,13 @@ class Bench:
         x_T = torch.randn(batch_size, 4, a.size, a.size, device=dev)
         if channels_last:
             x_T = x_T.contiguous(memory_format=torch.channels_last)
-        sample("dpmpp", fn, x_T, scheduler, 2)  # warm-up
+        with sampling_scope(model, ours):
+            sample("dpmpp", fn, x_T, scheduler, 2)  # warm-up
         timer, times = Timer(dev), []
         for _ in range(a.sample_runs):
             timer.start()
-            sample("dpmpp", fn, x_T, scheduler, a.sample_steps)
+            with sampling_scope(model, ours):
+                sample("dpmpp", fn, x_T, scheduler, a.sample_steps)
             times.append(timer.stop())
         dt = statistics.median(times)
         return {"batch": batch_size, "steps": a.sample_steps, "run_s": round(dt, 3),

@@ -203,3 +203,26 @@ def test_register_refuses_config_without_the_set_fields():
     with pytest.raises(TypeError, match="context_dim"):
         register_denoiser("bad", NoContext, TinyDenoiser)
     assert "bad" not in DENOISERS
+
+
+@pytest.mark.parametrize("denoising_type", ["unet", "dit"])
+def test_generate_projects_the_text_once_per_run(denoising_type, monkeypatch):
+    """generate() reuses each cross-attention's text keys and values over the steps (layers.reuse_text_keys_values)
+    and draws exactly the images it draws without that reuse."""
+    from contextlib import nullcontext
+
+    from diffusion.models import diffusion_model
+    from diffusion.models.layers import Attention
+
+    model = make(denoising_type)
+    cross = [m for m in model.denoiser.modules() if isinstance(m, Attention) and m.is_cross]
+    calls = []
+    for m in cross:
+        m.to_kv.register_forward_hook(lambda *_: calls.append(1))
+    reused = generate(model, num_inference_steps=4)
+    assert len(calls) == len(cross)  # 4 guided steps, one projection of the (cond + uncond) text each
+    monkeypatch.setattr(diffusion_model, "reuse_text_keys_values", lambda _: nullcontext())
+    calls.clear()
+    plain = generate(model, num_inference_steps=4)
+    assert len(calls) == 4 * len(cross)
+    assert torch.equal(reused, plain)

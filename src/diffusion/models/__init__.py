@@ -3,6 +3,7 @@ model that wires them (``from diffusion.models import LatentDiffusionModel``).""
 
 from diffusion.models.diffusion_model import DENOISERS, LatentDiffusionModel, register_denoiser
 from diffusion.models.dit import DIT_PRESETS, DiT, DiTConfig
+from diffusion.models.layers import reuse_text_keys_values
 from diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion.models.unet import UNet, UNetConfig
 from diffusion.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
@@ -21,4 +22,5 @@ __all__ = [
     "UNetConfig",
     "VAEConfig",
     "register_denoiser",
+    "reuse_text_keys_values",
 ]

@@ -44,6 +44,7 @@ from diffusion.config import Config, ConfigError
 from diffusion.data.tokenizer import BOS_ID, EOS_ID
 from diffusion.models.dit import DiT, DiTConfig
 from diffusion.models.io import load_weights, read_config, save_module
+from diffusion.models.layers import reuse_text_keys_values
 from diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion.models.unet import UNet, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
@@ -296,8 +297,10 @@ class LatentDiffusionModel(nn.Module):
             model_fn = self._model_fn(tokens, uncond_tokens, guidance_scale, guidance_rescale)
             f = self.vae.downsample_factor
             x_T = _randn((tokens.shape[0], self.vae.cfg.latent_dim, H // f, W // f), generator, self.device)
-            x_0 = sample(sampler, model_fn, x_T, scheduler, num_inference_steps,
-                         generator=generator, eta=eta, callback=callback)
+            # The text is the same at every step: its cross-attention keys and values are projected once.
+            with reuse_text_keys_values(self.denoiser):
+                x_0 = sample(sampler, model_fn, x_T, scheduler, num_inference_steps,
+                             generator=generator, eta=eta, callback=callback)
             return (self.decode_latents(x_0) + 1.0) / 2.0  # [-1, 1] -> [0, 1]
         finally:
             self.train(was_training)
