@@ -212,14 +212,18 @@ def _wrap(text: str, draw: Any, font: Any, width: int) -> list[str]:
 
 
 def _fid(cfg: EvaluateConfig, real: torch.Tensor, fake: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """Inception FID and KID of the main setting's images against the same prompts' real val images."""
-    from diffusion.evaluation.fid import InceptionFeatures, fid_kid, inception_features
+    """Inception FID and KID of the main setting's images against the same prompts' real val images (whose
+    features come from ``cfg.fid_cache_dir`` when an earlier run computed them for the same images)."""
+    from diffusion.evaluation.fid import InceptionFeatures, cached_inception_features, fid_kid, inception_features
 
-    start = time.perf_counter()
     extractor = InceptionFeatures(device)
-    f_real = inception_features(real, cfg.fid_batch_size, extractor, progress="inception real")
+    f_real, cached = cached_inception_features(real, cfg.fid_cache_dir, cfg.fid_batch_size, extractor,
+                                               progress="inception real")
+    if cached:
+        print(f"evaluate: Inception features of the {len(real)} real images from {cfg.fid_cache_dir}")
+    start = time.perf_counter()
     f_fake = inception_features(fake, cfg.fid_batch_size, extractor, progress="inception generated")
-    per_image = (time.perf_counter() - start) / (len(real) + len(fake))
+    per_image = (time.perf_counter() - start) / max(len(fake), 1)
     scores = fid_kid(f_real, f_fake, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size, seed=cfg.seed)
     return {**scores, "fid_samples": len(fake), "inception_seconds_per_image": per_image}
 

@@ -149,6 +149,42 @@ def test_fid_kid_on_inception_features_of_a_handful_of_images():
     assert fid_kid(f_real, f_noise[:3], kid_subset_size=1000)["kid_subset_size"] == 2
 
 
+class _CountingFeatures(torch.nn.Module):
+    """Stands in for InceptionFeatures: features made from the pixels, and a count of the images it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(1, 1)  # where cached_inception_features reads the device from
+        self.images = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.images += len(images)
+        return images.float().flatten(1)[:, :1].repeat(1, 2048) + torch.arange(2048.0)
+
+
+def test_real_inception_features_are_cached_by_content(tmp_path):
+    from diffusion.evaluation.fid import cached_inception_features
+
+    real = shapes_images(3, "val").images  # (3, 3, 32, 32) uint8
+    ext, cache = _CountingFeatures(), tmp_path / "fid_cache"
+    first, hit = cached_inception_features(real, cache, 2, ext)
+    assert not hit and ext.images == 3 and len(list(cache.iterdir())) == 1
+    again, hit = cached_inception_features(real.clone(), cache, 2, ext)
+    assert hit and ext.images == 3 and torch.equal(again, first)
+    other = real.clone()
+    other[0, 0, 0, 0] ^= 1  # one pixel: other images, other features
+    _, hit = cached_inception_features(other, cache, 2, ext)
+    assert not hit and ext.images == 6 and len(list(cache.iterdir())) == 2
+    for f in cache.iterdir():  # damaged files are recomputed and replaced, with a warning
+        f.write_bytes(b"not an array")
+    with pytest.warns(UserWarning, match="unreadable cached Inception features"):
+        fixed, hit = cached_inception_features(real, cache, 2, ext)
+    assert not hit and torch.equal(fixed, first)
+    assert cached_inception_features(real, cache, 2, ext)[1] and ext.images == 9
+    _, hit = cached_inception_features(real, None, 2, ext)  # no cache: always computed, nothing written
+    assert not hit and ext.images == 12 and len(list(cache.iterdir())) == 2
+
+
 def test_configs_parse_params_and_refuse_bad_values():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     cfg = EvaluateConfig.from_dict(params["evaluate"], "evaluate")
@@ -246,6 +282,7 @@ def test_evaluate_stage_writes_metrics_sweep_grid_and_one_mlflow_run(pipeline_ro
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())
     assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k.startswith("judge_vae_"))
     assert f"judge_vae_adherence {metrics['judge_vae_adherence']:.4g}" in proc.stdout  # in the summary line
+    assert len(list((pipeline_root / "data/fid_cache").glob("inception-*.npy"))) == 1  # the real images' features
     assert metrics == pytest.approx({**metrics, **_vae_ceiling_by_hand(pipeline_root)})
     sweep = (pipeline_root / "plots/eval_sweep.csv").read_text().splitlines()
     assert sweep[0].startswith("label,sampler,steps,guidance,adherence") and len(sweep) == 3

@@ -418,6 +418,10 @@ class EvaluateConfig(Config):
     seed: int = param(0, "seed of the prompt choice and of the sampling noise", ge=0)
     fid: bool = param(True, "compute Inception FID/KID for the main setting (~130 ms per image on 2 CPU cores)")
     fid_batch_size: int = param(16, "images per Inception forward pass", ge=1)
+    fid_cache_dir: str | None = param(
+        "data/fid_cache", "where the real images' Inception features are kept, by content, for the next run "
+        "against the same images (null: recomputed every run)"
+    )
     kid_subsets: int = param(100, "KID: random subsets averaged (Binkowski et al. 2018)", ge=1)
     kid_subset_size: int = param(1000, "KID: images per subset (capped at half the sample count)", ge=2)
     sweep: tuple[SweepEntry, ...] = param(
