@@ -55,9 +55,25 @@ def test_fused_path_is_skipped_where_it_does_not_apply(pointwise_calls, monkeypa
         ff.double()(x.double())  # float64: not the fused path
         ff.float()
         FeedForward(32, 96, activation="geglu")(x)  # GEGLU has no single fused form here
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs the plain path in bfloat16
+            assert ff(x).dtype == torch.bfloat16
         assert pointwise_calls == []
+        plain = ff.fc2(F.gelu(ff.fc1(x), approximate="tanh"))
         monkeypatch.setattr(layers, "_linear_pointwise", None)  # a build without oneDNN: the plain path
+        torch.testing.assert_close(ff(x), plain, rtol=0, atol=0)
+
+
+def test_a_refused_fused_call_falls_back_to_the_plain_path_for_good(monkeypatch):
+    def refusing(*args):
+        raise RuntimeError("this oneDNN has no gelu post-op")
+
+    monkeypatch.setattr(layers, "_linear_pointwise", refusing)
+    torch.manual_seed(0)
+    ff = FeedForward(32, 96, activation="gelu_tanh")
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
         torch.testing.assert_close(ff(x), ff.fc2(F.gelu(ff.fc1(x), approximate="tanh")), rtol=0, atol=0)
+    assert layers._linear_pointwise is None
 
 
 def perturbed(model, seed=0):

@@ -230,14 +230,22 @@ def _cpu_linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> to
     ``F.gelu(linear(x), approximate=...)`` up to float rounding (1e-7 here).
 
     Inference only (no autograd: the backward would need the pre-activation, which the fused op does not
-    keep), float32 CPU tensors, and not while ``torch.compile`` traces (it does this fusion itself).
+    keep), float32 CPU tensors outside autocast (which would run the plain path in bfloat16), and not while
+    ``torch.compile`` traces (it does this fusion itself). If oneDNN refuses the call (a build without this
+    fusion), the plain path is used from then on.
     """
+    global _linear_pointwise
     if (_linear_pointwise is None or torch.is_grad_enabled() or x.device.type != "cpu"
             or x.dtype != torch.float32 or linear.weight.dtype != torch.float32
-            or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
+            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+            or not torch.backends.mkldnn.is_available()):
         return None
     algorithm = "tanh" if approximate == "tanh" else "none"
-    return _linear_pointwise(x, linear.weight, linear.bias, "gelu", [], algorithm)
+    try:
+        return _linear_pointwise(x, linear.weight, linear.bias, "gelu", [], algorithm)
+    except (RuntimeError, NotImplementedError):
+        _linear_pointwise = None  # the plain path raises any error that is not this op's
+        return None
 
 
 class FeedForward(nn.Module):
