@@ -226,3 +226,27 @@ def test_generate_projects_the_text_once_per_run(denoising_type, monkeypatch):
     plain = generate(model, num_inference_steps=4)
     assert len(calls) == 4 * len(cross)
     assert torch.equal(reused, plain)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 7.5])
+def test_generate_drops_padding_columns_and_draws_the_same_images(guidance_scale, monkeypatch):
+    """The columns that are padding in every caption (and in the null caption) are not encoded: the text
+    encoder sees the longest caption's length, and the images equal those drawn from the full padded tokens."""
+    model = make("dit")
+    seen = []
+    model.text_encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    toks = tokens()  # rows of 4 and 5 real tokens, padded to 16
+    trimmed = generate(model, toks, guidance_scale=guidance_scale)
+    assert seen and set(seen) == {5}
+    monkeypatch.setattr(LatentDiffusionModel, "_trim_padding", lambda self, t: t)
+    seen.clear()
+    padded = generate(model, toks, guidance_scale=guidance_scale)
+    assert set(seen) == {16}
+    torch.testing.assert_close(trimmed, padded, rtol=0, atol=1e-5)
+    # A negative prompt longer than every caption sets the length.
+    seen.clear()
+    monkeypatch.undo()
+    neg = toks.clone()
+    neg[:, :8] = torch.tensor([2, 20, 21, 22, 23, 24, 25, 3])
+    generate(model, toks, uncond_tokens=neg, guidance_scale=7.5)
+    assert set(seen) == {8}

@@ -184,6 +184,19 @@ class LatentDiffusionModel(nn.Module):
         states, pooled = self.text_encoder(tokens, mask)
         return states, mask, pooled
 
+    def _trim_padding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, L): without the trailing columns that are padding in every row (L >= 2: BOS, EOS).
+
+        Exact up to float rounding: padding is masked as a key in the text encoder and in every
+        cross-attention, so the real tokens' states, the pooled EOS state and the denoiser's output do not
+        depend on it; but each padding column costs a text-encoder token and a cross-attention key at every
+        sampling step (a caption of the built-in data is ~12 tokens of 32: the DiT's guided forward of
+        evaluate's batch 7% faster trimmed). The data loaders trim training batches the same way
+        (``data.tokenizer.trim_padding``)."""
+        real = (tokens != self.text_encoder.cfg.pad_token_id).any(dim=0)  # (T,) some row has a real token there
+        last = int(torch.arange(1, tokens.shape[1] + 1, device=tokens.device)[real].max()) if real.any() else 0
+        return tokens[:, :max(last, 2)]
+
     def null_tokens(self, batch: int, length: int) -> torch.Tensor:
         """(batch, length) long: the tokenization of "" (``[BOS, EOS, PAD, ...]``, docs/INTERFACES.md), the
         unconditional input of classifier-free guidance and of caption dropout."""
@@ -240,10 +253,9 @@ class LatentDiffusionModel(nn.Module):
             # Keep the C predicted channels (a DiT with learn_sigma adds C variance channels no sampler uses).
             return self.denoiser(x, t, **cond)[:, :C]
 
-        states, mask, pooled = self.encode_text(tokens)
-        cond = {"context": states, "context_mask": mask, "pooled": pooled}
         if guidance_scale == 1.0:  # guidance 1 is the conditional model: skip the unconditional half
-            return lambda x, t: net(x, t, **cond)
+            states, mask, pooled = self.encode_text(self._trim_padding(tokens))
+            return lambda x, t: net(x, t, context=states, context_mask=mask, pooled=pooled)
         if uncond_tokens is None:  # one null caption, broadcast over the batch by the guidance
             uncond_tokens = self.null_tokens(1, tokens.shape[1])
         uncond_tokens = uncond_tokens.to(tokens.device)
@@ -251,6 +263,10 @@ class LatentDiffusionModel(nn.Module):
             raise ValueError(
                 f"uncond_tokens of shape {tuple(uncond_tokens.shape)} do not match the tokens' {tuple(tokens.shape)}"
             )
+        length = self._trim_padding(torch.cat([tokens, uncond_tokens])).shape[1]
+        tokens, uncond_tokens = tokens[:, :length], uncond_tokens[:, :length]
+        states, mask, pooled = self.encode_text(tokens)
+        cond = {"context": states, "context_mask": mask, "pooled": pooled}
         u_states, u_mask, u_pooled = self.encode_text(uncond_tokens)
         uncond = {"context": u_states, "context_mask": u_mask, "pooled": u_pooled}
         return classifier_free_guidance(net, cond, uncond, guidance_scale, rescale=guidance_rescale)
