@@ -303,6 +303,32 @@ def test_lr_schedule_constant_or_cosine_to_min_ratio():
     assert cosine(40) > cosine(60) > cosine(80)
 
 
+@pytest.mark.parametrize("discriminator", [False, True])
+def test_vae_optimizers_are_the_fused_adamw_and_clip_under_bf16(tmp_path, discriminator):
+    """One fused kernel per step (training/optim.py): on a CPU the default AdamW is a for-loop of ~10 small
+    kernels per tensor. Under a GradScaler (16-mixed) it is the foreach one instead, which Lightning unscales
+    before clipping; without one, the system clips the fused optimizer's gradients itself."""
+    from types import SimpleNamespace
+
+    from diffusion.training.vae_system import VAESystem
+
+    cfg = tiny_cfg(tmp_path, discriminator={"enabled": discriminator, "start_step": 0})
+    system = VAESystem(cfg)
+    out = system.configure_optimizers()
+    opts = out[0] if discriminator else [out["optimizer"]]
+    assert len(opts) == (2 if discriminator else 1)
+    assert all(o.defaults["fused"] is True and not o.defaults["foreach"] for o in opts)
+    params = [p for group in opts[0].param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)
+    system.configure_gradient_clipping(opts[0], 0.5, "norm")
+    assert torch.cat([p.grad.flatten() for p in params]).norm().item() == pytest.approx(0.5, rel=1e-4)
+    system._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")))
+    out = system.configure_optimizers()
+    opts = out[0] if discriminator else [out["optimizer"]]
+    assert all(not o.defaults["fused"] and o.defaults["foreach"] for o in opts)
+
+
 def test_validation_metrics_are_float32_under_bf16_autocast(tmp_path, monkeypatch):
     """bf16-mixed training (the CPU default) must not make PSNR/SSIM those of a bf16 forward: validation
     runs the VAE and the metrics in float32, so it reads the same inside autocast as outside."""

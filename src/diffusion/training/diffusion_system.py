@@ -29,15 +29,14 @@ loader, at load time (DESIGN.md pitfall 2); the system sees already-dropped capt
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
 from diffusion.scheduler import DDPMScheduler
+from diffusion.training.optim import FusedAdamWClipping, adamw, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -71,16 +70,7 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str, on: st
     return clipped
 
 
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps
-    (Loshchilov & Hutter 2017, without restarts)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class DiffusionSystem(pl.LightningModule):
+class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
     """Trains `model.text_encoder` and `model.denoiser` of a `LatentDiffusionModel`; the VAE stays frozen.
 
     Args:
@@ -162,28 +152,6 @@ class DiffusionSystem(pl.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _grad_scaler(self) -> Any:
-        """The 16-mixed GradScaler, or None (32 and bf16-mixed scale no loss; no Trainer attached yet)."""
-        trainer = self._trainer
-        return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip as Lightning does, also for the fused AdamW under bf16-mixed.
-
-        Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales gradients itself
-        (a fused one), assuming a GradScaler; bf16-mixed has none, so the gradients are the true ones and are
-        clipped here over the optimizer's parameters (the same call Lightning makes under precision 32).
-        """
-        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
-        if gradient_clip_val and fused and self._grad_scaler() is None:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
     def configure_optimizers(self):
         params = self.trainable_parameters()
         # No weight decay on biases and norm gains (1-d tensors), as in GPT-2/nanoGPT and DiT.
@@ -193,12 +161,8 @@ class DiffusionSystem(pl.LightningModule):
             {"params": decay, "weight_decay": self.optim.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        # The fused kernel updates all parameters in one launch on CUDA and CPU. Under 16-mixed the GradScaler
-        # would unscale inside that kernel, after Lightning's gradient clipping, which then clips scaled
-        # gradients (Lightning refuses the combination): there the multi-tensor AdamW, which Lightning
-        # unscales before clipping.
-        fused = self._grad_scaler() is None
-        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, fused=fused, foreach=not fused)
+        # Fused (one kernel for every parameter), or foreach under a GradScaler: training/optim.py.
+        opt = adamw(self, groups, lr=self.optim.lr, betas=self.optim.betas)
         o = self.optim
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, o.warmup_steps, o.max_steps, o.min_lr_ratio)

@@ -30,7 +30,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from diffusion.models.vae import AutoencoderKL, DiagonalGaussian
 from diffusion.training.discriminator import D_LOSSES, NLayerDiscriminator, adaptive_weight, generator_loss
-from diffusion.training.diffusion_system import warmup_cosine
+from diffusion.training.optim import FusedAdamWClipping, adamw, warmup_cosine
 
 if TYPE_CHECKING:
     from diffusion.stage_configs import TrainVAEConfig
@@ -49,7 +49,7 @@ def warmup(steps: int, total: int | None = None, min_ratio: float | None = None)
     return lambda step: min(1.0, (step + 1) / steps) if steps > 0 else 1.0
 
 
-class VAESystem(pl.LightningModule):
+class VAESystem(FusedAdamWClipping, pl.LightningModule):
     """Trains ``AutoencoderKL(cfg.model)`` (and, if enabled, a PatchGAN discriminator).
 
     Batches: ``{"image": (B, 3, H, W) float in [-1, 1], ...}`` (diffusion.data.loader).
@@ -177,12 +177,13 @@ class VAESystem(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         cfg = self.cfg
         betas = (cfg.beta1, cfg.beta2)  # LDM/VQGAN's (0.5, 0.9): a short memory suits the GAN game
-        opt_g = torch.optim.AdamW(self.vae.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+        # Fused (one kernel for every parameter), or foreach under a GradScaler: training/optim.py.
+        opt_g = adamw(self, self.vae.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         if self.discriminator is None:
             return {"optimizer": opt_g, "lr_scheduler": {"scheduler": sched_g, "interval": "step"}}
         d_lr = cfg.discriminator.lr if cfg.discriminator.lr is not None else cfg.lr
-        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=d_lr, betas=betas, weight_decay=cfg.weight_decay)
+        opt_d = adamw(self, self.discriminator.parameters(), lr=d_lr, betas=betas, weight_decay=cfg.weight_decay)
         sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         return [opt_g, opt_d], [sched_g, sched_d]
 
