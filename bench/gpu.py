@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # the GPU machine has no editable install
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_models import (  # noqa: E402
+from pairs import (  # noqa: E402
     diffusers_style_guidance,
     diffusers_unet_like,
     diffusers_unet_net,

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # the GPU machine has no editable install
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_models import call  # noqa: E402
+from pairs import call  # noqa: E402
 from diffusion.config import load_section  # noqa: E402
 from diffusion.models import DIT_PRESETS  # noqa: E402
 from diffusion.models.dit import DiTConfig  # noqa: E402

@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the GPU machine has no editable install
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_models import (  # noqa: E402
+from pairs import (  # noqa: E402
     diffusers_unet_like,
     diffusers_unet_net,
     make_batch,
