@@ -114,16 +114,19 @@ def encode(tok: Tokenizer, captions: list[str]) -> torch.Tensor:
     return torch.tensor([e.ids for e in encodings], dtype=torch.long)  # (B, T)
 
 
-def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, max_length) -> (B, L): drop the padding columns that every row of the batch has, L being the
-    longest caption's length (at least 2, BOS and EOS).
+def trim_padding(tokens: torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
+    """(B, max_length) -> (B, L): drop the trailing padding columns that every row of the batch has, L being
+    the longest caption's length (at least 2, BOS and EOS).
 
     For training batches: a caption here is ~15 tokens of 32, and the text encoder and every
     cross-attention's keys and values cost in proportion to the columns (17% of a CPU train step at the
     default sizes). Nothing else changes: padding is masked as keys, so the real tokens' states, the pooled
     EOS state and the cross-attention outputs are the same either way.
     """
-    longest = int((tokens != PAD_ID).sum(dim=1).max()) if tokens.numel() else tokens.shape[1]
+    if not tokens.numel():
+        return tokens
+    real = (tokens != pad_id).any(dim=0)  # (T,): some row has a real token in this column
+    longest = int(torch.arange(1, tokens.shape[1] + 1, device=tokens.device)[real].max()) if real.any() else 0
     return tokens[:, :max(longest, 2)]
 
 

@@ -146,13 +146,13 @@ def reuse_text_keys_values(model: nn.Module) -> Iterator[None]:
     text tensor or the weights in place; a new text tensor simply replaces the cached one. The caches are
     dropped on exit. With autograd on (training), nothing is cached.
     """
-    layers = [m for m in model.modules() if isinstance(m, Attention) and m.is_cross]
-    for m in layers:
+    cross = [m for m in model.modules() if isinstance(m, Attention) and m.is_cross]
+    for m in cross:
         m._kv_cache = {}
     try:
         yield
     finally:
-        for m in layers:
+        for m in cross:
             m._kv_cache = None
 
 
