@@ -80,8 +80,8 @@ class Attention(nn.Module):
             # One fused projection for q, k and v: one matmul instead of three.
             self.to_qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.out = nn.Linear(dim, dim)
-        # Set by reuse_text_keys_values: {"context": the last text tensor, "kv": its projection}, else None.
-        self._kv_cache: dict[str, torch.Tensor] | None = None
+        # Set by reuse_text_keys_values: {"entry": (the last text tensor, its projection)}, else None.
+        self._kv_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _context_kv(self, context: torch.Tensor) -> torch.Tensor:
         """``to_kv(context)``: (B, M, 2 * dim); inside :func:`reuse_text_keys_values` and without autograd,
@@ -91,9 +91,13 @@ class Attention(nn.Module):
             return self.to_kv(context)
         # An identity test, not a value test: the cache holds the tensor, so its memory cannot be reused by
         # another one. Whoever enables the cache promises not to change the context or the weights in place.
-        if cache.get("context") is not context:
-            cache["context"], cache["kv"] = context, self.to_kv(context)
-        return cache["kv"]
+        # Text and projection are read and written as one pair, so two threads sampling with one model get
+        # each its own projection (at worst recomputed), never the other's.
+        entry = cache.get("entry")
+        if entry is None or entry[0] is not context:
+            entry = (context, self.to_kv(context))
+            cache["entry"] = entry
+        return entry[1]
 
     def forward(
         self,
