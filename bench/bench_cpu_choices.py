@@ -119,6 +119,16 @@ def train_system(cfg: TrainConfig, vae_cfg: TrainVAEConfig, denoiser) -> Diffusi
                            OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay))
 
 
+def guided_forward_inputs(args: argparse.Namespace, vae_cfg: TrainVAEConfig,
+                          cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents (2B, C, h, h), timesteps (2B,) and 32-token text states (2B, 32, width) of one guided forward
+    of evaluate's batch B (doubled by guidance)."""
+    h = args.image_size // vae_cfg.model.downsample_factor
+    rows = 2 * 50  # evaluate's batch, doubled by guidance
+    return (torch.randn(rows, vae_cfg.model.latent_dim, h, h), torch.full((rows,), 500),
+            torch.randn(rows, 32, cfg.text_encoder.width))
+
+
 def dit_activation(args: argparse.Namespace, params: Path) -> None:
     vae_cfg, cfg = load_section(TrainVAEConfig, params), load_section(TrainConfig, params)
     chosen = cfg.dit.mlp_activation
@@ -126,6 +136,7 @@ def dit_activation(args: argparse.Namespace, params: Path) -> None:
     h = args.image_size // vae_cfg.model.downsample_factor
     z = torch.randn(cfg.batch_size, vae_cfg.model.latent_dim, h, h)
     tokens = torch.randint(4, 1000, (cfg.batch_size, 32))
+    xs, t, ctx = guided_forward_inputs(args, vae_cfg, cfg)
     train, forward = {}, {}
     for act in (chosen, other):
         dit = cfg.replace(denoising_type="dit")
@@ -140,9 +151,6 @@ def dit_activation(args: argparse.Namespace, params: Path) -> None:
             opt.step()
 
         train[act] = step
-        rows = 2 * 50  # evaluate's batch, doubled by guidance
-        xs, t = torch.randn(rows, vae_cfg.model.latent_dim, h, h), torch.full((rows,), 500)
-        ctx = torch.randn(rows, 32, cfg.text_encoder.width)
 
         @torch.inference_mode()
         def fwd(denoiser=model.denoiser.eval()) -> None:
@@ -158,10 +166,7 @@ def dit_inference(args: argparse.Namespace, params: Path) -> None:
     vae_cfg, cfg = load_section(TrainVAEConfig, params), load_section(TrainConfig, params)
     dit = cfg.replace(denoising_type="dit")
     denoiser = train_system(dit, vae_cfg, dit.denoiser_config()).model.denoiser.eval()
-    h = args.image_size // vae_cfg.model.downsample_factor
-    rows = 2 * 50  # evaluate's batch, doubled by guidance
-    xs, t = torch.randn(rows, vae_cfg.model.latent_dim, h, h), torch.full((rows,), 500)
-    ctx = torch.randn(rows, 32, cfg.text_encoder.width)
+    xs, t, ctx = guided_forward_inputs(args, vae_cfg, cfg)
     fused = layers._linear_pointwise
 
     def forward(op) -> Callable[[], None]:
