@@ -53,6 +53,21 @@ def test_bad_values_name_the_key(data, key):
     assert key in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"scheduler": {"prediction_type": "epsilon"}, "min_snr_gamma": 5.0, "min_snr_on": "snr_plus_one"}, "min_snr_on"),
+        ({"denoising_type": "dit", "dit": {"learn_sigma": True}}, "dit.learn_sigma"),
+        ({"scheduler": {"prediction_type": "epsilon", "rescale_zero_terminal_snr": True}}, "rescale_zero_terminal_snr"),
+    ],
+)
+def test_train_combinations_its_loss_cannot_train_are_rejected(overrides, key):
+    from diffusion.stage_configs import TrainConfig
+
+    with pytest.raises(ConfigError, match=key):
+        TrainConfig.from_dict(overrides, "train")
+
+
 def test_error_lists_allowed_choices():
     with pytest.raises(ConfigError, match="'shapes', 'folder', 'webdataset'"):
         ShardConfig.from_dict({"source": "x"})

@@ -74,6 +74,18 @@ def test_make_timesteps_match_diffusers(spacing, n):
     assert len(ts) == n and (ts[:-1] > ts[1:]).all()
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_make_timesteps_every_step_count_gives_n_distinct_valid_steps(spacing):
+    """For every n in 1..T: n strictly descending timesteps in [0, T). diffusers' trailing form keeps an (n+1)-th
+    timestep -1 for 62 values of n at T = 1000 (n = 61: ..., 32, 15, -1), from np.arange's float overshoot."""
+    s = DDPMScheduler()
+    for n in range(1, T + 1):
+        ts = make_timesteps(s, n, spacing)
+        assert len(ts) == n and ts.min() >= 0 and ts.max() < T, (spacing, n)
+        assert (ts[:-1] > ts[1:]).all(), (spacing, n)
+    assert make_timesteps(s, 61, "trailing")[-3:].tolist() == [48, 32, 15]
+
+
 @pytest.mark.parametrize(
     "spacing, n, first, last",
     [
@@ -86,6 +98,14 @@ def test_first_and_last_timesteps(spacing, n, first, last):
     """The off-by-one (diffusers #2585, latent-diffusion #136): only trailing/linspace start at T-1."""
     ts = make_timesteps(DDPMScheduler(), n, spacing)
     assert (ts[0].item(), ts[-1].item()) == (first, last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_latents_are_rejected(dtype):
+    """In bfloat16, alpha-bar_t rounds to 1 for small t and the update divides by 1 - alpha-bar = 0 (NaN)."""
+    s = DDPMScheduler()
+    with pytest.raises(ValueError, match="float32"):
+        sample_ddim(toy_model(s), noise().to(dtype), s, make_timesteps(s, 5))
 
 
 def test_make_timesteps_rejects_bad_arguments():

@@ -186,6 +186,8 @@ def test_float64_inputs_read_the_float64_masters_whatever_the_buffers():
         ({"prediction_type": "flow"}, ["prediction_type", "'epsilon'", "'v_prediction'", "'sample'"]),
         ({"num_timesteps": 1}, ["num_timesteps", ">= 2"]),
         ({"beta_start": 0.02, "beta_end": 0.01}, ["beta_end", "beta_start"]),
+        # alpha-bar_{T-1} = 0 leaves eps-prediction no x_0 at the last step (NaN samples, NaN Min-SNR weights)
+        ({"rescale_zero_terminal_snr": True}, ["rescale_zero_terminal_snr", "'v_prediction'", "'epsilon'"]),
     ],
 )
 def test_invalid_arguments_raise_naming_the_argument(kw, words):

@@ -387,6 +387,38 @@ def test_system_clips_gradients_of_the_fused_adamw(algorithm):
         assert grads.abs().max().item() == pytest.approx(0.5)
 
 
+def test_system_rejects_what_its_loss_cannot_train():
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+
+    model, _ = _tiny_seed_model("dit")
+    with pytest.raises(ValueError, match="snr_plus_one"):
+        DiffusionSystem(model, DDPMScheduler(), OptimSettings(min_snr_gamma=5.0, min_snr_on="snr_plus_one"))
+    model.denoiser = type(model.denoiser)(model.denoiser.cfg.replace(learn_sigma=True))
+    with pytest.raises(ValueError, match="learn_sigma"):
+        DiffusionSystem(model, DDPMScheduler(), OptimSettings())
+
+
+def test_each_ddp_rank_draws_its_own_timesteps_and_noise(monkeypatch):
+    """seed_everything seeds every rank alike; setup offsets the global generator by the rank (rank 0 unchanged),
+    so the ranks' diffusion_loss draws differ while each stays reproducible."""
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+
+    model, _ = _tiny_seed_model("dit")
+    system = DiffusionSystem(model, DDPMScheduler(), OptimSettings())
+    draws = {}
+    for rank in (0, 1, 1):
+        monkeypatch.setattr(DiffusionSystem, "global_rank", property(lambda self, r=rank: r))
+        torch.manual_seed(7)
+        system.setup("fit")
+        draws.setdefault(rank, []).append(torch.randn(8))
+    assert not torch.equal(draws[0][0], draws[1][0])
+    assert torch.equal(draws[1][0], draws[1][1])
+    torch.manual_seed(7)
+    assert torch.equal(draws[0][0], torch.randn(8))
+
+
 def test_min_snr_weights_and_lr_schedule():
     from diffusion.training.diffusion_system import min_snr_weight, warmup_cosine
 
@@ -395,12 +427,14 @@ def test_min_snr_weights_and_lr_schedule():
     assert torch.allclose(min_snr_weight(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
     assert torch.allclose(min_snr_weight(snr, 5.0, "sample"), torch.tensor([0.5, 5.0, 5.0]))
     # Capping SNR + 1: z_0 weight min(SNR + 1, 5) = [1.5, 5, 5], so v-prediction keeps weight 1 at high noise.
-    plus = {t: min_snr_weight(snr, 5.0, t, on="snr_plus_one") for t in ("epsilon", "v_prediction", "sample")}
+    plus = {t: min_snr_weight(snr, 5.0, t, on="snr_plus_one") for t in ("v_prediction", "sample")}
     assert torch.allclose(plus["sample"], torch.tensor([1.5, 5.0, 5.0]))
-    assert torch.allclose(plus["epsilon"], torch.tensor([3.0, 1.0, 0.1]))
     assert torch.allclose(plus["v_prediction"], torch.tensor([1.0, 5 / 6, 5 / 51]))
     with pytest.raises(ValueError, match="min_snr_on"):
         min_snr_weight(snr, 5.0, "epsilon", on="snr_squared")
+    # With eps-prediction, capping SNR + 1 would weigh min(SNR + 1, 5) / SNR: 2e4 at t = 999 of linear betas.
+    with pytest.raises(ValueError, match="snr_plus_one.*v_prediction"):
+        min_snr_weight(snr, 5.0, "epsilon", on="snr_plus_one")
     assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)

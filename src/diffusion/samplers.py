@@ -77,7 +77,9 @@ def make_timesteps(scheduler: DDPMScheduler, num_steps: int, spacing: Spacing = 
     elif spacing == "leading":
         ts = (np.arange(0, num_steps) * (T // num_steps)).round()[::-1].astype(np.int64)
     elif spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
+        # diffusers' form, cut to n values: arange's float steps can overshoot and keep an (n+1)-th value
+        # ~1e-13 that would round to timestep -1 (n = 61 of T = 1000; diffusers 0.42 keeps it).
+        ts = (np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1)[:num_steps]
     else:
         raise ValueError(f"spacing: expected one of {', '.join(map(repr, SPACINGS))}, got {spacing!r}")
     return torch.from_numpy(ts.copy())
@@ -105,6 +107,11 @@ def _alpha_bars(scheduler: DDPMScheduler, x: Tensor, ts: list[int]) -> list[tupl
     Setting alpha-bar = 1 after the last step is diffusers' ``set_alpha_to_one=True`` (DDIM) and
     ``self.one`` (DDPM): the last step lands on clean data and returns the predicted x_0 exactly.
     """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # bfloat16 rounds alpha-bar_t to 1 for small t (1 - alpha-bar = 0, a division by zero); float16 keeps
+        # 3 digits. The module docstring's rule, enforced: mixed precision belongs inside model_fn.
+        raise ValueError(f"x: expected float32 or float64 latents, got {x.dtype}; the update arithmetic runs in "
+                         "x's dtype (use autocast inside model_fn for a half-precision network)")
     ab = scheduler.table("alphas_cumprod", x)
     one = torch.ones((), dtype=x.dtype, device=x.device)
     return [(t, ab[t], ab[s] if s >= 0 else one) for t, s in zip(ts, ts[1:] + [-1])]
@@ -209,6 +216,11 @@ def sample_dpmpp_2m(
     replaced by 2**-24, as diffusers does, so that lambda stays finite.
     """
     ts = _timestep_list(scheduler, timesteps)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # bfloat16 rounds alpha-bar_t to 1 for small t (1 - alpha-bar = 0, a division by zero); float16 keeps
+        # 3 digits. The module docstring's rule, enforced: mixed precision belongs inside model_fn.
+        raise ValueError(f"x: expected float32 or float64 latents, got {x.dtype}; the update arithmetic runs in "
+                         "x's dtype (use autocast inside model_fn for a half-precision network)")
     ab = scheduler.table("alphas_cumprod", x)
     ab = torch.where(ab > 0, ab, torch.full_like(ab, 2.0**-24))
     alpha, sigma = ab.sqrt(), (1 - ab).sqrt()

@@ -90,6 +90,13 @@ class SchedulerConfig(Config):
     def __post_init__(self) -> None:
         if self.beta_end < self.beta_start:
             raise ConfigError(f"beta_end: expected a value >= beta_start ({self.beta_start}), got {self.beta_end}")
+        if self.rescale_zero_terminal_snr and self.prediction_type == "epsilon":
+            # alpha-bar_{T-1} = 0: x_0 = (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) divides by zero at the
+            # noisiest step, and eps carries no information about x_0 there (Lin et al. 2023, sec. 3.2).
+            raise ConfigError(
+                "rescale_zero_terminal_snr: needs prediction_type 'v_prediction' or 'sample'; with 'epsilon' the "
+                "last timestep (alpha-bar = 0) has no x_0 (sampling gives NaN, Min-SNR weights NaN)"
+            )
 
 
 # --------------------------------------------------------------------------------------------------

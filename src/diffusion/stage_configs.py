@@ -333,6 +333,12 @@ class TrainConfig(TrainerFields):
             object.__setattr__(self, "dit", self.dit.replace(**DIT_PRESETS[self.dit_preset]))
         if not self.sample_prompts and self.sample_every_n_steps:
             raise ConfigError("sample_prompts: empty, but sample_every_n_steps asks for sample grids")
+        if self.min_snr_gamma is not None and self.min_snr_on == "snr_plus_one" and \
+                self.scheduler.prediction_type == "epsilon":
+            raise ConfigError("min_snr_on: 'snr_plus_one' needs scheduler.prediction_type 'v_prediction' or "
+                              "'sample'; with 'epsilon' its weight min(SNR + 1, gamma) / SNR is unbounded at high noise")
+        if self.denoising_type == "dit" and self.dit.learn_sigma:
+            raise ConfigError("dit.learn_sigma: the training loss has no variance term (DiT's L_vlb); set it false")
 
     def denoiser_config(self) -> Config:
         """The chosen denoiser's config, with the DiT preset applied."""

@@ -62,6 +62,10 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str, on: st
     """
     if on not in ("snr", "snr_plus_one"):
         raise ValueError(f"min_snr_on: expected snr or snr_plus_one, got {on!r}")
+    if on == "snr_plus_one" and prediction_type == "epsilon":
+        # min(SNR + 1, gamma) / SNR has no upper bound as SNR -> 0: weights of 2e4 at t = 999 (linear betas).
+        raise ValueError("min_snr_on: 'snr_plus_one' needs prediction_type 'v_prediction' or 'sample'; with "
+                         "'epsilon' its weight min(SNR + 1, gamma) / SNR grows without bound at high noise")
     clipped = (snr + 1 if on == "snr_plus_one" else snr).clamp(max=gamma)
     if prediction_type == "epsilon":
         return clipped / snr
@@ -85,6 +89,13 @@ class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
     def __init__(self, model: torch.nn.Module, scheduler: DDPMScheduler, optim: OptimSettings,
                  compile_denoiser: bool = False) -> None:
         super().__init__()
+        if getattr(getattr(model.denoiser, "cfg", None), "learn_sigma", False):
+            # DiT trains its variance channels with the VLB term (Nichol & Dhariwal 2021, L_hybrid), which this
+            # loss does not have; our samplers do not read them either.
+            raise ValueError("learn_sigma: the diffusion loss has no variance term (DiT's L_vlb); build the "
+                             "denoiser with learn_sigma false")
+        if optim.min_snr_gamma is not None:  # a bad combination fails here, not at the first step
+            min_snr_weight(torch.ones(1), optim.min_snr_gamma, scheduler.prediction_type, optim.min_snr_on)
         self.model = model
         self.scheduler = scheduler
         self.optim = optim
@@ -113,6 +124,13 @@ class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
         if compiled is None:
             compiled = self.__dict__["_compiled"] = torch.compile(self.model.denoiser)
         return compiled
+
+    def setup(self, stage: str) -> None:
+        # seed_everything seeds every rank alike, and diffusion_loss draws t and the noise from the global
+        # generator: without an offset, all ranks of a DDP run would draw the same timesteps and noise for
+        # their different batches. Rank 0 keeps the seed, so a one-device run is unchanged.
+        if stage == "fit" and self.global_rank:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
 
     def latents_of(self, batch: dict) -> torch.Tensor:
         """Scaled latents of a batch: cached (the latent loader already sampled and scaled them) or, for
