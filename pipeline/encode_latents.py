@@ -92,6 +92,8 @@ def _groups(
 ) -> Iterator[tuple[str, Iterable[LatentRecord]]]:
     """(shard name, records): one per image shard (`shards`: (name, path or URL)), or re-chunked to
     `samples_per_shard`."""
+    if not shards:  # an empty split (e.g. no val images): nothing to encode, an empty folder is written
+        return
     if cfg.samples_per_shard is None:
         # Batches stay within a shard; the last batch of each shard may be smaller, deterministically.
         for name, url in shards:

@@ -24,7 +24,7 @@ from diffusion.config import ConfigError
 from diffusion.data.records import Sample, Skipped
 from diffusion.data.shapes import attribute_values, generate_shapes, validate_holdout
 from diffusion.data.shards import atomic_write_json, write_shards
-from diffusion.data.sources import iter_folder, iter_webdataset, summarise
+from diffusion.data.sources import SourceError, iter_folder, iter_webdataset, summarise
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 from diffusion.stage_configs import ShardConfig
 
@@ -37,8 +37,16 @@ def validate(cfg: ShardConfig) -> None:
     """Checks that need more than the config itself, run before any work (bad input stops early)."""
     if cfg.source == "shapes":
         validate_holdout(cfg.shapes)
-    elif cfg.source == "folder" and not Path(cfg.path).is_dir():
+        return
+    if cfg.source == "folder" and not Path(cfg.path).is_dir():
         raise ConfigError(f"shard.path: folder {cfg.path!r} does not exist")
+    try:
+        # Lists the folder (and picks its layout) or expands the tar patterns, reading no image: a pattern that
+        # matches nothing, or a folder whose captions cannot be found, stops here, not after the run opens.
+        _user_items(cfg)
+    except SourceError as error:
+        key = "shard.folder_layout" if cfg.source == "folder" else "shard.path"
+        raise ConfigError(f"{key}: {error}") from error
 
 
 def _is_val(key: str, cfg: ShardConfig) -> bool:
@@ -106,6 +114,9 @@ def _write(cfg: ShardConfig, tmp: Path) -> dict[str, Any]:
                 f"(skipped: {', '.join(f'{r}={n}' for r, n in summarise(split.skipped).items() if n) or 'none'});"
                 " expected images with captions (metadata.jsonl, side-car .txt, or class folders)"
             )
+        if not split.val:  # allowed (val_fraction 0), but train_vae, train_judge and evaluate will refuse it
+            print(f"warning: no image fell into the val split (shard.val_fraction {cfg.val_fraction}, "
+                  f"{len(split.captions)} train images); train_vae, train_judge and evaluate need val images")
         val = write_shards(split.val, tmp / "val", **kw)
         captions, skipped, extra = split.captions, split.skipped, {}
         val_captions = [s.caption for s in split.val]

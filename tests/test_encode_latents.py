@@ -7,6 +7,7 @@ the train_vae stage would (known scale 2 and shift 0.5), and runs `python cli.py
 from __future__ import annotations
 
 import hashlib
+import shutil
 import io
 import os
 import tarfile
@@ -207,6 +208,20 @@ def test_rechunked_shards_and_missing_inputs(project, tmp_path, monkeypatch):
     assert keys == [f"train-{i:04d}" for i in range(10)]
     with pytest.raises(stage.EncodeLatentsError, match=r"python cli.py shard"):
         stage.validate(cfg.replace(shards_dir=str(tmp_path / "nothing")))
+
+
+def test_empty_val_split_is_encoded_to_an_empty_split_when_rechunking(project, tmp_path, monkeypatch):
+    """A user source with shard.val_fraction 0 has an empty val split; re-chunked encoding must write an
+    empty latent val split, not fail after encoding the whole train split."""
+    from pipeline import encode_latents as stage
+
+    monkeypatch.chdir(project["root"])
+    shards = tmp_path / "shards"
+    shutil.copytree(project["root"] / "data/shards/train", shards / "train")
+    (shards / "val").mkdir()
+    result = stage.run(EncodeLatentsConfig(shards_dir=str(shards), out_dir=str(tmp_path / "lat"), samples_per_shard=6))
+    assert result["counts"] == {"train": 10, "val": 0}
+    assert list((tmp_path / "lat/val").iterdir()) == []
 
 
 def test_missing_vae_names_the_stage_to_run(project, tmp_path):

@@ -86,10 +86,14 @@ def test_require_split_names_the_key_the_folder_and_the_stage_to_run(tmp_path, f
 
     assert require_split(str(folder), "train", "x.shards_dir", "shard", StageError) == list_split(str(folder), "train")
     (tmp_path / "empty/val").mkdir(parents=True)
-    for location in (tmp_path / "missing", tmp_path / "empty"):  # no split folder; a split folder without shards
-        with pytest.raises(StageError, match=rf"^x.latents_dir: no latent shards in {location}/val; run `python cli.py "
-                                             r"encode-latents` \(or `dvc repro encode_latents`\) first$"):
-            require_split(str(location), "val", "x.latents_dir", "encode_latents", StageError, "latent shards")
+    location = tmp_path / "missing"  # no split folder
+    with pytest.raises(StageError, match=rf"^x.latents_dir: no latent shards in {location}/val; run `python cli.py "
+                                         r"encode-latents` \(or `dvc repro encode_latents`\) first$"):
+        require_split(str(location), "val", "x.latents_dir", "encode_latents", StageError, "latent shards")
+    # A split folder without shards: the stage that wrote it ran, so the message points at the empty split's cause.
+    with pytest.raises(StageError, match=rf"^x.latents_dir: {tmp_path / 'empty'}/val exists but holds no latent "
+                                         r"shards.*shard.val_fraction"):
+        require_split(str(tmp_path / "empty"), "val", "x.latents_dir", "encode_latents", StageError, "latent shards")
     # allow_empty (encode_latents' val split, empty with shard.val_fraction 0): an empty split is [], a missing one
     # is still an error.
     assert require_split(str(tmp_path / "empty"), "val", "k", "shard", StageError, allow_empty=True) == []

@@ -136,6 +136,21 @@ def test_missing_folder_is_a_bad_parameter(tmp_path):
         stage.validate(cfg)
 
 
+def test_source_problems_are_bad_parameters_found_before_any_work(tmp_path):
+    """A tar pattern that matches nothing, a folder whose layout cannot be told, a template field other than
+    {label}: each a ConfigError naming the key, from validate (before the MLflow run opens)."""
+    cases = [
+        ({"source": "webdataset", "path": str(tmp_path / "none-{000..002}.tar")}, "shard.path"),
+        ({"source": "folder", "path": str(tmp_path)}, "shard.folder_layout"),  # an empty folder: no layout
+    ]
+    for data, key in cases:
+        with pytest.raises(ConfigError, match=key):
+            stage.validate(ShardConfig.from_dict(data, "shard"))
+    with pytest.raises(ConfigError, match="shard.caption_template"):
+        ShardConfig.from_dict({"source": "folder", "path": str(tmp_path), "caption_template": "a {label} {kind}"},
+                              "shard")
+
+
 def test_help_documents_the_stage_and_its_parameters(cli_env, tmp_path):
     proc = run_cli(["shard", "--help"], tmp_path, cli_env)
     for text in ("WebDataset", "--set", "shard.resolution", "shard.shapes", "metadata.jsonl"):

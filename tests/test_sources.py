@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from diffusion.data import images
+from diffusion.data import images, sources
 from diffusion.data.records import SKIP_REASONS, Sample, Skipped
 from diffusion.data.sources import SourceError, iter_folder, iter_webdataset, sanitise_key, summarise
 
@@ -254,6 +254,30 @@ def test_folder_order_is_deterministic_and_errors_name_the_problem(tmp_path):
         list(iter_folder(flat, "auto", TEMPLATE, RES))
 
 
+def test_symlinked_folders_are_followed_once_and_unreadable_captions_skipped(tmp_path, monkeypatch):
+    elsewhere, root = tmp_path / "elsewhere", tmp_path / "data"
+    write(elsewhere, {"dogs/a.png": encode(noise((24, 24), 1), "PNG")})
+    write(root, {"cats/b.png": encode(noise((24, 24), 2), "PNG")})
+    (root / "dogs").symlink_to(elsewhere / "dogs", target_is_directory=True)
+    (root / "cats" / "loop").symlink_to(root, target_is_directory=True)  # a link to an ancestor: listed once
+    samples = [item.key for item in iter_folder(root, "classes", TEMPLATE, RES)]
+    assert samples == ["cats/b", "dogs/a"]
+
+    write(root / "captioned", {"c.png": encode(noise((24, 24), 3), "PNG"), "c.txt": b"three",
+                               "d.png": encode(noise((24, 24), 4), "PNG"), "d.txt": b"four"})
+    read = sources._read_caption
+
+    def refuse_d(path):
+        if path.name == "d.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read(path)
+
+    monkeypatch.setattr(sources, "_read_caption", refuse_d)
+    items = list(iter_folder(root / "captioned", "captions", TEMPLATE, RES))
+    assert [i.caption for i in items if isinstance(i, Sample)] == ["three"]
+    assert [(i.source, i.reason) for i in items if isinstance(i, Skipped)] == [("d.png", "missing_file")]
+
+
 def test_keys_are_webdataset_safe():
     assert sanitise_key("my photos/IMG 0001.final.JPG") == "my_photos/IMG_0001_final"
     assert sanitise_key("café.png") == "caf_"
@@ -357,6 +381,23 @@ def test_webdataset_source(tmp_path):
             (k, s.image.tobytes()) for k, s in samples.items()
         ]
         assert other_skipped == skipped
+
+
+def test_tar_cut_on_a_header_boundary_is_counted_corrupt(tmp_path):
+    """tarfile's stream mode ends silently where the file ends on a 512-byte header boundary; the source must
+    still see the missing end-of-archive block and count the tar corrupt instead of losing its rest unseen."""
+    members = []
+    for i in range(3):
+        members += img2dataset_sample(f"00000000{i}", ("png", encode(noise((24, 24), i), "PNG")), f"noise {i}")
+    write_tar(tmp_path / "whole.tar", members)
+    data = (tmp_path / "whole.tar").read_bytes()
+    header = data.index(b"000000001.png")  # the second sample's first header: a block boundary
+    assert header % 512 == 0
+    (tmp_path / "cut.tar").write_bytes(data[:header])
+    samples, skipped = collect(iter_webdataset(str(tmp_path / "cut.tar"), RES))
+    assert [s.reason for s in skipped] == ["corrupt"] and "end-of-archive" in skipped[0].detail
+    whole, none = collect(iter_webdataset(str(tmp_path / "whole.tar"), RES))
+    assert len(whole) == 3 and none == []
 
 
 def test_webdataset_source_errors(tmp_path):

@@ -76,6 +76,11 @@ class ShardConfig(Config):
             raise ConfigError(f"path: required for source {self.source!r} (a folder or tar files)")
         if "{label}" not in self.caption_template:
             raise ConfigError(f"caption_template: must contain {{label}}, got {self.caption_template!r}")
+        try:
+            self.caption_template.format(label="x")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ConfigError(f"caption_template: only {{label}} may be used in {self.caption_template!r} "
+                              f"(write {{{{ and }}}} for literal braces); {type(error).__name__}: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -130,9 +130,13 @@ def require_split(location: str, split: str, key: str, made_by: str, error: type
         if is_remote(location):  # the message says what was tried and what to write instead
             raise error(f"{key}: {e}") from e
         urls = None
-    if urls is None or (not urls and not allow_empty):
+    if urls is None:
         raise error(f"{key}: no {what} in {location}/{split}; run `python cli.py {made_by.replace('_', '-')}` "
                     f"(or `dvc repro {made_by}`) first")
+    if not urls and not allow_empty:
+        raise error(f"{key}: {location}/{split} exists but holds no {what}: the {split} split is empty (a user "
+                    f"source with shard.val_fraction 0, or too few images for it), and this stage needs {split} "
+                    "data; raise shard.val_fraction and rerun the shard stage")
     return urls
 
 

@@ -135,13 +135,20 @@ def _is_image_name(name: str) -> bool:
 
 
 def _list_files(root: Path) -> list[str]:
-    """Relative POSIX paths of every file under ``root``, sorted by path components.
+    """Relative POSIX paths of every file under ``root`` (through symlinked folders), sorted by path components.
 
     Hidden files and folders are left out: ``.DS_Store``, macOS ``._IMG_0001.jpg`` resource forks (which
     carry an image extension but are not images), ``.ipynb_checkpoints``, ``.git``.
     """
-    found = []
-    for folder, dirs, files in os.walk(root):
+    found, seen = [], set()
+    # Symlinked folders are followed (a class folder linked in from elsewhere is a common layout); a folder
+    # reached twice, e.g. through a link to its own parent, is listed once.
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         relative = Path(folder).relative_to(root)
         found += [(relative / f).as_posix() for f in files if not f.startswith(".")]
@@ -210,7 +217,11 @@ def _iter_captions(root: Path, files: list[str], assemble: _Assembler, template:
     """Each image with the caption in the ``.txt`` of the same name beside it, in any subfolder."""
     for name in filter(_is_image_name, files):
         path = root / name
-        caption = _read_caption(path.with_suffix(CAPTION_SUFFIX))
+        try:
+            caption = _read_caption(path.with_suffix(CAPTION_SUFFIX))
+        except OSError as error:  # permission denied, an I/O error: skipped like an unreadable image
+            yield Skipped(name, "missing_file", f"cannot read its caption {CAPTION_SUFFIX}: {error}")
+            continue
         yield assemble(name, name, caption, path.read_bytes, {})
 
 
@@ -336,12 +347,26 @@ def _tar_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]] | Skipped]:
                         yield key, group
                     key, group = match.group(1), {}
                 group[match.group(2).lower()] = tar.extractfile(member).read()
+            if not _ended_with_zero_block(tar):
+                raise tarfile.ReadError("the file ends where a member header should be (no end-of-archive block)")
     except (tarfile.TarError, OSError, EOFError) as error:
         # The group being read when the tar broke may be incomplete; it is dropped with the rest.
         yield Skipped(url, "corrupt", f"tar breaks off at or after sample {key!r}: {type(error).__name__}: {error}")
         return
     if group:
         yield key, group
+
+
+def _ended_with_zero_block(tar: tarfile.TarFile) -> bool:
+    """Whether iteration stopped at the end-of-archive zero block rather than at the end of the file.
+
+    In stream mode ("r|") tarfile stops silently when the file ends where the next header should be, so a tar
+    cut on a 512-byte boundary would lose its remaining samples without a trace. Its stream's position tells:
+    a complete tar's last header read was a full zero block. (``pos`` is the stream's own counter; without
+    it, the check is skipped.)
+    """
+    pos = getattr(tar.fileobj, "pos", None)
+    return pos is None or pos >= tar.offset + tarfile.BLOCKSIZE
 
 
 def _wds_item(url: str, key: str, group: dict[str, bytes], assemble: _Assembler) -> Item:
