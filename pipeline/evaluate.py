@@ -22,6 +22,7 @@ Everything is seeded: the same model, params and seed give the same figures.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -30,8 +31,9 @@ from typing import Any
 
 import torch
 
+from diffusion.config import ConfigError
 from diffusion.data.locations import require_split
-from diffusion.data.shards import atomic_write_json
+from diffusion.data.shards import atomic_write_bytes, atomic_write_json, atomic_write_text
 from diffusion.evaluation.judge import AttributeJudge, LabelledImages, load_split, to_uint8
 from diffusion.evaluation.metrics import judge_ceilings, score_images
 from diffusion.stage_configs import EvaluateConfig, SweepEntry
@@ -53,7 +55,29 @@ def validate(cfg: EvaluateConfig) -> list[str]:
     if not (Path(cfg.judge_dir) / "config.json").is_file():
         raise EvaluateError(f"evaluate.judge_dir: no judge in {cfg.judge_dir}; run `python cli.py train-judge` "
                             "(or `dvc repro train_judge`) first")
+    _check_steps(cfg, model)
+    if cfg.fid:
+        from diffusion.evaluation.fid import InceptionUnavailable, inception_path
+
+        try:
+            inception_path()
+        except InceptionUnavailable as e:
+            raise EvaluateError(f"evaluate.fid: {e} (or set evaluate.fid false)") from e
     return require_split(cfg.shards_dir, "val", "evaluate.shards_dir", "shard", EvaluateError)
+
+
+def _check_steps(cfg: EvaluateConfig, model: Path) -> None:
+    """Every setting's steps within the model's T, so a sweep entry cannot fail after the main setting ran."""
+    from diffusion.pipeline_model import ModelNotFoundError, _read_json
+
+    try:
+        T = int(_read_json(model / "train_config.json")["scheduler"]["num_timesteps"])
+    except (ModelNotFoundError, KeyError, TypeError, ValueError) as e:
+        raise EvaluateError(f"evaluate.model_dir: {model}/train_config.json has no scheduler.num_timesteps ({e})") from e
+    settings = {"evaluate.steps": cfg.steps, **{f"evaluate.sweep[{i}].steps": e.steps for i, e in enumerate(cfg.sweep)}}
+    for key, steps in settings.items():
+        if steps is not None and steps > T:
+            raise ConfigError(f"{key}: at most the model's scheduler.num_timesteps ({T}), got {steps}")
 
 
 def _device(cfg: EvaluateConfig) -> torch.device:
@@ -162,12 +186,12 @@ def write_sweep(rows: list[dict[str, Any]], path: str) -> None:
     fields = ["label", "sampler", "steps", "guidance", "adherence", "adherence_heldout", "judge_fd",
               "images_per_second", "samples"]
     fields = [f for f in fields if any(f in r for r in rows)]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    buffer = io.StringIO()  # written whole and renamed into place: an interruption keeps the previous table
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buffer.getvalue())
 
 
 def samples_grid(cfg: EvaluateConfig, gen_args: tuple, side: int) -> Any:
@@ -312,8 +336,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
                                 for k in keys if is_finite_number(row.get(k))})
         mlflow.log_artifact(cfg.sweep_path, "plots")
         if grid is not None:
-            Path(cfg.samples_path).parent.mkdir(parents=True, exist_ok=True)
-            grid.save(cfg.samples_path)
+            png = io.BytesIO()
+            grid.save(png, format="PNG")
+            atomic_write_bytes(cfg.samples_path, png.getvalue())
             mlflow.log_image(grid, "samples.png")
         uri = _register(cfg)
         if uri:

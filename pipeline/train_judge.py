@@ -68,7 +68,8 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg.metrics_path, metrics)
+    # An attribute no val image names has no accuracy (NaN), which JSON cannot hold: left out, as evaluate does.
+    atomic_write_json(cfg.metrics_path, {k: v for k, v in metrics.items() if is_finite_number(v)})
     return metrics
 
 

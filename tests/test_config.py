@@ -59,6 +59,7 @@ def test_bad_values_name_the_key(data, key):
         ({"scheduler": {"prediction_type": "epsilon"}, "min_snr_gamma": 5.0, "min_snr_on": "snr_plus_one"}, "min_snr_on"),
         ({"denoising_type": "dit", "dit": {"learn_sigma": True}}, "dit.learn_sigma"),
         ({"scheduler": {"prediction_type": "epsilon", "rescale_zero_terminal_snr": True}}, "rescale_zero_terminal_snr"),
+        ({"scheduler": {"num_timesteps": 100}, "sample_steps": 101}, "sample_steps"),
     ],
 )
 def test_train_combinations_its_loss_cannot_train_are_rejected(overrides, key):

@@ -185,6 +185,23 @@ def test_real_inception_features_are_cached_by_content(tmp_path):
     assert not hit and ext.images == 12 and len(list(cache.iterdir())) == 2
 
 
+def test_feature_cache_key_follows_the_inception_files_contents(tmp_path, monkeypatch):
+    """Retrained weights of the same shape make a file of the same size: the key must still change."""
+    import os
+
+    from diffusion.evaluation import fid
+
+    weights = tmp_path / fid.INCEPTION_FILE
+    monkeypatch.setattr(fid, "inception_path", lambda: weights)
+    real = shapes_images(2, "val").images
+    weights.write_bytes(b"A" * 64)
+    first = fid.features_key(real, "cpu")
+    assert fid.features_key(real, "cpu") == first
+    weights.write_bytes(b"B" * 64)
+    os.utime(weights, ns=(1, 1))  # another mtime too, as any rewrite of the file gives
+    assert fid.features_key(real, "cpu") != first
+
+
 def test_configs_parse_params_and_refuse_bad_values():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     cfg = EvaluateConfig.from_dict(params["evaluate"], "evaluate")
@@ -198,6 +215,30 @@ def test_configs_parse_params_and_refuse_bad_values():
         EvaluateConfig.from_dict({"sweep": [{"sampler": "euler"}]}, "evaluate")
     with pytest.raises(ConfigError, match="evaluate.num_samples"):
         EvaluateConfig.from_dict({"num_samples": 1}, "evaluate")
+    # What MLflow's registry would refuse after sampling and FID is refused on load.
+    for alias in ("latest", "v1", "a b", ""):
+        with pytest.raises(ConfigError, match="evaluate.registered_model_alias"):
+            EvaluateConfig.from_dict({"registered_model_alias": alias}, "evaluate")
+    for name in ("", "a/b", "x:y"):
+        with pytest.raises(ConfigError, match="evaluate.registered_model_name"):
+            EvaluateConfig.from_dict({"registered_model_name": name}, "evaluate")
+
+
+def test_validate_refuses_steps_beyond_the_models_schedule_before_any_work(tmp_path):
+    from pipeline.evaluate import validate
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.pt", "tokenizer.json"):
+        (model / name).write_text("{}")
+    (model / "train_config.json").write_text(json.dumps({"scheduler": {"num_timesteps": 100}}))
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge/config.json").write_text("{}")
+    base = {"model_dir": str(model), "judge_dir": str(tmp_path / "judge"), "fid": False}
+    with pytest.raises(ConfigError, match=r"evaluate.sweep\[1\].steps: at most .*100"):
+        validate(EvaluateConfig.from_dict(base | {"sweep": [{"steps": 50}, {"steps": 101}]}, "evaluate"))
+    with pytest.raises(ConfigError, match=r"evaluate.steps"):
+        validate(EvaluateConfig.from_dict(base | {"steps": 200, "sweep": []}, "evaluate"))
 
 
 def test_prompts_are_a_seeded_choice_of_val_captions_or_their_canonical_phrasing():

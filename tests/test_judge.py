@@ -117,6 +117,35 @@ def test_train_judge_without_attributes_leaves_an_empty_judge(tmp_path):
     assert load_judge(cfg.out_dir) is None
 
 
+def test_train_judge_metrics_file_is_strict_json_when_val_lacks_an_attribute(tmp_path):
+    """An attribute no val image names has no accuracy (NaN); metrics/judge.json must still be valid JSON."""
+    import json
+
+    from PIL import Image
+
+    from diffusion.data.records import Sample
+    from diffusion.data.shards import write_shards
+    from pipeline import train_judge
+
+    def samples(n, colour):
+        return [Sample(f"k{i}", Image.new("RGB", (16, 16), (i * 20, 40, 0)), "a thing",
+                       {"attributes": {"shape": ["circle", "square"][i % 2], **({"color": "red"} if colour else {})}})
+                for i in range(n)]
+
+    write_shards(samples(8, True), tmp_path / "shards/train", samples_per_shard=10)
+    write_shards(samples(4, False), tmp_path / "shards/val", samples_per_shard=10)
+    cfg = JudgeConfig(shards_dir=str(tmp_path / "shards"), out_dir=str(tmp_path / "judge"),
+                      metrics_path=str(tmp_path / "judge.json"), steps=2, batch_size=4)
+    metrics = train_judge.run(cfg)
+    assert metrics["val_acc_color"] != metrics["val_acc_color"]  # NaN: no val image names a colour
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    written = json.loads((tmp_path / "judge.json").read_text(), parse_constant=refuse)
+    assert "val_acc_color" not in written and "val_acc_shape" in written
+
+
 def test_degrade_blurs_and_adds_noise_reproducibly_and_is_identity_when_off():
     from diffusion.evaluation.judge import degrade
 

@@ -6,6 +6,7 @@ The model folder is built here, at tiny sizes with random weights, in the layout
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,8 @@ def test_pipeline_images_and_defaults(pipe):
     ({"image_size": 20}, "image_size"), ({"steps": 0}, "steps"), ({"steps": 1001}, "steps"),
     ({"sampler": "euler"}, "sampler"), ({"guidance": -1.0}, "guidance"), ({"num_images_per_prompt": 0},
                                                                           "num_images_per_prompt"),
+    ({"image_size": 0}, "image_size"),  # 0 is a bad size, not "the training size"
+    ({"num_images_per_prompt": 1.7}, "num_images_per_prompt"),
 ])
 def test_bad_options_are_refused(model_dir, options, option):
     spec = ModelSpec.read(model_dir)
@@ -118,6 +121,26 @@ def test_prompt_warnings(pipe):
 def test_missing_model_names_the_stage(tmp_path):
     with pytest.raises(ModelNotFoundError, match="python cli.py train"):
         TextToImagePipeline.from_pretrained(tmp_path / "nowhere")
+
+
+def test_damaged_model_folder_and_bad_devices_are_named(model_dir, tmp_path):
+    from diffusion.pipeline_model import check_device
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_dir, damaged)
+    train_config = json.loads((damaged / "train_config.json").read_text())
+    del train_config["scheduler"]
+    (damaged / "train_config.json").write_text(json.dumps(train_config))
+    with pytest.raises(ModelNotFoundError, match="scheduler.num_timesteps"):
+        ModelSpec.read(damaged)
+    (damaged / "train_config.json").write_text("{not json")
+    with pytest.raises(ModelNotFoundError, match="not valid JSON"):
+        ModelSpec.read(damaged)
+    assert check_device("cpu") == "cpu" and check_device("auto") in ("cpu", "cuda")
+    for device in ("foo", "cuda:99"):
+        with pytest.raises(SampleOptionError) as err:
+            check_device(device)
+        assert err.value.option == "device"
 
 
 # ---- the command line ---------------------------------------------------------------------------------
@@ -163,6 +186,9 @@ def test_cli_sample_bad_size_exits_2_before_loading(model_dir, tmp_path, env):
     proc = run_cli(["sample", "a red circle", "--model", str(broken), "--size", "20"], tmp_path, env, check=False)
     assert proc.returncode == 2
     assert "--size" in proc.stderr and "multiple of 8" in proc.stderr
+    for flag, value in (("--device", "foo"), ("--out", "x.pngx")):
+        proc = run_cli(["sample", "a red circle", "--model", str(broken), flag, value], tmp_path, env, check=False)
+        assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
     assert not (tmp_path / "samples.png").exists()
 
 

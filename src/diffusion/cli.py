@@ -170,7 +170,7 @@ def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
 
 #: The command-line flag of each sampling option, so an error from the pipeline names what the user typed.
 _SAMPLE_FLAGS = {"steps": "--steps", "sampler": "--sampler", "guidance": "--guidance",
-                 "num_images_per_prompt": "--num-images", "image_size": "--size"}
+                 "num_images_per_prompt": "--num-images", "image_size": "--size", "device": "--device"}
 
 
 def _is_mlflow_uri(model: str) -> bool:
@@ -232,15 +232,18 @@ def sample(
     prompt, words outside the vocabulary and prompts over the tokenizer's length only warn.
     """
     from diffusion.pipeline_model import (
-        ModelNotFoundError, ModelSpec, SampleOptionError, TextToImagePipeline, images_to_grid,
+        ModelNotFoundError, ModelSpec, SampleOptionError, TextToImagePipeline, check_device, images_to_grid,
     )
 
+    from PIL import Image
+
+    if out.suffix.lower() not in Image.registered_extensions():  # PIL picks the format by the extension
+        _fail(f"--out {out}: {out.suffix or 'no extension'!r} is not an image format Pillow writes (.png, .jpg ...)", 2)
     model_dir, recorded_size = _sample_model_dir(model, params, set_)
     options = dict(steps=steps, guidance=guidance, sampler=sampler, num_images_per_prompt=num_images, image_size=size)
     try:
         ModelSpec.read(model_dir, recorded_size).check(**options)  # before any weights are read
-        pipe = TextToImagePipeline.from_pretrained(
-            model_dir, device=None if device == "auto" else device, image_size=recorded_size)
+        pipe = TextToImagePipeline.from_pretrained(model_dir, device=check_device(device), image_size=recorded_size)
     except ModelNotFoundError as e:
         _fail(str(e), 1)
     except SampleOptionError as e:

@@ -55,7 +55,10 @@ class PromptWarning(UserWarning):
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelNotFoundError(f"{path} not found: the model folder {path.parent} is incomplete; {TRAIN_HINT}")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelNotFoundError(f"{path}: not valid JSON ({e}); the model folder is damaged; {TRAIN_HINT}") from e
 
 
 def _training_resolution(train_config: dict[str, Any], vae_factor: int) -> int | None:
@@ -74,6 +77,26 @@ def _training_resolution(train_config: dict[str, Any], vae_factor: int) -> int |
         if shape:
             return int(shape[-1]) * vae_factor
     return None
+
+
+def check_device(device: str | None) -> str:
+    """`device` ("cpu", "cuda", "cuda:1" ...; None or "auto": a GPU if there is one), checked before any weights
+    are read. Raises SampleOptionError("device") for a name torch does not know or a device this machine lacks."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SampleOptionError("device", f"{device!r} is not a device name (cpu, cuda, cuda:1 ...): {e}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise SampleOptionError("device", f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise SampleOptionError("device", f"{device!r}: no {dev.type} device is available here")
+    return device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +133,14 @@ class ModelSpec:
             raise ModelNotFoundError(f"{model_dir}/tokenizer.json not found; {TRAIN_HINT}")
         with torch.device("meta"):  # builds the modules without allocating weights: only shapes are needed
             model = LatentDiffusionModel(**config)
-        size = image_size or _training_resolution(train_config, model.vae.downsample_factor)
-        return cls(model_dir, model.latent_multiple, size, int(train_config["scheduler"]["num_timesteps"]))
+        size = image_size if image_size is not None else _training_resolution(train_config, model.vae.downsample_factor)
+        try:
+            num_timesteps = int(train_config["scheduler"]["num_timesteps"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelNotFoundError(
+                f"{model_dir}/train_config.json: no scheduler.num_timesteps ({type(e).__name__}: {e}); {TRAIN_HINT}"
+            ) from e
+        return cls(model_dir, model.latent_multiple, size, num_timesteps)
 
     def check(
         self, *, steps: int, guidance: float, sampler: str, num_images_per_prompt: int = 1,
@@ -126,9 +155,10 @@ class ModelSpec:
             raise SampleOptionError("sampler", f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
         if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
             raise SampleOptionError("guidance", f"expected a finite number >= 0, got {guidance!r}")
-        if isinstance(num_images_per_prompt, bool) or not int(num_images_per_prompt) >= 1:
-            raise SampleOptionError("num_images_per_prompt", f"expected >= 1, got {num_images_per_prompt!r}")
-        size = image_size or self.image_size
+        if (isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer))
+                or num_images_per_prompt < 1):
+            raise SampleOptionError("num_images_per_prompt", f"expected an integer >= 1, got {num_images_per_prompt!r}")
+        size = image_size if image_size is not None else self.image_size  # 0 is a (bad) size, not "unset"
         if size is None:
             raise SampleOptionError(
                 "image_size", "the training resolution is not recorded with this model; give one explicitly"
@@ -201,7 +231,7 @@ class TextToImagePipeline:
         from diffusion.scheduler import DDPMScheduler, SchedulerConfig
 
         spec = ModelSpec.read(model_dir, image_size)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = check_device(device)
         train_config = _read_json(spec.model_dir / "train_config.json")
         try:
             sched_cfg = SchedulerConfig.from_dict(train_config["scheduler"], "scheduler")

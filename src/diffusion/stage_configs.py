@@ -12,6 +12,7 @@ fields they share), train_judge and evaluate. Model shapes nest their own config
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -342,6 +343,9 @@ class TrainConfig(TrainerFields):
                 self.scheduler.prediction_type == "epsilon":
             raise ConfigError("min_snr_on: 'snr_plus_one' needs scheduler.prediction_type 'v_prediction' or "
                               "'sample'; with 'epsilon' its weight min(SNR + 1, gamma) / SNR is unbounded at high noise")
+        if self.sample_steps > self.scheduler.num_timesteps:
+            raise ConfigError(f"sample_steps: at most scheduler.num_timesteps ({self.scheduler.num_timesteps}), "
+                              f"got {self.sample_steps}")
         if self.denoising_type == "dit" and self.dit.learn_sigma:
             raise ConfigError("dit.learn_sigma: the training loss has no variance term (DiT's L_vlb); set it false")
 
@@ -451,6 +455,16 @@ class EvaluateConfig(Config):
     register: bool = param(True, "log the pipeline as an MLflow pyfunc model and register it")
     registered_model_name: str = param("diffusion-shapes", "MLflow registered model name")
     registered_model_alias: str = param("candidate", "alias set on the new model version ('latest' is reserved)")
+
+    def __post_init__(self) -> None:
+        # MLflow's own rules, checked here rather than after sampling and FID, where registering would refuse them.
+        alias = self.registered_model_alias
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+            raise ConfigError(f"registered_model_alias: expected letters, digits, '_' or '-', not 'latest' and not "
+                              f"a version such as 'v1' (MLflow reserves those), got {alias!r}")
+        name = self.registered_model_name
+        if not name.strip() or any(c in name for c in "/:%"):
+            raise ConfigError(f"registered_model_name: expected a non-empty name without '/', ':' or '%', got {name!r}")
 
     def main_setting(self) -> SweepEntry:
         return SweepEntry(self.sampler, self.steps, self.guidance)
