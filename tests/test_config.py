@@ -69,6 +69,16 @@ def test_train_combinations_its_loss_cannot_train_are_rejected(overrides, key):
         TrainConfig.from_dict(overrides, "train")
 
 
+def test_an_integer_choice_refuses_a_float_that_equals_it():
+    """32.0 == 32, but `precision: 32.0` would reach the Trainer as '32.0', which it refuses after the run opens."""
+    from diffusion.stage_configs import TrainConfig
+
+    assert TrainConfig.from_dict({"precision": 32}, "train").precision == 32
+    for bad in (32.0, True):
+        with pytest.raises(ConfigError, match="train.precision"):
+            TrainConfig.from_dict({"precision": bad}, "train")
+
+
 def test_error_lists_allowed_choices():
     with pytest.raises(ConfigError, match="'shapes', 'folder', 'webdataset'"):
         ShardConfig.from_dict({"source": "x"})

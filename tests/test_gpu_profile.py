@@ -208,6 +208,28 @@ def test_a_bad_override_is_not_blamed_on_the_profile(tmp_path):
     assert "shard.resolution" in str(err.value) and "gpu.yaml" not in str(err.value)
 
 
+def test_a_mistake_in_params_yaml_is_not_blamed_on_the_profile(tmp_path):
+    path = _project(tmp_path, "shard:\n  resolution: 256\n",
+                    {"profile": "cpu", "shard": {"resolution": 32, "colour_depth": 8}})
+    with pytest.raises(ConfigError) as err:
+        load_section(ShardConfig, path, GPU)
+    assert "shard.colour_depth" in str(err.value) and "gpu.yaml" not in str(err.value)
+    assert str(err.value).startswith(str(path))
+
+
+def test_a_mistake_in_any_section_stops_every_stage_before_it_works(tmp_path):
+    """check_every_section (run by the CLI before a stage's main): a typo in the profile's train section stops
+    the shard stage, rather than the train stage after shard, train_vae and encode_latents ran."""
+    from diffusion.stage_configs import check_every_section
+
+    path = _project(tmp_path, "train:\n  ema_decay_typo: 0.5\n",
+                    {"profile": "cpu", "shard": {"resolution": 32}, "train": {"batch_size": 4}})
+    check_every_section(path, [])  # params.yaml alone is fine
+    assert load_section(ShardConfig, path, GPU).resolution == 32  # the shard section itself loads
+    with pytest.raises(ConfigError, match=r"gpu\.yaml: .*train\.ema_decay_typo"):
+        check_every_section(path, GPU)
+
+
 def test_an_override_of_no_section_is_refused(tmp_path):
     """A misspelt section, or DVC's `file:key=value` form, would otherwise be read by no stage and ignored."""
     path = _project(tmp_path, "shard: {}\n")

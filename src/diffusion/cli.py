@@ -39,11 +39,13 @@ SetOption = Annotated[
 
 
 def _params_epilog(cls: type[Config]) -> str:
-    """The section's keys with their help and defaults, appended to the command's --help."""
+    """The section's keys with their help and built-in defaults, appended to the command's --help. (The help is
+    built before --params is read, so it shows the code's defaults; params.yaml may set other values.)"""
     defaults = cls().to_dict()
-    lines = [f"Parameters (section '{cls.section}' of params.yaml; override with -S {cls.section}.KEY=VALUE):", ""]
+    lines = [f"Parameters (section '{cls.section}' of params.yaml, shown with their built-in defaults, which "
+             f"params.yaml and the profile may change; override with -S {cls.section}.KEY=VALUE):", ""]
     for key, text in cls.help().items():
-        lines.append(f"  {cls.section}.{key} = {defaults[key]!r}: {text}")
+        lines.append(f"  {cls.section}.{key} (default {defaults[key]!r}): {text}")
     # Typer/rich rewraps epilog text; a blank line between entries keeps one per line.
     return "\n\n".join(lines)
 
@@ -62,8 +64,12 @@ def run_stage(
     Exit 2 on a bad parameter (found on load, or by the stage's own checks before it works); exit 1 on a
     missing or unusable input (`input_errors`), with the message naming what to run or fix.
     """
+    from diffusion.stage_configs import check_every_section
+
     try:
-        return main(load_section(cls, params, overrides or []))
+        cfg = load_section(cls, params, overrides or [])
+        check_every_section(params, overrides or [])  # a mistake in another stage's section stops this one too
+        return main(cfg)
     except ConfigError as e:
         _fail(str(e), 2)
     except input_errors as e:

@@ -76,7 +76,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
-        if value not in get_args(tp):
+        # Equal and of the same type: 32.0 == 32 (and True == 1), but `precision: 32.0` is not the choice 32.
+        if not any(value == a and type(value) is type(a) for a in get_args(tp)):
             raise err
         return value
     if origin in (Union, types.UnionType):
@@ -380,6 +381,10 @@ def load_section(cls: type[C], path: str | Path = "params.yaml", overrides: tupl
         try:
             cls.from_dict(merge_layer(base[cls.section], layer[cls.section]), cls.section)
         except ConfigError as e:
+            try:  # params.yaml's own section is valid by itself (it is the cpu profile), or the mistake is there
+                cls.from_dict(base[cls.section], cls.section)
+            except ConfigError as own:
+                raise ConfigError(f"{path}: {own}") from None
             raise ConfigError(f"{profile_file}: {e}") from None
     params = apply_overrides(merge_layer(base, layer), overrides)
     return cls.from_dict(params[cls.section], cls.section)

@@ -143,7 +143,9 @@ class TrainerFields(Config):
     gradient_clip_val: float | None = param(None, "clip the gradient norm to this (null: no clipping)", gt=0)
     num_workers: int = param(0, "data-loading worker processes per device (0: in the main process)", ge=0)
     log_every_n_steps: int = param(10, "log training metrics every N steps (Lightning's default 50 hides short runs)", ge=1)
-    val_every_n_steps: int = param(250, "validate every N training batches", ge=1)
+    val_every_n_steps: int = param(
+        250, "validate every N training batches (train_vae; the train stage has no validation loop: its sample "
+        "grids, sample_every_n_steps, and the evaluate stage take that role)", ge=1)
     checkpoint_every_n_steps: int = param(100, "save <checkpoint_dir>/<stage>-<key>/last.ckpt every N steps", ge=1)
     checkpoint_dir: str = param(
         "checkpoints", "resumable checkpoints, one folder per parameter set (a persistent, uncached DVC output)"
@@ -468,3 +470,21 @@ class EvaluateConfig(Config):
 
     def main_setting(self) -> SweepEntry:
         return SweepEntry(self.sampler, self.steps, self.guidance)
+
+
+#: Every stage's config class by its params.yaml section, in pipeline order.
+STAGE_CONFIGS: dict[str, type[Config]] = {
+    cls.section: cls for cls in (ShardConfig, EncodeLatentsConfig, TrainVAEConfig, TrainConfig, JudgeConfig, EvaluateConfig)
+}
+
+
+def check_every_section(path: Any, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Load every stage section present in the params file (profile and overrides applied): a mistake in any of
+    them, in params.yaml or in the profile's file, stops whichever stage runs first, before it works, rather than
+    the stage that reads it, hours into a pipeline. Raises the ConfigError of the first bad section."""
+    from diffusion.config import load_params, load_section
+
+    present = load_params(path, overrides)
+    for section, cls in STAGE_CONFIGS.items():
+        if section in present:
+            load_section(cls, path, overrides)
