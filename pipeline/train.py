@@ -70,16 +70,23 @@ def build_model(cfg: TrainConfig, tokenizer: Any) -> Any:
     return model
 
 
-def _fingerprints(urls: list[str]) -> dict[str, str]:
-    """The data and the code that shape the weights (part of the run key: see checkpointing)."""
+def _fingerprints(cfg: TrainConfig, urls: list[str]) -> dict[str, str]:
+    """The data, the VAE and tokenizer, and the code that shape the weights (part of the run key: see
+    checkpointing). The VAE and the tokenizer by content: a retrained VAE writes latents of the same size."""
     import diffusion.data.latents as latents
+    import diffusion.data.loader as loader
+    import diffusion.data.tokenizer as tokenizer
     import diffusion.models as models
     import diffusion.scheduler as scheduler
+    import diffusion.training.callbacks as callbacks
     import diffusion.training.diffusion_system as system
-    from diffusion.training.checkpointing import files_fingerprint, source_fingerprint
+    import diffusion.training.optim as optim
+    from diffusion.training.checkpointing import contents_fingerprint, files_fingerprint, source_fingerprint
 
-    code = [Path(models.__file__).parent, latents.__file__, scheduler.__file__, system.__file__, __file__]
-    return {"data": files_fingerprint(urls), "code": source_fingerprint(*code)}
+    code = [Path(models.__file__).parent, *(m.__file__ for m in (latents, loader, tokenizer, scheduler, system, optim,
+                                                                  callbacks)), __file__]
+    return {"data": files_fingerprint(urls), "inputs": contents_fingerprint([cfg.vae_dir, cfg.tokenizer_path]),
+            "code": source_fingerprint(*code)}
 
 
 def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenizer: Any, side: int) -> list:
@@ -189,7 +196,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     with resumable_stage_run(STAGE, cfg.to_dict(), cfg.checkpoint_dir, exclude=EXCLUDE,
-                             extra=_fingerprints(urls)) as run:
+                             extra=_fingerprints(cfg, urls)) as run:
         print(f"train: {cfg.denoising_type}, {cfg.max_steps} steps, batch {cfg.batch_size}, "
               f"checkpoints in {run.point.dir}")
         start = time.perf_counter()

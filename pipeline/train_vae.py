@@ -95,10 +95,11 @@ def _fingerprints(train: list[str], val: list[str]) -> dict[str, str]:
     import diffusion.models.layers as layers
     import diffusion.models.vae as vae
     import diffusion.training.discriminator as discriminator
+    import diffusion.training.optim as optim
     import diffusion.training.vae_system as system
     from diffusion.training.checkpointing import files_fingerprint, source_fingerprint
 
-    code = [m.__file__ for m in (vae, layers, system, discriminator, loader)] + [__file__]
+    code = [m.__file__ for m in (vae, layers, system, discriminator, optim, loader)] + [__file__]
     return {"data": files_fingerprint(train + val), "code": source_fingerprint(*code)}
 
 

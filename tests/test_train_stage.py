@@ -387,6 +387,66 @@ def test_system_clips_gradients_of_the_fused_adamw(algorithm):
         assert grads.abs().max().item() == pytest.approx(0.5)
 
 
+def test_run_key_follows_the_vae_and_tokenizer_contents(tmp_path):
+    """A retrained VAE writes latents of the same size; its model.pt (same size, other bytes) must change the key."""
+    from diffusion.stage_configs import TrainConfig
+    from pipeline.train import _fingerprints
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae/model.pt").write_bytes(b"A" * 100)
+    (tmp_path / "tok.json").write_text("{}")
+    cfg = TrainConfig(vae_dir=str(tmp_path / "vae"), tokenizer_path=str(tmp_path / "tok.json"))
+    first = _fingerprints(cfg, [])
+    assert _fingerprints(cfg, []) == first
+    (tmp_path / "vae/model.pt").write_bytes(b"B" * 100)
+    assert _fingerprints(cfg, [])["inputs"] != first["inputs"]
+    assert _fingerprints(cfg, [])["code"] == first["code"]
+
+
+def test_loss_curve_records_the_loss_not_its_accumulation_share(tmp_path):
+    """Lightning hands on_train_batch_end loss / accumulate_grad_batches; the curve must hold the loss itself,
+    from step 1 (step 0 precedes the first optimizer step)."""
+    import pytorch_lightning as pl
+
+    from diffusion.training.callbacks import LossCurve
+
+    class Constant(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w * 0).sum() + 2.5
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    curve = LossCurve(tmp_path / "loss.csv", every_n_steps=1)
+    trainer = pl.Trainer(max_steps=4, accumulate_grad_batches=3, callbacks=[curve], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Constant(), torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=1))
+    assert curve.points == [(1, 2.5), (2, 2.5), (3, 2.5), (4, 2.5)]
+
+
+def test_seed_api_caption_dropout_differs_across_workers_and_epochs():
+    """Each loader worker gets a copy of the collate, generator included, every epoch: the drops must still differ
+    between workers and between epochs, and repeat for the same seed."""
+    from diffusion.train import CaptionDropoutCollate
+
+    data = [(torch.zeros(1, 2, 2), torch.full((3,), i)) for i in range(32)]
+
+    def drops(seed):
+        collate = CaptionDropoutCollate(torch.full((3,), -1), 0.5, seed)
+        loader = torch.utils.data.DataLoader(data, batch_size=4, num_workers=2, collate_fn=collate,
+                                             generator=torch.Generator().manual_seed(seed))
+        return [[tuple((b["tokens"][:, 0] == -1).tolist()) for b in loader] for _ in range(2)]  # 2 epochs x 8 batches
+
+    first = drops(0)
+    assert first == drops(0)
+    assert first[0] != first[1]
+    assert len(set(first[0])) > 2  # not the same pattern in every batch (each worker had one before)
+
+
 def test_system_rejects_what_its_loss_cannot_train():
     from diffusion.scheduler import DDPMScheduler
     from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings

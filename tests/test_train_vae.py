@@ -153,16 +153,19 @@ def test_same_params_rerun_resumes_changed_params_start_fresh(tmp_path, data_roo
     from pipeline.train_vae import main
 
     (tmp_path / "data").symlink_to(data_root / "data")
-    first = main(tiny_cfg(tmp_path, max_steps=2))
+    # 3 steps, a checkpoint every 2: the last step is off the interval, and last.ckpt must still hold it.
+    first = main(tiny_cfg(tmp_path, max_steps=3, checkpoint_every_n_steps=2))
     weights = (tmp_path / "models/vae/model.pt").read_bytes()
+    (ckpt,) = (tmp_path / "checkpoints/train_vae").glob("*/last.ckpt")
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 3
     # Same parameters, data and code (e.g. `dvc repro -f`): the finished checkpoint is resumed, nothing
     # trains, the outputs are identical, and the same MLflow run continues.
-    again = main(tiny_cfg(tmp_path, max_steps=2))
+    again = main(tiny_cfg(tmp_path, max_steps=3, checkpoint_every_n_steps=2))
     assert again == first and "train_loss" in again
     assert (tmp_path / "models/vae/model.pt").read_bytes() == weights
     assert len(_runs()[1]) == 1
-    second = main(tiny_cfg(tmp_path, max_steps=2, lr=1e-4))
-    assert second["steps"] == 2
+    second = main(tiny_cfg(tmp_path, max_steps=3, checkpoint_every_n_steps=2, lr=1e-4))
+    assert second["steps"] == 3
     folders = sorted((tmp_path / "checkpoints/train_vae").iterdir())
     assert len(folders) == 2  # a new key: a fresh start beside the old checkpoint
     ids = {(f / "mlflow_run_id.txt").read_text().strip() for f in folders}
@@ -178,6 +181,10 @@ def test_discriminator_path_runs_with_manual_optimization(tmp_path, data_root):
     metrics = main(tiny_cfg(tmp_path, max_steps=3, discriminator=disc))
     # One global step per batch although two optimizers step (pytorch-lightning #17958 avoided).
     assert metrics["steps"] == 3
+    # Both LR schedules count every batch (the discriminator's too, before start_step): same position.
+    (ckpt,) = (tmp_path / "checkpoints/train_vae").glob("*/last.ckpt")
+    schedulers = torch.load(ckpt, map_location="cpu", weights_only=False)["lr_schedulers"]
+    assert [s["last_epoch"] for s in schedulers] == [3, 3]
     assert {"train_d_loss", "train_g_loss", "train_d_weight"} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
 
@@ -213,6 +220,13 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, data_root, monkeypatch)
 def test_bad_config_exits_2_naming_the_key(workdir, cli_env):
     proc = run_cli(["train-vae", "-S", "train_vae.batch_size=0"], workdir, cli_env, check=False)
     assert proc.returncode == 2 and "train_vae.batch_size" in proc.stderr
+
+
+def test_discriminator_refuses_plain_ddp():
+    with pytest.raises(ConfigError, match=r"train_vae\.strategy: .*ddp_find_unused_parameters_true"):
+        TrainVAEConfig.from_dict({"discriminator": {"enabled": True}, "strategy": "ddp"}, "train_vae")
+    TrainVAEConfig.from_dict({"discriminator": {"enabled": True}, "strategy": "ddp_find_unused_parameters_true"},
+                             "train_vae")
 
 
 def test_discriminator_refuses_accumulation_and_clipping():

@@ -261,6 +261,13 @@ class TrainVAEConfig(TrainerFields):
                     f"gradient_clip_val: must be null with discriminator.enabled (manual optimization cannot "
                     f"clip gradients), got {self.gradient_clip_val}"
                 )
+            if self.strategy in ("ddp", "ddp_spawn"):
+                # The generator's backward leaves the discriminator's parameters without gradients (and the
+                # other way round), which plain DDP refuses on the first step.
+                raise ConfigError(
+                    f"strategy: {self.strategy!r} with discriminator.enabled fails on the first step (each optimizer's "
+                    "backward leaves the other network's parameters unused); use 'ddp_find_unused_parameters_true'"
+                )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,11 +34,23 @@ class CaptionDropoutCollate:
         self.null = null_token_row  # (T,) long
         self.p = p
         self.generator = torch.Generator().manual_seed(seed)
+        self._worker_seed: int | None = None
+
+    def _rng(self) -> torch.Generator:
+        """The main process's generator (one stream across epochs), or in a loader worker one seeded by that
+        worker's seed: each worker gets a copy of this object, generator included, at the start of every epoch,
+        so the copy would draw the same drops in every worker and every epoch. The DataLoader draws the workers'
+        base seed from its own (seeded) generator each epoch, so this stays reproducible."""
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.seed != self._worker_seed:
+            self._worker_seed = info.seed
+            self.generator = torch.Generator().manual_seed(info.seed)
+        return self.generator
 
     def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         images = torch.stack([img for img, _ in items])  # (B, 3, H, W)
         tokens = torch.stack([tok for _, tok in items])  # (B, T)
-        drop = torch.rand(len(items), generator=self.generator) < self.p  # (B,)
+        drop = torch.rand(len(items), generator=self._rng()) < self.p  # (B,)
         tokens[drop] = self.null.to(tokens.dtype)
         return {"image": images, "tokens": tokens}
 

@@ -110,10 +110,13 @@ class LossCurve(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
         step = trainer.global_step
-        if step % self.every or (self.points and self.points[-1][0] == step):
+        # Step 0 is before the first optimizer step (only micro-batches of an accumulation window end there).
+        if step == 0 or step % self.every or (self.points and self.points[-1][0] == step):
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
+            if pl_module.automatic_optimization:  # Lightning hands back loss / accumulate_grad_batches
+                loss = loss * trainer.accumulate_grad_batches
             self.points.append((step, float(loss.detach())))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -102,6 +102,23 @@ def run_key(
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def contents_fingerprint(paths: Iterable[str | Path]) -> str:
+    """Hash of the names and bytes of `paths` (files, or folders: every file under them, in path order).
+
+    For small inputs whose content, not size, tells versions apart: a retrained VAE's ``model.pt`` has the same
+    size as the one before, a tokenizer of another vocabulary may too. Missing paths count as absent.
+    """
+    h = hashlib.sha256()
+    for root in sorted(Path(p) for p in paths):
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root] if root.is_file() else []
+        for f in files:
+            h.update(f"{f.name}\0".encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
 def files_fingerprint(paths: Iterable[str | Path]) -> str:
     """Hash of the names and sizes of `paths` (sorted): cheap, stat only, for large input data.
 
@@ -295,6 +312,22 @@ def log_image(trainer: pl.Trainer, image: Any, artifact_file: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+class _LastStepCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` that always saves ``last.ckpt`` at the end of training.
+
+    Lightning saves at the end only when no checkpoint was saved during the run (``on_train_end``), so with
+    ``max_steps`` not a multiple of the interval (1300 steps, every 250) ``last.ckpt`` would hold step 1250:
+    a rerun with the same parameters would train the last 50 steps again, with a reseeded generator, and
+    export other weights. (The callbacks' own ``on_train_end`` runs first, Lightning orders checkpoint
+    callbacks last: a non-finite loss stops the run before this save.)
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and getattr(self, "_last_global_step_saved", -1) != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def checkpoint_callback(dirpath: str | Path, every_n_steps: int) -> ModelCheckpoint:
     """Save ``<dirpath>/last.ckpt`` every `every_n_steps` optimizer steps and at the end of training.
 
@@ -302,7 +335,7 @@ def checkpoint_callback(dirpath: str | Path, every_n_steps: int) -> ModelCheckpo
     only); ``enable_version_counter=False`` so a resumed run overwrites it rather than writing
     ``last-v1.ckpt``.
     """
-    return ModelCheckpoint(
+    return _LastStepCheckpoint(
         dirpath=str(dirpath),
         every_n_train_steps=every_n_steps,
         save_top_k=0,

@@ -20,6 +20,8 @@ optimization, which forbids gradient accumulation and clipping flags (DESIGN.md 
 
 from __future__ import annotations
 
+import warnings
+
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
@@ -123,9 +125,15 @@ class VAESystem(FusedAdamWClipping, pl.LightningModule):
         opt_g.step()
         sched_g.step()
         self.untoggle_optimizer(opt_g)
+        # Both schedules count every batch, so both reach lr * min_lr_ratio at max_steps (counted from
+        # start_step, the discriminator's would end far above it and restart its warm-up there).
         if active:
             losses.update(self._discriminator_step(x, recon.detach(), opt_d))
             sched_d.step()
+        else:
+            with warnings.catch_warnings():  # opt_d has not stepped yet, which torch would warn about
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                sched_d.step()
         self._log_train(losses)
         return {"loss": loss.detach()}
 
