@@ -118,6 +118,7 @@ def test_stages_refuse_a_bad_url_before_any_work(tmp_path):
         folder.mkdir()
         for name in names:
             (folder / name).write_text("{}")
+    (model / "train_config.json").write_text('{"scheduler": {"num_timesteps": 1000}}')
     with pytest.raises(evaluate.EvaluateError, match="evaluate.shards_dir: .*manifest"):
         evaluate.validate(EvaluateConfig(shards_dir=f"pipe:cat {tmp_path}/nothing/{{}}", model_dir=str(model),
                                          judge_dir=str(judge)))

@@ -447,6 +447,25 @@ def test_seed_api_caption_dropout_differs_across_workers_and_epochs():
     assert len(set(first[0])) > 2  # not the same pattern in every batch (each worker had one before)
 
 
+def test_non_finite_loss_on_one_ddp_rank_stops_every_rank():
+    """The check reduces the first bad step over the ranks (max of -1 and the step), so a rank whose own losses
+    were finite raises too, rather than blocking in the next all-reduce of a rank that stopped."""
+    from types import SimpleNamespace
+
+    from diffusion.training.checkpointing import NonFiniteLossCheck, NonFiniteLossError
+
+    check = NonFiniteLossCheck(check_every=1000)
+    trainer = SimpleNamespace(global_step=5, world_size=2, strategy=None)
+    check.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.5)}, None, 0)  # finite here
+    for other_rank_step, raises in ((-1, False), (4, True)):
+        trainer.strategy = SimpleNamespace(reduce=lambda t, reduce_op, s=other_rank_step: torch.maximum(t, torch.tensor(s)))
+        if raises:
+            with pytest.raises(NonFiniteLossError, match="on another rank at step 4"):
+                check.check(trainer)
+        else:
+            check.check(trainer)
+
+
 def test_system_rejects_what_its_loss_cannot_train():
     from diffusion.scheduler import DDPMScheduler
     from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings

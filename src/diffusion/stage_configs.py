@@ -54,7 +54,9 @@ class ShardConfig(Config):
     source: Literal["shapes", "folder", "webdataset"] = param(
         "shapes", "'shapes' (built in), 'folder' (your images), or 'webdataset' (existing .tar shards)"
     )
-    path: str | None = param(None, "folder or tar glob/list for 'folder' and 'webdataset' sources")
+    path: str | None = param(
+        None, "the folder ('folder' source), or the tar files as one glob or brace pattern, e.g. "
+        "'shards/{00000..00099}.tar' ('webdataset' source)")
     folder_layout: Literal["auto", "metadata", "captions", "classes"] = param(
         "auto",
         "'metadata': metadata.jsonl with file_name/text; 'captions': side-car .txt per image; "

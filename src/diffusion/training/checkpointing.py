@@ -389,10 +389,17 @@ class NonFiniteLossCheck(Callback):
         if self._bad_step is None:
             return
         step = int(self._bad_step)
+        where = f"({float(self._bad_value)})"
+        if trainer is not None and trainer.world_size > 1:
+            # Every rank checks at the same steps. Stop them all together: a rank that raised alone would leave
+            # the others blocked in the next gradient all-reduce ("Connection closed" on gloo, a hang on NCCL).
+            first = int(trainer.strategy.reduce(self._bad_step.clone(), reduce_op="max"))
+            if first >= 0 and step < 0:
+                step, where = first, "on another rank"
         if step >= 0:
             now = f" (detected at step {trainer.global_step})" if trainer is not None else ""
             raise NonFiniteLossError(
-                f"non-finite training loss ({float(self._bad_value)}) at step {step}{now}; training stopped, "
+                f"non-finite training loss {where} at step {step}{now}; training stopped, "
                 "the last checkpoint is from before it. Lower the learning rate, enable gradient clipping, "
                 "or use bf16 rather than fp16"
             )
