@@ -63,6 +63,24 @@ def test_fused_path_is_skipped_where_it_does_not_apply(pointwise_calls, monkeypa
         torch.testing.assert_close(ff(x), plain, rtol=0, atol=0)
 
 
+def test_fused_path_respects_hooks_on_the_linear(pointwise_calls):
+    """A forward hook (or weight_norm's pre-hook) on fc1 changes what fc1 computes; the fused call reads the
+    weight directly, so it must step aside."""
+    torch.manual_seed(0)
+    ff = FeedForward(32, 96, activation="gelu_tanh")
+    x = torch.randn(2, 5, 32)
+    handle = ff.fc1.register_forward_hook(lambda m, i, out: out * 0.5)
+    with torch.no_grad():
+        hooked = ff(x)
+        expected = ff.fc2(F.gelu(F.linear(x, ff.fc1.weight, ff.fc1.bias) * 0.5, approximate="tanh"))
+    assert pointwise_calls == []
+    torch.testing.assert_close(hooked, expected, rtol=1e-6, atol=1e-6)
+    handle.remove()
+    with torch.no_grad():
+        ff(x)
+    assert len(pointwise_calls) == 1
+
+
 def test_a_refused_fused_call_falls_back_to_the_plain_path_for_good(monkeypatch):
     def refusing(*args):
         raise RuntimeError("this oneDNN has no gelu post-op")
@@ -134,6 +152,31 @@ def test_text_keys_values_are_projected_once_per_text(kind):
     with torch.no_grad():
         model(x, t, ctx, mask)
     assert len(calls) == 3 * n_cross
+
+
+def test_cached_keys_values_follow_in_place_changes_and_autocast():
+    """Inside the block: an in-place change to the text or to to_kv's weights, or another autocast state, must
+    give a new projection (version counters and the autocast dtype are part of the cache entry)."""
+    model = denoiser("dit")
+    calls, n_cross = count_kv_projections(model)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    ctx, mask = text(2)
+    cross = next(m for m in model.modules() if isinstance(m, Attention) and m.is_cross)
+    with torch.no_grad(), reuse_text_keys_values(model):
+        model(x, t, ctx, mask)
+        model(x, t, ctx, mask)
+        assert len(calls) == n_cross
+        cross.to_kv.weight.mul_(2)  # e.g. load_state_dict or an EMA swap
+        model(x, t, ctx, mask)
+        assert len(calls) == 2 * n_cross - (n_cross - 1)  # only the changed module projects anew
+        ctx.mul_(3)
+        after_text = model(x, t, ctx, mask)
+        assert len(calls) == 2 * n_cross + 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x, t, ctx, mask).dtype == torch.bfloat16
+        model(x, t, ctx, mask)  # back to float32: no bfloat16 keys reused against float32 queries
+    with torch.no_grad():  # what the cache gave after the changes is what a fresh projection gives
+        assert torch.equal(after_text, model(x, t, ctx, mask))
 
 
 def test_nothing_is_cached_while_autograd_records():

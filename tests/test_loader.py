@@ -119,6 +119,17 @@ def test_single_pass_mode_with_workers(shards, tok):
     assert sorted(keys) == [f"k{i:05d}" for i in range(24)]  # every sample once, split across workers
 
 
+def test_single_pass_with_no_full_batch_is_an_error_not_a_short_epoch(shards, tok):
+    """24 samples split over 2 workers, batch 15: each worker's share is under a batch and dropped. WebDataset
+    would end the epoch silently at 0 of len() batches (a DDP hang when only one rank does); it must raise."""
+    loader = make_loader(shards, tok, batch_size=15, num_workers=2, resampled=False, shuffle_buffer=0, epoch_steps=3)
+    assert len(loader) == 3
+    with pytest.raises(RuntimeError, match="no full batch of 15"):
+        list(loader)
+    fits = make_loader(shards, tok, batch_size=5, num_workers=2, resampled=False, shuffle_buffer=0, epoch_steps=7)
+    assert len(list(fits)) == 7  # short passes repeat until epoch_steps
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import json, sys

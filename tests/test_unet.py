@@ -44,6 +44,16 @@ def test_output_shape_matches_input(hw):
     assert model(x, t, ctx, mask).shape == x.shape
 
 
+def test_first_level_wider_than_base_channels():
+    """channel_mult[0] != 1: conv_in, the first skip and the output head take the first level's width."""
+    torch.manual_seed(0)
+    model = perturb_zeros(UNet(tiny_cfg(base_channels=8, channel_mult=(2, 4))))
+    assert model.conv_in.out_channels == model.norm_out.num_channels == 16
+    x, t, ctx, mask = inputs()
+    out = model(x, t, ctx, mask)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
 def test_output_is_exactly_zero_at_init():
     torch.manual_seed(0)
     out = UNet(tiny_cfg())(*inputs())

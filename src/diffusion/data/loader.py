@@ -192,6 +192,7 @@ class StreamLoader(wds.WebLoader):
     def __init__(self, dataset: ShardStream, **kwargs: Any):
         super().__init__(dataset, **kwargs)
         self.stream = dataset
+        self.workers = kwargs.get("num_workers", 0)
         self._next_epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -203,6 +204,27 @@ class StreamLoader(wds.WebLoader):
         self.stream.epoch = self._next_epoch
         self._next_epoch += 1
         return super().iterator1()
+
+    def iterator(self):
+        """WebDataset's pass-repeating iterator (``with_epoch``), except that a pass with no batch is an error.
+
+        WebDataset stops repeating for good at a pass that yields nothing, so the epoch would end short of
+        ``len()`` on this rank alone (the DDP hang of pitfall 1). In single-pass mode each worker drops its last
+        partial batch, so a rank whose share of the shards holds less than a batch per worker yields none.
+        """
+        for _ in range(self.repetitions):
+            count = 0
+            for sample in self.iterator1():
+                yield sample
+                count += 1
+            if count == 0:
+                rank, world = dist_info()
+                raise RuntimeError(
+                    f"a pass over the shards gave rank {rank} of {world} no full batch of {self.stream.batch_size} "
+                    f"(resampled={self.stream.resampled}; each of the {max(self.workers, 1)} loading "
+                    "process(es) drops its last partial batch): use resampled=True, a smaller batch_size, fewer "
+                    "num_workers, or more data"
+                )
 
 
 def make_loader(

@@ -10,9 +10,9 @@ it left it::
 A location is one of:
 
 - a local folder, ``data/latents``: the shards are the ``*.tar`` files found in ``<location>/<split>/``;
-- a URL prefix that WebDataset opens (``https://host/data/latents``, ``http://``, ``gs://``, ``file://``):
-  each file is ``<location>/<path>``, fetched by WebDataset's ``gopen`` (``curl`` for http(s), ``gsutil``
-  for ``gs://``);
+- a URL prefix that WebDataset opens (``https://host/data/latents``, ``http://``, ``gs://``): each file is
+  ``<location>/<path>``, fetched by WebDataset's ``gopen`` (``curl`` for http(s), ``gsutil`` for ``gs://``).
+  A local folder is given as a path, not as a ``file://`` URL (refused, as every scheme ``gopen`` lacks);
 - a ``pipe:`` command in which ``{}`` stands for a file's path inside the folder,
   ``pipe:aws s3 cp s3://bucket/data/latents/{} -``: WebDataset runs the command and reads the file from its
   standard output (``pipe:aws s3 cp s3://bucket/data/latents/train/shard-000000.tar -``). Any tool that

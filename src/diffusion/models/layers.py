@@ -93,11 +93,20 @@ class Attention(nn.Module):
         # another one. Whoever enables the cache promises not to change the context or the weights in place.
         # Text and projection are read and written as one pair, so two threads sampling with one model get
         # each its own projection (at worst recomputed), never the other's.
+        stamp = self._kv_stamp(context)
         entry = cache.get("entry")
-        if entry is None or entry[0] is not context:
-            entry = (context, self.to_kv(context))
+        if entry is None or entry[0] is not context or entry[1] != stamp:
+            entry = (context, stamp, self.to_kv(context))
             cache["entry"] = entry
-        return entry[1]
+        return entry[2]
+
+    def _kv_stamp(self, context: torch.Tensor) -> tuple:
+        """What a cached projection depends on besides the context's identity: the autocast state, and the
+        version counters of the context and of ``to_kv``'s weights, which every in-place change bumps (an
+        optimizer step, ``load_state_dict``, an EMA swap), so a changed input is projected anew."""
+        device = context.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return (autocast, *(_version(t) for t in (context, self.to_kv.weight, self.to_kv.bias)))
 
     def forward(
         self,
@@ -138,6 +147,16 @@ class Attention(nn.Module):
         return self.out(y)
 
 
+def _version(t: torch.Tensor | None) -> int | None:
+    """A tensor's in-place version counter; None for no tensor or an inference tensor (which has none)."""
+    if t is None:
+        return None
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 @contextlib.contextmanager
 def reuse_text_keys_values(model: nn.Module) -> Iterator[None]:
     """Within the block, every cross-attention of ``model`` projects a text tensor to keys and values once
@@ -146,9 +165,10 @@ def reuse_text_keys_values(model: nn.Module) -> Iterator[None]:
     A sampler calls the denoiser once per step with the same text states (classifier-free guidance
     concatenates the conditional and unconditional text once, before the loop), so the projections
     ``to_kv(context)`` of every cross-attention would be recomputed identically at every step. Caching
-    them is exact: the result is bit for bit the same. Inside the block the caller must not modify the
-    text tensor or the weights in place; a new text tensor simply replaces the cached one. The caches are
-    dropped on exit. With autograd on (training), nothing is cached.
+    them is exact: the result is bit for bit the same. A new text tensor replaces the cached one, and so does
+    an in-place change to the text or the projection weights, or another autocast state (each checked per
+    call: identity, version counters, autocast dtype). The caches are dropped on exit. With autograd on
+    (training), nothing is cached.
     """
     cross = [m for m in model.modules() if isinstance(m, Attention) and m.is_cross]
     for m in cross:
@@ -239,7 +259,7 @@ def _cpu_linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> to
     fusion), the plain path is used from then on.
     """
     global _linear_pointwise
-    if (_linear_pointwise is None or torch.is_grad_enabled() or x.device.type != "cpu"
+    if (_linear_pointwise is None or torch.is_grad_enabled() or x.device.type != "cpu" or not _plain_linear(linear)
             or x.dtype != torch.float32 or linear.weight.dtype != torch.float32
             or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
             or not torch.backends.mkldnn.is_available()):
@@ -250,6 +270,15 @@ def _cpu_linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> to
     except (RuntimeError, NotImplementedError):
         _linear_pointwise = None  # the plain path raises any error that is not this op's
         return None
+
+
+def _plain_linear(linear: nn.Linear) -> bool:
+    """An ``nn.Linear`` whose forward is its own weight and bias: no subclass, and no forward hooks on it or on
+    every module (weight_norm, spectral_norm, a user's hook), which the fused call would bypass."""
+    module = nn.modules.module
+    return (type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
+            and not getattr(module, "_global_forward_hooks", None)
+            and not getattr(module, "_global_forward_pre_hooks", None))
 
 
 class FeedForward(nn.Module):

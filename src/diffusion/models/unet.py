@@ -213,13 +213,16 @@ class UNet(nn.Module):
             nn.Sequential(nn.Linear(cfg.context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             if cfg.use_pooled else None
         )
-        self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
+        # The first level's width, base_channels * channel_mult[0], is what conv_in makes and the up path ends at
+        # (diffusers' block_out_channels[0]).
+        w0 = widths[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels, w0, 3, padding=1)
         self.down, skip_chs = self._down_path(emb_dim)
         mid = widths[-1]
         self.mid = nn.ModuleList([self._stage(mid, mid, emb_dim, attention=True), self._stage(mid, mid, emb_dim)])
         self.up = self._up_path(emb_dim, skip_chs)
-        self.norm_out = nn.GroupNorm(cfg.norm_groups, c0)
-        self.conv_out = nn.Conv2d(c0, cfg.out_channels, 3, padding=1)
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, w0)
+        self.conv_out = nn.Conv2d(w0, cfg.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -236,7 +239,7 @@ class UNet(nn.Module):
     def _down_path(self, emb_dim: int) -> tuple[nn.ModuleList, list[int]]:
         """Stages and Downsamples, and the channels of every skip they leave (conv_in's output first)."""
         cfg, widths = self.cfg, self.cfg.widths
-        down, skip_chs, ch = nn.ModuleList(), [cfg.base_channels], cfg.base_channels
+        down, skip_chs, ch = nn.ModuleList(), [widths[0]], widths[0]
         for level, width in enumerate(widths):
             for _ in range(cfg.num_res_blocks):
                 down.append(self._stage(ch, width, emb_dim, attention=level in cfg.attention_levels))
