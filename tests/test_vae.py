@@ -40,6 +40,13 @@ def test_kl_zero_for_standard_normal_and_positive_otherwise():
     # Closed form for one dim: 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2), summed over 36 dims.
     expected = 36 * 0.5 * (0.25 + torch.exp(torch.tensor(-1.0)) - 1 + 1)
     torch.testing.assert_close(kl, expected.expand(2))
+    # bf16 moments (autocast): summed in float32, so only the inputs' rounding remains (a bf16 sum of
+    # 4096 terms would be off by about its last place, ~1 in 256).
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 4, 32, 32, generator=g)
+    half = DiagonalGaussian(mean.bfloat16(), logvar.bfloat16()).kl()
+    exact = DiagonalGaussian(mean.bfloat16().float(), logvar.bfloat16().float()).kl()
+    assert half.dtype == torch.float32 and torch.equal(half, exact)
 
 
 def test_logvar_is_clamped():

@@ -94,8 +94,10 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) = 0.5 * sum(mean^2 + var - 1 - logvar) over the latent dims -> (B,)."""
-        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).flatten(1).sum(dim=1)
+        """KL(q || N(0, I)) = 0.5 * sum(mean^2 + var - 1 - logvar) over the latent dims -> (B,), in float32:
+        under bf16 autocast the moments are bf16, whose 8-bit mantissa a sum over thousands of terms would show."""
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
