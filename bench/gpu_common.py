@@ -25,8 +25,10 @@ from diffusion.models.dit import DiTConfig  # noqa: E402
 from diffusion.models.unet import UNetConfig  # noqa: E402
 from diffusion.stage_configs import TrainConfig  # noqa: E402
 
-#: Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), matched against the device name.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+#: Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), matched against the device name, first
+#: match wins: the PCIe and NVL variants before the SXM parts whose names they contain.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+             "A100": 312e12}
 
 
 def peak_flops(device_name: str) -> float | None:

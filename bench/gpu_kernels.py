@@ -69,7 +69,8 @@ CATEGORIES = [
     ("attention", r"flash|fmha|attention|attn"),
     ("convolution", r"conv(olution|_|\d|olve)|implicit_gemm|fprop|dgrad|wgrad|cudnn"),
     ("matmul", r"^triton_tem_|gemm|xmma|cutlass|cublas|matmul|\bmm\b|addmm|bmm|linear|nvjet"),
-    ("norm", r"layer_norm|layernorm|group_norm"),
+    # GammaBetaBackward: LayerNorm's weight gradient; RowwiseMoments, GroupNorm1d...: GroupNorm's kernels.
+    ("norm", r"layer_norm|layernorm|group_norm|groupnorm|gammabeta|rowwisemoments"),
     ("copy", r"copy|clone|contiguous|cat|transpose|permute"),
     ("elementwise/reduce", r"elementwise|vectorized|reduce|gelu|silu|mul|add|sum|where|fill"),
 ]
@@ -112,8 +113,10 @@ def profile_steps(name: str, args, device: str) -> tuple[dict[str, float], list[
             step()
         sync(device)
     # On a GPU: device kernels (self device time); on a CPU: operators (self CPU time).
+    # User annotations (record_function ranges; Inductor's "## Call CompiledFxGraph ... ##" around every compiled
+    # graph) carry their whole span as device time: counted, they would add the step a second time.
     rows = [(e.key, (e.self_device_time_total if device == "cuda" else e.self_cpu_time_total), e.count)
-            for e in prof.key_averages()]
+            for e in prof.key_averages() if not getattr(e, "is_user_annotation", False) and not e.key.startswith("##")]
     if device == "cuda":
         # Kernels only: not the operators that launch them, nor the CUDA runtime's records ("Command Buffer
         # Full": the host waiting for room in the launch queue, 19 ms a step of ours on an H200; no device work).

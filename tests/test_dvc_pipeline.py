@@ -321,3 +321,37 @@ def test_project_root_is_never_a_temporary_experiment_folder(tmp_path, monkeypat
     other.mkdir(parents=True)
     subprocess.run(["git", "init", "-q"], cwd=other, check=True)
     assert project_root(other) == other
+
+
+def test_a_relative_sqlite_uri_is_the_project_roots_store(tmp_path, monkeypatch):
+    """sqlite:///mlflow.db is relative to the working folder; inside a queued or --temp experiment's copy that
+    store would be deleted with it, so it is resolved against the project root. Absolute URIs are kept."""
+    from diffusion.tracking import tracking_uri
+
+    root = tmp_path / "repo"
+    copy = root / ".dvc/tmp/exps/tmpab12cd"
+    copy.mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(copy))
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert tracking_uri() == f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
+    assert tracking_uri() == "http://localhost:5000"
+
+
+def test_git_dirty_tag_ignores_the_parameter_files(tmp_path, monkeypatch):
+    from diffusion.tracking import git_dirty
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    for name in ("params.yaml", "code.py"):
+        (tmp_path / name).write_text("a: 1\n")
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], cwd=tmp_path, check=True)
+    assert git_dirty(tmp_path) == "false"
+    (tmp_path / "params.yaml").write_text("a: 2\n")  # what `dvc exp run -S` does
+    assert git_dirty(tmp_path) == "false"
+    (tmp_path / "code.py").write_text("a: 3\n")
+    assert git_dirty(tmp_path) == "true"

@@ -71,7 +71,15 @@ def tracking_uri() -> str:
     Passed explicitly to Lightning's MLFlowLogger too: its own default (``./mlruns``) is a file store that
     MLflow 3 refuses (DESIGN.md).
     """
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{project_root() / 'mlflow.db'}"
+    relative = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    if relative and not relative.startswith(("/", ":")):
+        # sqlite:///mlflow.db is relative to the working folder, which for a queued or --temp DVC experiment
+        # is a copy deleted afterwards: resolve it against the project root instead.
+        return f"sqlite:///{project_root() / relative}"
+    return uri
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -83,6 +91,22 @@ def git_commit(root: Path | None = None) -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+#: Tracked files a DVC experiment changes by design (``dvc exp run -S`` writes the params); not "dirty code".
+_PARAMS_FILES = ("params.yaml", "profiles/", "dvc.lock")
+
+
+def git_dirty(cwd: Path | None = None) -> str:
+    """"true" if tracked files other than the parameter files differ from the commit in `cwd` (the stage's own
+    working folder: a queued DVC experiment's copy holds the experiment's changes), "false", or "unknown"."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd or Path.cwd(),
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    changed = [line[3:].strip() for line in out.splitlines() if line.strip()]
+    return "true" if any(not path.startswith(_PARAMS_FILES) for path in changed) else "false"
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -111,6 +135,7 @@ def stage_tags(stage: str) -> dict[str, str]:
     return {
         "stage": stage,
         "git_commit": os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(),
+        "git_dirty": git_dirty(),  # code not in that commit ran (parameter files aside)
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
     }
@@ -141,6 +166,31 @@ def ensure_experiment(name: str) -> str:
 
 
 @contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock beside a sqlite store (``<db>.lock``) while the store is first opened.
+
+    MLflow creates a new store's tables on the first client, without a lock of its own: two stages started at
+    once on a fresh store (``dvc queue start -j 2``) collided ("table _alembic_tmp_experiments already
+    exists"). Other stores, and systems without ``fcntl``, go unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None or not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def stage_run(
     stage: str, params: Mapping[str, Any], *, run_id: str | None = None, experiment: str | None = None
 ) -> Iterator[Any]:
@@ -157,9 +207,13 @@ def stage_run(
     """
     import mlflow  # imported here: the library must import without MLflow's start-up cost
 
-    mlflow.set_tracking_uri(tracking_uri())
-    ensure_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=stage_tags(stage)) as run:
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with _store_lock(uri):  # the first client of a new sqlite store creates its tables
+        ensure_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    # A continued run keeps the tags of the execution that opened it (its experiment name, its commit).
+    tags = None if run_id else stage_tags(stage)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=tags) as run:
         if run_id is None:
             mlflow.log_params(flatten(params))
             mlflow.log_text(yaml.safe_dump({stage: dict(params)}, sort_keys=False), f"params/{stage}.yaml")

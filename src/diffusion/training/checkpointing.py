@@ -224,19 +224,27 @@ def is_launch_rank_zero() -> bool:
     return all(int(os.environ.get(k, "0") or 0) == 0 for k in keys)
 
 
-def _run_exists(run_id: str | None) -> bool:
-    """Whether `run_id` is a live run in the current tracking store (it may come from another store)."""
+def _run_to_continue(run_id: str | None, params: Mapping[str, Any]) -> bool:
+    """Whether the checkpoint's MLflow run can be continued: a live run of this store, in the experiment the
+    stage logs to now, whose logged params are `params`. A run of another experiment cannot be resumed under
+    this one (MLflow refuses); and a parameter the run key ignores (``log_every_n_steps``, an output path) may
+    have changed, which MLflow could not record in the old run (params cannot change): both get a new run."""
     if not run_id:
         return False
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from diffusion.tracking import tracking_uri
+    from diffusion.tracking import DEFAULT_EXPERIMENT, flatten, tracking_uri
 
+    client = MlflowClient(tracking_uri())
     try:
-        return MlflowClient(tracking_uri()).get_run(run_id).info.lifecycle_stage == "active"
+        run = client.get_run(run_id)
+        experiment = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     except MlflowException:
         return False
+    if run.info.lifecycle_stage != "active" or experiment is None or run.info.experiment_id != experiment.experiment_id:
+        return False
+    return run.data.params == {k: str(v) for k, v in flatten(params).items()}
 
 
 def mlflow_logger(run_id: str) -> Any:
@@ -288,9 +296,10 @@ def resumable_stage_run(
     if not is_launch_rank_zero():
         yield StageRun(point, None, False)
         return
-    run_id = point.run_id if point.resuming and _run_exists(point.run_id) else None
+    run_id = point.run_id if point.resuming and _run_to_continue(point.run_id, params) else None
     if point.resuming and run_id is None:
-        warnings.warn(f"{stage}: resuming {point.ckpt_path} in a new MLflow run (run {point.run_id} not found)")
+        warnings.warn(f"{stage}: resuming {point.ckpt_path} in a new MLflow run (run {point.run_id} is not in this "
+                      "store and experiment, or was logged with other values of parameters the run key ignores)")
     with stage_run(stage, params, run_id=run_id) as active:
         record_run(point, active.info.run_id, params, extra)
         yield StageRun(point, active.info.run_id, mlflow_logger(active.info.run_id), active)
