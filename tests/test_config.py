@@ -12,7 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_params_yaml_parses_every_section():
+    from diffusion.stage_configs import STAGE_CONFIGS, check_every_section
+
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(STAGE_CONFIGS) <= set(params), "every stage has its section in params.yaml"
+    for section, cls in STAGE_CONFIGS.items():  # raises ConfigError on an unknown key or a bad value
+        assert cls.from_dict(params[section], section).section == section
+    check_every_section(ROOT / "params.yaml")  # with the profile mechanism as the stages load them
     cfg = ShardConfig.from_dict(params["shard"])
     assert cfg.source == "shapes"
     assert isinstance(cfg.shapes, ShapesConfig)

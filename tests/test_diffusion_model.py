@@ -70,6 +70,18 @@ def test_each_sampler(sampler):
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
 
 
+def test_the_sampler_and_eta_decide_the_images():
+    """Same model and seed: each sampler gives other images, and DDIM's eta changes its path (so neither option
+    can be ignored by generate)."""
+    model = make()
+    images = {s: generate(model, sampler=s) for s in sorted(SAMPLERS)}
+    names = sorted(images)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not torch.equal(images[a], images[b]), (a, b)
+    assert not torch.equal(generate(model, sampler="ddim", eta=0.5), images["ddim"])
+
+
 def test_unknown_sampler_refused():
     with pytest.raises(ValueError, match="ddim"):
         generate(make(), sampler="euler")

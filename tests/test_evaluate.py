@@ -249,6 +249,9 @@ def test_prompts_are_a_seeded_choice_of_val_captions_or_their_canonical_phrasing
     again, _ = choose_prompts(EvaluateConfig(num_samples=5, seed=3), val)
     assert len(prompts) == 5 and prompts == chosen.captions and again.captions == chosen.captions
     assert set(prompts) <= set(val.captions)
+    # Seeded, not the first n: another seed chooses other captions, and seed 3's are not val's first five.
+    assert choose_prompts(EvaluateConfig(num_samples=5, seed=4), val)[0].captions != chosen.captions
+    assert chosen.captions != val.captions[:5]
     _, canonical = choose_prompts(EvaluateConfig(num_samples=5, seed=3, prompts="canonical"), val)
     a = chosen.attributes[0]
     assert canonical[0].startswith(f"a {a['size']} {a['color']} {a['shape']}".replace("a o", "an o"))

@@ -174,7 +174,9 @@ def test_cached_keys_values_follow_in_place_changes_and_autocast():
         assert len(calls) == 2 * n_cross + 1
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model(x, t, ctx, mask).dtype == torch.bfloat16
+        assert len(calls) == 3 * n_cross + 1  # another autocast state: every module projects anew
         model(x, t, ctx, mask)  # back to float32: no bfloat16 keys reused against float32 queries
+        assert len(calls) == 4 * n_cross + 1
     with torch.no_grad():  # what the cache gave after the changes is what a fresh projection gives
         assert torch.equal(after_text, model(x, t, ctx, mask))
 

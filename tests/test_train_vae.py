@@ -293,9 +293,16 @@ def test_latent_stats_give_unit_variance_and_round_trip(tmp_path):
     vae = AutoencoderKL(tiny_cfg(tmp_path).model)
     batches = [{"image": torch.rand(4, 3, 16, 16) * 2 - 1} for _ in range(3)]
     stats = measure_latent_stats(vae, batches, 3, generator=torch.Generator().manual_seed(0))
-    z = torch.cat([vae.encode(b["image"]).sample(torch.Generator().manual_seed(0)) for b in batches[:1]])
-    assert stats.num_batches == 3 and stats.num_values == 3 * z.numel()
+    # The same posterior samples, drawn here in the same order from the same seed, in eval mode.
+    vae.eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(b["image"]).sample(g) for b in batches]).double()
+    assert stats.num_batches == 3 and stats.num_values == z.numel()
+    assert stats.mean == pytest.approx(z.mean().item(), rel=1e-6, abs=1e-9)
+    assert stats.std == pytest.approx(z.std().item(), rel=1e-6)
     assert stats.scale == pytest.approx(1 / stats.std)
+    assert ((z - stats.shift) * stats.scale).std().item() == pytest.approx(1.0, rel=1e-6)
     save_vae(vae, stats, tmp_path / "vae")
     loaded, scale, shift = load_vae(tmp_path / "vae")
     assert (scale, shift) == (stats.scale, stats.shift)
