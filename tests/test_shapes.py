@@ -211,3 +211,11 @@ def test_pair_pixels_show_the_relation():
         assert along > 0.3 * 32 and along > abs(across), s.caption
         checked += 1
     assert checked > 100
+
+
+def test_a_holdout_with_no_val_image_to_measure_it_is_refused():
+    """floor(num_val * holdout_val_fraction) held-out val images: none would leave the holdout unmeasured."""
+    with pytest.raises(ConfigError, match=r"shard\.shapes\.holdout_val_fraction"):
+        validate_holdout(ShapesConfig(num_val=4, holdout=("purple triangle",), holdout_val_fraction=0.2))
+    assert validate_holdout(ShapesConfig(num_val=5, holdout=("purple triangle",), holdout_val_fraction=0.2))
+    assert validate_holdout(ShapesConfig(num_val=4, holdout_val_fraction=0.2)) == frozenset()  # nothing held

@@ -77,6 +77,19 @@ def test_save_and_load(tok, tmp_path):
         load_tokenizer(tmp_path / "missing.json")
 
 
+def test_text_spelling_a_special_token_is_ordinary_text(tok, tmp_path):
+    """'[PAD]' or '[EOS]' written in a caption must not become the real id (0 would be masked out as padding,
+    3 would end the caption early), in the trained tokenizer and in one loaded back from its file."""
+    loaded = load_tokenizer(save_tokenizer(tok, tmp_path / "tokenizer.json"))
+    for t in (tok, loaded):
+        for word in ("[PAD]", "[EOS]", "[BOS]"):
+            ids = encode(t, [f"a {word} circle"])[0].tolist()
+            real = ids[1:ids.index(EOS_ID)]
+            assert ids[0] == BOS_ID and PAD_ID not in real and BOS_ID not in real, (word, ids)
+        # the template's own specials and the null caption are unchanged
+        assert encode(t, [""])[0].tolist()[:3] == [BOS_ID, EOS_ID, PAD_ID]
+
+
 def test_unknown_words(tok):
     assert unknown_words(tok, "a red circle") == []
     assert unknown_words(tok, "a ✓ red zebra") == ["✓", "zebra"]  # no 'z' in the training captions

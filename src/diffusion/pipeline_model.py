@@ -177,7 +177,9 @@ def _untruncated(tokenizer: Any) -> Any:
     """A copy of `tokenizer` without truncation or padding, to count the tokens a prompt really has."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(tokenizer.to_str())
+    from diffusion.data.tokenizer import literal_special_tokens
+
+    tok = literal_special_tokens(Tokenizer.from_str(tokenizer.to_str()))
     tok.no_truncation()
     tok.no_padding()
     return tok

@@ -14,10 +14,13 @@ Images
 
 Attribute scheme: ``meta["attributes"]``, a flat ``dict[str, str]``
     single: ``shape`` (SHAPES), ``color`` (COLORS), ``size`` (SIZES), ``position`` (POSITIONS).
-    pair:   ``shape``, ``color`` (the first object), ``relation`` (RELATIONS), ``shape2``, ``color2``
+    pair:   ``shape``, ``color`` (the first object), ``relation`` ("left of" or "above"), ``shape2``, ``color2``
             (the second object). The relation reads first-to-second: ``relation: "left of"`` is
-            "a red circle to the left of a blue square" with the circle first. Both objects have the same
-            size and never overlap; they always differ in colour or shape, so the caption names each one.
+            "a red circle to the left of a blue square" with the circle first. The stored relation is always
+            "left of" or "above" (the left or upper object first: one label per picture, which the judge
+            needs); captions still name either object first ("a blue square to the right of a red circle").
+            Both objects have the same size and never overlap; they always differ in colour or shape, so the
+            caption names each one.
     ``meta["holdout"]`` (outside the attributes) is True for a val image drawn from the held-out
     combinations (for pair: at least one of its objects is held out) and False otherwise.
 
@@ -89,7 +92,8 @@ COLOR_JITTER = 8  # grey levels each channel of an object's colour may move
 AttributeScheme = dict[str, tuple[str, ...]]
 _SCHEMES: dict[str, AttributeScheme] = {
     "single": {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS},
-    "pair": {"shape": SHAPES, "color": COLORS, "relation": RELATIONS, "shape2": SHAPES, "color2": COLORS},
+    # Stored relations: the left or upper object first (_pair_attributes); the caption words cover all four.
+    "pair": {"shape": SHAPES, "color": COLORS, "relation": ("left of", "above"), "shape2": SHAPES, "color2": COLORS},
 }
 #: Every attribute name of either level -> its allowed values (the judge's heads); per level, see
 #: `attribute_values`.
@@ -198,6 +202,10 @@ def validate_holdout(cfg: ShapesConfig) -> frozenset[Combo]:
     need = 1 if cfg.level == "single" else 2  # a pair needs two different combinations
     if len(ALL_COMBOS) - len(held) < need:
         raise ConfigError(f"{key}: holds out too many combinations; level {cfg.level!r} needs {need} left to train on")
+    slots = math.floor(cfg.num_val * cfg.holdout_val_fraction)  # the held-out val images (_is_holdout)
+    if held and slots < 1:
+        raise ConfigError(f"shard.shapes.holdout_val_fraction: {cfg.holdout_val_fraction} of num_val {cfg.num_val} "
+                          f"gives no held-out val image, so {key} would never be measured")
     return frozenset(held)
 
 
@@ -216,8 +224,16 @@ def _pair_attributes(rng: np.random.Generator, combos: Sequence[Combo], partners
     second = _pick(rng, [c for c in partners if c != first])
     if rng.integers(2):
         first, second = second, first
-    return {"shape": first[1], "color": first[0], "relation": _pick(rng, RELATIONS),
-            "shape2": second[1], "color2": second[0]}
+    relation = _pick(rng, RELATIONS)
+    if relation in _CONVERSE:
+        # "A right of B" is the picture of "B left of A": one label per picture (the left or upper object
+        # first), or the judge would see the same scene under two labels. Captions still name either first.
+        first, second, relation = second, first, _CONVERSE[relation]
+    return {"shape": first[1], "color": first[0], "relation": relation, "shape2": second[1], "color2": second[0]}
+
+
+#: The relations stored as labels are "left of" and "above"; the other two are drawn, then read from the other side.
+_CONVERSE = {"right of": "left of", "below": "above"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ Pinned ids (docs/INTERFACES.md, Tokens): ``[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3``.
 ``[BOS] ... [EOS] [PAD]*`` of exactly ``max_length`` ids; the mask is ``tokens != 0``; the null caption used
 for classifier-free guidance and caption dropout is the encoding of ``""``, i.e. ``[BOS, EOS, PAD, ...]``.
 
-The saved ``tokenizer.json`` holds everything (normalizer, pre-tokenizer, template, padding and truncation),
-so ``tokenizers.Tokenizer.from_file(path)`` alone reproduces the encoding.
+The saved ``tokenizer.json`` holds the normalizer, pre-tokenizer, template, padding and truncation; one setting
+it does not keep is that text spelling a special token (``"[PAD]"`` in a caption or a prompt) is read as
+ordinary characters, not as that token (:func:`literal_special_tokens`). :func:`load_tokenizer` sets it again;
+``tokenizers.Tokenizer.from_file(path)`` alone would turn such text into a real ``[PAD]`` or ``[EOS]`` id.
 
 Choices, and why:
 - Normalizer NFKC + lowercase + whitespace collapsed: captions differ in case and spacing, not meaning.
@@ -75,6 +77,15 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, max_length: int) -
     )
     tok.enable_truncation(max_length=max_length)
     tok.enable_padding(pad_id=PAD_ID, pad_token=PAD, length=max_length)
+    return literal_special_tokens(tok)
+
+
+def literal_special_tokens(tok: Tokenizer) -> Tokenizer:
+    """Make text that spells a special token (``"a red [PAD] circle"``) encode as ordinary characters; returns
+    `tok`. `tokenizers` otherwise matches special tokens in the raw text: a caption would carry a real ``[PAD]``
+    (id 0, masked out as padding) or ``[EOS]`` in its middle. The template's ``[BOS]``/``[EOS]`` and the padding
+    are added by id and are unaffected. Not saved in ``tokenizer.json``: set it after every load."""
+    tok.encode_special_tokens = True
     return tok
 
 
@@ -99,7 +110,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             f"{path}: tokenizer not found. It is written by the shard stage: run `python cli.py shard` "
             "(or `dvc repro shard`) first"
         )
-    tok = Tokenizer.from_file(str(path))
+    tok = literal_special_tokens(Tokenizer.from_file(str(path)))
     max_length_of(tok)  # fail early on a tokenizer without fixed padding
     return tok
 
