@@ -507,3 +507,26 @@ def test_evaluate_without_a_model_names_the_stage_to_run(tmp_path, cli_env):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     proc = run_cli(["evaluate"], tmp_path, cli_env, check=False)
     assert proc.returncode == 1 and "python cli.py train" in proc.stderr
+
+
+def test_sweep_rows_compare_k_generated_with_k_real_images(monkeypatch):
+    """A Frechet distance grows as the sample count falls: each sweep row's k images must be compared with the
+    k real images of the same prompts, not with all num_samples real ones."""
+    from types import SimpleNamespace
+
+    from pipeline import evaluate
+
+    seen = []
+
+    def fake_scores(judge, images, wanted, holdout, real):
+        seen.append((len(images), len(wanted), None if real is None else len(real)))
+        return {"adherence": 1.0, "judge_fd": 0.0}, None
+
+    monkeypatch.setattr(evaluate, "score_images", fake_scores)
+    cfg = EvaluateConfig.from_dict({"sweep": [{"sampler": "dpmpp", "steps": 20, "guidance": 4.0}],
+                                    "sweep_samples": 3}, "evaluate")  # the main setting: its images reused
+    val = shapes_images(5, "val")
+    images = torch.zeros(5, 3, 8, 8, dtype=torch.uint8)
+    rows = evaluate.run_sweep(cfg, (None, SimpleNamespace(num_timesteps=1000)), val, val.captions, 8,
+                              judge=object(), real_feats=torch.randn(5, 4), main=(images, 1.0))
+    assert seen == [(3, 3, 3)] and rows[0]["samples"] == 3
