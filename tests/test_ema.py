@@ -89,3 +89,17 @@ def test_ema_hands_averagedmodel_one_foreach_function(decay):
     ema, live = [torch.ones(3)], [torch.zeros(3)]
     cb._kwargs["multi_avg_fn"](ema, live, None)
     torch.testing.assert_close(ema[0], torch.full((3,), decay))
+
+
+def test_ema_average_lives_on_the_training_device():
+    """Lightning calls callbacks' setup before the strategy moves the module, so the default device (the module's)
+    is still the CPU on a GPU run; the average must go to the strategy's device instead (here a meta device stands
+    in for the GPU)."""
+    from types import SimpleNamespace
+
+    module = pl.LightningModule()
+    module.layer = torch.nn.Linear(3, 2)
+    callback = EMA(decay=0.9)
+    callback.setup(SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta"))), module, "fit")
+    assert all(p.device.type == "meta" for p in callback._average_model.parameters())
+    assert module.layer.weight.device.type == "cpu"  # the live module is left where it is

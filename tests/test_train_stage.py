@@ -519,3 +519,22 @@ def test_min_snr_weights_and_lr_schedule():
     assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_ranks_that_disagree_on_resuming_stop_before_training():
+    """Only rank 0 writes last.ckpt: nodes without a shared checkpoint folder would resume on rank 0 alone."""
+    from types import SimpleNamespace
+
+    from diffusion.training.checkpointing import LoaderResume
+
+    def trainer(resuming_here, resuming_elsewhere):
+        votes = [resuming_here, resuming_elsewhere]
+        strategy = SimpleNamespace(reduce_boolean_decision=lambda d, all=True: (min if all else max)(votes))
+        return SimpleNamespace(world_size=2, global_rank=1, strategy=strategy,
+                               ckpt_path="last.ckpt" if resuming_here else None)
+
+    callback = LoaderResume(loader=None)
+    callback.on_fit_start(trainer(True, True), None)
+    callback.on_fit_start(trainer(False, False), None)
+    with pytest.raises(RuntimeError, match="shared by every node"):
+        callback.on_fit_start(trainer(False, True), None)

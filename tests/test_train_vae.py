@@ -391,8 +391,10 @@ def test_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
         assert trainer.resolve_precision("auto", "auto") == want
         assert trainer.resolve_precision("auto", "cpu") == want
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for bf16, want in ((True, "bf16-mixed"), (False, "32-true")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+    # native bf16 (Ampere+); only emulated (V100, T4: torch's default check says yes, and it is slower); none
+    for native, emulated, want in ((True, True, "bf16-mixed"), (False, True, "32-true"), (False, False, "32-true")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, n=native, e=emulated: n or (including_emulation and e))
         assert trainer.resolve_precision("auto", "gpu") == trainer.resolve_precision("auto", "auto") == want
     assert trainer.resolve_precision("auto", "mps") == "32-true"
 
@@ -425,3 +427,12 @@ def test_only_a_run_of_this_experiment_with_these_params_is_continued(monkeypatc
     assert not _run_to_continue("0" * 32, params)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "another")
     assert not _run_to_continue(run_id, params)
+
+
+def test_discriminator_with_several_devices_needs_find_unused():
+    """strategy 'auto' resolves to plain DDP for several devices, which fails on the GAN's first step."""
+    with pytest.raises(ConfigError, match=r"train_vae\.strategy: 'auto'.*ddp_find_unused_parameters_true"):
+        TrainVAEConfig.from_dict({"discriminator": {"enabled": True}, "devices": 2}, "train_vae")
+    TrainVAEConfig.from_dict({"discriminator": {"enabled": True}, "devices": 1}, "train_vae")
+    with pytest.raises(ConfigError, match="train_vae.strategy"):
+        TrainVAEConfig.from_dict({"strategy": "ddp_spawn"}, "train_vae")

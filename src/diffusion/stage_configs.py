@@ -138,7 +138,9 @@ class TrainerFields(Config):
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = param("auto", "Lightning accelerator")
     devices: int | Literal["auto"] = param(1, "devices per node (-1 or 'auto': all)", ge=-1)
     num_nodes: int = param(1, "machines (launched by torchrun or SLURM)", ge=1)
-    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"] = param(
+    # Not ddp_spawn: its worker processes hand back the weights but not the loop's step count or the callbacks'
+    # state, which the stages export (steps, the loss curve, the last losses).
+    strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true", "fsdp"] = param(
         "auto", "Lightning distribution strategy (DDP for several devices; FSDP cannot clip gradients by norm)"
     )
     accumulate_grad_batches: int = param(1, "batches whose gradients are summed per optimizer step", ge=1)
@@ -263,12 +265,15 @@ class TrainVAEConfig(TrainerFields):
                     f"gradient_clip_val: must be null with discriminator.enabled (manual optimization cannot "
                     f"clip gradients), got {self.gradient_clip_val}"
                 )
-            if self.strategy in ("ddp", "ddp_spawn"):
+            several = self.devices != 1 or self.num_nodes > 1  # 'auto' and -1 may mean several
+            if self.strategy == "ddp" or (self.strategy == "auto" and several):
                 # The generator's backward leaves the discriminator's parameters without gradients (and the
-                # other way round), which plain DDP refuses on the first step.
+                # other way round), which plain DDP (also what 'auto' picks for several devices) refuses on the
+                # first step.
                 raise ConfigError(
-                    f"strategy: {self.strategy!r} with discriminator.enabled fails on the first step (each optimizer's "
-                    "backward leaves the other network's parameters unused); use 'ddp_find_unused_parameters_true'"
+                    f"strategy: {self.strategy!r} with discriminator.enabled and devices {self.devices!r}, num_nodes "
+                    f"{self.num_nodes} fails on the first step (each optimizer's backward leaves the other network's "
+                    "parameters unused); use 'ddp_find_unused_parameters_true'"
                 )
 
 

@@ -37,6 +37,14 @@ class EMA(EMAWeightAveraging):
         del self._kwargs["avg_fn"]
         self._kwargs["multi_avg_fn"] = get_ema_multi_avg_fn(decay)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning runs callbacks' setup before the strategy moves the module to its device, so the average's
+        # default device, pl_module.device, is still the CPU on a GPU run: every step would then copy all
+        # weights to the host (a sync) and average them there. Keep it where training will run.
+        if self._device is None:
+            self._device = trainer.strategy.root_device
+        super().setup(trainer, pl_module, stage)
+
 
 def ema_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.nn.Module:
     """The `LatentDiffusionModel` holding the EMA weights, or the live one if there is no EMA callback.

@@ -440,6 +440,19 @@ class LoaderResume(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         self.global_step = trainer.global_step
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every rank looks for last.ckpt on its own disk, and only global rank 0 writes one: without a checkpoint
+        # folder shared by all nodes, after a restart rank 0 resumes at step N and the others start at 0, with
+        # other optimizer, schedule and EMA states, until their collectives stop matching (an error, or a hang).
+        if trainer.world_size > 1:
+            resuming = trainer.ckpt_path is not None
+            if trainer.strategy.reduce_boolean_decision(resuming, all=True) != \
+                    trainer.strategy.reduce_boolean_decision(resuming, all=False):
+                raise RuntimeError(
+                    f"rank {trainer.global_rank} {'found' if resuming else 'did not find'} the run's last.ckpt, and "
+                    "another rank did the opposite: checkpoint_dir must be one folder shared by every node"
+                )
+
     def state_dict(self) -> dict[str, Any]:
         return {"global_step": self.global_step}
 

@@ -32,7 +32,8 @@ def fast_bf16(accelerator: str) -> bool:
     """
     use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if use_gpu:
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # including_emulation=False: a pre-Ampere GPU (V100, T4) "supports" bf16 by emulation, slower than fp32.
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if accelerator not in ("cpu", "auto"):
         return False  # mps: autocast to bfloat16 there is not what this check is about
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
