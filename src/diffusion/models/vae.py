@@ -82,7 +82,7 @@ class DiagonalGaussian:
         self.mean = mean
         self.logvar = logvar.clamp(*clamp)
         self.std = torch.exp(0.5 * self.logvar)
-        self.var = torch.exp(self.logvar)
+        self.var = torch.exp(self.logvar.float())  # float32 for kl(); built here, before sampling, as it always was
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = mean + std * eps (reparameterised); the noise is drawn from ``generator`` on its own device."""
@@ -96,8 +96,9 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) = 0.5 * sum(mean^2 + var - 1 - logvar) over the latent dims -> (B,), in float32:
         under bf16 autocast the moments are bf16, whose 8-bit mantissa a sum over thousands of terms would show."""
-        mean, logvar = self.mean.float(), self.logvar.float()
-        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
+        # (.float() of a float32 tensor is the tensor itself: the float32 graph, and the order in which autograd
+        # sums logvar's gradients from the sample and from this term, are unchanged.)
+        return 0.5 * (self.mean.float().pow(2) + self.var - 1.0 - self.logvar.float()).flatten(1).sum(dim=1)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
