@@ -130,6 +130,11 @@ def test_dvc_repro_runs_every_stage_once_and_then_nothing_then_experiments(tmp_p
     for stage, (run,) in by_stage.items():
         assert run.data.tags["dvc_stage"] == stage, "DVC_STAGE reaches the run's tags"
         assert len(run.data.tags["git_commit"]) == 40
+        import torch  # the machine it ran on, for comparing figures across hosts
+        from diffusion.tracking import cpu_model
+        assert run.data.tags["host_cpu"] == cpu_model()
+        assert (run.data.tags["host_gpu"] == "none") == (not torch.cuda.is_available())
+        assert run.data.tags["torch_version"] == torch.__version__
 
     second = dvc(["repro"], repo)
     assert "Running stage" not in second.stdout, second.stdout

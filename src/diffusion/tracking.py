@@ -6,7 +6,7 @@
   DVC runs in a throw-away copy of the repository under ``<root>/.dvc/tmp/exps/``: a store found there
   would be deleted with the copy, so such a path is mapped back to ``<root>``.
 - Each run is tagged with the stage, the git commit and the DVC experiment name (DVC sets ``DVC_STAGE``
-  and ``DVC_EXP_NAME`` in a stage's environment), and carries the stage's resolved parameters, both as
+  and ``DVC_EXP_NAME`` in a stage's environment) and the machine (``host_*``, ``torch_version``), and carries the stage's resolved parameters, both as
   flattened MLflow params (comparable in the UI) and as a YAML artifact (exactly what ran).
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -141,6 +142,35 @@ def stage_tags(stage: str) -> dict[str, str]:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def host_tags() -> dict[str, str]:
+    """The machine a stage ran on: float results differ across CPU and GPU models (another BLAS kernel
+    sums in another order), so two runs of one commit and params.yaml agree to the bit only on the same
+    kind of machine, with the same torch and thread count. Tagged on every execution, so a run resumed
+    elsewhere says where it ended."""
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    return {
+        "host_cpu": cpu_model(),
+        "host_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the ATen kernels' ISA (AVX512 ...)
+        "host_threads": str(torch.get_num_threads()),
+        "host_gpu": ", ".join(f"{gpus.count(name)} x {name}" for name in dict.fromkeys(gpus)) or "none",
+        "torch_version": torch.__version__,
+    }
+
+
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment keeps its artifacts: beside a sqlite store (``<dir>/mlartifacts``).
 
@@ -217,4 +247,5 @@ def stage_run(
         if run_id is None:
             mlflow.log_params(flatten(params))
             mlflow.log_text(yaml.safe_dump({stage: dict(params)}, sort_keys=False), f"params/{stage}.yaml")
+        mlflow.set_tags(host_tags())
         yield run
