@@ -83,6 +83,15 @@ def test_seeded_streams(shards, tok):
     assert run(1)[0] != a[0]
 
 
+def test_the_stream_depends_on_the_worker_count(shards, tok):
+    """Why `num_workers` is part of the training run key (checkpointing.DEFAULT_EXCLUDE leaves it in)."""
+    def stream(workers):
+        return keys_of(make_loader(shards, tok, batch_size=3, epoch_steps=4, num_workers=workers, shuffle_buffer=8))
+
+    assert stream(0) == stream(1)  # the main process draws worker 0's stream
+    assert stream(2) != stream(0)
+
+
 def test_workers_with_fewer_shards_than_workers(shards, tok):
     loader = make_loader(shards[:1], tok, batch_size=2, epoch_steps=7, num_workers=2, shuffle_buffer=4)
     batches = list(loader)

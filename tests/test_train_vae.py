@@ -277,7 +277,8 @@ def test_run_key_ignores_excluded_fields_only():
 
     base = tiny_cfg(Path("/x")).to_dict()
     key = run_key(base, extra={"data": "d"})
-    assert run_key({**base, "num_workers": 3, "log_every_n_steps": 7}, extra={"data": "d"}) == key
+    assert run_key({**base, "log_every_n_steps": 7, "checkpoint_every_n_steps": 3}, extra={"data": "d"}) == key
+    assert run_key({**base, "num_workers": 3}, extra={"data": "d"}) != key  # another sample stream
     assert run_key({**base, "lr": 0.1}, extra={"data": "d"}) != key
     assert run_key(base, extra={"data": "other"}) != key
     assert run_key(base, exclude=("model.base_channels",), extra={"data": "d"}) == run_key(

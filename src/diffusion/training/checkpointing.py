@@ -4,8 +4,10 @@ A training stage killed half way (a preempted job, a SIGKILL, a power cut) and s
 same parameters continues where it stopped; started with *changed* parameters, it starts afresh. That
 is decided by a **run key**, a short hash of everything that determines the result:
 
-- the stage's resolved config, minus the fields that do not change the trained weights (worker count,
-  logging and checkpoint frequency, output paths: the `exclude` list, per stage);
+- the stage's resolved config, minus the fields that do not change the trained weights (logging and
+  checkpoint frequency, output paths: the `exclude` list, per stage). The loader worker count stays in: each
+  worker draws its own seeded stream and the loader interleaves them, so 2 workers feed other batches than
+  1, and a run resumed with another count would end with weights that neither count gives uninterrupted;
 - `extra` inputs the config does not capture: a fingerprint of the input data (shard names and sizes)
   and of the code (a checkpoint of different code is not the same run). So `dvc repro` after a change
   to the data or to the code never resumes, or re-exports, a checkpoint made before it.
@@ -56,7 +58,6 @@ KEY_FILE = "run_key.json"
 #: Fields shared by the training configs (`diffusion.stage_configs.TrainerFields`) that change how often things
 #: happen, or where, but not the trained weights. Stages add their own (output paths, eval sizes).
 DEFAULT_EXCLUDE: tuple[str, ...] = (
-    "num_workers",
     "log_every_n_steps",
     "val_every_n_steps",
     "checkpoint_every_n_steps",
