@@ -411,6 +411,10 @@ def test_precision_auto_runs_and_tags_what_ran(tmp_path, data_root, monkeypatch)
     (run,) = _runs()[1]
     assert run.data.params["precision"] == "auto"
     assert run.data.tags["trainer_precision"] == resolve_precision("auto", "cpu") == "bf16-mixed"
+    # What Lightning runs, not what was asked: it turns 16-mixed into bf16-mixed on a CPU.
+    main(tiny_cfg(tmp_path, max_steps=1, precision="16-mixed", accelerator="cpu"))
+    (run,) = [r for r in _runs()[1] if r.data.params["precision"] == "16-mixed"]
+    assert run.data.tags["trainer_precision"] == "bf16-mixed"
 
 
 def test_only_a_run_of_this_experiment_with_these_params_is_continued(monkeypatch):

@@ -48,17 +48,22 @@ def resolve_precision(value: Any, accelerator: str) -> str:
     return "32-true" if str(value) in ("32", "32-true") else str(value)
 
 
-def _precision(cfg: Any, logger: Any) -> str:
-    """The resolved precision; said on the console when it was "auto", and tagged on the MLflow run
-    (``trainer_precision``: a tag, not a param, because a run resumed on other hardware may differ)."""
-    from pytorch_lightning.loggers import MLFlowLogger
-
+def _precision(cfg: Any) -> str:
+    """The resolved precision; said on the console when it was "auto"."""
     precision = resolve_precision(cfg.precision, cfg.accelerator)
     if str(cfg.precision) == "auto" and is_launch_rank_zero():
         print(f"precision auto: {precision} ({'fast' if precision == 'bf16-mixed' else 'no fast'} bfloat16 here)")
-    if isinstance(logger, MLFlowLogger):
-        logger.experiment.set_tag(logger.run_id, "trainer_precision", precision)
     return precision
+
+
+def _tag_precision(trainer: pl.Trainer, logger: Any) -> None:
+    """Tag the MLflow run with the precision the Trainer runs in (``trainer_precision``: a tag, not a param,
+    because a run resumed on other hardware may differ). Lightning's, not ours: it turns ``16-mixed`` on a CPU
+    into ``bf16-mixed`` (float16 autocast is a GPU feature) with a warning."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    if isinstance(logger, MLFlowLogger):
+        logger.experiment.set_tag(logger.run_id, "trainer_precision", trainer.precision)
 
 
 def build_trainer(
@@ -92,7 +97,7 @@ def build_trainer(
             f"{key}: manual optimization cannot accumulate or clip gradients in Lightning (DESIGN.md pitfall 13); "
             f"got accumulate_grad_batches={accumulate}, gradient_clip_val={clip}"
         )
-    precision = _precision(cfg, logger)
+    precision = _precision(cfg)
     kwargs: dict[str, Any] = dict(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
@@ -117,4 +122,6 @@ def build_trainer(
     if not manual_optimization:
         kwargs.update(accumulate_grad_batches=accumulate, gradient_clip_val=clip)
     kwargs.update(overrides)
-    return pl.Trainer(**kwargs)
+    trainer = pl.Trainer(**kwargs)
+    _tag_precision(trainer, logger)
+    return trainer
