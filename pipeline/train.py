@@ -191,7 +191,9 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
 
     from diffusion.tracking import tracking_uri
     from diffusion.training.checkpointing import rank_report, resumable_stage_run
+    from diffusion.training.trainer import check_hardware
 
+    check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
     urls = validate(cfg)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

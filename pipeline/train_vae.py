@@ -164,7 +164,9 @@ def main(cfg: TrainVAEConfig) -> dict[str, Any] | None:
 
     from diffusion.tracking import tracking_uri
     from diffusion.training.checkpointing import resumable_stage_run
+    from diffusion.training.trainer import check_hardware
 
+    check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
     train_urls, val_urls = validate(cfg)
     # Lightning's own warning for manual optimization checkpoints concerns its test fixture, not us.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")

@@ -66,6 +66,7 @@ def test_bad_values_name_the_key(data, key):
         ({"denoising_type": "dit", "dit": {"learn_sigma": True}}, "dit.learn_sigma"),
         ({"scheduler": {"prediction_type": "epsilon", "rescale_zero_terminal_snr": True}}, "rescale_zero_terminal_snr"),
         ({"scheduler": {"num_timesteps": 100}, "sample_steps": 101}, "sample_steps"),
+        ({"strategy": "fsdp"}, "train.strategy"),  # the EMA cannot average sharded weights
     ],
 )
 def test_train_combinations_its_loss_cannot_train_are_rejected(overrides, key):
@@ -73,6 +74,7 @@ def test_train_combinations_its_loss_cannot_train_are_rejected(overrides, key):
 
     with pytest.raises(ConfigError, match=key):
         TrainConfig.from_dict(overrides, "train")
+    TrainConfig.from_dict({}, "train")  # the defaults load (the refusal is the override's)
 
 
 def test_an_integer_choice_refuses_a_float_that_equals_it():

@@ -229,6 +229,36 @@ def test_bad_config_exits_2_naming_the_key(workdir, cli_env):
     assert proc.returncode == 2 and "train_vae.batch_size" in proc.stderr
 
 
+def test_hardware_this_machine_lacks_stops_the_stage_before_its_run(workdir, cli_env):
+    accelerator = "gpu" if not torch.cuda.is_available() else "mps"
+    proc = run_cli(["train-vae", "-S", f"train_vae.accelerator={accelerator}"], workdir, cli_env, check=False)
+    assert proc.returncode == 2 and "train_vae.accelerator" in proc.stderr, proc.stderr
+    assert not (workdir / "checkpoints").exists() and not _runs()[1]  # nothing opened or written
+
+
+def test_check_hardware_against_the_devices_torch_sees(monkeypatch):
+    from types import SimpleNamespace
+
+    from diffusion.training.trainer import check_hardware
+
+    def check(gpus: int, mps: bool = False, **fields):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+        check_hardware(SimpleNamespace(**{"accelerator": "auto", "devices": 1, "strategy": "auto", **fields}), "s")
+
+    check(0), check(0, accelerator="cpu", devices=4, strategy="ddp")  # CPU processes: any number
+    check(2, accelerator="gpu", devices=2, strategy="fsdp"), check(0, True, accelerator="gpu")  # gpu: MPS too
+    for gpus, mps, fields, key in ((0, False, {"accelerator": "cuda"}, "s.accelerator"),
+                                   (0, True, {"accelerator": "cuda"}, "s.accelerator"),
+                                   (0, False, {"accelerator": "mps"}, "s.accelerator"),
+                                   (2, False, {"devices": 3}, "s.devices"),
+                                   (0, False, {"strategy": "fsdp"}, "s.strategy"),
+                                   (2, False, {"accelerator": "cpu", "strategy": "fsdp"}, "s.strategy")):
+        with pytest.raises(ConfigError, match=key):
+            check(gpus, mps, **fields)
+
+
 def test_discriminator_refuses_plain_ddp():
     with pytest.raises(ConfigError, match=r"train_vae\.strategy: .*ddp_find_unused_parameters_true"):
         TrainVAEConfig.from_dict({"discriminator": {"enabled": True}, "strategy": "ddp"}, "train_vae")

@@ -141,7 +141,8 @@ class TrainerFields(Config):
     # Not ddp_spawn: its worker processes hand back the weights but not the loop's step count or the callbacks'
     # state, which the stages export (steps, the loss curve, the last losses).
     strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true", "fsdp"] = param(
-        "auto", "Lightning distribution strategy (DDP for several devices; FSDP cannot clip gradients by norm)"
+        "auto", "Lightning distribution strategy (DDP for several devices; FSDP needs GPUs, cannot clip gradients by "
+        "norm, and the train stage refuses it: its EMA cannot average sharded weights)"
     )
     accumulate_grad_batches: int = param(1, "batches whose gradients are summed per optimizer step", ge=1)
     gradient_clip_val: float | None = param(None, "clip the gradient norm to this (null: no clipping)", gt=0)
@@ -347,6 +348,12 @@ class TrainConfig(TrainerFields):
 
         if self.denoising_type not in DENOISERS:
             raise ConfigError(f"denoising_type: expected one of {', '.join(map(repr, DENOISERS))}, got {self.denoising_type!r}")
+        if self.strategy == "fsdp":
+            # Lightning's WeightAveraging copies the unsharded module before FSDP wraps it, then averages the
+            # wrapped module's parameters, which are this rank's shard of each tensor ("sharded models do not
+            # work with weight averaging", its docs): the EMA this stage exports cannot be made that way.
+            raise ConfigError("strategy: 'fsdp' shards the weights, and the EMA (ema_decay), which this stage "
+                              "samples with and exports, cannot average sharded weights; use 'ddp'")
         if self.dit_preset is not None and self.dit_preset not in DIT_PRESETS:
             raise ConfigError(f"dit_preset: expected one of {', '.join(DIT_PRESETS)} or null, got {self.dit_preset!r}")
         if self.dit_preset is not None:

@@ -40,6 +40,29 @@ def fast_bf16(accelerator: str) -> bool:
     return bool(amx and amx())
 
 
+def check_hardware(cfg: Any, section: str) -> None:
+    """Refuse, before the stage opens its run or reads data, an accelerator, device count or strategy this
+    machine cannot give. Lightning finds out only when the Trainer is built ("No supported gpu backend
+    found!"), after the MLflow run and the checkpoint folder exist. Checked here, not when params.yaml loads:
+    every stage loads every section, and a CPU machine may well shard for a GPU training run.
+
+    ``devices`` counts per node, so it is compared with this machine's GPUs. Raises ConfigError naming the key.
+    """
+    accelerator, devices = cfg.accelerator, cfg.devices
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if (accelerator in ("gpu", "cuda") and not cuda and not (accelerator == "gpu" and mps)) or \
+            (accelerator == "mps" and not mps):
+        raise ConfigError(f"{section}.accelerator: {accelerator!r}, but torch {torch.__version__} finds no such "
+                          f"device on this machine; use 'auto' (a GPU if there is one) or 'cpu'")
+    on_cuda = cuda and accelerator in ("gpu", "cuda", "auto")
+    if on_cuda and isinstance(devices, int) and devices > torch.cuda.device_count():
+        raise ConfigError(f"{section}.devices: {devices} per node, but this machine has "
+                          f"{torch.cuda.device_count()} CUDA GPU(s)")
+    if cfg.strategy == "fsdp" and not on_cuda:
+        raise ConfigError(f"{section}.strategy: 'fsdp' runs on CUDA GPUs only (Lightning), and this run would be on "
+                          f"the {'MPS device' if accelerator != 'cpu' and mps else 'CPU'}; use 'ddp' or 'auto'")
+
+
 def resolve_precision(value: Any, accelerator: str) -> str:
     """Lightning's precision string for a config value: ``32`` -> "32-true"; "auto" -> "bf16-mixed" where
     :func:`fast_bf16`, else "32-true"; anything else as it is."""
