@@ -133,6 +133,13 @@ def generate(model: Any, scheduler: Any, tokenizer: Any, prompts: list[str], set
 
     gen = torch.Generator().manual_seed(seed)
     steps = setting.steps or scheduler.num_timesteps  # null: the full chain (DDPM over every timestep)
+    # One untimed single-step call on the first batch, with its own generator (the images do not change):
+    # images/s is then the steady rate, without the first call's set-up (CUDA context and kernel choice,
+    # oneDNN's primitive creation), which would otherwise fall on whichever setting runs first.
+    if prompts:
+        model.generate(encode(tokenizer, prompts[:batch_size]), scheduler, num_inference_steps=1,
+                       guidance_scale=setting.guidance, image_size=side, sampler=setting.sampler,
+                       generator=torch.Generator().manual_seed(seed))
     out, seconds = [], 0.0
     for i in tqdm(range(0, len(prompts), batch_size), desc=f"evaluate {setting.label()}", unit="batch",
                   mininterval=2.0):
