@@ -43,7 +43,8 @@ import diffusion.models.vae as vae_module  # noqa: E402
 from diffusion.config import load_section  # noqa: E402
 from diffusion.models import LatentDiffusionModel  # noqa: E402
 from diffusion.scheduler import DDPMScheduler  # noqa: E402
-from diffusion.stage_configs import EncodeLatentsConfig, EvaluateConfig, TrainConfig, TrainVAEConfig  # noqa: E402
+from diffusion.eval_configs import EvaluateConfig  # noqa: E402
+from diffusion.stage_configs import EncodeLatentsConfig, TrainConfig, TrainVAEConfig  # noqa: E402
 from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings  # noqa: E402
 from diffusion.training.vae_system import VAESystem  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Stage `evaluate`: how well the trained model follows its prompts, and how real it looks.
 
-`evaluate` (``diffusion.stage_configs.EvaluateConfig``) loads the EMA model from ``train`` and
+`evaluate` (``diffusion.eval_configs.EvaluateConfig``) loads the EMA model from ``train`` and
 
 1. picks `num_samples` val samples (seeded) and uses their captions as prompts (or canonical captions of
    their attributes), generates one image per prompt with the main sampler setting, and reports prompt
@@ -36,7 +36,7 @@ from diffusion.data.locations import require_split
 from diffusion.data.shards import atomic_write_bytes, atomic_write_json, atomic_write_text
 from diffusion.evaluation.judge import AttributeJudge, LabelledImages, load_split, to_uint8
 from diffusion.evaluation.metrics import judge_ceilings, score_images
-from diffusion.stage_configs import EvaluateConfig, SweepEntry
+from diffusion.eval_configs import EvaluateConfig, SweepEntry
 from diffusion.tracking import is_finite_number
 
 STAGE = "evaluate"

@@ -1,6 +1,6 @@
 """Stage `train_judge`: the attribute classifier that `evaluate` reads the generated images with.
 
-`train_judge` (``diffusion.stage_configs.JudgeConfig``) fits the attribute classifier (``evaluation/judge.py``) on
+`train_judge` (``diffusion.eval_configs.JudgeConfig``) fits the attribute classifier (``evaluation/judge.py``) on
 the real train shards and writes ``<out_dir>/`` (weights, config, vocabulary) and ``<metrics_path>`` (its
 accuracy on the real val images: the ceiling of prompt adherence). It is its own cached DVC stage, so a new
 diffusion model never retrains it. Data without attributes gets an empty judge (``vocab: {}``): evaluate
@@ -20,7 +20,7 @@ from typing import Any
 from diffusion.data.locations import read_manifest, require_split
 from diffusion.data.shards import atomic_write_json
 from diffusion.evaluation.judge import load_split
-from diffusion.stage_configs import JudgeConfig
+from diffusion.eval_configs import JudgeConfig
 from diffusion.tracking import is_finite_number
 
 STAGE = "train_judge"

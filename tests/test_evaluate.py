@@ -19,7 +19,7 @@ from conftest import ROOT, run_cli, shapes_images
 from diffusion.config import ConfigError, apply_overrides
 from diffusion.evaluation.judge import IGNORE, build_vocab, encode_labels, to_uint8
 from diffusion.evaluation.metrics import adherence, frechet_distance
-from diffusion.stage_configs import EvaluateConfig, JudgeConfig
+from diffusion.eval_configs import EvaluateConfig, JudgeConfig
 
 
 # --------------------------------------------------------------------------------------------------

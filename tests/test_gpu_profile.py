@@ -13,7 +13,8 @@ import yaml
 from conftest import ROOT
 
 from diffusion.config import BASE_PROFILE, ConfigError, load_params, load_section
-from diffusion.stage_configs import EncodeLatentsConfig, EvaluateConfig, JudgeConfig, ShardConfig, TrainConfig, TrainVAEConfig
+from diffusion.eval_configs import EvaluateConfig, JudgeConfig
+from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainConfig, TrainVAEConfig
 
 PARAMS = ROOT / "params.yaml"
 GPU = ["profile=gpu"]

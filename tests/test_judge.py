@@ -12,7 +12,7 @@ from diffusion.evaluation.judge import (
     JudgeTrainSettings, accuracy, build_vocab, encode_labels, to_uint8, train_judge,
 )
 from diffusion.evaluation.metrics import adherence
-from diffusion.stage_configs import JudgeConfig
+from diffusion.eval_configs import JudgeConfig
 
 
 

@@ -102,7 +102,8 @@ def test_require_split_names_the_key_the_folder_and_the_stage_to_run(tmp_path, f
 
 
 def test_stages_refuse_a_bad_url_before_any_work(tmp_path):
-    from diffusion.stage_configs import EncodeLatentsConfig, EvaluateConfig, JudgeConfig, TrainConfig
+    from diffusion.eval_configs import EvaluateConfig, JudgeConfig
+    from diffusion.stage_configs import EncodeLatentsConfig, TrainConfig
     from pipeline import encode_latents, evaluate, train, train_judge
 
     with pytest.raises(train.TrainError, match=r"train.latents_dir: .*pipe:aws s3 cp s3://b/latents/\{\} -"):

@@ -265,7 +265,7 @@ def sample(
 
 
 def _judge_config() -> type[Config]:
-    from diffusion.stage_configs import JudgeConfig
+    from diffusion.eval_configs import JudgeConfig
 
     return JudgeConfig
 
@@ -285,7 +285,7 @@ def train_judge(params: ParamsOption = Path("params.yaml"), set_: SetOption = No
 
 
 def _evaluate_config() -> type[Config]:
-    from diffusion.stage_configs import EvaluateConfig
+    from diffusion.eval_configs import EvaluateConfig
 
     return EvaluateConfig
 

@@ -34,6 +34,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+#: Appended to the help of every parameter naming a folder of shards that a stage reads.
+URL_HELP = (
+    "; or that folder at a URL: https://HOST/PATH (its manifest.json lists the shards), or a pipe: command "
+    "with {} for each file's path in it, e.g. 'pipe:aws s3 cp s3://BUCKET/PATH/{} -'"
+)
+
 MANIFEST = "manifest.json"
 #: Stands for a file's path inside the folder, in a ``pipe:`` location.
 PLACEHOLDER = "{}"
