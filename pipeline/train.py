@@ -93,10 +93,11 @@ def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenize
     from diffusion.data.tokenizer import encode
     from diffusion.training import checkpointing as ckpt
     from diffusion.training.callbacks import EMA, LossCurve, SampleGrid
+    from diffusion.training.nonfinite import NonFiniteLossCheck
 
     prompts = encode(tokenizer, list(cfg.sample_prompts)) if cfg.sample_prompts else None
     return [
-        ckpt.NonFiniteLossCheck(cfg.log_every_n_steps),
+        NonFiniteLossCheck(cfg.log_every_n_steps),
         ckpt.LoaderResume(loader),
         # EMA once per optimizer step, saved in and restored from the checkpoint (DESIGN.md pitfall 8).
         EMA(decay=cfg.ema_decay),

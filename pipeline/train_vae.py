@@ -108,6 +108,7 @@ def _fit(cfg: TrainVAEConfig, run: Any, train_urls: list[str], val_batches: Any)
     from diffusion.data.loader import make_loader
     from diffusion.data.tokenizer import load_tokenizer
     from diffusion.training import checkpointing as ckpt
+    from diffusion.training.nonfinite import NonFiniteLossCheck
     from diffusion.training.trainer import build_trainer
     from diffusion.training.vae_system import ReconstructionGrid, VAESystem
 
@@ -117,7 +118,7 @@ def _fit(cfg: TrainVAEConfig, run: Any, train_urls: list[str], val_batches: Any)
     )
     system = VAESystem(cfg)
     callbacks = [
-        ckpt.NonFiniteLossCheck(cfg.log_every_n_steps),
+        NonFiniteLossCheck(cfg.log_every_n_steps),
         ckpt.LoaderResume(loader),
         ReconstructionGrid(min(cfg.grid_images, cfg.batch_size)),
         ckpt.checkpoint_callback(run.point.dir, cfg.checkpoint_every_n_steps),

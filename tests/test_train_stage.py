@@ -293,7 +293,7 @@ def test_train_stage_reads_its_latents_through_a_url_as_from_the_folder(project,
 
 
 def test_non_finite_loss_stops_with_the_step_named(project):
-    from diffusion.training.checkpointing import NonFiniteLossError
+    from diffusion.training.nonfinite import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match=r"step \d+"):
         train_in_process(project, "train.lr=1e30", "train.gradient_clip_val=null", "train.warmup_steps=0",
@@ -452,7 +452,7 @@ def test_non_finite_loss_on_one_ddp_rank_stops_every_rank():
     were finite raises too, rather than blocking in the next all-reduce of a rank that stopped."""
     from types import SimpleNamespace
 
-    from diffusion.training.checkpointing import NonFiniteLossCheck, NonFiniteLossError
+    from diffusion.training.nonfinite import NonFiniteLossCheck, NonFiniteLossError
 
     check = NonFiniteLossCheck(check_every=1000)
     trainer = SimpleNamespace(global_step=5, world_size=2, strategy=None)

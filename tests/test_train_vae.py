@@ -197,7 +197,7 @@ def test_discriminator_path_runs_with_manual_optimization(tmp_path, data_root):
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, data_root, monkeypatch):
-    from diffusion.training.checkpointing import NonFiniteLossError
+    from diffusion.training.nonfinite import NonFiniteLossError
     from diffusion.training.vae_system import VAESystem
     from pipeline.train_vae import main
 

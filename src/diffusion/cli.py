@@ -144,7 +144,7 @@ def train_vae(params: ParamsOption = Path("params.yaml"), set_: SetOption = None
     there and continues the same MLflow run. A non-finite loss stops it with an error naming the step.
     """
     from pipeline import train_vae as stage
-    from diffusion.training.checkpointing import NonFiniteLossError
+    from diffusion.training.nonfinite import NonFiniteLossError
 
     run_stage(_train_vae_config(), params, set_, stage.main, (stage.TrainVAEError, NonFiniteLossError))
 
@@ -167,7 +167,7 @@ def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
     with -S train.denoising_type=dit (and -S train.dit_preset=DiT-S/2 for a preset).
     """
     from pipeline import train as stage
-    from diffusion.training.checkpointing import NonFiniteLossError
+    from diffusion.training.nonfinite import NonFiniteLossError
 
     run_stage(_train_config(), params, set_, stage.main, (stage.TrainError, NonFiniteLossError))
 

@@ -1,5 +1,5 @@
 """Training: Lightning systems (``vae_system``, ``diffusion_system``), callbacks, resumable runs
-(``checkpointing``), the Trainer (``trainer``) and the VAE artifact with its measured latent scale (``latent_stats``).
+(``checkpointing``), the stop at a non-finite loss (``nonfinite``), the Trainer (``trainer``) and the VAE artifact with its measured latent scale (``latent_stats``).
 
 Only the torch-level artifact API is imported here, so ``from diffusion.training import load_vae`` does
 not pull in Lightning; import the Lightning parts from their modules.
