@@ -166,8 +166,8 @@ def git(args: list[str], repo: Path) -> str:
 def commit_baseline(repo: Path) -> str:
     """Commit dvc.lock, the metrics and the plots (what `dvc exp show` reads for the baseline); returns the sha.
 
-    `git add -A` as a user would: .gitignore keeps the resumable checkpoints (a `cache: false` output that
-    DVC does not git-ignore itself) out of the commit, and DVC's own .gitignore files the cached outputs."""
+    `git add -A` as a user would: .gitignore keeps the resumable checkpoints (not a DVC output, so DVC does
+    not git-ignore them itself) out of the commit, and DVC's own .gitignore files the cached outputs."""
     git(["add", "-A"], repo)
     git(["commit", "-qm", "baseline: U-Net"], repo)
     tracked = git(["ls-files"], repo).split()
@@ -232,30 +232,34 @@ def check_temp_experiment(repo: Path, baseline: str) -> None:
     """`dvc exp run --temp` runs in a throw-away copy under .dvc/tmp/exps/, yet its MLflow run is in the
     repository's mlflow.db (the copy's would be deleted with it), tagged with the experiment's name.
 
-    The cheapest stage (shard, as the only target) is enough: what is checked is where the run lands."""
+    An evaluate-only change reruns evaluate only: the copy has what git tracks and DVC caches, and no
+    checkpoints, which therefore must not be stage outputs (as outputs they read "deleted" there, and
+    train_vae and train retrained from scratch)."""
     manifest = (repo / "data/shards/manifest.json").read_bytes()
-    run = dvc(["exp", "run", "--temp", "-n", "shard-temp", "-S", "shard.seed=1", "shard"], repo)
-    assert "Running stage 'shard'" in run.stdout, run.stdout
+    run = dvc(["exp", "run", "--temp", "-n", "eval-temp", "-S", "evaluate.guidance=3.0"], repo)
+    assert "Running stage 'evaluate'" in run.stdout, run.stdout
+    for stage in ("shard", "train_vae", "encode_latents", "train_judge", "train"):
+        assert f"Stage '{stage}' didn't change, skipping" in run.stdout, (stage, run.stdout)
     # It ran elsewhere: the workspace's parameters and data are untouched.
-    assert yaml.safe_load((repo / "params.yaml").read_text())["shard"]["seed"] == 0
+    assert yaml.safe_load((repo / "params.yaml").read_text())["evaluate"]["guidance"] != 3.0
     assert (repo / "data/shards/manifest.json").read_bytes() == manifest
 
     client = mlflow_client(repo)
-    (shard,) = [r for r in client.search_runs([client.get_experiment_by_name("diffusion").experiment_id])
-                if r.data.tags.get("dvc_exp_name") == "shard-temp"]
-    assert shard.data.tags["stage"] == "shard" and shard.data.params["seed"] == "1"
-    assert shard.data.tags["git_commit"] == baseline
+    (evaluate,) = [r for r in client.search_runs([client.get_experiment_by_name("diffusion").experiment_id])
+                   if r.data.tags.get("dvc_exp_name") == "eval-temp"]
+    assert evaluate.data.tags["stage"] == "evaluate" and evaluate.data.params["guidance"] == "3.0"
+    assert evaluate.data.tags["git_commit"] == baseline
     # Its artifacts went beside the root store too, not into the deleted copy.
-    assert shard.info.artifact_uri.startswith((repo / "mlartifacts").as_uri()), shard.info.artifact_uri
+    assert evaluate.info.artifact_uri.startswith((repo / "mlartifacts").as_uri()), evaluate.info.artifact_uri
 
 
 def check_exp_show_and_plots_diff(repo: Path, baseline: str) -> None:
     """`dvc exp show` lists the baseline and both experiments with their own params and metrics, and
     `dvc plots diff` draws the U-Net's and the DiT's loss curves on one plot, once per definition."""
     rows = exp_rows(repo)
-    base, unet, temp = rows[baseline], rows["unet"], rows["shard-temp"]
+    base, unet, temp = rows[baseline], rows["unet"], rows["eval-temp"]
     assert [r["params"]["train"]["denoising_type"] for r in (base, unet)] == ["dit", "unet"]
-    assert temp["params"]["shard"]["seed"] == 1
+    assert temp["params"]["evaluate"]["guidance"] == 3.0
     for row in (base, unet):
         assert {"fid", "kid_mean", "adherence"} <= set(row["metrics"]["metrics/eval.json"])
     # Different networks: the experiment's metric is its own, not the baseline's carried over.
