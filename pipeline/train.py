@@ -98,7 +98,7 @@ def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenize
     prompts = encode(tokenizer, list(cfg.sample_prompts)) if cfg.sample_prompts else None
     return [
         NonFiniteLossCheck(cfg.log_every_n_steps),
-        ckpt.LoaderResume(loader),
+        ckpt.ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps),
         # EMA once per optimizer step, saved in and restored from the checkpoint (DESIGN.md pitfall 8).
         EMA(decay=cfg.ema_decay),
         LossCurve(cfg.loss_curve_path, cfg.log_every_n_steps),
@@ -123,7 +123,8 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str]) -> tuple[Any, Any, Any]:
     loader = make_latent_loader(
         urls, tokenizer, batch_size=cfg.batch_size, latent_scale=model.latent_scale, latent_shift=model.latent_shift,
         num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-        epoch_steps=cfg.max_steps * cfg.accumulate_grad_batches, caption_dropout=cfg.caption_dropout,
+        # One loader epoch per checkpoint interval: each starts a freshly seeded pass (ExactResume).
+        epoch_steps=cfg.checkpoint_every_n_steps * cfg.accumulate_grad_batches, caption_dropout=cfg.caption_dropout,
         pin_memory=torch.cuda.is_available(),
     )
     first = next(iter_latents(urls[:1]))

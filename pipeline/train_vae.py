@@ -114,12 +114,14 @@ def _fit(cfg: TrainVAEConfig, run: Any, train_urls: list[str], val_batches: Any)
 
     loader = make_loader(
         train_urls, load_tokenizer(cfg.tokenizer_path), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-        shuffle_buffer=cfg.shuffle_buffer, epoch_steps=cfg.max_steps * cfg.accumulate_grad_batches, seed=cfg.seed,
+        # One loader epoch per checkpoint interval: each starts a freshly seeded pass (ExactResume).
+        shuffle_buffer=cfg.shuffle_buffer, epoch_steps=cfg.checkpoint_every_n_steps * cfg.accumulate_grad_batches,
+        seed=cfg.seed,
     )
     system = VAESystem(cfg)
     callbacks = [
         NonFiniteLossCheck(cfg.log_every_n_steps),
-        ckpt.LoaderResume(loader),
+        ckpt.ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps),
         ReconstructionGrid(min(cfg.grid_images, cfg.batch_size)),
         ckpt.checkpoint_callback(run.point.dir, cfg.checkpoint_every_n_steps),
     ]
@@ -175,8 +177,10 @@ def main(cfg: TrainVAEConfig) -> dict[str, Any] | None:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # Read once, kept in memory (small); batch_size=None: the DataLoader yields the prepared batches as they
     # are (a bare list would be taken for a list of dataloaders).
+    # Its own generator: a DataLoader draws each iterator's base seed from the global generator otherwise, so
+    # every validation would shift the training noise that follows (and val_every_n_steps change the weights).
     val_batches = torch.utils.data.DataLoader(list(image_batches(val_urls, cfg.batch_size, cfg.val_batches)),
-                                              batch_size=None)
+                                              batch_size=None, generator=torch.Generator().manual_seed(cfg.seed))
     extra = _fingerprints(train_urls, val_urls)
     with resumable_stage_run(STAGE, cfg.to_dict(), cfg.checkpoint_dir, exclude=EXCLUDE, extra=extra) as run:
         print(f"train_vae: {cfg.max_steps} steps, batch {cfg.batch_size}, checkpoints in {run.point.dir}")

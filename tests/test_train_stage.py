@@ -164,6 +164,14 @@ def test_killed_train_stage_resumes_from_its_checkpoint_in_the_same_run(project,
     curve = [int(r.split(",")[0]) for r in (project / "plots/train_loss.csv").read_text().splitlines()[1:]]
     assert curve == list(range(2, 25, 2)), "the loss curve spans both executions"
 
+    # It ends where a run that was never stopped ends, to the bit: the same batches, timesteps and noise after
+    # the checkpoint (checkpointing.ExactResume), so the same EMA weights and the same loss curve.
+    train_in_process(project, "train.max_steps=24", "train.sample_every_n_steps=0", "train.checkpoint_dir=ck_again",
+                     "train.out_dir=models/again", "train.metrics_path=metrics/again.json",
+                     "train.loss_curve_path=plots/again.csv")
+    assert (project / "models/again/model.pt").read_bytes() == (project / "models/diffusion/model.pt").read_bytes()
+    assert (project / "plots/again.csv").read_text() == (project / "plots/train_loss.csv").read_text()
+
 
 def train_in_process(project: Path, *overrides: str):
     """Run the train stage in this process (no interpreter start-up), from the project folder."""
@@ -525,7 +533,7 @@ def test_ranks_that_disagree_on_resuming_stop_before_training():
     """Only rank 0 writes last.ckpt: nodes without a shared checkpoint folder would resume on rank 0 alone."""
     from types import SimpleNamespace
 
-    from diffusion.training.checkpointing import LoaderResume
+    from diffusion.training.checkpointing import ExactResume
 
     def trainer(resuming_here, resuming_elsewhere):
         votes = [resuming_here, resuming_elsewhere]
@@ -533,7 +541,7 @@ def test_ranks_that_disagree_on_resuming_stop_before_training():
         return SimpleNamespace(world_size=2, global_rank=1, strategy=strategy,
                                ckpt_path="last.ckpt" if resuming_here else None)
 
-    callback = LoaderResume(loader=None)
+    callback = ExactResume(loader=None, seed=0, steps_per_segment=10)
     callback.on_fit_start(trainer(True, True), None)
     callback.on_fit_start(trainer(False, False), None)
     with pytest.raises(RuntimeError, match="shared by every node"):

@@ -127,6 +127,14 @@ def test_cli_stage_killed_then_resumes_same_run(workdir, cli_env):
     assert run.data.metrics["val_psnr"] == pytest.approx(metrics["val_psnr"])
     _check_vae_artifact(workdir / "models/vae", workdir / "data/shards/val")
 
+    # And it ends where a run that was never stopped ends, to the bit (checkpointing.ExactResume). A validation
+    # every 3 steps, off the checkpoint grid, must not shift the noise either (it may be set freely).
+    again = {"checkpoint_dir": "checkpoints/again", "out_dir": "models/again", "metrics_path": "metrics/again.json",
+             "val_every_n_steps": 3}
+    run_cli([*args, *_overrides(again)], workdir, cli_env)
+    assert (workdir / "models/again/model.pt").read_bytes() == (workdir / "models/vae/model.pt").read_bytes()
+    assert json.loads((workdir / "metrics/again.json").read_text())["train_loss"] == metrics["train_loss"]
+
 
 def _check_vae_artifact(vae_dir: Path, val_shards: Path) -> None:
     """models/vae loads, and its scale makes the val latents roughly unit variance."""
@@ -307,7 +315,8 @@ def test_run_key_ignores_excluded_fields_only():
 
     base = tiny_cfg(Path("/x")).to_dict()
     key = run_key(base, extra={"data": "d"})
-    assert run_key({**base, "log_every_n_steps": 7, "checkpoint_every_n_steps": 3}, extra={"data": "d"}) == key
+    assert run_key({**base, "log_every_n_steps": 7, "val_every_n_steps": 3}, extra={"data": "d"}) == key
+    assert run_key({**base, "checkpoint_every_n_steps": 3}, extra={"data": "d"}) != key  # the segments (ExactResume)
     assert run_key({**base, "num_workers": 3}, extra={"data": "d"}) != key  # another sample stream
     assert run_key({**base, "lr": 0.1}, extra={"data": "d"}) != key
     assert run_key(base, extra={"data": "other"}) != key

@@ -147,9 +147,11 @@ class TrainerFields(Config):
     val_every_n_steps: int = param(
         250, "validate every N training batches (train_vae; the train stage has no validation loop: its sample "
         "grids, sample_every_n_steps, and the evaluate stage take that role)", ge=1)
-    checkpoint_every_n_steps: int = param(100, "save <checkpoint_dir>/<stage>-<key>/last.ckpt every N steps", ge=1)
+    checkpoint_every_n_steps: int = param(
+        100, "save <checkpoint_dir>/<stage>-<key>/last.ckpt every N steps; also the length of the seeded segments "
+        "of data and noise that make a resumed run end as an uninterrupted one (so a change starts afresh)", ge=1)
     checkpoint_dir: str = param(
-        "checkpoints", "resumable checkpoints, one folder per parameter set (a persistent, uncached DVC output)"
+        "checkpoints", "resumable checkpoints, one folder per parameter set (kept across runs; not a DVC output)"
     )
 
     @classmethod
@@ -243,7 +245,7 @@ class TrainVAEConfig(TrainerFields):
         50, "train batches over which the latent scale and shift are measured (Rombach et al. 2022, sec. 4.3.2)", ge=1
     )
     checkpoint_dir: str = param(
-        "checkpoints/train_vae", "resumable checkpoints, one folder per parameter set (persistent, uncached DVC output)"
+        "checkpoints/train_vae", "resumable checkpoints, one folder per parameter set (kept across runs; not a DVC output)"
     )
 
     def __post_init__(self) -> None:
@@ -331,7 +333,7 @@ class TrainConfig(TrainerFields):
     sample_steps: int = param(20, "sampler steps of the grids", ge=1)
     sample_guidance: float = param(4.0, "classifier-free guidance scale of the grids", ge=0.0)
     checkpoint_dir: str = param(
-        "checkpoints/train", "resumable checkpoints, one folder per parameter set (persistent, uncached DVC output)"
+        "checkpoints/train", "resumable checkpoints, one folder per parameter set (kept across runs; not a DVC output)"
     )
     compile: bool = param(
         False, "torch.compile the denoiser's training forward (faster steps on a GPU after a compile of about a "

@@ -285,7 +285,10 @@ def stream_loader(
         raise ValueError(f"{len(urls)} shards for {world_size} ranks: use resampled=True or more shards")
     stream = stream_cls(urls, tokenizer, batch_size=batch_size, resampled=resampled, caption_dropout=caption_dropout,
                         **stream_kwargs)
-    kwargs: dict[str, Any] = {"batch_size": None, "num_workers": num_workers, "pin_memory": pin_memory}
+    # The DataLoader's own generator for each iterator's base seed (worker seeds): by default it draws that from
+    # the global torch generator, which the training step's noise comes from (training.checkpointing.ExactResume).
+    kwargs: dict[str, Any] = {"batch_size": None, "num_workers": num_workers, "pin_memory": pin_memory,
+                              "generator": torch.Generator().manual_seed(stream_kwargs.get("seed", 0))}
     if num_workers > 0:
         kwargs["prefetch_factor"] = prefetch_factor
     loader = StreamLoader(stream, **kwargs)
