@@ -29,7 +29,7 @@ from diffusion.config import ConfigError
 from diffusion.data.latents import LatentRecord, encode_records, rechunk, write_latent_shards
 from diffusion.data.loader import iter_shards
 from diffusion.data.locations import read_manifest, require_split, split_shards
-from diffusion.data.shards import ShardList, atomic_write_json, list_shards
+from diffusion.data.shards import ShardList, atomic_write_json, check_replaceable, list_shards, replace_dir
 from diffusion.stage_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import CONFIG_FILE, load_vae
 
@@ -42,6 +42,7 @@ class EncodeLatentsError(RuntimeError):
 
 def validate(cfg: EncodeLatentsConfig) -> None:
     """Check the inputs exist before any work; a missing one names the stage to run first."""
+    check_replaceable(cfg.out_dir, ("train", "val", "manifest.json"), "encode_latents.out_dir")
     vae_dir = Path(cfg.vae_dir)
     if not (vae_dir / CONFIG_FILE).is_file():
         raise EncodeLatentsError(
@@ -155,9 +156,7 @@ def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         manifest = _manifest(cfg, written, tmp, scale, shift)
         atomic_write_json(tmp / "manifest.json", manifest)
-        # Swap the finished tree into place (as the shard stage does).
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)  # swap the finished tree into place (as the shard stage does)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     counts, total = manifest["counts"], sum(manifest["counts"].values())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,10 +24,13 @@ from typing import Any
 from diffusion.config import ConfigError
 from diffusion.data.records import Sample, Skipped
 from diffusion.data.shapes import attribute_values, generate_shapes, validate_holdout
-from diffusion.data.shards import atomic_write_json, write_shards
+from diffusion.data.shards import atomic_write_json, check_replaceable, replace_dir, write_shards
 from diffusion.data.sources import SourceError, iter_folder, iter_webdataset, summarise
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 from diffusion.stage_configs import ShardConfig
+
+#: What the stage writes in out_dir (anything else there stops it: check_replaceable).
+SHARD_ENTRIES = ("train", "val", "manifest.json")
 
 
 class ShardError(RuntimeError):
@@ -37,16 +41,29 @@ def validate(cfg: ShardConfig) -> None:
     """Checks that need more than the config itself, run before any work (bad input stops early)."""
     if cfg.source == "shapes":
         validate_holdout(cfg.shapes)
-        return
-    if cfg.source == "folder" and not Path(cfg.path).is_dir():
-        raise ConfigError(f"shard.path: folder {cfg.path!r} does not exist")
+    else:
+        if cfg.source == "folder" and not Path(cfg.path).is_dir():
+            raise ConfigError(f"shard.path: folder {cfg.path!r} does not exist")
+        try:
+            # Lists the folder (and picks its layout) or expands the tar patterns, reading no image: a pattern
+            # that matches nothing, or a folder whose captions cannot be found, stops here, not after the run opens.
+            _user_items(cfg)
+        except SourceError as error:
+            key = "shard.folder_layout" if cfg.source == "folder" else "shard.path"
+            raise ConfigError(f"{key}: {error}") from error
+    inside = _tokenizer_inside(cfg)
+    check_replaceable(cfg.out_dir, SHARD_ENTRIES + ((inside.parts[0],) if inside else ()), "shard.out_dir")
+    tokenizer = Path(cfg.tokenizer_path)
+    if tokenizer.is_dir() or any(parent.is_file() for parent in tokenizer.parents):
+        raise ConfigError(f"shard.tokenizer_path: {tokenizer} is a folder or lies under a file; expected a file path")
+
+
+def _tokenizer_inside(cfg: ShardConfig) -> Path | None:
+    """The tokenizer's path relative to out_dir if it is written inside it (then it moves with the folder)."""
     try:
-        # Lists the folder (and picks its layout) or expands the tar patterns, reading no image: a pattern that
-        # matches nothing, or a folder whose captions cannot be found, stops here, not after the run opens.
-        _user_items(cfg)
-    except SourceError as error:
-        key = "shard.folder_layout" if cfg.source == "folder" else "shard.path"
-        raise ConfigError(f"{key}: {error}") from error
+        return Path(cfg.tokenizer_path).resolve().relative_to(Path(cfg.out_dir).resolve())
+    except ValueError:
+        return None
 
 
 def _is_val(key: str, cfg: ShardConfig) -> bool:
@@ -157,10 +174,16 @@ def run(cfg: ShardConfig) -> dict[str, Any]:
         manifest = result["manifest"]
         atomic_write_json(tmp / "manifest.json", manifest)
         tokenizer = train_tokenizer(result["captions"], cfg.vocab_size, cfg.max_length)
-        # Swap the finished folder into place; the tokenizer is written atomically beside it.
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-        save_tokenizer(tokenizer, Path(cfg.tokenizer_path))
+        # The tokenizer is written in full first, beside its place; then the folder is swapped in and the
+        # tokenizer renamed over the old one: two renames, so shards and tokenizer cannot end up from two runs
+        # unless the machine stops between them.
+        # (One rename when the tokenizer lives inside out_dir: it is written into the new folder.)
+        tok_path, inside = Path(cfg.tokenizer_path), _tokenizer_inside(cfg)
+        tok_tmp = tmp / inside if inside else tok_path.parent / f".{tok_path.name}.tmp"
+        save_tokenizer(tokenizer, tok_tmp)
+        replace_dir(tmp, out_dir)
+        if not inside:
+            os.replace(tok_tmp, tok_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     counts, skipped = manifest["counts"], {k: v for k, v in manifest["skipped"].items() if v}

@@ -27,9 +27,12 @@ from typing import Any
 import torch
 
 from diffusion.data.locations import require_split
-from diffusion.data.shards import atomic_write_json
+from diffusion.data.shards import atomic_write_json, check_replaceable, replace_dir
 from diffusion.stage_configs import TrainConfig
 from diffusion.training.checkpointing import DEFAULT_EXCLUDE
+
+#: What the stage writes in out_dir (anything else there stops it: check_replaceable).
+MODEL_ENTRIES = ("config.json", "model.pt", "tokenizer.json", "train_config.json")
 
 STAGE = "train"
 #: Fields that do not change the trained weights (paths: the data itself is fingerprinted; the sample
@@ -46,6 +49,7 @@ class TrainError(RuntimeError):
 def validate(cfg: TrainConfig) -> list[str]:
     """Checks that need the inputs, before any work. Returns the train latent shards."""
     urls = require_split(cfg.latents_dir, "train", "train.latents_dir", "encode_latents", TrainError, "latent shards")
+    check_replaceable(cfg.out_dir, MODEL_ENTRIES, "train.out_dir")
     if not Path(cfg.tokenizer_path).is_file():
         raise TrainError(f"train.tokenizer_path: {cfg.tokenizer_path} not found; run `python cli.py shard` first")
     if not (Path(cfg.vae_dir) / "model.pt").is_file():
@@ -154,8 +158,7 @@ def export(cfg: TrainConfig, model: Any, image_size: int) -> Path:
     # The train section that made it (its scheduler is the sampling schedule) and the image side the
     # latents decode to, the default size for sampling.
     atomic_write_json(tmp / "train_config.json", {**cfg.to_dict(), "image_size": image_size})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return out
 
 

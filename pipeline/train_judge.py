@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.data.locations import read_manifest, require_split
-from diffusion.data.shards import atomic_write_json
+from diffusion.data.shards import atomic_write_json, check_replaceable, replace_dir
 from diffusion.evaluation.judge import load_split
 from diffusion.eval_configs import JudgeConfig
 from diffusion.tracking import is_finite_number
@@ -31,7 +31,8 @@ class TrainJudgeError(RuntimeError):
 
 
 def _inputs(cfg: JudgeConfig) -> tuple[list[str], list[str]]:
-    """The train and val image shards, checked before any work."""
+    """The train and val image shards, checked before any work (and the output folder: check_replaceable)."""
+    check_replaceable(cfg.out_dir, ("config.json", "model.pt"), "train_judge.out_dir")
     return tuple(require_split(cfg.shards_dir, split, "train_judge.shards_dir", "shard", TrainJudgeError)
                  for split in ("train", "val"))
 
@@ -65,8 +66,7 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
         metrics = {"attributes": len(vocab), "train_images": len(train), "val_images": len(val),
                    "final_loss": sum(tail) / len(tail), **{f"val_{k}": v for k, v in scores.items()}}
     metrics["train_seconds"] = round(time.perf_counter() - start, 1)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
     # An attribute no val image names has no accuracy (NaN), which JSON cannot hold: left out, as evaluate does.
     atomic_write_json(cfg.metrics_path, {k: v for k, v in metrics.items() if is_finite_number(v)})

@@ -130,6 +130,41 @@ def test_bad_parameter_exits_2_naming_the_key_and_touches_nothing(tmp_path, cli_
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_an_output_folder_holding_other_files_is_refused_and_kept(tmp_path, cli_env):
+    """The stage replaces its whole output folder: pointed at a folder of the user's own files (here, its own
+    input images, or the project folder itself) it must stop before touching them."""
+    tiny_params(tmp_path)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.txt").write_text("a caption")
+    for out_dir in (str(images), "."):
+        proc = run_cli(["shard", "-S", f"shard.out_dir={out_dir}"], tmp_path, cli_env, check=False)
+        assert proc.returncode == 2 and "shard.out_dir" in proc.stderr and "did not write" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in images.iterdir()) == ["0.txt", "1.txt", "2.txt"]
+    assert (tmp_path / "params.yaml").is_file() and not (tmp_path / "mlflow.db").exists()
+    # Its own previous output is replaced as before; a tokenizer path under a file is refused too.
+    run_cli(["shard"], tmp_path, cli_env)
+    run_cli(["shard"], tmp_path, cli_env)
+    proc = run_cli(["shard", "-S", "shard.tokenizer_path=params.yaml/tok.json"], tmp_path, cli_env, check=False)
+    assert proc.returncode == 2 and "shard.tokenizer_path" in proc.stderr, proc.stderr
+
+
+def test_check_replaceable(tmp_path):
+    from diffusion.data.shards import check_replaceable
+
+    own = ("model.pt", "config.json")
+    check_replaceable(tmp_path / "new", own, "k")  # missing: fine
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.pt").write_bytes(b"")
+    check_replaceable(tmp_path / "m", own, "k")  # only its own files: fine
+    (tmp_path / "m" / "vae").mkdir()
+    with pytest.raises(ConfigError, match=r"k: .* holds vae, which this stage did not write"):
+        check_replaceable(tmp_path / "m", own, "k")
+    with pytest.raises(ConfigError, match="is a file"):
+        check_replaceable(tmp_path / "m" / "model.pt", own, "k")
+
+
 def test_missing_folder_is_a_bad_parameter(tmp_path):
     cfg = ShardConfig.from_dict({"source": "folder", "path": str(tmp_path / "nowhere")})
     with pytest.raises(ConfigError, match="shard.path"):

@@ -173,7 +173,26 @@ def _remove_stale_temps(out_dir: Path) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
+def check_replaceable(out_dir: str | Path, own: Iterable[str], key: str) -> None:
+    """Refuse, before any work, an output folder that holds anything but what the stage writes there (`own`:
+    names of its top-level entries). A stage replaces its whole output folder, so pointed at ``.``, at the
+    folder of its own input images or at a folder of other models, it would delete them.
+
+    Raises ConfigError naming `key`. A missing folder, or one holding only the stage's own files, passes.
+    """
+    from diffusion.config import ConfigError
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{key}: {out} is a file; expected a folder (it need not exist)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in set(own)) if out.is_dir() else []
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"{key}: {out} holds {listed}, which this stage did not write; it replaces the whole "
+                          "folder, so choose a new or empty one (or remove those)")
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Swap the finished `tmp` folder into `out_dir`: old set aside, new renamed in, old deleted."""
     old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
     if old.exists():
@@ -216,7 +235,7 @@ def write_shards(
     tmp.mkdir()
     try:
         names, counts = _write_into(samples, tmp, samples_per_shard, image_format, prefix)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
