@@ -127,6 +127,7 @@ def _manifest(
     return {
         "counts": {split: shards.num_samples for split, shards in written.items()},
         "shards": {split: shards.summary()["shards"] for split, shards in written.items()},
+        "sha256": {split: shards.digests() for split, shards in written.items()},  # what training runs key on
         "latent_shape": _latent_shape(tmp / "train"),
         "dtype": "float16",
         "members": ["mean.npy", "logvar.npy", "txt", "json"],

@@ -145,6 +145,7 @@ def _write(cfg: ShardConfig, tmp: Path) -> dict[str, Any]:
             "resolution": cfg.resolution,
             "counts": {"train": len(captions), "val": len(val_captions)},
             "shards": {"train": [p.name for p in train], "val": [p.name for p in val]},
+            "sha256": {"train": train.digests(), "val": val.digests()},  # what training runs key on
             "skipped": summarise(skipped),
             # Never silent: which inputs were skipped and why (first few of each reason).
             "skipped_examples": _examples(skipped),

@@ -105,3 +105,21 @@ def test_atomic_write_json(tmp_path):
     assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
     assert path.read_text().index('"a"') < path.read_text().index('"b"')
     assert [p.name for p in path.parent.iterdir()] == ["manifest.json"]
+
+
+def test_training_keys_data_by_the_content_the_manifest_records(tmp_path):
+    """tar pads to 10 KiB, so an edited caption keeps the shard's size: the run key must still change
+    (else a rerun resumes, and exports, the model of the old data). The manifest's sha256 tells them apart."""
+    from diffusion.training.checkpointing import files_fingerprint
+
+    def shard_set(root: Path, caption: str) -> list[str]:
+        samples = make_samples(3)
+        samples[0] = Sample(samples[0].key, samples[0].image, caption, samples[0].meta)
+        written = write_shards(samples, root / "train", samples_per_shard=3)
+        atomic_write_json(root / "manifest.json", {"sha256": {"train": written.digests()}})
+        return [str(p) for p in written]
+
+    a, b = shard_set(tmp_path / "a", "a red circle"), shard_set(tmp_path / "b", "a blue circle")
+    assert [Path(p).stat().st_size for p in a] == [Path(p).stat().st_size for p in b]  # sizes cannot tell
+    assert files_fingerprint(a) != files_fingerprint(b)
+    assert files_fingerprint(a) == files_fingerprint(shard_set(tmp_path / "c", "a red circle"))

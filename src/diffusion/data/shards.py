@@ -18,6 +18,7 @@ stage would silently train on.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -57,6 +58,13 @@ class ShardList(list):
     def num_samples(self) -> int:
         return sum(self.counts)
 
+    def digests(self) -> dict[str, str]:
+        """sha256 of each shard file, by name: recorded in the manifest, so that a training run can tell this
+        data from other data of the same shard names and sizes (tar pads to 10 KiB: an edited caption or a
+        changed image usually keeps the size) without hashing the shards at every start
+        (``training.checkpointing.files_fingerprint``)."""
+        return {Path(p).name: file_sha256(p) for p in self}
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary for a manifest: shard file names and sample counts."""
         return {
@@ -64,6 +72,15 @@ class ShardList(list):
             "num_samples": self.num_samples,
             "shards": {Path(p).name: n for p, n in zip(self, self.counts)},
         }
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -123,16 +123,34 @@ def contents_fingerprint(paths: Iterable[str | Path]) -> str:
 
 
 def files_fingerprint(paths: Iterable[str | Path]) -> str:
-    """Hash of the names and sizes of `paths` (sorted): cheap, stat only, for large input data.
+    """Hash of `paths` (sorted) by content, without reading them: each local shard by the sha256 its folder's
+    manifest records (``<split>/../manifest.json``, written by the shard and encode_latents stages), else by
+    name and size.
 
-    Sizes, not contents: hashing gigabytes of shards at every start would cost more than it saves. The
-    shard writer is deterministic, so other data practically always gives other names or sizes.
+    Not the bytes themselves: hashing gigabytes of shards at every start would cost more than it saves. And
+    not the sizes alone: tar pads every file to 10 KiB, so edited captions or a changed image usually keep
+    each shard's size, and a rerun would have resumed, and exported, the model of the old data.
     Shards read through a URL (``pipe:``, ``https://``: ``diffusion.data.locations``) count by their full
     URL, since a size would cost a request per shard: keep each version of a dataset under its own prefix.
     """
+    manifests: dict[Path, dict] = {}
+
+    def recorded(path: Path) -> str | None:
+        folder = path.parent.parent
+        if folder not in manifests:
+            try:
+                manifests[folder] = json.loads((folder / "manifest.json").read_text()).get("sha256") or {}
+            except (OSError, ValueError, AttributeError):
+                manifests[folder] = {}
+        return (manifests[folder].get(path.parent.name) or {}).get(path.name)
+
     h = hashlib.sha256()
     for p in sorted((str(p) for p in paths), key=Path):  # Path order, as before URLs were accepted
-        h.update(f"{p}\n".encode() if is_remote(p) else f"{Path(p).name}\0{Path(p).stat().st_size}\n".encode())
+        if is_remote(p):
+            h.update(f"{p}\n".encode())
+        else:
+            path = Path(p)
+            h.update(f"{path.name}\0{recorded(path) or path.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
 
 
