@@ -237,6 +237,22 @@ def test_bad_config_exits_2_naming_the_key(workdir, cli_env):
     assert proc.returncode == 2 and "train_vae.batch_size" in proc.stderr
 
 
+def test_a_damaged_checkpoint_stops_the_stage_before_its_run(tmp_path, data_root):
+    from pipeline.train_vae import main
+
+    from diffusion.training.checkpointing import CheckpointError
+
+    (tmp_path / "data").symlink_to(data_root / "data")
+    main(tiny_cfg(tmp_path, max_steps=2))
+    (ckpt,) = (tmp_path / "checkpoints/train_vae").glob("*/last.ckpt")
+    run_id = (ckpt.parent / "mlflow_run_id.txt").read_text()
+    with open(ckpt, "r+b") as fh:
+        fh.truncate(ckpt.stat().st_size // 2)  # a copy cut short
+    with pytest.raises(CheckpointError, match=rf"{ckpt.name}: damaged checkpoint .* delete the folder"):
+        main(tiny_cfg(tmp_path, max_steps=2))
+    assert len(_runs()[1]) == 1 and (ckpt.parent / "mlflow_run_id.txt").read_text() == run_id
+
+
 def test_hardware_this_machine_lacks_stops_the_stage_before_its_run(workdir, cli_env):
     accelerator = "gpu" if not torch.cuda.is_available() else "mps"
     proc = run_cli(["train-vae", "-S", f"train_vae.accelerator={accelerator}"], workdir, cli_env, check=False)

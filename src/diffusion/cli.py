@@ -144,9 +144,10 @@ def train_vae(params: ParamsOption = Path("params.yaml"), set_: SetOption = None
     there and continues the same MLflow run. A non-finite loss stops it with an error naming the step.
     """
     from pipeline import train_vae as stage
+    from diffusion.training.checkpointing import CheckpointError
     from diffusion.training.nonfinite import NonFiniteLossError
 
-    run_stage(_train_vae_config(), params, set_, stage.main, (stage.TrainVAEError, NonFiniteLossError))
+    run_stage(_train_vae_config(), params, set_, stage.main, (stage.TrainVAEError, NonFiniteLossError, CheckpointError))
 
 
 def _train_config() -> type[Config]:
@@ -167,9 +168,10 @@ def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
     with -S train.denoising_type=dit (and -S train.dit_preset=DiT-S/2 for a preset).
     """
     from pipeline import train as stage
+    from diffusion.training.checkpointing import CheckpointError
     from diffusion.training.nonfinite import NonFiniteLossError
 
-    run_stage(_train_config(), params, set_, stage.main, (stage.TrainError, NonFiniteLossError))
+    run_stage(_train_config(), params, set_, stage.main, (stage.TrainError, NonFiniteLossError, CheckpointError))
 
 
 # ---- sample -----------------------------------------------------------------------------------------

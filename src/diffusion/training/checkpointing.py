@@ -41,6 +41,7 @@ import json
 import os
 import random
 import warnings
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,10 +222,25 @@ class ResumePoint:
         return self.ckpt_path is not None
 
 
+class CheckpointError(RuntimeError):
+    """The run's last.ckpt cannot be read; the message names it and what to delete."""
+
+
 def find_resume(checkpoint_dir: str | Path, stage: str, key: str) -> ResumePoint:
-    """Look in ``<checkpoint_dir>/<stage>-<key>/`` for a checkpoint and its MLflow run id."""
+    """Look in ``<checkpoint_dir>/<stage>-<key>/`` for a checkpoint and its MLflow run id.
+
+    A checkpoint that is not a readable archive (a copy cut short, a disk that filled up; Lightning's own saves
+    are atomic) raises CheckpointError before the stage opens its MLflow run: resuming it would fail inside
+    ``trainer.fit`` on every rerun. Only the archive's index is read here, not the weights.
+    """
     folder = Path(checkpoint_dir) / f"{stage}-{key}"
     last = folder / LAST_CHECKPOINT
+    if last.is_file():
+        try:
+            zipfile.ZipFile(last).close()  # torch.save's format: the index sits at the end, so a cut file fails
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{last}: damaged checkpoint ({e}); delete the folder {folder} to train this run "
+                                  "afresh (its MLflow run stays in the store)") from None
     id_file = folder / RUN_ID_FILE
     run_id = (id_file.read_text().strip() or None) if id_file.is_file() else None
     return ResumePoint(stage, key, folder, last if last.is_file() else None, run_id)
