@@ -350,17 +350,25 @@ def test_a_relative_sqlite_uri_is_the_project_roots_store(tmp_path, monkeypatch)
     assert tracking_uri() == "http://localhost:5000"
 
 
-def test_git_dirty_tag_ignores_the_parameter_files(tmp_path, monkeypatch):
+def test_git_dirty_tag_ignores_the_parameter_files_and_stage_outputs(tmp_path, monkeypatch):
     from diffusion.tracking import git_dirty
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    for name in ("params.yaml", "code.py"):
+    (tmp_path / "metrics").mkdir()
+    for name in ("params.yaml", "code.py", "metrics/train.json", "metrics.py"):
         (tmp_path / name).write_text("a: 1\n")
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-qm", "c"], cwd=tmp_path, check=True)
     assert git_dirty(tmp_path) == "false"
     (tmp_path / "params.yaml").write_text("a: 2\n")  # what `dvc exp run -S` does
+    assert git_dirty(tmp_path) == "false"
+    (tmp_path / "metrics/train.json").unlink()  # what DVC does to a stage's outputs before running it
+    assert git_dirty(tmp_path) == "false"
+    (tmp_path / "metrics.py").write_text("a: 3\n")  # beside an output's path, not under it
+    assert git_dirty(tmp_path) == "true"
+    (tmp_path / "metrics.py").write_text("a: 1\n")
     assert git_dirty(tmp_path) == "false"
     (tmp_path / "code.py").write_text("a: 3\n")
     assert git_dirty(tmp_path) == "true"

@@ -98,16 +98,38 @@ def git_commit(root: Path | None = None) -> str:
 _PARAMS_FILES = ("params.yaml", "profiles/", "dvc.lock")
 
 
-def git_dirty(cwd: Path | None = None) -> str:
-    """"true" if tracked files other than the parameter files differ from the commit in `cwd` (the stage's own
-    working folder: a queued DVC experiment's copy holds the experiment's changes), "false", or "unknown"."""
+def dvc_outputs(root: Path) -> tuple[str, ...]:
+    """The paths ``root/dvc.yaml`` declares as stage outputs (outs, metrics, plots), as written there."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd or Path.cwd(),
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return ()
+    paths = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in (stage or {}).get(kind) or []:
+                paths.extend(entry if isinstance(entry, dict) else [entry])
+    return tuple(str(p).rstrip("/") for p in paths)
+
+
+def git_dirty(cwd: Path | None = None) -> str:
+    """"true" if tracked files differ from the commit in `cwd` (the stage's own working folder: a queued DVC
+    experiment's copy holds the experiment's changes), "false", or "unknown".
+
+    Not counted: the parameter files, which an experiment changes by design, and the stages' declared
+    outputs: the metrics and plots files are tracked in git, and DVC deletes a stage's outputs before it runs
+    it, so every stage after the first would have read as dirty code."""
+    cwd = cwd or Path.cwd()
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                              capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    outputs = dvc_outputs(cwd)
     changed = [line[3:].strip() for line in out.splitlines() if line.strip()]
-    return "true" if any(not path.startswith(_PARAMS_FILES) for path in changed) else "false"
+    code = [path for path in changed if not path.startswith(_PARAMS_FILES)
+            and not any(path == o or path.startswith(o + "/") for o in outputs)]
+    return "true" if code else "false"
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
