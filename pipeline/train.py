@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from diffusion.data.locations import require_split
+from diffusion.config import ConfigError
+from diffusion.data.locations import read_manifest, require_split
 from diffusion.data.shards import atomic_write_json, check_replaceable, replace_dir
 from diffusion.stage_configs import TrainConfig
 from diffusion.training.checkpointing import DEFAULT_EXCLUDE
@@ -54,6 +55,15 @@ def validate(cfg: TrainConfig) -> list[str]:
         raise TrainError(f"train.tokenizer_path: {cfg.tokenizer_path} not found; run `python cli.py shard` first")
     if not (Path(cfg.vae_dir) / "model.pt").is_file():
         raise TrainError(f"train.vae_dir: no VAE in {cfg.vae_dir}; run `python cli.py train-vae` first")
+    shape = (read_manifest(cfg.latents_dir) or {}).get("latent_shape")  # [C, h, w], from encode_latents
+    denoiser = cfg.denoiser_config()
+    multiple = getattr(denoiser, "downsample_factor", getattr(denoiser, "patch_size", 1))
+    if shape and any(side % multiple for side in shape[1:]):
+        # Found here rather than at the first step, inside Lightning, with the MLflow run already open.
+        what = "dit.patch_size" if cfg.denoising_type == "dit" else "unet.channel_mult (2 ** (levels - 1))"
+        raise ConfigError(f"train.{what}: the {cfg.denoising_type} needs latent sides divisible by {multiple}, and "
+                          f"the latents in {cfg.latents_dir} are {shape[1]}x{shape[2]}; use a shard.resolution that "
+                          f"is a multiple of {multiple} times the VAE's factor, or another {what.split(' ')[0]}")
     return urls
 
 

@@ -322,6 +322,15 @@ def test_missing_latents_and_bad_parameters_exit_with_clear_errors(tmp_path, mon
     assert bad.exit_code == 2 and "train.denoising_type" in bad.output
 
 
+def test_latents_the_denoiser_cannot_patch_stop_before_the_run(project):
+    from diffusion.config import ConfigError
+
+    # The fixture's latents are 16x16: a DiT with 3x3 patches cannot cover them.
+    with pytest.raises(ConfigError, match=r"train.dit.patch_size: .* divisible by 3, .* are 16x16"):
+        train_in_process(project, "train.denoising_type=dit", "train.dit.patch_size=3", "train.dit.input_size=30")
+    assert not runs("train")[1] and not (project / "checkpoints/train").exists()
+
+
 SEED_DENOISERS = {
     "unet": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
              "num_heads": 2, "norm_groups": 8},
