@@ -183,6 +183,15 @@ def test_captions_layout(tmp_path):
         check(iter_folder(tmp_path, layout, TEMPLATE, RES), *expected(good, missing_caption=1, empty_caption=1))
 
 
+def test_captions_with_upper_case_suffixes(tmp_path):
+    """IMG_0.JPG beside IMG_0.TXT, as cameras and Windows tools name them, and the usual lower case beside it."""
+    write(tmp_path, {"IMG_0.JPG": encode(noise((20, 20), 0), "JPEG"), "IMG_0.TXT": "a red circle",
+                     "IMG_1.png": encode(noise((20, 20), 1), "PNG"), "IMG_1.txt": "a blue square"})
+    for layout in ("captions", "auto"):
+        found, skipped = collect(iter_folder(tmp_path, layout, TEMPLATE, RES))
+        assert {s.caption for s in found.values()} == {"a red circle", "a blue square"} and not skipped, skipped
+
+
 def metadata_rows(tree: dict[str, bytes]) -> list[dict]:
     rows = [
         {"file_name": path, "text": caption_of(path)}

@@ -214,11 +214,17 @@ def _iter_metadata(root: Path, files: list[str], assemble: _Assembler, template:
 
 
 def _iter_captions(root: Path, files: list[str], assemble: _Assembler, template: str) -> Iterator[Item]:
-    """Each image with the caption in the ``.txt`` of the same name beside it, in any subfolder."""
+    """Each image with the caption in the ``.txt`` of the same name beside it, in any subfolder. The suffix in
+    any case (``IMG_0001.JPG`` beside ``IMG_0001.TXT``, as cameras and Windows tools write them), as images'."""
+    sidecars: dict[str, str] = {}
+    for name in sorted(files, key=lambda n: n.endswith(CAPTION_SUFFIX)):  # an exact ".txt" wins over ".TXT"
+        if name.lower().endswith(CAPTION_SUFFIX):
+            sidecars[name[: -len(CAPTION_SUFFIX)]] = name
     for name in filter(_is_image_name, files):
         path = root / name
+        stem = str(PurePosixPath(name).with_suffix(""))
         try:
-            caption = _read_caption(path.with_suffix(CAPTION_SUFFIX))
+            caption = _read_caption(root / sidecars.get(stem, stem + CAPTION_SUFFIX))
         except OSError as error:  # permission denied, an I/O error: skipped like an unreadable image
             yield Skipped(name, "missing_file", f"cannot read its caption {CAPTION_SUFFIX}: {error}")
             continue
