@@ -176,6 +176,7 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     """Export the EMA weights, write the metrics and the loss curve, log them. Rank 0 only."""
     import mlflow
 
+    from diffusion.tracking import is_finite_number
     from diffusion.training.callbacks import LossCurve, ema_model
 
     model = system.restore_frozen_vae(ema_model(trainer, system))
@@ -190,6 +191,8 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
         "parameters_denoiser": sum(p.numel() for p in model.denoiser.parameters()),
         "parameters_text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
     }
+    # No loss logged (max_steps below log_every_n_steps) leaves final_loss out: JSON has no NaN.
+    metrics = {k: v for k, v in metrics.items() if is_finite_number(v)}
     Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg.metrics_path, metrics)
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
@@ -224,7 +227,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
         if not trainer.is_global_zero:
             return None
         metrics = _finish(cfg, run, trainer, system, grid, time.perf_counter() - start)
-        print(f"train: final loss {metrics['final_loss']:.4f} after {metrics['steps']} steps "
+        print(f"train: final loss {metrics.get('final_loss', float('nan')):.4f} after {metrics['steps']} steps "
               f"({metrics['train_seconds']:.0f} s)")
         print(f"train: EMA model -> {cfg.out_dir}; metrics -> {cfg.metrics_path}; loss curve -> {cfg.loss_curve_path}")
         print(f"train: MLflow run {run.run_id} at {tracking_uri()}")

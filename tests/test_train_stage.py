@@ -194,6 +194,11 @@ def test_changed_parameters_start_a_fresh_run(project, capsys):
     assert "resuming" not in capsys.readouterr().out
     assert len(list((project / "checkpoints/train").iterdir())) == 2
     assert len(runs("train")[1]) == 2
+    # A run shorter than the logging interval (2 here) logs no loss: its final_loss is left out rather than
+    # written as NaN, which is not JSON.
+    train_in_process(project, "train.max_steps=1", "train.sample_every_n_steps=0")
+    metrics = json.loads((project / "metrics/train.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert metrics["steps"] == 1 and "final_loss" not in metrics
 
 
 def rank_lines(output: str) -> list[tuple[int, int, str]]:
