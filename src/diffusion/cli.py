@@ -218,7 +218,8 @@ def sample(
     steps: Annotated[int, typer.Option(min=1, help="Sampler steps.")] = 20,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")] = 4.0,
     sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpmpp (DPM-Solver++ 2M).")] = "dpmpp",
-    seed: Annotated[int, typer.Option(help="Seed of the initial noise; the same seed gives the same images.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise; the same seed gives the same images.",
+                                      min=0, max=2**64 - 1)] = 0,  # what torch.Generator.manual_seed takes
     out: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write (a grid for several images).")] = Path(
         "samples.png"
     ),
@@ -247,6 +248,8 @@ def sample(
 
     if out.suffix.lower() not in Image.registered_extensions():  # PIL picks the format by the extension
         _fail(f"--out {out}: {out.suffix or 'no extension'!r} is not an image format Pillow writes (.png, .jpg ...)", 2)
+    if out.is_dir() or any(parent.is_file() for parent in out.parents):
+        _fail(f"--out {out}: a folder, or under a file; expected the path of an image file", 2)
     model_dir, recorded_size = _sample_model_dir(model, params, set_)
     options = dict(steps=steps, guidance=guidance, sampler=sampler, num_images_per_prompt=num_images, image_size=size)
     try:
