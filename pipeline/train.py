@@ -19,7 +19,6 @@ checkpoint (step, optimizer, EMA) in the same MLflow run; with anything changed,
 from __future__ import annotations
 
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -187,7 +186,7 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     metrics = {
         "steps": trainer.global_step,
         "final_loss": sum(tail) / len(tail) if tail else float("nan"),
-        "train_seconds": round(seconds, 1),
+        "train_seconds": round(seconds, 1),  # over every execution of this run (ExactResume.train_seconds)
         "parameters_denoiser": sum(p.numel() for p in model.denoiser.parameters()),
         "parameters_text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
     }
@@ -208,7 +207,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     import pytorch_lightning as pl
 
     from diffusion.tracking import tracking_uri
-    from diffusion.training.checkpointing import rank_report, resumable_stage_run
+    from diffusion.training.checkpointing import ExactResume, rank_report, resumable_stage_run
     from diffusion.training.trainer import check_hardware
 
     check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
@@ -219,14 +218,14 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
                              extra=_fingerprints(cfg, urls)) as run:
         print(f"train: {cfg.denoising_type}, {cfg.max_steps} steps, batch {cfg.batch_size}, "
               f"checkpoints in {run.point.dir}")
-        start = time.perf_counter()
         trainer, system, grid = _fit(cfg, run, urls)
         # Every rank says how far it got and a digest of its weights: under DDP both must be equal on
         # every rank, on one machine or several (checkpointing.rank_report).
         print(rank_report(STAGE, trainer, system), flush=True)
         if not trainer.is_global_zero:
             return None
-        metrics = _finish(cfg, run, trainer, system, grid, time.perf_counter() - start)
+        clock = next(cb for cb in trainer.callbacks if isinstance(cb, ExactResume))
+        metrics = _finish(cfg, run, trainer, system, grid, clock.train_seconds)
         print(f"train: final loss {metrics.get('final_loss', float('nan')):.4f} after {metrics['steps']} steps "
               f"({metrics['train_seconds']:.0f} s)")
         print(f"train: EMA model -> {cfg.out_dir}; metrics -> {cfg.metrics_path}; loss curve -> {cfg.loss_curve_path}")

@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import random
+import time
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -427,6 +428,17 @@ class ExactResume(Callback):
         self.steps_per_segment = steps_per_segment
         self.global_step = 0
         self._seeded_at: int | None = None  # the step whose segment seed is in effect (not saved: see below)
+        self._seconds_before = 0.0  # training time of the executions before this one (from the checkpoint)
+        self._started: float | None = None
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall-clock training time up to now, over every execution of this run (each one's time up to the
+        checkpoint it left: the steps a killed execution took after that were lost with it, and redone)."""
+        return self._seconds_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -458,11 +470,13 @@ class ExactResume(Callback):
                 )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_step": self.global_step, "steps_per_segment": self.steps_per_segment}
+        return {"global_step": self.global_step, "steps_per_segment": self.steps_per_segment,
+                "train_seconds": self.train_seconds}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Restored before Lightning creates the training iterator, so the first pass read is this segment's.
         self.global_step = int(state_dict.get("global_step", 0))
+        self._seconds_before = float(state_dict.get("train_seconds", 0.0))
         segment, rest = divmod(self.global_step, self.steps_per_segment)
         if rest and self.global_step:
             # Only a checkpoint saved off the grid (the final one, at max_steps) lands here; a finished run
