@@ -93,11 +93,12 @@ def _fingerprints(cfg: TrainConfig, urls: list[str]) -> dict[str, str]:
     import diffusion.scheduler as scheduler
     import diffusion.training.callbacks as callbacks
     import diffusion.training.diffusion_system as system
+    import diffusion.training.exact_resume as resume
     import diffusion.training.optim as optim
     from diffusion.training.checkpointing import contents_fingerprint, files_fingerprint, source_fingerprint
 
     code = [Path(models.__file__).parent, *(m.__file__ for m in (latents, loader, tokenizer, scheduler, system, optim,
-                                                                  callbacks)), __file__]
+                                                                  callbacks, resume)), __file__]
     return {"data": files_fingerprint(urls), "inputs": contents_fingerprint([cfg.vae_dir, cfg.tokenizer_path]),
             "code": source_fingerprint(*code)}
 
@@ -105,13 +106,14 @@ def _fingerprints(cfg: TrainConfig, urls: list[str]) -> dict[str, str]:
 def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenizer: Any, side: int) -> list:
     from diffusion.data.tokenizer import encode
     from diffusion.training import checkpointing as ckpt
+    from diffusion.training.exact_resume import ExactResume
     from diffusion.training.callbacks import EMA, LossCurve, SampleGrid
     from diffusion.training.nonfinite import NonFiniteLossCheck
 
     prompts = encode(tokenizer, list(cfg.sample_prompts)) if cfg.sample_prompts else None
     return [
         NonFiniteLossCheck(cfg.log_every_n_steps),
-        ckpt.ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps),
+        ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps),
         # EMA once per optimizer step, saved in and restored from the checkpoint (DESIGN.md pitfall 8).
         EMA(decay=cfg.ema_decay),
         LossCurve(cfg.loss_curve_path, cfg.log_every_n_steps),
@@ -207,7 +209,8 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     import pytorch_lightning as pl
 
     from diffusion.tracking import tracking_uri
-    from diffusion.training.checkpointing import ExactResume, rank_report, resumable_stage_run
+    from diffusion.training.checkpointing import rank_report, resumable_stage_run
+    from diffusion.training.exact_resume import ExactResume
     from diffusion.training.trainer import check_hardware
 
     check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer

@@ -95,11 +95,12 @@ def _fingerprints(train: list[str], val: list[str]) -> dict[str, str]:
     import diffusion.models.layers as layers
     import diffusion.models.vae as vae
     import diffusion.training.discriminator as discriminator
+    import diffusion.training.exact_resume as resume
     import diffusion.training.optim as optim
     import diffusion.training.vae_system as system
     from diffusion.training.checkpointing import files_fingerprint, source_fingerprint
 
-    code = [m.__file__ for m in (vae, layers, system, discriminator, optim, loader)] + [__file__]
+    code = [m.__file__ for m in (vae, layers, system, discriminator, optim, loader, resume)] + [__file__]
     return {"data": files_fingerprint(train + val), "code": source_fingerprint(*code)}
 
 
@@ -108,6 +109,7 @@ def _fit(cfg: TrainVAEConfig, run: Any, train_urls: list[str], val_batches: Any)
     from diffusion.data.loader import make_loader
     from diffusion.data.tokenizer import load_tokenizer
     from diffusion.training import checkpointing as ckpt
+    from diffusion.training.exact_resume import ExactResume
     from diffusion.training.nonfinite import NonFiniteLossCheck
     from diffusion.training.trainer import build_trainer
     from diffusion.training.vae_system import ReconstructionGrid, VAESystem
@@ -121,7 +123,7 @@ def _fit(cfg: TrainVAEConfig, run: Any, train_urls: list[str], val_batches: Any)
     system = VAESystem(cfg)
     callbacks = [
         NonFiniteLossCheck(cfg.log_every_n_steps),
-        ckpt.ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps),
+        ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps),
         ReconstructionGrid(min(cfg.grid_images, cfg.batch_size)),
         ckpt.checkpoint_callback(run.point.dir, cfg.checkpoint_every_n_steps),
     ]

@@ -165,7 +165,7 @@ def test_killed_train_stage_resumes_from_its_checkpoint_in_the_same_run(project,
     assert curve == list(range(2, 25, 2)), "the loss curve spans both executions"
 
     # It ends where a run that was never stopped ends, to the bit: the same batches, timesteps and noise after
-    # the checkpoint (checkpointing.ExactResume), so the same EMA weights and the same loss curve.
+    # the checkpoint (exact_resume.ExactResume), so the same EMA weights and the same loss curve.
     train_in_process(project, "train.max_steps=24", "train.sample_every_n_steps=0", "train.checkpoint_dir=ck_again",
                      "train.out_dir=models/again", "train.metrics_path=metrics/again.json",
                      "train.loss_curve_path=plots/again.csv")
@@ -554,7 +554,7 @@ def test_ranks_that_disagree_on_resuming_stop_before_training():
     """Only rank 0 writes last.ckpt: nodes without a shared checkpoint folder would resume on rank 0 alone."""
     from types import SimpleNamespace
 
-    from diffusion.training.checkpointing import ExactResume
+    from diffusion.training.exact_resume import ExactResume
 
     def trainer(resuming_here, resuming_elsewhere):
         votes = [resuming_here, resuming_elsewhere]

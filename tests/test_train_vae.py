@@ -127,7 +127,7 @@ def test_cli_stage_killed_then_resumes_same_run(workdir, cli_env):
     assert run.data.metrics["val_psnr"] == pytest.approx(metrics["val_psnr"])
     _check_vae_artifact(workdir / "models/vae", workdir / "data/shards/val")
 
-    # And it ends where a run that was never stopped ends, to the bit (checkpointing.ExactResume). A validation
+    # And it ends where a run that was never stopped ends, to the bit (exact_resume.ExactResume). A validation
     # every 3 steps, off the checkpoint grid, must not shift the noise either (it may be set freely).
     again = {"checkpoint_dir": "checkpoints/again", "out_dir": "models/again", "metrics_path": "metrics/again.json",
              "val_every_n_steps": 3}

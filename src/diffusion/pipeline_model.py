@@ -225,7 +225,6 @@ class TextToImagePipeline:
     ) -> TextToImagePipeline:
         """Load a model folder (see the module docstring) onto `device` (None: CUDA if available, else CPU).
         `image_size` sets the default side where the folder does not record the training resolution."""
-        import torch
 
         from diffusion.config import ConfigError
         from diffusion.data.tokenizer import load_tokenizer

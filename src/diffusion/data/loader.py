@@ -286,7 +286,7 @@ def stream_loader(
     stream = stream_cls(urls, tokenizer, batch_size=batch_size, resampled=resampled, caption_dropout=caption_dropout,
                         **stream_kwargs)
     # The DataLoader's own generator for each iterator's base seed (worker seeds): by default it draws that from
-    # the global torch generator, which the training step's noise comes from (training.checkpointing.ExactResume).
+    # the global torch generator, which the training step's noise comes from (training.exact_resume.ExactResume).
     kwargs: dict[str, Any] = {"batch_size": None, "num_workers": num_workers, "pin_memory": pin_memory,
                               "generator": torch.Generator().manual_seed(stream_kwargs.get("seed", 0))}
     if num_workers > 0:

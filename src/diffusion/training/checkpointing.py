@@ -8,7 +8,7 @@ is decided by a **run key**, a short hash of everything that determines the resu
   validation frequency, output paths: the `exclude` list, per stage). The loader worker count stays in: each
   worker draws its own seeded stream and the loader interleaves them, so 2 workers feed other batches than
   1, and a run resumed with another count would end with weights that neither count gives uninterrupted.
-  So does the checkpoint interval, which cuts training into the seeded segments of :class:`ExactResume`;
+  So does the checkpoint interval, which cuts training into the seeded segments of :class:`.exact_resume.ExactResume`;
 - `extra` inputs the config does not capture: a fingerprint of the input data (shard names and sizes)
   and of the code (a checkpoint of different code is not the same run). So `dvc repro` after a change
   to the data or to the code never resumes, or re-exports, a checkpoint made before it.
@@ -39,8 +39,6 @@ import contextlib
 import hashlib
 import json
 import os
-import random
-import time
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -48,10 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from diffusion.data.locations import is_remote
 from diffusion.data.shards import atomic_write_json, atomic_write_text
@@ -389,98 +386,3 @@ def checkpoint_callback(dirpath: str | Path, every_n_steps: int) -> ModelCheckpo
         save_last=True,
         enable_version_counter=False,
     )
-
-
-def segment_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of the training segment that starts after optimizer step `step` on `rank` (< 2**32, so numpy
-    takes it too): a hash, so that neighbouring (seed, rank, step) give unrelated streams."""
-    digest = hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-class ExactResume(Callback):
-    """Make a run killed and resumed from a checkpoint end with the weights of the run that was never stopped.
-
-    What a checkpoint does not hold is the random state: the global generators (timesteps and noise, the VAE's
-    posterior samples, dropout) and the position in the data stream, which WebDataset cannot seek to. So
-    training is cut into **segments** of `steps_per_segment` optimizer steps, the checkpoint interval, and each
-    segment starts from a fixed state that depends on nothing before it:
-
-    - the loader's epoch is one segment long (the stage sets ``epoch_steps`` to it), and segment k reads
-      pass k of the stream, seeded by (seed, rank, worker, k) (``diffusion.data.loader``);
-    - before its first batch, the global generators (torch on every device, numpy, random) are seeded from
-      (seed, rank, step) (:func:`segment_seed`); the loader's own DataLoader seed comes from its own generator,
-      so creating its iterator draws nothing from them.
-
-    Every periodic checkpoint falls on a segment boundary, so a resumed run sets the loader to the segment the
-    checkpoint ends and reseeds at the same point as the uninterrupted run. The rank is in the seed: each DDP
-    rank draws its own timesteps and noise.
-
-    Args:
-        loader: the training loader, with ``set_epoch(int)`` (``diffusion.data.loader.StreamLoader``).
-        seed: the stage's seed.
-        steps_per_segment: optimizer steps per segment: the stage's ``checkpoint_every_n_steps``.
-    """
-
-    def __init__(self, loader: Any, seed: int, steps_per_segment: int) -> None:
-        self.loader = loader
-        self.seed = seed
-        self.steps_per_segment = steps_per_segment
-        self.global_step = 0
-        self._seeded_at: int | None = None  # the step whose segment seed is in effect (not saved: see below)
-        self._seconds_before = 0.0  # training time of the executions before this one (from the checkpoint)
-        self._started: float | None = None
-
-    @property
-    def train_seconds(self) -> float:
-        """Wall-clock training time up to now, over every execution of this run (each one's time up to the
-        checkpoint it left: the steps a killed execution took after that were lost with it, and redone)."""
-        return self._seconds_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._started = time.perf_counter()
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        # The first micro-batch after a boundary step (under gradient accumulation global_step stays put for
-        # the rest of the group). A resumed run starts with _seeded_at None, so it reseeds at its first batch,
-        # which is where the uninterrupted run reseeded too.
-        step = trainer.global_step
-        if step % self.steps_per_segment == 0 and step != self._seeded_at:
-            self._seeded_at = step
-            seed = segment_seed(self.seed, trainer.global_rank, step)
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)  # the CPU and every CUDA device
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.global_step = trainer.global_step
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Every rank looks for last.ckpt on its own disk, and only global rank 0 writes one: without a checkpoint
-        # folder shared by all nodes, after a restart rank 0 resumes at step N and the others start at 0, with
-        # other optimizer, schedule and EMA states, until their collectives stop matching (an error, or a hang).
-        if trainer.world_size > 1:
-            resuming = trainer.ckpt_path is not None
-            if trainer.strategy.reduce_boolean_decision(resuming, all=True) != \
-                    trainer.strategy.reduce_boolean_decision(resuming, all=False):
-                raise RuntimeError(
-                    f"rank {trainer.global_rank} {'found' if resuming else 'did not find'} the run's last.ckpt, and "
-                    "another rank did the opposite: checkpoint_dir must be one folder shared by every node"
-                )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"global_step": self.global_step, "steps_per_segment": self.steps_per_segment,
-                "train_seconds": self.train_seconds}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Restored before Lightning creates the training iterator, so the first pass read is this segment's.
-        self.global_step = int(state_dict.get("global_step", 0))
-        self._seconds_before = float(state_dict.get("train_seconds", 0.0))
-        segment, rest = divmod(self.global_step, self.steps_per_segment)
-        if rest and self.global_step:
-            # Only a checkpoint saved off the grid (the final one, at max_steps) lands here; a finished run
-            # trains no further, so nothing depends on it. Anything else continues on a fresh pass.
-            segment += 1
-        if hasattr(self.loader, "set_epoch"):
-            self.loader.set_epoch(segment)
