@@ -105,12 +105,37 @@ def test_pipeline_images_and_defaults(pipe):
                                                                           "num_images_per_prompt"),
     ({"image_size": 0}, "image_size"),  # 0 is a bad size, not "the training size"
     ({"num_images_per_prompt": 1.7}, "num_images_per_prompt"),
+    ({"image_size": 16.0}, "image_size"), ({"image_size": "16"}, "image_size"), ({"image_size": (16,)}, "image_size"),
+    ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": 2**64}, "seed"),
+    ({"batch_size": 0}, "batch_size"), ({"batch_size": -1}, "batch_size"),  # -1 returned no images at all
 ])
 def test_bad_options_are_refused(model_dir, options, option):
     spec = ModelSpec.read(model_dir)
     with pytest.raises(SampleOptionError) as err:
         spec.check(**{"steps": 2, "guidance": 3.0, "sampler": "dpmpp", **options})
     assert err.value.option == option
+    spec.check(steps=2, guidance=np.float32(3.0), sampler="dpmpp", image_size=(16, np.int64(24)), batch_size=1)
+
+
+def test_the_library_generate_names_bad_arguments(pipe):
+    import torch
+
+    model, scheduler = pipe.model, pipe.scheduler
+    tokens = torch.tensor([[1, 5, 2]])
+    ok = {"text_tokens": tokens, "scheduler": scheduler, "num_inference_steps": 1, "image_size": SIDE}
+    for change, pattern in (({"text_tokens": tokens.float()}, "text_tokens: expected a .B, T. integer tensor"),
+                            ({"text_tokens": tokens[0]}, "text_tokens: expected"),
+                            ({"text_tokens": [[1, 5, 2]]}, "text_tokens: expected"),
+                            ({"text_tokens": tokens + 10**6}, r"text_tokens: ids must be in \[0, "),
+                            ({"scheduler": None}, "scheduler: expected"),
+                            ({"num_inference_steps": 0}, "num_inference_steps"),
+                            ({"guidance_scale": float("nan")}, "guidance_scale"),
+                            ({"image_size": 16.0}, "image_size: expected an int side or a pair")):
+        with pytest.raises((TypeError, ValueError), match=pattern):
+            model.generate(**{**ok, **change})
+    assert model.generate(**ok).shape == (1, 3, SIDE, SIDE)
+    with pytest.raises(TypeError, match="prompts: expected a list of strings"):
+        pipe.generate([None], progress=False, **FAST)
 
 
 def test_prompt_warnings(pipe):
@@ -138,6 +163,18 @@ def test_damaged_model_folder_and_bad_devices_are_named(model_dir, tmp_path):
     (damaged / "train_config.json").write_text("{not json")
     with pytest.raises(ModelNotFoundError, match="not valid JSON"):
         ModelSpec.read(damaged)
+    # Files that exist but cannot be read: named, and never torch's advice to load with weights_only=False.
+    shutil.copyfile(model_dir / "train_config.json", damaged / "train_config.json")
+    weights = (model_dir / "model.pt").read_bytes()
+    for content in (weights[: len(weights) // 2], b"not a checkpoint"):
+        (damaged / "model.pt").write_bytes(content)
+        with pytest.raises(ModelNotFoundError, match="model.pt: not a readable weights file") as err:
+            TextToImagePipeline.from_pretrained(damaged)
+        assert "weights_only=False" not in str(err.value)
+    (damaged / "model.pt").write_bytes(weights)
+    (damaged / "tokenizer.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="tokenizer.json: not a tokenizer"):
+        TextToImagePipeline.from_pretrained(damaged)
     assert check_device("cpu") == "cpu"
     assert check_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     for device in ("foo", "cuda:99"):
@@ -209,6 +246,33 @@ def test_prompts_from_input():
     assert prompts_from_input(pd.DataFrame({0: ["a", "b"]})) == ["a", "b"]  # what MLflow makes of a list
     assert prompts_from_input(pd.DataFrame({"x": [1], "prompt": ["c"]})) == ["c"]
     assert prompts_from_input(pd.Series(["d"])) == ["d"]
+    # What predict receives once MLflow has enforced the signature (one unnamed string column): a dict arrives
+    # as one row holding the list, a None as NaN.
+    from mlflow.models.utils import _enforce_schema
+
+    from diffusion.evaluation.pyfunc import signature
+
+    def enforced(model_input):
+        return prompts_from_input(_enforce_schema(model_input, signature().inputs))
+
+    assert enforced(["a", "b"]) == ["a", "b"] and enforced(pd.Series(["d"])) == ["d"]
+    assert enforced({"prompt": ["a red circle", "a blue square"]}) == ["a red circle", "a blue square"]
+    assert enforced(["a", None]) == ["a", ""]
+
+
+def test_pyfunc_reports_a_bad_option_as_a_client_error(pipe):
+    """The scoring server returns an MlflowException's message with HTTP 400; any other exception as a generic
+    "unexpected error", the reason buried in a stack trace."""
+    from mlflow.exceptions import MlflowException
+
+    from diffusion.evaluation.pyfunc_model import TextToImageModel
+
+    model = TextToImageModel()
+    model.pipeline = pipe
+    with pytest.raises(MlflowException, match=r"steps: expected an integer in \[1, ") as err:
+        model.predict(None, ["a red circle"], params={"steps": 0})
+    assert err.value.get_http_status_code() == 400
+    assert model.predict(None, ["a red circle"], params={"steps": 1, "image_size": SIDE}).shape == (1, SIDE, SIDE, 3)
 
 
 def test_pyfunc_registers_and_round_trips_in_a_fresh_process(model_dir, pipe, tmp_path):

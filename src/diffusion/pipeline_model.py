@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import pickle
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,16 +146,26 @@ class ModelSpec:
 
     def check(
         self, *, steps: int, guidance: float, sampler: str, num_images_per_prompt: int = 1,
-        image_size: int | Sequence[int] | None = None,
+        image_size: int | Sequence[int] | None = None, seed: int = 0, batch_size: int | None = None,
     ) -> tuple[int, int]:
         """Validate sampling options before any work; returns the (H, W) to sample. Raises SampleOptionError."""
+        from diffusion.models.diffusion_model import image_side_pair
         from diffusion.samplers import SAMPLERS
+
+        def integer(v: Any) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        if not integer(seed) or not 0 <= seed < 2**64:
+            raise SampleOptionError("seed", f"expected an integer in [0, 2**64), got {seed!r}")
+        if batch_size is not None and (not integer(batch_size) or batch_size < 1):
+            raise SampleOptionError("batch_size", f"expected an integer >= 1 or None (all at once), got {batch_size!r}")
 
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= self.num_timesteps:
             raise SampleOptionError("steps", f"expected an integer in [1, {self.num_timesteps}], got {steps!r}")
         if sampler not in SAMPLERS:
             raise SampleOptionError("sampler", f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
-        if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        if isinstance(guidance, bool) or not (isinstance(guidance, numbers.Real) and math.isfinite(guidance)
+                                              and guidance >= 0):
             raise SampleOptionError("guidance", f"expected a finite number >= 0, got {guidance!r}")
         if (isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer))
                 or num_images_per_prompt < 1):
@@ -163,7 +175,10 @@ class ModelSpec:
             raise SampleOptionError(
                 "image_size", "the training resolution is not recorded with this model; give one explicitly"
             )
-        H, W = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+        try:
+            H, W = image_side_pair(size)
+        except TypeError as e:
+            raise SampleOptionError("image_size", str(e).removeprefix("image_size: ")) from None
         f = self.latent_multiple
         if H <= 0 or W <= 0 or H % f or W % f:
             raise SampleOptionError(
@@ -238,9 +253,20 @@ class TextToImagePipeline:
             sched_cfg = SchedulerConfig.from_dict(train_config["scheduler"], "scheduler")
         except (KeyError, ConfigError) as e:
             raise ModelNotFoundError(f"{spec.model_dir}/train_config.json: no valid scheduler section ({e})") from e
-        model = LatentDiffusionModel.from_pretrained(spec.model_dir, map_location=device)
+        try:
+            model = LatentDiffusionModel.from_pretrained(spec.model_dir, map_location=device)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # torch's messages for a bad archive
+            # Not torch's own text: for a file that is not a weights-only checkpoint it suggests weights_only=False,
+            # which would run whatever the file holds (a model folder may come from anyone, DESIGN.md pitfall 14).
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelNotFoundError(f"{spec.model_dir}/model.pt: not a readable weights file ({first[:200]}); "
+                                     f"{TRAIN_HINT}") from None
+        try:
+            tokenizer = load_tokenizer(spec.model_dir / "tokenizer.json")
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ModelNotFoundError(f"{spec.model_dir}/tokenizer.json: not a tokenizer ({e}); {TRAIN_HINT}") from None
         scheduler = DDPMScheduler.from_config(sched_cfg).to(device)
-        return cls(model, load_tokenizer(spec.model_dir / "tokenizer.json"), scheduler, spec)
+        return cls(model, tokenizer, scheduler, spec)
 
     def check_prompts(self, prompts: Sequence[str]) -> list[str]:
         """Warnings for `prompts` (see :func:`prompt_warnings`)."""
@@ -257,9 +283,9 @@ class TextToImagePipeline:
 
         from diffusion.data.tokenizer import encode
 
-        if isinstance(prompts, str):
-            raise TypeError("prompts: expected a list of strings, not a single string")
-        H, W = self.spec.check(steps=steps, guidance=guidance, sampler=sampler,
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts: expected a list of strings (\"\" for the unconditional model), got {prompts!r}")
+        H, W = self.spec.check(steps=steps, guidance=guidance, sampler=sampler, seed=seed, batch_size=batch_size,
                                num_images_per_prompt=num_images_per_prompt, image_size=image_size)
         if warn:
             for message in self.check_prompts(prompts):
@@ -292,7 +318,9 @@ class TextToImagePipeline:
         ("ddpm", "ddim", "dpmpp"), seed=0, num_images_per_prompt=1, image_size=None (the training
         resolution; an int side or (H, W), multiples of ``spec.latent_multiple``), progress=True (a tqdm bar
         over sampler steps), batch_size=None (all at once), warn=True (PromptWarning for odd prompts).
-        The same options and seed give the same images.
+        The same options and seed give the same images. ``batch_size`` is among the options: the images are
+        drawn batch after batch from one seeded generator, so with the ``ddpm`` sampler, which draws fresh
+        noise at every step, another batch size gives other (equally valid) images; ddim and dpmpp do not.
 
         Returns:
             a list of PIL RGB images, prompt-major.

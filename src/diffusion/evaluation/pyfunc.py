@@ -8,8 +8,9 @@ train stage's folder, logged as an artifact, and ``pyfunc_model.py`` (the code f
 
 The logged model:
 
-- input: a list of prompts (a column of strings; MLflow turns a list into a one-column DataFrame, and a
-  DataFrame with a ``prompt`` column or a Series is accepted too);
+- input: a list of prompts (a column of strings; MLflow turns a list into a one-column DataFrame), a Series,
+  a dict ``{"prompt": [...]}``, or a one-column DataFrame (MLflow's schema check keeps a DataFrame's first
+  column only); a None prompt is the empty one, the unconditional model;
 - params (a ParamSchema, so ``predict(prompts, params={...})`` is validated): :data:`PARAMS` below;
 - output: one numpy array (N, H, W, 3) uint8, N = prompts * num_images_per_prompt, prompt-major. A single
   array passes through MLflow's output handling unchanged (no output schema is declared, so nothing is
@@ -31,6 +32,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -38,6 +40,8 @@ import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 #: The code file MLflow executes to build the model (it calls ``mlflow.models.set_model``).
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -85,8 +89,12 @@ def pip_requirements() -> list[str]:
 
 
 def prompts_from_input(model_input: Any) -> list[str]:
-    """Prompts from what ``PyFuncModel.predict`` hands over: a list or array of strings, a Series, or a
-    DataFrame (its ``prompt`` column, else its first column, which is where MLflow puts a list)."""
+    """Prompts from what ``PyFuncModel.predict`` hands over after MLflow enforced the signature (one unnamed
+    string column): a list or array of strings, a Series, or a DataFrame, whose first column MLflow keeps.
+
+    Enforcement reshapes some inputs before they get here, so they are read back: a dict ``{"prompt": [...]}``
+    arrives as one row holding the list (its items are the prompts), and a missing prompt (None) as NaN
+    (the empty prompt: the unconditional model)."""
     import pandas as pd
 
     if isinstance(model_input, str):
@@ -96,7 +104,17 @@ def prompts_from_input(model_input: Any) -> list[str]:
         model_input = model_input[column]
     if isinstance(model_input, dict) and "prompt" in model_input:
         model_input = model_input["prompt"]
-    return ["" if p is None else str(p) for p in list(model_input)]
+    prompts: list[str] = []
+    for p in list(model_input):
+        if isinstance(p, (list, tuple, np.ndarray)):
+            prompts.extend("" if _missing(q) else str(q) for q in p)
+        else:
+            prompts.append("" if _missing(p) else str(p))
+    return prompts
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _package_copy(tmp: Path) -> Path:

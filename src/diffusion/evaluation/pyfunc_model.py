@@ -28,14 +28,23 @@ class TextToImageModel(PythonModel):
     # `predict(..., params=...)` would silently ignore steps, seed and the rest. MLflow's schema enforcement
     # turns a list of prompts into a one-column DataFrame before predict is called.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
         from diffusion.evaluation.pyfunc import PARAMS, prompts_from_input
+        from diffusion.pipeline_model import SampleOptionError
 
         p = {**PARAMS, **(params or {})}
-        return self.pipeline.generate(
-            prompts_from_input(model_input), steps=int(p["steps"]), guidance=float(p["guidance"]),
-            sampler=str(p["sampler"]), seed=int(p["seed"]), num_images_per_prompt=int(p["num_images_per_prompt"]),
-            image_size=int(p["image_size"]) or None, progress=False,
-        )
+        try:
+            return self.pipeline.generate(
+                prompts_from_input(model_input), steps=int(p["steps"]), guidance=float(p["guidance"]),
+                sampler=str(p["sampler"]), seed=int(p["seed"]), num_images_per_prompt=int(p["num_images_per_prompt"]),
+                image_size=int(p["image_size"]) or None, progress=False,
+            )
+        except SampleOptionError as e:
+            # An MlflowException with a client-error code is what the scoring server returns as the message
+            # (HTTP 400); any other exception becomes a generic "unexpected error" with a stack trace.
+            raise MlflowException(f"{e.option}: {e.detail}", error_code=INVALID_PARAMETER_VALUE) from None
 
 
 mlflow.models.set_model(TextToImageModel())

@@ -33,10 +33,13 @@ a multiple of it, which :meth:`LatentDiffusionModel.generate` checks before doin
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -101,6 +104,19 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: to
     """Gaussian noise drawn on the generator's device (so a CPU seed gives the same x_T everywhere)."""
     g_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=g_device).to(device)
+
+
+def image_side_pair(image_size: Any) -> tuple[int, int]:
+    """An image size given as one side or as (H, W), as two ints. Raises TypeError for anything else (a float
+    side, a string, a 3-tuple), naming what was given."""
+    def side(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if side(image_size):
+        return int(image_size), int(image_size)
+    if isinstance(image_size, (tuple, list)) and len(image_size) == 2 and all(map(side, image_size)):
+        return int(image_size[0]), int(image_size[1])
+    raise TypeError(f"image_size: expected an int side or a pair (H, W) of ints, got {image_size!r}")
 
 
 class LatentDiffusionModel(nn.Module):
@@ -232,7 +248,7 @@ class LatentDiffusionModel(nn.Module):
     # ---- sampling ---------------------------------------------------------------------------------
 
     def _check_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
-        H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        H, W = image_side_pair(image_size)
         f = self.latent_multiple
         if H % f or W % f or H <= 0 or W <= 0:
             raise ValueError(
@@ -240,6 +256,24 @@ class LatentDiffusionModel(nn.Module):
                 f"{self.vae.downsample_factor} times the denoiser's)"
             )
         return H, W
+
+    def _check_sampling_args(self, tokens: Any, scheduler: Any, steps: Any, guidance: Any) -> None:
+        """Arguments of :meth:`generate` that would otherwise fail deep inside torch (or give NaN images),
+        checked first with a message naming them. Raises ValueError or TypeError."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int):
+            what = f"a {tokens.dim()}-D {tokens.dtype} tensor" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise TypeError(f"text_tokens: expected a (B, T) integer tensor (diffusion.data.tokenizer.encode), got {what}")
+        vocab = self.text_encoder.cfg.vocab_size
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            raise ValueError(f"text_tokens: ids must be in [0, {vocab}) (this model's vocabulary), got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]: tokens of another tokenizer?")
+        if not hasattr(scheduler, "num_timesteps"):
+            raise TypeError(f"scheduler: expected the DDPMScheduler the model was trained with, got {type(scheduler).__name__}")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"num_inference_steps: expected an integer >= 1, got {steps!r}")
+        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) \
+                or guidance < 0:
+            raise ValueError(f"guidance_scale: expected a finite number >= 0, got {guidance!r}")
 
     def _model_fn(
         self, tokens: torch.Tensor, uncond_tokens: torch.Tensor | None, guidance_scale: float, guidance_rescale: float
@@ -304,6 +338,7 @@ class LatentDiffusionModel(nn.Module):
         H, W = self._check_size(image_size)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
+        self._check_sampling_args(text_tokens, scheduler, num_inference_steps, guidance_scale)
         was_training = self.training
         self.eval()
         try:
