@@ -28,10 +28,13 @@ Why the training loader is built this way (DESIGN.md, Known pitfalls 1):
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
+import tarfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +42,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 from tokenizers import Tokenizer
+from webdataset.tariterators import base_plus_ext
 
+from diffusion.data.locations import is_remote
 from diffusion.data.shards import list_shards
 from diffusion.data.tokenizer import encode, trim_padding
 
@@ -94,6 +99,42 @@ def _decode_sample(sample: dict[str, Any], image_keys: Sequence[str]) -> dict[st
     caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
     meta = json.loads(sample["json"]) if "json" in sample else {}
     return {"key": key, "image": _decode_rgb(sample[image_key]), "caption": caption, "meta": meta}
+
+
+def _samples_in(path: str) -> int:
+    """Samples in a local tar, from its headers alone (tarfile seeks over the members' data)."""
+    keys, last = 0, None
+    with tarfile.open(path) as tf:
+        for member in tf:
+            parts = base_plus_ext(member.name) if member.isfile() else None
+            if parts and parts[0] != last:
+                keys, last = keys + 1, parts[0]
+    return keys
+
+
+def _start_inside_first_shard(samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+    """Begin a pass at a uniformly drawn sample of its first shard (the ones before it are not read).
+
+    A training pass is one checkpoint interval (``training.exact_resume``) and is cut where the interval ends,
+    usually inside a shard, whose later samples it then misses; starting every pass at member 0 would draw a
+    shard's first samples more often than its last (by half again for the VAE's defaults, and not at all the
+    last third with a 10-step interval). A uniform start makes the cut uniform too, and over the passes every
+    position is read equally often: the first shard read from its start point on, the last up to its cut.
+    Shards behind a URL are started at their beginning (counting their samples would download them).
+    """
+    first = next(samples, None)
+    if first is None:
+        return
+    url = first.get("__url__", "")
+    n = _samples_in(url) if url and not is_remote(url) and Path(url).is_file() else 0
+    skip = rng.randrange(n) if n > 1 else 0
+    skipped = 0
+    for sample in itertools.chain([first], samples):
+        if skipped < skip and sample.get("__url__") == url:
+            skipped += 1
+            continue
+        skipped = skip  # past the first shard: nothing more to skip
+        yield sample
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -160,6 +201,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         samples = wds.tarfile_to_samples()(self._shard_urls(worker, num_workers))
+        if self.resampled:
+            samples = _start_inside_first_shard(samples, self._rng(worker, "offset"))
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(
                 self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=self._rng(worker, "shuffle")
