@@ -36,10 +36,11 @@ MODEL_ENTRIES = ("config.json", "model.pt", "tokenizer.json", "train_config.json
 
 STAGE = "train"
 #: Fields that do not change the trained weights (paths: the data itself is fingerprinted; the sample
-#: grids only look at the model).
+#: grids only look at the model). Not `compile`: Inductor's kernels round differently from eager ones, so a run
+#: resumed with the other setting would end with weights neither gives.
 EXCLUDE = (*DEFAULT_EXCLUDE, "latents_dir", "tokenizer_path", "vae_dir", "out_dir", "metrics_path",
            "loss_curve_path", "sample_every_n_steps", "sample_prompts", "sample_sampler", "sample_steps",
-           "sample_guidance", "compile")
+           "sample_guidance")
 
 
 class TrainError(RuntimeError):

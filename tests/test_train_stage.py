@@ -334,6 +334,19 @@ def test_missing_latents_and_bad_parameters_exit_with_clear_errors(tmp_path, mon
     assert bad.exit_code == 2 and "train.denoising_type" in bad.output
 
 
+def test_the_run_key_covers_what_changes_the_weights():
+    """The sample grid's settings only look at the model; compile changes the rounding of every step."""
+    from pipeline.train import EXCLUDE
+
+    from diffusion.stage_configs import TrainConfig
+    from diffusion.training.checkpointing import run_key
+
+    base = TrainConfig().to_dict()
+    key = run_key(base, exclude=EXCLUDE)
+    assert run_key({**base, "sample_steps": 7, "sample_guidance": 2.0}, exclude=EXCLUDE) == key
+    assert run_key({**base, "compile": not base["compile"]}, exclude=EXCLUDE) != key
+
+
 def test_latents_the_denoiser_cannot_patch_stop_before_the_run(project):
     from diffusion.config import ConfigError
 
