@@ -111,11 +111,9 @@ def inception_features(images: torch.Tensor, batch_size: int = 16, extractor: In
 @functools.lru_cache(maxsize=4)
 def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
     """sha256 of a file's bytes, memoised per (path, size, mtime): ~0.2 s for the 87 MB Inception file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from diffusion.data.shards import file_sha256
+
+    return file_sha256(path)
 
 
 def features_key(images: torch.Tensor, device: str | torch.device) -> str:
