@@ -112,29 +112,45 @@ def _samples_in(path: str) -> int:
     return keys
 
 
+def _uniform_start(n: int, rng: random.Random) -> int:
+    return rng.randrange(n) if n > 1 else 0
+
+
 def _start_inside_first_shard(samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
-    """Begin a pass at a uniformly drawn sample of its first shard (the ones before it are not read).
+    """Begin a pass at a uniformly drawn sample of its first shard (the ones before it are not used).
 
     A training pass is one checkpoint interval (``training.exact_resume``) and is cut where the interval ends,
     usually inside a shard, whose later samples it then misses; starting every pass at member 0 would draw a
     shard's first samples more often than its last (by half again for the VAE's defaults, and not at all the
     last third with a 10-step interval). A uniform start makes the cut uniform too, and over the passes every
     position is read equally often: the first shard read from its start point on, the last up to its cut.
-    Shards behind a URL are started at their beginning (counting their samples would download them).
+    The start needs the shard's sample count: a local tar's headers give it; a shard behind a URL is held in
+    memory (raw bytes, one shard) until it ends, so both ways start at the same sample.
     """
     first = next(samples, None)
     if first is None:
         return
     url = first.get("__url__", "")
-    n = _samples_in(url) if url and not is_remote(url) and Path(url).is_file() else 0
-    skip = rng.randrange(n) if n > 1 else 0
-    skipped = 0
-    for sample in itertools.chain([first], samples):
-        if skipped < skip and sample.get("__url__") == url:
-            skipped += 1
-            continue
-        skipped = skip  # past the first shard: nothing more to skip
-        yield sample
+    if url and not is_remote(url) and Path(url).is_file():
+        skip, skipped = _uniform_start(_samples_in(url), rng), 0
+        for sample in itertools.chain([first], samples):
+            if skipped < skip and sample.get("__url__") == url:
+                skipped += 1
+                continue
+            skipped = skip  # past the first shard: nothing more to skip
+            yield sample
+        return
+    head, keys, following = [first], {first.get("__key__")}, None
+    for sample in samples:  # the rest of the first shard (a key seen again: the same shard drawn anew)
+        if sample.get("__url__") != url or sample.get("__key__") in keys:
+            following = sample
+            break
+        head.append(sample)
+        keys.add(sample.get("__key__"))
+    yield from head[_uniform_start(len(head), rng):]
+    if following is not None:
+        yield following
+        yield from samples
 
 
 class ShardStream(torch.utils.data.IterableDataset):
