@@ -356,14 +356,24 @@ def test_git_dirty_tag_ignores_the_parameter_files_and_stage_outputs(tmp_path, m
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "metrics").mkdir()
-    for name in ("params.yaml", "code.py", "metrics/train.json", "metrics.py"):
+    for name in ("code.py", "metrics/train.json", "metrics.py", "metrics/moved.json"):
         (tmp_path / name).write_text("a: 1\n")
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-qm", "c"], cwd=tmp_path, check=True)
     assert git_dirty(tmp_path) == "false"
-    (tmp_path / "params.yaml").write_text("a: 2\n")  # what `dvc exp run -S` does
+    # dvc.yaml's output paths are params.yaml's keys: an experiment that moves the metrics file
+    # (`dvc exp run -S train.metrics_path=...`) makes that file the output, and the default one plain tracked.
+    (tmp_path / "metrics/moved.json").unlink()
+    assert git_dirty(tmp_path) == "true"
+    params["train"]["metrics_path"] = "metrics/moved.json"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))  # what `dvc exp run -S` does
     assert git_dirty(tmp_path) == "false"
+    (tmp_path / "metrics/moved.json").write_text("a: 1\n")
+    params["train"]["metrics_path"] = "metrics/train.json"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "metrics/train.json").unlink()  # what DVC does to a stage's outputs before running it
     assert git_dirty(tmp_path) == "false"
     (tmp_path / "metrics.py").write_text("a: 3\n")  # beside an output's path, not under it
@@ -372,3 +382,55 @@ def test_git_dirty_tag_ignores_the_parameter_files_and_stage_outputs(tmp_path, m
     assert git_dirty(tmp_path) == "false"
     (tmp_path / "code.py").write_text("a: 3\n")
     assert git_dirty(tmp_path) == "true"
+
+
+def test_dvc_tracks_the_paths_params_yaml_names(tmp_path):
+    """dvc.yaml's data paths are params.yaml's keys, resolved by DVC itself: with the defaults the stages chain
+    (each data dependency is the output of the stage that writes it), every interpolated key is a config field
+    whose default is params.yaml's value, and moving an output with params.yaml (what `dvc exp run -S` writes)
+    moves what DVC tracks and what the next stage depends on."""
+    from dvc.repo import Repo
+
+    from diffusion.config import load_params
+    from diffusion.dvcfile import interpolated_keys
+    from diffusion.eval_configs import EvaluateConfig, JudgeConfig
+    from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainConfig, TrainVAEConfig
+
+    for name in ("dvc.yaml", "params.yaml", "profiles/cpu.yaml", "profiles/gpu.yaml"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy2(ROOT / name, tmp_path / name)
+    Repo.init(str(tmp_path), no_scm=True)
+    params = load_params(tmp_path / "params.yaml")
+    configs = {cls.section: cls for cls in (ShardConfig, EncodeLatentsConfig, TrainVAEConfig, TrainConfig,
+                                             JudgeConfig, EvaluateConfig)}
+    keys = interpolated_keys(tmp_path)
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        written = [e if isinstance(e, str) else next(iter(e)) for kind in ("outs", "metrics", "plots")
+                   for e in stage.get(kind, [])]
+        read = [d for d in stage["deps"] if not d.startswith(("src/", "pipeline/", "cli.py"))]
+        assert all(p.startswith("${" + name + ".") for p in written + read), (name, written + read)
+    for key in keys:
+        section, field = key.split(".")
+        default = configs[section].from_dict({}, section)
+        assert getattr(default, field) == params[section][field], key
+
+    def graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+        stages = Repo(str(tmp_path)).index.stages
+        outs = {s.name: {o.def_path for o in s.outs} for s in stages}
+        deps = {s.name: {d.def_path for d in s.deps} for s in stages}
+        producer = {path: name for name, paths in outs.items() for path in paths}
+        return outs, {name: {producer[d] for d in paths if d in producer} for name, paths in deps.items()}
+
+    outs, upstream = graph()
+    assert upstream == {"shard": set(), "train_vae": {"shard"}, "encode_latents": {"shard", "train_vae"},
+                        "train": {"shard", "train_vae", "encode_latents"}, "train_judge": {"shard"},
+                        "evaluate": {"shard", "train", "train_judge"}}
+    assert outs["train"] == {"models/diffusion", "plots/train_loss.csv", "metrics/train.json"}
+
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    raw["train"]["out_dir"] = raw["evaluate"]["model_dir"] = "models/big"
+    raw["train"]["metrics_path"] = "metrics/big.json"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    moved, moved_upstream = graph()
+    assert moved["train"] == {"models/big", "plots/train_loss.csv", "metrics/big.json"}
+    assert moved_upstream == upstream

@@ -242,3 +242,18 @@ def test_an_override_of_no_section_is_refused(tmp_path):
 def test_the_cpu_profile_needs_no_file(tmp_path):
     """Projects (and tests) with only a params.yaml keep working: the base profile's file is optional."""
     assert load_section(ShardConfig, _project(tmp_path)).resolution == 32
+
+
+def test_a_profile_cannot_move_a_path_that_dvc_yaml_reads(tmp_path):
+    """dvc.yaml names the stages' outputs after params.yaml's keys (``${shard.out_dir}``) and DVC reads params.yaml
+    alone, so a profile that set one would have the stage write where DVC does not look: refused, naming the
+    profile file and the key. Without a dvc.yaml beside params.yaml, or for keys dvc.yaml does not name, a
+    profile sets what it likes."""
+    path = _project(tmp_path, "shard:\n  out_dir: data/big_shards\n  resolution: 256\n")
+    assert load_section(ShardConfig, path, GPU).out_dir == "data/big_shards"
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"gpu\.yaml: shard\.out_dir: a profile cannot set a path"):
+        load_section(ShardConfig, path, GPU)
+    (tmp_path / "profiles" / "gpu.yaml").write_text("shard:\n  resolution: 256\n")
+    assert load_section(ShardConfig, path, GPU).resolution == 256
+    assert load_section(ShardConfig, path, [*GPU, "shard.out_dir=data/big_shards"]).out_dir == "data/big_shards"

@@ -29,6 +29,8 @@ from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from . import dvcfile
+
 C = TypeVar("C", bound="Config")
 
 
@@ -324,6 +326,16 @@ def read_profile(params: Mapping[str, Any], params_path: str | Path) -> tuple[Pa
             )
         if values is not None and not isinstance(values, dict):
             raise ConfigError(f"{path}: {section}: expected a mapping of that section's keys, got {values!r}")
+    # dvc.yaml names each stage's data paths after params.yaml's keys (``${train.out_dir}``), and DVC reads
+    # params.yaml alone: a profile that moved a path would make the stage write where DVC does not look.
+    dvc_keys = dvcfile.interpolated_keys(Path(params_path).parent)
+    for section, values in layer.items():
+        for key in values or {}:
+            if f"{section}.{key}" in dvc_keys:
+                raise ConfigError(
+                    f"{path}: {section}.{key}: a profile cannot set a path that dvc.yaml reads from "
+                    f"{params_path} (DVC does not read profiles); set it in {params_path} or with -S"
+                )
     return path, {k: v or {} for k, v in layer.items()}
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from . import dvcfile
+
 DEFAULT_EXPERIMENT = "diffusion"
 
 #: Where DVC runs queued (``dvc exp run --queue`` + ``dvc queue start``) and ``dvc exp run --temp``
@@ -98,20 +100,6 @@ def git_commit(root: Path | None = None) -> str:
 _PARAMS_FILES = ("params.yaml", "profiles/", "dvc.lock")
 
 
-def dvc_outputs(root: Path) -> tuple[str, ...]:
-    """The paths ``root/dvc.yaml`` declares as stage outputs (outs, metrics, plots), as written there."""
-    try:
-        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError):
-        return ()
-    paths = []
-    for stage in stages.values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in (stage or {}).get(kind) or []:
-                paths.extend(entry if isinstance(entry, dict) else [entry])
-    return tuple(str(p).rstrip("/") for p in paths)
-
-
 def git_dirty(cwd: Path | None = None) -> str:
     """"true" if tracked files differ from the commit in `cwd` (the stage's own working folder: a queued DVC
     experiment's copy holds the experiment's changes), "false", or "unknown".
@@ -125,7 +113,7 @@ def git_dirty(cwd: Path | None = None) -> str:
                              capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    outputs = dvc_outputs(cwd)
+    outputs = dvcfile.outputs(cwd)
     changed = [line[3:].strip() for line in out.splitlines() if line.strip()]
     code = [path for path in changed if not path.startswith(_PARAMS_FILES)
             and not any(path == o or path.startswith(o + "/") for o in outputs)]
