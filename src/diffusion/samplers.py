@@ -259,8 +259,9 @@ def sample(
 ) -> Tensor:
     """Run sampler `name` for `num_steps` steps from x = x_T (B, C, H, W) and return x_0.
 
-    "trailing" is the default because it is the only spacing whose first step is at T-1, the timestep
-    whose alpha-bar matches the pure-noise input (Lin et al. 2023 sec. 3.3). "ddpm" with num_steps ==
+    "trailing" is the default: its first step is at T-1, the timestep whose alpha-bar matches the
+    pure-noise input, for every num_steps ("leading" never starts there; "linspace" does from num_steps 2),
+    and its steps are evenly spaced up to that end (Lin et al. 2023 sec. 3.3). "ddpm" with num_steps ==
     num_timesteps is the full ancestral chain (every spacing gives T-1..0 then). `eta` is used by "ddim",
     `generator` by "ddpm" and by "ddim" with eta > 0; "dpmpp" is deterministic.
     """
@@ -310,7 +311,8 @@ def classifier_free_guidance(
 ) -> ModelFn:
     """Wrap `net(x, t, **kwargs)` into a guided :class:`ModelFn` (Ho & Salimans 2022, eq. 6):
 
-    out = uncond + scale * (cond - uncond), on every channel (DESIGN.md pitfall 5: DiT's
+    out = uncond + scale * (cond - uncond), on every channel: eq. 6 with scale = 1 + w, the paper's w = 0
+    being no guidance (scale is GLIDE's and LDM's s) (DESIGN.md pitfall 5: DiT's
     ``forward_with_cfg`` guides only 3 of 4). One batched forward per step:
     ``net(cat[x, x], cat[t, t], **{k: cat[cond[k], uncond[k]]})``. scale == 1 is the conditional model
     alone and runs only the conditional half. `rescale` in [0, 1] is guidance rescale (:func:`rescale_guidance`).

@@ -34,7 +34,7 @@ Adding a schedule is subclassing: override :meth:`DDPMScheduler.make_betas`, whi
 of length T. Everything else (rescaling, tables, add_noise, the samplers) follows::
 
     class CustomScheduler(DDPMScheduler):
-        '''Kingma et al. 2021's "exp" schedule: alpha-bar(s) = exp(-12 s), s in [0, 1].'''
+        '''An "exp" schedule, alpha-bar(s) = exp(-12 s), s in [0, 1]: a constant beta, 1 - exp(-12 / T).'''
 
         def make_betas(self) -> torch.Tensor:
             s = torch.arange(self.config.num_timesteps + 1, dtype=torch.float64) / self.config.num_timesteps
@@ -115,8 +115,8 @@ def scaled_linear_betas(num_timesteps: int, beta_start: float, beta_end: float) 
 
 
 def cosine_betas(num_timesteps: int, beta_start: float = 0.0, beta_end: float = 0.0, max_beta: float = 0.999) -> Tensor:
-    """Nichol & Dhariwal 2021 eq. 17: alpha-bar(s) = cos^2(pi/2 (s + 0.008) / 1.008), s = t/T, and
-    beta_t = 1 - alpha-bar((t+1)/T) / alpha-bar(t/T), capped at 0.999 (their sec. 3.2) to avoid the
+    """Nichol & Dhariwal 2021 eq. 17: alpha-bar(s) = f(s) / f(0), f(s) = cos^2(pi/2 (s + 0.008) / 1.008),
+    s = t/T, and beta_t = 1 - alpha-bar((t+1)/T) / alpha-bar(t/T) (f(0) cancels), capped at 0.999 (their sec. 3.2) to avoid the
     singularity at s = 1. diffusers "squaredcos_cap_v2". The beta arguments are unused."""
 
     def alpha_bar(s: float) -> float:
@@ -275,7 +275,7 @@ class DDPMScheduler(nn.Module):
         return x0
 
     def snr(self, t: Tensor) -> Tensor:
-        """SNR(t) = alpha-bar_t / (1 - alpha-bar_t) (Kingma et al. 2021 eq. 1), (B,) float32.
+        """SNR(t) = alpha-bar_t / (1 - alpha-bar_t) (Kingma et al. 2021 eq. 2), (B,) float32.
 
         Used by loss weighting; Min-SNR (Hang et al. 2023) divides by snr for epsilon and by snr + 1 for v
         targets (DESIGN.md pitfall 9). Infinite never (alpha-bar < 1); zero at T-1 with zero terminal SNR.

@@ -324,7 +324,8 @@ class LatentDiffusionModel(nn.Module):
             text_tokens: (B, T) long, tokenized captions (``[BOS] ... [EOS] [PAD]*``).
             scheduler: the :class:`~diffusion.scheduler.DDPMScheduler` the denoiser was trained with.
             num_inference_steps: denoising steps.
-            guidance_scale: classifier-free guidance weight w (1: no guidance, one forward per step).
+            guidance_scale: classifier-free guidance scale s = 1 + w, w the weight of Ho & Salimans 2022 eq. 6
+                (1: no guidance, one forward per step; 0: the unconditional model).
             image_size: (H, W) or a side; multiples of :attr:`latent_multiple`.
             sampler: a key of ``diffusion.samplers.SAMPLERS`` ("ddpm", "ddim", "dpmpp").
             generator: seeds x_T and any sampler noise; the same seed gives the same images.

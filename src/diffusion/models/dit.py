@@ -4,7 +4,8 @@ text cross-attention as in PixArt-alpha (Chen et al. 2023, sec. 2.3).
     x (B,C,H,W) ─ patchify (p x p conv, stride p) + 2D sin-cos positions ─> tokens (B, N, D), N = (H/p)(W/p)
     c = MLP(sinusoid(t)) + Linear(pooled text)                                 (B, D)
     N blocks:  x += gate1 * SelfAttn(modulate(LN(x), c))        adaLN-Zero (DiT sec. 3.2)
-               x += CrossAttn(LN(x), text states, text mask)    not modulated (PixArt-alpha)
+               x += CrossAttn(LN(x), text states, text mask)    not modulated, as PixArt-alpha's (which
+                                                                 has no LN there: x += CrossAttn(x, ...))
                x += gate2 * MLP(modulate(LN(x), c))
     final:     Linear(modulate(LN(x), c)) ─ unpatchify ─> (B, C_out, H, W)
 

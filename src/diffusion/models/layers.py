@@ -205,9 +205,10 @@ def time_text_embedding(
 ) -> torch.Tensor:
     """The conditioning vector of both denoisers: embed(t) (+ a projection of the pooled text).
 
-    Adding a pooled text vector to the timestep embedding is how the U-Net of Imagen/SDXL and the adaLN of
-    DiT/PixArt condition on the caption as a whole; without a given `pooled`, the masked mean of the text
-    states stands in. Returns (B, D).
+    Adding a pooled text vector to the timestep embedding is how the U-Nets of Imagen and SDXL condition on
+    the caption as a whole (DiT adds its class embedding the same way; PixArt-alpha's adaLN sees only the
+    timestep, its text enters by cross-attention alone); without a given `pooled`, the masked mean of the
+    text states stands in. Returns (B, D).
     """
     emb = time_embed(t)
     if pooled_embed is not None:

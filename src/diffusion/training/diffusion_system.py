@@ -63,7 +63,7 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str, on: st
     if on not in ("snr", "snr_plus_one"):
         raise ValueError(f"min_snr_on: expected snr or snr_plus_one, got {on!r}")
     if on == "snr_plus_one" and prediction_type == "epsilon":
-        # min(SNR + 1, gamma) / SNR has no upper bound as SNR -> 0: weights of 2e4 at t = 999 (linear betas).
+        # min(SNR + 1, gamma) / SNR has no upper bound as SNR -> 0: weights of 2.5e4 at t = 999 (linear betas).
         raise ValueError("min_snr_on: 'snr_plus_one' needs prediction_type 'v_prediction' or 'sample'; with "
                          "'epsilon' its weight min(SNR + 1, gamma) / SNR grows without bound at high noise")
     clipped = (snr + 1 if on == "snr_plus_one" else snr).clamp(max=gamma)

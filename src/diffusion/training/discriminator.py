@@ -21,8 +21,10 @@ class NLayerDiscriminator(nn.Module):
     Args:
         in_channels: image channels.
         channels: width of the first conv (doubles per layer, capped at 8x).
-        num_layers: stride-2 layers; each patch logit sees a receptive field of about 16 * 2**num_layers px
-            (70x70 for 3 layers, the pix2pix default). An input side must be at least 3 * 2**num_layers.
+        num_layers: stride-2 layers; each patch logit sees a receptive field of 9 * 2**num_layers - 2 px
+            (70x70 for 3 layers, the pix2pix default: from one logit back through the two 4x4 convolutions of
+            stride 1, 4 then 7 px, then each 4x4 of stride 2 maps r to 2r + 2). An input side must be at least
+            3 * 2**num_layers.
     """
 
     def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3) -> None:
@@ -69,7 +71,8 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 
 
 def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Non-saturating GAN loss of the discriminator (Goodfellow et al. 2014), in softplus form."""
+    """The standard (binary cross-entropy) GAN loss of the discriminator (Goodfellow et al. 2014, eq. 1), in
+    softplus form (taming's ``vanilla_d_loss``)."""
     return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
 
 
@@ -84,7 +87,8 @@ def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 def adaptive_weight(
     rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
 ) -> torch.Tensor:
-    """VQGAN's adaptive weight (Esser et al. 2021, eq. 7): lambda = |grad_L rec| / (|grad_L g| + 1e-4).
+    """VQGAN's adaptive weight (Esser et al. 2021, eq. 7): lambda = |grad_L rec| / (|grad_L g| + delta), with
+    delta = 1e-4 as in taming's and LDM's code (the paper states 1e-6).
 
     The gradients are taken at the decoder's last layer L, so the adversarial term moves the output as
     strongly as the reconstruction term does, whatever their raw scales. Both losses must still have

@@ -1,9 +1,9 @@
 """The latent scale and shift, measured on the data, and the VAE artifact that carries them.
 
 A diffusion model's noise schedule assumes data of roughly unit variance. A KL-VAE with a tiny KL weight
-makes latents of whatever variance the training settled on, so Latent Diffusion rescales them: "we set
-the scale factor to the component-wise standard deviation of the latents of the first batch" (Rombach et
-al. 2022, sec. 4.3.2 and app. G; 0.18215 is that number *for their KL-f8 on their data*). We measure it
+makes latents of whatever variance the training settled on, so Latent Diffusion rescales them by their
+component-wise standard deviation (Rombach et al. 2022, sec. 4.3.2): its code sets the scale factor to
+1 / std of the first batch's latents (0.18215 = 1 / 5.49 *for their KL-f8 on their data*). We measure it
 over `scale_batches` batches rather than one, on posterior samples z ~ q(z|x) (what the diffusion model
 is trained on, DESIGN.md pitfall 3), and store it with the weights (pitfall 4, STYLE 10), so that
 
