@@ -8,7 +8,8 @@
    FID and KID against the same real val images, and images/s; beside them two ceilings, the judge's
    adherence on those real images (``judge_real_*``: how well the judge reads) and on their VAE
    reconstructions decode(encode(x).mean) (``judge_vae_*``: every sample comes out of that decoder, so this
-   is the most the latent space allows; a low value means the VAE, not the denoiser, loses the attributes);
+   is about the most the latent space allows, a reference rather than a strict bound; a low value means the
+   VAE, not the denoiser, loses the attributes);
 2. runs the sweep: each {sampler, steps, guidance} on the first `sweep_samples` prompts, for adherence,
    judge FD and images/s (no FID: the Inception network costs ~130 ms per image on the CPU);
 3. draws ``reports/samples.png`` (grid prompts x seeds, each prompt written under its column);

@@ -3,8 +3,9 @@
 Why a judge: the built-in dataset (and class-folder data) knows exactly what each image shows
 (``meta["attributes"]``, docs/INTERFACES.md), so a classifier trained on the *real* train images can check
 whether a generated image shows what its prompt asked for (prompt adherence, ``metrics.adherence``). Its
-accuracy on real val images is the ceiling a generator can be measured against, and its penultimate
-features give a fast, domain-specific Fréchet distance (``metrics.frechet_distance``).
+accuracy on real val images is the reference ("ceiling", though not a strict bound) a generator is
+measured against, and its penultimate features give a fast, domain-specific Fréchet distance
+(``metrics.frechet_distance``).
 
 Network: four blocks of conv 3x3 -> BatchNorm -> ReLU -> 2x2 max-pool (the pool is skipped once the map
 is 4x4, so a 32 px image keeps its detail), an adaptive average pool to a 4x4 map that is *flattened* (not
