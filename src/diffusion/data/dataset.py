@@ -16,12 +16,17 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer
 
+from diffusion.data.images import to_rgb
 from diffusion.data.tokenizer import encode, train_tokenizer
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Scale the shorter side to `size` (bicubic), then crop the centre square. Returns RGB."""
-    image = image.convert("RGB")
+    """Scale the shorter side to `size` (bicubic), then crop the centre square. Returns RGB.
+
+    Any mode: 16-bit and float images are scaled to 8 bits and transparency is composited on white, as the
+    shard stage does (:func:`diffusion.data.images.to_rgb`); Pillow's ``convert("RGB")`` would clip 16-bit
+    values (most of the range white) and keep the colours hidden under transparent pixels."""
+    image = to_rgb(image)
     w, h = image.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))

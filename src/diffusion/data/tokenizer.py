@@ -51,8 +51,10 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, max_length: int) -
 
     Args:
         captions: the training captions (iterated once; order does not change the result).
-        vocab_size: the largest vocabulary wanted, special tokens included (fewer if the captions have
-            fewer distinct pieces).
+        vocab_size: the vocabulary wanted, special tokens included: fewer if the captions have fewer
+            distinct pieces, more if they have more distinct characters (BPE keeps every character, so
+            captions in a script of thousands of characters exceed it; the text encoder is sized from the
+            trained tokenizer, not from this number).
         max_length: ids per encoded caption, ``[BOS]`` and ``[EOS]`` included (>= 2).
     """
     if max_length < 2:
