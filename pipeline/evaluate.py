@@ -57,6 +57,8 @@ def validate(cfg: EvaluateConfig) -> list[str]:
         raise EvaluateError(f"evaluate.judge_dir: no judge in {cfg.judge_dir}; run `python cli.py train-judge` "
                             "(or `dvc repro train_judge`) first")
     _check_steps(cfg, model)
+    if cfg.device == "cuda" and not torch.cuda.is_available():  # (the gpu profile's setting, on a CPU machine)
+        raise ConfigError("evaluate.device: 'cuda' requested but no GPU is available; use 'cpu' or 'auto'")
     if cfg.fid:
         from diffusion.evaluation.fid import InceptionUnavailable, inception_path
 

@@ -95,11 +95,14 @@ def _fingerprints(cfg: TrainConfig, urls: list[str]) -> dict[str, str]:
     import diffusion.training.callbacks as callbacks
     import diffusion.training.diffusion_system as system
     import diffusion.training.exact_resume as resume
+    import diffusion.training.nonfinite as nonfinite
     import diffusion.training.optim as optim
+    import diffusion.training.trainer as trainer
     from diffusion.training.checkpointing import contents_fingerprint, files_fingerprint, source_fingerprint
 
+    # trainer: precision ("auto"), clipping, accumulation; nonfinite: when a run stops.
     code = [Path(models.__file__).parent, *(m.__file__ for m in (latents, loader, tokenizer, scheduler, system, optim,
-                                                                  callbacks, resume)), __file__]
+                                                                  callbacks, resume, trainer, nonfinite)), __file__]
     return {"data": files_fingerprint(urls), "inputs": contents_fingerprint([cfg.vae_dir, cfg.tokenizer_path]),
             "code": source_fingerprint(*code)}
 

@@ -96,11 +96,16 @@ def _fingerprints(train: list[str], val: list[str]) -> dict[str, str]:
     import diffusion.models.vae as vae
     import diffusion.training.discriminator as discriminator
     import diffusion.training.exact_resume as resume
+    import diffusion.training.nonfinite as nonfinite
     import diffusion.training.optim as optim
+    import diffusion.training.trainer as trainer
     import diffusion.training.vae_system as system
     from diffusion.training.checkpointing import files_fingerprint, source_fingerprint
 
-    code = [m.__file__ for m in (vae, layers, system, discriminator, optim, loader, resume)] + [__file__]
+    # trainer: precision ("auto"), clipping, accumulation; nonfinite: when a run stops. (The latent statistics
+    # are measured after training, by every execution, so latent_stats is not part of it.)
+    code = [m.__file__ for m in (vae, layers, system, discriminator, optim, loader, resume, trainer, nonfinite)]
+    code.append(__file__)
     return {"data": files_fingerprint(train + val), "code": source_fingerprint(*code)}
 
 

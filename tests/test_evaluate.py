@@ -269,6 +269,24 @@ def test_validate_refuses_steps_beyond_the_models_schedule_before_any_work(tmp_p
         validate(EvaluateConfig.from_dict(base | {"steps": 200, "sweep": []}, "evaluate"))
 
 
+def test_validate_refuses_a_gpu_this_machine_lacks(tmp_path, monkeypatch):
+    """The gpu profile's evaluate.device on a CPU machine: exit 2 naming the key, before the run opens (it
+    failed inside torch.load, with the run open and left FAILED)."""
+    from pipeline.evaluate import validate
+
+    model, judge = tmp_path / "model", tmp_path / "judge"
+    model.mkdir(), judge.mkdir()
+    for name in ("config.json", "model.pt", "tokenizer.json"):
+        (model / name).write_text("{}")
+    (model / "train_config.json").write_text(json.dumps({"scheduler": {"num_timesteps": 100}}))
+    (judge / "config.json").write_text("{}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = EvaluateConfig.from_dict({"model_dir": str(model), "judge_dir": str(judge), "fid": False,
+                                    "sweep": [], "device": "cuda"}, "evaluate")
+    with pytest.raises(ConfigError, match=r"evaluate.device: 'cuda' requested but no GPU"):
+        validate(cfg)
+
+
 def test_prompts_are_a_seeded_choice_of_val_captions_or_their_canonical_phrasing():
     from pipeline.evaluate import choose_prompts
 

@@ -230,6 +230,14 @@ def test_a_mistake_in_any_section_stops_every_stage_before_it_works(tmp_path):
         check_every_section(path, GPU)
 
 
+def test_an_override_replacing_a_section_is_not_blamed_on_the_profile(tmp_path):
+    """-S train=5 is the override's mistake: it read "profiles/cpu.yaml: unknown key 'train'"."""
+    path = _project(tmp_path, "shard: {}\n", {"profile": "gpu", "shard": {"resolution": 32}})
+    with pytest.raises(ConfigError) as err:
+        load_section(ShardConfig, path, ["shard=5"])
+    assert "shard: expected a mapping" in str(err.value) and "gpu.yaml" not in str(err.value)
+
+
 def test_an_override_of_no_section_is_refused(tmp_path):
     """A misspelt section, or DVC's `file:key=value` form, would otherwise be read by no stage and ignored."""
     path = _project(tmp_path, "shard: {}\n")

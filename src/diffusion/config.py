@@ -302,11 +302,14 @@ def _read_mapping(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def read_profile(params: Mapping[str, Any], params_path: str | Path) -> tuple[Path | None, dict[str, Any]]:
+def read_profile(params: Mapping[str, Any], params_path: str | Path,
+                 sections_of: Mapping[str, Any] | None = None) -> tuple[Path | None, dict[str, Any]]:
     """The profile that `params` selects with its ``profile`` key (BASE_PROFILE if absent): (its file, its sections).
 
     The file is None for the base profile without a file. Raises ConfigError naming the file and the key for
-    an unknown profile, and for a key of the profile file that is not a section of params.yaml.
+    an unknown profile, and for a key of the profile file that is not a section of params.yaml (of
+    `sections_of`, params.yaml as written, when `params` has overrides applied: ``-S train=5`` is the
+    override's mistake, not the profile's).
     """
     name = params.get("profile", BASE_PROFILE)
     if not isinstance(name, str) or not _PROFILE_NAME.fullmatch(name):
@@ -318,7 +321,7 @@ def read_profile(params: Mapping[str, Any], params_path: str | Path) -> tuple[Pa
         known = sorted({BASE_PROFILE, *(p.stem for p in path.parent.glob("*.yaml"))})
         raise ConfigError(f"profile: {path} not found for profile {name!r}; expected one of: {', '.join(known)}")
     layer = _read_mapping(path, "profile file")
-    sections = [k for k, v in params.items() if isinstance(v, dict)]
+    sections = [k for k, v in (params if sections_of is None else sections_of).items() if isinstance(v, dict)]
     for section, values in layer.items():
         if section not in sections:
             raise ConfigError(
@@ -362,7 +365,7 @@ def _layers(path: Path, overrides: list[str] | tuple[str, ...]) -> tuple[dict[st
             hint = (" (DVC's form for another params file; here -S section.key=value applies over the profile)"
                     if ":" in text.split("=", 1)[0] else "")
             raise ConfigError(f"override {text!r}: {path} has no key {top!r}{hint}; expected one of: {', '.join(base)}")
-    profile_file, layer = read_profile(apply_overrides(base, overrides), path)
+    profile_file, layer = read_profile(apply_overrides(base, overrides), path, sections_of=base)
     return base, profile_file, layer
 
 

@@ -252,6 +252,8 @@ class TrainVAEConfig(TrainerFields):
         super().__post_init__()
         if self.l1_weight == 0.0 and self.mse_weight == 0.0:
             raise ConfigError("l1_weight: l1_weight and mse_weight are both 0; nothing would train the decoder")
+        if self.model.in_channels != 3:  # the shard stage stores every image as RGB
+            raise ConfigError(f"model.in_channels: the shards hold RGB images (3 channels), got {self.model.in_channels}")
         if self.discriminator.enabled:
             # GAN training steps two optimizers by hand; Lightning refuses these flags then (pitfall 13).
             if self.accumulate_grad_batches != 1:
