@@ -67,6 +67,36 @@ def validate(cfg: TrainConfig) -> list[str]:
     return urls
 
 
+def resolve_derived(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the fields that follow from the stage's inputs set to what builds the network, so that MLflow
+    logs, and the run key hashes, what trains: the text encoder's vocabulary, length and padding id from the
+    tokenizer; the denoiser's channels from the VAE, its context width from the text encoder, and the DiT's
+    nominal input_size from the latents. A value given for one of them that says otherwise is refused, naming
+    the key, before the run opens (the model refused it at build time, with the run open and a checkpoint
+    folder made); a field left at its default takes the derived value."""
+    from diffusion.data.tokenizer import PAD_ID, load_tokenizer, max_length_of
+    from diffusion.models.diffusion_model import resolve_config
+    from diffusion.training.latent_stats import read_vae_config
+
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    latent_dim = int(read_vae_config(cfg.vae_dir)["vae"]["latent_dim"])
+    text = resolve_config(type(cfg.text_encoder), cfg.text_encoder, {
+        "vocab_size": (tokenizer.get_vocab_size(), f"the vocabulary of {cfg.tokenizer_path}"),
+        "max_length": (max_length_of(tokenizer), f"the length {cfg.tokenizer_path} pads to"),
+        "pad_token_id": (PAD_ID, "the id the tokenizer pads with"),
+    }, "train.text_encoder")
+    denoiser = cfg.denoiser_config()
+    forced = {"in_channels": (latent_dim, f"the latent_dim of the VAE in {cfg.vae_dir}"),
+              "context_dim": (text.width, "train.text_encoder.width")}
+    if "out_channels" in denoiser.to_dict():  # the U-Net's; the DiT's follows from in_channels
+        forced["out_channels"] = forced["in_channels"]
+    shape = (read_manifest(cfg.latents_dir) or {}).get("latent_shape")  # [C, h, w]
+    if "input_size" in denoiser.to_dict() and shape and shape[1] == shape[2]:
+        forced["input_size"] = (int(shape[1]), f"the side of the latents in {cfg.latents_dir}")
+    denoiser = resolve_config(type(denoiser), denoiser, forced, f"train.{cfg.denoising_type}")
+    return cfg.replace(text_encoder=text.to_dict(), **{cfg.denoising_type: denoiser.to_dict()})
+
+
 def build_model(cfg: TrainConfig, tokenizer: Any) -> Any:
     """The LatentDiffusionModel: the trained VAE (frozen) with a fresh text encoder and denoiser, whose
     vocabulary and length follow the tokenizer, input channels and context width the VAE and text encoder."""
@@ -219,6 +249,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
 
     check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
     urls = validate(cfg)
+    cfg = resolve_derived(cfg)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     with resumable_stage_run(STAGE, cfg.to_dict(), cfg.checkpoint_dir, exclude=EXCLUDE,

@@ -96,6 +96,13 @@ def test_train_stage_writes_model_metrics_curve_and_one_mlflow_run(project, cli_
     run = found[0]
     assert run.data.tags["stage"] == "train" and "git_commit" in run.data.tags and "dvc_exp_name" in run.data.tags
     assert run.data.params["denoising_type"] == "dit" and run.data.params["dit.hidden_size"] == "32"
+    # The fields that follow from the inputs are logged as built (they logged the section's unused defaults).
+    exported = json.loads((model_dir / "config.json").read_text())
+    for key in ("in_channels", "context_dim", "input_size"):
+        assert run.data.params[f"dit.{key}"] == str(exported["denoiser"][key]), key
+    for key in ("vocab_size", "max_length", "pad_token_id"):
+        assert run.data.params[f"text_encoder.{key}"] == str(exported["text_encoder"][key]), key
+    assert exported["denoiser"]["input_size"] == 16  # the fixture's latents are 16x16
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(history) >= 5, "the loss is logged per step, not only at the end"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
@@ -353,6 +360,24 @@ def test_latents_the_denoiser_cannot_patch_stop_before_the_run(project):
     # The fixture's latents are 16x16: a DiT with 3x3 patches cannot cover them.
     with pytest.raises(ConfigError, match=r"train.dit.patch_size: .* divisible by 3, .* are 16x16"):
         train_in_process(project, "train.denoising_type=dit", "train.dit.patch_size=3", "train.dit.input_size=30")
+    assert not runs("train")[1] and not (project / "checkpoints/train").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.dit.in_channels=3", r"train.dit.in_channels: is 3 but must be \d+ \(the latent_dim of the VAE"),
+    ("train.dit.context_dim=7", r"train.dit.context_dim: is 7 but must be \d+ \(train.text_encoder.width\)"),
+    ("train.text_encoder.pad_token_id=5", r"train.text_encoder.pad_token_id: is 5 but must be 0"),
+    ("train.text_encoder.max_length=64", r"train.text_encoder.max_length: is 64 but must be \d+ \(the length"),
+])
+def test_a_field_that_follows_from_the_inputs_is_refused_before_the_run(project, override, message):
+    """The denoiser's channels and context width, the text encoder's vocabulary, length and padding id follow
+    from the VAE, the text encoder and the tokenizer: a value that says otherwise stops the stage before its run
+    opens (it failed at build time, with the run open and a checkpoint folder made, or trained with padding
+    attended: the tokenizer always pads with 0)."""
+    from diffusion.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train_in_process(project, override)
     assert not runs("train")[1] and not (project / "checkpoints/train").exists()
 
 

@@ -72,7 +72,7 @@ def register_denoiser(
     DENOISERS[name] = (config_cls, module_cls)
 
 
-def _resolve(
+def resolve_config(
     cls: type[Config], given: Config | Mapping[str, Any] | None, forced: dict[str, tuple[Any, str]], key: str
 ) -> Config:
     """Build ``cls`` from ``given`` with the ``forced`` fields (name -> (value, why)) set; refuse contradictions.
@@ -147,10 +147,10 @@ class LatentDiffusionModel(nn.Module):
             raise ValueError(f"unknown denoising_type {denoising_type!r}; expected one of: {', '.join(DENOISERS)}")
         if not latent_scale > 0:
             raise ValueError(f"latent_scale: expected a value > 0, got {latent_scale!r}")
-        text_cfg = _resolve(
+        text_cfg = resolve_config(
             TextEncoderConfig, text_encoder, {"vocab_size": (vocab_size, "the tokenizer's vocabulary")}, "text_encoder"
         )
-        vae_cfg = _resolve(VAEConfig, vae, {}, "vae")
+        vae_cfg = resolve_config(VAEConfig, vae, {}, "vae")
         config_cls, module_cls = DENOISERS[denoising_type]
         forced = {
             "in_channels": (vae_cfg.latent_dim, "vae.latent_dim"),
@@ -158,7 +158,7 @@ class LatentDiffusionModel(nn.Module):
         }
         if "out_channels" in {f.name for f in dataclasses.fields(config_cls)}:
             forced["out_channels"] = (vae_cfg.latent_dim, "vae.latent_dim")
-        den_cfg = _resolve(config_cls, denoiser, forced, "denoiser")
+        den_cfg = resolve_config(config_cls, denoiser, forced, "denoiser")
 
         self.vocab_size = vocab_size
         self.denoising_type = denoising_type

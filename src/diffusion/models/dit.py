@@ -75,7 +75,8 @@ class DiTConfig(Config):
 
     def __post_init__(self) -> None:
         if self.input_size % self.patch_size:
-            raise ConfigError(f"input_size: {self.input_size} is not divisible by patch_size {self.patch_size}")
+            raise ConfigError(f"patch_size: {self.patch_size} does not divide input_size {self.input_size} (the "
+                              "nominal latent side)")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"num_heads: {self.num_heads} does not divide hidden_size {self.hidden_size}")
         if self.hidden_size % 4:
