@@ -265,3 +265,27 @@ def test_a_profile_cannot_move_a_path_that_dvc_yaml_reads(tmp_path):
     (tmp_path / "profiles" / "gpu.yaml").write_text("shard:\n  resolution: 256\n")
     assert load_section(ShardConfig, path, GPU).resolution == 256
     assert load_section(ShardConfig, path, [*GPU, "shard.out_dir=data/big_shards"]).out_dir == "data/big_shards"
+
+
+def test_a_dit_size_set_beside_a_preset_is_refused_not_replaced():
+    """dit_preset sets the DiT's depth, width, heads and patch over the section's values; one that a profile or
+    an override also set was replaced without a word (-S profile=gpu -S train.dit.depth=2 trained 12 blocks),
+    or refused for a check the preset would have made moot (hidden_size 64 against params.yaml's heads)."""
+    with pytest.raises(ConfigError, match=r"train.dit.depth: set by the override 'train.dit.depth=2', but "
+                                          r"dit_preset DiT-B/2 sets .*depth 12"):
+        gpu(TrainConfig, "train.dit.depth=2")
+    with pytest.raises(ConfigError, match=r"train.dit.hidden_size: set by the override"):
+        gpu(TrainConfig, "train.dit.hidden_size=64")
+    with pytest.raises(ConfigError, match=r"train.dit.patch_size: .*dit_preset DiT-S/2"):
+        load_section(TrainConfig, PARAMS, ["train.dit_preset=DiT-S/2", "train.dit={patch_size: 4}"])
+    assert gpu(TrainConfig, "train.dit.depth=12").dit.depth == 12  # the preset's own value is no conflict
+    assert gpu(TrainConfig, "train.dit.mlp_ratio=2.0").dit.mlp_ratio == 2.0  # nor a field it does not set
+    # Without a preset the section's sizes are the user's to set.
+    assert gpu(TrainConfig, "train.dit_preset=null", "train.dit.depth=2").dit.depth == 2
+
+
+def test_a_profile_setting_a_dit_size_beside_its_preset_is_named(tmp_path):
+    params = {"profile": "cpu", "train": yaml.safe_load(PARAMS.read_text())["train"]}
+    path = _project(tmp_path, "train:\n  dit_preset: DiT-S/2\n  dit:\n    depth: 4\n", params)
+    with pytest.raises(ConfigError, match=r"train.dit.depth: set by .*profiles/gpu\.yaml, but dit_preset DiT-S/2"):
+        load_section(TrainConfig, path, GPU)

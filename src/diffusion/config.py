@@ -205,6 +205,11 @@ class Config:
             msg = str(e)
             raise ConfigError(f"{prefix}.{msg}" if prefix and not msg.startswith(prefix) else msg) from None
 
+    @classmethod
+    def check_explicit(cls, data: Mapping[str, Any], explicit: Mapping[str, str]) -> None:
+        """Checks that need to know which values a profile or an override set (``explicit``: dotted key ->
+        where it was set) in the section's merged `data`, before it is built. None by default."""
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists, Paths as strings): what goes to YAML, JSON and MLflow."""
         return _plain(self)
@@ -402,4 +407,18 @@ def load_section(cls: type[C], path: str | Path = "params.yaml", overrides: tupl
                 raise ConfigError(f"{path}: {own}") from None
             raise ConfigError(f"{profile_file}: {e}") from None
     params = apply_overrides(merge_layer(base, layer), overrides)
+    explicit = dict.fromkeys(_leaves(layer.get(cls.section) or {}), str(profile_file))
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] == cls.section:
+            explicit.update(dict.fromkeys(_leaves(value, ".".join(parts[1:])), f"the override {text!r}"))
+    if isinstance(params[cls.section], Mapping):
+        cls.check_explicit(params[cls.section], explicit)
     return cls.from_dict(params[cls.section], cls.section)
+
+
+def _leaves(value: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping's leaves (`prefix` itself for a value that is not a mapping)."""
+    if not isinstance(value, Mapping):
+        return [prefix] if prefix else []
+    return [leaf for k, v in value.items() for leaf in _leaves(v, f"{prefix}.{k}" if prefix else str(k))]

@@ -372,6 +372,23 @@ class TrainConfig(TrainerFields):
         if self.denoising_type == "dit" and self.dit.learn_sigma:
             raise ConfigError("dit.learn_sigma: the training loss has no variance term (DiT's L_vlb); set it false")
 
+    @classmethod
+    def check_explicit(cls, data: Mapping[str, Any], explicit: Mapping[str, str]) -> None:
+        """A DiT preset sets the DiT's sizes over the section's: one that a profile or an override also set
+        would be replaced without a word (``-S profile=gpu -S train.dit.depth=2`` trained 12 blocks). Refused,
+        unless it is the preset's own value."""
+        from diffusion.models import DIT_PRESETS
+
+        name = data.get("dit_preset")
+        preset = DIT_PRESETS.get(name) if isinstance(name, str) else None  # an unknown one: from_dict says so
+        dit = data.get("dit") if isinstance(data.get("dit"), Mapping) else {}
+        for key, source in explicit.items():
+            field = key.removeprefix("dit.")
+            if preset and key.startswith("dit.") and field in preset and dit.get(field) != preset[field]:
+                raise ConfigError(f"{cls.section}.{key}: set by {source}, but dit_preset {name} sets the DiT's "
+                                  f"{', '.join(preset)} ({field} {preset[field]}); set {cls.section}.dit_preset=null "
+                                  "to choose them yourself")
+
     def denoiser_config(self) -> Config:
         """The chosen denoiser's config, with the DiT preset applied."""
         if self.denoising_type == "dit" and self.dit_preset:
