@@ -200,7 +200,7 @@ def run_sweep(cfg: EvaluateConfig, gen_args: tuple, val: LabelledImages, prompts
 def write_sweep(rows: list[dict[str, Any]], path: str) -> None:
     fields = ["label", "sampler", "steps", "guidance", "adherence", "adherence_heldout", "judge_fd",
               "images_per_second", "samples"]
-    fields = [f for f in fields if any(f in r for r in rows)]
+    fields = [f for f in fields if any(f in r for r in rows)] if rows else fields  # `sweep: []`: the header
     buffer = io.StringIO()  # written whole and renamed into place: an interruption keeps the previous table
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -298,8 +298,7 @@ def run(cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict[str, Any]], Any]
     if cfg.fid:
         metrics.update(_fid(cfg, val.images, images, device))
     sweep = run_sweep(cfg, gen_args, val, prompts, side, judge, real_feats, (images, seconds))
-    grid = samples_grid(cfg, gen_args, side) if cfg.grid_prompts else None
-    return metrics, sweep, grid
+    return metrics, sweep, samples_grid(cfg, gen_args, side)
 
 
 def _register(cfg: EvaluateConfig) -> str | None:
@@ -350,11 +349,10 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
             mlflow.log_metrics({f"sweep/{row['label']}/{k}": float(row[k])
                                 for k in keys if is_finite_number(row.get(k))})
         mlflow.log_artifact(cfg.sweep_path, "plots")
-        if grid is not None:
-            png = io.BytesIO()
-            grid.save(png, format="PNG")
-            atomic_write_bytes(cfg.samples_path, png.getvalue())
-            mlflow.log_image(grid, "samples.png")
+        png = io.BytesIO()
+        grid.save(png, format="PNG")
+        atomic_write_bytes(cfg.samples_path, png.getvalue())
+        mlflow.log_image(grid, "samples.png")
         uri = _register(cfg)
         if uri:
             mlflow.set_tag("registered_model_uri", uri)

@@ -96,6 +96,11 @@ def test_yaml_numbers_are_coerced():
     cfg = ShardConfig.from_dict({"samples_per_shard": 1e3, "val_fraction": "1e-1"})
     assert cfg.samples_per_shard == 1000 and isinstance(cfg.samples_per_shard, int)
     assert cfg.val_fraction == pytest.approx(0.1)
+    # YAML 1.1 reads 1e4 (no dot) as a string: `-S train.max_steps=1e4` is a whole number all the same.
+    assert ShardConfig.from_dict({"samples_per_shard": "1e3"}).samples_per_shard == 1000
+    for bad in ("1.5e0", "many", ".inf"):
+        with pytest.raises(ConfigError, match="samples_per_shard: expected int"):
+            ShardConfig.from_dict({"samples_per_shard": bad})
 
 
 def test_overrides_dvc_style(tmp_path):

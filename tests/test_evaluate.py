@@ -243,6 +243,9 @@ def test_configs_parse_params_and_refuse_bad_values():
         EvaluateConfig.from_dict({"sweep": [{"sampler": "euler"}]}, "evaluate")
     with pytest.raises(ConfigError, match="evaluate.num_samples"):
         EvaluateConfig.from_dict({"num_samples": 1}, "evaluate")
+    # The grid is a stage output: without prompts the previous model's grid stayed in place.
+    with pytest.raises(ConfigError, match="evaluate.grid_prompts: empty"):
+        EvaluateConfig.from_dict({"grid_prompts": []}, "evaluate")
     # What MLflow's registry would refuse after sampling and FID is refused on load.
     for alias in ("latest", "v1", "a b", ""):
         with pytest.raises(ConfigError, match="evaluate.registered_model_alias"):
@@ -553,6 +556,16 @@ def test_evaluate_without_a_model_names_the_stage_to_run(tmp_path, cli_env):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     proc = run_cli(["evaluate"], tmp_path, cli_env, check=False)
     assert proc.returncode == 1 and "python cli.py train" in proc.stderr
+
+
+def test_an_empty_sweep_writes_the_tables_header(tmp_path):
+    """`sweep: []` leaves plots/eval_sweep.csv a table without rows (it was a lone newline, no columns for
+    `dvc plots show` to read)."""
+    from pipeline.evaluate import write_sweep
+
+    write_sweep([], str(tmp_path / "sweep.csv"))
+    assert (tmp_path / "sweep.csv").read_text() == (
+        "label,sampler,steps,guidance,adherence,adherence_heldout,judge_fd,images_per_second,samples\n")
 
 
 def test_sweep_rows_compare_k_generated_with_k_real_images(monkeypatch):

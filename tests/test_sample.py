@@ -228,7 +228,7 @@ def test_cli_sample_bad_size_exits_2_before_loading(model_dir, tmp_path, env):
     assert "--size" in proc.stderr and "multiple of 8" in proc.stderr
     (tmp_path / "afile").write_text("")
     for flag, value in (("--device", "foo"), ("--out", "x.pngx"), ("--out", "afile/x.png"), ("--seed", str(2**64)),
-                        ("--seed", "-1")):
+                        ("--seed", "-1"), ("-S", "train.bogus=1")):  # -S picks only the default model folder
         proc = run_cli(["sample", "a red circle", "--model", str(broken), flag, value], tmp_path, env, check=False)
         assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
     assert not (tmp_path / "samples.png").exists()

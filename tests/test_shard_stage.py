@@ -190,5 +190,11 @@ def test_help_documents_the_stage_and_its_parameters(cli_env, tmp_path):
     proc = run_cli(["shard", "--help"], tmp_path, cli_env)
     for text in ("WebDataset", "--set", "shard.resolution", "shard.shapes", "metadata.jsonl"):
         assert text in proc.stdout, text
+    # Nested sections key by key, with their own help (they showed as one dict of defaults).
+    assert "shard.shapes.holdout (default" in " ".join(proc.stdout.split())
+    train = " ".join(run_cli(["train", "--help"], tmp_path, cli_env).stdout.split())
+    for text in ("train.scheduler.beta_schedule (default 'linear')", "train.dit.patch_size (default 2)",
+                 "train.text_encoder.width", "train.unet.channel_mult"):
+        assert text in train, text
     top = run_cli(["--help"], tmp_path, cli_env)
     assert "shard" in top.stdout

@@ -41,13 +41,24 @@ SetOption = Annotated[
 def _params_epilog(cls: type[Config]) -> str:
     """The section's keys with their help and built-in defaults, appended to the command's --help. (The help is
     built before --params is read, so it shows the code's defaults; params.yaml may set other values.)"""
-    defaults = cls().to_dict()
     lines = [f"Parameters (section '{cls.section}' of params.yaml, shown with their built-in defaults, which "
              f"params.yaml and the profile may change; override with -S {cls.section}.KEY=VALUE):", ""]
-    for key, text in cls.help().items():
-        lines.append(f"  {cls.section}.{key} (default {defaults[key]!r}): {text}")
+    lines += _help_lines(cls(), cls.section)
     # Typer/rich rewraps epilog text; a blank line between entries keeps one per line.
     return "\n\n".join(lines)
+
+
+def _help_lines(cfg: Config, prefix: str) -> list[str]:
+    """One line per key of `cfg`, nested configs (train.scheduler, train.dit, ...) key by key under their own."""
+    lines, defaults = [], cfg.to_dict()
+    for key, text in type(cfg).help().items():
+        value = getattr(cfg, key)
+        if isinstance(value, Config):
+            lines.append(f"  {prefix}.{key}: {text}")
+            lines += _help_lines(value, f"{prefix}.{key}")
+        else:
+            lines.append(f"  {prefix}.{key} (default {defaults[key]!r}): {text}")
+    return lines
 
 
 def _fail(message: str, code: int) -> None:
@@ -196,6 +207,8 @@ def _sample_model_dir(model: str | None, params: Path, overrides: list[str] | No
             return Path(load_section(_train_config(), params, overrides or []).out_dir), None
         except ConfigError as e:
             _fail(f"{e} (or pass --model DIR or an MLflow model URI)", 2)
+    if overrides:  # they only choose the model folder (train.out_dir); with --model they would be ignored
+        _fail(f"-S {overrides[0]}: sample reads params only for train.out_dir, the default model; not with --model", 2)
     if not _is_mlflow_uri(model):
         return Path(model), None
     from mlflow.exceptions import MlflowException

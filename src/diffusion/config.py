@@ -122,7 +122,13 @@ def _coerce_scalar(value: Any, tp: Any, key: str, err: ConfigError) -> Any:
             raise err
         return value
     if tp is int:
-        # YAML reads 1e4 as a float; accept whole floats, refuse bools (True is an int in Python).
+        # Whole floats are accepted (1.0e4), and numbers YAML 1.1 reads as strings ("1e4", no dot); bools are
+        # refused (True is an int in Python).
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise err from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise err
         if isinstance(value, float) and not value.is_integer():

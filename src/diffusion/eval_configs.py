@@ -30,7 +30,7 @@ class JudgeConfig(Config):
     lr: float = param(3e-3, "peak learning rate", gt=0.0)
     weight_decay: float = param(1e-4, "AdamW decoupled weight decay (not on biases and norms)", ge=0.0)
     warmup_steps: int = param(30, "linear learning-rate warm-up steps", ge=0)
-    channels: tuple[int, ...] = param((16, 32, 64, 128), "widths of the conv blocks; each halves the side", ge=1)
+    channels: tuple[int, ...] = param((16, 32, 64, 128), "widths of the conv blocks; each halves the side until it is 4", ge=1)
     feature_dim: int = param(128, "width of the penultimate layer (the features of the judge's Fréchet distance)", ge=2)
     max_train_images: int | None = param(None, "read at most this many train images (null: all)", ge=1)
     blur_sigma_max: float = param(
@@ -106,6 +106,8 @@ class EvaluateConfig(Config):
     registered_model_alias: str = param("candidate", "alias set on the new model version ('latest' is reserved)")
 
     def __post_init__(self) -> None:
+        if not self.grid_prompts:  # the grid is a stage output: with none, the last model's grid stayed in place
+            raise ConfigError(f"grid_prompts: empty, but the stage writes {self.samples_path} from them")
         # MLflow's own rules, checked here rather than after sampling and FID, where registering would refuse them.
         alias = self.registered_model_alias
         if not re.fullmatch(r"[A-Za-z0-9_-]+", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):

@@ -325,7 +325,7 @@ class TrainConfig(TrainerFields):
         "weight 1 at high noise, where layout is decided; see diffusion_system)"
     )
     shuffle_buffer: int = param(2_000, "samples in the loader's shuffle buffer", ge=0)
-    sample_every_n_steps: int = param(500, "log a grid of samples for sample_prompts every N steps (0: never)", ge=0)
+    sample_every_n_steps: int = param(500, "log a grid of samples for sample_prompts every N steps (0: only the final grid; sample_prompts [] for none)", ge=0)
     sample_prompts: tuple[str, ...] = param(
         ("a red circle in the top left", "a large blue square in the center", "a small green triangle in the bottom right",
          "a yellow star in the top right"),
