@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import diffusion.models.layers as layers  # noqa: E402
 import diffusion.models.vae as vae_module  # noqa: E402
-from diffusion.config import load_section  # noqa: E402
+from diffusion.params import load_section  # noqa: E402
 from diffusion.models import LatentDiffusionModel  # noqa: E402
 from diffusion.scheduler import DDPMScheduler  # noqa: E402
 from diffusion.eval_configs import EvaluateConfig  # noqa: E402

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from diffusion.config import ConfigError, apply_overrides, load_params
+from diffusion.config import ConfigError
 from diffusion.data.latents import encode_records, rechunk, write_latent_shards
 from diffusion.data.loader import iter_shards, make_loader
 from diffusion.data.shapes import generate_shapes
@@ -41,6 +41,7 @@ from diffusion.data.tokenizer import train_tokenizer
 from diffusion.models.dit import DIT_PRESETS
 from diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
+from diffusion.params import apply_overrides, load_params
 from diffusion.scheduler import DDPMScheduler
 from diffusion.stage_configs import ShapesConfig
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "src"))  # the GPU machine has no editable install
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pairs import call  # noqa: E402
-from diffusion.config import load_section  # noqa: E402
+from diffusion.params import load_section  # noqa: E402
 from diffusion.models import DIT_PRESETS  # noqa: E402
 from diffusion.models.dit import DiTConfig  # noqa: E402
 from diffusion.models.unet import UNetConfig  # noqa: E402

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffusion.config import ConfigError, apply_overrides, load_params, load_section, parse_override
+from diffusion.config import ConfigError
+
+from diffusion.params import apply_overrides, load_params, load_section, parse_override
 from diffusion.stage_configs import ShardConfig, ShapesConfig
 
 ROOT = Path(__file__).resolve().parents[1]

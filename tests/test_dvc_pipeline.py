@@ -20,7 +20,7 @@ import yaml
 from conftest import ROOT
 from test_train_stage import TINY
 
-from diffusion.config import apply_overrides
+from diffusion.params import apply_overrides
 
 STAGES = ("shard", "train_vae", "encode_latents", "train", "train_judge", "evaluate")
 TINY_EVAL = TINY + [
@@ -391,7 +391,7 @@ def test_dvc_tracks_the_paths_params_yaml_names(tmp_path):
     moves what DVC tracks and what the next stage depends on."""
     from dvc.repo import Repo
 
-    from diffusion.config import load_params
+    from diffusion.params import load_params
     from diffusion.dvcfile import interpolated_keys
     from diffusion.eval_configs import EvaluateConfig, JudgeConfig
     from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainConfig, TrainVAEConfig

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, run_cli
-from diffusion.config import load_section
+from diffusion.params import load_section
 from diffusion.data.latents import (
     LatentRecord, iter_latents, make_latent_loader, npy_bytes, read_npy, write_latent_shards,
 )

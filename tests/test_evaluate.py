@@ -16,10 +16,11 @@ import torch
 import yaml
 from conftest import ROOT, run_cli, shapes_images
 
-from diffusion.config import ConfigError, apply_overrides
+from diffusion.config import ConfigError
+from diffusion.eval_configs import EvaluateConfig, JudgeConfig
 from diffusion.evaluation.judge import IGNORE, build_vocab, encode_labels, to_uint8
 from diffusion.evaluation.metrics import adherence, frechet_distance
-from diffusion.eval_configs import EvaluateConfig, JudgeConfig
+from diffusion.params import apply_overrides
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,7 +331,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def pipeline_root(tmp_path_factory) -> Path:
     """shard -> train_vae -> encode_latents -> train -> train_judge outputs for the tiny configuration."""
-    from diffusion.config import load_section
+    from diffusion.params import load_section
     from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainConfig, TrainVAEConfig
     from pipeline import encode_latents, shard, train, train_judge, train_vae
 
@@ -413,10 +414,10 @@ def test_serving_options_read_the_prefixed_model_config_and_the_plain_one_of_old
 def _vae_ceiling_by_hand(root: Path) -> dict[str, float]:
     """judge_vae_* for the tiny pipeline, without evaluate's helpers: the VAE's decode(encode(x).mean) of the
     same val images, quantised as a PNG, read by the judge, scored with metrics.adherence."""
-    from diffusion.config import load_section
     from diffusion.data.locations import list_split
     from diffusion.evaluation.judge import AttributeJudge, load_split
     from diffusion.models import LatentDiffusionModel
+    from diffusion.params import load_section
     from pipeline.evaluate import choose_prompts
 
     with pytest.MonkeyPatch.context() as mp:
@@ -499,7 +500,7 @@ def test_mlflow_server_serves_the_stage_runs_and_the_registered_model(pipeline_r
 
     from mlflow.tracking import MlflowClient
 
-    from diffusion.config import load_section
+    from diffusion.params import load_section
     from pipeline import evaluate
 
     # A project as the stages leave it: the module's store (train_vae, encode_latents, train, train_judge)

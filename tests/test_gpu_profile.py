@@ -1,7 +1,7 @@
 """The GPU profile (profiles/gpu.yaml), checked on the CPU: every stage's config parses with the GPU values,
 the networks build at full size, and one training step runs at a tiny batch.
 
-Also the profile mechanism itself (diffusion.config.load_params): params.yaml <- profiles/<name>.yaml <- -S,
+Also the profile mechanism itself (diffusion.params.load_params): params.yaml <- profiles/<name>.yaml <- -S,
 its errors, and dvc.yaml declaring each stage's profile section (STYLE.md 15a: every shipped preset parses).
 """
 
@@ -12,7 +12,9 @@ import torch
 import yaml
 from conftest import ROOT
 
-from diffusion.config import BASE_PROFILE, ConfigError, load_params, load_section
+from diffusion.config import ConfigError
+
+from diffusion.params import BASE_PROFILE, load_params, load_section
 from diffusion.eval_configs import EvaluateConfig, JudgeConfig
 from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainConfig, TrainVAEConfig
 

@@ -19,7 +19,7 @@ import torch
 import yaml
 from conftest import ROOT, free_port, run_cli, serve_folder
 
-from diffusion.config import apply_overrides
+from diffusion.params import apply_overrides
 
 TINY = [
     "shard.resolution=32", "shard.samples_per_shard=100", "shard.vocab_size=64", "shard.shapes.num_train=200",
@@ -46,7 +46,7 @@ def write_params(folder: Path, extra: list[str] = ()) -> Path:
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory) -> Path:
     """shard, train_vae and encode_latents outputs for the tiny configuration (made once)."""
-    from diffusion.config import load_section
+    from diffusion.params import load_section
     from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainVAEConfig
     from pipeline import encode_latents, shard, train_vae
 
@@ -189,7 +189,7 @@ def test_killed_train_stage_resumes_from_its_checkpoint_in_the_same_run(project,
 
 def train_in_process(project: Path, *overrides: str):
     """Run the train stage in this process (no interpreter start-up), from the project folder."""
-    from diffusion.config import load_section
+    from diffusion.params import load_section
     from diffusion.stage_configs import TrainConfig
     from pipeline import train
 

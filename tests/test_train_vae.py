@@ -309,7 +309,7 @@ def test_missing_shards_name_the_shard_command(tmp_path):
 
 
 def test_params_yaml_section_parses():
-    from diffusion.config import load_section
+    from diffusion.params import load_section
 
     cfg = load_section(TrainVAEConfig, ROOT / "params.yaml")
     assert cfg.checkpoint_dir == "checkpoints/train_vae" and cfg.kl_weight > 0

@@ -14,7 +14,8 @@ from typing import Annotated, Any, Callable
 
 import typer
 
-from diffusion.config import Config, ConfigError, load_section
+from diffusion.config import Config, ConfigError
+from diffusion.params import load_section
 
 app = typer.Typer(
     help="Train a text-to-image latent diffusion model: each command is one stage of the DVC pipeline "

@@ -1,8 +1,8 @@
 """The configuration of every pipeline stage: one frozen dataclass per section of ``params.yaml``.
 
 Each class names its section (``section = "train"``), and every field carries its help text and bounds
-(:func:`diffusion.config.param`), which ``python cli.py <stage> --help`` prints. How a config is built,
-validated and overridden (``-S key=value``, profiles) is :mod:`diffusion.config`; what each stage takes is
+(:func:`diffusion.config.param`), which ``python cli.py <stage> --help`` prints. How a config is built and
+validated is :mod:`diffusion.config`, how params.yaml, profiles and ``-S key=value`` layer is :mod:`diffusion.params`; what each stage takes is
 here, in pipeline order: shard, encode_latents, the training stages (train_vae, train, with the Trainer
 fields they share); train_judge's and evaluate's are in :mod:`diffusion.eval_configs`. Model shapes nest their own configs (``VAEConfig``,
 ``UNetConfig``, ``DiTConfig``, ...), which live beside their models and are imported lazily (see
@@ -408,7 +408,7 @@ def check_every_section(path: Any, overrides: list[str] | tuple[str, ...] = ()) 
     """Load every stage section present in the params file (profile and overrides applied): a mistake in any of
     them, in params.yaml or in the profile's file, stops whichever stage runs first, before it works, rather than
     the stage that reads it, hours into a pipeline. Raises the ConfigError of the first bad section."""
-    from diffusion.config import load_params, load_section
+    from diffusion.params import load_params, load_section
 
     present = load_params(path, overrides)
     for section, cls in STAGE_CONFIGS.items():
