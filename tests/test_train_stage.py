@@ -605,3 +605,73 @@ def test_ranks_that_disagree_on_resuming_stop_before_training():
     callback.on_fit_start(trainer(False, False), None)
     with pytest.raises(RuntimeError, match="shared by every node"):
         callback.on_fit_start(trainer(False, True), None)
+
+
+def test_the_step_reads_nothing_back_from_the_device_between_logging_steps(project, monkeypatch):
+    """No .item() on a step that logs nothing: a metric on the progress bar was converted to a number at every
+    batch's end (Lightning builds the bar's metrics then), a GPU wait per step. 8 steps logging every 4: the
+    loss is read on the 2 logging steps (the bar, the loss curve), plus the final figures."""
+    calls = []
+    item = torch.Tensor.item
+
+    def counted(self):
+        calls.append(1)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+    train_in_process(project, "train.max_steps=8", "train.log_every_n_steps=4", "train.checkpoint_every_n_steps=8",
+                     "train.sample_every_n_steps=0", "train.sample_prompts=[]")
+    assert len(calls) <= 6, f"{len(calls)} .item() calls in 8 steps (14 when the bar converted every batch)"
+
+
+def test_the_final_checkpoint_keeps_the_live_weights_beside_the_ema(project):
+    """last.ckpt at max_steps off the checkpoint grid holds the live weights as the model state (what the AdamW
+    moments belong to) and the EMA as the average. It was saved in on_train_end, after the EMA callback had
+    copied the average into the module: both were the EMA."""
+    train_in_process(project, "train.max_steps=5", "train.checkpoint_every_n_steps=4", "train.sample_every_n_steps=0",
+                     "train.sample_prompts=[]")
+    (path,) = (project / "checkpoints/train").glob("*/last.ckpt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 5
+    live, ema = ckpt["current_model_state"], ckpt["state_dict"]
+    trained = [k for k in live if "denoiser" in k and live[k].is_floating_point()]
+    assert trained and any(not torch.equal(live[k], ema[k]) for k in trained)
+
+
+@pytest.mark.parametrize("callback", ["SampleGrid", "NonFiniteLossCheck"])
+def test_callbacks_count_optimizer_steps_under_gradient_accumulation(callback):
+    """With accumulate_grad_batches 2 the first micro-batch ends at global_step 0: SampleGrid drew a grid of the
+    untrained model there, and NonFiniteLossCheck named the step before for a NaN in a group's first batch."""
+    import pytorch_lightning as pl
+
+    from diffusion.training import callbacks
+    from diffusion.training.nonfinite import NonFiniteLossCheck, NonFiniteLossError
+
+    class Tiny(pl.LightningModule):
+        def __init__(self, nan_at: int = -1) -> None:
+            super().__init__()
+            self.layer, self.nan_at = torch.nn.Linear(2, 1), nan_at
+
+        def training_step(self, batch, batch_idx):
+            loss = self.layer(batch[0]).pow(2).mean()
+            return loss * float("nan") if batch_idx == self.nan_at else loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 2)), batch_size=2)
+    trainer_args = dict(max_steps=4, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    if callback == "SampleGrid":
+        grid = callbacks.SampleGrid.__new__(callbacks.SampleGrid)
+        grid.every, drawn = 2, []
+        grid.render = lambda model: drawn.append(True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(callbacks, "log_image", lambda trainer, image, name: drawn.append(name))
+            mp.setattr(callbacks, "ema_model", lambda trainer, module: module)
+            pl.Trainer(callbacks=[grid], **trainer_args).fit(Tiny(), data)
+        assert [d for d in drawn if d is not True] == ["samples/step_0000002.png", "samples/step_0000004.png"]
+    else:
+        # Micro-batch 4 is the first of optimizer step 3's pair.
+        with pytest.raises(NonFiniteLossError, match=r"at step 3 "):
+            pl.Trainer(callbacks=[NonFiniteLossCheck(1)], **trainer_args).fit(Tiny(nan_at=4), data)

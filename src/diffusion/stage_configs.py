@@ -140,7 +140,7 @@ class TrainerFields(Config):
         "auto", "Lightning distribution strategy (DDP for several devices; FSDP needs GPUs, cannot clip gradients by "
         "norm, and the train stage refuses it: its EMA cannot average sharded weights)"
     )
-    accumulate_grad_batches: int = param(1, "batches whose gradients are summed per optimizer step", ge=1)
+    accumulate_grad_batches: int = param(1, "batches whose gradients are averaged per optimizer step", ge=1)
     gradient_clip_val: float | None = param(None, "clip the gradient norm to this (null: no clipping)", gt=0)
     num_workers: int = param(0, "data-loading worker processes per device (0: in the main process)", ge=0)
     log_every_n_steps: int = param(10, "log training metrics every N steps (Lightning's default 50 hides short runs)", ge=1)

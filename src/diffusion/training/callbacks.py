@@ -95,11 +95,15 @@ class SampleGrid(Callback):
             ))
         return make_grid(torch.cat(rows), nrow=len(self.tokens))  # (seeds * P, 3, H, W)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._step_before = trainer.global_step
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if not self.every or step % self.every or not trainer.is_global_zero or step == getattr(self, "_done", -1):
+        # Only a batch that made an optimizer step: under gradient accumulation the others end on the step
+        # before (the first ones on step 0, which drew a grid of the untrained model).
+        if not self.every or step % self.every or not trainer.is_global_zero or step == self._step_before:
             return
-        self._done = step  # with gradient accumulation several batches end on the same optimizer step
         self.last_grid = self.render(ema_model(trainer, pl_module))
         log_image(trainer, self.last_grid, f"samples/step_{step:07d}.png")
 

@@ -362,13 +362,26 @@ class _LastStepCheckpoint(ModelCheckpoint):
     Lightning saves at the end only when no checkpoint was saved during the run (``on_train_end``), so with
     ``max_steps`` not a multiple of the interval (1300 steps, every 250) ``last.ckpt`` would hold step 1250:
     a rerun with the same parameters would train the last 50 steps again, with a reseeded generator, and
-    export other weights. (The callbacks' own ``on_train_end`` runs first, Lightning orders checkpoint
-    callbacks last: a non-finite loss stops the run before this save.)
+    export other weights. The final step is saved like the others, at its batch's end (after the EMA's update:
+    Lightning orders checkpoint callbacks last); a diverged run is never saved (NonFiniteLossCheck checks
+    before every save).
     """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        # The final step is saved here, at its batch's end like every other, not in on_train_end: by then the
+        # EMA callback (whose on_train_end runs first) has copied the average into the module, and the
+        # checkpoint would hold the EMA as the live weights beside the live weights' AdamW moments.
+        if self.save_last and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            self._save_final(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.save_last and getattr(self, "_last_global_step_saved", -1) != trainer.global_step:
+        if self.save_last:  # a run that ended before max_steps (max_epochs, a stop): its last step
+            self._save_final(trainer)
+
+    def _save_final(self, trainer: pl.Trainer) -> None:
+        if getattr(self, "_last_global_step_saved", -1) != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 

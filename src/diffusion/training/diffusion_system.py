@@ -162,9 +162,10 @@ class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(self.latents_of(batch), batch["tokens"])
-        # Logged as a tensor: Lightning reduces and moves it to the host only on logging steps, so the
-        # step itself never waits for the device (no .item() here).
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        # Logged as a tensor: Lightning moves it to the host only on logging steps, so the step itself never
+        # waits for the device. Not prog_bar=True: Lightning converts progress-bar metrics to numbers at every
+        # batch's end (an .item() per step); the bar reads the loss when it refreshes (trainer.LossBar).
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
         return loss
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

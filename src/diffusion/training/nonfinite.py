@@ -37,6 +37,10 @@ class NonFiniteLossCheck(Callback):
         self.check_every = check_every
         self._bad_step: torch.Tensor | None = None  # () long; -1 while every loss was finite
         self._bad_value: torch.Tensor | None = None  # () float; the first non-finite loss
+        self._step_before = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._step_before = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -48,8 +52,9 @@ class NonFiniteLossCheck(Callback):
             self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
             self._bad_value = torch.zeros((), device=loss.device)
         first = (self._bad_step < 0) & ~torch.isfinite(loss).all()
-        # global_step after this batch's optimizer step = the 1-based number of the step that made `loss`.
-        self._bad_step = torch.where(first, trainer.global_step, self._bad_step)
+        # The 1-based number of the optimizer step this batch belongs to (under gradient accumulation the batches
+        # before the group's last end with global_step still at the step before).
+        self._bad_step = torch.where(first, self._step_before + 1, self._bad_step)
         self._bad_value = torch.where(first, loss.reshape(-1)[0], self._bad_value)
         if trainer.global_step % self.check_every == 0:
             self.check(trainer)

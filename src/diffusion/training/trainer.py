@@ -63,6 +63,23 @@ def check_hardware(cfg: Any, section: str) -> None:
                           f"the {'MPS device' if accelerator != 'cpu' and mps else 'CPU'}; use 'ddp' or 'auto'")
 
 
+class LossBar(TQDMProgressBar):
+    """Lightning's progress bar with the training loss, read only when the bar refreshes.
+
+    A metric logged with ``prog_bar=True`` is converted to a Python number at every batch's end (Lightning's
+    logger connector builds the bar's metrics then, whatever the refresh rate): an ``.item()``, so on a GPU a
+    wait for the device, at every step. Here the loss stays a device tensor in ``callback_metrics`` until the
+    bar shows it.
+    """
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            items["train/loss"] = f"{float(loss):.4g}"
+        return items
+
+
 def resolve_precision(value: Any, accelerator: str) -> str:
     """Lightning's precision string for a config value: ``32`` -> "32-true"; "auto" -> "bf16-mixed" where
     :func:`fast_bf16`, else "32-true"; anything else as it is."""
@@ -132,9 +149,8 @@ def build_trainer(
         log_every_n_steps=cfg.log_every_n_steps,
         val_check_interval=cfg.val_every_n_steps,
         check_val_every_n_epoch=None,
-        # The bar shows the loss; refreshing it every step would read the loss back from the device on
-        # every step (a host sync), so it refreshes as often as metrics are logged.
-        callbacks=[*callbacks, TQDMProgressBar(refresh_rate=cfg.log_every_n_steps)],
+        # The bar shows the loss, read back from the device when it refreshes, as often as metrics are logged.
+        callbacks=[*callbacks, LossBar(refresh_rate=cfg.log_every_n_steps)],
         logger=logger,
         enable_progress_bar=True,
         enable_model_summary=False,

@@ -94,7 +94,7 @@ class VAESystem(FusedAdamWClipping, pl.LightningModule):
         self.last_train = {k: v.detach() for k, v in values.items()}
         others = {f"train/{k}": v.detach() for k, v in values.items() if k != "loss"}
         self.log_dict(others, on_step=True, on_epoch=False)
-        self.log("train/loss", values["loss"].detach(), on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss", values["loss"].detach(), on_step=True, on_epoch=False)  # on the bar: trainer.LossBar
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
         if not self.automatic_optimization:
