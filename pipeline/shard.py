@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -165,8 +164,9 @@ def _examples(skipped: list[Skipped], per_reason: int = 5) -> dict[str, list[str
 def run(cfg: ShardConfig) -> dict[str, Any]:
     """Run the stage; returns the manifest. Raises SourceError/ShardError before touching the outputs."""
     validate(cfg)
-    out_dir = Path(cfg.out_dir)
+    out_dir, tok_path, inside = Path(cfg.out_dir), Path(cfg.tokenizer_path), _tokenizer_inside(cfg)
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    tok_tmp = tmp / inside if inside else tok_path.parent / f".{tok_path.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -175,18 +175,14 @@ def run(cfg: ShardConfig) -> dict[str, Any]:
         manifest = result["manifest"]
         atomic_write_json(tmp / "manifest.json", manifest)
         tokenizer = train_tokenizer(result["captions"], cfg.vocab_size, cfg.max_length)
-        # The tokenizer is written in full first, beside its place; then the folder is swapped in and the
-        # tokenizer renamed over the old one: two renames, so shards and tokenizer cannot end up from two runs
-        # unless the machine stops between them.
-        # (One rename when the tokenizer lives inside out_dir: it is written into the new folder.)
-        tok_path, inside = Path(cfg.tokenizer_path), _tokenizer_inside(cfg)
-        tok_tmp = tmp / inside if inside else tok_path.parent / f".{tok_path.name}.tmp"
+        # The tokenizer is written in full first, beside its place, and renamed in with the folder
+        # (replace_dir): shards and tokenizer cannot end up from two runs, unless the machine stops in the
+        # microseconds between the renames. (Inside out_dir it is written into the new folder.)
         save_tokenizer(tokenizer, tok_tmp)
-        replace_dir(tmp, out_dir)
-        if not inside:
-            os.replace(tok_tmp, tok_path)
+        replace_dir(tmp, out_dir, [] if inside else [(tok_tmp, tok_path)])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        tok_tmp.unlink(missing_ok=True)  # an interrupted run's (after a swap it is already in place)
     counts, skipped = manifest["counts"], {k: v for k, v in manifest["skipped"].items() if v}
     print(f"shard: wrote {counts['train']} train and {counts['val']} val samples to {out_dir}/{{train,val}}")
     print(f"shard: skipped {json.dumps(skipped) if skipped else 'nothing'}; manifest {out_dir / 'manifest.json'}")

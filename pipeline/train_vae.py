@@ -24,9 +24,10 @@ import torch
 
 from diffusion.config import ConfigError
 from diffusion.data.locations import read_manifest, require_split
-from diffusion.data.shards import atomic_write_json
+from diffusion.data.shards import atomic_write_json, check_replaceable
 from diffusion.stage_configs import TrainVAEConfig
 from diffusion.training.checkpointing import DEFAULT_EXCLUDE
+from diffusion.training.latent_stats import CONFIG_FILE, WEIGHTS_FILE
 
 STAGE = "train_vae"
 #: Fields that change where outputs go or how much is evaluated, not the trained weights (run key).
@@ -47,6 +48,8 @@ def validate(cfg: TrainVAEConfig) -> tuple[list[str], list[str]]:
                                     f"{split} shards")
     if not Path(cfg.tokenizer_path).is_file():
         raise TrainVAEError(f"train_vae.tokenizer_path: {cfg.tokenizer_path} not found; run `python cli.py shard` first")
+    # save_vae replaces the whole folder: pointed at data/ it would have deleted the shards after training.
+    check_replaceable(cfg.out_dir, (WEIGHTS_FILE, CONFIG_FILE), "train_vae.out_dir")
     _check_resolution(cfg, read_manifest(cfg.shards_dir))
     return urls["train"], urls["val"]
 

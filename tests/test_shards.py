@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -123,3 +124,74 @@ def test_training_keys_data_by_the_content_the_manifest_records(tmp_path):
     assert [Path(p).stat().st_size for p in a] == [Path(p).stat().st_size for p in b]  # sizes cannot tell
     assert files_fingerprint(a) != files_fingerprint(b)
     assert files_fingerprint(a) == files_fingerprint(shard_set(tmp_path / "c", "a red circle"))
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (what a killed run leaves in its folders' names)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _folder(path, text: str):
+    path.mkdir()
+    (path / "a.txt").write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("fail_at", ["folder", "file"])
+def test_an_interrupted_swap_puts_the_old_outputs_back(tmp_path, monkeypatch, fail_at):
+    """Ctrl-C between replace_dir's renames left the output folder missing (the old one set aside, the new one
+    deleted by the caller's cleanup), or the new shards beside the old tokenizer. Now all old or all new."""
+    import os
+
+    from diffusion.data.shards import replace_dir
+
+    out, tok = _folder(tmp_path / "shards", "old"), tmp_path / "tokenizer.json"
+    tok.write_text("old")
+    new, new_tok = _folder(tmp_path / ".shards.tmp", "new"), tmp_path / ".tokenizer.json.tmp"
+    new_tok.write_text("new")
+    real_rename, real_replace = os.rename, os.replace
+
+    def rename(src, dst):
+        if fail_at == "folder" and str(src).endswith(".shards.tmp"):
+            raise KeyboardInterrupt
+        return real_rename(src, dst)
+
+    def replace(src, dst):
+        if fail_at == "file":
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(new, out, [(new_tok, tok)])
+    monkeypatch.undo()
+    assert (out / "a.txt").read_text() == "old" and tok.read_text() == "old"
+    assert not list(tmp_path.glob(".shards.old-*"))
+    replace_dir(new, out, [(new_tok, tok)])  # what the rerun does, from what the interruption left
+    assert (out / "a.txt").read_text() == "new" and tok.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards", "tokenizer.json"]
+
+
+def test_a_killed_swap_is_undone_by_the_next_run(tmp_path):
+    """A run killed (SIGKILL) between the renames left the output set aside as .<name>.old-<pid> and the output
+    path missing, and a later run never removed it. check_replaceable, before a stage works, puts it back."""
+    from diffusion.data.shards import check_replaceable
+
+    dead = _dead_pid()
+    _folder(tmp_path / f".shards.old-{dead}", "old")
+    check_replaceable(tmp_path / "shards", ("a.txt",), "shard.out_dir")
+    assert (tmp_path / "shards/a.txt").read_text() == "old"
+    # Killed after the new folder was in: the set-aside copy is deleted.
+    _folder(tmp_path / f".shards.old-{dead}", "older")
+    check_replaceable(tmp_path / "shards", ("a.txt",), "shard.out_dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+    # A live run's folder is its own business.
+    _folder(tmp_path / f".shards.old-{os.getpid()}", "live")
+    check_replaceable(tmp_path / "shards", ("a.txt",), "shard.out_dir")
+    assert (tmp_path / f".shards.old-{os.getpid()}").exists()

@@ -235,6 +235,10 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, data_root, monkeypatch)
 def test_bad_config_exits_2_naming_the_key(workdir, cli_env):
     proc = run_cli(["train-vae", "-S", "train_vae.batch_size=0"], workdir, cli_env, check=False)
     assert proc.returncode == 2 and "train_vae.batch_size" in proc.stderr
+    # The VAE replaces its whole folder: pointed at data/ it deleted the shards, after training.
+    proc = run_cli(["train-vae", "-S", "train_vae.out_dir=data"], workdir, cli_env, check=False)
+    assert proc.returncode == 2 and "train_vae.out_dir: data holds" in proc.stderr
+    assert (workdir / "data/shards/manifest.json").is_file()
     # The shards hold RGB: another channel count failed inside the first step, with the run open.
     with pytest.raises(ConfigError, match=r"train_vae.model.in_channels: the shards hold RGB"):
         TrainVAEConfig.from_dict({"model": {"in_channels": 1}}, "train_vae")

@@ -200,6 +200,8 @@ def check_replaceable(out_dir: str | Path, own: Iterable[str], key: str) -> None
     from diffusion.config import ConfigError
 
     out = Path(out_dir)
+    if out.parent.is_dir():
+        recover_dir(out)  # what a killed run set aside is this stage's own output
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{key}: {out} is a file; expected a folder (it need not exist)")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in set(own)) if out.is_dir() else []
@@ -209,16 +211,47 @@ def check_replaceable(out_dir: str | Path, own: Iterable[str], key: str) -> None
                           "folder, so choose a new or empty one (or remove those)")
 
 
-def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Swap the finished `tmp` folder into `out_dir`: old set aside, new renamed in, old deleted."""
+def replace_dir(tmp: Path, out_dir: Path, files: Iterable[tuple[Path, Path]] = ()) -> None:
+    """Swap the finished `tmp` folder into `out_dir`, with `files` ((finished file, its place) pairs written
+    by the same run, e.g. the shard stage's tokenizer) renamed in with it: the old folder is set aside, the new
+    one and the files renamed in, then the old folder deleted.
+
+    Interrupted before the last file is in place (Ctrl-C, an error), the old folder is put back, so the outputs
+    are all the old ones or all the new ones. A run killed outright between the renames leaves the old folder
+    set aside (``.<name>.old-<pid>``): the next run of the stage puts it back (:func:`recover_dir`).
+    """
     old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    files = list(files)
     if old.exists():
         shutil.rmtree(old)
-    if out_dir.exists():
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old.exists():
-        shutil.rmtree(old)
+    try:
+        if out_dir.exists():
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        for src, dst in files:
+            os.replace(src, dst)
+    except BaseException:
+        # Not all in place (a file still waits beside its place): back to the old outputs. (`old` exists only
+        # if this run set it aside: any earlier one was removed above.)
+        if old.exists() and (not out_dir.exists() or any(src.exists() for src, _ in files)):
+            if out_dir.exists():
+                os.rename(out_dir, tmp)
+            os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(out_dir: str | Path) -> None:
+    """Undo what a killed :func:`replace_dir` left: an output folder set aside and never replaced is put back
+    (the newest, if several), and folders set aside by runs no longer alive are deleted."""
+    out = Path(out_dir)
+    prefix = f".{out.name}.old-"
+    dead = sorted((p for p in out.parent.glob(prefix + "*") if p.name[len(prefix):].isdigit()
+                   and not _pid_alive(int(p.name[len(prefix):]))), key=lambda p: p.stat().st_mtime)
+    if dead and not out.exists():
+        os.rename(dead.pop(), out)
+    for path in dead:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_shards(

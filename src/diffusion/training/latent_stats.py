@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from diffusion.data.shards import replace_dir
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 
 ARTIFACT_FORMAT = 1
@@ -134,12 +135,7 @@ def save_vae(vae: AutoencoderKL, stats: LatentStats, out_dir: str | Path, extra:
             **(dict(extra) if extra else {}),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        old = out_dir.parent / f".{out_dir.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
