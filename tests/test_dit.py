@@ -207,7 +207,7 @@ def test_unknown_preset_lists_names():
 @pytest.mark.parametrize(
     "changes, key",
     [
-        ({"input_size": 9}, "input_size"),
+        ({"input_size": 9}, "patch_size"),  # 2 does not divide the side: the patch is what to change
         ({"num_heads": 3}, "num_heads"),
         ({"hidden_size": 6, "num_heads": 2}, "hidden_size"),
         ({"mlp_ratio": 0.0}, "mlp_ratio"),
