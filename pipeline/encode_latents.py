@@ -31,7 +31,7 @@ from diffusion.data.loader import iter_shards
 from diffusion.data.locations import read_manifest, require_split, split_shards
 from diffusion.data.shards import ShardList, atomic_write_json, check_replaceable, list_shards, replace_dir
 from diffusion.stage_configs import EncodeLatentsConfig
-from diffusion.training.latent_stats import CONFIG_FILE, load_vae
+from diffusion.training.latent_stats import load_vae, vae_problem
 
 SPLITS: tuple[str, ...] = ("train", "val")
 
@@ -43,12 +43,9 @@ class EncodeLatentsError(RuntimeError):
 def validate(cfg: EncodeLatentsConfig) -> None:
     """Check the inputs exist before any work; a missing one names the stage to run first."""
     check_replaceable(cfg.out_dir, ("train", "val", "manifest.json"), "encode_latents.out_dir")
-    vae_dir = Path(cfg.vae_dir)
-    if not (vae_dir / CONFIG_FILE).is_file():
-        raise EncodeLatentsError(
-            f"{vae_dir}: VAE not found (no {CONFIG_FILE}). It is written by the train_vae stage: "
-            "run `python cli.py train-vae` (or `dvc repro train_vae`) first"
-        )
+    if problem := vae_problem(cfg.vae_dir):
+        raise EncodeLatentsError(f"encode_latents.vae_dir: {problem}. It is written by the train_vae stage: "
+                                 "run `python cli.py train-vae` (or `dvc repro train_vae`) first")
     for split in SPLITS:
         # An empty val folder is legitimate (val_fraction 0); an empty train folder is not.
         require_split(cfg.shards_dir, split, "encode_latents.shards_dir", "shard", EncodeLatentsError,

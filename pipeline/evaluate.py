@@ -340,18 +340,20 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     with stage_run(STAGE, cfg.to_dict()) as active:
         mlflow.log_params(denoiser_params(cfg.model_dir))
         metrics, sweep, grid = run(cfg)
+        # The three outputs back to back, before any MLflow call (seconds of logging and registering): a run
+        # stopped in between left new metrics beside the previous model's grid.
+        png = io.BytesIO()
+        grid.save(png, format="PNG")
         Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cfg.metrics_path, {k: v for k, v in metrics.items() if is_finite_number(v)})
         write_sweep(sweep, cfg.sweep_path)
+        atomic_write_bytes(cfg.samples_path, png.getvalue())
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if is_finite_number(v)})
         for row in sweep:
             keys = ("adherence", "adherence_heldout", "judge_fd", "images_per_second")
             mlflow.log_metrics({f"sweep/{row['label']}/{k}": float(row[k])
                                 for k in keys if is_finite_number(row.get(k))})
         mlflow.log_artifact(cfg.sweep_path, "plots")
-        png = io.BytesIO()
-        grid.save(png, format="PNG")
-        atomic_write_bytes(cfg.samples_path, png.getvalue())
         mlflow.log_image(grid, "samples.png")
         uri = _register(cfg)
         if uri:

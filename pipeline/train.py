@@ -53,8 +53,10 @@ def validate(cfg: TrainConfig) -> list[str]:
     check_replaceable(cfg.out_dir, MODEL_ENTRIES, "train.out_dir")
     if not Path(cfg.tokenizer_path).is_file():
         raise TrainError(f"train.tokenizer_path: {cfg.tokenizer_path} not found; run `python cli.py shard` first")
-    if not (Path(cfg.vae_dir) / "model.pt").is_file():
-        raise TrainError(f"train.vae_dir: no VAE in {cfg.vae_dir}; run `python cli.py train-vae` first")
+    from diffusion.training.latent_stats import vae_problem
+
+    if problem := vae_problem(cfg.vae_dir):
+        raise TrainError(f"train.vae_dir: {problem}; run `python cli.py train-vae` first")
     shape = (read_manifest(cfg.latents_dir) or {}).get("latent_shape")  # [C, h, w], from encode_latents
     denoiser = cfg.denoiser_config()
     multiple = getattr(denoiser, "downsample_factor", getattr(denoiser, "patch_size", 1))

@@ -233,3 +233,52 @@ def test_short_passes_read_every_position_of_a_shard_equally_often(tmp_path):
     quarters = collections.Counter((int(k[1:]) % 100) // 25 for _ in range(200) for b in loader for k in b["key"])
     share = [quarters[q] / sum(quarters.values()) * 4 for q in range(4)]
     assert all(0.85 < s < 1.15 for s in share), share
+
+
+def test_a_damaged_shard_is_named(shards, tok, tmp_path):
+    """A shard cut short stopped the stages with tarfile's "unexpected end of data", naming no file (the
+    resampled loader's header count, the stream, the ordered reader alike)."""
+    import shutil
+
+    from diffusion.data.loader import DamagedShardError
+
+    cut = tmp_path / "cut.tar"
+    shutil.copyfile(shards[3], cut)
+    with open(cut, "r+b") as fh:
+        fh.truncate(3000)  # inside a member's data (cut at a header, tarfile's stream just ends: see below)
+    with pytest.raises(DamagedShardError, match=rf"{cut}: damaged shard"):
+        list(iter_shards([shards[0], str(cut)]))
+    with pytest.raises(DamagedShardError, match=rf"{cut}: damaged shard"):
+        keys_of(make_loader([str(cut)], tok, batch_size=2, epoch_steps=4, shuffle_buffer=1))
+    with pytest.raises(DamagedShardError, match=rf"{cut}: damaged shard"):
+        keys_of(make_loader([str(cut)], tok, batch_size=2, epoch_steps=4, shuffle_buffer=1, resampled=False))
+
+
+def test_a_stage_refuses_a_split_its_manifest_or_tar_itself_says_is_incomplete(tmp_path):
+    """require_split, before a stage works: a shard missing from the folder, or one its manifest does not list,
+    passed silently (a smaller dataset trained); so did a shard cut at a member boundary, which tarfile's stream
+    reader takes for a shorter archive."""
+    import shutil
+
+    from diffusion.data.locations import require_split
+    from diffusion.data.shards import atomic_write_json
+
+    root = tmp_path / "shards"
+    paths = write_shards(make_samples(12), root / "train", samples_per_shard=4)
+    atomic_write_json(root / "manifest.json", {"shards": {"train": [p.name for p in paths]}})
+    assert require_split(str(root), "train", "train.shards_dir", "shard", RuntimeError) == [str(p) for p in paths]
+    spare = tmp_path / "spare.tar"
+    shutil.move(paths[1], spare)
+    with pytest.raises(RuntimeError, match=r"train.shards_dir: .* manifest.json lists \(missing: shard-000001.tar; "
+                                           r"not listed: none\); rerun `python cli.py shard`"):
+        require_split(str(root), "train", "train.shards_dir", "shard", RuntimeError)
+    shutil.copyfile(spare, paths[1])
+    shutil.copyfile(spare, root / "train/extra.tar")
+    with pytest.raises(RuntimeError, match=r"missing: none; not listed: extra.tar"):
+        require_split(str(root), "train", "train.shards_dir", "shard", RuntimeError)
+    (root / "train/extra.tar").unlink()
+    with open(paths[2], "r+b") as fh:  # at a 512-byte block boundary: the stream reader sees a shorter archive
+        fh.truncate(2048)
+    assert len(list(iter_shards([str(paths[2])]))) < 4
+    with pytest.raises(RuntimeError, match=rf"{paths[2]}: damaged shard \(cut short"):
+        require_split(str(root), "train", "train.shards_dir", "shard", RuntimeError)

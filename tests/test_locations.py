@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import serve_folder
 from PIL import Image
 
@@ -110,6 +111,7 @@ def test_stages_refuse_a_bad_url_before_any_work(tmp_path):
         train.validate(TrainConfig(latents_dir="s3://b/latents"))
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae/config.json").write_text("{}")
+    torch.save({}, tmp_path / "vae/model.pt")  # a whole file (a cut one is named before the shards are looked at)
     with pytest.raises(encode_latents.EncodeLatentsError, match="encode_latents.shards_dir: .*manifest"):
         encode_latents.validate(EncodeLatentsConfig(shards_dir=f"pipe:cat {tmp_path}/nothing/{{}}",
                                                     vae_dir=str(tmp_path / "vae")))
@@ -133,3 +135,26 @@ def test_run_keys_count_remote_shards_by_url_without_fetching_them():
     a = files_fingerprint(["https://h/d/train/shard-000000.tar", "pipe:cat /nowhere/shard-000001.tar"])
     assert a == files_fingerprint(["pipe:cat /nowhere/shard-000001.tar", "https://h/d/train/shard-000000.tar"])
     assert a != files_fingerprint(["https://h/d2/train/shard-000000.tar", "pipe:cat /nowhere/shard-000001.tar"])
+
+
+def test_a_damaged_vae_is_named_before_any_work(tmp_path):
+    """A VAE weights file cut short failed inside torch.load ("failed finding central directory"), naming no
+    file, with the run open; encode_latents and train now name it in their checks."""
+    from diffusion.stage_configs import EncodeLatentsConfig, TrainConfig
+    from pipeline import encode_latents, train
+
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text("{}")
+    torch.save({"w": torch.zeros(1000)}, vae / "model.pt")
+    with open(vae / "model.pt", "r+b") as fh:
+        fh.truncate(1000)
+    with pytest.raises(encode_latents.EncodeLatentsError, match=rf"encode_latents.vae_dir: {vae}/model.pt: damaged"):
+        encode_latents.validate(EncodeLatentsConfig(shards_dir=str(tmp_path / "shards"), vae_dir=str(vae),
+                                                    out_dir=str(tmp_path / "latents")))
+    latents = tmp_path / "latents/train"
+    write_shards([Sample("k0", Image.new("RGB", (8, 8)), "c", {})], latents, samples_per_shard=1)
+    (tmp_path / "tok.json").write_text("{}")
+    with pytest.raises(train.TrainError, match=rf"train.vae_dir: {vae}/model.pt: damaged"):
+        train.validate(TrainConfig(latents_dir=str(tmp_path / "latents"), vae_dir=str(vae),
+                                   tokenizer_path=str(tmp_path / "tok.json"), out_dir=str(tmp_path / "out")))

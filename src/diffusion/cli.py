@@ -74,10 +74,13 @@ def run_stage(
     """Load and validate the section, then run the stage's `main`.
 
     Exit 2 on a bad parameter (found on load, or by the stage's own checks before it works); exit 1 on a
-    missing or unusable input (`input_errors`), with the message naming what to run or fix.
+    missing or unusable input (`input_errors`, and a damaged shard for every stage), with the message naming
+    what to run or fix.
     """
+    from diffusion.data.loader import DamagedShardError
     from diffusion.stage_configs import check_every_section
 
+    input_errors = (*input_errors, DamagedShardError)
     try:
         cfg = load_section(cls, params, overrides or [])
         check_every_section(params, overrides or [])  # a mistake in another stage's section stops this one too

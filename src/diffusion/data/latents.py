@@ -37,10 +37,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from tokenizers import Tokenizer
 
-from diffusion.data.loader import ShardStream, StreamLoader, expand_urls, stream_loader
+from diffusion.data.loader import ShardStream, StreamLoader, expand_urls, stream_loader, tar_samples
 from diffusion.data.shards import ShardList, add_tar_member, check_sample_key
 from diffusion.data.tokenizer import encode, trim_padding
 
@@ -200,7 +199,7 @@ def iter_latents(urls: Sequence[str] | str) -> Iterator[dict[str, Any]]:
     Yields ``{"key", "mean", "logvar": (C,h,w) float32, "caption", "meta"}``: the stored posterior, for
     evaluation and checks, where nothing may be skipped, doubled or randomised.
     """
-    for sample in wds.tarfile_to_samples()({"url": u} for u in expand_urls(urls)):
+    for sample in tar_samples({"url": u} for u in expand_urls(urls)):
         out = decode_latent_sample(sample)
         out["mean"], out["logvar"] = out["mean"].float(), out["logvar"].float()
         yield out

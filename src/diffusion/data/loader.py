@@ -49,6 +49,25 @@ from diffusion.data.shards import list_shards
 from diffusion.data.tokenizer import encode, trim_padding
 
 
+class DamagedShardError(RuntimeError):
+    """A shard that cannot be read to its end (cut short, overwritten): the message names it."""
+
+
+def raise_damaged_shard(exn: Exception) -> bool:
+    """WebDataset's exception handler for the stages' own shards: re-raise as :class:`DamagedShardError` naming
+    the shard (WebDataset appends the stream and the URL to the error's args; tarfile's message names nothing).
+    A stage's own shard is never skipped: a silent gap would change what trains."""
+    url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), None)
+    if url is None or isinstance(exn, DamagedShardError):
+        raise exn
+    raise DamagedShardError(f"{url}: damaged shard ({exn.args[0]}); rerun the stage that wrote it") from exn
+
+
+def tar_samples(sources: Any) -> Iterator[dict[str, Any]]:
+    """``wds.tarfile_to_samples`` over `sources` (``{"url": ...}`` dicts), a damaged shard named."""
+    return wds.tarfile_to_samples(handler=raise_damaged_shard)(sources)
+
+
 def expand_urls(urls: Sequence[str] | str) -> list[str]:
     """A list of shard URLs from a list, a brace pattern (``shard-{000000..000009}.tar``) or a folder."""
     if isinstance(urls, (str, os.PathLike)):
@@ -104,11 +123,14 @@ def _decode_sample(sample: dict[str, Any], image_keys: Sequence[str]) -> dict[st
 def _samples_in(path: str) -> int:
     """Samples in a local tar, from its headers alone (tarfile seeks over the members' data)."""
     keys, last = 0, None
-    with tarfile.open(path) as tf:
-        for member in tf:
-            parts = base_plus_ext(member.name) if member.isfile() else None
-            if parts and parts[0] != last:
-                keys, last = keys + 1, parts[0]
+    try:
+        with tarfile.open(path) as tf:
+            for member in tf:
+                parts = base_plus_ext(member.name) if member.isfile() else None
+                if parts and parts[0] != last:
+                    keys, last = keys + 1, parts[0]
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DamagedShardError(f"{path}: damaged shard ({e}); rerun the stage that wrote it") from e
     return keys
 
 
@@ -216,7 +238,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        samples = wds.tarfile_to_samples()(self._shard_urls(worker, num_workers))
+        samples = tar_samples(self._shard_urls(worker, num_workers))
         if self.resampled:
             samples = _start_inside_first_shard(samples, self._rng(worker, "offset"))
         if self.shuffle_buffer > 1:
@@ -364,7 +386,7 @@ def iter_shards(urls: Sequence[str] | str, tokenizer: Tokenizer | None = None) -
     Yields ``{"key", "image": (3,H,W) float in [-1,1], "caption", "meta"}`` (plus ``"tokens": (T,) long``
     when a tokenizer is given). For evaluation and latent encoding, where nothing may be skipped or doubled.
     """
-    for sample in wds.tarfile_to_samples()({"url": u} for u in expand_urls(urls)):
+    for sample in tar_samples({"url": u} for u in expand_urls(urls)):
         out = _decode_sample(sample, ("png", "jpg", "jpeg"))
         out["image"] = to_model_range(torch.tensor(out["image"]))  # (3, H, W); copies the read-only array
         if tokenizer is not None:

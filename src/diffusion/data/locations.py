@@ -143,7 +143,30 @@ def require_split(location: str, split: str, key: str, made_by: str, error: type
         raise error(f"{key}: {location}/{split} exists but holds no {what}: the {split} split is empty (a user "
                     f"source with shard.val_fraction 0, or too few images for it), and this stage needs {split} "
                     "data; raise shard.val_fraction and rerun the shard stage")
+    if not is_remote(location) and (problem := _local_split_problem(location, split, urls)):
+        raise error(f"{key}: {problem}; rerun `python cli.py {made_by.replace('_', '-')}` (or `dvc repro {made_by}`)")
     return urls
+
+
+def _local_split_problem(location: str, split: str, paths: list[str]) -> str | None:
+    """What is wrong with a local split, before a stage reads it, or None: shards missing from, or absent in, the
+    folder's manifest.json (a copy cut short, a file added), or a shard without tar's end-of-archive blocks (a
+    file cut short, which tarfile's stream reader can take for a shorter archive and end without an error). One
+    stat and one 1 KiB read per shard."""
+    listed = ((read_manifest(location) or {}).get("shards") or {}).get(split)
+    names = [Path(p).name for p in paths]
+    if isinstance(listed, list) and sorted(listed) != names:
+        missing, extra = sorted(set(listed) - set(names)), sorted(set(names) - set(listed))
+        return (f"{location}/{split} does not hold the shards its manifest.json lists "
+                f"(missing: {', '.join(missing) or 'none'}; not listed: {', '.join(extra) or 'none'})")
+    for path in paths:
+        size = Path(path).stat().st_size
+        with open(path, "rb") as fh:
+            fh.seek(max(size - 1024, 0))
+            tail = fh.read()
+        if size % 512 or size < 1024 or tail.count(0) != len(tail):
+            return f"{path}: damaged shard (cut short: it does not end with tar's end-of-archive blocks)"
+    return None
 
 
 def split_shards(location: str, split: str) -> list[tuple[str, str]]:

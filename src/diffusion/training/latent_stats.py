@@ -155,6 +155,21 @@ def read_vae_config(vae_dir: str | Path) -> dict[str, Any]:
     return config
 
 
+def vae_problem(vae_dir: str | Path) -> str | None:
+    """What is wrong with the VAE artifact in `vae_dir` (missing, or its weights file cut short), or None: checked
+    by the stages that read it before they start, since torch.load's own error names no file."""
+    import zipfile
+
+    config, weights = Path(vae_dir) / CONFIG_FILE, Path(vae_dir) / WEIGHTS_FILE
+    if not config.is_file() or not weights.is_file():
+        return f"no VAE in {vae_dir} (no {config.name if not config.is_file() else weights.name})"
+    try:
+        zipfile.ZipFile(weights).close()  # torch.save's format: the index is at the end, so a cut file fails
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"{weights}: damaged ({e})"
+    return None
+
+
 def load_vae(vae_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[AutoencoderKL, float, float]:
     """Load the VAE artifact written by :func:`save_vae`.
 
