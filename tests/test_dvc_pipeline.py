@@ -434,3 +434,31 @@ def test_dvc_tracks_the_paths_params_yaml_names(tmp_path):
     moved, moved_upstream = graph()
     assert moved["train"] == {"models/big", "plots/train_loss.csv", "metrics/big.json"}
     assert moved_upstream == upstream
+
+
+def test_a_run_left_running_by_a_killed_process_is_marked_killed(tmp_path, monkeypatch):
+    """A stage killed outright (SIGKILL, the out-of-memory killer) left its MLflow run RUNNING for ever; the next
+    execution of the stage on the machine marks it KILLED. A live process's run, another stage's and another
+    machine's are left alone."""
+    import platform
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from diffusion.tracking import ensure_experiment, stage_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client, exp = MlflowClient(), ensure_experiment("diffusion")
+    here = platform.node()
+    left = {name: client.create_run(exp, tags={"stage": stage, "hostname": host, "process_id": str(pid)}).info.run_id
+            for name, stage, host, pid in (("killed", "shard", here, dead.pid), ("live", "shard", here, os.getppid()),
+                                           ("other stage", "train", here, dead.pid),
+                                           ("other host", "shard", "elsewhere", dead.pid))}
+    with stage_run("shard", {"a": 1}) as active:
+        assert client.get_run(active.info.run_id).data.tags["process_id"] == str(os.getpid())
+    status = {name: client.get_run(run_id).info.status for name, run_id in left.items()}
+    assert status == {"killed": "KILLED", "live": "RUNNING", "other stage": "RUNNING", "other host": "RUNNING"}

@@ -250,12 +250,35 @@ def stage_run(
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):  # the first client of a new sqlite store creates its tables
-        ensure_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+        experiment_id = ensure_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    end_killed_runs(experiment_id, stage)
     # A continued run keeps the tags of the execution that opened it (its experiment name, its commit).
     tags = None if run_id else stage_tags(stage)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=tags) as run:
         if run_id is None:
             mlflow.log_params(flatten(params))
             mlflow.log_text(yaml.safe_dump({stage: dict(params)}, sort_keys=False), f"params/{stage}.yaml")
-        mlflow.set_tags(host_tags())
+        mlflow.set_tags({**host_tags(), "hostname": platform.node(), "process_id": str(os.getpid())})
         yield run
+
+
+def end_killed_runs(experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED the runs of `stage` left RUNNING by a process of this machine that no longer exists.
+
+    A run ends itself as FINISHED or FAILED, Ctrl-C included; a process killed outright (SIGKILL, the kernel's
+    out-of-memory killer, a lost node) leaves it RUNNING for ever in the MLflow UI. Each execution tags its
+    hostname and process id, so the next execution of the stage on that machine can tell. Returns their ids.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from diffusion.data.shards import pid_alive
+
+    client, host, ended = MlflowClient(), platform.node(), []
+    running = client.search_runs([experiment_id], f"tags.stage = '{stage}' and attributes.status = 'RUNNING'")
+    for run in running:
+        pid = run.data.tags.get("process_id", "")
+        if run.data.tags.get("hostname") == host and pid.isdigit() and int(pid) != os.getpid() \
+                and not pid_alive(int(pid)):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended

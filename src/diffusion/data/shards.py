@@ -171,7 +171,8 @@ def _write_sample(tar: tarfile.TarFile, sample: Sample, image_format: ImageForma
 # --------------------------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine (a folder or run named after a killed one is stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -186,7 +187,7 @@ def _remove_stale_temps(out_dir: Path) -> None:
     for prefix in (f".{out_dir.name}.tmp-", f".{out_dir.name}.old-"):
         for tmp in out_dir.parent.glob(prefix + "*"):
             pid = tmp.name[len(prefix):]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -247,7 +248,7 @@ def recover_dir(out_dir: str | Path) -> None:
     out = Path(out_dir)
     prefix = f".{out.name}.old-"
     dead = sorted((p for p in out.parent.glob(prefix + "*") if p.name[len(prefix):].isdigit()
-                   and not _pid_alive(int(p.name[len(prefix):]))), key=lambda p: p.stat().st_mtime)
+                   and not pid_alive(int(p.name[len(prefix):]))), key=lambda p: p.stat().st_mtime)
     if dead and not out.exists():
         os.rename(dead.pop(), out)
     for path in dead:
