@@ -128,7 +128,7 @@ class TrainerFields(Config):
     max_steps: int = param(1_000, "optimizer steps to train for (training ends there)", ge=1)
     precision: Literal[32, "32", "bf16-mixed", "16-mixed", "auto"] = param(
         32, "32 (float32), 'bf16-mixed' (autocast to bfloat16, weights float32), '16-mixed' (float16 with a "
-        "loss scaler; prefer bf16, DESIGN.md pitfall 10), or 'auto': bf16-mixed where the hardware runs bfloat16 "
+        "loss scaler; prefer bf16, whose float32 range cannot overflow), or 'auto': bf16-mixed where the hardware runs bfloat16 "
         "fast (a CUDA GPU that supports it, a CPU with AMX), else 32"
     )
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = param("auto", "Lightning accelerator")
@@ -165,7 +165,7 @@ class TrainerFields(Config):
         if self.strategy == "fsdp" and self.gradient_clip_val is not None:
             raise ConfigError(
                 "gradient_clip_val: Lightning cannot clip gradients by norm under strategy 'fsdp' "
-                "(DESIGN.md pitfall 13); set it to null or use ddp"
+                "(its shards hold parts of each tensor); set it to null or use ddp"
             )
 
 

@@ -134,7 +134,7 @@ def build_trainer(
     if manual_optimization and (accumulate != 1 or clip):
         key = "accumulate_grad_batches" if accumulate != 1 else "gradient_clip_val"
         raise ConfigError(
-            f"{key}: manual optimization cannot accumulate or clip gradients in Lightning (DESIGN.md pitfall 13); "
+            f"{key}: Lightning's manual optimization (the GAN's two optimizers) cannot accumulate or clip gradients; "
             f"got accumulate_grad_batches={accumulate}, gradient_clip_val={clip}"
         )
     precision = _precision(cfg)
