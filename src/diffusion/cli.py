@@ -26,7 +26,9 @@ app = typer.Typer(
 )
 
 ParamsOption = Annotated[
-    Path, typer.Option("--params", "-p", help="The parameters file (one section per stage).")
+    Path, typer.Option("--params", "-p", help="The parameters file (one section per stage). Its relative paths, "
+                       "like the MLflow store's, are taken from the working folder: run from the project's root, as "
+                       "DVC does. Profiles are read from profiles/ beside this file.")
 ]
 SetOption = Annotated[
     list[str] | None,
@@ -298,7 +300,7 @@ def train_judge(params: ParamsOption = Path("params.yaml"), set_: SetOption = No
 
     Reads <shards_dir>/{train,val}/*.tar and manifest.json (from `shard`); writes <out_dir>/ (model.pt,
     config.json with the attribute vocabulary) and <metrics_path> (per-attribute and all-correct accuracy on
-    real val images: the ceiling of prompt adherence). Data without attributes gets an empty judge, and
+    real val images: the reference, or "ceiling", for prompt adherence). Data without attributes gets an empty judge, and
     `evaluate` then reports FID/KID only.
     """
     from pipeline import train_judge as stage
