@@ -267,7 +267,9 @@ def end_killed_runs(experiment_id: str, stage: str) -> list[str]:
 
     A run ends itself as FINISHED or FAILED, Ctrl-C included; a process killed outright (SIGKILL, the kernel's
     out-of-memory killer, a lost node) leaves it RUNNING for ever in the MLflow UI. Each execution tags its
-    hostname and process id, so the next execution of the stage on that machine can tell. Returns their ids.
+    hostname and process id, so the next execution of the stage on that machine can tell. (Containers given one
+    hostname and sharing a store see each other's processes as gone: a live run marked so is set FINISHED or
+    FAILED again when it ends.) Returns their ids.
     """
     from mlflow.tracking import MlflowClient
 
