@@ -47,8 +47,9 @@ class TrainError(RuntimeError):
     """An input of the stage is missing; nothing was written."""
 
 
-def validate(cfg: TrainConfig) -> list[str]:
-    """Checks that need the inputs, before any work. Returns the train latent shards."""
+def validate(cfg: TrainConfig) -> tuple[list[str], list[int] | None]:
+    """Checks that need the inputs, before any work. Returns the train latent shards and the latents' shape
+    [C, h, w] from their manifest (None if it does not say)."""
     urls = require_split(cfg.latents_dir, "train", "train.latents_dir", "encode_latents", TrainError, "latent shards")
     check_replaceable(cfg.out_dir, MODEL_ENTRIES, "train.out_dir")
     if not Path(cfg.tokenizer_path).is_file():
@@ -66,10 +67,10 @@ def validate(cfg: TrainConfig) -> list[str]:
         raise ConfigError(f"train.{what}: the {cfg.denoising_type} needs latent sides divisible by {multiple}, and "
                           f"the latents in {cfg.latents_dir} are {shape[1]}x{shape[2]}; use a shard.resolution that "
                           f"is a multiple of {multiple} times the VAE's factor, or another {what.split(' ')[0]}")
-    return urls
+    return urls, shape
 
 
-def resolve_derived(cfg: TrainConfig) -> TrainConfig:
+def resolve_derived(cfg: TrainConfig, latent_shape: list[int] | None) -> TrainConfig:
     """`cfg` with the fields that follow from the stage's inputs set to what builds the network, so that MLflow
     logs, and the run key hashes, what trains: the text encoder's vocabulary, length and padding id from the
     tokenizer; the denoiser's channels from the VAE, its context width from the text encoder, and the DiT's
@@ -92,24 +93,21 @@ def resolve_derived(cfg: TrainConfig) -> TrainConfig:
               "context_dim": (text.width, "train.text_encoder.width")}
     if "out_channels" in denoiser.to_dict():  # the U-Net's; the DiT's follows from in_channels
         forced["out_channels"] = forced["in_channels"]
-    shape = (read_manifest(cfg.latents_dir) or {}).get("latent_shape")  # [C, h, w]
-    if "input_size" in denoiser.to_dict() and shape and shape[1] == shape[2]:
-        forced["input_size"] = (int(shape[1]), f"the side of the latents in {cfg.latents_dir}")
+    if "input_size" in denoiser.to_dict() and latent_shape and latent_shape[1] == latent_shape[2]:
+        forced["input_size"] = (int(latent_shape[1]), f"the side of the latents in {cfg.latents_dir}")
     denoiser = resolve_config(type(denoiser), denoiser, forced, f"train.{cfg.denoising_type}")
     return cfg.replace(text_encoder=text.to_dict(), **{cfg.denoising_type: denoiser.to_dict()})
 
 
-def build_model(cfg: TrainConfig, tokenizer: Any) -> Any:
-    """The LatentDiffusionModel: the trained VAE (frozen) with a fresh text encoder and denoiser, whose
-    vocabulary and length follow the tokenizer, input channels and context width the VAE and text encoder."""
-    from diffusion.data.tokenizer import max_length_of
+def build_model(cfg: TrainConfig) -> Any:
+    """The LatentDiffusionModel: the trained VAE (frozen) with a fresh text encoder and denoiser, sized by `cfg`
+    as :func:`resolve_derived` left it (vocabulary and length from the tokenizer, channels from the VAE)."""
     from diffusion.models import LatentDiffusionModel
     from diffusion.training.latent_stats import load_vae
 
     vae, scale, shift = load_vae(cfg.vae_dir)
-    text = cfg.text_encoder.replace(vocab_size=tokenizer.get_vocab_size(), max_length=max_length_of(tokenizer))
     model = LatentDiffusionModel(
-        vocab_size=tokenizer.get_vocab_size(), denoising_type=cfg.denoising_type, text_encoder=text,
+        vocab_size=cfg.text_encoder.vocab_size, denoising_type=cfg.denoising_type, text_encoder=cfg.text_encoder,
         vae=vae.cfg, denoiser=cfg.denoiser_config(), latent_scale=scale, latent_shift=shift,
     )
     model.vae.load_state_dict(vae.state_dict())
@@ -169,7 +167,7 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str]) -> tuple[Any, Any, Any]:
     from diffusion.training.trainer import build_trainer
 
     tokenizer = load_tokenizer(cfg.tokenizer_path)
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg)
     scheduler = DDPMScheduler.from_config(cfg.scheduler)
     loader = make_latent_loader(
         urls, tokenizer, batch_size=cfg.batch_size, latent_scale=model.latent_scale, latent_shift=model.latent_shift,
@@ -250,8 +248,8 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     from diffusion.training.trainer import check_hardware
 
     check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
-    urls = validate(cfg)
-    cfg = resolve_derived(cfg)
+    urls, latent_shape = validate(cfg)
+    cfg = resolve_derived(cfg, latent_shape)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     with resumable_stage_run(STAGE, cfg.to_dict(), cfg.checkpoint_dir, exclude=EXCLUDE,

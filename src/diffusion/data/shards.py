@@ -182,13 +182,18 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _dead_siblings(out_dir: Path, kind: str) -> list[Path]:
+    """The ``.<name>.<kind>-<pid>`` folders beside `out_dir` of processes that are gone, oldest first."""
+    prefix = f".{out_dir.name}.{kind}-"
+    dead = [p for p in out_dir.parent.glob(prefix + "*") if p.name[len(prefix):].isdigit()
+            and int(p.name[len(prefix):]) != os.getpid() and not pid_alive(int(p.name[len(prefix):]))]
+    return sorted(dead, key=lambda p: p.stat().st_mtime)
+
+
 def _remove_stale_temps(out_dir: Path) -> None:
     """Remove temporary folders left by killed runs (their pid is gone) next to `out_dir`."""
-    for prefix in (f".{out_dir.name}.tmp-", f".{out_dir.name}.old-"):
-        for tmp in out_dir.parent.glob(prefix + "*"):
-            pid = tmp.name[len(prefix):]
-            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-                shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in _dead_siblings(out_dir, "tmp") + _dead_siblings(out_dir, "old"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_replaceable(out_dir: str | Path, own: Iterable[str], key: str) -> None:
@@ -246,9 +251,7 @@ def recover_dir(out_dir: str | Path) -> None:
     """Undo what a killed :func:`replace_dir` left: an output folder set aside and never replaced is put back
     (the newest, if several), and folders set aside by runs no longer alive are deleted."""
     out = Path(out_dir)
-    prefix = f".{out.name}.old-"
-    dead = sorted((p for p in out.parent.glob(prefix + "*") if p.name[len(prefix):].isdigit()
-                   and not pid_alive(int(p.name[len(prefix):]))), key=lambda p: p.stat().st_mtime)
+    dead = _dead_siblings(out, "old")
     if dead and not out.exists():
         os.rename(dead.pop(), out)
     for path in dead:
