@@ -13,8 +13,8 @@ Items, in order (each skipped, and listed as skipped, once the time budget is sh
 2. Guided sampling: 20 DPM-Solver++(2M) steps, classifier-free guidance in one batched forward per step,
    bf16 autocast; ours and diffusers' model through the same sampler, ours inside ``reuse_text_keys_values``
    as ``LatentDiffusionModel.generate`` samples. Images/s of latents (no VAE decode).
-3. VAE encode images/s: our AutoencoderKL (f=8) on 256 px images, float32 as in training (DESIGN.md
-   pitfall 10; cuDNN may use TF32, PyTorch's default for convolutions).
+3. VAE encode images/s: our AutoencoderKL (f=8) on 256 px images, float32 as in training (pitfall 10;
+   cuDNN may use TF32, PyTorch's default for convolutions).
 4. The same training steps under ``torch.compile`` (default mode); the compile warm-up is timed apart.
    ``--compile-mode`` sets another mode (e.g. ``max-autotune-no-cudagraphs``), and ``--regional`` compiles each
    transformer block of a DiT instead of the whole model (with ``--only`` to pick the items).

@@ -130,7 +130,7 @@ def _manifest(
         "members": ["mean.npy", "logvar.npy", "txt", "json"],
         "vae": {
             "dir": cfg.vae_dir,
-            # For reference only: the loader takes scale and shift from the VAE itself (DESIGN.md pitfall 4).
+            # For reference only: the loader takes scale and shift from the VAE itself (pitfall 4).
             "latent_scale": torch.as_tensor(scale).tolist(),
             "latent_shift": torch.as_tensor(shift).tolist(),
         },

@@ -2,7 +2,7 @@
 
 Reads the `shard` section of params.yaml (`diffusion.stage_configs.ShardConfig`) and writes
 
-    <out_dir>/train/shard-*.tar, <out_dir>/val/shard-*.tar   (DESIGN.md, Data format)
+    <out_dir>/train/shard-*.tar, <out_dir>/val/shard-*.tar   (layout: diffusion.data.shards)
     <out_dir>/manifest.json                                  (counts, skipped inputs by reason)
     <tokenizer_path>                                         (BPE trained on the train captions)
 

@@ -148,7 +148,7 @@ def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenize
     return [
         NonFiniteLossCheck(cfg.log_every_n_steps),
         ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps),
-        # EMA once per optimizer step, saved in and restored from the checkpoint (DESIGN.md pitfall 8).
+        # EMA once per optimizer step, saved in and restored from the checkpoint (pitfall 8).
         EMA(decay=cfg.ema_decay),
         LossCurve(cfg.loss_curve_path, cfg.log_every_n_steps),
         SampleGrid(prompts, scheduler, side, cfg.sample_every_n_steps if prompts is not None else 0,

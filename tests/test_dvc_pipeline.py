@@ -1,7 +1,7 @@
 """End to end: `dvc repro` of the whole pipeline in a temporary clone, at a tiny size, then experiments.
 
 Checks that every stage's outputs appear, that MLflow holds one run per stage with its tags, and that a
-second `dvc repro` with nothing changed runs nothing (DESIGN.md, Reproducibility). Then, on the same clone
+second `dvc repro` with nothing changed runs nothing (every stage is deterministic). Then, on the same clone
 (a second `dvc repro` of everything would cost minutes): a DiT experiment (`dvc exp run -S`) beside the U-Net
 baseline in `dvc exp show`, in `dvc plots` and in one MLflow experiment; a `dvc exp run --temp` experiment
 whose MLflow run still lands in the repository's own mlflow.db; the trained model as a DVC artifact.
@@ -90,7 +90,7 @@ def _module_level_imports(path: Path) -> set[Path]:
 
 def test_every_stage_depends_on_the_modules_its_code_imports():
     """dvc.yaml's deps are written by hand; a module a stage imports but does not list would not rerun the
-    stage when it changes (a stale output, DESIGN.md Reproducibility). The module-level import closure of
+    stage when it changes (a stale output). The module-level import closure of
     each stage's module is a lower bound of what it runs (lazy imports come on top), so it must be listed."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert set(stages) == set(STAGES)

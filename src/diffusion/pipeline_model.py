@@ -257,7 +257,7 @@ class TextToImagePipeline:
             model = LatentDiffusionModel.from_pretrained(spec.model_dir, map_location=device)
         except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # torch's messages for a bad archive
             # Not torch's own text: for a file that is not a weights-only checkpoint it suggests weights_only=False,
-            # which would run whatever the file holds (a model folder may come from anyone, DESIGN.md pitfall 14).
+            # which would run whatever the file holds (a model folder may come from anyone, pitfall 14).
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelNotFoundError(f"{spec.model_dir}/model.pt: not a readable weights file ({first[:200]}); "
                                      f"{TRAIN_HINT}") from None

@@ -11,7 +11,7 @@ Timesteps. :func:`make_timesteps` reproduces diffusers' ``DDIMScheduler.set_time
 Every sampler steps from each listed timestep to the *next listed* one, so the network is always evaluated
 at the noise level x is at. diffusers' DDPM and DPM-Solver do the same; diffusers' DDIM instead steps to
 ``t - T // num_steps``, which differs from the next listed timestep for "linspace" and for step counts that
-do not divide T (an off-by-one of the kind DESIGN.md pitfall 7 warns about). Where T // num_steps is the gap
+do not divide T (an off-by-one of the kind pitfall 7 warns about). Where T // num_steps is the gap
 ("leading" and "trailing" with num_steps dividing T) the two agree exactly.
 
 Precision: the update arithmetic runs in x's dtype (tables are read in that dtype). Keep x in float32 (or
@@ -312,7 +312,7 @@ def classifier_free_guidance(
     """Wrap `net(x, t, **kwargs)` into a guided :class:`ModelFn` (Ho & Salimans 2022, eq. 6):
 
     out = uncond + scale * (cond - uncond), on every channel: eq. 6 with scale = 1 + w, the paper's w = 0
-    being no guidance (scale is GLIDE's and LDM's s) (DESIGN.md pitfall 5: DiT's
+    being no guidance (scale is GLIDE's and LDM's s) (pitfall 5: DiT's
     ``forward_with_cfg`` guides only 3 of 4). One batched forward per step:
     ``net(cat[x, x], cat[t, t], **{k: cat[cond[k], uncond[k]]})``. scale == 1 is the conditional model
     alone and runs only the conditional half. `rescale` in [0, 1] is guidance rescale (:func:`rescale_guidance`).

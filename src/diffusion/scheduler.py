@@ -17,7 +17,7 @@ name                           symbol                          meaning
 ``v``                          v = sqrt(a-bar) eps - sqrt(1 - a-bar) x_0   velocity (Salimans & Ho 2022)
 =============================  ==============================  ============================================
 
-Schedules are named after diffusers (DESIGN.md pitfall 6), because names differ between code bases:
+Schedules are named after diffusers (pitfall 6), because names differ between code bases:
 
 - ``"linear"``: beta linear in t from ``beta_start`` to ``beta_end`` (Ho et al. 2020; diffusers "linear").
 - ``"scaled_linear"``: sqrt(beta) linear in t, then squared. This is what the latent-diffusion (LDM) repo
@@ -278,7 +278,7 @@ class DDPMScheduler(nn.Module):
         """SNR(t) = alpha-bar_t / (1 - alpha-bar_t) (Kingma et al. 2021 eq. 2), (B,) float32.
 
         Used by loss weighting; Min-SNR (Hang et al. 2023) divides by snr for epsilon and by snr + 1 for v
-        targets (DESIGN.md pitfall 9). Infinite never (alpha-bar < 1); zero at T-1 with zero terminal SNR.
+        targets (pitfall 9). Infinite never (alpha-bar < 1); zero at T-1 with zero terminal SNR.
         """
         ab = self.alphas_cumprod.to(t.device)[t]
         return ab / (1 - ab)

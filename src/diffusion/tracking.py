@@ -1,4 +1,4 @@
-"""MLflow tracking: where the store is, and one tagged run per stage execution (DESIGN.md, Tracking).
+"""MLflow tracking: where the store is, and one tagged run per stage execution.
 
 - The tracking URI is ``MLFLOW_TRACKING_URI`` if set, else a sqlite file ``mlflow.db`` at the project
   root, so every stage, and every DVC experiment, writes to the same store that ``mlflow ui
@@ -72,7 +72,7 @@ def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db``.
 
     Passed explicitly to Lightning's MLFlowLogger too: its own default (``./mlruns``) is a file store that
-    MLflow 3 refuses (DESIGN.md).
+    MLflow 3 refuses.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -240,7 +240,7 @@ def stage_run(
         stage: the stage name (``shard``, ``train`` ...), used as tag and run name.
         params: the stage's resolved parameters (its config's ``to_dict()``).
         run_id: an existing run to continue (a resumed training run); its params are not logged again,
-            since MLflow refuses to change a logged param (DESIGN.md pitfall 11).
+            since MLflow refuses to change a logged param (pitfall 11).
         experiment: the MLflow experiment; default ``MLFLOW_EXPERIMENT_NAME`` or "diffusion".
     Yields:
         the active ``mlflow.ActiveRun``.

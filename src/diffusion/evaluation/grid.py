@@ -1,4 +1,7 @@
-"""Image grids with numpy and Pillow (torchvision is not a dependency: DESIGN.md, Environment facts)."""
+"""Image grids with numpy and Pillow.
+
+torchvision is not a dependency: its PyPI build does not import beside the pinned CPU torch.
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Why pyfunc from code, not ``mlflow.pytorch.log_model``: the latter saves one ``nn.Module`` (by default
 through torch.export, which needs a batch > 1 input example) while a text-to-image model is a tokenizer, a
-noise schedule and a sampling loop around three networks (DESIGN.md, Environment facts). Here the model is the
+noise schedule and a sampling loop around three networks. Here the model is the
 train stage's folder, logged as an artifact, and ``pyfunc_model.py`` (the code file) rebuilds a
 :class:`~diffusion.pipeline_model.TextToImagePipeline` from it. Nothing is pickled.
 

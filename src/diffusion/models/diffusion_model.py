@@ -3,8 +3,7 @@
 Latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"): the
 denoiser works on the VAE's latents, scaled to about unit variance, and is conditioned on text states by
 cross-attention (sec. 3.3). Sampling uses classifier-free guidance (Ho & Salimans 2022) with the null caption
-``""`` as the unconditional input, the same caption that caption dropout feeds in training (DESIGN.md
-pitfall 2).
+``""`` as the unconditional input, the same caption that caption dropout feeds in training (pitfall 2).
 
 Denoisers come from a registry, not an ``if/elif`` chain (STYLE.md 3). A new one is a config (a frozen
 :class:`~diffusion.config.Config` with ``in_channels`` and ``context_dim`` fields, and ``out_channels`` if it
@@ -129,7 +128,7 @@ class LatentDiffusionModel(nn.Module):
             ``in_channels`` (and ``out_channels``) are set to the VAE's ``latent_dim`` and its ``context_dim``
             to the text encoder's ``width``; a config that says otherwise is refused.
         latent_scale, latent_shift: the diffusion space is ``(z - shift) * scale``, measured on the VAE's
-            latents over the data (DESIGN.md pitfall 4), not SD's 0.18215.
+            latents over the data (pitfall 4), not SD's 0.18215.
     """
 
     def __init__(
@@ -364,7 +363,7 @@ class LatentDiffusionModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> LatentDiffusionModel:
         """Rebuild a model saved by :meth:`save_pretrained`. Weights are loaded with ``weights_only=True``
-        (they may come from anyone; DESIGN.md pitfall 14). A custom denoiser must be registered first."""
+        (they may come from anyone; pitfall 14). A custom denoiser must be registered first."""
         model = cls(**read_config(directory))
         load_weights(model, directory, map_location)
         return model.to(map_location)

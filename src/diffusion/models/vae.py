@@ -230,7 +230,7 @@ def _cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 class AutoencoderKL(nn.Module):
     """Encoder, Gaussian posterior, decoder. Images in [-1, 1]; latents are *not* scaled here (the measured
-    latent scale and shift belong to the diffusion model, DESIGN.md pitfall 4)."""
+    latent scale and shift belong to the diffusion model, pitfall 4)."""
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()

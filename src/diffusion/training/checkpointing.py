@@ -19,7 +19,7 @@ Layout (kept across runs and never cached; not a DVC output, see .gitignore)::
                                    mlflow_run_id.txt   the MLflow run this checkpoint belongs to
                                    run_key.json        what the key was computed from (for people)
 
-Resume protocol (DESIGN.md pitfalls 11 and 12):
+Resume protocol (pitfalls 11 and 12):
 1. ``last.ckpt`` exists in the key's folder -> ``trainer.fit(..., ckpt_path=last.ckpt)``: the global step,
    optimizer, schedulers and callback states continue. ``ModelCheckpoint(dirpath=...)`` is explicit.
 2. The MLflow run id stored beside it is continued (``stage_run(run_id=...)`` and
@@ -284,7 +284,7 @@ def _run_to_continue(run_id: str | None, params: Mapping[str, Any]) -> bool:
 
 def mlflow_logger(run_id: str) -> Any:
     """Lightning's MLFlowLogger logging into the stage's run, with the tracking URI passed explicitly (its
-    own default ``./mlruns`` is a file store MLflow 3 refuses, DESIGN.md Tracking)."""
+    own default ``./mlruns`` is a file store MLflow 3 refuses; :func:`diffusion.tracking.tracking_uri`)."""
     from pytorch_lightning.loggers import MLFlowLogger
 
     from diffusion.tracking import tracking_uri

@@ -12,7 +12,7 @@ One training step (Ho et al. 2020, Algorithm 1, in latent space as in Rombach et
 
 where the target is eps, v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0 (Salimans & Ho 2022) or z_0,
 following the scheduler's `prediction_type`, and w(t) is 1 or the Min-SNR-gamma weight (Hang et al.
-2023, eq. 10), whose form depends on the prediction type (DESIGN.md pitfall 9):
+2023, eq. 10), whose form depends on the prediction type (pitfall 9):
 
     epsilon: min(SNR, gamma) / SNR      v_prediction: min(SNR, gamma) / (SNR + 1)      sample: min(SNR, gamma)
 
@@ -24,7 +24,7 @@ On the built-in shapes the plain weight left "top left" unlearned after 90k samp
 while v-prediction with the capped SNR + 1 had it right every time by 83k (README, What to expect).
 
 Caption dropout (so classifier-free guidance has an unconditional model to subtract) happens in the
-loader, at load time (DESIGN.md pitfall 2); the system sees already-dropped captions.
+loader, at load time (pitfall 2); the system sees already-dropped captions.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
         self.optim = optim
         self.compile_denoiser = compile_denoiser
         # The VAE is a fixed feature map here (it was trained by the train_vae stage): no gradients, and
-        # kept in float32 under mixed precision (DESIGN.md pitfall 10) by encoding outside autocast.
+        # kept in float32 under mixed precision (pitfall 10) by encoding outside autocast.
         self.model.vae.requires_grad_(False)
         # Lightning's EMA averages every parameter of the module, frozen ones included, and float rounding
         # of decay * x + (1 - decay) * x drifts them by a few ulps; keep the VAE's exact weights to put back.

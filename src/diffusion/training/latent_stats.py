@@ -5,7 +5,7 @@ makes latents of whatever variance the training settled on, so Latent Diffusion 
 component-wise standard deviation (Rombach et al. 2022, sec. 4.3.2): its code sets the scale factor to
 1 / std of the first batch's latents (0.18215 = 1 / 5.49 *for their KL-f8 on their data*). We measure it
 over `scale_batches` batches rather than one, on posterior samples z ~ q(z|x) (what the diffusion model
-is trained on, DESIGN.md pitfall 3), and store it with the weights (pitfall 4, STYLE 10), so that
+is trained on, pitfall 3), and store it with the weights (pitfall 4, STYLE 10), so that
 
     latents = (z - latent_shift) * latent_scale        has mean 0 and variance 1 over the data.
 
@@ -73,7 +73,7 @@ def measure_latent_stats(
 ) -> LatentStats:
     """Mean and standard deviation of posterior samples z ~ q(z|x) over up to `num_batches` batches.
 
-    Runs in float32 without autocast (DESIGN.md pitfall 10) and accumulates in float64, so millions of
+    Runs in float32 without autocast (pitfall 10) and accumulates in float64, so millions of
     values do not lose precision. Uses fewer batches if `batches` ends first; raises if it is empty.
 
     Args:
@@ -179,7 +179,7 @@ def load_vae(vae_dir: str | Path, map_location: str | torch.device = "cpu") -> t
     """
     config = read_vae_config(vae_dir)
     vae = AutoencoderKL(VAEConfig.from_dict(config["vae"], "vae"))
-    # weights_only: never unpickle arbitrary objects from a file a user hands in (DESIGN.md pitfall 14).
+    # weights_only: never unpickle arbitrary objects from a file a user hands in (pitfall 14).
     state = torch.load(Path(vae_dir) / WEIGHTS_FILE, map_location=map_location, weights_only=True)
     vae.load_state_dict(state)
     return vae.to(map_location).float().eval(), float(config["latent_scale"]), float(config["latent_shift"])

@@ -119,14 +119,14 @@ def build_trainer(
 
     Step-based: ``max_steps`` ends training, validation runs every ``val_every_n_steps`` batches across
     epochs (``check_val_every_n_epoch=None``, as streaming loaders need). ``use_distributed_sampler=False``:
-    the WebDataset loader splits data across ranks itself (DESIGN.md pitfall 1).
+    the WebDataset loader splits data across ranks itself (pitfall 1).
 
     Args:
         cfg: a config with the TrainerFields (precision, devices, num_nodes, strategy, accelerator,
             max_steps, log_every_n_steps, val_every_n_steps, accumulate_grad_batches, gradient_clip_val).
         callbacks, logger: passed through (``logger=False`` disables logging).
         manual_optimization: the system steps its optimizers itself; then Lightning refuses accumulation
-            and clipping flags (DESIGN.md pitfall 13), so they must be at their defaults.
+            and clipping flags (pitfall 13), so they must be at their defaults.
         default_root_dir: where Lightning puts anything without an explicit path (the run folder).
         overrides: any other ``pl.Trainer`` argument, e.g. ``limit_val_batches``.
     """

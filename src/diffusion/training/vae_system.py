@@ -15,7 +15,7 @@ drifting far; a larger weight blurs reconstructions.
 The adversarial term (VQGAN, Esser et al. 2021, sec. 3.1) uses a PatchGAN discriminator with the hinge
 loss, switched on after `start_step` (the autoencoder first learns to reconstruct at all), and the
 adaptive weight lambda of VQGAN's eq. 7. Two optimizers stepping alternately need Lightning's manual
-optimization, which forbids gradient accumulation and clipping flags (DESIGN.md pitfall 13).
+optimization, which forbids gradient accumulation and clipping flags (pitfall 13).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class VAESystem(FusedAdamWClipping, pl.LightningModule):
     ) -> dict[str, torch.Tensor]:
         """x, recon: (B, 3, H, W). Returns scalar float32 terms: l1, mse, kl (per pixel value), rec, loss.
 
-        Computed in float32 even under autocast (DESIGN.md pitfall 10)."""
+        Computed in float32 even under autocast (pitfall 10)."""
         x, recon = x.float(), recon.float()
         l1 = (x - recon).abs().mean()
         mse = F.mse_loss(recon, x)
