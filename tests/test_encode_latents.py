@@ -251,9 +251,10 @@ def test_params_yaml_section_parses():
 def test_loader_with_workers_gives_exactly_epoch_steps_full_batches(project, tok):
     urls = list_shards(project["root"] / "data/latents/train")
     loader = make_latent_loader(urls, tok, batch_size=3, latent_scale=SCALE, latent_shift=SHIFT, num_workers=2,
-                                epoch_steps=5, shuffle_buffer=4)
+                                epoch_steps=5, shuffle_buffer=4, prefetch_factor=3)
     batches = list(loader)
     assert len(loader) == len(batches) == 5  # with_epoch on the loader counts batches (pitfall 1)
+    assert loader.pipeline[0].prefetch_factor == 3  # passed through to the DataLoader
     assert all(b["latents"].shape == (3, 3, 8, 8) and b["tokens"].shape[0] == 3 for b in batches)
 
 

@@ -270,6 +270,7 @@ def make_latent_loader(
     caption_dropout: float = 0.1,
     resampled: bool = True,
     pin_memory: bool = False,
+    prefetch_factor: int = 2,
 ) -> StreamLoader:
     """The training loader over latent shards, DDP-correct as :func:`diffusion.data.loader.make_loader`.
 
@@ -288,9 +289,10 @@ def make_latent_loader(
         caption_dropout: probability of replacing a caption with the null caption ``""`` (pitfall 2).
         resampled: draw shards with replacement (training); False: each shard once per pass.
         pin_memory: page-locked batches, for faster copies to a GPU.
+        prefetch_factor: batches each worker loads ahead (with ``num_workers`` > 0).
     """
     return stream_loader(
         LatentStream, urls, tokenizer, batch_size=batch_size, num_workers=num_workers, epoch_steps=epoch_steps,
-        resampled=resampled, caption_dropout=caption_dropout, pin_memory=pin_memory,
+        resampled=resampled, caption_dropout=caption_dropout, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
         latent_scale=latent_scale, latent_shift=latent_shift, shuffle_buffer=shuffle_buffer, seed=seed,
     )

@@ -338,6 +338,8 @@ def make_loader(
             across ranks and workers (needs at least as many shards as ranks).
         caption_dropout: probability of replacing a caption with ``""`` (the null condition).
         image_key_order: image extensions to look for, first found wins.
+        pin_memory: page-locked batches, for faster copies to a GPU.
+        prefetch_factor: batches each worker loads ahead (with ``num_workers`` > 0).
     """
     return stream_loader(
         ShardStream, urls, tokenizer, batch_size=batch_size, num_workers=num_workers, epoch_steps=epoch_steps,
