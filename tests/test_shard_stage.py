@@ -116,6 +116,7 @@ def test_source_with_no_usable_image_stops_and_writes_nothing(tmp_path, cli_env)
         ("shard.shapes.num_train=-5", "shard.shapes.num_train"),
         ("shard.source=imagenet", "shard.source"),
         ("shard.shapes.holdout=[purple hexagon]", "shard.shapes.holdout"),
+        ("shard.path=my_images", "shard.path"),  # set, but source is still shapes
     ],
 )
 def test_bad_parameter_exits_2_naming_the_key_and_touches_nothing(tmp_path, cli_env, override, key):

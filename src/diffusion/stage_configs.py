@@ -67,7 +67,7 @@ class ShardConfig(Config):
     resolution: int = param(64, "side of the square images written (resized, centre-cropped)", ge=8)
     val_fraction: float = param(0.05, "fraction of a user source held out for validation", ge=0.0, lt=1.0)
     samples_per_shard: int = param(2_000, "samples in each .tar shard", ge=1)
-    image_format: Literal["png", "jpg"] = param("png", "encoding of images in the shards (png is lossless)")
+    image_format: Literal["png", "jpg"] = param("png", "encoding of images in the shards: png (lossless) or jpg")
     seed: int = param(0, "seed for generation and the train/val split", ge=0)
     out_dir: str = param("data/shards", "where {train,val}/*.tar and manifest.json are written")
     tokenizer_path: str = param("data/tokenizer.json", "where the trained tokenizer is written")
@@ -78,6 +78,10 @@ class ShardConfig(Config):
     def __post_init__(self) -> None:
         if self.source != "shapes" and not self.path:
             raise ConfigError(f"path: required for source {self.source!r} (a folder or tar files)")
+        if self.source == "shapes" and self.path:
+            # Setting path but forgetting source would otherwise shard the built-in dataset without a word.
+            raise ConfigError(f"path: {self.path!r} is set but source is 'shapes', the built-in dataset, which "
+                              "reads no files: set source to 'folder' (or 'webdataset') to use it, or path to null")
         if "{label}" not in self.caption_template:
             raise ConfigError(f"caption_template: must contain {{label}}, got {self.caption_template!r}")
         try:
