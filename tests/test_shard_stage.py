@@ -199,3 +199,15 @@ def test_help_documents_the_stage_and_its_parameters(cli_env, tmp_path):
         assert text in train, text
     top = run_cli(["--help"], tmp_path, cli_env)
     assert "shard" in top.stdout
+
+
+def test_help_shows_the_values_params_yaml_and_overrides_set(cli_env, tmp_path):
+    """--help showed only the code's defaults (resolution 64) where the run would use params.yaml's (32)."""
+    tiny_params(tmp_path, resolution=24)
+    text = " ".join(run_cli(["shard", "--help", "-S", "shard.seed=3"], tmp_path, cli_env).stdout.split())
+    assert "shard.resolution = 24 (default 64)" in text
+    assert "shard.seed = 3 (default 0)" in text
+    assert "shard.val_fraction (default 0.05)" in text  # params.yaml sets the default value: no "= value"
+    (tmp_path / "params.yaml").unlink()
+    text = " ".join(run_cli(["shard", "--help"], tmp_path, cli_env).stdout.split())
+    assert "shard.resolution (default 64)" in text and "not read" in text

@@ -41,24 +41,53 @@ SetOption = Annotated[
 ]
 
 
+def _argv_params() -> tuple[Path, list[str]]:
+    """The ``--params`` file and ``-S`` overrides on this command line, for the help to read them."""
+    params, overrides, argv = Path("params.yaml"), [], sys.argv[1:]
+    for i, arg in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in ("--params", "-p") and nxt:
+            params = Path(nxt)
+        elif arg.startswith("--params="):
+            params = Path(arg.split("=", 1)[1])
+        elif arg in ("--set", "-S") and nxt:
+            overrides.append(nxt)
+        elif arg.startswith("--set="):
+            overrides.append(arg.split("=", 1)[1])
+    return params, overrides
+
+
 def _params_epilog(cls: type[Config]) -> str:
-    """The section's keys with their help and built-in defaults, appended to the command's --help. (The help is
-    built before --params is read, so it shows the code's defaults; params.yaml may set other values.)"""
-    lines = [f"Parameters (section '{cls.section}' of params.yaml, shown with their built-in defaults, which "
-             f"params.yaml and the profile may change; override with -S {cls.section}.KEY=VALUE):", ""]
-    lines += _help_lines(cls(), cls.section)
+    """The section's keys with their help, built-in defaults and (where they differ) the values this command
+    would run with: the params file, its profile and the command line's ``-S``, appended to --help."""
+    params, overrides = _argv_params()
+    try:
+        current: Config | None = load_section(cls, params, overrides)
+        source = f"{params}" + (f" with -S {' -S '.join(overrides)}" if overrides else "")
+        header = (f"Parameters (section '{cls.section}'): '= value' is what {source} sets (its profile included) "
+                  f"where it differs from the built-in default; override with -S {cls.section}.KEY=VALUE:")
+    except (ConfigError, OSError) as error:  # no params file here, or a bad one: the defaults alone
+        current = None
+        header = (f"Parameters (section '{cls.section}' of params.yaml), with their built-in defaults ({params} "
+                  f"not read: {error}); override with -S {cls.section}.KEY=VALUE:")
+    lines = [header, ""]
+    lines += _help_lines(cls(), current, cls.section)
     # Typer/rich rewraps epilog text; a blank line between entries keeps one per line.
     return "\n\n".join(lines)
 
 
-def _help_lines(cfg: Config, prefix: str) -> list[str]:
-    """One line per key of `cfg`, nested configs (train.scheduler, train.dit, ...) key by key under their own."""
-    lines, defaults = [], cfg.to_dict()
-    for key, text in type(cfg).help().items():
-        value = getattr(cfg, key)
+def _help_lines(default: Config, current: Config | None, prefix: str) -> list[str]:
+    """One line per key, nested configs (train.scheduler, train.dit, ...) key by key under their own: the
+    built-in default, and the value `current` (params.yaml) gives it where that differs."""
+    lines, defaults = [], default.to_dict()
+    values = current.to_dict() if current is not None else defaults
+    for key, text in type(default).help().items():
+        value = getattr(default, key)
         if isinstance(value, Config):
             lines.append(f"  {prefix}.{key}: {text}")
-            lines += _help_lines(value, f"{prefix}.{key}")
+            lines += _help_lines(value, getattr(current, key) if current is not None else None, f"{prefix}.{key}")
+        elif values[key] != defaults[key]:
+            lines.append(f"  {prefix}.{key} = {values[key]!r} (default {defaults[key]!r}): {text}")
         else:
             lines.append(f"  {prefix}.{key} (default {defaults[key]!r}): {text}")
     return lines
@@ -93,13 +122,26 @@ def run_stage(
         _fail(str(e), 1)
 
 
+def _epilog_when_asked(command: str, config: Callable[[], type[Config]]) -> str | None:
+    """`_params_epilog` of `config`, built only when this process shows ``<command> --help``.
+
+    It reads params.yaml (the values shown), and the training configs nest model configs that live beside
+    their networks (``models/vae.py``), so building their defaults imports torch, about 3 s that every other
+    command would pay at start-up.
+    """
+    argv = sys.argv[1:]
+    if command in argv and any(a in ("--help", "-h") for a in argv):
+        return _params_epilog(config())
+    return None
+
+
 def _shard_config() -> type[Config]:
     from diffusion.stage_configs import ShardConfig
 
     return ShardConfig
 
 
-@app.command(epilog=_params_epilog(_shard_config()))
+@app.command(epilog=_epilog_when_asked("shard", _shard_config))
 def shard(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Write the dataset as WebDataset shards, train the tokenizer, and count what was skipped.
 
@@ -120,7 +162,7 @@ def _encode_latents_config() -> type[Config]:
     return EncodeLatentsConfig
 
 
-@app.command("encode-latents", epilog=_params_epilog(_encode_latents_config()))
+@app.command("encode-latents", epilog=_epilog_when_asked("encode-latents", _encode_latents_config))
 def encode_latents(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Encode the image shards with the frozen VAE into latent shards (posterior mean and log-variance).
 
@@ -137,18 +179,6 @@ def _train_vae_config() -> type[Config]:
     from diffusion.stage_configs import TrainVAEConfig
 
     return TrainVAEConfig
-
-
-def _epilog_when_asked(command: str, config: Callable[[], type[Config]]) -> str | None:
-    """`_params_epilog` of `config`, built only when this process shows ``<command> --help``.
-
-    The training configs nest model configs that live beside their networks (``models/vae.py``), so
-    building their defaults imports torch, about 3 s that every other command would pay at start-up.
-    """
-    argv = sys.argv[1:]
-    if command in argv and any(a in ("--help", "-h") for a in argv):
-        return _params_epilog(config())
-    return None
 
 
 @app.command("train-vae", epilog=_epilog_when_asked("train-vae", _train_vae_config))
@@ -294,7 +324,7 @@ def _judge_config() -> type[Config]:
     return JudgeConfig
 
 
-@app.command("train-judge", epilog=_params_epilog(_judge_config()))
+@app.command("train-judge", epilog=_epilog_when_asked("train-judge", _judge_config))
 def train_judge(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Train the attribute judge (a small CNN) on the real train shards; score it on the real val images.
 
@@ -314,7 +344,7 @@ def _evaluate_config() -> type[Config]:
     return EvaluateConfig
 
 
-@app.command("evaluate", epilog=_params_epilog(_evaluate_config()))
+@app.command("evaluate", epilog=_epilog_when_asked("evaluate", _evaluate_config))
 def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Evaluate the trained model: prompt adherence, FID/KID, judge FD, speed, a sampler sweep, a grid.
 
