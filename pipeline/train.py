@@ -140,14 +140,14 @@ def _fingerprints(cfg: TrainConfig, urls: list[str]) -> dict[str, str]:
 def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenizer: Any, side: int) -> list:
     from diffusion.data.tokenizer import encode
     from diffusion.training import checkpointing as ckpt
-    from diffusion.training.exact_resume import ExactResume
+    from diffusion.training.exact_resume import ExactResume, run_identity
     from diffusion.training.callbacks import EMA, LossCurve, SampleGrid
     from diffusion.training.nonfinite import NonFiniteLossCheck
 
     prompts = encode(tokenizer, list(cfg.sample_prompts)) if cfg.sample_prompts else None
     return [
         NonFiniteLossCheck(cfg.log_every_n_steps),
-        ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps),
+        ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps, run_identity(run.point.key, cfg)),
         # EMA once per optimizer step, saved in and restored from the checkpoint (pitfall 8).
         EMA(decay=cfg.ema_decay),
         LossCurve(cfg.loss_curve_path, cfg.log_every_n_steps),

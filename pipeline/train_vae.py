@@ -117,7 +117,7 @@ def _fit(cfg: TrainVAEConfig, run: Any, train_urls: list[str], val_batches: Any)
     from diffusion.data.loader import make_loader
     from diffusion.data.tokenizer import load_tokenizer
     from diffusion.training import checkpointing as ckpt
-    from diffusion.training.exact_resume import ExactResume
+    from diffusion.training.exact_resume import ExactResume, run_identity
     from diffusion.training.nonfinite import NonFiniteLossCheck
     from diffusion.training.trainer import build_trainer
     from diffusion.training.vae_system import ReconstructionGrid, VAESystem
@@ -131,7 +131,7 @@ def _fit(cfg: TrainVAEConfig, run: Any, train_urls: list[str], val_batches: Any)
     system = VAESystem(cfg)
     callbacks = [
         NonFiniteLossCheck(cfg.log_every_n_steps),
-        ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps),
+        ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps, run_identity(run.point.key, cfg)),
         ReconstructionGrid(min(cfg.grid_images, cfg.batch_size)),
         ckpt.checkpoint_callback(run.point.dir, cfg.checkpoint_every_n_steps),
     ]
@@ -176,7 +176,7 @@ def main(cfg: TrainVAEConfig) -> dict[str, Any] | None:
     import pytorch_lightning as pl
 
     from diffusion.tracking import tracking_uri
-    from diffusion.training.checkpointing import resumable_stage_run
+    from diffusion.training.checkpointing import rank_report, resumable_stage_run
     from diffusion.training.trainer import check_hardware
 
     check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
@@ -199,6 +199,7 @@ def main(cfg: TrainVAEConfig) -> dict[str, Any] | None:
         # then a final validation.
         logged = {f"train/{k}": float(v) for k, v in system.last_train.items()}
         logged |= {k: float(v) for k, v in trainer.validate(system, val_batches, verbose=False)[0].items()}
+        print(rank_report(STAGE, trainer, system), flush=True)  # as the train stage: equal on every rank
         if not trainer.is_global_zero:
             return None
         metrics = _export(cfg, run, trainer, system, train_urls, logged)

@@ -300,6 +300,40 @@ def test_two_nodes_train_together_and_only_node_zero_writes(launcher, project, t
     assert found[0].data.params["num_nodes"] == "2"
 
 
+@pytest.mark.timeout(300)
+def test_nodes_that_run_different_parameters_stop_together(project, tmp_path_factory, cli_env):
+    """A node started with another learning rate trained apart without a word (each rank exported its own
+    weights' digest, rank 0 its model); one with another max_steps left both waiting for ever. Both stop
+    before the first step, each saying why."""
+    nodes = [project, tmp_path_factory.mktemp("node1")]
+    for name in ("data", "models"):
+        shutil.copytree(project / name, nodes[1] / name, dirs_exist_ok=True)
+    shutil.copyfile(project / "params.yaml", nodes[1] / "params.yaml")
+    port = free_port()
+    overrides = ["train.num_nodes=2", "train.devices=1", "train.strategy=ddp", "train.max_steps=4",
+                 "train.sample_every_n_steps=0", "train.checkpoint_every_n_steps=100",
+                 "train.out_dir=models/mismatch"]
+    procs, logs = [], [node / "mismatch.log" for node in nodes]
+    try:
+        for rank, (node, log) in enumerate(zip(nodes, logs)):
+            cmd, env = _node_command("env", rank, port, overrides + (["train.lr=0.01"] if rank else []))
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(cmd, cwd=node, env={**cli_env, **env, "OMP_NUM_THREADS": "1"},
+                                              stdout=out, stderr=subprocess.STDOUT))
+        for proc in procs:
+            proc.wait(timeout=240)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    outs = [log.read_text() for log in logs]
+    assert all(proc.returncode not in (0, None) for proc in procs), outs
+    assert "rank 1 runs run" in outs[1] and "same parameters" in outs[1], outs[1]
+    assert "rank 0: another rank runs another run" in outs[0], outs[0]
+    assert not rank_lines(outs[0]) and not (project / "models/mismatch").exists()
+
+
 def test_train_stage_reads_its_latents_through_a_url_as_from_the_folder(project, tmp_path_factory, capsys,
                                                                           one_thread):
     """`train.latents_dir` may be the latents folder behind a URL (diffusion.data.locations). Moved out of the

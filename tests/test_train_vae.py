@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def test_cli_stage_killed_then_resumes_same_run(workdir, cli_env):
     started = time.time() * 1000
     out = run_cli(args, workdir, cli_env).stdout
     assert f"resuming from {ckpt.relative_to(workdir)}" in out
+    assert re.search(r"train_vae: rank 0 of 1 took 10 optimizer steps; weights [0-9a-f]{12}", out), out
     assert (ckpt.parent / "mlflow_run_id.txt").read_text().strip() == run_id
 
     # One MLflow run, continued: tags, params, per-step metrics, the grid.
@@ -276,18 +278,39 @@ def test_check_hardware_against_the_devices_torch_sees(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-        check_hardware(SimpleNamespace(**{"accelerator": "auto", "devices": 1, "strategy": "auto", **fields}), "s")
+        check_hardware(SimpleNamespace(**{"accelerator": "auto", "devices": 1, "strategy": "auto", "num_nodes": 1,
+                                          **fields}), "s")
 
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "SLURM_NTASKS", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
     check(0), check(0, accelerator="cpu", devices=4, strategy="ddp")  # CPU processes: any number
+    check(2, devices=-1, strategy="ddp")  # -1: every GPU
     check(2, accelerator="gpu", devices=2, strategy="fsdp"), check(0, True, accelerator="gpu")  # gpu: MPS too
     for gpus, mps, fields, key in ((0, False, {"accelerator": "cuda"}, "s.accelerator"),
                                    (0, True, {"accelerator": "cuda"}, "s.accelerator"),
                                    (0, False, {"accelerator": "mps"}, "s.accelerator"),
                                    (2, False, {"devices": 3}, "s.devices"),
                                    (0, False, {"strategy": "fsdp"}, "s.strategy"),
-                                   (2, False, {"accelerator": "cpu", "strategy": "fsdp"}, "s.strategy")):
+                                   (2, False, {"accelerator": "cpu", "strategy": "fsdp"}, "s.strategy"),
+                                   # Lightning's TypeError, after the run had opened:
+                                   (0, False, {"devices": -1, "strategy": "ddp"}, "s.devices"),
+                                   # no launcher: it waited 30 minutes for the second machine
+                                   (0, False, {"num_nodes": 2, "strategy": "ddp"}, "s.num_nodes")):
         with pytest.raises(ConfigError, match=key):
             check(gpus, mps, **fields)
+
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")  # joined by hand (README): a launcher
+    check(0, num_nodes=2, strategy="ddp")
+    # torchrun's layout must be the Trainer's (Lightning's ValueError came after the run had opened).
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x"), monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check(0, devices=2, strategy="ddp")
+    with pytest.raises(ConfigError, match=r"s\.devices: 1, but torchrun started 2"):
+        check(0, strategy="ddp")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    check(0, devices=2, num_nodes=2, strategy="ddp")
+    with pytest.raises(ConfigError, match=r"s\.num_nodes=2"):
+        check(0, devices=2, strategy="ddp")
 
 
 def test_discriminator_refuses_plain_ddp():
@@ -503,3 +526,17 @@ def test_discriminator_with_several_devices_needs_find_unused():
     TrainVAEConfig.from_dict({"discriminator": {"enabled": True}, "devices": 1}, "train_vae")
     with pytest.raises(ConfigError, match="train_vae.strategy"):
         TrainVAEConfig.from_dict({"strategy": "ddp_spawn"}, "train_vae")
+
+
+def test_under_slurm_lightning_does_not_requeue_or_save_its_own_checkpoints(monkeypatch):
+    """Lightning's SLURM default saved hpc_ckpt_N.ckpt on SIGUSR1 at an arbitrary step, which a restart
+    preferred when there was no last.ckpt: another trajectory than the run never stopped, in a second MLflow run."""
+    from diffusion.training.trainer import build_trainer
+
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "diffusion-train", "SLURM_JOB_ID": "123",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                        "SLURM_NODELIST": "localhost", "SLURM_NTASKS_PER_NODE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    trainer = build_trainer(TrainVAEConfig(accelerator="cpu", max_steps=2), callbacks=[], logger=False)
+    environment = trainer._accelerator_connector.cluster_environment
+    assert type(environment).__name__ == "SLURMEnvironment" and environment.auto_requeue is False

@@ -24,6 +24,12 @@ def segment_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def run_identity(key: str, cfg: Any) -> str:
+    """What every DDP rank must agree on: the run key and the logging and validation cadence, which the key
+    leaves out (a rerun may change them) but which decide where ranks meet in collectives."""
+    return f"{key} (log every {cfg.log_every_n_steps}, validate every {cfg.val_every_n_steps})"
+
+
 class ExactResume(Callback):
     """Make a run killed and resumed from a checkpoint end with the weights of the run that was never stopped.
 
@@ -42,16 +48,22 @@ class ExactResume(Callback):
     checkpoint ends and reseeds at the same point as the uninterrupted run. The rank is in the seed: each DDP
     rank draws its own timesteps and noise.
 
+    Under DDP it also checks, before the first step, that every rank runs the same run: the same `identity`
+    (the run key: parameters, code and data) from the same checkpoint step. Ranks that differ train apart
+    without a word (another learning rate on one node) or wait for each other for ever (another max_steps).
+
     Args:
         loader: the training loader, with ``set_epoch(int)`` (``diffusion.data.loader.StreamLoader``).
         seed: the stage's seed.
         steps_per_segment: optimizer steps per segment: the stage's ``checkpoint_every_n_steps``.
+        identity: what must be equal on every rank (the stage's run key and its cadence settings).
     """
 
-    def __init__(self, loader: Any, seed: int, steps_per_segment: int) -> None:
+    def __init__(self, loader: Any, seed: int, steps_per_segment: int, identity: str = "") -> None:
         self.loader = loader
         self.seed = seed
         self.steps_per_segment = steps_per_segment
+        self.identity = identity
         self.global_step = 0
         self._seeded_at: int | None = None  # the step whose segment seed is in effect (not saved: see below)
         self._seconds_before = 0.0  # training time of the executions before this one (from the checkpoint)
@@ -83,17 +95,33 @@ class ExactResume(Callback):
         self.global_step = trainer.global_step
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Every rank looks for last.ckpt on its own disk, and only global rank 0 writes one: without a checkpoint
-        # folder shared by all nodes, after a restart rank 0 resumes at step N and the others start at 0, with
-        # other optimizer, schedule and EMA states, until their collectives stop matching (an error, or a hang).
         if trainer.world_size > 1:
-            resuming = trainer.ckpt_path is not None
-            if trainer.strategy.reduce_boolean_decision(resuming, all=True) != \
-                    trainer.strategy.reduce_boolean_decision(resuming, all=False):
-                raise RuntimeError(
-                    f"rank {trainer.global_rank} {'found' if resuming else 'did not find'} the run's last.ckpt, and "
-                    "another rank did the opposite: checkpoint_dir must be one folder shared by every node"
-                )
+            self._check_ranks_agree(trainer)
+
+    def _check_ranks_agree(self, trainer: pl.Trainer) -> None:
+        """Every rank runs rank 0's run from rank 0's step, or every rank raises (no rank is left waiting).
+
+        Every rank looks for last.ckpt on its own disk, and only global rank 0 writes one: without a checkpoint
+        folder shared by all nodes, after a restart rank 0 resumes at step N and the others start at 0, with
+        other optimizer, schedule and EMA states, until their collectives stop matching (an error, or a hang).
+        Here callbacks are restored (``self.global_step`` is the checkpoint's), the training loop not yet.
+        """
+        resuming = trainer.ckpt_path is not None
+        mine = (self.identity, resuming, self.global_step if resuming else 0)
+        first = trainer.strategy.broadcast(mine, src=0)
+        if trainer.strategy.reduce_boolean_decision(mine == first, all=True):
+            return
+        if mine == first:
+            raise RuntimeError(f"rank {trainer.global_rank}: another rank runs another run than rank 0 (its own "
+                               "error says how)")
+        if mine[0] != first[0]:
+            problem = (f"runs run {mine[0]!r} and rank 0 run {first[0]!r}: every node must run the same code "
+                       "with the same parameters (params.yaml, profile and -S) and the same data")
+        else:
+            problem = (f"{'found' if resuming else 'did not find'} the run's last.ckpt (step {mine[2]}) and rank 0 "
+                       f"{'did' if first[1] else 'did not'} (step {first[2]}): checkpoint_dir must be one folder "
+                       "shared by every node")
+        raise RuntimeError(f"rank {trainer.global_rank} {problem}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"global_step": self.global_step, "steps_per_segment": self.steps_per_segment,

@@ -8,6 +8,7 @@ MLflow run are :mod:`diffusion.training.checkpointing`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,30 @@ def check_hardware(cfg: Any, section: str) -> None:
     if cfg.strategy == "fsdp" and not on_cuda:
         raise ConfigError(f"{section}.strategy: 'fsdp' runs on CUDA GPUs only (Lightning), and this run would be on "
                           f"the {'MPS device' if accelerator != 'cpu' and mps else 'CPU'}; use 'ddp' or 'auto'")
+    if devices == -1 and not on_cuda and not (mps and accelerator != "cpu"):
+        raise ConfigError(f"{section}.devices: -1 means every GPU, and this run would be on the CPU: set the number "
+                          "of processes (1, or more with strategy 'ddp')")
+    _check_launcher(cfg, section)
+
+
+def _check_launcher(cfg: Any, section: str) -> None:
+    """The process layout must match the launcher's: Lightning checks it when the Trainer is built (after the run
+    has opened), and a run with ``num_nodes`` > 1 and no launcher waits half an hour for nodes that never come."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env and "LOCAL_WORLD_SIZE" in env:  # started by torchrun
+        local, world = int(env["LOCAL_WORLD_SIZE"]), int(env.get("WORLD_SIZE", env["LOCAL_WORLD_SIZE"]))
+        if cfg.devices not in (local, "auto", -1):
+            raise ConfigError(f"{section}.devices: {cfg.devices}, but torchrun started {local} process(es) on this "
+                              f"node (--nproc-per-node): set {section}.devices={local}")
+        if cfg.num_nodes * local != world:
+            raise ConfigError(f"{section}.num_nodes: {cfg.num_nodes}, but torchrun started {world} processes in all, "
+                              f"{local} per node (--nnodes {world // max(local, 1)}): set "
+                              f"{section}.num_nodes={world // max(local, 1)}")
+    launched = any(k in env for k in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "MASTER_ADDR", "WORLD_SIZE"))
+    if cfg.num_nodes > 1 and not launched:
+        raise ConfigError(f"{section}.num_nodes: {cfg.num_nodes} machines, but nothing here starts or joins them: run "
+                          "it under torchrun or srun, or set MASTER_ADDR, MASTER_PORT, NODE_RANK and WORLD_SIZE "
+                          "on every machine (README, Several GPUs and machines)")
 
 
 class LossBar(TQDMProgressBar):
@@ -160,6 +185,14 @@ def build_trainer(
     )
     if not manual_optimization:
         kwargs.update(accumulate_grad_batches=accumulate, gradient_clip_val=clip)
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        # Lightning's default under SLURM saves hpc_ckpt_N.ckpt on SIGUSR1 at whatever step it arrives and
+        # requeues the job itself; that file, preferred on restart when there is no last.ckpt, breaks exact
+        # resume (its step is off the segment grid) and opens a second MLflow run. Our last.ckpt and sbatch's
+        # --requeue already resume a preempted job.
+        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     kwargs.update(overrides)
     trainer = pl.Trainer(**kwargs)
     _tag_precision(trainer, logger)
