@@ -194,6 +194,20 @@ def test_ddp_two_ranks_equal_batches(shards, tok, tmp_path):
     assert results[0]["keys"] != results[1]["keys"]  # each rank draws its own stream
 
 
+def test_single_pass_under_ddp_needs_epoch_steps_on_every_rank(shards, tok, monkeypatch):
+    """One pass over unequal shards (3, 5, 7, 9 samples) gives the ranks unequal batch counts, and DDP hangs
+    when one runs out (Lightning's own DDP set-up came after the old build-time check, so rank 0 missed it)."""
+    loader = make_loader(shards, tok, batch_size=1, resampled=False, shuffle_buffer=0)  # built before DDP starts
+    for rank in ("0", "1"):
+        monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", rank)
+        with pytest.raises(ValueError, match="needs epoch_steps"):
+            next(iter(loader))
+        with pytest.raises(ValueError, match="1 shards for 2 ranks"):
+            next(iter(make_loader(shards[:1], tok, batch_size=1, resampled=False, epoch_steps=2)))
+        equal = make_loader(shards, tok, batch_size=2, resampled=False, shuffle_buffer=0, epoch_steps=5)
+        assert len(list(equal)) == 5
+
+
 def test_map_style_datasets():
     """The seed's map-style API: dummy dataset and ListDataset give (3,S,S) in [-1,1] and (T,) long."""
     from diffusion.data import ListDataset, create_dummy_dataset

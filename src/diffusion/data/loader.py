@@ -13,9 +13,11 @@ Why the training loader is built this way (pitfall 1):
   each worker). Batches are assembled in the dataset with ``partial=False`` and the loader uses
   ``batch_size=None``, so every batch is full.
 - Splitting shards by node is then unnecessary: each rank already sees a different stream because the
-  stream is seeded by (seed, rank, worker, epoch). ``split_by_node`` over a resampled stream would only
-  thin it. It is used (with ``split_by_worker``) in the non-resampled mode, where each shard is read once
-  per pass and must go to one rank and one worker only.
+  stream is seeded by (seed, rank, worker, epoch); splitting a resampled stream by node would only thin it.
+  In the non-resampled mode (one pass, for evaluation-like reads) each shard is read once per pass and goes
+  to one rank and one worker only (``order[rank::world][worker::workers]``, what ``split_by_node`` and
+  ``split_by_worker`` do); under DDP that mode needs ``epoch_steps``, since the ranks' shards hold unequal
+  sample counts.
 - Fewer shards than workers: with resampling every worker samples from all shards, so no worker is empty.
   (webdataset's ``check_empty`` is what raises "No samples found" for a worker without shards; not used.)
 - Reproducible: ``wds.WebDataset(resampled=True)`` seeds its shard sampler with the pid, the clock and
@@ -282,6 +284,17 @@ class StreamLoader(wds.WebLoader):
 
     def iterator1(self):
         self.stream.rank, self.stream.world_size = dist_info()
+        if not self.stream.resampled and self.stream.world_size > 1:
+            # Checked here, not when the loader is built: Lightning's DDP sets up the process group after that,
+            # so there rank 0 saw one process and only the others raised (rank 0 was then killed without a word).
+            if len(self.stream.urls) < self.stream.world_size:
+                raise ValueError(f"{len(self.stream.urls)} shards for {self.stream.world_size} ranks: use "
+                                 "resampled=True or more shards")
+            if self.nsamples <= 0:
+                # Each rank reads its own shards, which hold different sample counts: the rank that runs out first
+                # leaves the others waiting in their next all-reduce (pitfall 1).
+                raise ValueError("resampled=False under DDP needs epoch_steps: the ranks' shards give unequal "
+                                 "numbers of batches, and DDP hangs when one rank runs out first")
         self.stream.epoch = self._next_epoch
         self._next_epoch += 1
         return super().iterator1()
@@ -362,10 +375,6 @@ def stream_loader(
     if epoch_steps is not None and epoch_steps < 1:
         raise ValueError(f"epoch_steps: expected >= 1 or None, got {epoch_steps}")
     urls = expand_urls(urls)
-    _, world_size = dist_info()
-    if not resampled and len(urls) < world_size:
-        # A rank without shards yields no batch and the others would wait for it in all_reduce.
-        raise ValueError(f"{len(urls)} shards for {world_size} ranks: use resampled=True or more shards")
     stream = stream_cls(urls, tokenizer, batch_size=batch_size, resampled=resampled, caption_dropout=caption_dropout,
                         **stream_kwargs)
     # The DataLoader's own generator for each iterator's base seed (worker seeds): by default it draws that from
