@@ -195,3 +195,21 @@ def test_a_killed_swap_is_undone_by_the_next_run(tmp_path):
     _folder(tmp_path / f".shards.old-{os.getpid()}", "live")
     check_replaceable(tmp_path / "shards", ("a.txt",), "shard.out_dir")
     assert (tmp_path / f".shards.old-{os.getpid()}").exists()
+
+
+def test_two_ranks_undoing_one_killed_swap_do_not_collide(tmp_path, monkeypatch):
+    """Every DDP rank checks the outputs as it starts; the one that lost the race to put the set-aside folder
+    back raised FileNotFoundError (and the other ranks then waited out the process group's timeout)."""
+    from diffusion.data import shards
+
+    set_aside = tmp_path / f".shards.old-{_dead_pid()}"
+    _folder(set_aside, "old")
+    rename = os.rename
+
+    def another_rank_first(src, dst):  # the other rank renames it between our listing and our rename
+        rename(src, dst)
+        raise FileNotFoundError(src)
+
+    monkeypatch.setattr(shards.os, "rename", another_rank_first)
+    shards.check_replaceable(tmp_path / "shards", ("a.txt",), "shard.out_dir")
+    assert (tmp_path / "shards/a.txt").read_text() == "old" and not set_aside.exists()

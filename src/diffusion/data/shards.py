@@ -253,7 +253,12 @@ def recover_dir(out_dir: str | Path) -> None:
     out = Path(out_dir)
     dead = _dead_siblings(out, "old")
     if dead and not out.exists():
-        os.rename(dead.pop(), out)
+        try:
+            os.rename(dead.pop(), out)
+        except FileNotFoundError:
+            # Every DDP rank checks its outputs as it starts: another process of this run put it back first.
+            if not out.exists():
+                raise
     for path in dead:
         shutil.rmtree(path, ignore_errors=True)
 
