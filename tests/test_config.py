@@ -153,3 +153,13 @@ def test_fixed_length_tuples_load_from_lists():
         Pair.from_dict({"betas": [0.5, "x"]})
     with pytest.raises(ConfigError, match="expected 2 items"):
         Pair.from_dict({"betas": [0.5]})
+
+
+def test_inclusive_bounds_accept_their_end_points():
+    """`ge`/`le` bounds are inclusive: a strict comparison would refuse caption_dropout 1.0 (always the null
+    caption) or a constant learning rate (min_lr_ratio 1.0)."""
+    from diffusion.stage_configs import ShardConfig, TrainConfig
+
+    cfg = TrainConfig.from_dict({"caption_dropout": 1.0, "min_lr_ratio": 1.0, "warmup_steps": 0}, "train")
+    assert (cfg.caption_dropout, cfg.min_lr_ratio, cfg.warmup_steps) == (1.0, 1.0, 0)
+    assert ShardConfig.from_dict({"shapes": {"holdout_val_fraction": 1.0}}, "shard").shapes.holdout_val_fraction == 1.0

@@ -262,3 +262,30 @@ def test_generate_drops_padding_columns_and_draws_the_same_images(guidance_scale
     neg[:, :8] = torch.tensor([2, 20, 21, 22, 23, 24, 25, 3])
     generate(model, toks, uncond_tokens=neg, guidance_scale=7.5)
     assert set(seen) == {8}
+
+
+def test_generate_maps_the_decoders_range_to_the_unit_interval(monkeypatch):
+    """The decoder gives [-1, 1] and generate (x + 1) / 2: a clamp to [0, 1] passed every range check."""
+    model = make()
+
+    def decode(z):  # -1, 0 and 1 in the three channels
+        out = torch.zeros(z.shape[0], 3, z.shape[2] * 4, z.shape[3] * 4)
+        out[:, 0], out[:, 2] = -1.0, 1.0
+        return out
+
+    monkeypatch.setattr(model, "decode_latents", decode)
+    images = generate(model)
+    assert images[:, 0].eq(0).all() and images[:, 1].eq(0.5).all() and images[:, 2].eq(1).all()
+
+
+@pytest.mark.parametrize("denoising_type", ["unet", "dit"])
+def test_guidance_scale_zero_is_the_unconditional_model(denoising_type):
+    """s = 0 in eps_u + s (eps_c - eps_u) leaves the null caption's prediction: the images of a run that is
+    given the null caption as its prompt, unguided. Swapping the two predictions would give the prompt's."""
+    model = make(denoising_type)
+    toks = tokens()
+    unconditional = generate(model, toks, guidance_scale=0.0)
+    null_prompt = generate(model, model.null_tokens(*toks.shape), guidance_scale=1.0)
+    prompted = generate(model, toks, guidance_scale=1.0)
+    torch.testing.assert_close(unconditional, null_prompt, atol=1e-5, rtol=0)
+    assert (unconditional - prompted).abs().max() > 1e-3  # the text matters here, so the test can fail

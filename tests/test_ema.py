@@ -103,3 +103,31 @@ def test_ema_average_lives_on_the_training_device():
     callback.setup(SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta"))), module, "fit")
     assert all(p.device.type == "meta" for p in callback._average_model.parameters())
     assert module.layer.weight.device.type == "cpu"  # the live module is left where it is
+
+
+def test_sample_grids_read_the_average_during_training(tmp_path):
+    """`ema_model` (what the train stage's sample grids draw with) is the average mid-run, not the live weights:
+    returning the live model drew every grid without the EMA, and the callback tests above stub it out."""
+    from diffusion.training.callbacks import ema_model
+
+    class WithModel(Tiny):  # ema_model reads the system's `.model`, as DiffusionSystem has it
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = self.net
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step == 3:
+                self.seen = [p.detach().clone() for p in ema_model(trainer, pl_module).parameters()]
+
+    record, probe = Record(), Probe()
+    trainer = pl.Trainer(max_steps=4, callbacks=[record, EMA(decay=DECAY), probe], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         accelerator="cpu", devices=1, default_root_dir=tmp_path)
+    trainer.fit(WithModel(), loader())
+    expected = record.weights[0]
+    for weights in record.weights[1:3]:
+        expected = [DECAY * e + (1 - DECAY) * w for e, w in zip(expected, weights)]
+    for got, want, live in zip(probe.seen, expected, record.weights[2]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(got, live, atol=1e-4)

@@ -590,3 +590,26 @@ def test_sweep_rows_compare_k_generated_with_k_real_images(monkeypatch):
     rows = evaluate.run_sweep(cfg, (None, SimpleNamespace(num_timesteps=1000)), val, val.captions, 8,
                               judge=object(), real_feats=torch.randn(5, 4), main=(images, 1.0))
     assert seen == [(3, 3, 3)] and rows[0]["samples"] == 3
+
+
+def test_inception_sees_x_over_128_minus_1(monkeypatch):
+    """TF FID's input convention (fid.py's docstring): x / 128 - 1 for uint8 x. FID between real images and
+    noise cannot tell it from x / 127.5 - 1, which shifts every feature and the cached statistics with them."""
+    from diffusion.evaluation import fid
+
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))  # forward() reads the device from the parameters
+
+        def forward(self, x):
+            seen["x"] = x
+            return torch.zeros(len(x), fid.NUM_FEATURES, 1, 1)
+
+    monkeypatch.setattr(fid, "_load_inception", lambda device: Recorder())
+    size = fid.INCEPTION_SIZE
+    image = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, size, size)
+    fid.InceptionFeatures()(image.contiguous())
+    assert seen["x"][0, :, 0, 0].tolist() == [-1.0, 0.0, 255 / 128 - 1]

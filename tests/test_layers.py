@@ -193,3 +193,26 @@ def test_nothing_is_cached_while_autograd_records():
             model(x, t, ctx, mask).square().mean().backward()
     assert len(calls) == 2 * n_cross
     assert all(m.to_kv.weight.grad.abs().sum() > 0 for m in model.modules() if isinstance(m, Attention) and m.is_cross)
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_prediction_depends_on_the_timestep(kind):
+    """A denoiser blind to t (a zeroed time embedding) passed every shape and parity test of the layers."""
+    model = denoiser(kind)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ctx, mask = text(2)
+    with torch.no_grad():
+        early, late = model(x, torch.tensor([10, 10]), ctx, mask), model(x, torch.tensor([900, 900]), ctx, mask)
+    assert not torch.allclose(early, late, atol=1e-4)
+
+
+def test_timestep_embedding_is_diffusers():
+    """The sinusoidal embedding (DDPM's, after Vaswani et al. 2017), as diffusers computes it for SD and DiT."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from diffusion.models.layers import timestep_embedding
+
+    t = torch.tensor([0, 1, 37, 500, 999])
+    for dim in (16, 256):
+        torch.testing.assert_close(timestep_embedding(t, dim),
+                                   get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0))

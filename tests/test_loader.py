@@ -296,3 +296,16 @@ def test_a_stage_refuses_a_split_its_manifest_or_tar_itself_says_is_incomplete(t
     assert len(list(iter_shards([str(paths[2])]))) < 4
     with pytest.raises(RuntimeError, match=rf"{paths[2]}: damaged shard \(cut short"):
         require_split(str(root), "train", "train.shards_dir", "shard", RuntimeError)
+
+
+def test_single_pass_gives_each_shard_to_one_rank(tmp_path, monkeypatch, tok):
+    """resampled=False reads each shard once per pass, on one rank: dropping the split read every shard on
+    every rank (twice the data, the same batches on both) and no test noticed."""
+    shards = [str(p) for p in write_shards(make_samples(24), tmp_path / "s", samples_per_shard=3)]  # 8 shards
+    keys = []
+    for rank in (0, 1):  # dist_info reads RANK and WORLD_SIZE when torch.distributed is not initialised
+        monkeypatch.setenv("RANK", str(rank)), monkeypatch.setenv("WORLD_SIZE", "2")
+        keys.append(keys_of(make_loader(shards, tok, batch_size=1, resampled=False, shuffle_buffer=0,
+                                        epoch_steps=12)))  # 4 shards of 3 per rank: one pass
+    assert not set(keys[0]) & set(keys[1]), "a shard was read by both ranks"
+    assert sorted(keys[0] + keys[1]) == sorted(s.key for s in make_samples(24))

@@ -709,3 +709,71 @@ def test_callbacks_count_optimizer_steps_under_gradient_accumulation(callback):
         # Micro-batch 4 is the first of optimizer step 3's pair.
         with pytest.raises(NonFiniteLossError, match=r"at step 3 "):
             pl.Trainer(callbacks=[NonFiniteLossCheck(1)], **trainer_args).fit(Tiny(nan_at=4), data)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+def test_the_loss_regresses_the_schedulers_target(pred, monkeypatch):
+    """A prediction equal to get_target(x0, noise, t) has loss 0, one off by 1 everywhere has loss 1: the target
+    built from swapped arguments trained every stage test's model without a failure."""
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+
+    model, _ = _tiny_seed_model("dit")
+    scheduler = DDPMScheduler(prediction_type=pred)
+    system = DiffusionSystem(model, scheduler, OptimSettings())
+    latents, tokens = torch.randn(4, 4, 8, 8), torch.randint(4, 20, (4, 6))
+    torch.manual_seed(0)  # diffusion_loss draws t, then the noise, from the global generator
+    t = torch.randint(0, scheduler.num_timesteps, (4,))
+    want = scheduler.get_target(latents, torch.randn_like(latents), t)
+    for offset, loss in ((0.0, 0.0), (1.0, 1.0)):
+        monkeypatch.setattr(model, "forward", lambda noisy, t_, toks, offset=offset: want + offset)
+        torch.manual_seed(0)
+        assert system.diffusion_loss(latents, tokens).item() == pytest.approx(loss, abs=1e-6)
+
+
+def test_weight_decay_only_on_weight_matrices():
+    """AdamW's decay on matrices and embeddings, not on biases and norm scales (as in DiT and diffusers)."""
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+
+    model, _ = _tiny_seed_model("dit")
+    optimizer = DiffusionSystem(model, DDPMScheduler(), OptimSettings(weight_decay=0.05)).configure_optimizers()
+    groups = optimizer["optimizer"].param_groups
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
+    for group in groups:
+        assert all((p.ndim >= 2) == (group["weight_decay"] == 0.05) for p in group["params"])
+
+
+def test_each_rank_reseeds_its_own_segment():
+    """ExactResume reseeds every rank at each segment from (seed, rank, step); without the rank, both ranks of
+    a DDP run draw the same timesteps and noise for their different batches (it overrides setup's offset)."""
+    from types import SimpleNamespace
+
+    from diffusion.training.exact_resume import ExactResume
+
+    draws = {}
+    for rank in (0, 1, 1):
+        callback = ExactResume(loader=None, seed=0, steps_per_segment=4)
+        callback.on_train_batch_start(SimpleNamespace(global_step=8, global_rank=rank), None, None, 0)
+        draws.setdefault(rank, []).append(torch.randn(8))
+    assert torch.equal(draws[1][0], draws[1][1]), "reproducible per rank"
+    assert not torch.equal(draws[0][0], draws[1][0]), "ranks must not share timesteps and noise"
+
+
+def test_the_frozen_vae_put_back_is_the_one_training_started_with():
+    """Under DDP rank 0's weights are broadcast after the system is built; the VAE put back at the end was each
+    rank's own construction-time copy (random where no VAE file was loaded: the ranks ended with different VAEs)."""
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+
+    model, _ = _tiny_seed_model("dit")
+    system = DiffusionSystem(model, DDPMScheduler(), OptimSettings())
+    with torch.no_grad():  # what DDP's broadcast does to every rank but 0
+        for p in model.vae.parameters():
+            p.fill_(0.25)
+    system.on_fit_start()
+    with torch.no_grad():  # the EMA's rounding drift that restore_frozen_vae undoes
+        for p in model.vae.parameters():
+            p.add_(1e-3)
+    system.restore_frozen_vae(model)
+    assert all(p.eq(0.25).all() for p in model.vae.parameters())

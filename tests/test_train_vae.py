@@ -540,3 +540,18 @@ def test_under_slurm_lightning_does_not_requeue_or_save_its_own_checkpoints(monk
     trainer = build_trainer(TrainVAEConfig(accelerator="cpu", max_steps=2), callbacks=[], logger=False)
     environment = trainer._accelerator_connector.cluster_environment
     assert type(environment).__name__ == "SLURMEnvironment" and environment.auto_requeue is False
+
+
+def test_vae_loss_adds_the_weighted_kl():
+    """loss = rec + kl_weight * KL (LDM's KL-regularised autoencoder): dropping the KL term passed every test."""
+    from diffusion.models.vae import DiagonalGaussian
+    from diffusion.training.vae_system import VAESystem
+
+    cfg = TrainVAEConfig.from_dict({"model": {"base_channels": 8, "norm_groups": 4, "channel_mult": [1, 2],
+                                              "num_res_blocks": 1, "mid_attention": False}, "kl_weight": 0.5},
+                                   "train_vae")
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    posterior = DiagonalGaussian(torch.ones(2, 4, 4, 4), torch.zeros(2, 4, 4, 4))  # KL = 0.5 * mean^2 per value
+    out = VAESystem(cfg).reconstruction_losses(x, x * 0.5, posterior)
+    assert out["kl"].item() == pytest.approx(0.5 * 64 / (3 * 8 * 8))  # summed over the latent, per pixel value
+    assert out["loss"].item() == pytest.approx(out["rec"].item() + 0.5 * out["kl"].item())

@@ -155,3 +155,15 @@ def test_logvar_init_starts_the_posterior_narrow():
     assert abs(wide.logvar.mean().item()) < 2.0
     without_quant = AutoencoderKL(VAEConfig(**small, quant_conv=False, logvar_init=-8.0)).encode(x)
     assert without_quant.logvar.mean().item() < -6.0
+
+
+def test_posterior_sample_has_the_posteriors_mean_and_std():
+    """z = mean + std * eps: a sample drawn with the variance for the std (or the log-variance) passed the
+    reproducibility test, and the latent statistics test draws its expected value the same way."""
+    import math
+
+    from diffusion.models.vae import DiagonalGaussian
+
+    mean = torch.full((2, 4, 64, 64), 0.5)
+    z = DiagonalGaussian(mean, torch.full_like(mean, math.log(0.25))).sample(torch.Generator().manual_seed(0))
+    assert abs(z.mean().item() - 0.5) < 0.01 and abs(z.std().item() - 0.5) < 0.01  # std 0.5, not var 0.25

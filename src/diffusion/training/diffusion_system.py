@@ -107,6 +107,11 @@ class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
         # of decay * x + (1 - decay) * x drifts them by a few ulps; keep the VAE's exact weights to put back.
         self._vae_state = {k: v.detach().clone() for k, v in self.model.vae.state_dict().items()}
 
+    def on_fit_start(self) -> None:
+        # Again, now that DDP has broadcast rank 0's weights: the copy taken at construction is this process's
+        # own, which under DDP differs between ranks wherever the VAE was not loaded from a file.
+        self._vae_state = {k: v.detach().clone() for k, v in self.model.vae.state_dict().items()}
+
     def restore_frozen_vae(self, model: torch.nn.Module) -> torch.nn.Module:
         """Put the VAE's original weights into `model` (the live or the EMA copy); returns it."""
         model.vae.load_state_dict(self._vae_state)
