@@ -32,7 +32,7 @@ from diffusion.models.vae import AutoencoderKL, VAEConfig
 from diffusion.stage_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import LatentStats, load_vae, save_vae
 
-SCALE, SHIFT = 2.0, 0.5
+SCALE, SHIFT = 2.0, 0.3  # SHIFT not 1 / SCALE: a shift confused with the std must show
 COLOURS = ("red", "green", "blue", "yellow")
 TINY_VAE = VAEConfig(latent_dim=3, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4,
                      mid_attention=False)

@@ -22,7 +22,7 @@ from diffusion.samplers import (
 )
 from diffusion.scheduler import DDPMScheduler
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402  (a dev dependency: a missing one fails loudly, not 139 skips)
 from test_scheduler import CustomScheduler, use_our_tables  # noqa: E402
 
 T = 1000

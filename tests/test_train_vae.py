@@ -389,6 +389,7 @@ def test_latent_stats_give_unit_variance_and_round_trip(tmp_path):
     assert stats.std == pytest.approx(z.std().item(), rel=1e-6)
     assert stats.scale == pytest.approx(1 / stats.std)
     assert ((z - stats.shift) * stats.scale).std().item() == pytest.approx(1.0, rel=1e-6)
+    assert ((z - stats.shift) * stats.scale).mean().item() == pytest.approx(0.0, abs=1e-6)  # shift is the mean
     save_vae(vae, stats, tmp_path / "vae")
     loaded, scale, shift = load_vae(tmp_path / "vae")
     assert (scale, shift) == (stats.scale, stats.shift)

@@ -105,16 +105,18 @@ def test_gradient_checkpointing_matches(monkeypatch):
     ckpt = UNet(tiny_cfg(gradient_checkpointing=True))
     ckpt.load_state_dict(plain.state_dict())
     x, t, ctx, mask = inputs()
-    outs = []
+    outs, used = [], []
     for model in (plain, ckpt):
         model.train()
+        calls.clear()
         out = model(x, t, ctx, mask)
         out.pow(2).mean().backward()
         outs.append(out.detach())
+        used.append(bool(calls))
     torch.testing.assert_close(outs[0], outs[1])
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
-    assert calls  # the checkpointed path really ran
+    assert used == [False, True]  # the checkpointed path ran, and only where asked for
 
 
 def test_channels_last_matches_contiguous():
