@@ -7,8 +7,10 @@ diffusers' DPM-Solver casts sigmas and the sample to float32 internally, so it i
 
 from fractions import Fraction
 
+import diffusers  # a dev dependency: missing, these tests fail loudly (importorskip skipped all of them)
 import pytest
 import torch
+from test_scheduler import CustomScheduler, use_our_tables
 
 from diffusion.samplers import (
     SAMPLERS,
@@ -21,9 +23,6 @@ from diffusion.samplers import (
     sample_dpmpp_2m,
 )
 from diffusion.scheduler import DDPMScheduler
-
-import diffusers  # noqa: E402  (a dev dependency: a missing one fails loudly, not 139 skips)
-from test_scheduler import CustomScheduler, use_our_tables  # noqa: E402
 
 T = 1000
 SHAPE = (2, 4, 4, 4)
@@ -348,7 +347,9 @@ def test_cfg_scale_one_is_the_conditional_model_alone():
 
 
 def test_cfg_rescale_matches_diffusers():
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        rescale_noise_cfg,
+    )
 
     net, x, t = CountingNet(), noise(), torch.tensor([10, 20])
     c, u = torch.tensor([2.0, 3.0], dtype=torch.float64), torch.tensor([0.5, 0.1], dtype=torch.float64)

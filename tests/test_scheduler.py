@@ -7,13 +7,17 @@ running on our float64 tables (`use_our_tables`), which isolates the math from f
 
 import math
 
+import diffusers  # a dev dependency: missing, these tests fail loudly (importorskip skipped all of them)
 import pytest
 import torch
 
 from diffusion.config import ConfigError
-from diffusion.scheduler import TABLES, DDPMScheduler, SchedulerConfig, rescale_zero_terminal_snr
-
-import diffusers  # noqa: E402  (a dev dependency: a missing one fails loudly, not 139 skips)
+from diffusion.scheduler import (
+    TABLES,
+    DDPMScheduler,
+    SchedulerConfig,
+    rescale_zero_terminal_snr,
+)
 
 T = 1000
 SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
@@ -68,7 +72,9 @@ def test_tables_match_diffusers(schedule, zero_snr):
 
 
 def test_zero_terminal_snr_algorithm_matches_diffusers_in_float64():
-    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as ref_rescale
+    from diffusers.schedulers.scheduling_ddpm import (
+        rescale_zero_terminal_snr as ref_rescale,
+    )
 
     for schedule in SCHEDULES:
         betas = DDPMScheduler(beta_schedule=schedule).tables()["betas"]
@@ -92,7 +98,7 @@ def test_schedule_names_follow_diffusers():
     assert sl[0] == pytest.approx(0.00085) and sl[-1] == pytest.approx(0.012)
     assert sl[T // 2] < (0.00085 + 0.012) / 2  # convex, not linear
     ab = DDPMScheduler(beta_schedule="cosine").tables()["alphas_cumprod"]
-    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
     assert ab[499].item() == pytest.approx(f(500 / T) / f(0), rel=1e-9)
 
 
