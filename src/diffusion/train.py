@@ -1,11 +1,14 @@
 """The seed's training entry point: train a `LatentDiffusionModel` on a map-style dataset in a few lines.
 
+    import torch
+
     from diffusion.data import create_dummy_dataset
     from diffusion.models import LatentDiffusionModel
     from diffusion.scheduler import DDPMScheduler
     from diffusion.train import train_diffusion_model
 
     data = create_dummy_dataset(num_samples=100)
+    torch.manual_seed(0)  # the initial weights (train_diffusion_model seeds the training itself)
     model = LatentDiffusionModel(vocab_size=data.tokenizer.get_vocab_size(), denoising_type="unet")
     trainer = train_diffusion_model(model=model, scheduler=DDPMScheduler(num_timesteps=1000), train_dataset=data)
 
