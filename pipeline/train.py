@@ -254,8 +254,10 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     with resumable_stage_run(STAGE, cfg.to_dict(), cfg.checkpoint_dir, exclude=EXCLUDE,
                              extra=_fingerprints(cfg, urls)) as run:
-        print(f"train: {cfg.denoising_type}, {cfg.max_steps} steps, batch {cfg.batch_size}, "
-              f"checkpoints in {run.point.dir}")
+        if run.run_id is not None:  # once, not once per DDP rank
+            print(f"train: {cfg.denoising_type}, {cfg.max_steps} steps, batch {cfg.batch_size} per process"
+                  f"{f' x {cfg.accumulate_grad_batches} accumulated' if cfg.accumulate_grad_batches > 1 else ''}, "
+                  f"checkpoints in {run.point.dir}")
         trainer, system, grid = _fit(cfg, run, urls)
         # Every rank says how far it got and a digest of its weights: under DDP both must be equal on
         # every rank, on one machine or several (checkpointing.rank_report).

@@ -193,7 +193,8 @@ def main(cfg: TrainVAEConfig) -> dict[str, Any] | None:
                                               batch_size=None, generator=torch.Generator().manual_seed(cfg.seed))
     extra = _fingerprints(train_urls, val_urls)
     with resumable_stage_run(STAGE, cfg.to_dict(), cfg.checkpoint_dir, exclude=EXCLUDE, extra=extra) as run:
-        print(f"train_vae: {cfg.max_steps} steps, batch {cfg.batch_size}, checkpoints in {run.point.dir}")
+        if run.run_id is not None:  # once, not once per DDP rank
+            print(f"train_vae: {cfg.max_steps} steps, batch {cfg.batch_size} per process, checkpoints in {run.point.dir}")
         trainer, system = _fit(cfg, run, train_urls, val_batches)
         # The last step's training losses (restored from the checkpoint if the run had already finished),
         # then a final validation.
