@@ -221,3 +221,49 @@ def test_bad_config_names_key(changes, key):
     data = {**tiny_cfg().to_dict(), **changes}
     with pytest.raises(ConfigError, match=rf"model\.dit\.{key}"):
         DiTConfig.from_dict(data, "model.dit")
+
+
+@pytest.mark.parametrize("gh, gw", [(3, 3), (2, 3)])
+def test_unpatchify_puts_each_token_back_at_its_grid_cell(gh, gw):
+    """Tokens in patchify's order (row-major grid, then DiT's (p, q, C) inside a patch) come back as the image."""
+
+    from diffusion.models.dit import DiT
+
+    model = DiT(tiny_cfg(patch_size=2))
+    p, c = 2, model.cfg.out_channels
+    x = torch.randn(2, c, gh * p, gw * p)
+    tokens = x.reshape(2, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(2, gh * gw, p * p * c)
+    assert torch.equal(model.unpatchify(tokens, gh, gw), x)
+
+
+def test_tokens_get_the_positions_of_their_grid_cells():
+    """On a non-square latent the first block sees patchify(x) + the (gh, gw) sin-cos grid, not (gw, gh)'s."""
+
+    from diffusion.models.dit import DiT
+    from diffusion.models.layers import sincos_pos_embed_2d
+
+    model = perturb_zeros(DiT(tiny_cfg())).eval()
+    x, t, ctx, mask = inputs(h=8, w=12)  # patch 2: a 4 x 6 grid
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(h=args[0]))
+    with torch.no_grad():
+        model(x, t, ctx, mask)
+        expected = model.patchify(x, 4, 6) + sincos_pos_embed_2d(32, 4, 6)[None]
+    torch.testing.assert_close(seen["h"], expected)
+
+
+@pytest.mark.parametrize("adaln_single", [False, True])
+def test_every_dit_block_is_the_identity_at_init(adaln_single):
+    """adaLN-Zero (DiT sec. 3.2): the gates start at zero, so each block starts as the identity; an ungated
+    attention branch passed every DiT test (the zero final layer hides it)."""
+
+    from diffusion.models.dit import DiT
+
+    torch.manual_seed(0)
+    model = DiT(tiny_cfg(adaln_single=adaln_single, depth=3)).eval()
+    pairs = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, args, out: pairs.append((args[0], out)))
+    with torch.no_grad():
+        model(*inputs())
+    assert len(pairs) == 3 and all(torch.equal(a, b) for a, b in pairs)

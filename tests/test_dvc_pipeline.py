@@ -462,3 +462,10 @@ def test_a_run_left_running_by_a_killed_process_is_marked_killed(tmp_path, monke
         assert client.get_run(active.info.run_id).data.tags["process_id"] == str(os.getpid())
     status = {name: client.get_run(run_id).info.status for name, run_id in left.items()}
     assert status == {"killed": "KILLED", "live": "RUNNING", "other stage": "RUNNING", "other host": "RUNNING"}
+
+
+def test_flatten_names_every_level():
+    from diffusion.tracking import flatten
+
+    assert flatten({"a": {"b": {"c": 1}, "d": 2}, "l": [1, 2], "s": "x"}) == {
+        "a.b.c": 1, "a.d": 2, "l": "[1, 2]", "s": "x"}

@@ -271,3 +271,24 @@ def test_failed_run_keeps_the_previous_output(project, monkeypatch):
         stage.run(EncodeLatentsConfig(batch_size=3))
     assert _hashes(project["root"] / "data/latents") == project["hashes"]
     assert not list(project["root"].glob("data/.latents*")), "temporary folder left behind"
+
+
+def test_a_posterior_beyond_float16_is_refused_naming_the_sample():
+    """encode_latents stores float16; a value it cannot hold (|x| > 65504) must stop the stage, not land on
+    disk as inf. The check must look at the float16 values, not at the float32 ones (which are finite)."""
+    from types import SimpleNamespace
+
+    from diffusion.data.latents import encode_batch
+
+    class HugeVAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            mean = torch.zeros(len(x), 4, 2, 2)
+            mean[1, 0, 0, 0] = 7e4  # finite in float32, inf in float16
+            return SimpleNamespace(mean=mean, logvar=torch.zeros_like(mean))
+
+    with pytest.raises(ValueError, match=r"mean is not finite in float16 for samples \['b'\]"):
+        encode_batch(HugeVAE(), torch.zeros(2, 3, 8, 8), ["a", "b"])

@@ -613,3 +613,26 @@ def test_inception_sees_x_over_128_minus_1(monkeypatch):
     image = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, size, size)
     fid.InceptionFeatures()(image.contiguous())
     assert seen["x"][0, :, 0, 0].tolist() == [-1.0, 0.0, 255 / 128 - 1]
+
+
+def test_evaluate_draws_fresh_noise_for_every_batch():
+    """One seeded generator draws all of evaluate's noise, in order: the same prompt in two batches gets two
+    images (a generator reseeded per batch gave every batch the same x_T), and the same seed the same images."""
+    from types import SimpleNamespace
+
+    from pipeline.evaluate import generate
+
+    from diffusion.data.tokenizer import train_tokenizer
+    from diffusion.eval_configs import SweepEntry
+
+    class Fake:
+        def generate(self, tokens, scheduler, *, generator, image_size, **kw):
+            return torch.rand((len(tokens), 3, image_size, image_size), generator=generator)
+
+    tok = train_tokenizer(["a red circle"], vocab_size=30, max_length=8)
+    args = (Fake(), SimpleNamespace(num_timesteps=10), tok, ["a red circle"] * 4, SweepEntry(steps=2), 4)
+    images, _ = generate(*args, batch_size=2, seed=0)
+    assert images.shape == (4, 3, 4, 4) and images.dtype == torch.uint8
+    assert not torch.equal(images[:2], images[2:])  # batch 2 is not batch 1 again
+    assert torch.equal(generate(*args, batch_size=2, seed=0)[0], images)
+    assert not torch.equal(generate(*args, batch_size=2, seed=1)[0], images)

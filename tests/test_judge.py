@@ -163,3 +163,18 @@ def test_degrade_blurs_and_adds_noise_reproducibly_and_is_identity_when_off():
     assert torch.allclose(degrade(flat, 1.5, 0.0, torch.Generator().manual_seed(2)), flat, atol=1e-6)
     noisy = degrade(flat, 0.0, 0.1, torch.Generator().manual_seed(3))
     assert 0.07 < (noisy - flat).std().item() < 0.13
+
+
+def test_score_images_splits_held_out_and_seen_images():
+    from types import SimpleNamespace
+
+    from diffusion.evaluation.metrics import score_images
+
+    preds = {"color": torch.tensor([0, 1, 0, 0])}  # image 1 (held out) read wrong
+    judge = SimpleNamespace(vocab={"color": ["red", "blue"]},
+                            judge=lambda images: (torch.zeros(len(images), 2), preds))
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    out, _ = score_images(judge, images, [{"color": "red"}] * 4, torch.tensor([True, True, False, False]))
+    assert out["adherence"] == pytest.approx(0.75)
+    assert out["adherence_heldout"] == pytest.approx(0.5) and out["adherence_seen"] == pytest.approx(1.0)
+    assert out["heldout_count"] == 2

@@ -216,3 +216,23 @@ def test_timestep_embedding_is_diffusers():
     for dim in (16, 256):
         torch.testing.assert_close(timestep_embedding(t, dim),
                                    get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0))
+
+
+def test_key_padding_mask_is_dropped_without_padding_and_an_empty_row_sees_every_key():
+    """No padding -> None (SDPA may take its fast kernels); an all-padding row -> all keys (a fully masked row
+    is NaN on the fused kernels); other rows unchanged."""
+    from diffusion.models.layers import Attention, key_padding_mask_or_none
+
+    assert key_padding_mask_or_none(torch.ones(2, 5, dtype=torch.bool)) is None
+    assert key_padding_mask_or_none(None) is None
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    assert key_padding_mask_or_none(mask).tolist() == [[True, True, False], [True, True, True]]
+
+    torch.manual_seed(0)
+    attn = Attention(16, 2, context_dim=8).eval()
+    x, ctx = torch.randn(2, 4, 16), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        masked = attn(x, ctx, key_padding_mask=key_padding_mask_or_none(mask))
+        unmasked = attn(x, ctx)
+    torch.testing.assert_close(masked[1], unmasked[1])  # the empty row attends to every key
+    assert not torch.allclose(masked[0], unmasked[0], atol=1e-4)  # the other row's padding is still masked

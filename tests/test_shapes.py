@@ -219,3 +219,32 @@ def test_a_holdout_with_no_val_image_to_measure_it_is_refused():
         validate_holdout(ShapesConfig(num_val=4, holdout=("purple triangle",), holdout_val_fraction=0.2))
     assert validate_holdout(ShapesConfig(num_val=5, holdout=("purple triangle",), holdout_val_fraction=0.2))
     assert validate_holdout(ShapesConfig(num_val=4, holdout_val_fraction=0.2)) == frozenset()  # nothing held
+
+
+def test_each_shape_draws_its_own_outline():
+    """The pixels show the named shape, not only its colour, size and place: each shape's coverage of its
+    bounding box (square 1, circle pi/4, cross ~0.59, triangle and diamond 1/2, star ~0.37), and the upright
+    triangle's weight in its lower half. Two polygons swapped passed every pixel test."""
+    from diffusion.data.shapes import SHAPES, generate_shapes
+    from diffusion.stage_configs import ShapesConfig
+
+    fills: dict[str, list[float]] = {s: [] for s in SHAPES}
+    lower: list[float] = []
+    for s in generate_shapes(ShapesConfig(num_train=400), "train", 128, 0):
+        a = s.meta["attributes"]
+        if a["size"] != "large":
+            continue
+        img = np.asarray(s.image, dtype=np.float64)
+        sat = np.clip(np.ptp(img, axis=2) - 20, 0, None)  # (H, W) coverage-weighted, as the size test
+        full = np.median(sat[sat > 50])
+        cover = np.clip(sat / full, 0, 1)
+        ys, xs = np.nonzero(cover > 0.5)
+        box = cover[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        fills[a["shape"]].append(cover.sum() / box.size)
+        if a["shape"] == "triangle":
+            half = len(box) // 2
+            lower.append(box[half:].sum() / box.sum())
+    mean = {s: float(np.mean(v)) for s, v in fills.items()}
+    assert mean["square"] > 0.9 and 0.72 < mean["circle"] < 0.85 and 0.5 < mean["cross"] < 0.68, mean
+    assert 0.4 < mean["triangle"] < 0.58 and 0.4 < mean["diamond"] < 0.58 and mean["star"] < 0.45, mean
+    assert min(lower) > 0.6, lower  # apex up: three quarters of a triangle's area is in its lower half

@@ -106,3 +106,18 @@ def test_too_long_sequence_refused():
 def test_bad_config_names_key(data, key):
     with pytest.raises(ConfigError, match=key):
         TextEncoderConfig.from_dict(data, "model.text_encoder")
+
+
+def test_text_encoder_is_bidirectional():
+    """Deliberately not CLIP's causal mask (module docstring): every token sees the whole caption, so the BOS
+    state changes when a later word does. Causal attention passed every other text-encoder test."""
+
+    enc = tiny()
+    a = caption([5, 6, 7], 16)
+    b = a.clone()
+    b[3] = 9  # the last word before EOS
+    with torch.no_grad():
+        sa, _ = enc(a[None])
+        sb, _ = enc(b[None])
+    assert not torch.allclose(sa[0, 0], sb[0, 0], atol=1e-4)  # BOS sees the later token
+    assert not torch.allclose(sa[0, 1], sb[0, 1], atol=1e-4)

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -777,3 +778,45 @@ def test_the_frozen_vae_put_back_is_the_one_training_started_with():
             p.add_(1e-3)
     system.restore_frozen_vae(model)
     assert all(p.eq(0.25).all() for p in model.vae.parameters())
+
+
+def test_sample_grid_has_a_row_per_seed_and_a_column_per_prompt():
+    """SampleGrid's layout (its docstring): 3 prompts x 2 seeds is 3 columns and 2 rows."""
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.training.callbacks import SampleGrid
+
+    class Fake(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, text_tokens, generator, image_size, **kw):
+            seed, prompt = generator.initial_seed(), text_tokens[:, 0].float()  # (P,)
+            level = (seed * 3 + prompt + 1) * 20 / 255.0
+            return level.view(-1, 1, 1, 1).expand(len(text_tokens), 3, *image_size).clone()
+
+    tokens = torch.tensor([[0, 3], [1, 3], [2, 3]])
+    grid = SampleGrid(tokens, DDPMScheduler(), image_size=4, every_n_steps=1, seeds=(0, 1))
+    image = np.asarray(grid.render(Fake()))
+    assert image.shape == (2 * 6 + 2, 3 * 6 + 2, 3)
+    for seed in (0, 1):
+        for prompt in range(3):
+            cell = image[2 + 6 * seed : 6 + 6 * seed, 2 + 6 * prompt : 6 + 6 * prompt]
+            assert (cell == (seed * 3 + prompt + 1) * 20).all(), (seed, prompt)
+
+
+def test_source_fingerprint_follows_the_code_not_its_size(tmp_path):
+    """A code change of the same length must change the key (else a rerun resumes a checkpoint of old code);
+    files other than .py do not count."""
+    from diffusion.training.checkpointing import source_fingerprint
+
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "notes.txt").write_text("a")
+    first = source_fingerprint(pkg, tmp_path / "pkg" / "a.py")
+    assert source_fingerprint(pkg, pkg / "a.py") == first
+    (pkg / "notes.txt").write_text("b")
+    assert source_fingerprint(pkg, pkg / "a.py") == first
+    (pkg / "a.py").write_text("x = 2\n")  # same size
+    assert source_fingerprint(pkg, pkg / "a.py") != first

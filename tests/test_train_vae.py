@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -556,3 +557,16 @@ def test_vae_loss_adds_the_weighted_kl():
     out = VAESystem(cfg).reconstruction_losses(x, x * 0.5, posterior)
     assert out["kl"].item() == pytest.approx(0.5 * 64 / (3 * 8 * 8))  # summed over the latent, per pixel value
     assert out["loss"].item() == pytest.approx(out["rec"].item() + 0.5 * out["kl"].item())
+
+
+def test_make_grid_places_images_row_by_row():
+    from diffusion.evaluation.grid import make_grid
+
+    levels = torch.tensor([10, 50, 90, 130, 170]) / 255.0
+    images = levels.view(5, 1, 1, 1).expand(5, 3, 4, 4)
+    grid = np.asarray(make_grid(images, nrow=2, padding=1, pad_value=1.0))
+    assert grid.shape == (3 * 5 + 1, 2 * 5 + 1, 3)  # 3 rows of 2 columns
+    for i, level in enumerate([10, 50, 90, 130, 170]):
+        r, c = divmod(i, 2)
+        assert (grid[1 + 5 * r : 5 + 5 * r, 1 + 5 * c : 5 + 5 * c] == level).all(), i
+    assert (grid[11:15, 6:10] == 255).all()  # the short last row's empty cell is padding
