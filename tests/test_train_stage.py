@@ -251,24 +251,13 @@ def _node_command(launcher: str, node_rank: int, port: int, overrides: list[str]
     return [sys.executable, *stage], env
 
 
-@pytest.mark.timeout(300)
-# torchrun costs a third interpreter start per node for the same training path; it is `slow`.
-@pytest.mark.parametrize("launcher", ["env", "torchrun"])
-def test_two_nodes_train_together_and_only_node_zero_writes(launcher, project, tmp_path_factory, cli_env):
-    """Two machines, simulated by two processes on localhost with a project copy each (no shared disk),
-    joined by gloo: both take the same steps and end with the same weights (ranks read different batches,
-    so only averaged gradients keep them equal); only global rank 0 exports, checkpoints and logs to MLflow."""
-    nodes = [project, tmp_path_factory.mktemp("node1")]
-    for name in ("data", "models"):
-        shutil.copytree(project / name, nodes[1] / name)
-    shutil.copyfile(project / "params.yaml", nodes[1] / "params.yaml")
-    port = free_port()
-    overrides = ["train.num_nodes=2", "train.devices=1", "train.strategy=ddp", "train.max_steps=4",
-                 "train.sample_every_n_steps=0", "train.checkpoint_every_n_steps=100"]
-    procs, logs = [], [node / "node.log" for node in nodes]
+def _run_two_nodes(launcher: str, nodes: list[Path], overrides: list[list[str]], cli_env: dict,
+                   log_name: str = "node.log") -> tuple[list[int], list[str]]:
+    """Start node r of a 2-node run in folder nodes[r] with overrides[r]; wait for both. (return codes, logs)"""
+    port, procs, logs = free_port(), [], [node / log_name for node in nodes]
     try:
         for rank, (node, log) in enumerate(zip(nodes, logs)):
-            cmd, env = _node_command(launcher, rank, port, overrides)
+            cmd, env = _node_command(launcher, rank, port, overrides[rank])
             # Output to files, not pipes: a full pipe would block one node, and the other waits for it.
             # One thread per node: the two "machines" share this machine's cores, and two OpenMP threads
             # per process spin against each other (Lightning divides the cores only among the processes
@@ -283,8 +272,30 @@ def test_two_nodes_train_together_and_only_node_zero_writes(launcher, project, t
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    outs = [log.read_text() for log in logs]
-    assert [proc.returncode for proc in procs] == [0, 0], "\n----\n".join(outs)
+    return [proc.returncode for proc in procs], [log.read_text() for log in logs]
+
+
+def _second_node(project: Path, tmp_path_factory) -> Path:
+    """A project copy for the second "machine" (no shared disk): its data, models and params.yaml."""
+    node = tmp_path_factory.mktemp("node1")
+    for name in ("data", "models"):
+        shutil.copytree(project / name, node / name)
+    shutil.copyfile(project / "params.yaml", node / "params.yaml")
+    return node
+
+
+@pytest.mark.timeout(300)
+# torchrun costs a third interpreter start per node for the same training path; it is `slow`.
+@pytest.mark.parametrize("launcher", ["env", "torchrun"])
+def test_two_nodes_train_together_and_only_node_zero_writes(launcher, project, tmp_path_factory, cli_env):
+    """Two machines, simulated by two processes on localhost with a project copy each (no shared disk),
+    joined by gloo: both take the same steps and end with the same weights (ranks read different batches,
+    so only averaged gradients keep them equal); only global rank 0 exports, checkpoints and logs to MLflow."""
+    nodes = [project, _second_node(project, tmp_path_factory)]
+    overrides = ["train.num_nodes=2", "train.devices=1", "train.strategy=ddp", "train.max_steps=4",
+                 "train.sample_every_n_steps=0", "train.checkpoint_every_n_steps=100"]
+    codes, outs = _run_two_nodes(launcher, nodes, [overrides, overrides], cli_env)
+    assert codes == [0, 0], "\n----\n".join(outs)
     (rank0,), (rank1,) = rank_lines(outs[0]), rank_lines(outs[1])
     assert rank0[:2] == (0, 4) and rank1[:2] == (1, 4), outs
     assert rank0[2] == rank1[2], "the two nodes ended with different weights: gradients were not averaged"
@@ -306,30 +317,12 @@ def test_nodes_that_run_different_parameters_stop_together(project, tmp_path_fac
     """A node started with another learning rate trained apart without a word (each rank exported its own
     weights' digest, rank 0 its model); one with another max_steps left both waiting for ever. Both stop
     before the first step, each saying why."""
-    nodes = [project, tmp_path_factory.mktemp("node1")]
-    for name in ("data", "models"):
-        shutil.copytree(project / name, nodes[1] / name, dirs_exist_ok=True)
-    shutil.copyfile(project / "params.yaml", nodes[1] / "params.yaml")
-    port = free_port()
+    nodes = [project, _second_node(project, tmp_path_factory)]
     overrides = ["train.num_nodes=2", "train.devices=1", "train.strategy=ddp", "train.max_steps=4",
                  "train.sample_every_n_steps=0", "train.checkpoint_every_n_steps=100",
                  "train.out_dir=models/mismatch"]
-    procs, logs = [], [node / "mismatch.log" for node in nodes]
-    try:
-        for rank, (node, log) in enumerate(zip(nodes, logs)):
-            cmd, env = _node_command("env", rank, port, overrides + (["train.lr=0.01"] if rank else []))
-            with open(log, "w") as out:
-                procs.append(subprocess.Popen(cmd, cwd=node, env={**cli_env, **env, "OMP_NUM_THREADS": "1"},
-                                              stdout=out, stderr=subprocess.STDOUT))
-        for proc in procs:
-            proc.wait(timeout=240)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    outs = [log.read_text() for log in logs]
-    assert all(proc.returncode not in (0, None) for proc in procs), outs
+    codes, outs = _run_two_nodes("env", nodes, [overrides, overrides + ["train.lr=0.01"]], cli_env, "mismatch.log")
+    assert all(code not in (0, None) for code in codes), outs
     assert "rank 1 runs run" in outs[1] and "same parameters" in outs[1], outs[1]
     assert "rank 0: another rank runs another run" in outs[0], outs[0]
     assert not rank_lines(outs[0]) and not (project / "models/mismatch").exists()
