@@ -274,14 +274,14 @@ def test_symlinked_folders_are_followed_once_and_unreadable_captions_skipped(tmp
 
     write(root / "captioned", {"c.png": encode(noise((24, 24), 3), "PNG"), "c.txt": b"three",
                                "d.png": encode(noise((24, 24), 4), "PNG"), "d.txt": b"four"})
-    read = sources._read_caption
+    read = sources.folder._read_caption
 
     def refuse_d(path):
         if path.name == "d.txt":
             raise PermissionError(13, "Permission denied", str(path))
         return read(path)
 
-    monkeypatch.setattr(sources, "_read_caption", refuse_d)
+    monkeypatch.setattr(sources.folder, "_read_caption", refuse_d)
     items = list(iter_folder(root / "captioned", "captions", TEMPLATE, RES))
     assert [i.caption for i in items if isinstance(i, Sample)] == ["three"]
     assert [(i.source, i.reason) for i in items if isinstance(i, Skipped)] == [("d.png", "missing_file")]

@@ -1,0 +1,131 @@
+"""The ``folder`` source: a folder of images in one of three layouts (``metadata``, ``captions``,
+``classes``), listed once, sorted, and read one image at a time."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Literal
+
+from diffusion.data.records import Skipped
+from diffusion.data.sources.common import Assembler, Item, SourceError, is_image_name
+from diffusion.data.sources.metadata import METADATA_FILE, iter_metadata
+
+Layout = Literal["auto", "metadata", "captions", "classes"]
+CAPTION_SUFFIX = ".txt"
+
+
+def _list_files(root: Path) -> list[str]:
+    """Relative POSIX paths of every file under ``root`` (through symlinked folders), sorted by path components.
+
+    Hidden files and folders are left out: ``.DS_Store``, macOS ``._IMG_0001.jpg`` resource forks (which
+    carry an image extension but are not images), ``.ipynb_checkpoints``, ``.git``.
+    """
+    found, seen = [], set()
+    # Symlinked folders are followed (a class folder linked in from elsewhere is a common layout); a folder
+    # reached twice, e.g. through a link to its own parent, is listed once.
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        relative = Path(folder).relative_to(root)
+        found += [(relative / f).as_posix() for f in files if not f.startswith(".")]
+    return sorted(found, key=lambda name: name.split("/"))
+
+
+def _read_caption(path: Path) -> str | None:
+    """A side-car caption, or None when there is none. ``utf-8-sig`` drops the BOM Windows editors add."""
+    if not path.is_file():
+        return None
+    return path.read_text(encoding="utf-8-sig", errors="replace")
+
+
+def _iter_captions(root: Path, files: list[str], assemble: Assembler, template: str) -> Iterator[Item]:
+    """Each image with the caption in the ``.txt`` of the same name beside it, in any subfolder. The suffix in
+    any case (``IMG_0001.JPG`` beside ``IMG_0001.TXT``, as cameras and Windows tools write them), as images'."""
+    sidecars: dict[str, str] = {}
+    for name in sorted(files, key=lambda n: n.endswith(CAPTION_SUFFIX)):  # an exact ".txt" wins over ".TXT"
+        if name.lower().endswith(CAPTION_SUFFIX):
+            sidecars[name[: -len(CAPTION_SUFFIX)]] = name
+    for name in filter(is_image_name, files):
+        path = root / name
+        stem = str(PurePosixPath(name).with_suffix(""))
+        try:
+            caption = _read_caption(root / sidecars.get(stem, stem + CAPTION_SUFFIX))
+        except OSError as error:  # permission denied, an I/O error: skipped like an unreadable image
+            yield Skipped(name, "missing_file", f"cannot read its caption {CAPTION_SUFFIX}: {error}")
+            continue
+        yield assemble(name, name, caption, path.read_bytes, {})
+
+
+def class_label(folder: str) -> str:
+    """``golden_retriever`` or ``golden-retriever`` -> ``golden retriever``."""
+    return " ".join(re.sub(r"[_\-]", " ", folder).split())
+
+
+def _iter_classes(root: Path, files: list[str], assemble: Assembler, template: str) -> Iterator[Item]:
+    """The top-level folder is the class; images deeper inside still belong to it. Images directly in the
+    root have no class, hence no caption."""
+    for name in filter(is_image_name, files):
+        folder, _, rest = name.partition("/")
+        if not rest:
+            yield Skipped(name, "missing_caption", "not inside a class folder")
+            continue
+        label = class_label(folder)
+        meta = {"attributes": {"class": label}}
+        yield assemble(name, name, template.format(label=label), (root / name).read_bytes, meta)
+
+
+_LAYOUTS = {"metadata": iter_metadata, "captions": _iter_captions, "classes": _iter_classes}
+
+
+def detect_layout(root: Path, files: list[str]) -> str:
+    """The first layout whose marks are present: ``metadata.jsonl``; a side-car ``.txt`` beside an image;
+    images in subfolders."""
+    if (root / METADATA_FILE).is_file():
+        return "metadata"
+    image_stems = {str(PurePosixPath(name).with_suffix("")) for name in files if is_image_name(name)}
+    if any(name.lower().endswith(CAPTION_SUFFIX) and name[: -len(CAPTION_SUFFIX)] in image_stems for name in files):
+        return "captions"
+    if any("/" in name for name in files if is_image_name(name)):
+        return "classes"
+    raise SourceError(
+        f"{root}: cannot tell how captions are given. Use one of: 'metadata' (a {METADATA_FILE} with one "
+        '{"file_name": ..., "text": ...} per line), \'captions\' (x.jpg beside x.txt), or \'classes\' '
+        "(one subfolder per class, e.g. cats/001.jpg)"
+    )
+
+
+def iter_folder(root: Path, layout: Layout, caption_template: str, resolution: int) -> Iterator[Item]:
+    """Every image under ``root`` as a `Sample` (or a `Skipped`), in sorted path order, one at a time.
+
+    Args:
+        root: the folder.
+        layout: ``metadata``, ``captions``, ``classes``, or ``auto`` (the first of those whose marks exist).
+        caption_template: caption for the ``classes`` layout; ``{label}`` is the folder name, with ``_``
+            and ``-`` read as spaces.
+        resolution: side of the square RGB images yielded.
+
+    Raises:
+        SourceError: ``root`` is not a folder or no layout fits (at the call); ``metadata.jsonl`` is
+            malformed (at the first ``next``, before anything is yielded).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a folder (expected a folder of images)")
+    if layout != "auto" and layout not in _LAYOUTS:
+        raise SourceError(f"layout {layout!r} unknown; allowed: {['auto', *_LAYOUTS]}")
+    try:
+        caption_template.format(label="x")
+    except (KeyError, IndexError, ValueError) as error:
+        raise SourceError(f"caption_template {caption_template!r}: only {{label}} may be used ({error})") from error
+    files = _list_files(root)
+    chosen = detect_layout(root, files) if layout == "auto" else layout
+    if chosen == "metadata" and not (root / METADATA_FILE).is_file():
+        raise SourceError(f"{root}: layout 'metadata' needs {root / METADATA_FILE}")
+    return _LAYOUTS[chosen](root, files, Assembler(resolution), caption_template)
+
