@@ -66,7 +66,9 @@ def _tokenizer_inside(cfg: ShardConfig) -> Path | None:
 
 
 def _is_val(key: str, cfg: ShardConfig) -> bool:
-    """Seeded, order-independent split of a user source: a hash of (seed, key) against val_fraction."""
+    """Seeded, order-independent split of a user source: a hash of (seed, key) against val_fraction. The key is
+    the sample's `split_key`, which depends on the image's own name only: an image never moves between train
+    and val because others were added or removed (val would leak into a model trained on an earlier split)."""
     digest = hashlib.blake2b(f"{cfg.seed}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < cfg.val_fraction
 
@@ -91,7 +93,7 @@ class _Split:
             if isinstance(item, Skipped):
                 self.skipped.append(item)
                 print(f"  skipped {item.source}: {item.reason} {item.detail}".rstrip())
-            elif _is_val(item.key, self.cfg):
+            elif _is_val(item.split_key or item.key, self.cfg):
                 self.val.append(item)
             else:
                 self.captions.append(item.caption)

@@ -211,3 +211,30 @@ def test_help_shows_the_values_params_yaml_and_overrides_set(cli_env, tmp_path):
     (tmp_path / "params.yaml").unlink()
     text = " ".join(run_cli(["shard", "--help"], tmp_path, cli_env).stdout.split())
     assert "shard.resolution (default 64)" in text and "not read" in text
+
+
+def _split_sources(out: Path) -> dict[str, set[str]]:
+    return {split: {s["meta"]["source"] for s in iter_shards(sorted(str(p) for p in (out / split).glob("*.tar")))}
+            for split in ("train", "val")}
+
+
+def test_an_image_stays_in_its_split_when_others_are_added_or_removed(tmp_path):
+    """The split hashes each image's own key: with keys given by position among clashing names (``_``,
+    ``__2``, ...), removing one CJK-named image moved others between train and val."""
+    from test_folder_source import captioned
+
+    names = [f"{c}.png" for c in "一兔牛狗猫羊马鱼鸟鸡鸭鹅龙虎蛇猴"]
+    src = tmp_path / "cjk"
+    write(src, captioned(names))
+
+    def run(out: str) -> dict[str, set[str]]:
+        stage.run(ShardConfig.from_dict(TINY | {
+            "source": "folder", "path": str(src), "val_fraction": 0.5,
+            "out_dir": str(tmp_path / out), "tokenizer_path": str(tmp_path / out / "tok.json")}))
+        return _split_sources(tmp_path / out)
+
+    before = run("before")
+    assert before["val"] and before["train"]
+    (src / "一.png").unlink()
+    after = run("after")
+    assert after == {split: sources - {"一.png"} for split, sources in before.items()}

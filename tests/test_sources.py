@@ -288,8 +288,10 @@ def test_symlinked_folders_are_followed_once_and_unreadable_captions_skipped(tmp
 
 
 def test_keys_are_webdataset_safe():
-    assert sanitise_key("my photos/IMG 0001.final.JPG") == "my_photos/IMG_0001_final"
-    assert sanitise_key("café.png") == "caf_"
+    assert re.fullmatch(r"my_photos/IMG_0001_final-[0-9a-f]{8}", sanitise_key("my photos/IMG 0001.final.JPG"))
+    assert sanitise_key("my_photos/IMG_0001.JPG") == "my_photos/IMG_0001"  # safe names are their own key
+    assert sanitise_key("café.png") != sanitise_key("cafè.png")
+    assert sanitise_key("cafe\u0301.png") == sanitise_key("caf\u00e9.png")  # NFD (macOS) and NFC: one key
 
 
 # --------------------------------------------------------------------------------------------- images

@@ -34,12 +34,15 @@ class Sample:
         image: RGB PIL image at the configured resolution (square).
         caption: the text.
         meta: JSON-serialisable metadata; categorical attributes under ``meta["attributes"]``.
+        split_key: what a user source's train/val split hashes; empty: the key. It depends on the image's own
+            name only, while a key may also depend on a twin's (``x.jpg`` beside ``x.png``: ``x-<hash>``).
     """
 
     key: str
     image: Image.Image
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
+    split_key: str = ""
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections import Counter
 from pathlib import PurePosixPath
 from typing import Any, Callable, Iterable
@@ -20,6 +21,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 #: WebDataset splits a member name into key and extension at the first dot of its basename, so keys
 #: must not contain dots; we keep them to a conservative character set that is safe in any file system.
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
+#: Hex digits of the hash that makes a changed name's key its own (32 bits: clashes are rare, and resolved).
+KEY_HASH_HEX = 8
 
 
 class SourceError(ValueError):
@@ -35,16 +38,60 @@ def summarise(skipped: Iterable[Skipped]) -> dict[str, int]:
     return {reason: counts.get(reason, 0) for reason in SKIP_REASONS}
 
 
+def _short_hash(text: str) -> str:
+    """Eight hex digits of a hash of `text` (surrogate escapes: a file name that is not valid UTF-8 still hashes)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=KEY_HASH_HEX // 2).hexdigest()
+
+
 def sanitise_key(name: str) -> str:
-    """A relative path or foreign key -> a WebDataset-safe key: extension dropped, other dots and unsafe
-    characters replaced by ``_``; ``/`` is kept (it becomes a folder inside the tar, which WebDataset reads)."""
+    """A relative path or foreign key -> a WebDataset-safe key that depends on nothing but `name` itself.
+
+    The image extension is dropped and ``/`` kept (it becomes a folder inside the tar, which WebDataset reads).
+    A name that needs no change is its own key, so existing datasets keep theirs. Otherwise dots and unsafe
+    characters become ``_`` and a hash of the name is appended, ``a b.jpg`` -> ``a_b-<8 hex>``, ``猫.png`` ->
+    ``_-<8 hex>``: the key then cannot depend on which other files exist (a counter did, and so did the
+    train/val split, which hashes the key). The hash is of the name without its image extension, so ``a b.jpg``
+    and ``a b.png`` share a key exactly as ``x.jpg`` and ``x.png`` do (`unique_keys` tells those apart).
+    Names are NFC-normalised first: the same folder copied from macOS (NFD names) gets the same keys.
+    """
+    name = unicodedata.normalize("NFC", name)
     path = PurePosixPath(name)
     stem = str(path.with_suffix("")) if path.suffix.lower() in IMAGE_EXTENSIONS else name
-    return _KEY_UNSAFE.sub("_", stem).strip("/") or "_"
+    safe = _KEY_UNSAFE.sub("_", stem).strip("/")
+    if safe and safe == stem:
+        return safe
+    return f"{safe or '_'}-{_short_hash(stem)}"
+
+
+def _components(name: str) -> list[str]:
+    return name.split("/")
+
+
+def unique_keys(names: Iterable[str]) -> dict[str, str]:
+    """Name -> key for every image of a folder: `sanitise_key`, unless names share it (``x.jpg`` and ``x.png``,
+    or two spellings of one Unicode name): then the first in sorted order keeps it and each other one gets
+    ``-`` and a hash of its whole name. So a key depends on the names alone, never on the order files are
+    listed in or on which of them decode; and it changes only for an image whose twin is added or removed
+    (whose split does not change: the stage splits on `sanitise_key`, the same for both).
+    """
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names, key=_components):
+        groups.setdefault(sanitise_key(name), []).append(name)
+    keys: dict[str, str] = {}
+    used = set(groups)
+    for base, members in groups.items():
+        keys[members[0]] = base
+        for name in members[1:]:
+            key = f"{base}-{_short_hash(name)}"
+            while key in used:  # only if another image is named exactly like this key; still deterministic
+                key = f"{base}-{_short_hash(key)}"
+            used.add(key)
+            keys[name] = key
+    return keys
 
 
 class Assembler:
-    """What every source does to a candidate: check the caption, decode, drop duplicates, give a unique key.
+    """What every source does to a candidate: check the caption, decode, drop duplicates, keep keys unique.
 
     Holds only the hashes of images already yielded and the keys already used, so memory grows by a few
     dozen bytes per image, not by the images.
@@ -56,9 +103,19 @@ class Assembler:
         self._keys: set[str] = set()
 
     def __call__(
-        self, source: str, name: str, caption: str | None, read: Callable[[], bytes], meta: dict[str, Any]
+        self, source: str, key: str, caption: str | None, read: Callable[[], bytes], meta: dict[str, Any],
+        *, split_key: str | None = None, identity: str | None = None,
     ) -> Item:
-        """Build a `Sample` from an image (read lazily: skipped captions cost no decoding), or say why not."""
+        """Build a `Sample` from an image (read lazily: skipped captions cost no decoding), or say why not.
+
+        Args:
+            source: where the image came from, for the record and the sample's json.
+            key: its key, from `sanitise_key` or `unique_keys`.
+            split_key: what the train/val split hashes (default `key`): `sanitise_key` of the name, so that
+                ``x.jpg`` and ``x.png`` (keys ``x`` and ``x-<hash>``) always fall on the same side.
+            identity: a machine-independent name of the image (default `source`) that tells apart two images
+                given the same key, which only WebDataset tars can do (the same sample key in two tars).
+        """
         if caption is None:
             return Skipped(source, "missing_caption")
         caption = caption.strip()
@@ -77,17 +134,13 @@ class Assembler:
         if digest in self._seen:
             return Skipped(source, "duplicate")
         self._seen.add(digest)
-        return Sample(self._unique_key(name), prepared.image, caption, _meta(meta, source, prepared))
-
-    def _unique_key(self, name: str) -> str:
-        """Sanitising can map two names to one key (``a b.jpg``, ``a_b.png``): later ones get ``_2``, ``_3``."""
-        base = key = sanitise_key(name)
-        count = 1
-        while key in self._keys:
-            count += 1
-            key = f"{base}_{count}"
-        self._keys.add(key)
-        return key
+        unique = key
+        while unique in self._keys:
+            unique = f"{key}-{_short_hash(identity or source)}"
+            identity = unique  # a further clash (never in practice) hashes on from there
+        self._keys.add(unique)
+        meta = _meta(meta, source, prepared)
+        return Sample(unique, prepared.image, caption, meta, split_key=split_key or key)
 
 
 def _meta(meta: dict[str, Any], source: str, prepared: PreparedImage) -> dict[str, Any]:
@@ -101,7 +154,6 @@ def _meta(meta: dict[str, Any], source: str, prepared: PreparedImage) -> dict[st
     if isinstance(attributes, dict) and attributes:
         out["attributes"] = {str(k): str(v) for k, v in attributes.items()}  # flat str -> str (INTERFACES.md)
     return out
-
 
 
 def is_image_name(name: str) -> bool:

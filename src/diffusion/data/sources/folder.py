@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator, Literal
 
 from diffusion.data.records import Skipped
-from diffusion.data.sources.common import Assembler, Item, SourceError, is_image_name
+from diffusion.data.sources.common import Assembler, Item, SourceError, is_image_name, sanitise_key, unique_keys
 from diffusion.data.sources.metadata import METADATA_FILE, iter_metadata
 
 Layout = Literal["auto", "metadata", "captions", "classes"]
@@ -51,7 +51,9 @@ def _iter_captions(root: Path, files: list[str], assemble: Assembler, template: 
     for name in sorted(files, key=lambda n: n.endswith(CAPTION_SUFFIX)):  # an exact ".txt" wins over ".TXT"
         if name.lower().endswith(CAPTION_SUFFIX):
             sidecars[name[: -len(CAPTION_SUFFIX)]] = name
-    for name in filter(is_image_name, files):
+    images = list(filter(is_image_name, files))
+    keys = unique_keys(images)
+    for name in images:
         path = root / name
         stem = str(PurePosixPath(name).with_suffix(""))
         try:
@@ -59,7 +61,7 @@ def _iter_captions(root: Path, files: list[str], assemble: Assembler, template: 
         except OSError as error:  # permission denied, an I/O error: skipped like an unreadable image
             yield Skipped(name, "missing_file", f"cannot read its caption {CAPTION_SUFFIX}: {error}")
             continue
-        yield assemble(name, name, caption, path.read_bytes, {})
+        yield assemble(name, keys[name], caption, path.read_bytes, {}, split_key=sanitise_key(name))
 
 
 def class_label(folder: str) -> str:
@@ -70,14 +72,17 @@ def class_label(folder: str) -> str:
 def _iter_classes(root: Path, files: list[str], assemble: Assembler, template: str) -> Iterator[Item]:
     """The top-level folder is the class; images deeper inside still belong to it. Images directly in the
     root have no class, hence no caption."""
-    for name in filter(is_image_name, files):
+    images = list(filter(is_image_name, files))
+    keys = unique_keys(images)
+    for name in images:
         folder, _, rest = name.partition("/")
         if not rest:
             yield Skipped(name, "missing_caption", "not inside a class folder")
             continue
         label = class_label(folder)
         meta = {"attributes": {"class": label}}
-        yield assemble(name, name, template.format(label=label), (root / name).read_bytes, meta)
+        caption = template.format(label=label)
+        yield assemble(name, keys[name], caption, (root / name).read_bytes, meta, split_key=sanitise_key(name))
 
 
 _LAYOUTS = {"metadata": iter_metadata, "captions": _iter_captions, "classes": _iter_classes}

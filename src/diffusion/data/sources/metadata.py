@@ -8,7 +8,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from diffusion.data.records import Skipped
-from diffusion.data.sources.common import Assembler, Item, SourceError, is_image_name
+from diffusion.data.sources.common import (
+    Assembler, Item, SourceError, is_image_name, sanitise_key, unique_keys,
+)
 
 METADATA_FILE = "metadata.jsonl"
 
@@ -51,6 +53,7 @@ def iter_metadata(root: Path, files: list[str], assemble: Assembler, template: s
     listed files that are not there are missing files."""
     rows = _read_metadata(root / METADATA_FILE)
     names = set(rows) | {name for name in files if is_image_name(name)}
+    keys = unique_keys(names)
     for name in sorted(names, key=lambda n: n.split("/")):
         path = root / name
         if name not in rows:
@@ -61,4 +64,4 @@ def iter_metadata(root: Path, files: list[str], assemble: Assembler, template: s
                 yield Skipped(name, "missing_file", f"listed in {METADATA_FILE} but not found")
                 continue
             meta = {k: v for k, v in row.items() if k not in ("file_name", "text")}
-            yield assemble(name, name, row.get("text"), path.read_bytes, meta)
+            yield assemble(name, keys[name], row.get("text"), path.read_bytes, meta, split_key=sanitise_key(name))

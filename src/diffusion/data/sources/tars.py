@@ -13,7 +13,7 @@ from typing import Any, BinaryIO, Iterator
 from braceexpand import braceexpand  # a dependency of webdataset, which reads the same patterns
 
 from diffusion.data.records import Skipped
-from diffusion.data.sources.common import IMAGE_EXTENSIONS, Assembler, Item, SourceError
+from diffusion.data.sources.common import IMAGE_EXTENSIONS, Assembler, Item, SourceError, sanitise_key
 
 #: webdataset's own rule (``base_plus_ext``): key = everything up to the first dot of the basename.
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -110,7 +110,10 @@ def _wds_item(url: str, key: str, group: dict[str, bytes], assemble: Assembler) 
         caption: str | None = group["txt"].decode("utf-8-sig", errors="replace")
     else:  # img2dataset also stores the caption in the json
         caption = meta["caption"] if isinstance(meta.get("caption"), str) else None
-    return assemble(source, key, caption, lambda: group[image_ext], meta)
+    # The same sample key in two tars (two img2dataset runs side by side) is told apart by the tar's name, not
+    # its path, which differs between machines.
+    identity = f"{Path(url).name}#{key}"
+    return assemble(source, sanitise_key(key), caption, lambda: group[image_ext], meta, identity=identity)
 
 
 def iter_webdataset(urls: str | list[str], resolution: int) -> Iterator[Item]:

@@ -1,0 +1,63 @@
+"""The folder source's guarantees that the reviewer's folder broke: keys and splits that depend on each image
+alone, a listing that does not depend on directory order, every file accounted for, captions decoded strictly,
+and metadata.jsonl files checked before any work."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from test_sources import RES, TEMPLATE, collect, encode, noise, write
+
+from diffusion.data.records import Sample, Skipped
+from diffusion.data.sources import iter_folder, sanitise_key
+
+
+def png(seed: int) -> bytes:
+    return encode(noise((20, 20), seed), "PNG")
+
+
+def captioned(names: list[str]) -> dict[str, bytes | str]:
+    """Each image (distinct pixels) with a side-car caption naming it."""
+    files: dict[str, bytes | str] = {}
+    for seed, name in enumerate(names):
+        files[name] = png(seed)
+        files[str(Path(name).with_suffix(".txt"))] = f"picture {seed}"
+    return files
+
+
+def keys_by_source(root: Path, layout: str = "captions") -> dict[str, str]:
+    samples, _ = collect(iter_folder(root, layout, TEMPLATE, RES))
+    return {source: sample.key for source, sample in samples.items()}
+
+
+# ------------------------------------------------------------------------------------------------- keys
+
+
+def test_keys_depend_only_on_each_images_own_name(tmp_path):
+    """Adding or removing one image must not change another's key: the split hashes the key, so a changed key
+    moves an image between train and val, and val images leak into a model trained on the earlier split."""
+    names = ["猫.png", "狗.png", "a b.jpg", "a_b.png", "photo.v2.jpg", "plain.png"]
+    write(tmp_path / "all", captioned(names))
+    every = keys_by_source(tmp_path / "all")
+    assert len(set(every.values())) == len(names)
+    assert every["a_b.png"] == "a_b" and every["plain.png"] == "plain"  # safe names keep their keys
+    for removed in names:
+        folder = tmp_path / f"without-{names.index(removed)}"
+        shutil.copytree(tmp_path / "all", folder)
+        (folder / removed).unlink()
+        assert keys_by_source(folder) == {n: k for n, k in every.items() if n != removed}, removed
+    assert every["猫.png"] == sanitise_key("猫.png") and every["猫.png"].startswith("_-")
+
+
+def test_twins_differing_in_extension_get_distinct_keys_and_one_split(tmp_path):
+    """x.jpg and x.png both sanitise to x: the first in sorted order keeps it, the other gets a hash of its
+    whole name (not a counter), and both share the split key, so neither moves when the other comes or goes."""
+    write(tmp_path / "both", {"x.jpg": encode(noise((20, 20), 1), "JPEG"), "x.png": png(2), "x.txt": "an x"})
+    samples, _ = collect(iter_folder(tmp_path / "both", "captions", TEMPLATE, RES))
+    assert samples["x.jpg"].key == "x" and samples["x.png"].key.startswith("x-")
+    assert {s.split_key for s in samples.values()} == {"x"}
+    write(tmp_path / "png", {"x.png": png(2), "x.txt": "an x"})
+    alone, _ = collect(iter_folder(tmp_path / "png", "captions", TEMPLATE, RES))
+    assert alone["x.png"].key == "x" and alone["x.png"].split_key == "x"
