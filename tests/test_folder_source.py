@@ -61,3 +61,60 @@ def test_twins_differing_in_extension_get_distinct_keys_and_one_split(tmp_path):
     write(tmp_path / "png", {"x.png": png(2), "x.txt": "an x"})
     alone, _ = collect(iter_folder(tmp_path / "png", "captions", TEMPLATE, RES))
     assert alone["x.png"].key == "x" and alone["x.png"].split_key == "x"
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+
+@pytest.mark.parametrize("link_name", ["alink", "zlink"])
+def test_a_folder_linked_twice_is_read_at_its_real_path_whatever_the_directory_order(tmp_path, link_name):
+    """``zlink -> sub1``: the copy listed (the other is a pixel duplicate) depended on the order the file system
+    returned entries in; the real folder must win, and the link be recorded, not silently dropped."""
+    root = tmp_path / "data"
+    write(root, captioned(["sub1/img.png", "sub2/other.png"]))
+    (root / link_name).symlink_to(root / "sub1", target_is_directory=True)
+    items = list(iter_folder(root, "captions", TEMPLATE, RES))
+    assert sorted(i.meta["source"] for i in items if isinstance(i, Sample)) == ["sub1/img.png", "sub2/other.png"]
+    skipped = [(i.source, i.reason, i.detail) for i in items if isinstance(i, Skipped)]
+    assert skipped == [(f"{link_name}/", "duplicate", "the same folder as sub1/, listed there")]
+
+
+def test_listing_does_not_depend_on_directory_order(tmp_path, monkeypatch):
+    """Folders come from the file system in its own order; reversing that order must change nothing."""
+    import os
+
+    root = tmp_path / "data"
+    write(root, captioned(["b/1.png", "a/2.png", "c/3.png"]))
+    (root / "a_link").symlink_to(root / "c", target_is_directory=True)
+    (root / "z_link").symlink_to(root / "a", target_is_directory=True)
+    first = [(i.source, i.reason) if isinstance(i, Skipped) else i.key
+             for i in iter_folder(root, "captions", TEMPLATE, RES)]
+    real_scandir = os.scandir
+
+    class ReversedScandir:
+        """``os.scandir`` with the entries in the opposite order (as another file system might return them)."""
+
+        def __init__(self, path):
+            with real_scandir(path) as entries:
+                self.entries = iter(list(entries)[::-1])
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.entries)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(os, "scandir", ReversedScandir)  # os.walk lists folders with it too
+    second = [(i.source, i.reason) if isinstance(i, Skipped) else i.key
+              for i in iter_folder(root, "captions", TEMPLATE, RES)]
+    assert first == second
+    assert ("a_link/", "duplicate") in first and ("z_link/", "duplicate") in first

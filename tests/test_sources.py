@@ -269,8 +269,9 @@ def test_symlinked_folders_are_followed_once_and_unreadable_captions_skipped(tmp
     write(root, {"cats/b.png": encode(noise((24, 24), 2), "PNG")})
     (root / "dogs").symlink_to(elsewhere / "dogs", target_is_directory=True)
     (root / "cats" / "loop").symlink_to(root, target_is_directory=True)  # a link to an ancestor: listed once
-    samples = [item.key for item in iter_folder(root, "classes", TEMPLATE, RES)]
-    assert samples == ["cats/b", "dogs/a"]
+    items = list(iter_folder(root, "classes", TEMPLATE, RES))
+    assert [item.key for item in items if isinstance(item, Sample)] == ["cats/b", "dogs/a"]
+    assert [(i.source, i.reason) for i in items if isinstance(i, Skipped)] == [("cats/loop/", "duplicate")]
 
     write(root / "captioned", {"c.png": encode(noise((24, 24), 3), "PNG"), "c.txt": b"three",
                                "d.png": encode(noise((24, 24), 4), "PNG"), "d.txt": b"four"})

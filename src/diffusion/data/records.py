@@ -19,8 +19,8 @@ SkipReason = Literal[
     "truncated",  # the file ends before the image data does
     "missing_caption",  # no caption found for this image
     "empty_caption",  # a caption that is empty or only white space
-    "duplicate",  # the same pixels as an earlier image (after conversion)
-    "missing_file",  # listed (metadata.jsonl, a tar sample's txt/json) but the image is not there
+    "duplicate",  # the same pixels as an earlier image (after conversion), or a folder reached again by a link
+    "missing_file",  # listed (metadata.jsonl, a tar sample's txt/json) but not there, or cannot be read
 ]
 SKIP_REASONS: tuple[str, ...] = SkipReason.__args__  # type: ignore[attr-defined]
 

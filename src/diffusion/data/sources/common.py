@@ -63,7 +63,8 @@ def sanitise_key(name: str) -> str:
     return f"{safe or '_'}-{_short_hash(stem)}"
 
 
-def _components(name: str) -> list[str]:
+def path_order(name: str) -> list[str]:
+    """Sort key for relative paths: folder by folder, so ``a/b.jpg`` sorts before ``a-b.jpg`` as in a file tree."""
     return name.split("/")
 
 
@@ -75,7 +76,7 @@ def unique_keys(names: Iterable[str]) -> dict[str, str]:
     (whose split does not change: the stage splits on `sanitise_key`, the same for both).
     """
     groups: dict[str, list[str]] = {}
-    for name in sorted(names, key=_components):
+    for name in sorted(names, key=path_order):
         groups.setdefault(sanitise_key(name), []).append(name)
     keys: dict[str, str] = {}
     used = set(groups)

@@ -5,36 +5,64 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
+from itertools import chain
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Literal
 
 from diffusion.data.records import Skipped
-from diffusion.data.sources.common import Assembler, Item, SourceError, is_image_name, sanitise_key, unique_keys
+from diffusion.data.sources.common import (
+    Assembler, Item, SourceError, is_image_name, path_order, sanitise_key, unique_keys,
+)
 from diffusion.data.sources.metadata import METADATA_FILE, iter_metadata
 
 Layout = Literal["auto", "metadata", "captions", "classes"]
 CAPTION_SUFFIX = ".txt"
 
 
-def _list_files(root: Path) -> list[str]:
-    """Relative POSIX paths of every file under ``root`` (through symlinked folders), sorted by path components.
+def _list_files(root: Path) -> tuple[list[str], list[Skipped]]:
+    """Relative POSIX paths of every file under ``root`` (through symlinked folders), sorted by path components,
+    and a `Skipped` for each folder not listed: reached a second time through a link, or unreadable.
 
     Hidden files and folders are left out: ``.DS_Store``, macOS ``._IMG_0001.jpg`` resource forks (which
     carry an image extension but are not images), ``.ipynb_checkpoints``, ``.git``.
+
+    Symlinked folders are followed (a class folder linked in from elsewhere is a common layout), but only after
+    every real folder: a folder reached twice (``zlink -> sub1``, a link to an ancestor) is then always listed
+    under its real path, whatever order the file system returns entries in. ``os.walk`` took them in that
+    order, so which copy was listed, and which was dropped, differed between machines.
     """
-    found, seen = [], set()
-    # Symlinked folders are followed (a class folder linked in from elsewhere is a common layout); a folder
-    # reached twice, e.g. through a link to its own parent, is listed once.
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            dirs[:] = []
+    found: list[str] = []
+    notes: list[Skipped] = []
+    listed = {os.path.realpath(root): ""}  # real path -> the relative path it was listed under
+    folders: deque[str] = deque([""])  # real folders waiting, breadth first ("" is the root)
+    links: deque[str] = deque()  # symlinked folders, entered once no real folder is left
+    while folders or links:
+        relative = folders.popleft() if folders else links.popleft()
+        path = root / relative
+        if relative:  # the root is entered as given
+            real = os.path.realpath(path)
+            if real in listed:
+                first = listed[real] or "."
+                notes.append(Skipped(f"{relative}/", "duplicate", f"the same folder as {first}/, listed there"))
+                continue
+            listed[real] = relative
+        try:
+            entries = sorted(os.scandir(path), key=lambda entry: entry.name)
+        except OSError as error:  # permission denied: every image inside is missing, so say so
+            notes.append(Skipped(f"{relative}/", "missing_file", f"cannot list the folder: {error}"))
             continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        relative = Path(folder).relative_to(root)
-        found += [(relative / f).as_posix() for f in files if not f.startswith(".")]
-    return sorted(found, key=lambda name: name.split("/"))
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            name = f"{relative}/{entry.name}" if relative else entry.name
+            if not entry.is_dir():  # files, links to files, dangling links (unreadable: counted when read)
+                found.append(name)
+            elif entry.is_symlink():
+                links.append(name)
+            else:
+                folders.append(name)
+    return sorted(found, key=path_order), notes
 
 
 def _read_caption(path: Path) -> str | None:
@@ -128,9 +156,9 @@ def iter_folder(root: Path, layout: Layout, caption_template: str, resolution: i
         caption_template.format(label="x")
     except (KeyError, IndexError, ValueError) as error:
         raise SourceError(f"caption_template {caption_template!r}: only {{label}} may be used ({error})") from error
-    files = _list_files(root)
+    files, unlisted = _list_files(root)
     chosen = detect_layout(root, files) if layout == "auto" else layout
     if chosen == "metadata" and not (root / METADATA_FILE).is_file():
         raise SourceError(f"{root}: layout 'metadata' needs {root / METADATA_FILE}")
-    return _LAYOUTS[chosen](root, files, Assembler(resolution), caption_template)
+    return chain(unlisted, _LAYOUTS[chosen](root, files, Assembler(resolution), caption_template))
 
