@@ -118,3 +118,46 @@ def test_listing_does_not_depend_on_directory_order(tmp_path, monkeypatch):
               for i in iter_folder(root, "captions", TEMPLATE, RES)]
     assert first == second
     assert ("a_link/", "duplicate") in first and ("z_link/", "duplicate") in first
+
+
+# ------------------------------------------------------------------------------------ extensions, counts
+
+
+def test_every_accepted_extension_is_one_pillow_reads():
+    from PIL import Image
+
+    from diffusion.data.sources import IMAGE_EXTENSIONS
+
+    registered = Image.registered_extensions()
+    assert all(registered.get(ext) in Image.OPEN for ext in IMAGE_EXTENSIONS), IMAGE_EXTENSIONS
+
+
+def test_avif_jfif_and_jpe_are_read_and_every_other_file_is_counted(tmp_path):
+    """Pillow decodes .avif, .jfif and .jpe; they were dropped unseen. Files that are not read (HEIC, notes,
+    spreadsheets) must each be counted, not vanish; captions and metadata.jsonl are not counted."""
+    from PIL import features
+
+    jpeg = encode(noise((20, 20), 1), "JPEG")
+    files = {"old.jfif": jpeg, "older.JPE": encode(noise((20, 20), 2), "JPEG"), "phone.heic": b"ftypheic....",
+             "notes.md": "# notes", "sizes.csv": "a,b", "README": "about", "orphan.txt": "no image"}
+    if features.check("avif"):
+        files["new.avif"] = encode(noise((20, 20), 3), "AVIF")
+    for name in [n for n in files if n != "orphan.txt"]:
+        files[str(Path(name).with_suffix(".txt"))] = f"caption of {name}"
+    write(tmp_path, files)
+    samples, skipped = collect(iter_folder(tmp_path, "captions", TEMPLATE, RES))
+    assert sorted(samples) == sorted(n for n in ("new.avif", "old.jfif", "older.JPE") if n in files)
+    assert sorted((s.source, s.reason) for s in skipped) == [
+        ("README", "unsupported_format"), ("notes.md", "unsupported_format"),
+        ("phone.heic", "unsupported_format"), ("sizes.csv", "unsupported_format")]
+    assert "pillow-heif" in next(s.detail for s in skipped if s.source == "phone.heic")
+
+
+def test_webdataset_samples_with_a_jfif_image_are_read(tmp_path):
+    from test_sources import write_tar
+
+    from diffusion.data.sources import iter_webdataset
+
+    write_tar(tmp_path / "a.tar", [("000.jfif", encode(noise((20, 20), 1), "JPEG")), ("000.txt", b"a photo")])
+    samples, skipped = collect(iter_webdataset(str(tmp_path / "a.tar"), RES))
+    assert [s.caption for s in samples.values()] == ["a photo"] and not skipped

@@ -86,7 +86,7 @@ def test_user_folder_counts_every_bad_file_and_keeps_every_good_image(tmp_path):
     manifest = stage.run(cfg)
 
     expected = {reason: 0 for reason in manifest["skipped"]}
-    expected.update(BAD_REASONS, duplicate=1, missing_caption=1, empty_caption=1)
+    expected.update(BAD_REASONS, duplicate=1, missing_caption=1, empty_caption=1, unsupported_format=1)
     assert manifest["skipped"] == expected
     assert set(manifest["skipped_examples"]) == {r for r, n in expected.items() if n}
     captions = [

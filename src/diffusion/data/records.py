@@ -14,7 +14,8 @@ from PIL import Image
 #: Why an input was skipped. Each reason is counted in the shard manifest; none is fatal.
 SkipReason = Literal[
     "empty_file",  # zero bytes
-    "not_an_image",  # not a format Pillow recognises
+    "not_an_image",  # has an image extension but is not an image Pillow recognises
+    "unsupported_format",  # neither an image by its extension nor a caption (.txt) or metadata.jsonl
     "corrupt",  # recognised but fails to decode
     "truncated",  # the file ends before the image data does
     "missing_caption",  # no caption found for this image

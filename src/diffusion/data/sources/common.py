@@ -15,9 +15,24 @@ from diffusion.data.records import SKIP_REASONS, Sample, Skipped
 
 Item = Sample | Skipped
 
-#: Recognised by extension (any case); files with these extensions that do not decode are counted as
-#: not_an_image. In WebDataset samples the first present in this order is the image.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: Image files, by extension in any case: the raster formats this Pillow decodes (each one is in
+#: ``PIL.Image.registered_extensions()``, a test checks it), including what phones and old cameras name their
+#: JPEGs (.jfif, .jpe) and AVIF. Not containers or documents Pillow only half reads (PDF and EPS need
+#: Ghostscript, PSD layers, ICO sizes), nor HEIC, which needs a plugin: those, and every other file but
+#: captions, are counted as unsupported_format. A file with one of these extensions that does not decode is
+#: not_an_image, truncated or corrupt. In a WebDataset sample the first member present in this order is the
+#: image, so the eight read before come first.
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+    ".jfif", ".jpe", ".avif", ".apng", ".dib", ".jp2", ".j2k", ".qoi", ".tga", ".ppm", ".pgm", ".pbm", ".pnm",
+)
+#: Why a common extension is not read, where there is more to say than "not an image format".
+_UNSUPPORTED_HINTS = {
+    ".heic": "HEIC needs the pillow-heif plugin; convert it to JPEG",
+    ".heif": "HEIF needs the pillow-heif plugin; convert it to JPEG",
+    ".pdf": "a document, not an image",
+    ".psd": "a layered Photoshop file; export it as PNG",
+}
 #: WebDataset splits a member name into key and extension at the first dot of its basename, so keys
 #: must not contain dots; we keep them to a conservative character set that is safe in any file system.
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
@@ -159,3 +174,10 @@ def _meta(meta: dict[str, Any], source: str, prepared: PreparedImage) -> dict[st
 
 def is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def unsupported(source: str, name: str) -> Skipped:
+    """The record of a file that is not read as an image, so that it is counted rather than silently left out."""
+    suffix = PurePosixPath(name).suffix.lower()
+    hint = _UNSUPPORTED_HINTS.get(suffix, "not one of the image extensions read (README, 'Your own images')")
+    return Skipped(source, "unsupported_format", f"{suffix or 'no extension'}: {hint}")

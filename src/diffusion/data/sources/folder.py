@@ -12,7 +12,7 @@ from typing import Iterator, Literal
 
 from diffusion.data.records import Skipped
 from diffusion.data.sources.common import (
-    Assembler, Item, SourceError, is_image_name, path_order, sanitise_key, unique_keys,
+    Assembler, Item, SourceError, is_image_name, path_order, sanitise_key, unique_keys, unsupported,
 )
 from diffusion.data.sources.metadata import METADATA_FILE, iter_metadata
 
@@ -160,5 +160,12 @@ def iter_folder(root: Path, layout: Layout, caption_template: str, resolution: i
     chosen = detect_layout(root, files) if layout == "auto" else layout
     if chosen == "metadata" and not (root / METADATA_FILE).is_file():
         raise SourceError(f"{root}: layout 'metadata' needs {root / METADATA_FILE}")
-    return chain(unlisted, _LAYOUTS[chosen](root, files, Assembler(resolution), caption_template))
+    others = (unsupported(name, name) for name in files if not _read_by_layouts(name))
+    return chain(unlisted, others, _LAYOUTS[chosen](root, files, Assembler(resolution), caption_template))
+
+
+def _read_by_layouts(name: str) -> bool:
+    """Images, side-car captions and metadata.jsonl; any other file is counted as unsupported_format. ``.txt``
+    files never are, in any layout: they are captions, or notes about the images (``cats/about.txt``)."""
+    return is_image_name(name) or name.lower().endswith(CAPTION_SUFFIX) or PurePosixPath(name).name == METADATA_FILE
 
