@@ -4,6 +4,7 @@ and metadata.jsonl files checked before any work."""
 
 from __future__ import annotations
 
+import codecs
 import shutil
 from pathlib import Path
 
@@ -161,3 +162,57 @@ def test_webdataset_samples_with_a_jfif_image_are_read(tmp_path):
     write_tar(tmp_path / "a.tar", [("000.jfif", encode(noise((20, 20), 1), "JPEG")), ("000.txt", b"a photo")])
     samples, skipped = collect(iter_webdataset(str(tmp_path / "a.tar"), RES))
     assert [s.caption for s in samples.values()] == ["a photo"] and not skipped
+
+
+# ------------------------------------------------------------------------------------------- encodings
+
+
+CAPTION = "un café crème ☕"
+
+
+@pytest.mark.parametrize(("encoded", "good"), [
+    (CAPTION.encode("utf-8"), True),
+    (b"\xef\xbb\xbf" + CAPTION.encode("utf-8"), True),  # UTF-8 with the BOM Windows editors add
+    (CAPTION.encode("utf-16"), True),  # Notepad's "Unicode": UTF-16 with its byte-order mark
+    (codecs.BOM_UTF16_BE + CAPTION.encode("utf-16-be"), True),
+    ("un café crème".encode("latin-1"), False),
+    ("un café crème".encode("utf-16-le"), False),  # no byte-order mark: NULs between the letters
+], ids=["utf-8", "utf-8-bom", "utf-16-bom", "utf-16-be-bom", "latin-1", "utf-16-no-bom"])
+def test_captions_are_decoded_strictly_or_skipped_naming_the_file(tmp_path, encoded, good):
+    write(tmp_path, {"cup.png": png(1), "cup.txt": encoded})
+    samples, skipped = collect(iter_folder(tmp_path, "captions", TEMPLATE, RES))
+    if good:
+        assert [s.caption for s in samples.values()] == [CAPTION.strip()] and not skipped
+    else:
+        assert not samples and [(s.source, s.reason) for s in skipped] == [("cup.png", "bad_caption_encoding")]
+        assert skipped[0].detail.startswith("cup.txt: ")
+
+
+def test_webdataset_captions_are_decoded_strictly(tmp_path):
+    from test_sources import write_tar
+
+    from diffusion.data.sources import iter_webdataset
+
+    write_tar(tmp_path / "a.tar", [("000.png", png(1)), ("000.txt", "café".encode("latin-1")),
+                                   ("001.png", png(2)), ("001.txt", "thé".encode("utf-16"))])
+    samples, skipped = collect(iter_webdataset(str(tmp_path / "a.tar"), RES))
+    assert [s.caption for s in samples.values()] == ["thé"]
+    assert [(s.source.rsplit("#")[-1], s.reason) for s in skipped] == [("000", "bad_caption_encoding")]
+
+
+@pytest.mark.parametrize(("content", "line"), [
+    ('{"file_name": "a.png", "text": "ok"}\n{"file_name": "b.png", "text": "caf\xe9"}\n'.encode("latin-1"), 2),
+    ('{"file_name": "a.png", "text": "ok"}\n'.encode("utf-16-le"), 1),
+], ids=["latin-1", "utf-16-no-bom"])
+def test_a_metadata_file_in_another_encoding_is_a_source_error_naming_file_and_line(tmp_path, content, line):
+    from diffusion.data.sources import SourceError
+
+    write(tmp_path, {"a.png": png(1), "b.png": png(2), "metadata.jsonl": content})
+    with pytest.raises(SourceError, match=rf"metadata\.jsonl, line {line}: "):
+        list(iter_folder(tmp_path, "metadata", TEMPLATE, RES))
+
+
+def test_a_utf16_metadata_file_with_its_byte_order_mark_is_read(tmp_path):
+    write(tmp_path, {"a.png": png(1), "metadata.jsonl": '{"file_name": "a.png", "text": "thé"}\r\n'.encode("utf-16")})
+    samples, skipped = collect(iter_folder(tmp_path, "metadata", TEMPLATE, RES))
+    assert [s.caption for s in samples.values()] == ["thé"] and not skipped

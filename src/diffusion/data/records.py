@@ -20,6 +20,7 @@ SkipReason = Literal[
     "truncated",  # the file ends before the image data does
     "missing_caption",  # no caption found for this image
     "empty_caption",  # a caption that is empty or only white space
+    "bad_caption_encoding",  # a caption file that is not UTF-8 (or UTF-16 with a byte-order mark)
     "duplicate",  # the same pixels as an earlier image (after conversion), or a folder reached again by a link
     "missing_file",  # listed (metadata.jsonl, a tar sample's txt/json) but not there, or cannot be read
 ]

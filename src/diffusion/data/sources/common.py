@@ -3,6 +3,7 @@ that turns a candidate image and caption into a `Sample` or a `Skipped`."""
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import re
 import unicodedata
@@ -42,6 +43,47 @@ KEY_HASH_HEX = 8
 
 class SourceError(ValueError):
     """The source itself is unusable (not one bad image): missing folder, unknown layout, bad index file."""
+
+
+class TextEncodingError(ValueError):
+    """Text that is neither UTF-8 nor UTF-16 with a byte-order mark; `line` (from 1) where it can be told."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+#: Byte-order marks read, and what the text after them is. UTF-32's BOM starts like UTF-16's; its text then
+#: holds NULs and is refused.
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def decode_text(data: bytes) -> str:
+    """Caption or metadata bytes -> text, strictly, or `TextEncodingError` saying what is wrong.
+
+    UTF-8, with or without the byte-order mark Windows editors add; UTF-16 only with its mark (what Notepad
+    saves as "Unicode"), as nothing else tells it apart. Anything else (latin-1 or Windows-1252 from an old
+    editor) is refused, not decoded with replacement characters: "un caf\ufffd cr\ufffdme" would be trained on.
+    A NUL character is refused too: it is what UTF-16 without its mark looks like when read as UTF-8.
+    """
+    encoding = "utf-8"
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            data, encoding = data[len(bom):], codec
+            break
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as error:
+        if encoding != "utf-8":
+            raise TextEncodingError(f"starts with a {encoding} byte-order mark but is not {encoding}: {error.reason}")
+        line = data.count(b"\n", 0, error.start) + 1
+        raise TextEncodingError(
+            f"not UTF-8 (byte 0x{data[error.start]:02x}; latin-1 or Windows-1252?): save it as UTF-8", line,
+        ) from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise TextEncodingError("holds a NUL character (UTF-16 without a byte-order mark?): save it as UTF-8", line)
+    return text
 
 
 def summarise(skipped: Iterable[Skipped]) -> dict[str, int]:

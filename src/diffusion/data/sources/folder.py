@@ -12,7 +12,8 @@ from typing import Iterator, Literal
 
 from diffusion.data.records import Skipped
 from diffusion.data.sources.common import (
-    Assembler, Item, SourceError, is_image_name, path_order, sanitise_key, unique_keys, unsupported,
+    Assembler, Item, SourceError, TextEncodingError, decode_text, is_image_name, path_order, sanitise_key,
+    unique_keys, unsupported,
 )
 from diffusion.data.sources.metadata import METADATA_FILE, iter_metadata
 
@@ -65,11 +66,24 @@ def _list_files(root: Path) -> tuple[list[str], list[Skipped]]:
     return sorted(found, key=path_order), notes
 
 
-def _read_caption(path: Path) -> str | None:
-    """A side-car caption, or None when there is none. ``utf-8-sig`` drops the BOM Windows editors add."""
-    if not path.is_file():
+def _read_caption(path: Path) -> bytes | None:
+    """A side-car caption's bytes, or None when there is none."""
+    return path.read_bytes() if path.is_file() else None
+
+
+def _side_car_caption(root: Path, image: str, caption_file: str) -> str | None | Skipped:
+    """The caption in `caption_file` beside `image`; None when there is none; a `Skipped` when it cannot be read
+    or decoded (a caption in another encoding is skipped and counted rather than trained on garbled)."""
+    try:
+        data = _read_caption(root / caption_file)
+    except OSError as error:  # permission denied, an I/O error: skipped like an unreadable image
+        return Skipped(image, "missing_file", f"cannot read its caption {caption_file}: {error}")
+    if data is None:
         return None
-    return path.read_text(encoding="utf-8-sig", errors="replace")
+    try:
+        return decode_text(data)
+    except TextEncodingError as error:
+        return Skipped(image, "bad_caption_encoding", f"{caption_file}: {error}")
 
 
 def _iter_captions(root: Path, files: list[str], assemble: Assembler, template: str) -> Iterator[Item]:
@@ -82,14 +96,12 @@ def _iter_captions(root: Path, files: list[str], assemble: Assembler, template: 
     images = list(filter(is_image_name, files))
     keys = unique_keys(images)
     for name in images:
-        path = root / name
         stem = str(PurePosixPath(name).with_suffix(""))
-        try:
-            caption = _read_caption(root / sidecars.get(stem, stem + CAPTION_SUFFIX))
-        except OSError as error:  # permission denied, an I/O error: skipped like an unreadable image
-            yield Skipped(name, "missing_file", f"cannot read its caption {CAPTION_SUFFIX}: {error}")
+        caption = _side_car_caption(root, name, sidecars.get(stem, stem + CAPTION_SUFFIX))
+        if isinstance(caption, Skipped):
+            yield caption
             continue
-        yield assemble(name, keys[name], caption, path.read_bytes, {}, split_key=sanitise_key(name))
+        yield assemble(name, keys[name], caption, (root / name).read_bytes, {}, split_key=sanitise_key(name))
 
 
 def class_label(folder: str) -> str:

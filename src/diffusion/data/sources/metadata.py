@@ -3,13 +3,14 @@ imagefolder convention), joined with the images on disk."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from diffusion.data.records import Skipped
 from diffusion.data.sources.common import (
-    Assembler, Item, SourceError, is_image_name, sanitise_key, unique_keys,
+    Assembler, Item, SourceError, TextEncodingError, decode_text, is_image_name, sanitise_key, unique_keys,
 )
 
 METADATA_FILE = "metadata.jsonl"
@@ -31,7 +32,14 @@ def _read_metadata(metadata: Path) -> dict[str, list[dict[str, Any]]]:
     Only text is held: the captions must be joined with the files on disk before anything is yielded.
     """
     rows: dict[str, list[dict[str, Any]]] = {}
-    with metadata.open(encoding="utf-8-sig") as lines:
+    try:
+        text = decode_text(metadata.read_bytes())
+    except TextEncodingError as error:  # not a bad caption to skip: every line of the file is in doubt
+        where = f", line {error.line}" if error.line else ""
+        raise SourceError(f"{metadata}{where}: {error}") from None
+    except OSError as error:
+        raise SourceError(f"{metadata}: cannot read it: {error}") from error
+    with io.StringIO(text, newline=None) as lines:  # \n, \r\n or \r, as a file opened in text mode reads them
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue

@@ -13,7 +13,9 @@ from typing import Any, BinaryIO, Iterator
 from braceexpand import braceexpand  # a dependency of webdataset, which reads the same patterns
 
 from diffusion.data.records import Skipped
-from diffusion.data.sources.common import IMAGE_EXTENSIONS, Assembler, Item, SourceError, sanitise_key
+from diffusion.data.sources.common import (
+    IMAGE_EXTENSIONS, Assembler, Item, SourceError, TextEncodingError, decode_text, sanitise_key,
+)
 
 #: webdataset's own rule (``base_plus_ext``): key = everything up to the first dot of the basename.
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -107,7 +109,10 @@ def _wds_item(url: str, key: str, group: dict[str, bytes], assemble: Assembler) 
         if not isinstance(meta, dict):
             return Skipped(source, "corrupt", "json member is not an object")
     if "txt" in group:
-        caption: str | None = group["txt"].decode("utf-8-sig", errors="replace")
+        try:
+            caption: str | None = decode_text(group["txt"])
+        except TextEncodingError as error:
+            return Skipped(source, "bad_caption_encoding", f"txt member: {error}")
     else:  # img2dataset also stores the caption in the json
         caption = meta["caption"] if isinstance(meta.get("caption"), str) else None
     # The same sample key in two tars (two img2dataset runs side by side) is told apart by the tar's name, not
