@@ -24,7 +24,7 @@ from diffusion.config import ConfigError
 from diffusion.data.records import Sample, Skipped
 from diffusion.data.shapes import attribute_values, generate_shapes, validate_holdout
 from diffusion.data.shards import atomic_write_json, check_replaceable, replace_dir, write_shards
-from diffusion.data.sources import SourceError, iter_folder, iter_webdataset, summarise
+from diffusion.data.sources import FolderSource, SourceError, iter_folder, iter_webdataset, summarise
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 from diffusion.stage_configs import ShardConfig
 
@@ -44,12 +44,12 @@ def validate(cfg: ShardConfig) -> None:
         if cfg.source == "folder" and not Path(cfg.path).is_dir():
             raise ConfigError(f"shard.path: folder {cfg.path!r} does not exist")
         try:
-            # Lists the folder (and picks its layout) or expands the tar patterns, reading no image: a pattern
-            # that matches nothing, or a folder whose captions cannot be found, stops here, not after the run opens.
+            # Lists the folder, picks its layout and parses its metadata.jsonl files, or expands the tar patterns,
+            # reading no image: a pattern that matches nothing, a folder whose captions cannot be found or a
+            # malformed metadata line stops here (exit code 2), not after the MLflow run opens.
             _user_items(cfg)
         except SourceError as error:
-            key = "shard.folder_layout" if cfg.source == "folder" else "shard.path"
-            raise ConfigError(f"{key}: {error}") from error
+            raise ConfigError(f"shard.{error.key}: {error}") from error
     inside = _tokenizer_inside(cfg)
     check_replaceable(cfg.out_dir, SHARD_ENTRIES + ((inside.parts[0],) if inside else ()), "shard.out_dir")
     tokenizer = Path(cfg.tokenizer_path)
@@ -73,7 +73,8 @@ def _is_val(key: str, cfg: ShardConfig) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < cfg.val_fraction
 
 
-def _user_items(cfg: ShardConfig) -> Iterator[Sample | Skipped]:
+def _user_items(cfg: ShardConfig) -> Iterable[Sample | Skipped]:
+    """The user's source, checked as a whole (SourceError), its images not read yet."""
     if cfg.source == "folder":
         return iter_folder(Path(cfg.path), cfg.folder_layout, cfg.caption_template, cfg.resolution)
     return iter_webdataset(cfg.path, cfg.resolution)
@@ -106,8 +107,9 @@ def _with_captions(samples: Iterable[Sample], captions: list[str]) -> Iterator[S
         yield s
 
 
-def _write(cfg: ShardConfig, tmp: Path) -> dict[str, Any]:
-    """Write both splits into `tmp`; return the manifest (without paths that depend on `tmp`)."""
+def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None) -> dict[str, Any]:
+    """Write both splits into `tmp` from `items` (a user source; None for shapes); return the manifest (without
+    paths that depend on `tmp`)."""
     kw = dict(samples_per_shard=cfg.samples_per_shard, image_format=cfg.image_format)
     if cfg.source == "shapes":
         captions: list[str] = []
@@ -125,7 +127,7 @@ def _write(cfg: ShardConfig, tmp: Path) -> dict[str, Any]:
                  "holdout": list(cfg.shapes.holdout)}
     else:
         split = _Split(cfg)
-        train = write_shards(split.train(_user_items(cfg)), tmp / "train", **kw)
+        train = write_shards(split.train(items), tmp / "train", **kw)
         if not split.captions:
             raise ShardError(
                 f"shard.path: no usable image in {cfg.path!r} "
@@ -136,7 +138,8 @@ def _write(cfg: ShardConfig, tmp: Path) -> dict[str, Any]:
             print(f"warning: no image fell into the val split (shard.val_fraction {cfg.val_fraction}, "
                   f"{len(split.captions)} train images); train_vae, train_judge and evaluate need val images")
         val = write_shards(split.val, tmp / "val", **kw)
-        captions, skipped, extra = split.captions, split.skipped, {}
+        captions, skipped = split.captions, split.skipped
+        extra = {"layout": items.layout} if isinstance(items, FolderSource) else {}
         val_captions = [s.caption for s in split.val]
     return {
         "captions": captions,
@@ -163,6 +166,11 @@ def _examples(skipped: list[Skipped], per_reason: int = 5) -> dict[str, list[str
     return out
 
 
+def _layout(items: Iterable[Sample | Skipped] | None) -> str:
+    """`` layout=...`` for the console line: which layout a folder is read in."""
+    return f" layout={items.layout}" if isinstance(items, FolderSource) else ""
+
+
 def run(cfg: ShardConfig) -> dict[str, Any]:
     """Run the stage; returns the manifest. Raises SourceError/ShardError before touching the outputs."""
     validate(cfg)
@@ -172,8 +180,9 @@ def run(cfg: ShardConfig) -> dict[str, Any]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        print(f"shard: source={cfg.source} resolution={cfg.resolution} -> {out_dir}")
-        result = _write(cfg, tmp)
+        items = None if cfg.source == "shapes" else _user_items(cfg)
+        print(f"shard: source={cfg.source}{_layout(items)} resolution={cfg.resolution} -> {out_dir}")
+        result = _write(cfg, tmp, items)
         manifest = result["manifest"]
         atomic_write_json(tmp / "manifest.json", manifest)
         tokenizer = train_tokenizer(result["captions"], cfg.vocab_size, cfg.max_length)

@@ -216,3 +216,42 @@ def test_a_utf16_metadata_file_with_its_byte_order_mark_is_read(tmp_path):
     write(tmp_path, {"a.png": png(1), "metadata.jsonl": '{"file_name": "a.png", "text": "thé"}\r\n'.encode("utf-16")})
     samples, skipped = collect(iter_folder(tmp_path, "metadata", TEMPLATE, RES))
     assert [s.caption for s in samples.values()] == ["thé"] and not skipped
+
+
+# ------------------------------------------------------------------------------------ metadata.jsonl
+
+
+def jsonl(*rows: dict) -> str:
+    import json
+
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def test_metadata_jsonl_files_in_subfolders_are_read_relative_to_their_folder(tmp_path):
+    """Hugging Face's imagefolder splits put metadata.jsonl in train/ and test/; read from the root only, such a
+    folder was taken for class folders and every caption became "a photo of a train"."""
+    write(tmp_path, {
+        "train/imgs/a.png": png(1), "train/imgs/b.png": png(2), "test/c.png": png(3), "loose/d.png": png(4),
+        "train/metadata.jsonl": jsonl({"file_name": "imgs/a.png", "text": "an a"},
+                                      {"file_name": "imgs\\b.png", "text": "a b", "rating": 3}),
+        "test/metadata.jsonl": jsonl({"file_name": "c.png", "text": "a c"}, {"file_name": "gone.png", "text": "x"}),
+    })
+    source = iter_folder(tmp_path, "auto", TEMPLATE, RES)
+    samples, skipped = collect(source)
+    assert {name: s.caption for name, s in samples.items()} == {
+        "train/imgs/a.png": "an a", "train/imgs/b.png": "a b", "test/c.png": "a c"}
+    assert samples["train/imgs/b.png"].meta["rating"] == 3
+    assert sorted((s.source, s.reason, s.detail) for s in skipped) == [
+        ("loose/d.png", "missing_caption", "no metadata.jsonl in its folder or above"),
+        ("test/gone.png", "missing_file", "listed in test/metadata.jsonl, line 2, but not found")]
+    assert source.layout == "metadata"
+
+
+def test_a_malformed_metadata_file_stops_the_source_before_any_image_is_read(tmp_path):
+    """iter_folder was a lazy generator: a bad line was found only once the stage had started."""
+    from diffusion.data.sources import SourceError
+
+    write(tmp_path, {"a.png": png(1), "sub/b.png": png(2), "metadata.jsonl": jsonl({"file_name": "a.png", "text": "a"}),
+                     "sub/metadata.jsonl": jsonl({"file_name": "b.png", "text": "b"}, {"file_name": "a.png", "text": 5})})
+    with pytest.raises(SourceError, match=r"sub/metadata\.jsonl, line 2: 'text' must be a string, got 5"):
+        iter_folder(tmp_path, "auto", TEMPLATE, RES)  # no iteration

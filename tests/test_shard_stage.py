@@ -238,3 +238,36 @@ def test_an_image_stays_in_its_split_when_others_are_added_or_removed(tmp_path):
     (src / "一.png").unlink()
     after = run("after")
     assert after == {split: sources - {"一.png"} for split, sources in before.items()}
+
+
+def test_a_malformed_metadata_file_is_a_bad_parameter_before_any_run_opens(tmp_path, cli_env):
+    """Found only once the stage was running, it exited 1 and left a FAILED MLflow run behind."""
+    src = tmp_path / "photos"
+    write(src, {"a.png": b"", "metadata.jsonl": '{"file_name": "a.png", "text": "ok"}\n{"file_name": "a.png", "text": 5}\n'})
+    tiny_params(tmp_path, source="folder", path=str(src))
+    proc = run_cli(["shard"], tmp_path, cli_env, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "shard.path: " in proc.stderr and "metadata.jsonl, line 2: 'text' must be a string" in proc.stderr
+    store = Path(cli_env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+    assert not store.exists(), "no MLflow run may be opened for a bad source"
+
+
+def test_nested_metadata_layout_is_printed_and_recorded(tmp_path, capsys):
+    src = tmp_path / "hf"
+    write(src, {f"train/{i}.png": write_png(i) for i in range(6)})
+    write(src, {"train/metadata.jsonl": "".join(
+        json.dumps({"file_name": f"{i}.png", "text": f"photo {i}"}) + "\n" for i in range(6))})
+    manifest = stage.run(ShardConfig.from_dict(TINY | {
+        "source": "folder", "path": str(src), "val_fraction": 0.3,
+        "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "out" / "tok.json")}))
+    assert manifest["layout"] == "metadata"
+    assert "shard: source=folder layout=metadata" in capsys.readouterr().out
+    captions = [s["caption"] for split in ("train", "val")
+                for s in iter_shards(sorted(str(p) for p in (tmp_path / "out" / split).glob("*.tar")))]
+    assert sorted(captions) == [f"photo {i}" for i in range(6)]  # not "a photo of a train" (class folders)
+
+
+def write_png(seed: int) -> bytes:
+    from test_folder_source import png
+
+    return png(seed)

@@ -42,7 +42,15 @@ KEY_HASH_HEX = 8
 
 
 class SourceError(ValueError):
-    """The source itself is unusable (not one bad image): missing folder, unknown layout, bad index file."""
+    """The source itself is unusable (not one bad image): missing folder, unknown layout, bad index file.
+
+    `key` is the ``shard`` parameter to change (``path``, ``folder_layout``, ``caption_template``), for the
+    stage's message.
+    """
+
+    def __init__(self, message: str, key: str = "path") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class TextEncodingError(ValueError):

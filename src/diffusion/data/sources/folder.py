@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 from collections import deque
-from itertools import chain
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Literal
 
@@ -15,7 +14,7 @@ from diffusion.data.sources.common import (
     Assembler, Item, SourceError, TextEncodingError, decode_text, is_image_name, path_order, sanitise_key,
     unique_keys, unsupported,
 )
-from diffusion.data.sources.metadata import METADATA_FILE, iter_metadata
+from diffusion.data.sources.metadata import METADATA_FILE, iter_metadata, metadata_files, read_metadata
 
 Layout = Literal["auto", "metadata", "captions", "classes"]
 CAPTION_SUFFIX = ".txt"
@@ -125,13 +124,25 @@ def _iter_classes(root: Path, files: list[str], assemble: Assembler, template: s
         yield assemble(name, keys[name], caption, (root / name).read_bytes, meta, split_key=sanitise_key(name))
 
 
-_LAYOUTS = {"metadata": iter_metadata, "captions": _iter_captions, "classes": _iter_classes}
+def _iter_metadata(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
+    return iter_metadata(source.root, source.files, source.rows, assemble)
+
+
+def _iter_captions_of(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
+    return _iter_captions(source.root, source.files, assemble, source.caption_template)
+
+
+def _iter_classes_of(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
+    return _iter_classes(source.root, source.files, assemble, source.caption_template)
+
+
+_LAYOUTS = {"metadata": _iter_metadata, "captions": _iter_captions_of, "classes": _iter_classes_of}
 
 
 def detect_layout(root: Path, files: list[str]) -> str:
-    """The first layout whose marks are present: ``metadata.jsonl``; a side-car ``.txt`` beside an image;
-    images in subfolders."""
-    if (root / METADATA_FILE).is_file():
+    """The first layout whose marks are present: a ``metadata.jsonl`` (in the root or a subfolder); a side-car
+    ``.txt`` beside an image; images in subfolders."""
+    if metadata_files(files):
         return "metadata"
     image_stems = {str(PurePosixPath(name).with_suffix("")) for name in files if is_image_name(name)}
     if any(name.lower().endswith(CAPTION_SUFFIX) and name[: -len(CAPTION_SUFFIX)] in image_stems for name in files):
@@ -141,43 +152,68 @@ def detect_layout(root: Path, files: list[str]) -> str:
     raise SourceError(
         f"{root}: cannot tell how captions are given. Use one of: 'metadata' (a {METADATA_FILE} with one "
         '{"file_name": ..., "text": ...} per line), \'captions\' (x.jpg beside x.txt), or \'classes\' '
-        "(one subfolder per class, e.g. cats/001.jpg)"
+        "(one subfolder per class, e.g. cats/001.jpg)", key="folder_layout",
     )
 
 
-def iter_folder(root: Path, layout: Layout, caption_template: str, resolution: int) -> Iterator[Item]:
-    """Every image under ``root`` as a `Sample` (or a `Skipped`), in sorted path order, one at a time.
+class FolderSource:
+    """A folder of images, checked as a whole when built; iterate it for every image as a `Sample` or a
+    `Skipped`, in sorted path order, one image in memory at a time (each iteration reads the images anew).
 
-    Args:
+    Building it lists the folder, picks the layout and parses every ``metadata.jsonl``: whatever is wrong with
+    the folder as a whole (no such folder, no layout that fits, a malformed metadata line) raises here, before
+    any image is read, so the stage's ``validate`` stops on it before its run starts.
+
+    Attributes:
         root: the folder.
-        layout: ``metadata``, ``captions``, ``classes``, or ``auto`` (the first of those whose marks exist).
-        caption_template: caption for the ``classes`` layout; ``{label}`` is the folder name, with ``_``
-            and ``-`` read as spaces.
-        resolution: side of the square RGB images yielded.
-
-    Raises:
-        SourceError: ``root`` is not a folder or no layout fits (at the call); ``metadata.jsonl`` is
-            malformed (at the first ``next``, before anything is yielded).
+        layout: the layout read: ``metadata``, ``captions`` or ``classes``.
+        files: every file under ``root``, relative POSIX paths, sorted (hidden files left out).
+        rows: the ``metadata.jsonl`` rows by image path (``metadata`` layout; else empty).
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise SourceError(f"{root}: not a folder (expected a folder of images)")
-    if layout != "auto" and layout not in _LAYOUTS:
-        raise SourceError(f"layout {layout!r} unknown; allowed: {['auto', *_LAYOUTS]}")
-    try:
-        caption_template.format(label="x")
-    except (KeyError, IndexError, ValueError) as error:
-        raise SourceError(f"caption_template {caption_template!r}: only {{label}} may be used ({error})") from error
-    files, unlisted = _list_files(root)
-    chosen = detect_layout(root, files) if layout == "auto" else layout
-    if chosen == "metadata" and not (root / METADATA_FILE).is_file():
-        raise SourceError(f"{root}: layout 'metadata' needs {root / METADATA_FILE}")
-    others = (unsupported(name, name) for name in files if not _read_by_layouts(name))
-    return chain(unlisted, others, _LAYOUTS[chosen](root, files, Assembler(resolution), caption_template))
+
+    def __init__(self, root: Path, layout: Layout, caption_template: str, resolution: int) -> None:
+        """Args:
+            root: the folder.
+            layout: ``metadata``, ``captions``, ``classes``, or ``auto`` (the first of those whose marks exist).
+            caption_template: caption for the ``classes`` layout; ``{label}`` is the folder name, with ``_``
+                and ``-`` read as spaces.
+            resolution: side of the square RGB images yielded.
+
+        Raises:
+            SourceError: ``root`` is not a folder, no layout fits, or a ``metadata.jsonl`` is malformed.
+        """
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"{self.root}: not a folder (expected a folder of images)")
+        if layout != "auto" and layout not in _LAYOUTS:
+            raise SourceError(f"layout {layout!r} unknown; allowed: {['auto', *_LAYOUTS]}", key="folder_layout")
+        try:
+            caption_template.format(label="x")
+        except (KeyError, IndexError, ValueError) as error:
+            raise SourceError(f"caption_template {caption_template!r}: only {{label}} may be used ({error})",
+                              key="caption_template") from error
+        self.caption_template, self.resolution = caption_template, resolution
+        self.files, self._unlisted = _list_files(self.root)
+        self.layout = detect_layout(self.root, self.files) if layout == "auto" else layout
+        if self.layout == "metadata" and not metadata_files(self.files):
+            raise SourceError(f"{self.root}: layout 'metadata' needs a {METADATA_FILE} in it or in a subfolder",
+                              key="folder_layout")
+        self.rows = read_metadata(self.root, self.files) if self.layout == "metadata" else {}
+
+    def __iter__(self) -> Iterator[Item]:
+        yield from self._unlisted
+        # Files listed in a metadata.jsonl are read whatever their extension (and counted if they fail then).
+        yield from (unsupported(name, name) for name in self.files
+                    if not _read_by_layouts(name) and name not in self.rows)
+        yield from _LAYOUTS[self.layout](self, Assembler(self.resolution))
+
+
+def iter_folder(root: Path, layout: Layout, caption_template: str, resolution: int) -> FolderSource:
+    """The folder source (see `FolderSource`): checked now, its images read when iterated."""
+    return FolderSource(root, layout, caption_template, resolution)
 
 
 def _read_by_layouts(name: str) -> bool:
     """Images, side-car captions and metadata.jsonl; any other file is counted as unsupported_format. ``.txt``
     files never are, in any layout: they are captions, or notes about the images (``cats/about.txt``)."""
     return is_image_name(name) or name.lower().endswith(CAPTION_SUFFIX) or PurePosixPath(name).name == METADATA_FILE
-

@@ -1,37 +1,55 @@
-"""The ``metadata`` layout: a ``metadata.jsonl`` with ``file_name`` and ``text`` per line (Hugging Face's
-imagefolder convention), joined with the images on disk."""
+"""The ``metadata`` layout: ``metadata.jsonl`` files with ``file_name`` and ``text`` per line (Hugging Face's
+imagefolder convention), joined with the images on disk.
+
+A ``metadata.jsonl`` may sit in the root or in any subfolder (``train/metadata.jsonl``, as imagefolder
+datasets are split); each one's ``file_name`` is relative to its own folder. Every file is parsed when the
+source is built, so a malformed line stops the stage before it starts, not after some images were read.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from diffusion.data.records import Skipped
 from diffusion.data.sources.common import (
-    Assembler, Item, SourceError, TextEncodingError, decode_text, is_image_name, sanitise_key, unique_keys,
+    Assembler, Item, SourceError, TextEncodingError, decode_text, is_image_name, path_order, sanitise_key, unique_keys,
 )
 
 METADATA_FILE = "metadata.jsonl"
 
 
+@dataclass(frozen=True)
+class Row:
+    """One line of a ``metadata.jsonl``: where it is, its caption (None: none given), the rest of its fields."""
+
+    file: str  # the metadata.jsonl, relative to the root
+    line: int
+    text: str | None
+    meta: dict[str, Any]
+
+
+def metadata_files(files: list[str]) -> list[str]:
+    """The ``metadata.jsonl`` files among `files` (relative paths), in sorted order."""
+    return [name for name in files if PurePosixPath(name).name == METADATA_FILE]
+
+
 def _relative_file_name(value: Any, metadata: Path, line: int) -> str:
-    """Validate one ``file_name``: a relative path inside the folder (Hugging Face's convention)."""
+    """Validate one ``file_name``: a relative path inside the metadata file's folder (Hugging Face's convention)."""
     if not isinstance(value, str) or not value:
         raise SourceError(f"{metadata}, line {line}: 'file_name' must be a non-empty string, got {value!r}")
     path = PurePosixPath(value.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts:
-        raise SourceError(f"{metadata}, line {line}: 'file_name' must be relative to the folder, got {value!r}")
+        raise SourceError(f"{metadata}, line {line}: 'file_name' must be relative to the folder of "
+                          f"{METADATA_FILE}, got {value!r}")
     return path.as_posix()
 
 
-def _read_metadata(metadata: Path) -> dict[str, list[dict[str, Any]]]:
-    """``metadata.jsonl`` -> rows by file name (a file may be listed twice: the second is a duplicate).
-
-    Only text is held: the captions must be joined with the files on disk before anything is yielded.
-    """
-    rows: dict[str, list[dict[str, Any]]] = {}
+def _read_lines(metadata: Path) -> Iterator[tuple[int, str]]:
+    """(number, line) of the file's non-blank lines; the whole file is decoded first, strictly."""
     try:
         text = decode_text(metadata.read_bytes())
     except TextEncodingError as error:  # not a bad caption to skip: every line of the file is in doubt
@@ -41,35 +59,66 @@ def _read_metadata(metadata: Path) -> dict[str, list[dict[str, Any]]]:
         raise SourceError(f"{metadata}: cannot read it: {error}") from error
     with io.StringIO(text, newline=None) as lines:  # \n, \r\n or \r, as a file opened in text mode reads them
         for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SourceError(f"{metadata}, line {number}: not valid JSON ({error.msg})") from error
-            if not isinstance(row, dict) or "file_name" not in row:
-                raise SourceError(f"{metadata}, line {number}: expected an object with 'file_name' and 'text'")
-            text = row.get("text")
-            if text is not None and not isinstance(text, str):
-                raise SourceError(f"{metadata}, line {number}: 'text' must be a string, got {text!r}")
-            rows.setdefault(_relative_file_name(row["file_name"], metadata, number), []).append(row)
+            if line.strip():
+                yield number, line
+
+
+def _read_one(root: Path, name: str) -> Iterator[tuple[str, Row]]:
+    """(image path relative to the root, row) for every line of the metadata file `name`."""
+    metadata, folder = root / name, PurePosixPath(name).parent
+    for number, line in _read_lines(metadata):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SourceError(f"{metadata}, line {number}: not valid JSON ({error.msg})") from error
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise SourceError(f"{metadata}, line {number}: expected an object with 'file_name' and 'text'")
+        text = row.get("text")
+        if text is not None and not isinstance(text, str):
+            raise SourceError(f"{metadata}, line {number}: 'text' must be a string, got {text!r}")
+        image = (folder / _relative_file_name(row["file_name"], metadata, number)).as_posix()
+        meta = {k: v for k, v in row.items() if k not in ("file_name", "text")}
+        yield image, Row(name, number, text, meta)
+
+
+def read_metadata(root: Path, files: list[str]) -> dict[str, list[Row]]:
+    """Every ``metadata.jsonl`` under `root` (`files`: the folder's listing), parsed now: image path relative
+    to the root -> its rows (an image listed twice has two: the second is skipped as a duplicate).
+
+    Only text is held; the images are read later, one at a time.
+
+    Raises:
+        SourceError: naming the file and line, for a line that is not JSON, not an object with ``file_name``,
+            has a ``text`` that is not a string, names a file outside its folder, or is not UTF-8.
+    """
+    rows: dict[str, list[Row]] = {}
+    for name in metadata_files(files):
+        for image, row in _read_one(root, name):
+            rows.setdefault(image, []).append(row)
     return rows
 
 
-def iter_metadata(root: Path, files: list[str], assemble: Assembler, template: str) -> Iterator[Item]:
-    """``metadata.jsonl`` rows joined with the images on disk: unlisted images are missing a caption,
+def _governing(image: str, files: set[str]) -> str:
+    """The metadata file nearest above `image`, which should have listed it, for the skip record."""
+    for folder in PurePosixPath(image).parents:
+        candidate = (folder / METADATA_FILE).as_posix()
+        if candidate in files:
+            return f"not listed in {candidate}"
+    return f"no {METADATA_FILE} in its folder or above"
+
+
+def iter_metadata(root: Path, files: list[str], rows: dict[str, list[Row]], assemble: Assembler) -> Iterator[Item]:
+    """The rows joined with the images on disk, in sorted path order: unlisted images are missing a caption,
     listed files that are not there are missing files."""
-    rows = _read_metadata(root / METADATA_FILE)
-    names = set(rows) | {name for name in files if is_image_name(name)}
-    keys = unique_keys(names)
-    for name in sorted(names, key=lambda n: n.split("/")):
+    names = sorted(set(rows) | {name for name in files if is_image_name(name)}, key=path_order)
+    keys, listing = unique_keys(names), set(metadata_files(files))
+    for name in names:
         path = root / name
         if name not in rows:
-            yield Skipped(name, "missing_caption", f"not listed in {METADATA_FILE}")
+            yield Skipped(name, "missing_caption", _governing(name, listing))
             continue
         for row in rows[name]:
             if not path.is_file():
-                yield Skipped(name, "missing_file", f"listed in {METADATA_FILE} but not found")
+                yield Skipped(name, "missing_file", f"listed in {row.file}, line {row.line}, but not found")
                 continue
-            meta = {k: v for k, v in row.items() if k not in ("file_name", "text")}
-            yield assemble(name, keys[name], row.get("text"), path.read_bytes, meta, split_key=sanitise_key(name))
+            yield assemble(name, keys[name], row.text, path.read_bytes, row.meta, split_key=sanitise_key(name))
