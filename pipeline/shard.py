@@ -129,11 +129,14 @@ def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None
         split = _Split(cfg)
         train = write_shards(split.train(items), tmp / "train", **kw)
         if not split.captions:
-            raise ShardError(
-                f"shard.path: no usable image in {cfg.path!r} "
-                f"(skipped: {', '.join(f'{r}={n}' for r, n in summarise(split.skipped).items() if n) or 'none'});"
-                " expected images with captions (metadata.jsonl, side-car .txt, or class folders)"
-            )
+            counts = ", ".join(f"{r}={n}" for r, n in summarise(split.skipped).items() if n) or "none"
+            if isinstance(items, FolderSource):
+                how = f"read as layout '{items.layout}'" + (f", chosen because {items.reason}" if items.reason else "")
+                few = items.captioned * 2 < items.images
+                advice = _layout_advice(items) if few else "every image with a caption was skipped, for the reasons counted"
+            else:
+                how, advice = "read as WebDataset tars", "expected samples with an image and a caption"
+            raise ShardError(f"shard.path: no usable image in {cfg.path!r}, {how} (skipped: {counts}); {advice}")
         if not split.val:  # allowed (val_fraction 0), but train_vae, train_judge and evaluate will refuse it
             print(f"warning: no image fell into the val split (shard.val_fraction {cfg.val_fraction}, "
                   f"{len(split.captions)} train images); train_vae, train_judge and evaluate need val images")
@@ -167,8 +170,25 @@ def _examples(skipped: list[Skipped], per_reason: int = 5) -> dict[str, list[str
 
 
 def _layout(items: Iterable[Sample | Skipped] | None) -> str:
-    """`` layout=...`` for the console line: which layout a folder is read in."""
-    return f" layout={items.layout}" if isinstance(items, FolderSource) else ""
+    """`` layout=...`` for the console line: which layout a folder is read in, and why when chosen by ``auto``."""
+    if not isinstance(items, FolderSource):
+        return ""
+    return f" layout={items.layout}" + (f" (auto: {items.reason})" if items.reason else "")
+
+
+def _layout_advice(source: FolderSource) -> str:
+    """What to set when the layout read finds few captions: one stray caption among class folders makes ``auto``
+    pick ``captions``, and the images without one are then all skipped."""
+    if source.layout != "classes" and source.in_subfolders:
+        return "if the subfolders are classes, run with -S shard.folder_layout=classes"
+    return "set shard.folder_layout to the layout the folder is in (metadata, captions or classes)"
+
+
+def _warn_on_coverage(items: Iterable[Sample | Skipped] | None) -> None:
+    """A warning when ``auto`` picked a layout that gives fewer than half the images a caption."""
+    if isinstance(items, FolderSource) and items.reason and items.captioned * 2 < items.images:
+        print(f"warning: layout '{items.layout}' ({items.reason}) gives only {items.captioned} of {items.images} "
+              f"images a caption; {_layout_advice(items)}")
 
 
 def run(cfg: ShardConfig) -> dict[str, Any]:
@@ -182,6 +202,7 @@ def run(cfg: ShardConfig) -> dict[str, Any]:
     try:
         items = None if cfg.source == "shapes" else _user_items(cfg)
         print(f"shard: source={cfg.source}{_layout(items)} resolution={cfg.resolution} -> {out_dir}")
+        _warn_on_coverage(items)
         result = _write(cfg, tmp, items)
         manifest = result["manifest"]
         atomic_write_json(tmp / "manifest.json", manifest)

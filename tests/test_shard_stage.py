@@ -271,3 +271,26 @@ def write_png(seed: int) -> bytes:
     from test_folder_source import png
 
     return png(seed)
+
+
+def test_a_stray_caption_among_class_folders_is_named_with_the_layout_it_chose(tmp_path, capsys):
+    """One caption file among class folders makes auto pick 'captions'; the stage must say so, naming the file,
+    and suggest the classes layout, both when some image survives and when none does."""
+    from test_folder_source import png
+
+    src = tmp_path / "pets"
+    write(src, {f"{kind}/{i}.png": png(10 * n + i) for n, kind in enumerate(("cats", "dogs")) for i in range(4)})
+    write(src, {"cats/with_caption.png": png(99), "cats/with_caption.txt": "a cat with its own caption"})
+    cfg = TINY | {"source": "folder", "path": str(src), "val_fraction": 0.0,
+                  "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "out" / "tok.json")}
+    stage.run(ShardConfig.from_dict(cfg))
+    out = capsys.readouterr().out
+    assert ("layout=captions (auto: cats/with_caption.txt is a caption beside cats/with_caption.png)" in out
+            and "only 1 of 9 images a caption" in out and "-S shard.folder_layout=classes" in out), out
+    write(src, {"cats/with_caption.png": b"not an image"})
+    with pytest.raises(stage.ShardError) as error:
+        stage.run(ShardConfig.from_dict(cfg))
+    message = str(error.value)
+    for part in ("layout 'captions'", "cats/with_caption.txt is a caption beside cats/with_caption.png",
+                 "missing_caption=8", "-S shard.folder_layout=classes"):
+        assert part in message, message

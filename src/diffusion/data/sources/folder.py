@@ -7,7 +7,7 @@ import os
 import re
 from collections import deque
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 from diffusion.data.records import Skipped
 from diffusion.data.sources.common import (
@@ -139,16 +139,20 @@ def _iter_classes_of(source: FolderSource, assemble: Assembler) -> Iterator[Item
 _LAYOUTS = {"metadata": _iter_metadata, "captions": _iter_captions_of, "classes": _iter_classes_of}
 
 
-def detect_layout(root: Path, files: list[str]) -> str:
-    """The first layout whose marks are present: a ``metadata.jsonl`` (in the root or a subfolder); a side-car
-    ``.txt`` beside an image; images in subfolders."""
-    if metadata_files(files):
-        return "metadata"
-    image_stems = {str(PurePosixPath(name).with_suffix("")) for name in files if is_image_name(name)}
-    if any(name.lower().endswith(CAPTION_SUFFIX) and name[: -len(CAPTION_SUFFIX)] in image_stems for name in files):
-        return "captions"
-    if any("/" in name for name in files if is_image_name(name)):
-        return "classes"
+def detect_layout(root: Path, files: list[str]) -> tuple[str, str]:
+    """The first layout whose marks are present, and the file that showed it: a ``metadata.jsonl`` (in the root
+    or a subfolder); a side-car ``.txt`` beside an image; images in subfolders. One stray caption is enough to
+    pick ``captions``, so the reason is reported: a folder of classes misread that way is then easy to spot."""
+    found = metadata_files(files)
+    if found:
+        return "metadata", f"found {found[0]}" + (f" and {len(found) - 1} more" if len(found) > 1 else "")
+    images = {str(PurePosixPath(name).with_suffix("")): name for name in files if is_image_name(name)}
+    for name in files:
+        if name.lower().endswith(CAPTION_SUFFIX) and name[: -len(CAPTION_SUFFIX)] in images:
+            return "captions", f"{name} is a caption beside {images[name[: -len(CAPTION_SUFFIX)]]}"
+    nested = next((name for name in images.values() if "/" in name), None)
+    if nested is not None:
+        return "classes", f"images are in subfolders, e.g. {nested}"
     raise SourceError(
         f"{root}: cannot tell how captions are given. Use one of: 'metadata' (a {METADATA_FILE} with one "
         '{"file_name": ..., "text": ...} per line), \'captions\' (x.jpg beside x.txt), or \'classes\' '
@@ -167,8 +171,12 @@ class FolderSource:
     Attributes:
         root: the folder.
         layout: the layout read: ``metadata``, ``captions`` or ``classes``.
+        reason: why ``auto`` chose it (``cats/x.txt is a caption beside cats/x.png``); None when it was given.
         files: every file under ``root``, relative POSIX paths, sorted (hidden files left out).
         rows: the ``metadata.jsonl`` rows by image path (``metadata`` layout; else empty).
+        images: how many files have an image extension.
+        captioned: how many of those have a caption in this layout (before any is read or decoded).
+        in_subfolders: whether any image is in a subfolder (the folder may be meant as classes).
     """
 
     def __init__(self, root: Path, layout: Layout, caption_template: str, resolution: int) -> None:
@@ -194,11 +202,23 @@ class FolderSource:
                               key="caption_template") from error
         self.caption_template, self.resolution = caption_template, resolution
         self.files, self._unlisted = _list_files(self.root)
-        self.layout = detect_layout(self.root, self.files) if layout == "auto" else layout
+        self.layout, self.reason = detect_layout(self.root, self.files) if layout == "auto" else (layout, None)
         if self.layout == "metadata" and not metadata_files(self.files):
             raise SourceError(f"{self.root}: layout 'metadata' needs a {METADATA_FILE} in it or in a subfolder",
                               key="folder_layout")
         self.rows = read_metadata(self.root, self.files) if self.layout == "metadata" else {}
+        images = [name for name in self.files if is_image_name(name)]
+        self.images, self.in_subfolders = len(images), any("/" in name for name in images)
+        self.captioned = sum(map(self._caption_given(), images))
+
+    def _caption_given(self) -> Callable[[str], bool]:
+        """Whether this layout finds a caption for an image (not yet whether it reads or decodes)."""
+        if self.layout == "metadata":
+            return self.rows.__contains__
+        if self.layout == "classes":
+            return lambda image: "/" in image
+        stems = {name[: -len(CAPTION_SUFFIX)] for name in self.files if name.lower().endswith(CAPTION_SUFFIX)}
+        return lambda image: str(PurePosixPath(image).with_suffix("")) in stems
 
     def __iter__(self) -> Iterator[Item]:
         yield from self._unlisted
