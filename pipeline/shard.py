@@ -4,6 +4,7 @@ Reads the `shard` section of params.yaml (`diffusion.stage_configs.ShardConfig`)
 
     <out_dir>/train/shard-*.tar, <out_dir>/val/shard-*.tar   (layout: diffusion.data.shards)
     <out_dir>/manifest.json                                  (counts, skipped inputs by reason)
+    <out_dir>/skipped.jsonl                                  (every skipped input: source, reason, detail)
     <tokenizer_path>                                         (BPE trained on the train captions)
 
 Everything is written to a temporary folder first and moved into place only when complete, so a killed
@@ -23,13 +24,15 @@ from typing import Any
 from diffusion.config import ConfigError
 from diffusion.data.records import Sample, Skipped
 from diffusion.data.shapes import attribute_values, generate_shapes, validate_holdout
-from diffusion.data.shards import atomic_write_json, check_replaceable, replace_dir, write_shards
+from diffusion.data.shards import (
+    atomic_write_json, atomic_write_text, check_replaceable, replace_dir, write_shards,
+)
 from diffusion.data.sources import FolderSource, SourceError, iter_folder, iter_webdataset, summarise
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 from diffusion.stage_configs import ShardConfig
 
 #: What the stage writes in out_dir (anything else there stops it: check_replaceable).
-SHARD_ENTRIES = ("train", "val", "manifest.json")
+SHARD_ENTRIES = ("train", "val", "manifest.json", "skipped.jsonl")
 
 
 class ShardError(RuntimeError):
@@ -133,7 +136,7 @@ def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None
             if isinstance(items, FolderSource):
                 how = f"read as layout '{items.layout}'" + (f", chosen because {items.reason}" if items.reason else "")
                 few = items.captioned * 2 < items.images
-                advice = _layout_advice(items) if few else "every image with a caption was skipped, for the reasons counted"
+                advice = _layout_advice(items) if few else "every image with a caption was skipped (reasons above)"
             else:
                 how, advice = "read as WebDataset tars", "expected samples with an image and a caption"
             raise ShardError(f"shard.path: no usable image in {cfg.path!r}, {how} (skipped: {counts}); {advice}")
@@ -146,6 +149,7 @@ def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None
         val_captions = [s.caption for s in split.val]
     return {
         "captions": captions,
+        "skipped": skipped,
         "manifest": {
             "source": cfg.source,
             "path": cfg.path,
@@ -154,11 +158,20 @@ def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None
             "shards": {"train": [p.name for p in train], "val": [p.name for p in val]},
             "sha256": {"train": train.digests(), "val": val.digests()},  # what training runs key on
             "skipped": summarise(skipped),
-            # Never silent: which inputs were skipped and why (first few of each reason).
+            # Never silent: which inputs were skipped and why (first few of each reason; all in skipped.jsonl).
             "skipped_examples": _examples(skipped),
             **extra,
         },
     }
+
+
+def _write_skipped(path: Path, skipped: list[Skipped]) -> None:
+    """Every skipped input, one JSON object per line, sorted (the order items were read in is an implementation
+    detail; sorted, the file is the same whatever reads the source). Empty when nothing was skipped."""
+    rows = sorted((s.source, s.reason, s.detail) for s in skipped)
+    lines = (json.dumps({"source": src, "reason": reason, "detail": detail}, ensure_ascii=False) + "\n"
+             for src, reason, detail in rows)
+    atomic_write_text(path, "".join(lines))
 
 
 def _examples(skipped: list[Skipped], per_reason: int = 5) -> dict[str, list[str]]:
@@ -206,6 +219,7 @@ def run(cfg: ShardConfig) -> dict[str, Any]:
         result = _write(cfg, tmp, items)
         manifest = result["manifest"]
         atomic_write_json(tmp / "manifest.json", manifest)
+        _write_skipped(tmp / "skipped.jsonl", result["skipped"])
         tokenizer = train_tokenizer(result["captions"], cfg.vocab_size, cfg.max_length)
         # The tokenizer is written in full first, beside its place, and renamed in with the folder
         # (replace_dir): shards and tokenizer cannot end up from two runs, unless the machine stops in the
@@ -217,7 +231,8 @@ def run(cfg: ShardConfig) -> dict[str, Any]:
         tok_tmp.unlink(missing_ok=True)  # an interrupted run's (after a swap it is already in place)
     counts, skipped = manifest["counts"], {k: v for k, v in manifest["skipped"].items() if v}
     print(f"shard: wrote {counts['train']} train and {counts['val']} val samples to {out_dir}/{{train,val}}")
-    print(f"shard: skipped {json.dumps(skipped) if skipped else 'nothing'}; manifest {out_dir / 'manifest.json'}")
+    print(f"shard: skipped {json.dumps(skipped) if skipped else 'nothing'}; manifest {out_dir / 'manifest.json'}, "
+          f"every skip in {out_dir / 'skipped.jsonl'}")
     print(f"shard: tokenizer ({tokenizer.get_vocab_size()} tokens) -> {cfg.tokenizer_path}")
     return manifest
 
@@ -236,5 +251,6 @@ def main(cfg: ShardConfig) -> dict[str, Any]:
             | {f"skipped_{reason}": n for reason, n in manifest["skipped"].items()}
         )
         mlflow.log_dict(manifest, "manifest.json")
+        mlflow.log_artifact(str(Path(cfg.out_dir) / "skipped.jsonl"))  # every skip, where the manifest has 5 each
         print(f"shard: MLflow run {active.info.run_id}")
     return manifest

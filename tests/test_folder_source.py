@@ -251,7 +251,8 @@ def test_a_malformed_metadata_file_stops_the_source_before_any_image_is_read(tmp
     """iter_folder was a lazy generator: a bad line was found only once the stage had started."""
     from diffusion.data.sources import SourceError
 
-    write(tmp_path, {"a.png": png(1), "sub/b.png": png(2), "metadata.jsonl": jsonl({"file_name": "a.png", "text": "a"}),
-                     "sub/metadata.jsonl": jsonl({"file_name": "b.png", "text": "b"}, {"file_name": "a.png", "text": 5})})
+    write(tmp_path, {
+        "a.png": png(1), "sub/b.png": png(2), "metadata.jsonl": jsonl({"file_name": "a.png", "text": "a"}),
+        "sub/metadata.jsonl": jsonl({"file_name": "b.png", "text": "b"}, {"file_name": "a.png", "text": 5})})
     with pytest.raises(SourceError, match=r"sub/metadata\.jsonl, line 2: 'text' must be a string, got 5"):
         iter_folder(tmp_path, "auto", TEMPLATE, RES)  # no iteration

@@ -243,7 +243,8 @@ def test_an_image_stays_in_its_split_when_others_are_added_or_removed(tmp_path):
 def test_a_malformed_metadata_file_is_a_bad_parameter_before_any_run_opens(tmp_path, cli_env):
     """Found only once the stage was running, it exited 1 and left a FAILED MLflow run behind."""
     src = tmp_path / "photos"
-    write(src, {"a.png": b"", "metadata.jsonl": '{"file_name": "a.png", "text": "ok"}\n{"file_name": "a.png", "text": 5}\n'})
+    rows = '{"file_name": "a.png", "text": "ok"}\n{"file_name": "a.png", "text": 5}\n'
+    write(src, {"a.png": b"", "metadata.jsonl": rows})
     tiny_params(tmp_path, source="folder", path=str(src))
     proc = run_cli(["shard"], tmp_path, cli_env, check=False)
     assert proc.returncode == 2, proc.stderr
@@ -294,3 +295,30 @@ def test_a_stray_caption_among_class_folders_is_named_with_the_layout_it_chose(t
     for part in ("layout 'captions'", "cats/with_caption.txt is a caption beside cats/with_caption.png",
                  "missing_caption=8", "-S shard.folder_layout=classes"):
         assert part in message, message
+
+
+def test_every_skip_is_written_to_skipped_jsonl_and_logged_to_mlflow(tmp_path, cli_env):
+    """The manifest keeps five examples per reason; skipped.jsonl keeps every skip, sorted, with its detail (a
+    duplicate names the image kept), in the output folder and as an artifact of the stage's MLflow run."""
+    from mlflow.tracking import MlflowClient
+    from test_folder_source import png
+
+    src = tmp_path / "photos"
+    files = {f"img_{i}.png": png(i) for i in range(8)} | {f"bad_{i}.png": b"" for i in range(7)}
+    files |= {"z_copy.png": png(3), "notes.md": "# notes"}
+    write(src, files | {f"{Path(n).stem}.txt": f"caption {n}" for n in files if n.endswith(".png")})
+    tiny_params(tmp_path, source="folder", path=str(src), val_fraction=0.3)
+    proc = run_cli(["shard"], tmp_path, cli_env)
+    out = tmp_path / "data" / "shards"
+    lines = (out / "skipped.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == 9 and rows == sorted(rows, key=lambda r: (r["source"], r["reason"], r["detail"]))
+    assert {"source": "z_copy.png", "reason": "duplicate", "detail": "same pixels as img_3.png"} in rows
+    assert sum(r["reason"] == "empty_file" for r in rows) == 7  # the manifest lists only 5 of them
+    assert len(json.loads((out / "manifest.json").read_text())["skipped_examples"]["empty_file"]) == 5
+    run_id = proc.stdout.split("MLflow run ")[1].split()[0]
+    client = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"manifest.json", "skipped.jsonl"}
+    before = digests(out)
+    run_cli(["shard"], tmp_path, cli_env)
+    assert digests(out) == before and "skipped.jsonl" in before

@@ -20,6 +20,6 @@ from diffusion.data.sources.metadata import METADATA_FILE
 from diffusion.data.sources.tars import expand_urls, iter_webdataset
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "METADATA_FILE", "FolderSource", "Item", "Layout", "SourceError", "class_label", "detect_layout",
-    "expand_urls", "iter_folder", "iter_webdataset", "sanitise_key", "summarise",
+    "IMAGE_EXTENSIONS", "METADATA_FILE", "FolderSource", "Item", "Layout", "SourceError", "class_label",
+    "detect_layout", "expand_urls", "iter_folder", "iter_webdataset", "sanitise_key", "summarise",
 ]

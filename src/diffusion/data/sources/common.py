@@ -159,13 +159,14 @@ def unique_keys(names: Iterable[str]) -> dict[str, str]:
 class Assembler:
     """What every source does to a candidate: check the caption, decode, drop duplicates, keep keys unique.
 
-    Holds only the hashes of images already yielded and the keys already used, so memory grows by a few
-    dozen bytes per image, not by the images.
+    Holds the pixel hash and source of each image already yielded (the source, so that a duplicate's record can
+    name the image kept) and the keys already used: memory grows by a couple of hundred bytes per image, not by
+    the images.
     """
 
     def __init__(self, resolution: int) -> None:
         self.resolution = resolution
-        self._seen: set[bytes] = set()
+        self._seen: dict[bytes, str] = {}
         self._keys: set[str] = set()
 
     def __call__(
@@ -198,8 +199,8 @@ class Assembler:
         # is still one training example. The first in sorted order wins.
         digest = hashlib.blake2b(prepared.image.tobytes(), digest_size=16).digest()
         if digest in self._seen:
-            return Skipped(source, "duplicate")
-        self._seen.add(digest)
+            return Skipped(source, "duplicate", f"same pixels as {self._seen[digest]}")
+        self._seen[digest] = source
         unique = key
         while unique in self._keys:
             unique = f"{key}-{_short_hash(identity or source)}"
