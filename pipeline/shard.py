@@ -44,8 +44,6 @@ def validate(cfg: ShardConfig) -> None:
     if cfg.source == "shapes":
         validate_holdout(cfg.shapes)
     else:
-        if cfg.source == "folder" and not Path(cfg.path).is_dir():
-            raise ConfigError(f"shard.path: folder {cfg.path!r} does not exist")
         try:
             # Lists the folder, picks its layout and parses its metadata.jsonl files, or expands the tar patterns,
             # reading no image: a pattern that matches nothing, a folder whose captions cannot be found or a

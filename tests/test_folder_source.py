@@ -5,6 +5,7 @@ and metadata.jsonl files checked before any work."""
 from __future__ import annotations
 
 import codecs
+import re
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,13 @@ def keys_by_source(root: Path, layout: str = "captions") -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------- keys
+
+
+def test_keys_are_webdataset_safe():
+    assert re.fullmatch(r"my_photos/IMG_0001_final-[0-9a-f]{8}", sanitise_key("my photos/IMG 0001.final.JPG"))
+    assert sanitise_key("my_photos/IMG_0001.JPG") == "my_photos/IMG_0001"  # safe names are their own key
+    assert sanitise_key("café.png") != sanitise_key("cafè.png")
+    assert sanitise_key("cafe\u0301.png") == sanitise_key("caf\u00e9.png")  # NFD (macOS) and NFC: one key
 
 
 def test_keys_depend_only_on_each_images_own_name(tmp_path):
@@ -256,3 +264,51 @@ def test_a_malformed_metadata_file_stops_the_source_before_any_image_is_read(tmp
         "sub/metadata.jsonl": jsonl({"file_name": "b.png", "text": "b"}, {"file_name": "a.png", "text": 5})})
     with pytest.raises(SourceError, match=r"sub/metadata\.jsonl, line 2: 'text' must be a string, got 5"):
         iter_folder(tmp_path, "auto", TEMPLATE, RES)  # no iteration
+
+
+# ------------------------------------------------------------------------------------- smaller problems
+
+
+def test_a_name_decomposed_on_disk_matches_its_composed_spelling_in_metadata(tmp_path):
+    """macOS writes café.png decomposed (NFD); metadata.jsonl holds what was typed (NFC). Unnormalised, the image
+    was skipped twice: as missing_caption (on disk, unlisted) and missing_file (listed, not found)."""
+    nfd, nfc = "imgs/cafe\u0301.png", "imgs/caf\u00e9.png"
+    rows = jsonl({"file_name": nfc, "text": "a café"}, {"file_name": "imgs/b.png", "text": "b"})
+    write(tmp_path, {nfd: png(1), "imgs/b.png": png(2), "metadata.jsonl": rows})
+    samples, skipped = collect(iter_folder(tmp_path, "metadata", TEMPLATE, RES))
+    assert not skipped, skipped
+    assert samples[nfc].caption == "a café" and samples[nfc].key == sanitise_key(nfc)
+
+
+def test_a_decompression_bomb_sized_image_is_too_large_not_corrupt(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 20x20 = 400 > 2 * 100, as 195 Mpx is over the default
+    write(tmp_path, {"scan.png": png(1), "scan.txt": "a large scan"})
+    _, skipped = collect(iter_folder(tmp_path, "captions", TEMPLATE, RES))
+    assert [(s.reason, s.detail.split(",")[0]) for s in skipped] == [("too_large", "400 pixels")]
+
+
+def test_an_empty_folder_or_a_file_is_named_for_what_it_is(tmp_path):
+    from diffusion.data.sources import SourceError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no images found in .*empty: it is empty"):
+        iter_folder(tmp_path / "empty", "auto", TEMPLATE, RES)
+    write(tmp_path / "docs", {"a.md": "x", "b.csv": "y"})
+    with pytest.raises(SourceError, match=r"no images found in .*docs: 2 files \(a\.md, b\.csv\), none with an"):
+        iter_folder(tmp_path / "docs", "captions", TEMPLATE, RES)
+    write(tmp_path, {"photo.png": png(1)})
+    with pytest.raises(SourceError, match="photo.png is a file; expected the folder"):
+        iter_folder(tmp_path / "photo.png", "auto", TEMPLATE, RES)
+
+
+def test_metadata_rows_that_repeat_a_file_or_give_no_text_say_which_line(tmp_path):
+    rows = jsonl({"file_name": "a.png", "text": "a"}, {"file_name": "b.png", "text": None},
+                 {"file_name": "a.png", "text": "A"})
+    write(tmp_path, {"a.png": png(1), "b.png": png(2), "metadata.jsonl": rows})
+    samples, skipped = collect(iter_folder(tmp_path, "metadata", TEMPLATE, RES))
+    assert [s.caption for s in samples.values()] == ["a"]
+    assert [(s.source, s.reason, s.detail) for s in skipped] == [
+        ("a.png", "duplicate", "listed again in metadata.jsonl, line 3 (first: metadata.jsonl, line 1)"),
+        ("b.png", "missing_caption", "no 'text' in metadata.jsonl, line 2")]

@@ -168,17 +168,24 @@ def test_check_replaceable(tmp_path):
 
 def test_missing_folder_is_a_bad_parameter(tmp_path):
     cfg = ShardConfig.from_dict({"source": "folder", "path": str(tmp_path / "nowhere")})
-    with pytest.raises(ConfigError, match="shard.path"):
+    with pytest.raises(ConfigError, match="shard.path: .*nowhere: no such folder"):
         stage.validate(cfg)
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="shard.path: .*a.png is a file; expected the folder"):
+        stage.validate(ShardConfig.from_dict({"source": "folder", "path": str(tmp_path / "a.png")}))
 
 
 def test_source_problems_are_bad_parameters_found_before_any_work(tmp_path):
-    """A tar pattern that matches nothing, a folder whose layout cannot be told, a template field other than
-    {label}: each a ConfigError naming the key, from validate (before the MLflow run opens)."""
+    """A tar pattern that matches nothing, an empty folder, a folder whose layout cannot be told, a template field
+    other than {label}: each a ConfigError naming the key, from validate (before the MLflow run opens)."""
     cases = [
         ({"source": "webdataset", "path": str(tmp_path / "none-{000..002}.tar")}, "shard.path"),
-        ({"source": "folder", "path": str(tmp_path)}, "shard.folder_layout"),  # an empty folder: no layout
+        ({"source": "folder", "path": str(tmp_path / "empty")}, "shard.path: no images found in"),
+        ({"source": "folder", "path": str(tmp_path / "flat")}, "shard.folder_layout: .*cannot tell"),
     ]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes(b"")  # one image, no caption, no subfolder
     for data, key in cases:
         with pytest.raises(ConfigError, match=key):
             stage.validate(ShardConfig.from_dict(data, "shard"))

@@ -10,6 +10,7 @@ is the resolution, centre-cropped to a square.
 from __future__ import annotations
 
 import io
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -67,6 +68,16 @@ def _failure_reason(error: Exception) -> str:
     return "corrupt"
 
 
+def _too_large(error: Image.DecompressionBombError) -> str:
+    """The skip detail for an image over Pillow's decompression-bomb limit: its pixel count and the limit."""
+    found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(error))
+    if found is None:  # another wording in some Pillow version: its own message says as much
+        return f"{error}"
+    pixels, limit = map(int, found.groups())
+    return (f"{pixels:,} pixels, over the {limit:,} Pillow decodes (2 x PIL.Image.MAX_IMAGE_PIXELS, its "
+            "decompression-bomb guard); downscale it first")
+
+
 def decode(data: bytes, source: str, *, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]] | Skipped:
     """Decode ``data`` fully and turn it upright (EXIF orientation), or say why it cannot be used.
 
@@ -78,7 +89,7 @@ def decode(data: bytes, source: str, *, min_side: int | None = None) -> tuple[Im
 
     Returns:
         ``(image, original_size)``: the image in its own mode, and its displayed (width, height) at full
-        scale; or a `Skipped` with reason empty_file, not_an_image, truncated or corrupt.
+        scale; or a `Skipped` with reason empty_file, not_an_image, too_large, truncated or corrupt.
     """
     if not data:
         return Skipped(source, "empty_file")
@@ -93,8 +104,8 @@ def decode(data: bytes, source: str, *, min_side: int | None = None) -> tuple[Im
             img = ImageOps.exif_transpose(img)
         except UnidentifiedImageError:
             return Skipped(source, "not_an_image")
-        except Image.DecompressionBombError as error:
-            return Skipped(source, "corrupt", f"decompression bomb: {error}")
+        except Image.DecompressionBombError as error:  # a real scan or panorama as often as an attack
+            return Skipped(source, "too_large", _too_large(error))
         # Decoders for untrusted input raise almost anything (OSError, SyntaxError, ValueError,
         # struct.error, ...): any failure here is a property of this file, to be counted, not a crash.
         except Exception as error:  # noqa: BLE001

@@ -17,6 +17,7 @@ SkipReason = Literal[
     "not_an_image",  # has an image extension but is not an image Pillow recognises
     "unsupported_format",  # neither an image by its extension nor a caption (.txt) or metadata.jsonl
     "corrupt",  # recognised but fails to decode
+    "too_large",  # more pixels than Pillow decodes (its decompression-bomb guard), e.g. a 195-megapixel scan
     "truncated",  # the file ends before the image data does
     "missing_caption",  # no caption found for this image
     "empty_caption",  # a caption that is empty or only white space

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections import deque
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Literal
 
 from diffusion.data.records import Skipped
 from diffusion.data.sources.common import (
-    Assembler, Item, SourceError, TextEncodingError, decode_text, is_image_name, path_order, sanitise_key,
-    unique_keys, unsupported,
+    IMAGE_EXTENSIONS, Assembler, Item, SourceError, TextEncodingError, decode_text, is_image_name, path_order,
+    sanitise_key, unique_keys, unsupported,
 )
 from diffusion.data.sources.metadata import METADATA_FILE, iter_metadata, metadata_files, read_metadata
 
@@ -20,9 +21,14 @@ Layout = Literal["auto", "metadata", "captions", "classes"]
 CAPTION_SUFFIX = ".txt"
 
 
-def _list_files(root: Path) -> tuple[list[str], list[Skipped]]:
-    """Relative POSIX paths of every file under ``root`` (through symlinked folders), sorted by path components,
-    and a `Skipped` for each folder not listed: reached a second time through a link, or unreadable.
+def _list_files(root: Path) -> tuple[list[str], dict[str, str], list[Skipped]]:
+    """Relative POSIX paths of every file under ``root`` (through symlinked folders), NFC-normalised and sorted by
+    path components; the name on disk of each that normalising changed; and a `Skipped` for each folder not
+    listed: reached a second time through a link, or unreadable.
+
+    Names are NFC, as typed and as ``metadata.jsonl`` holds them: macOS stores ``café.png`` decomposed (NFD), and
+    matched as is it was both an unlisted image and a listed file not found. (Should a folder hold both spellings
+    of one name, the second keeps its own, so both are read.)
 
     Hidden files and folders are left out: ``.DS_Store``, macOS ``._IMG_0001.jpg`` resource forks (which
     carry an image extension but are not images), ``.ipynb_checkpoints``, ``.git``.
@@ -62,7 +68,25 @@ def _list_files(root: Path) -> tuple[list[str], list[Skipped]]:
                 links.append(name)
             else:
                 folders.append(name)
-    return sorted(found, key=path_order), notes
+    names, on_disk = _normalised(found)
+    return sorted(names, key=path_order), on_disk, notes
+
+
+def _normalised(found: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The NFC form of each name, and the name on disk of those it changed. Decided from the names alone, not
+    by asking the file system (macOS finds ``café.png`` under either spelling)."""
+    spellings: dict[str, list[str]] = {}
+    for name in found:
+        spellings.setdefault(unicodedata.normalize("NFC", name), []).append(name)
+    names, on_disk = [], {}
+    for nfc, raw in spellings.items():
+        if len(raw) == 1:
+            names.append(nfc)
+            if raw[0] != nfc:
+                on_disk[nfc] = raw[0]
+        else:  # both spellings on disk (possible on Linux): each keeps its own
+            names += raw
+    return names, on_disk
 
 
 def _read_caption(path: Path) -> bytes | None:
@@ -70,11 +94,11 @@ def _read_caption(path: Path) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
-def _side_car_caption(root: Path, image: str, caption_file: str) -> str | None | Skipped:
+def _side_car_caption(source: FolderSource, image: str, caption_file: str) -> str | None | Skipped:
     """The caption in `caption_file` beside `image`; None when there is none; a `Skipped` when it cannot be read
     or decoded (a caption in another encoding is skipped and counted rather than trained on garbled)."""
     try:
-        data = _read_caption(root / caption_file)
+        data = _read_caption(source.path(caption_file))
     except OSError as error:  # permission denied, an I/O error: skipped like an unreadable image
         return Skipped(image, "missing_file", f"cannot read its caption {caption_file}: {error}")
     if data is None:
@@ -85,22 +109,22 @@ def _side_car_caption(root: Path, image: str, caption_file: str) -> str | None |
         return Skipped(image, "bad_caption_encoding", f"{caption_file}: {error}")
 
 
-def _iter_captions(root: Path, files: list[str], assemble: Assembler, template: str) -> Iterator[Item]:
+def _iter_captions(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
     """Each image with the caption in the ``.txt`` of the same name beside it, in any subfolder. The suffix in
     any case (``IMG_0001.JPG`` beside ``IMG_0001.TXT``, as cameras and Windows tools write them), as images'."""
     sidecars: dict[str, str] = {}
-    for name in sorted(files, key=lambda n: n.endswith(CAPTION_SUFFIX)):  # an exact ".txt" wins over ".TXT"
+    for name in sorted(source.files, key=lambda n: n.endswith(CAPTION_SUFFIX)):  # exact ".txt" wins over ".TXT"
         if name.lower().endswith(CAPTION_SUFFIX):
             sidecars[name[: -len(CAPTION_SUFFIX)]] = name
-    images = list(filter(is_image_name, files))
+    images = list(filter(is_image_name, source.files))
     keys = unique_keys(images)
     for name in images:
         stem = str(PurePosixPath(name).with_suffix(""))
-        caption = _side_car_caption(root, name, sidecars.get(stem, stem + CAPTION_SUFFIX))
+        caption = _side_car_caption(source, name, sidecars.get(stem, stem + CAPTION_SUFFIX))
         if isinstance(caption, Skipped):
             yield caption
             continue
-        yield assemble(name, keys[name], caption, (root / name).read_bytes, {}, split_key=sanitise_key(name))
+        yield assemble(name, keys[name], caption, source.path(name).read_bytes, {}, split_key=sanitise_key(name))
 
 
 def class_label(folder: str) -> str:
@@ -108,10 +132,10 @@ def class_label(folder: str) -> str:
     return " ".join(re.sub(r"[_\-]", " ", folder).split())
 
 
-def _iter_classes(root: Path, files: list[str], assemble: Assembler, template: str) -> Iterator[Item]:
+def _iter_classes(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
     """The top-level folder is the class; images deeper inside still belong to it. Images directly in the
     root have no class, hence no caption."""
-    images = list(filter(is_image_name, files))
+    images = list(filter(is_image_name, source.files))
     keys = unique_keys(images)
     for name in images:
         folder, _, rest = name.partition("/")
@@ -120,23 +144,15 @@ def _iter_classes(root: Path, files: list[str], assemble: Assembler, template: s
             continue
         label = class_label(folder)
         meta = {"attributes": {"class": label}}
-        caption = template.format(label=label)
-        yield assemble(name, keys[name], caption, (root / name).read_bytes, meta, split_key=sanitise_key(name))
+        caption = source.caption_template.format(label=label)
+        yield assemble(name, keys[name], caption, source.path(name).read_bytes, meta, split_key=sanitise_key(name))
 
 
 def _iter_metadata(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
-    return iter_metadata(source.root, source.files, source.rows, assemble)
+    return iter_metadata(source.files, source.rows, source.path, assemble)
 
 
-def _iter_captions_of(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
-    return _iter_captions(source.root, source.files, assemble, source.caption_template)
-
-
-def _iter_classes_of(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
-    return _iter_classes(source.root, source.files, assemble, source.caption_template)
-
-
-_LAYOUTS = {"metadata": _iter_metadata, "captions": _iter_captions_of, "classes": _iter_classes_of}
+_LAYOUTS = {"metadata": _iter_metadata, "captions": _iter_captions, "classes": _iter_classes}
 
 
 def detect_layout(root: Path, files: list[str]) -> tuple[str, str]:
@@ -191,8 +207,10 @@ class FolderSource:
             SourceError: ``root`` is not a folder, no layout fits, or a ``metadata.jsonl`` is malformed.
         """
         self.root = Path(root)
+        if self.root.is_file():
+            raise SourceError(f"{self.root} is a file; expected the folder that holds the images")
         if not self.root.is_dir():
-            raise SourceError(f"{self.root}: not a folder (expected a folder of images)")
+            raise SourceError(f"{self.root}: no such folder (expected a folder of images)")
         if layout != "auto" and layout not in _LAYOUTS:
             raise SourceError(f"layout {layout!r} unknown; allowed: {['auto', *_LAYOUTS]}", key="folder_layout")
         try:
@@ -201,12 +219,14 @@ class FolderSource:
             raise SourceError(f"caption_template {caption_template!r}: only {{label}} may be used ({error})",
                               key="caption_template") from error
         self.caption_template, self.resolution = caption_template, resolution
-        self.files, self._unlisted = _list_files(self.root)
+        self.files, self._on_disk, self._unlisted = _list_files(self.root)
+        if not any(map(is_image_name, self.files)):
+            raise SourceError(_no_images(self.root, self.files))
         self.layout, self.reason = detect_layout(self.root, self.files) if layout == "auto" else (layout, None)
         if self.layout == "metadata" and not metadata_files(self.files):
             raise SourceError(f"{self.root}: layout 'metadata' needs a {METADATA_FILE} in it or in a subfolder",
                               key="folder_layout")
-        self.rows = read_metadata(self.root, self.files) if self.layout == "metadata" else {}
+        self.rows = read_metadata(self.root, self.files, self.path) if self.layout == "metadata" else {}
         images = [name for name in self.files if is_image_name(name)]
         self.images, self.in_subfolders = len(images), any("/" in name for name in images)
         self.captioned = sum(map(self._caption_given(), images))
@@ -220,12 +240,25 @@ class FolderSource:
         stems = {name[: -len(CAPTION_SUFFIX)] for name in self.files if name.lower().endswith(CAPTION_SUFFIX)}
         return lambda image: str(PurePosixPath(image).with_suffix("")) in stems
 
+    def path(self, name: str) -> Path:
+        """Where the file listed (NFC) as `name` is on disk."""
+        return self.root / self._on_disk.get(name, name)
+
     def __iter__(self) -> Iterator[Item]:
         yield from self._unlisted
         # Files listed in a metadata.jsonl are read whatever their extension (and counted if they fail then).
         yield from (unsupported(name, name) for name in self.files
                     if not _read_by_layouts(name) and name not in self.rows)
         yield from _LAYOUTS[self.layout](self, Assembler(self.resolution))
+
+
+def _no_images(root: Path, files: list[str]) -> str:
+    """The error for a folder without one image file: said as such, not as a layout that cannot be told."""
+    if not files:
+        return f"no images found in {root}: it is empty (or holds only hidden files)"
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return (f"no images found in {root}: {len(files)} files ({shown}), none with an image extension "
+            f"({', '.join(IMAGE_EXTENSIONS)})")
 
 
 def iter_folder(root: Path, layout: Layout, caption_template: str, resolution: int) -> FolderSource:

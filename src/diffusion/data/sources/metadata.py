@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from diffusion.data.records import Skipped
 from diffusion.data.sources.common import (
@@ -63,9 +64,10 @@ def _read_lines(metadata: Path) -> Iterator[tuple[int, str]]:
                 yield number, line
 
 
-def _read_one(root: Path, name: str) -> Iterator[tuple[str, Row]]:
-    """(image path relative to the root, row) for every line of the metadata file `name`."""
-    metadata, folder = root / name, PurePosixPath(name).parent
+def _read_one(metadata: Path, name: str) -> Iterator[tuple[str, Row]]:
+    """(image path relative to the root, NFC, row) for every line of the metadata file `metadata`, listed as
+    `name`."""
+    folder = PurePosixPath(name).parent
     for number, line in _read_lines(metadata):
         try:
             row = json.loads(line)
@@ -77,13 +79,15 @@ def _read_one(root: Path, name: str) -> Iterator[tuple[str, Row]]:
         if text is not None and not isinstance(text, str):
             raise SourceError(f"{metadata}, line {number}: 'text' must be a string, got {text!r}")
         image = (folder / _relative_file_name(row["file_name"], metadata, number)).as_posix()
+        image = unicodedata.normalize("NFC", image)  # as the listing names it
         meta = {k: v for k, v in row.items() if k not in ("file_name", "text")}
         yield image, Row(name, number, text, meta)
 
 
-def read_metadata(root: Path, files: list[str]) -> dict[str, list[Row]]:
-    """Every ``metadata.jsonl`` under `root` (`files`: the folder's listing), parsed now: image path relative
-    to the root -> its rows (an image listed twice has two: the second is skipped as a duplicate).
+def read_metadata(root: Path, files: list[str], locate: Callable[[str], Path]) -> dict[str, list[Row]]:
+    """Every ``metadata.jsonl`` under `root`, parsed now: image path relative to the root (NFC, as `files`, the
+    folder's listing, names them) -> its rows (an image listed twice has two: the second is skipped as a
+    duplicate). `locate` gives a listed file's path on disk.
 
     Only text is held; the images are read later, one at a time.
 
@@ -93,7 +97,7 @@ def read_metadata(root: Path, files: list[str]) -> dict[str, list[Row]]:
     """
     rows: dict[str, list[Row]] = {}
     for name in metadata_files(files):
-        for image, row in _read_one(root, name):
+        for image, row in _read_one(locate(name), name):
             rows.setdefault(image, []).append(row)
     return rows
 
@@ -107,18 +111,26 @@ def _governing(image: str, files: set[str]) -> str:
     return f"no {METADATA_FILE} in its folder or above"
 
 
-def iter_metadata(root: Path, files: list[str], rows: dict[str, list[Row]], assemble: Assembler) -> Iterator[Item]:
-    """The rows joined with the images on disk, in sorted path order: unlisted images are missing a caption,
-    listed files that are not there are missing files."""
+def iter_metadata(
+    files: list[str], rows: dict[str, list[Row]], locate: Callable[[str], Path], assemble: Assembler,
+) -> Iterator[Item]:
+    """The rows joined with the images listed in `files` (`locate`: where one is on disk), in sorted path order:
+    unlisted images are missing a caption, listed files that are not there are missing files."""
     names = sorted(set(rows) | {name for name in files if is_image_name(name)}, key=path_order)
     keys, listing = unique_keys(names), set(metadata_files(files))
     for name in names:
-        path = root / name
+        path = locate(name)
         if name not in rows:
             yield Skipped(name, "missing_caption", _governing(name, listing))
             continue
+        first = rows[name][0]
         for row in rows[name]:
             if not path.is_file():
                 yield Skipped(name, "missing_file", f"listed in {row.file}, line {row.line}, but not found")
-                continue
-            yield assemble(name, keys[name], row.text, path.read_bytes, row.meta, split_key=sanitise_key(name))
+            elif row is not first:  # not read again only to find the same pixels
+                yield Skipped(name, "duplicate", f"listed again in {row.file}, line {row.line} (first: "
+                                                 f"{first.file}, line {first.line})")
+            elif row.text is None:
+                yield Skipped(name, "missing_caption", f"no 'text' in {row.file}, line {row.line}")
+            else:
+                yield assemble(name, keys[name], row.text, path.read_bytes, row.meta, split_key=sanitise_key(name))
