@@ -312,3 +312,20 @@ def test_metadata_rows_that_repeat_a_file_or_give_no_text_say_which_line(tmp_pat
     assert [(s.source, s.reason, s.detail) for s in skipped] == [
         ("a.png", "duplicate", "listed again in metadata.jsonl, line 3 (first: metadata.jsonl, line 1)"),
         ("b.png", "missing_caption", "no 'text' in metadata.jsonl, line 2")]
+
+
+def test_a_file_name_that_is_not_utf8_is_counted_not_a_crash(tmp_path):
+    """Linux keeps such names as bytes (Python: lone surrogates), which no JSON or tar name can hold: writing
+    the sample crashed the stage."""
+    import os
+
+    write(tmp_path, captioned(["ok.png"]))
+    for folder in (b"", b"sub\xe9/"):
+        os.makedirs(os.path.join(os.fsencode(tmp_path), folder), exist_ok=True)
+        for suffix, data in ((b".png", png(9)), (b".txt", b"a caption")):
+            with open(os.path.join(os.fsencode(tmp_path), folder + b"caf\xe9" + suffix), "wb") as f:
+                f.write(data)
+    samples, skipped = collect(iter_folder(tmp_path, "captions", TEMPLATE, RES))
+    assert list(samples) == ["ok.png"]
+    assert sorted((s.source, s.reason) for s in skipped) == [  # the images; their captions are not counted
+        ("caf\ufffd.png", "unsupported_format"), ("sub\ufffd/caf\ufffd.png", "unsupported_format")]

@@ -49,14 +49,14 @@ def _list_files(root: Path) -> tuple[list[str], dict[str, str], list[Skipped]]:
         if relative:  # the root is entered as given
             real = os.path.realpath(path)
             if real in listed:
-                first = listed[real] or "."
-                notes.append(Skipped(f"{relative}/", "duplicate", f"the same folder as {first}/, listed there"))
+                first = _shown(listed[real] or ".")
+                notes.append(Skipped(_shown(f"{relative}/"), "duplicate", f"the same folder as {first}/, listed there"))
                 continue
             listed[real] = relative
         try:
             entries = sorted(os.scandir(path), key=lambda entry: entry.name)
         except OSError as error:  # permission denied: every image inside is missing, so say so
-            notes.append(Skipped(f"{relative}/", "missing_file", f"cannot list the folder: {error}"))
+            notes.append(Skipped(_shown(f"{relative}/"), "missing_file", f"cannot list the folder: {error}"))
             continue
         for entry in entries:
             if entry.name.startswith("."):
@@ -68,8 +68,26 @@ def _list_files(root: Path) -> tuple[list[str], dict[str, str], list[Skipped]]:
                 links.append(name)
             else:
                 folders.append(name)
-    names, on_disk = _normalised(found)
+    # Counted as any file that is not read (captions are not: the image they belong to is counted).
+    notes += [Skipped(_shown(name), "unsupported_format", "its name (or its folder's) is not UTF-8 (written in another "
+                      "encoding?): rename it") for name in found if not _is_utf8(name) and not _is_caption(name)]
+    names, on_disk = _normalised([name for name in found if _is_utf8(name)])
     return sorted(names, key=path_order), on_disk, notes
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a name from the file system is text: Python keeps bytes that are not UTF-8 as lone surrogates,
+    which no JSON or tar member name can hold (the stage crashed writing the sample)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(name: str) -> str:
+    """`name` with any bytes that are not UTF-8 shown as U+FFFD, for the skip records and the console."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _normalised(found: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -266,7 +284,11 @@ def iter_folder(root: Path, layout: Layout, caption_template: str, resolution: i
     return FolderSource(root, layout, caption_template, resolution)
 
 
+def _is_caption(name: str) -> bool:
+    return name.lower().endswith(CAPTION_SUFFIX)
+
+
 def _read_by_layouts(name: str) -> bool:
     """Images, side-car captions and metadata.jsonl; any other file is counted as unsupported_format. ``.txt``
     files never are, in any layout: they are captions, or notes about the images (``cats/about.txt``)."""
-    return is_image_name(name) or name.lower().endswith(CAPTION_SUFFIX) or PurePosixPath(name).name == METADATA_FILE
+    return is_image_name(name) or _is_caption(name) or PurePosixPath(name).name == METADATA_FILE
