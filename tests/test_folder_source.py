@@ -329,3 +329,13 @@ def test_a_file_name_that_is_not_utf8_is_counted_not_a_crash(tmp_path):
     assert list(samples) == ["ok.png"]
     assert sorted((s.source, s.reason) for s in skipped) == [  # the images; their captions are not counted
         ("caf\ufffd.png", "unsupported_format"), ("sub\ufffd/caf\ufffd.png", "unsupported_format")]
+
+
+def test_the_readme_lists_the_accepted_extensions():
+    from conftest import ROOT
+
+    from diffusion.data.sources import IMAGE_EXTENSIONS
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    listed = readme.split("Image files are recognised by extension, in any case: `")[1].split("`")[0].split()
+    assert sorted(listed) == sorted(IMAGE_EXTENSIONS)
