@@ -339,3 +339,12 @@ def test_the_readme_lists_the_accepted_extensions():
     readme = " ".join((ROOT / "README.md").read_text().split())
     listed = readme.split("Image files are recognised by extension, in any case: `")[1].split("`")[0].split()
     assert sorted(listed) == sorted(IMAGE_EXTENSIONS)
+
+
+def test_skip_details_say_what_is_missing_or_what_the_file_is(tmp_path):
+    """skipped.jsonl lists every skip with its detail; an empty detail left the user guessing."""
+    write(tmp_path, {"sub/nocap.png": png(1), "page.jpg": b"<!DOCTYPE html><html>404</html>", "page.txt": "a page"})
+    _, skipped = collect(iter_folder(tmp_path, "captions", TEMPLATE, RES))
+    assert sorted((s.source, s.reason, s.detail) for s in skipped) == [
+        ("page.jpg", "not_an_image", "not an image format Pillow recognises; it starts b'<!DOCTYPE html><'"),
+        ("sub/nocap.png", "missing_caption", "no nocap.txt beside it")]

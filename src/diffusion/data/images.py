@@ -102,8 +102,8 @@ def decode(data: bytes, source: str, *, min_side: int | None = None) -> tuple[Im
             img.load()  # the whole decode happens here, inside the try: Image.open only reads the header
             orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
             img = ImageOps.exif_transpose(img)
-        except UnidentifiedImageError:
-            return Skipped(source, "not_an_image")
+        except UnidentifiedImageError:  # an HTML error page saved as .jpg shows itself in its first bytes
+            return Skipped(source, "not_an_image", f"not an image format Pillow recognises; it starts {data[:16]!r}")
         except Image.DecompressionBombError as error:  # a real scan or panorama as often as an attack
             return Skipped(source, "too_large", _too_large(error))
         # Decoders for untrusted input raise almost anything (OSError, SyntaxError, ValueError,

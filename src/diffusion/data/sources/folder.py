@@ -139,6 +139,8 @@ def _iter_captions(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
     for name in images:
         stem = str(PurePosixPath(name).with_suffix(""))
         caption = _side_car_caption(source, name, sidecars.get(stem, stem + CAPTION_SUFFIX))
+        if caption is None:
+            caption = Skipped(name, "missing_caption", f"no {PurePosixPath(stem).name}{CAPTION_SUFFIX} beside it")
         if isinstance(caption, Skipped):
             yield caption
             continue
