@@ -190,8 +190,10 @@ def _layout(items: Iterable[Sample | Skipped] | None) -> str:
 def _layout_advice(source: FolderSource) -> str:
     """What to set when the layout read finds few captions: one stray caption among class folders makes ``auto``
     pick ``captions``, and the images without one are then all skipped."""
-    if source.layout != "classes" and source.in_subfolders:
+    if source.layout == "captions" and source.in_subfolders:
         return "if the subfolders are classes, run with -S shard.folder_layout=classes"
+    if source.layout == "metadata":  # a metadata.jsonl is there on purpose: what it lacks is rows
+        return "give each image a line with its file_name and text in a metadata.jsonl"
     return "set shard.folder_layout to the layout the folder is in (metadata, captions or classes)"
 
 

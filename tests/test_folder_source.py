@@ -348,3 +348,13 @@ def test_skip_details_say_what_is_missing_or_what_the_file_is(tmp_path):
     assert sorted((s.source, s.reason, s.detail) for s in skipped) == [
         ("page.jpg", "not_an_image", "not an image format Pillow recognises; it starts b'<!DOCTYPE html><'"),
         ("sub/nocap.png", "missing_caption", "no nocap.txt beside it")]
+
+
+def test_metadata_whose_rows_name_the_caption_otherwise_is_a_source_error(tmp_path):
+    """'caption' instead of 'text' on every line skipped every image as missing_caption, then stopped with
+    'no usable image' and advice about class folders."""
+    from diffusion.data.sources import SourceError
+
+    write(tmp_path, {"imgs/a.png": png(1), "metadata.jsonl": jsonl({"file_name": "imgs/a.png", "caption": "ok"})})
+    with pytest.raises(SourceError, match=r"no line gives a 'text'.*line 1 has 'file_name', 'caption'"):
+        iter_folder(tmp_path, "auto", TEMPLATE, RES)

@@ -302,6 +302,12 @@ def test_a_stray_caption_among_class_folders_is_named_with_the_layout_it_chose(t
     for part in ("layout 'captions'", "cats/with_caption.txt is a caption beside cats/with_caption.png",
                  "missing_caption=8", "-S shard.folder_layout=classes"):
         assert part in message, message
+    # A metadata.jsonl is there on purpose: what it lacks is rows, not another layout.
+    write(src, {"metadata.jsonl": '{"file_name": "cats/0.png", "text": "a cat"}\n'})
+    capsys.readouterr()
+    stage.run(ShardConfig.from_dict(cfg))
+    out = capsys.readouterr().out
+    assert "gives only 1 of 9 images a caption; give each image a line" in out and "classes" not in out, out
 
 
 def test_every_skip_is_written_to_skipped_jsonl_and_logged_to_mlflow(tmp_path, cli_env):

@@ -93,12 +93,19 @@ def read_metadata(root: Path, files: list[str], locate: Callable[[str], Path]) -
 
     Raises:
         SourceError: naming the file and line, for a line that is not JSON, not an object with ``file_name``,
-            has a ``text`` that is not a string, names a file outside its folder, or is not UTF-8.
+            has a ``text`` that is not a string, names a file outside its folder, or is not UTF-8; or when no
+            row has a ``text`` at all (the caption under another name, ``caption`` or ``prompt``: every image
+            would be skipped).
     """
     rows: dict[str, list[Row]] = {}
     for name in metadata_files(files):
         for image, row in _read_one(locate(name), name):
             rows.setdefault(image, []).append(row)
+    first = next((row for listed in rows.values() for row in listed), None)
+    if first is not None and all(row.text is None for listed in rows.values() for row in listed):
+        fields = ", ".join(repr(field) for field in ("file_name", *first.meta))
+        raise SourceError(f"{root / first.file}: no line gives a 'text', the caption (line {first.line} has "
+                          f"{fields}); name the caption field 'text'")
     return rows
 
 
