@@ -358,3 +358,14 @@ def test_metadata_whose_rows_name_the_caption_otherwise_is_a_source_error(tmp_pa
     write(tmp_path, {"imgs/a.png": png(1), "metadata.jsonl": jsonl({"file_name": "imgs/a.png", "caption": "ok"})})
     with pytest.raises(SourceError, match=r"no line gives a 'text'.*line 1 has 'file_name', 'caption'"):
         iter_folder(tmp_path, "auto", TEMPLATE, RES)
+
+
+def test_a_folder_whose_only_images_have_unreadable_names_says_so(tmp_path):
+    import os
+
+    from diffusion.data.sources import SourceError
+
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"), "wb") as f:
+        f.write(png(1))
+    with pytest.raises(SourceError, match="no images found in .*: no file could be listed; not read: caf\ufffd.png \\(its name"):
+        iter_folder(tmp_path, "auto", TEMPLATE, RES)

@@ -28,7 +28,7 @@ def _list_files(root: Path) -> tuple[list[str], dict[str, str], list[Skipped]]:
 
     Names are NFC, as typed and as ``metadata.jsonl`` holds them: macOS stores ``café.png`` decomposed (NFD), and
     matched as is it was both an unlisted image and a listed file not found. (Should a folder hold both spellings
-    of one name, the second keeps its own, so both are read.)
+    of one name, each keeps its own, so both are read.)
 
     Hidden files and folders are left out: ``.DS_Store``, macOS ``._IMG_0001.jpg`` resource forks (which
     carry an image extension but are not images), ``.ipynb_checkpoints``, ``.git``.
@@ -224,7 +224,8 @@ class FolderSource:
             resolution: side of the square RGB images yielded.
 
         Raises:
-            SourceError: ``root`` is not a folder, no layout fits, or a ``metadata.jsonl`` is malformed.
+            SourceError: ``root`` is not a folder or holds no image file, no layout fits, or a ``metadata.jsonl``
+                is malformed.
         """
         self.root = Path(root)
         if self.root.is_file():
@@ -241,7 +242,7 @@ class FolderSource:
         self.caption_template, self.resolution = caption_template, resolution
         self.files, self._on_disk, self._unlisted = _list_files(self.root)
         if not any(map(is_image_name, self.files)):
-            raise SourceError(_no_images(self.root, self.files))
+            raise SourceError(_no_images(self.root, self.files, self._unlisted))
         self.layout, self.reason = detect_layout(self.root, self.files) if layout == "auto" else (layout, None)
         if self.layout == "metadata" and not metadata_files(self.files):
             raise SourceError(f"{self.root}: layout 'metadata' needs a {METADATA_FILE} in it or in a subfolder",
@@ -272,13 +273,19 @@ class FolderSource:
         yield from _LAYOUTS[self.layout](self, Assembler(self.resolution))
 
 
-def _no_images(root: Path, files: list[str]) -> str:
+def _no_images(root: Path, files: list[str], unlisted: list[Skipped]) -> str:
     """The error for a folder without one image file: said as such, not as a layout that cannot be told."""
-    if not files:
-        return f"no images found in {root}: it is empty (or holds only hidden files)"
-    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    return (f"no images found in {root}: {len(files)} files ({shown}), none with an image extension "
-            f"({', '.join(IMAGE_EXTENSIONS)})")
+    if files:
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        found = f"{len(files)} files ({shown}), none with an image extension ({', '.join(IMAGE_EXTENSIONS)})"
+    elif unlisted:
+        found = "no file could be listed"
+    else:
+        found = "it is empty (or holds only hidden files)"
+    if unlisted:  # folders it could not list, files whose names are not UTF-8
+        found += f"; not read: {unlisted[0].source} ({unlisted[0].detail})" + (
+            f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else "")
+    return f"no images found in {root}: {found}"
 
 
 def iter_folder(root: Path, layout: Layout, caption_template: str, resolution: int) -> FolderSource:
