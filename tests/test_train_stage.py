@@ -617,22 +617,31 @@ def test_min_snr_weights_and_lr_schedule():
 
 
 def test_ranks_that_disagree_on_resuming_stop_before_training():
-    """Only rank 0 writes last.ckpt: nodes without a shared checkpoint folder would resume on rank 0 alone."""
+    """Only rank 0 writes last.ckpt: nodes without a shared checkpoint folder would resume on rank 0 alone. And a
+    rank running another run (other parameters, code or data) trains apart, or waits for ever. Rank 1's view:
+    rank 0's (run, resuming, step) comes by broadcast; rank 0 agrees with itself."""
     from types import SimpleNamespace
 
     from diffusion.training.exact_resume import ExactResume
 
-    def trainer(resuming_here, resuming_elsewhere):
-        votes = [resuming_here, resuming_elsewhere]
-        strategy = SimpleNamespace(reduce_boolean_decision=lambda d, all=True: (min if all else max)(votes))
-        return SimpleNamespace(world_size=2, global_rank=1, strategy=strategy,
+    def trainer(resuming_here, first, rank=1, others_agree=True):
+        strategy = SimpleNamespace(broadcast=lambda obj, src=0: first if rank else obj,
+                                   reduce_boolean_decision=lambda ok, all=True: ok and others_agree)
+        return SimpleNamespace(world_size=2, global_rank=rank, strategy=strategy,
                                ckpt_path="last.ckpt" if resuming_here else None)
 
-    callback = ExactResume(loader=None, seed=0, steps_per_segment=10)
-    callback.on_fit_start(trainer(True, True), None)
-    callback.on_fit_start(trainer(False, False), None)
-    with pytest.raises(RuntimeError, match="shared by every node"):
-        callback.on_fit_start(trainer(False, True), None)
+    callback = ExactResume(loader=None, seed=0, steps_per_segment=10, identity="run-a")
+    callback.load_state_dict({"global_step": 20})
+    callback.on_fit_start(trainer(True, ("run-a", True, 20)), None)
+    callback.on_fit_start(trainer(False, ("run-a", False, 0)), None)
+    with pytest.raises(RuntimeError, match="did not find the run's last.ckpt .* shared by every node"):
+        callback.on_fit_start(trainer(False, ("run-a", True, 20)), None)
+    with pytest.raises(RuntimeError, match="shared by every node"):  # both resuming, from other steps
+        callback.on_fit_start(trainer(True, ("run-a", True, 30)), None)
+    with pytest.raises(RuntimeError, match="rank 1 runs run 'run-a' and rank 0 run 'run-b'.*same parameters"):
+        callback.on_fit_start(trainer(False, ("run-b", False, 0)), None)
+    with pytest.raises(RuntimeError, match="rank 0: another rank runs another run"):
+        callback.on_fit_start(trainer(False, None, rank=0, others_agree=False), None)
 
 
 def test_the_step_reads_nothing_back_from_the_device_between_logging_steps(project, monkeypatch):
