@@ -411,3 +411,12 @@ def test_webdataset_source_errors(tmp_path):
         iter_webdataset(str(tmp_path / "*.tar"), RES)  # at the call, before any work
     with pytest.raises(SourceError, match="no such tar file"):
         iter_webdataset(str(tmp_path / "shards-{000..001}.tar"), RES)
+
+
+def test_img2dataset_original_size_is_kept(tmp_path):
+    """img2dataset records the size before its own resize in the json; that is the true original size and
+    must not be replaced by the size of the (already resized) image in the tar."""
+    write_tar(tmp_path / "s-000.tar", img2dataset_sample("000000000", ("png", encode(noise((40, 20), 0), "PNG")),
+                                                        "a photo", original_width=4000, original_height=2000))
+    (sample,) = list(iter_webdataset(str(tmp_path / "s-000.tar"), RES))
+    assert (sample.meta["original_width"], sample.meta["original_height"]) == (4000, 2000)
