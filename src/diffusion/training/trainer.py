@@ -131,6 +131,18 @@ def _tag_precision(trainer: pl.Trainer, logger: Any) -> None:
         logger.experiment.set_tag(logger.run_id, "trainer_precision", trainer.precision)
 
 
+def _slurm_without_requeue() -> dict[str, Any]:
+    """Under SLURM, Lightning's cluster environment with its own requeue turned off (else nothing).
+
+    Lightning's default there saves hpc_ckpt_N.ckpt on SIGUSR1 at whatever step it arrives and requeues the job
+    itself; that file, preferred on restart when there is no last.ckpt, breaks exact resume (its step is off the
+    segment grid) and opens a second MLflow run. Our last.ckpt and sbatch's --requeue already resume a job.
+    """
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    return {"plugins": [SLURMEnvironment(auto_requeue=False)]} if SLURMEnvironment.detect() else {}
+
+
 def build_trainer(
     cfg: Any,
     *,
@@ -185,14 +197,7 @@ def build_trainer(
     )
     if not manual_optimization:
         kwargs.update(accumulate_grad_batches=accumulate, gradient_clip_val=clip)
-    from pytorch_lightning.plugins.environments import SLURMEnvironment
-
-    if SLURMEnvironment.detect():
-        # Lightning's default under SLURM saves hpc_ckpt_N.ckpt on SIGUSR1 at whatever step it arrives and
-        # requeues the job itself; that file, preferred on restart when there is no last.ckpt, breaks exact
-        # resume (its step is off the segment grid) and opens a second MLflow run. Our last.ckpt and sbatch's
-        # --requeue already resume a preempted job.
-        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    kwargs.update(_slurm_without_requeue())
     kwargs.update(overrides)
     trainer = pl.Trainer(**kwargs)
     _tag_precision(trainer, logger)
