@@ -335,3 +335,21 @@ def test_every_skip_is_written_to_skipped_jsonl_and_logged_to_mlflow(tmp_path, c
     before = digests(out)
     run_cli(["shard"], tmp_path, cli_env)
     assert digests(out) == before and "skipped.jsonl" in before
+
+
+def test_the_stage_lists_a_users_folder_once(tmp_path, monkeypatch):
+    """validate (before the MLflow run opens) hands the listed folder to run: listing a folder of a million images
+    and parsing its metadata takes minutes, and the stage did it three times (validate in main, again in run,
+    then for the items)."""
+    from test_folder_source import png
+
+    from diffusion.data.sources import folder
+
+    src, listed = tmp_path / "photos", []
+    write(src, {f"img_{i}.png": png(i) for i in range(6)} | {f"img_{i}.txt": f"caption {i}" for i in range(6)})
+    real = folder._list_files
+    monkeypatch.setattr(folder, "_list_files", lambda root: listed.append(root) or real(root))
+    manifest = stage.main(ShardConfig.from_dict(TINY | {
+        "source": "folder", "path": str(src), "val_fraction": 0.3,
+        "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "out" / "tok.json")}))
+    assert listed == [src] and manifest["counts"]["train"] + manifest["counts"]["val"] == 6
