@@ -197,9 +197,13 @@ def main(cfg: TrainVAEConfig) -> dict[str, Any] | None:
             print(f"train_vae: {cfg.max_steps} steps, batch {cfg.batch_size} per process, checkpoints in {run.point.dir}")
         trainer, system = _fit(cfg, run, train_urls, val_batches)
         # The last step's training losses (restored from the checkpoint if the run had already finished),
-        # then a final validation.
+        # then a final validation, unless the fit validated after its last step: validation is deterministic
+        # (the posterior mean), so that one's figures are the final ones, and running it again logged them twice.
         logged = {f"train/{k}": float(v) for k, v in system.last_train.items()}
-        logged |= {k: float(v) for k, v in trainer.validate(system, val_batches, verbose=False)[0].items()}
+        if system.validated_at == trainer.global_step:
+            logged |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        else:
+            logged |= {k: float(v) for k, v in trainer.validate(system, val_batches, verbose=False)[0].items()}
         print(rank_report(STAGE, trainer, system), flush=True)  # as the train stage: equal on every rank
         if not trainer.is_global_zero:
             return None

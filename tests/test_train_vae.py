@@ -119,8 +119,9 @@ def test_cli_stage_killed_then_resumes_same_run(workdir, cli_env):
     assert run.data.params["batch_size"] == "4" and run.data.params["model.base_channels"] == "8"
     history = client.get_metric_history(run_id, "train/loss")
     resumed_steps = sorted(m.step for m in history if m.timestamp >= started)
-    # The global step continued: the second process logged only the steps after the checkpoint.
-    assert resumed_steps == list(range(killed_at, 10))
+    # The global step continued: the second process logged only the steps after the checkpoint, each at its
+    # optimizer step (as the checkpoint counts them), not Lightning's count of the steps before it.
+    assert resumed_steps == list(range(killed_at + 1, 11))
     assert any(p.startswith("reconstructions/") and p.endswith(".png") for p in _artifacts(client, run_id))
 
     metrics = json.loads((workdir / "metrics/vae.json").read_text())
@@ -205,6 +206,29 @@ def test_discriminator_path_runs_with_manual_optimization(tmp_path, data_root):
     assert [s["last_epoch"] for s in schedulers] == [3, 3]
     assert {"train_d_loss", "train_g_loss", "train_d_weight"} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
+    client, (run,) = _runs()
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3]
+
+
+def test_mlflow_steps_are_optimizer_steps_and_the_last_validation_is_logged_once(tmp_path, data_root):
+    """MLflow's step axis is the optimizer step, as checkpoints, grids and metrics files count (Lightning's
+    loggers get the steps before the batch: the loss of step 1 sat at step 0). A validation after the last step
+    is the final one: the stage does not run it again (it sat at steps 3 and 4 with the same weights)."""
+    from pipeline.train_vae import main
+
+    (tmp_path / "data").symlink_to(data_root / "data")
+    metrics = main(tiny_cfg(tmp_path, max_steps=4, val_every_n_steps=2))
+    client, (run,) = _runs()
+
+    def history(key):
+        return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+    assert [step for step, _ in history("train/loss")] == [1, 2, 3, 4]
+    psnr = history("val/psnr")
+    assert [step for step, _ in psnr] == [2, 4] and psnr[-1][1] == pytest.approx(metrics["val_psnr"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_psnr")] == [4]
+    grids = [p for p in _artifacts(client, run.info.run_id) if p.startswith("reconstructions/")]
+    assert sorted(grids) == ["reconstructions/step_0000002.png", "reconstructions/step_0000004.png"]
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, data_root, monkeypatch):

@@ -282,16 +282,6 @@ def _run_to_continue(run_id: str | None, params: Mapping[str, Any]) -> bool:
     return run.data.params == {k: str(v) for k, v in flatten(params).items()}
 
 
-def mlflow_logger(run_id: str) -> Any:
-    """Lightning's MLFlowLogger logging into the stage's run, with the tracking URI passed explicitly (its
-    own default ``./mlruns`` is a file store MLflow 3 refuses; :func:`diffusion.tracking.tracking_uri`)."""
-    from pytorch_lightning.loggers import MLFlowLogger
-
-    from diffusion.tracking import tracking_uri
-
-    return MLFlowLogger(tracking_uri=tracking_uri(), run_id=run_id, log_model=False)
-
-
 @dataclass
 class StageRun:
     """What :func:`resumable_stage_run` yields.
@@ -324,6 +314,7 @@ def resumable_stage_run(
     run id is written beside the checkpoints before training starts, so a kill at any point leaves it.
     """
     from diffusion.tracking import stage_run
+    from diffusion.training.mlflow_logger import mlflow_logger
 
     extra = dict(extra or {})
     key = run_key(params, exclude=exclude, extra=extra)

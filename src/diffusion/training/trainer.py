@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
 from diffusion.config import ConfigError
 from diffusion.training.checkpointing import is_launch_rank_zero
+from diffusion.training.mlflow_logger import StepLogger
 
 
 def fast_bf16(accelerator: str) -> bool:
@@ -201,4 +202,6 @@ def build_trainer(
     kwargs.update(overrides)
     trainer = pl.Trainer(**kwargs)
     _tag_precision(trainer, logger)
+    if isinstance(logger, StepLogger):
+        logger.trainer = trainer  # metrics at the optimizer step they follow (StepLogger's docstring)
     return trainer

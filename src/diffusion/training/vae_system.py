@@ -72,6 +72,8 @@ class VAESystem(FusedAdamWClipping, pl.LightningModule):
         #: The last training step's loss terms (device tensors), kept in checkpoints so that a rerun of a
         #: finished run reports the same final losses.
         self.last_train: dict[str, torch.Tensor] = {}
+        #: The optimizer step of this process's last validation inside a fit (None before one).
+        self.validated_at: int | None = None
 
     # ----------------------------------------------------------------------------------------------
     # Loss
@@ -177,6 +179,10 @@ class VAESystem(FusedAdamWClipping, pl.LightningModule):
         self.log("val/psnr", self.psnr, on_epoch=True, prog_bar=True)
         self.log("val/ssim", self.ssim, on_epoch=True)
         return {"image": x01, "recon": r01} if batch_idx == 0 else None
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.validated_at = self.global_step
 
     # ----------------------------------------------------------------------------------------------
     # Optimizers and checkpoints
