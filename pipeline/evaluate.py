@@ -38,7 +38,7 @@ from diffusion.data.shards import atomic_write_bytes, atomic_write_json, atomic_
 from diffusion.evaluation.judge import AttributeJudge, LabelledImages, load_split, to_uint8
 from diffusion.evaluation.metrics import judge_ceilings, score_images
 from diffusion.eval_configs import EvaluateConfig, SweepEntry
-from diffusion.tracking import is_finite_number
+from diffusion.tracking import is_finite_number, shared_across_experiments
 
 STAGE = "evaluate"
 
@@ -256,10 +256,10 @@ def _fid(cfg: EvaluateConfig, real: torch.Tensor, fake: torch.Tensor, device: to
     from diffusion.evaluation.fid import InceptionFeatures, cached_inception_features, fid_kid, inception_features
 
     extractor = InceptionFeatures(device)
-    f_real, cached = cached_inception_features(real, cfg.fid_cache_dir, cfg.fid_batch_size, extractor,
-                                               progress="inception real")
+    cache = None if cfg.fid_cache_dir is None else shared_across_experiments(cfg.fid_cache_dir)
+    f_real, cached = cached_inception_features(real, cache, cfg.fid_batch_size, extractor, progress="inception real")
     if cached:
-        print(f"evaluate: Inception features of the {len(real)} real images from {cfg.fid_cache_dir}")
+        print(f"evaluate: Inception features of the {len(real)} real images from {cache}")
     start = time.perf_counter()
     f_fake = inception_features(fake, cfg.fid_batch_size, extractor, progress="inception generated")
     per_image = (time.perf_counter() - start) / max(len(fake), 1)

@@ -238,6 +238,8 @@ def check_temp_experiment(repo: Path, baseline: str) -> None:
     manifest = (repo / "data/shards/manifest.json").read_bytes()
     run = dvc(["exp", "run", "--temp", "-n", "eval-temp", "-S", "evaluate.guidance=3.0"], repo)
     assert "Running stage 'evaluate'" in run.stdout, run.stdout
+    # The real images' Inception features the workspace's evaluate cached (untracked, so not in the copy).
+    assert f"real images from {repo / 'data/fid_cache'}" in run.stdout, run.stdout
     for stage in ("shard", "train_vae", "encode_latents", "train_judge", "train"):
         assert f"Stage '{stage}' didn't change, skipping" in run.stdout, (stage, run.stdout)
     # It ran elsewhere: the workspace's parameters and data are untouched.
@@ -307,7 +309,7 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
 def test_project_root_is_never_a_temporary_experiment_folder(tmp_path, monkeypatch):
     """Queued and --temp experiments run in <root>/.dvc/tmp/exps/[standalone/]tmpXXXX, a git clone deleted
     afterwards: the MLflow store must still be <root>/mlflow.db, whether DVC_ROOT or git names the copy."""
-    from diffusion.tracking import project_root, tracking_uri
+    from diffusion.tracking import project_root, shared_across_experiments, tracking_uri
 
     root = tmp_path / "repo"
     copy = root / ".dvc/tmp/exps/standalone/tmpab12cd"
@@ -330,6 +332,13 @@ def test_project_root_is_never_a_temporary_experiment_folder(tmp_path, monkeypat
     other.mkdir(parents=True)
     subprocess.run(["git", "init", "-q"], cwd=other, check=True)
     assert project_root(other) == other
+    # A cache kept across experiments (evaluate.fid_cache_dir) is the repository's, not the copy's.
+    assert shared_across_experiments("data/fid_cache") == root / "data/fid_cache"  # cwd: the copy
+    assert shared_across_experiments(root / ".dvc/tmp/exps/tmpab12cd/data/x") == root / "data/x"  # queued
+    assert shared_across_experiments(other / "x") == other / "x"
+    assert shared_across_experiments("data/fid_cache") != Path("data/fid_cache")
+    monkeypatch.chdir(root)
+    assert shared_across_experiments("data/fid_cache") == Path("data/fid_cache")
 
 
 def test_a_relative_sqlite_uri_is_the_project_roots_store(tmp_path, monkeypatch):

@@ -48,6 +48,24 @@ def outside_dvc_exp_tmp(path: Path) -> Path:
     return path
 
 
+def shared_across_experiments(path: str | Path) -> Path:
+    """`path`, or, if it lies inside one of DVC's temporary experiment copies, the same place in the repository
+    the copy was made from.
+
+    For a cache meant to outlive the run (evaluate's Inception features): untracked by git and DVC, it is not
+    in the copy, and whatever a queued or ``--temp`` experiment writes there is deleted with the copy, so every
+    such experiment would compute it anew. ``/repo/.dvc/tmp/exps/standalone/tmpab12/data/fid_cache`` ->
+    ``/repo/data/fid_cache``; a relative path is taken from the working folder.
+    """
+    full = Path(os.path.abspath(path))
+    root = outside_dvc_exp_tmp(full)
+    if root == full:
+        return Path(path)
+    rest = full.parts[len(root.parts) + len(DVC_EXP_TMP_DIR):]
+    rest = rest[1:] if rest[:1] == ("standalone",) else rest
+    return root.joinpath(*rest[1:])  # rest[0]: the copy's own folder, tmpXXXX
+
+
 def project_root(start: Path | None = None) -> Path:
     """The project root: ``DVC_ROOT`` if DVC is running us, else the git top level, else the cwd.
 
