@@ -448,6 +448,19 @@ def test_seed_api_trains_on_a_map_style_dataset():
     assert all(torch.equal(a, b) for a, b in zip(vae_before, model.vae.parameters())), "the VAE stays frozen"
 
 
+def test_seed_api_shows_the_loss_on_its_progress_bar():
+    """Lightning's default bar (rich) showed no loss and "Epoch 8/-2"; the pipeline's bar shows the loss."""
+    from diffusion.scheduler import DDPMScheduler
+    from diffusion.train import train_diffusion_model
+    from diffusion.training.trainer import LossBar
+
+    model, data = _tiny_seed_model("unet")
+    trainer = train_diffusion_model(model=model, scheduler=DDPMScheduler(num_timesteps=1000), train_dataset=data,
+                                    batch_size=4, max_steps=2)
+    bar = trainer.progress_bar_callback
+    assert isinstance(bar, LossBar) and float(bar.get_metrics(trainer, trainer.lightning_module)["train/loss"]) > 0
+
+
 def test_bf16_mixed_trains_with_gradient_clipping_and_the_fused_adamw():
     """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (it assumes a GradScaler);
     bf16-mixed has no scaler, so the system clips itself and the default train config (clip 1.0) runs."""

@@ -24,8 +24,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from pytorch_lightning.callbacks import ProgressBar
+
 from diffusion.training.callbacks import EMA
 from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+from diffusion.training.trainer import LossBar
 
 
 class CaptionDropoutCollate:
@@ -96,12 +99,17 @@ def train_diffusion_model(
     trainer_kwargs.setdefault("logger", False)
     trainer_kwargs.setdefault("enable_checkpointing", False)
     trainer_kwargs.setdefault("log_every_n_steps", 1)
+    callbacks = [EMA(decay=ema_decay), *trainer_kwargs.pop("callbacks", [])]
+    if trainer_kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        # The pipeline's bar, with the loss. Lightning's default (its rich bar, where `rich` is installed) shows
+        # no loss (it is not logged to the bar: an .item() per step) and counts epochs out of -2 (max_epochs -1).
+        callbacks.append(LossBar())
     trainer = pl.Trainer(
         max_steps=max_steps,
         precision=precision,
         accumulate_grad_batches=accumulate_grad_batches,
         gradient_clip_val=gradient_clip_val,
-        callbacks=[EMA(decay=ema_decay)] + list(trainer_kwargs.pop("callbacks", [])),
+        callbacks=callbacks,
         **trainer_kwargs,
     )
     trainer.fit(system, loader)
