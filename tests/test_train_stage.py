@@ -161,15 +161,15 @@ def test_killed_train_stage_resumes_from_its_checkpoint_in_the_same_run(project,
     client, found = runs("train")
     assert len(found) == 1, "the resumed execution continues the same MLflow run"
     history = client.get_metric_history(found[0].info.run_id, "train/loss")
-    # MLflow's steps count from 0 (the batch index: 1, 3, ... 23 for every 2nd of 24 steps). Lightning writes a
-    # batch's checkpoint (a callback's on_train_batch_end) before it logs that batch's metrics, so a kill that
-    # lands between the two loses that one point (batch index killed_at - 1): the resumed run starts after it.
-    expected = set(range(1, 24, 2)) - {killed_at - 1}
+    # MLflow's steps are the optimizer steps (2, 4, ... 24 for every 2nd of 24 steps, as the loss curve's).
+    # Lightning writes a step's checkpoint (a callback's on_train_batch_end) before it logs that step's metrics,
+    # so a kill that lands between the two loses that one point (step killed_at): the resumed run starts after it.
+    expected = set(range(2, 25, 2)) - {killed_at}
     assert {m.step for m in history} >= expected, "every logged step is in the one run"
     # The second execution continues from the checkpoint instead of starting again from step 0. (Steps the
     # killed process logged after its last checkpoint are trained and logged again: they were lost with it.)
     resumed = [m.step for m in history if m.timestamp > killed_ms]
-    assert resumed and min(resumed) >= killed_at and max(resumed) == 23, (killed_at, resumed)
+    assert resumed and min(resumed) > killed_at and max(resumed) == 24, (killed_at, resumed)
     curve = [int(r.split(",")[0]) for r in (project / "plots/train_loss.csv").read_text().splitlines()[1:]]
     assert curve == list(range(2, 25, 2)), "the loss curve spans both executions"
 
