@@ -286,7 +286,8 @@ def _second_node(project: Path, tmp_path_factory) -> Path:
 
 
 @pytest.mark.timeout(300)
-# torchrun costs a third interpreter start per node for the same training path; it is `slow`.
+# torchrun costs a third interpreter start per node for the same training path, but it is the launcher the README
+# gives, so both run.
 @pytest.mark.parametrize("launcher", ["env", "torchrun"])
 def test_two_nodes_train_together_and_only_node_zero_writes(launcher, project, tmp_path_factory, cli_env):
     """Two machines, simulated by two processes on localhost with a project copy each (no shared disk),
