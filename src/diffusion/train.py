@@ -23,7 +23,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-
 from pytorch_lightning.callbacks import ProgressBar
 
 from diffusion.training.callbacks import EMA

@@ -1,6 +1,7 @@
 """The training stages' Lightning logger: MLflow's, with the optimizer step as the metrics' step axis.
 
-Imported when a stage builds its logger, not with the library: MLflow's start-up cost is paid by the stages.
+Importing it does not import MLflow (Lightning's MLFlowLogger does when it is created): the library keeps
+its start-up time.
 """
 
 from __future__ import annotations
