@@ -102,7 +102,8 @@ def train_diffusion_model(
     if trainer_kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         # The pipeline's bar, with the loss. Lightning's default (its rich bar, where `rich` is installed) shows
         # no loss (it is not logged to the bar: an .item() per step) and counts epochs out of -2 (max_epochs -1).
-        callbacks.append(LossBar())
+        # Refreshed every 10 batches: reading the loss is a wait for the GPU.
+        callbacks.append(LossBar(refresh_rate=10))
     trainer = pl.Trainer(
         max_steps=max_steps,
         precision=precision,
