@@ -460,6 +460,8 @@ def test_seed_api_shows_the_loss_on_its_progress_bar():
                                     batch_size=4, max_steps=2)
     bar = trainer.progress_bar_callback
     assert isinstance(bar, LossBar) and float(bar.get_metrics(trainer, trainer.lightning_module)["train/loss"]) > 0
+    # No monitor thread starting while the loader forks (pitfall 15): Lightning's bars are made without one.
+    assert type(bar.train_progress_bar).monitor_interval == 0
 
 
 def test_bf16_mixed_trains_with_gradient_clipping_and_the_fused_adamw():

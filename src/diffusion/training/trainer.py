@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 
 from diffusion.config import ConfigError
 from diffusion.training.checkpointing import is_launch_rank_zero
@@ -87,6 +88,13 @@ def _check_launcher(cfg: Any, section: str) -> None:
         raise ConfigError(f"{section}.num_nodes: {cfg.num_nodes} machines, but nothing here starts or joins them: run "
                           "it under torchrun or srun, or set MASTER_ADDR, MASTER_PORT, NODE_RANK and WORLD_SIZE "
                           "on every machine (README, Several GPUs and machines)")
+
+
+# No tqdm monitor thread for Lightning's bars (pitfall 15). tqdm starts it with the first bar, which Lightning
+# creates just before the first batch, when the loader forks its workers: a thread starting during a fork can
+# leave the worker deadlocked before it runs a line (CPython gh-112275, Python <= 3.11.7), and the run hangs.
+# The monitor only redraws a bar that has not moved in 10 s.
+Tqdm.monitor_interval = 0
 
 
 class LossBar(TQDMProgressBar):
