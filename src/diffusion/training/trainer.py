@@ -130,12 +130,15 @@ def _precision(cfg: Any) -> str:
     return precision
 
 
-def _tag_precision(trainer: pl.Trainer, logger: Any) -> None:
-    """Tag the MLflow run with the precision the Trainer runs in (``trainer_precision``: a tag, not a param,
+def _attach_logger(trainer: pl.Trainer, logger: Any) -> None:
+    """Bind the stage's `StepLogger` to its Trainer (metrics at the optimizer step they follow: its docstring),
+    and tag the MLflow run with the precision the Trainer runs in (``trainer_precision``: a tag, not a param,
     because a run resumed on other hardware may differ). Lightning's, not ours: it turns ``16-mixed`` on a CPU
     into ``bf16-mixed`` (float16 autocast is a GPU feature) with a warning."""
     from pytorch_lightning.loggers import MLFlowLogger
 
+    if isinstance(logger, StepLogger):
+        logger.trainer = trainer
     if isinstance(logger, MLFlowLogger):
         logger.experiment.set_tag(logger.run_id, "trainer_precision", trainer.precision)
 
@@ -209,7 +212,5 @@ def build_trainer(
     kwargs.update(_slurm_without_requeue())
     kwargs.update(overrides)
     trainer = pl.Trainer(**kwargs)
-    _tag_precision(trainer, logger)
-    if isinstance(logger, StepLogger):
-        logger.trainer = trainer  # metrics at the optimizer step they follow (StepLogger's docstring)
+    _attach_logger(trainer, logger)
     return trainer
