@@ -17,7 +17,7 @@ def python_block_after(heading: str) -> str:
     """The first ```python block after `heading` in README.md."""
     text = (ROOT / "README.md").read_text()
     start = text.index(heading)
-    match = re.compile(r"```python\n(.*?)```", re.S).search(text, start)
+    match = re.compile(r"```python\n(.*?)```", re.DOTALL).search(text, start)
     assert match, f"no python block after {heading!r}"
     return match.group(1)
 
