@@ -30,7 +30,8 @@ def test_the_training_without_the_pipeline_example_runs(tmp_path, monkeypatch):
     save_vae(vae, LatentStats(mean=0.1, std=2.0, num_values=1, num_batches=1), tmp_path / "models/vae")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code.replace("max_steps=200", "max_steps=2", 1), "README.md", "exec"), scope)  # noqa: S102 (our README)
+    code = code.replace("max_steps=200", "max_steps=2", 1)
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 (the README's own code)
     model, trainer = scope["model"], scope["trainer"]
     assert trainer.global_step == 2
     # The model decodes with the trained VAE and its measured scale and shift, not a fresh VAE's.
