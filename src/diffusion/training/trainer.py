@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
+from pytorch_lightning.loggers import MLFlowLogger
 
 from diffusion.config import ConfigError
 from diffusion.training.checkpointing import is_launch_rank_zero
@@ -135,8 +136,6 @@ def _attach_logger(trainer: pl.Trainer, logger: Any) -> None:
     and tag the MLflow run with the precision the Trainer runs in (``trainer_precision``: a tag, not a param,
     because a run resumed on other hardware may differ). Lightning's, not ours: it turns ``16-mixed`` on a CPU
     into ``bf16-mixed`` (float16 autocast is a GPU feature) with a warning."""
-    from pytorch_lightning.loggers import MLFlowLogger
-
     if isinstance(logger, StepLogger):
         logger.trainer = trainer
     if isinstance(logger, MLFlowLogger):
