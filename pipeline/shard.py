@@ -25,7 +25,7 @@ from diffusion.config import ConfigError
 from diffusion.data.records import Sample, Skipped
 from diffusion.data.shapes import attribute_values, generate_shapes, validate_holdout
 from diffusion.data.shards import (
-    atomic_write_json, atomic_write_text, check_replaceable, replace_dir, write_shards,
+    ShardWriter, atomic_write_json, atomic_write_text, check_replaceable, replace_dir, write_shards,
 )
 from diffusion.data.sources import FolderSource, SourceError, iter_folder, iter_webdataset, summarise
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
@@ -88,11 +88,12 @@ def _user_items(cfg: ShardConfig) -> Iterable[Sample | Skipped]:
 
 
 class _Split:
-    """Routes one pass over a user source to train (streamed to the writer) and val (kept: it is small)."""
+    """Routes one pass over a user source to train (streamed to its writer by `write_shards`) and val (streamed
+    to `val`, its own writer, as the items come: a million-image folder's 5% is 50k images, ~10 GB of pixels at
+    256 px had they been kept for a second pass)."""
 
-    def __init__(self, cfg: ShardConfig) -> None:
-        self.cfg = cfg
-        self.val: list[Sample] = []
+    def __init__(self, cfg: ShardConfig, val: ShardWriter) -> None:
+        self.cfg, self.val = cfg, val
         self.skipped: list[Skipped] = []
         self.captions: list[str] = []
 
@@ -102,7 +103,7 @@ class _Split:
                 self.skipped.append(item)
                 print(f"  skipped {item.source}: {item.reason} {item.detail}".rstrip())
             elif _is_val(item.split_key or item.key, self.cfg):
-                self.val.append(item)
+                self.val.add(item)
             else:
                 self.captions.append(item.caption)
                 yield item
@@ -124,33 +125,25 @@ def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None
             _with_captions(generate_shapes(cfg.shapes, "train", cfg.resolution, cfg.seed), captions),
             tmp / "train", **kw,
         )
-        val_captions: list[str] = []
-        val = write_shards(
-            _with_captions(generate_shapes(cfg.shapes, "val", cfg.resolution, cfg.seed), val_captions),
-            tmp / "val", **kw,
-        )
+        val = write_shards(generate_shapes(cfg.shapes, "val", cfg.resolution, cfg.seed), tmp / "val", **kw)
         skipped: list[Skipped] = []
         extra = {"attributes": {k: list(v) for k, v in attribute_values(cfg.shapes.level).items()},
                  "holdout": list(cfg.shapes.holdout)}
     else:
-        split = _Split(cfg)
-        train = write_shards(split.train(items), tmp / "train", **kw)
-        if not split.captions:
-            counts = ", ".join(f"{r}={n}" for r, n in summarise(split.skipped).items() if n) or "none"
-            if isinstance(items, FolderSource):
-                how = f"read as layout '{items.layout}'" + (f", chosen because {items.reason}" if items.reason else "")
-                few = items.captioned * 2 < items.images
-                advice = _layout_advice(items) if few else "every image with a caption was skipped (reasons above)"
-            else:
-                how, advice = "read as WebDataset tars", "expected samples with an image and a caption"
-            raise ShardError(f"shard.path: no usable image in {cfg.path!r}, {how} (skipped: {counts}); {advice}")
-        if not split.val:  # allowed (val_fraction 0), but train_vae, train_judge and evaluate will refuse it
-            print(f"warning: no image fell into the val split (shard.val_fraction {cfg.val_fraction}, "
-                  f"{len(split.captions)} train images); train_vae, train_judge and evaluate need val images")
-        val = write_shards(split.val, tmp / "val", **kw)
+        val_writer = ShardWriter(tmp / "val", **kw)
+        try:
+            split = _Split(cfg, val_writer)
+            train = write_shards(split.train(items), tmp / "train", **kw)
+            if not split.captions:
+                raise _no_usable_image(cfg, items, split.skipped)
+            if not len(val_writer):  # allowed (val_fraction 0), but train_vae, train_judge and evaluate refuse it
+                print(f"warning: no image fell into the val split (shard.val_fraction {cfg.val_fraction}, "
+                      f"{len(split.captions)} train images); train_vae, train_judge and evaluate need val images")
+            val = val_writer.finish()
+        finally:
+            val_writer.discard()
         captions, skipped = split.captions, split.skipped
         extra = {"layout": items.layout} if isinstance(items, FolderSource) else {}
-        val_captions = [s.caption for s in split.val]
     return {
         "captions": captions,
         "skipped": skipped,
@@ -158,7 +151,7 @@ def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None
             "source": cfg.source,
             "path": cfg.path,
             "resolution": cfg.resolution,
-            "counts": {"train": len(captions), "val": len(val_captions)},
+            "counts": {"train": len(captions), "val": val.num_samples},
             "shards": {"train": [p.name for p in train], "val": [p.name for p in val]},
             "sha256": {"train": train.digests(), "val": val.digests()},  # what training runs key on
             "skipped": summarise(skipped),
@@ -167,6 +160,18 @@ def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None
             **extra,
         },
     }
+
+
+def _no_usable_image(cfg: ShardConfig, items: Iterable[Sample | Skipped] | None, skipped: list[Skipped]) -> ShardError:
+    """The error for a user source that gave no train image: how it was read, what was skipped, what to do."""
+    counts = ", ".join(f"{r}={n}" for r, n in summarise(skipped).items() if n) or "none"
+    if isinstance(items, FolderSource):
+        how = f"read as layout '{items.layout}'" + (f", chosen because {items.reason}" if items.reason else "")
+        few = items.captioned * 2 < items.images
+        advice = _layout_advice(items) if few else "every image with a caption was skipped (reasons above)"
+    else:
+        how, advice = "read as WebDataset tars", "expected samples with an image and a caption"
+    return ShardError(f"shard.path: no usable image in {cfg.path!r}, {how} (skipped: {counts}); {advice}")
 
 
 def _write_skipped(path: Path, skipped: list[Skipped]) -> None:

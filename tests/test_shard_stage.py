@@ -353,3 +353,34 @@ def test_the_stage_lists_a_users_folder_once(tmp_path, monkeypatch):
         "source": "folder", "path": str(src), "val_fraction": 0.3,
         "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "out" / "tok.json")}))
     assert listed == [src] and manifest["counts"]["train"] + manifest["counts"]["val"] == 6
+
+
+def test_the_val_split_is_written_as_it_streams_not_held_in_memory(tmp_path):
+    """A user source's val images go to their shards as they are read: the stage held them all until the train
+    split was written (5% of a million-image folder is ~10 GB of pixels at 256 px)."""
+    import weakref
+
+    from PIL import Image
+
+    from diffusion.data.records import Sample
+
+    cfg = ShardConfig.from_dict(TINY | {
+        "source": "folder", "path": str(tmp_path), "val_fraction": 0.5,
+        "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "out" / "tok.json")})
+    earlier_val: list[weakref.ref] = []
+    alive: list[int] = []  # at each read, how many val images read before (but the last) are still in memory
+
+    def items():
+        for i in range(24):
+            image = Image.new("RGB", (16, 16), (10 * i, 0, 0))
+            # The one read just before is still the consumer's loop variable while it asks for the next.
+            alive.append(sum(ref() is not None for ref in earlier_val[:-1]))
+            if stage._is_val(f"img{i}", cfg):
+                earlier_val.append(weakref.ref(image))
+            yield Sample(f"img{i}", image, f"a caption {i}")
+
+    manifest = stage.run(cfg, items())
+    assert manifest["counts"]["val"] == len(earlier_val) >= 5 and manifest["counts"]["train"] == 24 - len(earlier_val)
+    assert max(alive) == 0, alive
+    assert sorted(s["key"] for s in iter_shards(str(tmp_path / "out" / "val"))) == sorted(
+        f"img{i}" for i in range(24) if stage._is_val(f"img{i}", cfg))

@@ -281,50 +281,84 @@ def write_shards(
     Returns:
         the shard paths (inside `out_dir`) as a :class:`ShardList`, with ``.counts`` per shard.
     """
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard: expected >= 1, got {samples_per_shard}")
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format: expected one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        names, counts = _write_into(samples, tmp, samples_per_shard, image_format, prefix)
-        replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return ShardList((out_dir / n for n in names), counts)
-
-
-def _write_into(
-    samples: Iterable[Sample], folder: Path, samples_per_shard: int, image_format: ImageFormat, prefix: str
-) -> tuple[list[str], list[int]]:
-    names: list[str] = []
-    counts: list[int] = []
-    seen: set[str] = set()
-    tar: tarfile.TarFile | None = None
+    writer = ShardWriter(out_dir, samples_per_shard=samples_per_shard, image_format=image_format, prefix=prefix)
     try:
         for sample in samples:
-            check_sample_key(sample.key, seen)
-            if tar is None or counts[-1] == samples_per_shard:
-                if tar is not None:
-                    tar.close()
-                names.append(f"{prefix}-{len(names):06d}.tar")
-                counts.append(0)
-                # PAX is tarfile's default; it adds extended headers only for names that need them
-                # (non-ASCII, long), from the name alone, so the bytes stay deterministic.
-                tar = tarfile.open(folder / names[-1], "w", format=tarfile.PAX_FORMAT)
-            _write_sample(tar, sample, image_format)
-            counts[-1] += 1
+            writer.add(sample)
+        return writer.finish()
     finally:
+        writer.discard()
+
+
+class ShardWriter:
+    """:func:`write_shards` one sample at a time: for a caller that routes one stream to several shard sets
+    (the shard stage's train and val splits), each written as the samples come instead of held in memory.
+
+    ``add`` each sample, then ``finish()`` swaps the set into `out_dir` and returns it; ``discard()`` (a no-op
+    after ``finish``) removes what was written, leaving the previous `out_dir` as it was. Same atomicity and
+    bytes as :func:`write_shards`.
+    """
+
+    def __init__(
+        self, out_dir: str | Path, *, samples_per_shard: int, image_format: ImageFormat = "png", prefix: str = "shard"
+    ) -> None:
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard: expected >= 1, got {samples_per_shard}")
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format: expected one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+        self.out_dir = Path(out_dir)
+        self.samples_per_shard, self.image_format, self.prefix = samples_per_shard, image_format, prefix
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(self.out_dir)
+        self.tmp: Path | None = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+        self.names: list[str] = []
+        self.counts: list[int] = []
+        self._seen: set[str] = set()
+        self._tar: tarfile.TarFile | None = None
+
+    def __len__(self) -> int:
+        """Samples added so far."""
+        return sum(self.counts)
+
+    def add(self, sample: Sample) -> None:
+        if self.tmp is None:
+            raise RuntimeError(f"{self.out_dir}: shard set already finished or discarded")
+        check_sample_key(sample.key, self._seen)
+        if self._tar is None or self.counts[-1] == self.samples_per_shard:
+            self._close_tar()
+            self.names.append(f"{self.prefix}-{len(self.names):06d}.tar")
+            self.counts.append(0)
+            # PAX is tarfile's default; it adds extended headers only for names that need them
+            # (non-ASCII, long), from the name alone, so the bytes stay deterministic.
+            self._tar = tarfile.open(self.tmp / self.names[-1], "w", format=tarfile.PAX_FORMAT)
+        _write_sample(self._tar, sample, self.image_format)
+        self.counts[-1] += 1
+
+    def finish(self) -> ShardList:
+        """Close the last shard and swap the set into `out_dir`; returns its paths and counts."""
+        if self.tmp is None:
+            raise RuntimeError(f"{self.out_dir}: shard set already finished or discarded")
+        self._close_tar()
+        replace_dir(self.tmp, self.out_dir)
+        self.tmp = None
+        return ShardList((self.out_dir / n for n in self.names), self.counts)
+
+    def discard(self) -> None:
+        """Remove the unfinished set (nothing to do after ``finish``)."""
+        try:
+            self._close_tar()
+        finally:
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp = None
+
+    def _close_tar(self) -> None:
+        tar, self._tar = self._tar, None
         if tar is not None:
             tar.close()
-    return names, counts
 
 
 def list_shards(directory: str | Path) -> list[str]:
