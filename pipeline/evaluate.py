@@ -107,14 +107,14 @@ def load_judge(judge_dir: str) -> AttributeJudge | None:
     return AttributeJudge.load(judge_dir) if config.get("vocab") else None
 
 
-def choose_prompts(cfg: EvaluateConfig, val: LabelledImages) -> tuple[LabelledImages, list[str]]:
-    """`num_samples` val samples (a seeded choice, kept in shard order; all if fewer) and their prompts."""
+def choose_prompts(cfg: EvaluateConfig, val_urls: list[str], require_attributes: bool = True
+                   ) -> tuple[LabelledImages, list[str]]:
+    """`num_samples` val samples (a seeded, uniform choice, kept in shard order; all if fewer) and their prompts.
+    Only the chosen images are held in memory (``load_split``'s reservoir): a large val split is never loaded
+    whole."""
     from diffusion.data.shapes import canonical_caption
 
-    n = len(val)
-    if cfg.num_samples < n:
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.num_samples].sort().values
-        val = val.subset(idx)
+    val = load_split(val_urls, limit=cfg.num_samples, require_attributes=require_attributes, seed=cfg.seed)
     if cfg.prompts == "caption":
         return val, list(val.captions)
     try:
@@ -273,7 +273,7 @@ def run(cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict[str, Any]], Any]
     device = _device(cfg)
     model, scheduler, tokenizer = load_generator(cfg.model_dir, device)
     judge = load_judge(cfg.judge_dir)
-    val, prompts = choose_prompts(cfg, load_split(val_urls, require_attributes=judge is not None))
+    val, prompts = choose_prompts(cfg, val_urls, require_attributes=judge is not None)
     if len(val) < 2:
         raise EvaluateError(f"evaluate: {len(val)} usable val image(s) in {cfg.shards_dir}/val; at least 2 are needed")
     side = val.images.shape[-1]

@@ -43,7 +43,7 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
 
     train_urls, val_urls = _inputs(cfg)
     start = time.perf_counter()
-    train = load_split(train_urls, limit=cfg.max_train_images)
+    train = load_split(train_urls, limit=cfg.max_train_images, seed=cfg.seed)
     vocab = build_vocab((read_manifest(cfg.shards_dir) or {}).get("attributes"), train.attributes)
     out, tmp = Path(cfg.out_dir), Path(cfg.out_dir).parent / f".{Path(cfg.out_dir).name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -59,7 +59,7 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
                                       channels=cfg.channels, feature_dim=cfg.feature_dim,
                                       blur_sigma_max=cfg.blur_sigma_max, noise_std=cfg.noise_std)
         judge, losses = train_judge(train, vocab, settings)
-        val = load_split(val_urls)
+        val = load_split(val_urls, limit=cfg.max_val_images, seed=cfg.seed)
         scores = accuracy(judge, val) if len(val) else {}
         judge.save(tmp)
         tail = losses[-20:]

@@ -291,20 +291,28 @@ def test_validate_refuses_a_gpu_this_machine_lacks(tmp_path, monkeypatch):
         validate(cfg)
 
 
-def test_prompts_are_a_seeded_choice_of_val_captions_or_their_canonical_phrasing():
+def test_prompts_are_a_seeded_choice_of_val_captions_or_their_canonical_phrasing(tmp_path):
+    from diffusion.data.shapes import generate_shapes
+    from diffusion.data.shards import write_shards
+    from diffusion.stage_configs import ShapesConfig
     from pipeline.evaluate import choose_prompts
 
-    val = shapes_images(20, "val")
-    chosen, prompts = choose_prompts(EvaluateConfig(num_samples=5, seed=3), val)
-    again, _ = choose_prompts(EvaluateConfig(num_samples=5, seed=3), val)
+    samples = list(generate_shapes(ShapesConfig(num_train=20, num_val=20), "val", 16, 0))
+    urls = [str(p) for p in write_shards(samples, tmp_path / "val", samples_per_shard=8)]
+    captions = [s.caption for s in samples]
+    chosen, prompts = choose_prompts(EvaluateConfig(num_samples=5, seed=3), urls)
+    again, _ = choose_prompts(EvaluateConfig(num_samples=5, seed=3), urls)
     assert len(prompts) == 5 and prompts == chosen.captions and again.captions == chosen.captions
-    assert set(prompts) <= set(val.captions)
+    assert set(prompts) <= set(captions)
     # Seeded, not the first n: another seed chooses other captions, and seed 3's are not val's first five.
-    assert choose_prompts(EvaluateConfig(num_samples=5, seed=4), val)[0].captions != chosen.captions
-    assert chosen.captions != val.captions[:5]
-    _, canonical = choose_prompts(EvaluateConfig(num_samples=5, seed=3, prompts="canonical"), val)
+    assert choose_prompts(EvaluateConfig(num_samples=5, seed=4), urls)[0].captions != chosen.captions
+    assert chosen.captions != captions[:5]
+    assert chosen.captions == [c for c in captions if c in set(chosen.captions)]  # in shard order
+    _, canonical = choose_prompts(EvaluateConfig(num_samples=5, seed=3, prompts="canonical"), urls)
     a = chosen.attributes[0]
     assert canonical[0].startswith(f"a {a['size']} {a['color']} {a['shape']}".replace("a o", "an o"))
+    everything, _ = choose_prompts(EvaluateConfig(num_samples=50, seed=3), urls)
+    assert everything.captions == captions  # fewer val images than num_samples: all of them, in order
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,7 +423,7 @@ def _vae_ceiling_by_hand(root: Path) -> dict[str, float]:
     """judge_vae_* for the tiny pipeline, without evaluate's helpers: the VAE's decode(encode(x).mean) of the
     same val images, quantised as a PNG, read by the judge, scored with metrics.adherence."""
     from diffusion.data.locations import list_split
-    from diffusion.evaluation.judge import AttributeJudge, load_split
+    from diffusion.evaluation.judge import AttributeJudge
     from diffusion.models import LatentDiffusionModel
     from diffusion.params import load_section
     from pipeline.evaluate import choose_prompts
@@ -423,7 +431,7 @@ def _vae_ceiling_by_hand(root: Path) -> dict[str, float]:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # params.yaml's paths are relative to the project root
         cfg = load_section(EvaluateConfig, root / "params.yaml")
-        val, _ = choose_prompts(cfg, load_split(list_split(cfg.shards_dir, "val")))
+        val, _ = choose_prompts(cfg, list_split(cfg.shards_dir, "val"))
     model = LatentDiffusionModel.from_pretrained(root / "models/diffusion").eval()
     judge = AttributeJudge.load(root / "models/judge")
     with torch.no_grad():

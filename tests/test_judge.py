@@ -4,6 +4,8 @@ The judge tests use shapes images generated in memory (no shards: faster); train
 tested with the other stages in test_evaluate.py.
 """
 
+from collections import Counter
+
 import pytest
 import torch
 from conftest import shapes_images
@@ -178,3 +180,46 @@ def test_score_images_splits_held_out_and_seen_images():
     assert out["adherence"] == pytest.approx(0.75)
     assert out["adherence_heldout"] == pytest.approx(0.5) and out["adherence_seen"] == pytest.approx(1.0)
     assert out["heldout_count"] == 2
+
+
+def test_load_split_limit_is_a_uniform_seeded_choice_read_in_one_pass(tmp_path, monkeypatch):
+    """`limit` (train_judge.max_train_images, evaluate.num_samples) draws uniformly over the whole split and keeps
+    shard order; it took the first `limit`, which for class folders (keys, so shards, sorted by class) are the
+    first classes only. Samples the reservoir does not take are never decoded; ones without attributes neither."""
+    from PIL import Image
+
+    import diffusion.data.loader as loader
+    from diffusion.data.records import Sample
+    from diffusion.data.shards import write_shards
+    from diffusion.evaluation.judge import load_split
+
+    samples = []
+    for c in range(6):  # class-folder order: c0's ten images, then c1's, ...
+        samples += [Sample(f"c{c}_{i:02d}", Image.new("RGB", (8, 8), (c * 40, i * 20, 0)), f"c{c} {i}",
+                           {"attributes": {"class": f"c{c}"}}) for i in range(10)]
+        samples.append(Sample(f"c{c}_plain", Image.new("RGB", (8, 8), (c * 40, 0, 9)), "no attributes", {}))
+    urls = [str(p) for p in write_shards(samples, tmp_path / "s", samples_per_shard=25)]
+    labelled = [s for s in samples if s.meta]
+
+    decoded = []
+    real = loader._decode_rgb
+    monkeypatch.setattr(loader, "_decode_rgb", lambda data: decoded.append(1) or real(data))
+    chosen = load_split(urls, limit=12, seed=0)
+    assert len(chosen) == 12 and chosen.images.shape == (12, 3, 8, 8)
+    assert 12 <= len(decoded) < len(labelled)  # the reservoir's draws only
+    position = [[s.caption for s in labelled].index(c) for c in chosen.captions]
+    assert position == sorted(position)  # shard order
+    assert chosen.images[:, :, 0, 0].tolist() == [list(labelled[i].image.getpixel((0, 0))) for i in position]
+    assert len({a["class"] for a in chosen.attributes}) >= 4  # the first 12 would be c0 and c1 only
+
+    again = load_split(urls, limit=12, seed=0)
+    assert torch.equal(again.images, chosen.images) and again.attributes == chosen.attributes
+    assert not torch.equal(load_split(urls, limit=12, seed=1).images, chosen.images)
+    everything = load_split(urls, limit=100, seed=0)
+    assert torch.equal(everything.images, load_split(urls).images) and len(everything) == len(labelled)
+    assert len(load_split(urls, require_attributes=False)) == len(samples)
+
+    # Uniform: over 200 seeds every class is drawn about 200 * 12 / 6 = 400 times.
+    monkeypatch.setattr(loader, "_decode_rgb", real)
+    per_class = Counter(a["class"] for seed in range(200) for a in load_split(urls, limit=12, seed=seed).attributes)
+    assert all(320 < per_class[f"c{c}"] < 480 for c in range(6)), per_class

@@ -32,7 +32,13 @@ class JudgeConfig(Config):
     warmup_steps: int = param(30, "linear learning-rate warm-up steps", ge=0)
     channels: tuple[int, ...] = param((16, 32, 64, 128), "widths of the conv blocks; each halves the side until it is 4", ge=1)
     feature_dim: int = param(128, "width of the penultimate layer (the features of the judge's Fréchet distance)", ge=2)
-    max_train_images: int | None = param(None, "read at most this many train images (null: all)", ge=1)
+    max_train_images: int | None = param(
+        50000, "train images held in memory (uint8): a seeded, uniform choice when the split has more (null: all). "
+        "A fit draws steps x batch_size of them", ge=1,
+    )
+    max_val_images: int | None = param(
+        10000, "val images its accuracy is measured on: a seeded, uniform choice when there are more (null: all)", ge=1,
+    )
     blur_sigma_max: float = param(
         0.0, "train on copies blurred by a Gaussian of random sigma up to this (px), so soft generated edges "
         "are read by their shape, not penalised for softness", ge=0.0

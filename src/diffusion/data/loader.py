@@ -35,7 +35,7 @@ import json
 import os
 import random
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,18 +108,25 @@ def decode_image(data: bytes) -> torch.Tensor:
     return to_model_range(torch.tensor(_decode_rgb(data)))  # copies the read-only array
 
 
-def _decode_sample(sample: dict[str, Any], image_keys: Sequence[str]) -> dict[str, Any]:
-    """A raw WebDataset sample (bytes per extension) -> key, image (H, W, 3) uint8, caption, meta.
-
-    Images stay uint8 until a whole batch is stacked: one float conversion per batch, a quarter of the
-    bytes through the shuffle buffer and worker queues' pickling."""
+def _sample_fields(sample: dict[str, Any], image_keys: Sequence[str]) -> dict[str, Any]:
+    """A raw WebDataset sample (bytes per extension) -> key, caption, meta and its image's bytes (not decoded)."""
     key = sample["__key__"]
     image_key = next((k for k in image_keys if k in sample), None)
     if image_key is None:
         raise KeyError(f"{sample.get('__url__', '?')}: sample {key!r} has none of {list(image_keys)}")
     caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    return {"key": key, "image": _decode_rgb(sample[image_key]), "caption": caption, "meta": meta}
+    return {"key": key, "image": sample[image_key], "caption": caption, "meta": meta}
+
+
+def _decode_sample(sample: dict[str, Any], image_keys: Sequence[str]) -> dict[str, Any]:
+    """A raw WebDataset sample (bytes per extension) -> key, image (H, W, 3) uint8, caption, meta.
+
+    Images stay uint8 until a whole batch is stacked: one float conversion per batch, a quarter of the
+    bytes through the shuffle buffer and worker queues' pickling."""
+    out = _sample_fields(sample, image_keys)
+    out["image"] = _decode_rgb(out["image"])
+    return out
 
 
 def _samples_in(path: str) -> int:
@@ -391,15 +398,21 @@ def stream_loader(
     return loader
 
 
-def iter_shards(urls: Sequence[str] | str, tokenizer: Tokenizer | None = None) -> Iterator[dict[str, Any]]:
+def iter_shards(
+    urls: Sequence[str] | str, tokenizer: Tokenizer | None = None, keep: Callable[[dict[str, Any]], bool] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Every sample of `urls` exactly once, in shard order then file order, in this process.
 
     Yields ``{"key", "image": (3,H,W) float in [-1,1], "caption", "meta"}`` (plus ``"tokens": (T,) long``
     when a tokenizer is given). For evaluation and latent encoding, where nothing may be skipped or doubled.
+    `keep`, if given, sees each sample's key, caption and meta first (``"image"`` still its encoded bytes): a
+    sample it refuses is passed over without decoding its image.
     """
     for sample in tar_samples({"url": u} for u in expand_urls(urls)):
-        out = _decode_sample(sample, ("png", "jpg", "jpeg"))
-        out["image"] = to_model_range(torch.tensor(out["image"]))  # (3, H, W); copies the read-only array
+        out = _sample_fields(sample, ("png", "jpg", "jpeg"))
+        if keep is not None and not keep(out):
+            continue
+        out["image"] = to_model_range(torch.tensor(_decode_rgb(out["image"])))  # (3, H, W); copies the read-only array
         if tokenizer is not None:
             out["tokens"] = encode(tokenizer, [out["caption"]])[0]
         yield out
