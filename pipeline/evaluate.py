@@ -35,7 +35,8 @@ import torch
 from diffusion.config import ConfigError
 from diffusion.data.locations import require_split
 from diffusion.data.shards import atomic_write_bytes, atomic_write_json, atomic_write_text
-from diffusion.evaluation.judge import AttributeJudge, LabelledImages, load_split, to_uint8
+from diffusion.data.in_memory import LabelledImages, load_split, to_uint8
+from diffusion.evaluation.judge import AttributeJudge
 from diffusion.evaluation.metrics import judge_ceilings, score_images
 from diffusion.eval_configs import EvaluateConfig, SweepEntry
 from diffusion.tracking import is_finite_number, shared_across_experiments

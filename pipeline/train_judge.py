@@ -19,7 +19,7 @@ from typing import Any
 
 from diffusion.data.locations import read_manifest, require_split
 from diffusion.data.shards import atomic_write_json, check_replaceable, replace_dir
-from diffusion.evaluation.judge import load_split
+from diffusion.data.in_memory import load_split
 from diffusion.eval_configs import JudgeConfig
 from diffusion.tracking import is_finite_number
 

@@ -75,21 +75,16 @@ def _check_resolution(cfg: TrainVAEConfig, manifest: dict[str, Any] | None) -> N
         )
 
 
-def image_batches(urls: list[str], batch_size: int, max_batches: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Up to `max_batches` batches ``{"image": (B, 3, H, W)}`` read in shard order (the last may be short)."""
-    from diffusion.data.loader import iter_shards
+def image_batches(urls: list[str], batch_size: int, max_batches: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Up to `max_batches` batches ``{"image": (B, 3, H, W)}`` (the last may be short) of a seeded, uniform choice
+    of the split's images (all if fewer), in shard order: ``data.in_memory.load_split``, held as uint8 and made
+    float a batch at a time. Not the first images: shards are in key order, class order for class folders, so
+    the validation and the latent scale would see the first classes only."""
+    from diffusion.data.in_memory import load_split
 
-    images: list[torch.Tensor] = []
-    done = 0
-    for sample in iter_shards(urls):
-        images.append(sample["image"])
-        if len(images) == batch_size:
-            yield {"image": torch.stack(images)}  # B x (3, H, W) -> (B, 3, H, W)
-            images, done = [], done + 1
-            if done == max_batches:
-                return
-    if images:
-        yield {"image": torch.stack(images)}
+    chosen = load_split(urls, limit=batch_size * max_batches, require_attributes=False, seed=seed)
+    for images in chosen.images.split(batch_size):
+        yield {"image": images.float().div(127.5).sub(1.0)}  # the loader's range, [-1, 1]
 
 
 def _fingerprints(train: list[str], val: list[str]) -> dict[str, str]:
@@ -154,7 +149,7 @@ def _export(cfg: TrainVAEConfig, run: Any, trainer: Any, system: Any, train_urls
 
     generator = torch.Generator().manual_seed(cfg.seed)  # posterior noise on the CPU: the same on any device
     device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
-    batches = image_batches(train_urls, cfg.batch_size, cfg.scale_batches)
+    batches = image_batches(train_urls, cfg.batch_size, cfg.scale_batches, cfg.seed)
     stats = measure_latent_stats(system.vae.to(device), batches, cfg.scale_batches, generator=generator)
     # Nothing run-specific (no MLflow run id) in the artifact: a rerun writes identical bytes.
     save_vae(system.vae, stats, cfg.out_dir, extra={"stage": STAGE, "steps": trainer.global_step,
@@ -189,7 +184,7 @@ def main(cfg: TrainVAEConfig) -> dict[str, Any] | None:
     # are (a bare list would be taken for a list of dataloaders).
     # Its own generator: a DataLoader draws each iterator's base seed from the global generator otherwise, so
     # every validation would shift the training noise that follows (and val_every_n_steps change the weights).
-    val_batches = torch.utils.data.DataLoader(list(image_batches(val_urls, cfg.batch_size, cfg.val_batches)),
+    val_batches = torch.utils.data.DataLoader(list(image_batches(val_urls, cfg.batch_size, cfg.val_batches, cfg.seed)),
                                               batch_size=None, generator=torch.Generator().manual_seed(cfg.seed))
     extra = _fingerprints(train_urls, val_urls)
     with resumable_stage_run(STAGE, cfg.to_dict(), cfg.checkpoint_dir, exclude=EXCLUDE, extra=extra) as run:

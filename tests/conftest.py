@@ -114,8 +114,8 @@ def shapes_images(n: int, split: str, resolution: int = 32, seed: int = 0):
     import numpy as np
     import torch
 
+    from diffusion.data.in_memory import LabelledImages
     from diffusion.data.shapes import generate_shapes
-    from diffusion.evaluation.judge import LabelledImages
     from diffusion.stage_configs import ShapesConfig
 
     cfg = ShapesConfig(num_train=n, num_val=n)

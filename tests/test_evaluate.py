@@ -18,7 +18,8 @@ from conftest import ROOT, run_cli, shapes_images
 
 from diffusion.config import ConfigError
 from diffusion.eval_configs import EvaluateConfig, JudgeConfig
-from diffusion.evaluation.judge import IGNORE, build_vocab, encode_labels, to_uint8
+from diffusion.data.in_memory import to_uint8
+from diffusion.evaluation.judge import IGNORE, build_vocab, encode_labels
 from diffusion.evaluation.metrics import adherence, frechet_distance
 from diffusion.params import apply_overrides
 

@@ -10,12 +10,16 @@ import pytest
 import torch
 from conftest import shapes_images
 
+from diffusion.data.in_memory import to_uint8
+from diffusion.eval_configs import JudgeConfig
 from diffusion.evaluation.judge import (
-    JudgeTrainSettings, accuracy, build_vocab, encode_labels, to_uint8, train_judge,
+    JudgeTrainSettings,
+    accuracy,
+    build_vocab,
+    encode_labels,
+    train_judge,
 )
 from diffusion.evaluation.metrics import adherence
-from diffusion.eval_configs import JudgeConfig
-
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +193,9 @@ def test_load_split_limit_is_a_uniform_seeded_choice_read_in_one_pass(tmp_path, 
     from PIL import Image
 
     import diffusion.data.loader as loader
+    from diffusion.data.in_memory import load_split
     from diffusion.data.records import Sample
     from diffusion.data.shards import write_shards
-    from diffusion.evaluation.judge import load_split
 
     samples = []
     for c in range(6):  # class-folder order: c0's ten images, then c1's, ...

@@ -594,3 +594,30 @@ def test_make_grid_places_images_row_by_row():
         r, c = divmod(i, 2)
         assert (grid[1 + 5 * r : 5 + 5 * r, 1 + 5 * c : 5 + 5 * c] == level).all(), i
     assert (grid[11:15, 6:10] == 255).all()  # the short last row's empty cell is padding
+
+
+def test_validation_and_latent_scale_batches_are_a_uniform_choice_of_the_split(tmp_path):
+    """train_vae's validation images and the latent-scale batches are drawn over the whole split: the first
+    ones, in shard (key) order, are a class-folder dataset's first classes."""
+    from PIL import Image
+
+    from diffusion.data.records import Sample
+    from diffusion.data.shards import write_shards
+    from pipeline.train_vae import image_batches
+
+    # Forty images of four "classes" in key order, told apart by their red channel (10 * class).
+    samples = [Sample(f"c{c}_{i:02d}", Image.new("RGB", (8, 8), (10 * c, i, 0)), f"c{c}") for c in range(4)
+               for i in range(10)]
+    urls = [str(p) for p in write_shards(samples, tmp_path / "s", samples_per_shard=15)]
+    batches = list(image_batches(urls, batch_size=4, max_batches=3, seed=0))
+    assert [b["image"].shape for b in batches] == [(4, 3, 8, 8)] * 3
+    images = torch.cat([b["image"] for b in batches])
+    assert images.min() >= -1 and images.max() <= 1
+    red = ((images[:, 0, 0, 0] + 1) * 127.5).round().int().tolist()
+    pixels = [(r, ((g + 1) * 127.5).round().int().item()) for r, g in zip(red, images[:, 1, 0, 0])]
+    assert pixels == sorted(pixels)  # shard order
+    assert len({r // 10 for r in red}) >= 3  # the first 12 would be classes 0 and 1
+    assert torch.equal(images, torch.cat([b["image"] for b in image_batches(urls, 4, 3, seed=0)]))
+    # Fewer images than asked for: all of them, in order, the last batch short.
+    every = list(image_batches(urls, batch_size=16, max_batches=3, seed=0))
+    assert [len(b["image"]) for b in every] == [16, 16, 8]

@@ -243,10 +243,13 @@ class TrainVAEConfig(TrainerFields):
     )
     discriminator: DiscriminatorConfig = param(DiscriminatorConfig(), "the optional adversarial loss")
     shuffle_buffer: int = param(1_000, "samples in the loader's shuffle buffer", ge=0)
-    val_batches: int = param(4, "validation batches (from the val shards, in order) for PSNR, SSIM and the grid", ge=1)
+    val_batches: int = param(
+        4, "validation batches for PSNR, SSIM and the grid: a seeded, uniform choice of the val images", ge=1
+    )
     grid_images: int = param(8, "originals shown beside their reconstructions in the MLflow grid", ge=1)
     scale_batches: int = param(
-        50, "train batches over which the latent scale and shift are measured (Rombach et al. 2022, sec. 4.3.2)", ge=1
+        50, "train batches over which the latent scale and shift are measured (Rombach et al. 2022, sec. 4.3.2): a "
+        "seeded, uniform choice of the train images", ge=1
     )
     checkpoint_dir: str = param(
         "checkpoints/train_vae", "resumable checkpoints, one folder per parameter set (kept across runs; not a DVC output)"

@@ -18,6 +18,7 @@ _EXPORTS = {
     "encode": "tokenizer", "null_tokens": "tokenizer",
     "generate_shapes": "shapes", "iter_folder": "sources", "iter_webdataset": "sources",
     "make_latent_loader": "latents", "iter_latents": "latents",
+    "LabelledImages": "in_memory", "load_split": "in_memory",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from diffusion.evaluation.judge import IGNORE, AttributeJudge, LabelledImages, encode_labels
+from diffusion.data.in_memory import LabelledImages
+from diffusion.evaluation.judge import IGNORE, AttributeJudge, encode_labels
 
 
 def adherence(
