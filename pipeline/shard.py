@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -82,9 +83,18 @@ def _is_val(key: str, cfg: ShardConfig) -> bool:
 
 def _user_items(cfg: ShardConfig) -> Iterable[Sample | Skipped]:
     """The user's source, checked as a whole (SourceError), its images not read yet."""
+    workers = cfg.workers or _usable_cores()
     if cfg.source == "folder":
-        return iter_folder(Path(cfg.path), cfg.folder_layout, cfg.caption_template, cfg.resolution)
-    return iter_webdataset(cfg.path, cfg.resolution)
+        return iter_folder(Path(cfg.path), cfg.folder_layout, cfg.caption_template, cfg.resolution, workers)
+    return iter_webdataset(cfg.path, cfg.resolution, workers)
+
+
+def _usable_cores() -> int:
+    """CPU cores this process may run on (a batch scheduler's allowance, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 class _Split:
@@ -228,7 +238,8 @@ def run(cfg: ShardConfig, items: Iterable[Sample | Skipped] | None = None) -> di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        print(f"shard: source={cfg.source}{_layout(items)} resolution={cfg.resolution} -> {out_dir}")
+        threads = "" if cfg.source == "shapes" else f" workers={cfg.workers or _usable_cores()}"
+        print(f"shard: source={cfg.source}{_layout(items)} resolution={cfg.resolution}{threads} -> {out_dir}")
         _warn_on_coverage(items)
         result = _write(cfg, tmp, items)
         manifest = result["manifest"]

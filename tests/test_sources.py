@@ -420,3 +420,43 @@ def test_img2dataset_original_size_is_kept(tmp_path):
                                                         "a photo", original_width=4000, original_height=2000))
     (sample,) = list(iter_webdataset(str(tmp_path / "s-000.tar"), RES))
     assert (sample.meta["original_width"], sample.meta["original_height"]) == (4000, 2000)
+
+
+# ----------------------------------------------------------------------------------------- threads
+
+
+def _stream(items) -> list[tuple]:
+    """Everything a source yields, in order, comparable: samples with their pixels, skips with their details."""
+    return [(s.key, s.caption, s.meta, s.split_key, s.image.tobytes()) if isinstance(s, Sample) else s for s in items]
+
+
+def test_threads_read_decode_and_leave_the_stream_as_one_thread_does(tmp_path, monkeypatch):
+    """`workers` threads read, decode and resize; duplicates, keys and order are settled in the stream's order,
+    so the result (every bad file, the duplicate kept or dropped, each key) is the same for any number of them.
+    Run with another library's LOAD_TRUNCATED_IMAGES = True: the threads must still skip truncated files, and
+    the flag must come back as it was (switching it per image from several threads would race)."""
+    import threading
+
+    import diffusion.data.sources.common as common
+
+    tree = flat_tree()
+    write(tmp_path / "f", tree)
+    write(tmp_path / "f", {str(Path(p).with_suffix(".txt")): caption_of(p) for p in tree if Path(p).suffix != ".md"})
+    (tmp_path / "t").mkdir()
+    make_shards(tmp_path / "t")
+    threads: set[str] = set()
+    real = common._prepare
+    monkeypatch.setattr(common, "_prepare", lambda c, r: threads.add(threading.current_thread().name) or real(c, r))
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as another library might set it
+
+    one = _stream(iter_folder(tmp_path / "f", "captions", "", RES, workers=1))
+    assert threads == {threading.current_thread().name}
+    three = _stream(iter_folder(tmp_path / "f", "captions", "", RES, workers=3))
+    assert len(threads - {threading.current_thread().name}) > 1 and all(
+        t.startswith("shard-decode") for t in threads - {threading.current_thread().name})
+    assert three == one
+    skipped = [s for s in one if isinstance(s, Skipped)]
+    assert summarise(skipped)["truncated"] == BAD_REASONS["truncated"] and summarise(skipped)["duplicate"] == 1
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    tars = str(tmp_path / "t" / "shards-*.tar")
+    assert _stream(iter_webdataset(tars, RES, workers=4)) == _stream(iter_webdataset(tars, RES, workers=1))

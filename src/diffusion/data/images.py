@@ -46,13 +46,18 @@ class PreparedImage:
 
 
 @contextmanager
-def _strict_truncation() -> Iterator[None]:
+def strict_decoding() -> Iterator[None]:
     """Make Pillow raise on truncated files for the duration, whatever another library set globally.
 
     With ``LOAD_TRUNCATED_IMAGES = True`` Pillow fills the missing part with grey and reports success, so
-    half-downloaded files would be trained on. The flag is module-global, hence set and restored here.
+    half-downloaded files would be trained on. The flag is module-global, hence set and restored here, and
+    left alone when it is already off (the usual case): threads that decode at once (the shard stage's, inside
+    one outer ``strict_decoding``) then never set and restore it under each other.
     """
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    if not previous:
+        yield
+        return
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         yield
@@ -93,7 +98,7 @@ def decode(data: bytes, source: str, *, min_side: int | None = None) -> tuple[Im
     """
     if not data:
         return Skipped(source, "empty_file")
-    with _strict_truncation():
+    with strict_decoding():
         try:
             img = Image.open(io.BytesIO(data))
             width, height = img.size

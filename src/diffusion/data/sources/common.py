@@ -7,11 +7,14 @@ import codecs
 import hashlib
 import re
 import unicodedata
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from diffusion.data.images import PreparedImage, prepare
+from diffusion.data.images import PreparedImage, prepare, strict_decoding
 from diffusion.data.records import SKIP_REASONS, Sample, Skipped
 
 Item = Sample | Skipped
@@ -156,28 +159,69 @@ def unique_keys(names: Iterable[str]) -> dict[str, str]:
     return keys
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """An image a source found, with a usable caption, not read yet: what `Assembler.__call__` hands back for
+    `Assembler.run` to read, decode and finish."""
+
+    source: str
+    key: str
+    caption: str
+    read: Callable[[], bytes]
+    meta: dict[str, Any]
+    split_key: str
+    identity: str
+
+
+#: What a source's walk yields before `Assembler.run` reads the candidates.
+Found = Candidate | Item
+
+
+def _prepare(candidate: Candidate, resolution: int) -> tuple[PreparedImage, bytes] | Skipped:
+    """Read, decode, resize and hash one candidate: the costly part, which `Assembler.run` runs on its threads
+    (Pillow releases the GIL while it decodes and resamples, and hashlib while it hashes)."""
+    try:
+        data = candidate.read()
+    except OSError as error:  # listed but unreadable (permissions, a dangling link)
+        return Skipped(candidate.source, "missing_file", f"cannot read: {error}")
+    prepared = prepare(data, candidate.source, resolution)
+    if isinstance(prepared, Skipped):
+        return prepared
+    # Hash the converted pixels, not the file: the same photo re-saved or re-encoded to the same pixels
+    # is still one training example.
+    return prepared, hashlib.blake2b(prepared.image.tobytes(), digest_size=16).digest()
+
+
 class Assembler:
     """What every source does to a candidate: check the caption, decode, drop duplicates, keep keys unique.
 
+    A source calls it for each image it finds (a `Candidate`, or a `Skipped` for a missing caption) and passes
+    its stream through `run`, which reads and decodes the candidates, `workers` at a time on threads, and
+    finishes them one by one in the stream's order: which duplicate is kept and which key an image gets never
+    depend on the number of threads, so the shards are the same bytes whatever it is.
+
     Holds the pixel hash and source of each image already yielded (the source, so that a duplicate's record can
     name the image kept) and the keys already used: memory grows by a couple of hundred bytes per image, not by
-    the images.
+    the images (at most ``4 * workers`` are read ahead).
     """
 
-    def __init__(self, resolution: int) -> None:
-        self.resolution = resolution
+    def __init__(self, resolution: int, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers: expected >= 1, got {workers}")
+        self.resolution, self.workers = resolution, workers
         self._seen: dict[bytes, str] = {}
         self._keys: set[str] = set()
 
     def __call__(
         self, source: str, key: str, caption: str | None, read: Callable[[], bytes], meta: dict[str, Any],
         *, split_key: str | None = None, identity: str | None = None,
-    ) -> Item:
-        """Build a `Sample` from an image (read lazily: skipped captions cost no decoding), or say why not.
+    ) -> Candidate | Skipped:
+        """Check an image's caption: a `Candidate` for `run` to read (skipped captions cost no reading), or why not.
 
         Args:
             source: where the image came from, for the record and the sample's json.
             key: its key, from `sanitise_key` or `unique_keys`.
+            read: returns the image file's bytes (called on one of `run`'s threads).
             split_key: what the train/val split hashes (default `key`): `sanitise_key` of the name, so that
                 ``x.jpg`` and ``x.png`` (keys ``x`` and ``x-<hash>``) always fall on the same side.
             identity: a machine-independent name of the image (default `source`) that tells apart two images
@@ -188,26 +232,44 @@ class Assembler:
         caption = caption.strip()
         if not caption:
             return Skipped(source, "empty_caption")
-        try:
-            data = read()
-        except OSError as error:  # listed but unreadable (permissions, a dangling link)
-            return Skipped(source, "missing_file", f"cannot read: {error}")
-        prepared = prepare(data, source, self.resolution)
+        return Candidate(source, key, caption, read, meta, split_key or key, identity or source)
+
+    def run(self, items: Iterable[Found]) -> Iterator[Item]:
+        """The stream with every `Candidate` read, decoded and finished (a `Sample`, or a `Skipped`), in order."""
+        with strict_decoding():  # once for all threads: the per-image switch of a Pillow global would race
+            if self.workers == 1:
+                for item in items:
+                    yield self._finish(item, _prepare(item, self.resolution)) if isinstance(item, Candidate) else item
+                return
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="shard-decode") as pool:
+                ahead: deque[tuple[Found, Future | None]] = deque()
+                for item in items:
+                    job = pool.submit(_prepare, item, self.resolution) if isinstance(item, Candidate) else None
+                    ahead.append((item, job))
+                    if len(ahead) > 4 * self.workers:
+                        yield self._done(*ahead.popleft())
+                while ahead:
+                    yield self._done(*ahead.popleft())
+
+    def _done(self, item: Found, job: Future | None) -> Item:
+        return self._finish(item, job.result()) if job is not None else item
+
+    def _finish(self, candidate: Candidate, prepared: tuple[PreparedImage, bytes] | Skipped) -> Item:
+        """Drop a duplicate (the first in the stream's order wins), make the key unique, build the `Sample`."""
         if isinstance(prepared, Skipped):
             return prepared
-        # Hash the converted pixels, not the file: the same photo re-saved or re-encoded to the same pixels
-        # is still one training example. The first in sorted order wins.
-        digest = hashlib.blake2b(prepared.image.tobytes(), digest_size=16).digest()
+        image, digest = prepared
+        source, key, identity = candidate.source, candidate.key, candidate.identity
         if digest in self._seen:
             return Skipped(source, "duplicate", f"same pixels as {self._seen[digest]}")
         self._seen[digest] = source
         unique = key
         while unique in self._keys:
-            unique = f"{key}-{_short_hash(identity or source)}"
+            unique = f"{key}-{_short_hash(identity)}"
             identity = unique  # a further clash (never in practice) hashes on from there
         self._keys.add(unique)
-        meta = _meta(meta, source, prepared)
-        return Sample(unique, prepared.image, caption, meta, split_key=split_key or key)
+        meta = _meta(candidate.meta, source, image)
+        return Sample(unique, image.image, candidate.caption, meta, split_key=candidate.split_key)
 
 
 def _meta(meta: dict[str, Any], source: str, prepared: PreparedImage) -> dict[str, Any]:

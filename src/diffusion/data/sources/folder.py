@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Literal
 
 from diffusion.data.records import Skipped
 from diffusion.data.sources.common import (
-    IMAGE_EXTENSIONS, Assembler, Item, SourceError, TextEncodingError, decode_text, is_image_name, path_order,
+    IMAGE_EXTENSIONS, Assembler, Found, Item, SourceError, TextEncodingError, decode_text, is_image_name, path_order,
     sanitise_key, unique_keys, unsupported,
 )
 from diffusion.data.sources.metadata import METADATA_FILE, iter_metadata, metadata_files, read_metadata
@@ -127,7 +127,7 @@ def _side_car_caption(source: FolderSource, image: str, caption_file: str) -> st
         return Skipped(image, "bad_caption_encoding", f"{caption_file}: {error}")
 
 
-def _iter_captions(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
+def _iter_captions(source: FolderSource, assemble: Assembler) -> Iterator[Found]:
     """Each image with the caption in the ``.txt`` of the same name beside it, in any subfolder. The suffix in
     any case (``IMG_0001.JPG`` beside ``IMG_0001.TXT``, as cameras and Windows tools write them), as images'."""
     sidecars: dict[str, str] = {}
@@ -152,7 +152,7 @@ def class_label(folder: str) -> str:
     return " ".join(re.sub(r"[_\-]", " ", folder).split())
 
 
-def _iter_classes(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
+def _iter_classes(source: FolderSource, assemble: Assembler) -> Iterator[Found]:
     """The top-level folder is the class; images deeper inside still belong to it. Images directly in the
     root have no class, hence no caption."""
     images = list(filter(is_image_name, source.files))
@@ -168,7 +168,7 @@ def _iter_classes(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
         yield assemble(name, keys[name], caption, source.path(name).read_bytes, meta, split_key=sanitise_key(name))
 
 
-def _iter_metadata(source: FolderSource, assemble: Assembler) -> Iterator[Item]:
+def _iter_metadata(source: FolderSource, assemble: Assembler) -> Iterator[Found]:
     return iter_metadata(source.files, source.rows, source.path, assemble)
 
 
@@ -215,13 +215,14 @@ class FolderSource:
         in_subfolders: whether any image is in a subfolder (the folder may be meant as classes).
     """
 
-    def __init__(self, root: Path, layout: Layout, caption_template: str, resolution: int) -> None:
+    def __init__(self, root: Path, layout: Layout, caption_template: str, resolution: int, workers: int = 1) -> None:
         """Args:
             root: the folder.
             layout: ``metadata``, ``captions``, ``classes``, or ``auto`` (the first of those whose marks exist).
             caption_template: caption for the ``classes`` layout; ``{label}`` is the folder name, with ``_``
                 and ``-`` read as spaces.
             resolution: side of the square RGB images yielded.
+            workers: threads that read and decode images (`Assembler.run`); the output does not depend on it.
 
         Raises:
             SourceError: ``root`` is not a folder or holds no image file, no layout fits, or a ``metadata.jsonl``
@@ -239,7 +240,7 @@ class FolderSource:
         except (KeyError, IndexError, ValueError) as error:
             raise SourceError(f"caption_template {caption_template!r}: only {{label}} may be used ({error})",
                               key="caption_template") from error
-        self.caption_template, self.resolution = caption_template, resolution
+        self.caption_template, self.resolution, self.workers = caption_template, resolution, workers
         self.files, self._on_disk, self._unlisted = _list_files(self.root)
         if not any(map(is_image_name, self.files)):
             raise SourceError(_no_images(self.root, self.files, self._unlisted))
@@ -270,7 +271,8 @@ class FolderSource:
         # Files listed in a metadata.jsonl are read whatever their extension (and counted if they fail then).
         yield from (unsupported(name, name) for name in self.files
                     if not _read_by_layouts(name) and name not in self.rows)
-        yield from _LAYOUTS[self.layout](self, Assembler(self.resolution))
+        assemble = Assembler(self.resolution, self.workers)
+        yield from assemble.run(_LAYOUTS[self.layout](self, assemble))
 
 
 def _no_images(root: Path, files: list[str], unlisted: list[Skipped]) -> str:
@@ -288,9 +290,9 @@ def _no_images(root: Path, files: list[str], unlisted: list[Skipped]) -> str:
     return f"no images found in {root}: {found}"
 
 
-def iter_folder(root: Path, layout: Layout, caption_template: str, resolution: int) -> FolderSource:
+def iter_folder(root: Path, layout: Layout, caption_template: str, resolution: int, workers: int = 1) -> FolderSource:
     """The folder source (see `FolderSource`): checked now, its images read when iterated."""
-    return FolderSource(root, layout, caption_template, resolution)
+    return FolderSource(root, layout, caption_template, resolution, workers)
 
 
 def _is_caption(name: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 from diffusion.data.records import Skipped
 from diffusion.data.sources.common import (
-    Assembler, Item, SourceError, TextEncodingError, decode_text, is_image_name, path_order, sanitise_key, unique_keys,
+    Assembler, Found, SourceError, TextEncodingError, decode_text, is_image_name, path_order, sanitise_key, unique_keys,
 )
 
 METADATA_FILE = "metadata.jsonl"
@@ -120,7 +120,7 @@ def _governing(image: str, files: set[str]) -> str:
 
 def iter_metadata(
     files: list[str], rows: dict[str, list[Row]], locate: Callable[[str], Path], assemble: Assembler,
-) -> Iterator[Item]:
+) -> Iterator[Found]:
     """The rows joined with the images listed in `files` (`locate`: where one is on disk), in sorted path order:
     unlisted images are missing a caption, listed files that are not there are missing files."""
     names = sorted(set(rows) | {name for name in files if is_image_name(name)}, key=path_order)

@@ -14,7 +14,7 @@ from braceexpand import braceexpand  # a dependency of webdataset, which reads t
 
 from diffusion.data.records import Skipped
 from diffusion.data.sources.common import (
-    IMAGE_EXTENSIONS, Assembler, Item, SourceError, TextEncodingError, decode_text, sanitise_key,
+    IMAGE_EXTENSIONS, Assembler, Found, Item, SourceError, TextEncodingError, decode_text, sanitise_key,
 )
 
 #: webdataset's own rule (``base_plus_ext``): key = everything up to the first dot of the basename.
@@ -94,7 +94,7 @@ def _ended_with_zero_block(tar: tarfile.TarFile) -> bool:
     return pos is None or pos >= tar.offset + tarfile.BLOCKSIZE
 
 
-def _wds_item(url: str, key: str, group: dict[str, bytes], assemble: Assembler) -> Item:
+def _wds_item(url: str, key: str, group: dict[str, bytes], assemble: Assembler) -> Found:
     """One img2dataset sample -> `Sample`: the image, ``txt`` as the caption, ``json`` kept as the meta."""
     source = f"{url}#{key}"
     image_ext = next((ext for ext in (e.lstrip(".") for e in IMAGE_EXTENSIONS) if ext in group), None)
@@ -121,20 +121,21 @@ def _wds_item(url: str, key: str, group: dict[str, bytes], assemble: Assembler) 
     return assemble(source, sanitise_key(key), caption, lambda: group[image_ext], meta, identity=identity)
 
 
-def iter_webdataset(urls: str | list[str], resolution: int) -> Iterator[Item]:
+def iter_webdataset(urls: str | list[str], resolution: int, workers: int = 1) -> Iterator[Item]:
     """Every sample of existing WebDataset tars (img2dataset's layout): tars sorted, members in tar order.
 
     Args:
         urls: a glob (``shards/*.tar``), a brace pattern (``shards-{000..009}.tar``), or a list of either;
             ``pipe:`` and ``http(s)://`` URLs are opened with webdataset's ``gopen``.
         resolution: side of the square RGB images yielded.
+        workers: threads that decode images (`Assembler.run`); the output does not depend on it.
 
     Raises:
         SourceError: no tar file matched, or a named file does not exist (at the call, not on iteration).
     """
     tars = expand_urls(urls)  # outside the generator, so a bad pattern fails before any work starts
-    assemble = Assembler(resolution)
-    return (
+    assemble = Assembler(resolution, workers)
+    return assemble.run(
         group if isinstance(group, Skipped) else _wds_item(url, *group, assemble)
         for url in tars
         for group in _tar_groups(url)
