@@ -1,10 +1,10 @@
-"""Benchmark: the shard stage on a folder of photos, with 1 and more decoding threads (`shard.workers`).
+"""Benchmark: the shard stage on a folder of photos, with 1 and more threads (`shard.workers`).
 
 Writes `--images` photo-like JPEGs (smooth gradients, a few shapes and sensor noise, `--size` wide at 4:3, with a
 side-car caption each) into a temporary folder first, then runs the stage (`pipeline.shard.run`: list, read,
 decode, resize, deduplicate, split, encode, write the tars, train the tokenizer) once per `--workers` value,
 alternating, and prints images/s, the ratio to one thread, and whether the outputs are byte-identical (they
-must be: the threads only read and decode, the stream's order settles the rest).
+must be: the threads only read, decode and encode; the stream's order settles the rest).
 A script that prints figures, not a test (STYLE.md 15).
 
     python bench/bench_shard.py --images 300 --size 2000 --workers 1 2

@@ -83,14 +83,17 @@ def _is_val(key: str, cfg: ShardConfig) -> bool:
 
 def _user_items(cfg: ShardConfig) -> Iterable[Sample | Skipped]:
     """The user's source, checked as a whole (SourceError), its images not read yet."""
-    workers = cfg.workers or _usable_cores()
+    workers = _workers(cfg)
     if cfg.source == "folder":
         return iter_folder(Path(cfg.path), cfg.folder_layout, cfg.caption_template, cfg.resolution, workers)
     return iter_webdataset(cfg.path, cfg.resolution, workers)
 
 
-def _usable_cores() -> int:
-    """CPU cores this process may run on (a batch scheduler's allowance, not the machine's count)."""
+def _workers(cfg: ShardConfig) -> int:
+    """Threads that decode a user's images and, for any source, encode the images written: `shard.workers`, or
+    one per CPU core this process may run on (a batch scheduler's allowance, not the machine's count)."""
+    if cfg.workers:
+        return cfg.workers
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
@@ -128,7 +131,7 @@ def _with_captions(samples: Iterable[Sample], captions: list[str]) -> Iterator[S
 def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None) -> dict[str, Any]:
     """Write both splits into `tmp` from `items` (a user source; None for shapes); return the manifest (without
     paths that depend on `tmp`)."""
-    kw = dict(samples_per_shard=cfg.samples_per_shard, image_format=cfg.image_format)
+    kw = dict(samples_per_shard=cfg.samples_per_shard, image_format=cfg.image_format, workers=_workers(cfg))
     if cfg.source == "shapes":
         captions: list[str] = []
         train = write_shards(
@@ -238,8 +241,8 @@ def run(cfg: ShardConfig, items: Iterable[Sample | Skipped] | None = None) -> di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        threads = "" if cfg.source == "shapes" else f" workers={cfg.workers or _usable_cores()}"
-        print(f"shard: source={cfg.source}{_layout(items)} resolution={cfg.resolution}{threads} -> {out_dir}")
+        print(f"shard: source={cfg.source}{_layout(items)} resolution={cfg.resolution} workers={_workers(cfg)} "
+              f"-> {out_dir}")
         _warn_on_coverage(items)
         result = _write(cfg, tmp, items)
         manifest = result["manifest"]

@@ -213,3 +213,34 @@ def test_two_ranks_undoing_one_killed_swap_do_not_collide(tmp_path, monkeypatch)
     monkeypatch.setattr(shards.os, "rename", another_rank_first)
     shards.check_replaceable(tmp_path / "shards", ("a.txt",), "shard.out_dir")
     assert (tmp_path / "shards/a.txt").read_text() == "old" and not set_aside.exists()
+
+
+def test_encoding_threads_write_the_same_bytes_and_fail_cleanly(tmp_path, monkeypatch):
+    """`workers` threads encode the images ahead of the writing, which keeps the samples' order: the same tars
+    as one thread. A bad key still stops at its sample; an encoding error reaches the caller and leaves the
+    previous set (the threads stopped, no temporary folder)."""
+    import threading
+
+    import diffusion.data.shards as shards
+
+    samples = make_samples(23)
+    names: set[str] = set()
+    real = shards.encode_image
+    monkeypatch.setattr(shards, "encode_image", lambda im, f: names.add(threading.current_thread().name) or real(im, f))
+    for fmt in ("png", "jpg"):
+        one = write_shards(samples, tmp_path / fmt / "one", samples_per_shard=5, image_format=fmt)
+        three = write_shards(samples, tmp_path / fmt / "three", samples_per_shard=5, image_format=fmt, workers=3)
+        assert [p.name for p in three] == [p.name for p in one] and three.counts == one.counts == [5, 5, 5, 5, 3]
+        assert digests(tmp_path / fmt / "three") == digests(tmp_path / fmt / "one")
+    assert len({n for n in names if n.startswith("shard-encode")}) > 1
+
+    with pytest.raises(ValueError, match="duplicate"):
+        write_shards(samples[:9] + samples[:1], tmp_path / "dup", samples_per_shard=5, workers=3)
+    out = tmp_path / "png" / "one"
+    before = digests(out)
+    broken = samples[:12] + [Sample("bad", "not an image", "x")] + samples[12:]
+    with pytest.raises(AttributeError):
+        write_shards(broken, out, samples_per_shard=5, workers=3)
+    assert digests(out) == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("shard-encode")]

@@ -69,8 +69,8 @@ class ShardConfig(Config):
     samples_per_shard: int = param(2_000, "samples in each .tar shard", ge=1)
     image_format: Literal["png", "jpg"] = param("png", "encoding of images in the shards: png (lossless) or jpg")
     workers: int | None = param(
-        None, "threads that read, decode and resize a folder's or tars' images (null: one per CPU core); the "
-        "shards are the same bytes whatever it is", ge=1,
+        None, "threads that read, decode and resize a folder's or tars' images and encode the images written "
+        "(null: one per CPU core); the shards are the same bytes whatever it is", ge=1,
     )
     seed: int = param(0, "seed for generation and the train/val split", ge=0)
     out_dir: str = param("data/shards", "where {train,val}/*.tar and manifest.json are written")
