@@ -223,14 +223,14 @@ def test_encoding_threads_write_the_same_bytes_and_fail_cleanly(tmp_path, monkey
 
     import diffusion.data.shards as shards
 
-    samples = make_samples(23)
+    samples = make_samples(100)  # 13 tasks of ENCODE_BATCH (8)
     names: set[str] = set()
     real = shards.encode_image
     monkeypatch.setattr(shards, "encode_image", lambda im, f: names.add(threading.current_thread().name) or real(im, f))
     for fmt in ("png", "jpg"):
-        one = write_shards(samples, tmp_path / fmt / "one", samples_per_shard=5, image_format=fmt)
-        three = write_shards(samples, tmp_path / fmt / "three", samples_per_shard=5, image_format=fmt, workers=3)
-        assert [p.name for p in three] == [p.name for p in one] and three.counts == one.counts == [5, 5, 5, 5, 3]
+        one = write_shards(samples, tmp_path / fmt / "one", samples_per_shard=30, image_format=fmt)
+        three = write_shards(samples, tmp_path / fmt / "three", samples_per_shard=30, image_format=fmt, workers=3)
+        assert [p.name for p in three] == [p.name for p in one] and three.counts == one.counts == [30, 30, 30, 10]
         assert digests(tmp_path / fmt / "three") == digests(tmp_path / fmt / "one")
     assert len({n for n in names if n.startswith("shard-encode")}) > 1
 
@@ -238,7 +238,7 @@ def test_encoding_threads_write_the_same_bytes_and_fail_cleanly(tmp_path, monkey
         write_shards(samples[:9] + samples[:1], tmp_path / "dup", samples_per_shard=5, workers=3)
     out = tmp_path / "png" / "one"
     before = digests(out)
-    broken = samples[:12] + [Sample("bad", "not an image", "x")] + samples[12:]
+    broken = samples[:40] + [Sample("bad", "not an image", "x")] + samples[40:]
     with pytest.raises(AttributeError):
         write_shards(broken, out, samples_per_shard=5, workers=3)
     assert digests(out) == before
