@@ -90,22 +90,15 @@ def _user_items(cfg: ShardConfig) -> Iterable[Sample | Skipped]:
 
 
 def _workers(cfg: ShardConfig) -> int:
-    """Threads that decode a user's images and encode the images written (`_encode_workers`): `shard.workers`,
-    or one per CPU core this process may run on (a batch scheduler's allowance, not the machine's count)."""
+    """Threads that may decode a user's images and encode the images written (`data.ordered_pool`: used when an
+    image takes long enough): `shard.workers`, or one per CPU core this process may run on (a batch scheduler's
+    allowance, not the machine's count)."""
     if cfg.workers:
         return cfg.workers
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
-
-
-def _encode_workers(cfg: ShardConfig) -> int:
-    """Threads that encode the images written. Below 64 px an image encodes in ~0.2 ms, mostly Python work that
-    holds the GIL, so threads only add hand-offs (the CPU profile's 32 px PNGs: 6.0 s on one thread, 6.7-7.2 s
-    on two, 2 cores); from 64 px up zlib's and libjpeg's own work, which runs without it, dominates (64 px PNGs
-    1.5x faster on two threads, 128 px 1.9x, 256 px JPEGs 1.2-1.3x)."""
-    return _workers(cfg) if cfg.resolution >= 64 else 1
 
 
 class _Split:
@@ -139,7 +132,7 @@ def _with_captions(samples: Iterable[Sample], captions: list[str]) -> Iterator[S
 def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None) -> dict[str, Any]:
     """Write both splits into `tmp` from `items` (a user source; None for shapes); return the manifest (without
     paths that depend on `tmp`)."""
-    kw = dict(samples_per_shard=cfg.samples_per_shard, image_format=cfg.image_format, workers=_encode_workers(cfg))
+    kw = dict(samples_per_shard=cfg.samples_per_shard, image_format=cfg.image_format, workers=_workers(cfg))
     if cfg.source == "shapes":
         captions: list[str] = []
         train = write_shards(

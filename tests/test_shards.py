@@ -221,9 +221,11 @@ def test_encoding_threads_write_the_same_bytes_and_fail_cleanly(tmp_path, monkey
     previous set (the threads stopped, no temporary folder)."""
     import threading
 
+    import diffusion.data.ordered_pool as ordered_pool
     import diffusion.data.shards as shards
 
-    samples = make_samples(100)  # 13 tasks of ENCODE_BATCH (8)
+    monkeypatch.setattr(ordered_pool, "MIN_SECONDS", 0.0)  # threads even for these 16 px images
+    samples = make_samples(100)
     names: set[str] = set()
     real = shards.encode_image
     monkeypatch.setattr(shards, "encode_image", lambda im, f: names.add(threading.current_thread().name) or real(im, f))

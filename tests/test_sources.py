@@ -437,8 +437,11 @@ def test_threads_read_decode_and_leave_the_stream_as_one_thread_does(tmp_path, m
     the flag must come back as it was (switching it per image from several threads would race)."""
     import threading
 
+    import diffusion.data.ordered_pool as ordered_pool
     import diffusion.data.sources.common as common
 
+    monkeypatch.setattr(ordered_pool, "MIN_SECONDS", 0.0)  # threads even for these small images
+    monkeypatch.setattr(ordered_pool, "PROBE", 2)  # the folder holds few images
     tree = flat_tree()
     write(tmp_path / "f", tree)
     write(tmp_path / "f", {str(Path(p).with_suffix(".txt")): caption_of(p) for p in tree if Path(p).suffix != ".md"})

@@ -24,14 +24,13 @@ import json
 import os
 import shutil
 import tarfile
-from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
 
+from diffusion.data.ordered_pool import OrderedPool
 from diffusion.data.records import Sample
 
 ImageFormat = Literal["png", "jpg"]
@@ -296,15 +295,6 @@ def write_shards(
         writer.discard()
 
 
-#: Images a thread encodes per task: a hand-off to a thread costs about as much as encoding a small JPEG
-#: (~0.3 ms at 256 px), so a task carries several.
-ENCODE_BATCH = 8
-
-
-def _encode_all(samples: list[Sample], image_format: ImageFormat) -> list[bytes]:
-    return [encode_image(s.image, image_format) for s in samples]
-
-
 class ShardWriter:
     """:func:`write_shards` one sample at a time: for a caller that routes one stream to several shard sets
     (the shard stage's train and val splits), each written as the samples come instead of held in memory.
@@ -313,10 +303,10 @@ class ShardWriter:
     after ``finish``) removes what was written, leaving the previous `out_dir` as it was. Same atomicity and
     bytes as :func:`write_shards`.
 
-    With `workers` > 1 the images are encoded on that many threads (zlib and libjpeg run without Python's lock;
-    a PNG of a 256 px photo takes ~20 ms, more than decoding and resizing it), `ENCODE_BATCH` per task and at
-    most ``2 * workers`` tasks ahead of the writing, which stays in the order the samples were added: the same
-    bytes whatever `workers` is.
+    With `workers` > 1 the images are encoded on that many threads when an image takes long enough for that to
+    pay (`data.ordered_pool`; zlib and libjpeg run without Python's lock, and a PNG of a 256 px photo takes ~20
+    ms, more than decoding and resizing it), while the writing stays in the order the samples were added: the
+    same bytes whatever `workers` is.
     """
 
     def __init__(
@@ -342,10 +332,7 @@ class ShardWriter:
         self._added = 0
         self._seen: set[str] = set()
         self._tar: tarfile.TarFile | None = None
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="shard-encode") if workers > 1 else None
-        self._window = 2 * workers
-        self._batch: list[Sample] = []
-        self._pending: deque[tuple[list[Sample], Future]] = deque()
+        self._encoder = OrderedPool(lambda sample: encode_image(sample.image, image_format), workers, "shard-encode")
 
     def __len__(self) -> int:
         """Samples added so far."""
@@ -356,23 +343,16 @@ class ShardWriter:
             raise RuntimeError(f"{self.out_dir}: shard set already finished or discarded")
         check_sample_key(sample.key, self._seen)  # here, so a bad key stops at the sample that has it
         self._added += 1
-        if self._pool is None:
-            self._write(sample, encode_image(sample.image, self.image_format))
-            return
-        self._batch.append(sample)
-        if len(self._batch) == ENCODE_BATCH:
-            self._submit()
-        while len(self._pending) > self._window:
-            self._write_next()
+        for done in self._encoder.put(sample):
+            self._write(*done)
 
     def finish(self) -> ShardList:
         """Write what is still being encoded, close the last shard and swap the set into `out_dir`; returns its
         paths and counts."""
         if self.tmp is None:
             raise RuntimeError(f"{self.out_dir}: shard set already finished or discarded")
-        self._submit()
-        while self._pending:
-            self._write_next()
+        for done in self._encoder.drain():
+            self._write(*done)
         self._stop()
         replace_dir(self.tmp, self.out_dir)
         self.tmp = None
@@ -387,16 +367,6 @@ class ShardWriter:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 self.tmp = None
 
-    def _submit(self) -> None:
-        if self._batch:
-            batch, self._batch = self._batch, []
-            self._pending.append((batch, self._pool.submit(_encode_all, batch, self.image_format)))
-
-    def _write_next(self) -> None:
-        batch, job = self._pending.popleft()
-        for sample, image in zip(batch, job.result()):
-            self._write(sample, image)
-
     def _write(self, sample: Sample, image: bytes) -> None:
         if self._tar is None or self.counts[-1] == self.samples_per_shard:
             self._close_tar()
@@ -410,10 +380,7 @@ class ShardWriter:
 
     def _stop(self) -> None:
         """Close the open shard and the encoding threads (dropping what they have not started)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        self._batch, self._pending = [], deque()
+        self._encoder.close()
         self._close_tar()
 
     def _close_tar(self) -> None:

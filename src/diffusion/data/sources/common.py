@@ -7,14 +7,14 @@ import codecs
 import hashlib
 import re
 import unicodedata
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
 from diffusion.data.images import PreparedImage, prepare, strict_decoding
+from diffusion.data.ordered_pool import OrderedPool
 from diffusion.data.records import SKIP_REASONS, Sample, Skipped
 
 Item = Sample | Skipped
@@ -196,13 +196,14 @@ class Assembler:
     """What every source does to a candidate: check the caption, decode, drop duplicates, keep keys unique.
 
     A source calls it for each image it finds (a `Candidate`, or a `Skipped` for a missing caption) and passes
-    its stream through `run`, which reads and decodes the candidates, `workers` at a time on threads, and
-    finishes them one by one in the stream's order: which duplicate is kept and which key an image gets never
-    depend on the number of threads, so the shards are the same bytes whatever it is.
+    its stream through `run`, which reads and decodes the candidates, on `workers` threads when an image takes
+    long enough for that to pay (`data.ordered_pool`), and finishes them one by one in the stream's order:
+    which duplicate is kept and which key an image gets never depend on the number of threads, so the shards
+    are the same bytes whatever it is.
 
     Holds the pixel hash and source of each image already yielded (the source, so that a duplicate's record can
     name the image kept) and the keys already used: memory grows by a couple of hundred bytes per image, not by
-    the images (at most ``4 * workers`` are read ahead).
+    the images (a bounded number are read ahead).
     """
 
     def __init__(self, resolution: int, workers: int = 1) -> None:
@@ -236,26 +237,24 @@ class Assembler:
 
     def run(self, items: Iterable[Found]) -> Iterator[Item]:
         """The stream with every `Candidate` read, decoded and finished (a `Sample`, or a `Skipped`), in order."""
-        with strict_decoding():  # once for all threads: the per-image switch of a Pillow global would race
-            if self.workers == 1:
+        pool = OrderedPool(self._prepare, self.workers, "shard-decode", timed=lambda item: isinstance(item, Candidate))
+        try:
+            with strict_decoding():  # once for all threads: the per-image switch of a Pillow global would race
                 for item in items:
-                    yield self._finish(item, _prepare(item, self.resolution)) if isinstance(item, Candidate) else item
-                return
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="shard-decode") as pool:
-                ahead: deque[tuple[Found, Future | None]] = deque()
-                for item in items:
-                    job = pool.submit(_prepare, item, self.resolution) if isinstance(item, Candidate) else None
-                    ahead.append((item, job))
-                    if len(ahead) > 4 * self.workers:
-                        yield self._done(*ahead.popleft())
-                while ahead:
-                    yield self._done(*ahead.popleft())
+                    for done in pool.put(item):
+                        yield self._finish(*done)
+                for done in pool.drain():
+                    yield self._finish(*done)
+        finally:
+            pool.close()
 
-    def _done(self, item: Found, job: Future | None) -> Item:
-        return self._finish(item, job.result()) if job is not None else item
+    def _prepare(self, item: Found) -> tuple[PreparedImage, bytes] | Skipped | None:
+        return _prepare(item, self.resolution) if isinstance(item, Candidate) else None
 
-    def _finish(self, candidate: Candidate, prepared: tuple[PreparedImage, bytes] | Skipped) -> Item:
+    def _finish(self, candidate: Found, prepared: tuple[PreparedImage, bytes] | Skipped | None) -> Item:
         """Drop a duplicate (the first in the stream's order wins), make the key unique, build the `Sample`."""
+        if prepared is None:  # not a candidate: a Skipped the source found
+            return candidate
         if isinstance(prepared, Skipped):
             return prepared
         image, digest = prepared
