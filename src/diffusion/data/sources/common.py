@@ -237,7 +237,7 @@ class Assembler:
 
     def run(self, items: Iterable[Found]) -> Iterator[Item]:
         """The stream with every `Candidate` read, decoded and finished (a `Sample`, or a `Skipped`), in order."""
-        pool = OrderedPool(self._prepare, self.workers, "shard-decode", timed=lambda item: isinstance(item, Candidate))
+        pool = OrderedPool(self._prepare_found, self.workers, "shard-decode", timed=lambda item: isinstance(item, Candidate))
         try:
             with strict_decoding():  # once for all threads: the per-image switch of a Pillow global would race
                 for item in items:
@@ -248,7 +248,8 @@ class Assembler:
         finally:
             pool.close()
 
-    def _prepare(self, item: Found) -> tuple[PreparedImage, bytes] | Skipped | None:
+    def _prepare_found(self, item: Found) -> tuple[PreparedImage, bytes] | Skipped | None:
+        """`_prepare` for a candidate; None for a `Skipped` the source found, which passes through in order."""
         return _prepare(item, self.resolution) if isinstance(item, Candidate) else None
 
     def _finish(self, candidate: Found, prepared: tuple[PreparedImage, bytes] | Skipped | None) -> Item:
