@@ -141,7 +141,7 @@ def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenize
     from diffusion.data.tokenizer import encode
     from diffusion.training import checkpointing as ckpt
     from diffusion.training.exact_resume import ExactResume, run_identity
-    from diffusion.training.callbacks import EMA, LossCurve, SampleGrid
+    from diffusion.training.callbacks import EMA, SampleGrid
     from diffusion.training.nonfinite import NonFiniteLossCheck
 
     prompts = encode(tokenizer, list(cfg.sample_prompts)) if cfg.sample_prompts else None
@@ -150,7 +150,6 @@ def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenize
         ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps, run_identity(run.point.key, cfg)),
         # EMA once per optimizer step, saved in and restored from the checkpoint (pitfall 8).
         EMA(decay=cfg.ema_decay),
-        LossCurve(cfg.loss_curve_path, cfg.log_every_n_steps),
         SampleGrid(prompts, scheduler, side, cfg.sample_every_n_steps if prompts is not None else 0,
                    sampler=cfg.sample_sampler, num_steps=cfg.sample_steps, guidance=cfg.sample_guidance),
         ckpt.checkpoint_callback(run.point.dir, cfg.checkpoint_every_n_steps),
@@ -184,7 +183,7 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str]) -> tuple[Any, Any, Any]:
     system = DiffusionSystem(model, scheduler, optim, compile_denoiser=cfg.compile)
     callbacks = _callbacks(cfg, run, loader, scheduler, tokenizer, side)
     trainer = build_trainer(cfg, callbacks=callbacks, logger=run.logger, default_root_dir=run.point.dir,
-                                 limit_val_batches=0)
+                            loss_curve=cfg.loss_curve_path, limit_val_batches=0)
     if run.point.resuming:
         print(f"train: resuming from {run.point.ckpt_path}")
     trainer.fit(system, loader, ckpt_path=run.point.ckpt_path)
@@ -212,11 +211,12 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     import mlflow
 
     from diffusion.tracking import is_finite_number
-    from diffusion.training.callbacks import LossCurve, ema_model
+    from diffusion.training.callbacks import ema_model
+    from diffusion.training.step_means import step_means
 
     model = system.restore_frozen_vae(ema_model(trainer, system))
     export(cfg, model, grid.image_size)
-    curve = next(cb for cb in trainer.callbacks if isinstance(cb, LossCurve))
+    curve = step_means(trainer)
     curve.write()
     tail = [loss for _, loss in curve.points[-10:]]
     metrics = {

@@ -172,6 +172,7 @@ def main(cfg: TrainVAEConfig) -> dict[str, Any] | None:
 
     from diffusion.tracking import tracking_uri
     from diffusion.training.checkpointing import rank_report, resumable_stage_run
+    from diffusion.training.step_means import step_means
     from diffusion.training.trainer import check_hardware
 
     check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
@@ -191,10 +192,11 @@ def main(cfg: TrainVAEConfig) -> dict[str, Any] | None:
         if run.run_id is not None:  # once, not once per DDP rank
             print(f"train_vae: {cfg.max_steps} steps, batch {cfg.batch_size} per process, checkpoints in {run.point.dir}")
         trainer, system = _fit(cfg, run, train_urls, val_batches)
-        # The last step's training losses (restored from the checkpoint if the run had already finished),
-        # then a final validation, unless the fit validated after its last step: validation is deterministic
-        # (the posterior mean), so that one's figures are the final ones, and running it again logged them twice.
-        logged = {f"train/{k}": float(v) for k, v in system.last_train.items()}
+        # The last logging window's training losses (means over its steps and the ranks; restored from the
+        # checkpoint if the run had already finished), then a final validation, unless the fit validated after its
+        # last step: validation is deterministic (the posterior mean), so that one's figures are the final ones,
+        # and running it again logged them twice.
+        logged = {f"train/{k}": v for k, v in step_means(trainer).last.items()}
         if system.validated_at == trainer.global_step:
             logged |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         else:

@@ -107,6 +107,10 @@ def test_train_stage_writes_model_metrics_curve_and_one_mlflow_run(project, cli_
     history = client.get_metric_history(run.info.run_id, "train/loss")
     # Per step, not only at the end, at the optimizer steps the loss curve and the checkpoints count.
     assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]
+    # The same window means in MLflow, the curve and final_loss (the mean of the last 10 points; here all 6).
+    points = [float(r.split(",")[1]) for r in curve[1:]]
+    assert [round(m.value, 6) for m in sorted(history, key=lambda m: m.step)] == points
+    assert metrics["final_loss"] == pytest.approx(sum(points) / 6, abs=1e-6)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/step_0000006.png", "samples/step_0000012.png", "samples/final.png"} <= artifacts
 
@@ -513,31 +517,6 @@ def test_run_key_follows_the_vae_and_tokenizer_contents(tmp_path):
     (tmp_path / "vae/model.pt").write_bytes(b"B" * 100)
     assert _fingerprints(cfg, [])["inputs"] != first["inputs"]
     assert _fingerprints(cfg, [])["code"] == first["code"]
-
-
-def test_loss_curve_records_the_loss_not_its_accumulation_share(tmp_path):
-    """Lightning hands on_train_batch_end loss / accumulate_grad_batches; the curve must hold the loss itself,
-    from step 1 (step 0 precedes the first optimizer step)."""
-    import pytorch_lightning as pl
-
-    from diffusion.training.callbacks import LossCurve
-
-    class Constant(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def training_step(self, batch, batch_idx):
-            return (self.w * 0).sum() + 2.5
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    curve = LossCurve(tmp_path / "loss.csv", every_n_steps=1)
-    trainer = pl.Trainer(max_steps=4, accumulate_grad_batches=3, callbacks=[curve], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Constant(), torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=1))
-    assert curve.points == [(1, 2.5), (2, 2.5), (3, 2.5), (4, 2.5)]
 
 
 def test_seed_api_caption_dropout_differs_across_workers_and_epochs():

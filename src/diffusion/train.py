@@ -27,6 +27,7 @@ from pytorch_lightning.callbacks import ProgressBar
 
 from diffusion.training.callbacks import EMA
 from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+from diffusion.training.step_means import StepMeans
 from diffusion.training.trainer import LossBar
 
 
@@ -98,7 +99,9 @@ def train_diffusion_model(
     trainer_kwargs.setdefault("logger", False)
     trainer_kwargs.setdefault("enable_checkpointing", False)
     trainer_kwargs.setdefault("log_every_n_steps", 1)
-    callbacks = [EMA(decay=ema_decay), *trainer_kwargs.pop("callbacks", [])]
+    # The loss as the stages log it: its mean over each logging window and every rank (training/step_means.py).
+    callbacks = [StepMeans(trainer_kwargs["log_every_n_steps"]), EMA(decay=ema_decay),
+                 *trainer_kwargs.pop("callbacks", [])]
     if trainer_kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         # The pipeline's bar, with the loss. Lightning's default (its rich bar, where `rich` is installed) shows
         # no loss (it is not logged to the bar: an .item() per step) and counts epochs out of -2 (max_epochs -1).

@@ -1,14 +1,13 @@
-"""Callbacks of the diffusion training stage: the EMA of the weights, sample grids from it, and the loss curve.
+"""Callbacks of the diffusion training stage: the EMA of the weights and sample grids from it. (The loss curve
+is ``diffusion.training.step_means``, which both training stages' Trainers carry.)
 
-The grids and the curve run on rank 0 only and touch the host only every N steps, so the training step
-itself never waits for them.
+The grids run on rank 0 only and touch the host only every N steps, so the training step itself never waits for
+them.
 """
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -106,46 +105,3 @@ class SampleGrid(Callback):
             return
         self.last_grid = self.render(ema_model(trainer, pl_module))
         log_image(trainer, self.last_grid, f"samples/step_{step:07d}.png")
-
-
-class LossCurve(Callback):
-    """Records (step, loss) every `every_n_steps` and writes a CSV that ``dvc plots`` renders.
-
-    The points are kept in the checkpoint (``state_dict``), so a resumed run writes the whole curve. Reading
-    the loss costs one host sync per recorded point, not per step.
-    """
-
-    def __init__(self, path: str | Path, every_n_steps: int = 10) -> None:
-        self.path = Path(path)
-        self.every = max(1, every_n_steps)
-        self.points: list[tuple[int, float]] = []
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
-        step = trainer.global_step
-        # Step 0 is before the first optimizer step (only micro-batches of an accumulation window end there).
-        if step == 0 or step % self.every or (self.points and self.points[-1][0] == step):
-            return
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            if pl_module.automatic_optimization:  # Lightning hands back loss / accumulate_grad_batches
-                loss = loss * trainer.accumulate_grad_batches
-            self.points.append((step, float(loss.detach())))
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.write()
-
-    def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["step", "loss"])
-            writer.writerows((s, f"{v:.6f}") for s, v in self.points)
-        tmp.replace(self.path)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"points": list(self.points)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.points = [tuple(p) for p in state_dict["points"]]

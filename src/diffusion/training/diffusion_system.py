@@ -166,12 +166,9 @@ class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
         return per_sample.mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(self.latents_of(batch), batch["tokens"])
-        # Logged as a tensor: Lightning moves it to the host only on logging steps, so the step itself never
-        # waits for the device. Not prog_bar=True: Lightning converts progress-bar metrics to numbers at every
-        # batch's end (an .item() per step); the bar reads the loss when it refreshes (trainer.LossBar).
-        self.log("train/loss", loss, on_step=True, on_epoch=False)
-        return loss
+        # Not logged here: a Trainer's StepMeans logs the loss's mean over each logging window and every rank
+        # (training/step_means.py), with no host sync inside the step.
+        return self.diffusion_loss(self.latents_of(batch), batch["tokens"])
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

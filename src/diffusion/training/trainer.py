@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from diffusion.config import ConfigError
 from diffusion.training.checkpointing import is_launch_rank_zero
 from diffusion.training.mlflow_logger import StepLogger
+from diffusion.training.step_means import StepMeans
 
 
 def fast_bf16(accelerator: str) -> bool:
@@ -161,6 +162,7 @@ def build_trainer(
     logger: Any,
     manual_optimization: bool = False,
     default_root_dir: str | Path | None = None,
+    loss_curve: str | Path | None = None,
     **overrides: Any,
 ) -> pl.Trainer:
     """A Lightning Trainer from the shared training fields (``diffusion.stage_configs.TrainerFields``).
@@ -168,6 +170,8 @@ def build_trainer(
     Step-based: ``max_steps`` ends training, validation runs every ``val_every_n_steps`` batches across
     epochs (``check_val_every_n_epoch=None``, as streaming loaders need). ``use_distributed_sampler=False``:
     the WebDataset loader splits data across ranks itself (pitfall 1).
+    The training values are logged by a `StepMeans`, first among the callbacks: means over each
+    ``log_every_n_steps`` window and over the ranks (its module docstring).
 
     Args:
         cfg: a config with the TrainerFields (precision, devices, num_nodes, strategy, accelerator,
@@ -176,6 +180,7 @@ def build_trainer(
         manual_optimization: the system steps its optimizers itself; then Lightning refuses accumulation
             and clipping flags (pitfall 13), so they must be at their defaults.
         default_root_dir: where Lightning puts anything without an explicit path (the run folder).
+        loss_curve: where the Trainer's `StepMeans` writes the loss curve when training ends (None: not written).
         overrides: any other ``pl.Trainer`` argument, e.g. ``limit_val_batches``.
     """
     accumulate, clip = cfg.accumulate_grad_batches, cfg.gradient_clip_val
@@ -198,7 +203,8 @@ def build_trainer(
         val_check_interval=cfg.val_every_n_steps,
         check_val_every_n_epoch=None,
         # The bar shows the loss, read back from the device when it refreshes, as often as metrics are logged.
-        callbacks=[*callbacks, LossBar(refresh_rate=cfg.log_every_n_steps)],
+        callbacks=[StepMeans(cfg.log_every_n_steps, loss_curve), *callbacks,
+                   LossBar(refresh_rate=cfg.log_every_n_steps)],
         logger=logger,
         enable_progress_bar=True,
         enable_model_summary=False,

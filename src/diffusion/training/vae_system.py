@@ -69,9 +69,6 @@ class VAESystem(FusedAdamWClipping, pl.LightningModule):
         self.automatic_optimization = not d.enabled
         self.psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))  # per image, then averaged
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
-        #: The last training step's loss terms (device tensors), kept in checkpoints so that a rerun of a
-        #: finished run reports the same final losses.
-        self.last_train: dict[str, torch.Tensor] = {}
         #: The optimizer step of this process's last validation inside a fit (None before one).
         self.validated_at: int | None = None
 
@@ -92,19 +89,14 @@ class VAESystem(FusedAdamWClipping, pl.LightningModule):
         rec = self.cfg.l1_weight * l1 + self.cfg.mse_weight * mse
         return {"l1": l1, "mse": mse, "kl": kl, "rec": rec, "loss": rec + self.cfg.kl_weight * kl}
 
-    def _log_train(self, values: dict[str, torch.Tensor]) -> None:
-        self.last_train = {k: v.detach() for k, v in values.items()}
-        others = {f"train/{k}": v.detach() for k, v in values.items() if k != "loss"}
-        self.log_dict(others, on_step=True, on_epoch=False)
-        self.log("train/loss", values["loss"].detach(), on_step=True, on_epoch=False)  # on the bar: trainer.LossBar
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        """The loss to minimise and its terms. Not logged here: a Trainer's StepMeans logs each returned value's
+        mean over the logging window and every rank as ``train/<name>`` (training/step_means.py)."""
         if not self.automatic_optimization:
             return self._adversarial_step(batch["image"])
         recon, posterior = self.vae(batch["image"])
         losses = self.reconstruction_losses(batch["image"], recon, posterior)
-        self._log_train(losses)
-        return losses["loss"]
+        return {k: v if k == "loss" else v.detach() for k, v in losses.items()}
 
     def _adversarial_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One step of each optimizer (manual optimization): the autoencoder, then the discriminator."""
@@ -136,8 +128,7 @@ class VAESystem(FusedAdamWClipping, pl.LightningModule):
             with warnings.catch_warnings():  # opt_d has not stepped yet, which torch would warn about
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
                 sched_d.step()
-        self._log_train(losses)
-        return {"loss": loss.detach()}
+        return {k: v.detach() for k, v in losses.items()}
 
     def _discriminator_step(self, x: torch.Tensor, recon: torch.Tensor, opt_d: Any) -> dict[str, torch.Tensor]:
         self.toggle_optimizer(opt_d)
@@ -204,10 +195,6 @@ class VAESystem(FusedAdamWClipping, pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The exact config that built this state travels with it (STYLE 4).
         checkpoint["train_vae_config"] = self.cfg.to_dict()
-        checkpoint["last_train_losses"] = {k: v.cpu() for k, v in self.last_train.items()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.last_train = dict(checkpoint.get("last_train_losses", {}))
 
 
 class ReconstructionGrid(Callback):

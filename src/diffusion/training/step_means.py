@@ -1,0 +1,135 @@
+"""The training values that the logs, the loss curve and the final metrics report: means over each logging window.
+
+A diffusion loss is the denoising error at one random timestep per sample, so one batch's loss scatters widely from
+step to step (with epsilon prediction the error near t = 0 is many times that near t = T). Lightning's ``self.log(..., on_step=True)``
+reports the batch that happens to fall on every ``log_every_n_steps``-th step, on global rank 0 alone and, under
+gradient accumulation, only the last micro-batch of that step: a curve whose noise hides its trend, drawn from a
+fraction of the batches trained on. diffusers' training scripts report every process's loss
+(``accelerator.gather(loss).mean()``) averaged over the accumulation window; here the window is the whole logging
+interval.
+
+`StepMeans` sums each scalar the training step returns on its device at every micro-batch (an addition, no host
+sync), and at every ``log_every_n_steps``-th optimizer step divides by the micro-batches counted, averages over the
+ranks in one collective, logs the means (``train/<name>``) and keeps the loss's as a point of the curve that
+``dvc plots`` draws; the steps after the last multiple, when training ends, make a last window. Its sums and points
+travel in the checkpoint, so a resumed run logs what an uninterrupted one logs, to the bit.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+
+def step_values(trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> dict[str, torch.Tensor]:
+    """The scalar tensors a training step returned (a tensor is its loss; a dict may add others), detached, with
+    the loss as the step computed it: under automatic optimization Lightning hands back loss / accumulate_grad_batches."""
+    if isinstance(outputs, torch.Tensor):
+        outputs = {"loss": outputs}
+    if not isinstance(outputs, Mapping):
+        return {}
+    values = {k: v.detach() for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+    if "loss" in values and pl_module.automatic_optimization:
+        values["loss"] = values["loss"] * trainer.accumulate_grad_batches
+    return values
+
+
+class StepMeans(Callback):
+    """Logs ``train/<name>``, the mean of each scalar the training step returns over the micro-batches of the last
+    `every_n_steps` optimizer steps and over every rank, at each multiple of `every_n_steps` (when Lightning logs),
+    and over the steps after the last multiple when training ends.
+
+    Args:
+        every_n_steps: the window, in optimizer steps: the Trainer's ``log_every_n_steps`` (0: nothing is logged).
+        curve_path: where :meth:`write` puts the loss's means as ``step,loss`` CSV rows (None: kept, not written).
+
+    Attributes:
+        points: ``(step, mean loss)`` of every window so far, a resumed run's included.
+        last: the last window's means by name (floats), e.g. a stage's final training metrics.
+    """
+
+    def __init__(self, every_n_steps: int, curve_path: str | Path | None = None) -> None:
+        self.every = every_n_steps
+        self.path = Path(curve_path) if curve_path is not None else None
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.points: list[tuple[int, float]] = []
+        self.last: dict[str, float] = {}
+        self._step_before = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._step_before = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        for name, value in step_values(trainer, pl_module, outputs).items():
+            value = value.float().reshape(())
+            # A key may come and go within a window (the GAN's terms start at discriminator.start_step): each
+            # value is averaged over the micro-batches that had it.
+            self.sums[name] = self.sums[name].to(value.device) + value if name in self.sums else value.clone()
+            self.counts[name] = self.counts.get(name, 0) + 1
+        step = trainer.global_step
+        # Only a batch that made an optimizer step (the last micro-batch of an accumulation window), and only at
+        # the steps Lightning logs at (its logger connector's cadence), so that the means reach the logger.
+        if self.every and step != self._step_before and step % self.every == 0 and self.sums:
+            means = self._close_window(trainer)
+            pl_module.log_dict({f"train/{n}": m for n, m in means.items()}, on_step=True, on_epoch=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The steps after the last multiple of every_n_steps (max_steps off the grid) make a last, shorter window,
+        # so that the curve and the final figures reach the end of training. Lightning forbids self.log here: the
+        # loggers get it directly. (Before the checkpoint callback's on_train_end, which Lightning runs last.)
+        if self.every and self.sums:
+            means = self._close_window(trainer)
+            for logger in trainer.loggers:  # each logs on global rank 0 only
+                logger.log_metrics({f"train/{n}": float(m) for n, m in means.items()}, step=trainer.global_step)
+        if trainer.is_global_zero and self.path is not None:
+            self.write()
+
+    def _close_window(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+        """The open window's means over its micro-batches and every rank (a collective: every rank calls this at the
+        same step); they become `last` and a point of the curve, and a new window opens."""
+        names = sorted(self.sums)  # the same order on every rank: one collective for every value
+        local = torch.stack([self.sums[n] / self.counts[n] for n in names])
+        means = trainer.strategy.reduce(local, reduce_op="mean")
+        self.last = dict(zip(names, means.tolist()))  # one host sync per window, where Lightning's logging has one
+        if "loss" in self.last:
+            self.points.append((trainer.global_step, self.last["loss"]))
+        self.sums, self.counts = {}, {}
+        return dict(zip(names, means))
+
+    def write(self) -> None:
+        """The loss curve as CSV (``step,loss``), replaced atomically."""
+        if self.path is None:
+            raise ValueError("StepMeans.write: no curve_path was given")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "loss"])
+            writer.writerows((s, f"{v:.6f}") for s, v in self.points)
+        tmp.replace(self.path)
+
+    # The open window too: a run resumed from a checkpoint between two logging steps continues its sums.
+    def state_dict(self) -> dict[str, Any]:
+        return {"points": list(self.points), "last": dict(self.last), "counts": dict(self.counts),
+                "sums": {k: v.cpu() for k, v in self.sums.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.points = [tuple(p) for p in state_dict["points"]]
+        self.last = dict(state_dict.get("last", {}))
+        self.counts = dict(state_dict.get("counts", {}))
+        self.sums = dict(state_dict.get("sums", {}))
+
+
+def step_means(trainer: pl.Trainer) -> StepMeans:
+    """The Trainer's `StepMeans` (`build_trainer` adds one to every Trainer it builds)."""
+    found = [cb for cb in trainer.callbacks if isinstance(cb, StepMeans)]
+    if len(found) != 1:
+        raise ValueError(f"expected one StepMeans among the Trainer's callbacks, found {len(found)}")
+    return found[0]

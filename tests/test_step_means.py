@@ -1,0 +1,143 @@
+"""StepMeans: the training values logged, drawn and reported are means over each logging window and every rank."""
+
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import Logger
+
+from diffusion.training.step_means import StepMeans, step_means
+
+
+class Recorder(Logger):
+    """A Lightning logger that keeps what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.logged: list[tuple[int, dict]] = []
+
+    name, version = "recorder", 0
+
+    @property
+    def experiment(self):
+        return None
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((step, {k: v for k, v in metrics.items() if k.startswith("train/")}))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+class Counting(pl.LightningModule):
+    """Its loss is the batch's value (0, 1, 2, ... in order), with an extra term 10x that."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        value = batch.sum()
+        return {"loss": (self.w * 0).sum() + value, "tenfold": 10 * value}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_means_over_the_window_s_micro_batches_reach_the_logger_the_curve_and_last(tmp_path):
+    """Two optimizer steps a window, three micro-batches a step: each logged loss is the mean of six batches'
+    (Lightning's on_step logging gave the last micro-batch's, divided by 3), at the steps Lightning logs at."""
+    means, logger = StepMeans(every_n_steps=2, curve_path=tmp_path / "curve.csv"), Recorder()
+    trainer = pl.Trainer(max_steps=4, accumulate_grad_batches=3, log_every_n_steps=2, callbacks=[means],
+                         logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(Counting(), torch.utils.data.DataLoader(torch.arange(64.0), batch_size=1))
+    assert means.points == [(2, 2.5), (4, 8.5)]  # batches 0-5, then 6-11
+    assert means.last == {"loss": 8.5, "tenfold": 85.0}
+    assert [values for _, values in logger.logged if values] == [{"train/loss": 2.5, "train/tenfold": 25.0},
+                                                                  {"train/loss": 8.5, "train/tenfold": 85.0}]
+    assert (tmp_path / "curve.csv").read_text().splitlines() == ["step,loss", "2,2.500000", "4,8.500000"]
+    assert step_means(trainer) is means
+
+
+def test_manual_optimization_loss_is_taken_as_returned():
+    """Lightning divides the loss by accumulate_grad_batches only under automatic optimization."""
+    means = StepMeans(every_n_steps=1)
+    module = SimpleNamespace(automatic_optimization=False, log_dict=lambda *a, **k: None)
+    trainer = SimpleNamespace(global_step=1, accumulate_grad_batches=4, strategy=SimpleNamespace(reduce=lambda t, **k: t))
+    means.on_train_batch_end(trainer, module, {"loss": torch.tensor(3.0)}, None, 0)
+    assert means.last == {"loss": 3.0}
+
+
+def _feed(means, steps, values_at, reduce=lambda t, **k: t):
+    """Run `means`'s hooks for optimizer steps `steps` (one micro-batch each) with the values `values_at(step)`."""
+    logged = []
+    module = SimpleNamespace(automatic_optimization=True, log_dict=lambda d, **k: logged.append(
+        {n: float(v) for n, v in d.items()}))
+    for step in steps:
+        trainer = SimpleNamespace(global_step=step - 1, accumulate_grad_batches=1, strategy=SimpleNamespace(reduce=reduce))
+        means.on_train_batch_start(trainer)
+        trainer.global_step = step
+        means.on_train_batch_end(trainer, module, values_at(step), None, step - 1)
+    return logged
+
+
+def test_the_means_are_averaged_over_the_ranks_in_one_collective():
+    """Each rank's window means go through strategy.reduce once, stacked, and the reduced values are logged:
+    here the other rank's means are 1 higher than this one's."""
+    calls = []
+
+    def reduce(t, reduce_op):
+        calls.append((t.clone(), reduce_op))
+        return (t + (t + 1)) / 2
+
+    logged = _feed(StepMeans(every_n_steps=2), [1, 2], lambda s: {"loss": torch.tensor(float(s)),
+                                                                    "aux": torch.tensor(10.0 * s)}, reduce)
+    assert len(calls) == 1 and calls[0][1] == "mean"
+    assert calls[0][0].tolist() == [15.0, 1.5]  # the local means, in name order: aux, loss
+    assert logged == [{"train/aux": 15.5, "train/loss": 2.0}]
+
+
+def test_a_value_that_appears_mid_window_is_averaged_over_the_batches_that_had_it():
+    """The GAN's terms start at discriminator.start_step, inside a window: their mean is over those steps only."""
+    logged = _feed(StepMeans(every_n_steps=4), [1, 2, 3, 4], lambda s: {
+        "loss": torch.tensor(float(s)), **({"g_loss": torch.tensor(float(s))} if s >= 3 else {})})
+    assert logged == [{"train/g_loss": 3.5, "train/loss": 2.5}]
+
+
+@pytest.mark.parametrize("stop", [1, 3, 5])
+def test_a_run_resumed_mid_window_logs_what_an_uninterrupted_one_logs(stop):
+    """The open window's sums travel in the checkpoint: resumed after step `stop` (inside a window of 4 steps),
+    the curve and the last means are the uninterrupted run's, to the bit."""
+    values = {s: {"loss": torch.tensor(1.0 / s), "aux": torch.tensor(s / 7.0)} for s in range(1, 9)}
+    whole = StepMeans(every_n_steps=4)
+    _feed(whole, range(1, 9), values.get)
+
+    first = StepMeans(every_n_steps=4)
+    _feed(first, range(1, stop + 1), values.get)
+    state = torch.load(_saved(first.state_dict()), weights_only=False)  # as a checkpoint holds it
+    resumed = StepMeans(every_n_steps=4)
+    resumed.load_state_dict(state)
+    _feed(resumed, range(stop + 1, 9), values.get)
+    assert resumed.points == whole.points and len(whole.points) == 2
+    assert resumed.last == whole.last
+
+
+def _saved(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_the_steps_after_the_last_multiple_make_a_last_window_when_training_ends(tmp_path):
+    """max_steps 5 logging every 2: the curve, the last means and the loggers reach step 5 (batches 4, its own)."""
+    means, logger = StepMeans(every_n_steps=2, curve_path=tmp_path / "curve.csv"), Recorder()
+    trainer = pl.Trainer(max_steps=5, log_every_n_steps=2, callbacks=[means], logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Counting(), torch.utils.data.DataLoader(torch.arange(64.0), batch_size=1))
+    assert means.points == [(2, 0.5), (4, 2.5), (5, 4.0)]
+    assert means.last["loss"] == 4.0 and logger.logged[-1][1] == {"train/loss": 4.0, "train/tenfold": 40.0}
