@@ -226,7 +226,7 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
         "parameters_denoiser": sum(p.numel() for p in model.denoiser.parameters()),
         "parameters_text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
     }
-    # No loss logged (max_steps below log_every_n_steps) leaves final_loss out: JSON has no NaN.
+    # A loss that is not a finite number is left out: JSON has no NaN.
     metrics = {k: v for k, v in metrics.items() if is_finite_number(v)}
     Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg.metrics_path, metrics)

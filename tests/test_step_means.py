@@ -61,26 +61,30 @@ def test_means_over_the_window_s_micro_batches_reach_the_logger_the_curve_and_la
     assert step_means(trainer) is means
 
 
+def _trainer(step, reduce=lambda t, **k: t, logger=None, accumulate=1):
+    """What StepMeans reads of a Trainer at optimizer step `step`."""
+    return SimpleNamespace(global_step=step, accumulate_grad_batches=accumulate, strategy=SimpleNamespace(reduce=reduce),
+                           loggers=[logger] if logger else [])
+
+
 def test_manual_optimization_loss_is_taken_as_returned():
     """Lightning divides the loss by accumulate_grad_batches only under automatic optimization."""
     means = StepMeans(every_n_steps=1)
-    module = SimpleNamespace(automatic_optimization=False, log_dict=lambda *a, **k: None)
-    trainer = SimpleNamespace(global_step=1, accumulate_grad_batches=4, strategy=SimpleNamespace(reduce=lambda t, **k: t))
-    means.on_train_batch_end(trainer, module, {"loss": torch.tensor(3.0)}, None, 0)
+    means.on_train_batch_end(_trainer(1, accumulate=4), SimpleNamespace(automatic_optimization=False),
+                             {"loss": torch.tensor(3.0)}, None, 0)
     assert means.last == {"loss": 3.0}
 
 
 def _feed(means, steps, values_at, reduce=lambda t, **k: t):
-    """Run `means`'s hooks for optimizer steps `steps` (one micro-batch each) with the values `values_at(step)`."""
-    logged = []
-    module = SimpleNamespace(automatic_optimization=True, log_dict=lambda d, **k: logged.append(
-        {n: float(v) for n, v in d.items()}))
+    """Run `means`'s hooks for optimizer steps `steps` (one micro-batch each) with the values `values_at(step)`;
+    returns what its loggers got."""
+    logger, module = Recorder(), SimpleNamespace(automatic_optimization=True)
     for step in steps:
-        trainer = SimpleNamespace(global_step=step - 1, accumulate_grad_batches=1, strategy=SimpleNamespace(reduce=reduce))
+        trainer = _trainer(step - 1, reduce, logger)
         means.on_train_batch_start(trainer)
         trainer.global_step = step
         means.on_train_batch_end(trainer, module, values_at(step), None, step - 1)
-    return logged
+    return [values for _, values in logger.logged]
 
 
 def test_the_means_are_averaged_over_the_ranks_in_one_collective():
@@ -141,3 +145,23 @@ def test_the_steps_after_the_last_multiple_make_a_last_window_when_training_ends
     trainer.fit(Counting(), torch.utils.data.DataLoader(torch.arange(64.0), batch_size=1))
     assert means.points == [(2, 0.5), (4, 2.5), (5, 4.0)]
     assert means.last["loss"] == 4.0 and logger.logged[-1][1] == {"train/loss": 4.0, "train/tenfold": 40.0}
+
+
+def test_a_step_s_means_are_logged_before_that_step_s_checkpoint_is_written(tmp_path):
+    """A kill right after a checkpoint must not lose the point MLflow would have got at that step: the resumed run
+    starts after it. Through Lightning's self.log the metrics reached the logger after every callback's
+    on_train_batch_end, the checkpoint's included."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    logger, seen = Recorder(), []
+
+    class Watched(ModelCheckpoint):
+        def _save_checkpoint(self, trainer, filepath):
+            seen.append((trainer.global_step, [step for step, values in logger.logged if values]))
+            super()._save_checkpoint(trainer, filepath)
+
+    trainer = pl.Trainer(max_steps=4, log_every_n_steps=2, logger=logger, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[StepMeans(every_n_steps=2), Watched(dirpath=tmp_path, every_n_train_steps=2)])
+    trainer.fit(Counting(), torch.utils.data.DataLoader(torch.arange(64.0), batch_size=1))
+    assert [(step, logged[-1]) for step, logged in seen] == [(2, 2), (4, 4)]

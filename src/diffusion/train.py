@@ -98,15 +98,14 @@ def train_diffusion_model(
     )
     trainer_kwargs.setdefault("logger", False)
     trainer_kwargs.setdefault("enable_checkpointing", False)
-    trainer_kwargs.setdefault("log_every_n_steps", 1)
-    # The loss as the stages log it: its mean over each logging window and every rank (training/step_means.py).
-    callbacks = [StepMeans(trainer_kwargs["log_every_n_steps"]), EMA(decay=ema_decay),
-                 *trainer_kwargs.pop("callbacks", [])]
+    # The loss as the stages log it: its mean over each window of log_every_n_steps steps and every rank
+    # (training/step_means.py), read back from the device once per window (each read is a wait for a GPU).
+    every = trainer_kwargs.setdefault("log_every_n_steps", 10)
+    callbacks = [StepMeans(every), EMA(decay=ema_decay), *trainer_kwargs.pop("callbacks", [])]
     if trainer_kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         # The pipeline's bar, with the loss. Lightning's default (its rich bar, where `rich` is installed) shows
         # no loss (it is not logged to the bar: an .item() per step) and counts epochs out of -2 (max_epochs -1).
-        # Refreshed every 10 batches: reading the loss is a wait for the GPU.
-        callbacks.append(LossBar(refresh_rate=10))
+        callbacks.append(LossBar(refresh_rate=every))
     trainer = pl.Trainer(
         max_steps=max_steps,
         precision=precision,

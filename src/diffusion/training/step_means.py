@@ -10,7 +10,7 @@ interval.
 
 `StepMeans` sums each scalar the training step returns on its device at every micro-batch (an addition, no host
 sync), and at every ``log_every_n_steps``-th optimizer step divides by the micro-batches counted, averages over the
-ranks in one collective, logs the means (``train/<name>``) and keeps the loss's as a point of the curve that
+ranks in one collective, logs the means (``train/<name>``, to the Trainer's loggers) and keeps the loss's as a point of the curve that
 ``dvc plots`` draws; the steps after the last multiple, when training ends, make a last window. Its sums and points
 travel in the checkpoint, so a resumed run logs what an uninterrupted one logs, to the bit.
 """
@@ -42,8 +42,8 @@ def step_values(trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any
 
 class StepMeans(Callback):
     """Logs ``train/<name>``, the mean of each scalar the training step returns over the micro-batches of the last
-    `every_n_steps` optimizer steps and over every rank, at each multiple of `every_n_steps` (when Lightning logs),
-    and over the steps after the last multiple when training ends.
+    `every_n_steps` optimizer steps and over every rank, at each multiple of `every_n_steps` (where Lightning's own
+    logging would), and over the steps after the last multiple when training ends.
 
     Args:
         every_n_steps: the window, in optimizer steps: the Trainer's ``log_every_n_steps`` (0: nothing is logged).
@@ -74,34 +74,34 @@ class StepMeans(Callback):
             self.sums[name] = self.sums[name].to(value.device) + value if name in self.sums else value.clone()
             self.counts[name] = self.counts.get(name, 0) + 1
         step = trainer.global_step
-        # Only a batch that made an optimizer step (the last micro-batch of an accumulation window), and only at
-        # the steps Lightning logs at (its logger connector's cadence), so that the means reach the logger.
+        # Only a batch that made an optimizer step (the last micro-batch of an accumulation window).
         if self.every and step != self._step_before and step % self.every == 0 and self.sums:
-            means = self._close_window(trainer)
-            pl_module.log_dict({f"train/{n}": m for n, m in means.items()}, on_step=True, on_epoch=False)
+            self._close_window(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The steps after the last multiple of every_n_steps (max_steps off the grid) make a last, shorter window,
-        # so that the curve and the final figures reach the end of training. Lightning forbids self.log here: the
-        # loggers get it directly. (Before the checkpoint callback's on_train_end, which Lightning runs last.)
+        # so that the curve and the final figures reach the end of training.
         if self.every and self.sums:
-            means = self._close_window(trainer)
-            for logger in trainer.loggers:  # each logs on global rank 0 only
-                logger.log_metrics({f"train/{n}": float(m) for n, m in means.items()}, step=trainer.global_step)
+            self._close_window(trainer)
         if trainer.is_global_zero and self.path is not None:
             self.write()
 
-    def _close_window(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
-        """The open window's means over its micro-batches and every rank (a collective: every rank calls this at the
-        same step); they become `last` and a point of the curve, and a new window opens."""
+    def _close_window(self, trainer: pl.Trainer) -> None:
+        """Average the open window over its micro-batches and every rank (a collective: every rank calls this at the
+        same step), log the means, keep them as `last` and the loss's as a point of the curve; open a new window.
+
+        Logged to the Trainer's loggers here, not through ``self.log``: this runs first among the callbacks, so a
+        checkpoint saved at this step (ModelCheckpoint runs last) never holds a point that MLflow lacks. Through
+        Lightning the metrics reached the logger after the checkpoint, and a kill between the two lost the point."""
         names = sorted(self.sums)  # the same order on every rank: one collective for every value
         local = torch.stack([self.sums[n] / self.counts[n] for n in names])
         means = trainer.strategy.reduce(local, reduce_op="mean")
-        self.last = dict(zip(names, means.tolist()))  # one host sync per window, where Lightning's logging has one
+        self.last = dict(zip(names, means.tolist()))  # one host sync per window, where Lightning's logging had one
         if "loss" in self.last:
             self.points.append((trainer.global_step, self.last["loss"]))
         self.sums, self.counts = {}, {}
-        return dict(zip(names, means))
+        for logger in trainer.loggers:  # Lightning's loggers write on global rank 0 only
+            logger.log_metrics({f"train/{n}": v for n, v in self.last.items()}, step=trainer.global_step)
 
     def write(self) -> None:
         """The loss curve as CSV (``step,loss``), replaced atomically."""

@@ -100,19 +100,18 @@ Tqdm.monitor_interval = 0
 
 
 class LossBar(TQDMProgressBar):
-    """Lightning's progress bar with the training loss, read only when the bar refreshes.
+    """Lightning's progress bar with the training loss: the last logging window's mean (`StepMeans`).
 
-    A metric logged with ``prog_bar=True`` is converted to a Python number at every batch's end (Lightning's
-    logger connector builds the bar's metrics then, whatever the refresh rate): an ``.item()``, so on a GPU a
-    wait for the device, at every step. Here the loss stays a device tensor in ``callback_metrics`` until the
-    bar shows it.
+    Not a metric logged with ``prog_bar=True``: Lightning converts those to Python numbers at every batch's end
+    (its logger connector builds the bar's metrics then, whatever the refresh rate), an ``.item()``, so on a GPU a
+    wait for the device, at every step. `StepMeans` reads its means back once per window, and the bar shows them.
     """
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            items["train/loss"] = f"{float(loss):.4g}"
+        means = next((cb for cb in trainer.callbacks if isinstance(cb, StepMeans)), None)
+        if means is not None and "loss" in means.last:
+            items["train/loss"] = f"{means.last['loss']:.4g}"
         return items
 
 
@@ -202,7 +201,7 @@ def build_trainer(
         log_every_n_steps=cfg.log_every_n_steps,
         val_check_interval=cfg.val_every_n_steps,
         check_val_every_n_epoch=None,
-        # The bar shows the loss, read back from the device when it refreshes, as often as metrics are logged.
+        # The bar shows the last logged loss, refreshed as often as it is logged.
         callbacks=[StepMeans(cfg.log_every_n_steps, loss_curve), *callbacks,
                    LossBar(refresh_rate=cfg.log_every_n_steps)],
         logger=logger,
