@@ -63,7 +63,8 @@ def test_means_over_the_window_s_micro_batches_reach_the_logger_the_curve_and_la
 
 def _trainer(step, reduce=lambda t, **k: t, logger=None, accumulate=1):
     """What StepMeans reads of a Trainer at optimizer step `step`."""
-    return SimpleNamespace(global_step=step, accumulate_grad_batches=accumulate, strategy=SimpleNamespace(reduce=reduce),
+    return SimpleNamespace(global_step=step, accumulate_grad_batches=accumulate, max_steps=-1,
+                           strategy=SimpleNamespace(reduce=reduce, root_device=torch.device("cpu")),
                            loggers=[logger] if logger else [])
 
 
@@ -165,3 +166,44 @@ def test_a_step_s_means_are_logged_before_that_step_s_checkpoint_is_written(tmp_
                          callbacks=[StepMeans(every_n_steps=2), Watched(dirpath=tmp_path, every_n_train_steps=2)])
     trainer.fit(Counting(), torch.utils.data.DataLoader(torch.arange(64.0), batch_size=1))
     assert [(step, logged[-1]) for step, logged in seen] == [(2, 2), (4, 4)]
+
+
+def test_under_ddp_every_rank_resumes_from_the_ranks_mean_of_the_open_window():
+    """Only rank 0's checkpoint is written: with its own open sums in it, every rank resumed with rank 0's (the
+    window's mean came out 5.0 here instead of 7.5). The checkpoint holds the ranks' mean, which gives every rank's
+    window the uninterrupted mean over the ranks."""
+    values = [{s: {"loss": torch.tensor(10.0 * rank + s)} for s in range(1, 5)} for rank in (0, 1)]
+    expected = sum(float(v["loss"]) for per_rank in values for v in per_rank.values()) / 8  # 7.5
+
+    before = [StepMeans(every_n_steps=4), StepMeans(every_n_steps=4)]
+    for rank, means in enumerate(before):
+        _feed(means, [1, 2], values[rank].get)  # killed after step 2, inside the window
+    other = before[1].sums["loss"].reshape(1)
+    before[0]._strategy = SimpleNamespace(root_device=torch.device("cpu"),
+                                          reduce=lambda t, reduce_op: (t + other) / 2)  # the collective of 2 ranks
+    state = torch.load(_saved(before[0].state_dict()), weights_only=False)
+
+    window_means = []
+    for rank in (0, 1):
+        resumed = StepMeans(every_n_steps=4)
+        resumed.load_state_dict(state)
+        _feed(resumed, [3, 4], values[rank].get, reduce=lambda t, **k: window_means.append(t.clone()) or t)
+    assert float(sum(window_means) / 2) == expected
+
+
+def test_a_finished_run_s_checkpoint_holds_its_last_window(tmp_path):
+    """max_steps 5 logging every 2: the short window of step 5 is closed before last.ckpt is written, so rerunning
+    the finished run (which resumes from it and runs no training hook) reports the same curve and final means."""
+    from diffusion.training.checkpointing import checkpoint_callback
+
+    def fit(ckpt_path=None):
+        means = StepMeans(every_n_steps=2)
+        trainer = pl.Trainer(max_steps=5, log_every_n_steps=2, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[means, checkpoint_callback(tmp_path, 100)])
+        trainer.fit(Counting(), torch.utils.data.DataLoader(torch.arange(64.0), batch_size=1), ckpt_path=ckpt_path)
+        return means
+
+    first = fit()
+    again = fit(tmp_path / "last.ckpt")
+    assert first.points == again.points == [(2, 0.5), (4, 2.5), (5, 4.0)]
+    assert again.last == first.last == {"loss": 4.0, "tenfold": 40.0}

@@ -1,18 +1,19 @@
 """The training values that the logs, the loss curve and the final metrics report: means over each logging window.
 
-A diffusion loss is the denoising error at one random timestep per sample, so one batch's loss scatters widely from
-step to step (with epsilon prediction the error near t = 0 is many times that near t = T). Lightning's ``self.log(..., on_step=True)``
-reports the batch that happens to fall on every ``log_every_n_steps``-th step, on global rank 0 alone and, under
-gradient accumulation, only the last micro-batch of that step: a curve whose noise hides its trend, drawn from a
-fraction of the batches trained on. diffusers' training scripts report every process's loss
-(``accelerator.gather(loss).mean()``) averaged over the accumulation window; here the window is the whole logging
-interval.
+A diffusion loss is the denoising error at one random timestep per sample, so one batch's loss scatters widely
+from step to step (with epsilon prediction the error near t = 0 is many times that near t = T). Lightning's
+``self.log(..., on_step=True)`` reports the batch that happens to fall on every ``log_every_n_steps``-th step, on
+global rank 0 alone and, under gradient accumulation, only the last micro-batch of that step: a curve whose noise
+hides its trend, drawn from a fraction of the batches trained on. diffusers' training scripts report every
+process's loss (``accelerator.gather(loss).mean()``) averaged over the accumulation window; here the window is the
+whole logging interval.
 
 `StepMeans` sums each scalar the training step returns on its device at every micro-batch (an addition, no host
 sync), and at every ``log_every_n_steps``-th optimizer step divides by the micro-batches counted, averages over the
-ranks in one collective, logs the means (``train/<name>``, to the Trainer's loggers) and keeps the loss's as a point of the curve that
-``dvc plots`` draws; the steps after the last multiple, when training ends, make a last window. Its sums and points
-travel in the checkpoint, so a resumed run logs what an uninterrupted one logs, to the bit.
+ranks in one collective, logs the means (``train/<name>``, to the Trainer's loggers) and keeps the loss's as a
+point of the curve that ``dvc plots`` draws; the steps after the last multiple, when training ends, make a last
+window. Its sums and points travel in the checkpoint, so a resumed run logs what an uninterrupted one logs, to the
+bit.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ from pytorch_lightning.callbacks import Callback
 
 def step_values(trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> dict[str, torch.Tensor]:
     """The scalar tensors a training step returned (a tensor is its loss; a dict may add others), detached, with
-    the loss as the step computed it: under automatic optimization Lightning hands back loss / accumulate_grad_batches."""
+    the loss as the step computed it: under automatic optimization Lightning hands back
+    loss / accumulate_grad_batches."""
     if isinstance(outputs, torch.Tensor):
         outputs = {"loss": outputs}
     if not isinstance(outputs, Mapping):
         return {}
     values = {k: v.detach() for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
     if "loss" in values and pl_module.automatic_optimization:
-        values["loss"] = values["loss"] * trainer.accumulate_grad_batches
+        values["loss"] = values["loss"].float() * trainer.accumulate_grad_batches  # not in bf16 (bf16-true)
     return values
 
 
@@ -62,6 +64,10 @@ class StepMeans(Callback):
         self.points: list[tuple[int, float]] = []
         self.last: dict[str, float] = {}
         self._step_before = 0
+        self._strategy: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._strategy = trainer.strategy  # for state_dict, which Lightning calls without the Trainer
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self._step_before = trainer.global_step
@@ -74,13 +80,16 @@ class StepMeans(Callback):
             self.sums[name] = self.sums[name].to(value.device) + value if name in self.sums else value.clone()
             self.counts[name] = self.counts.get(name, 0) + 1
         step = trainer.global_step
-        # Only a batch that made an optimizer step (the last micro-batch of an accumulation window).
-        if self.every and step != self._step_before and step % self.every == 0 and self.sums:
+        # Only a batch that made an optimizer step (the last micro-batch of an accumulation window). The steps after
+        # the last multiple of every_n_steps make a last, shorter window at max_steps, so that the curve and the
+        # final figures reach the end of training; closed here, before the final checkpoint is written (a rerun of
+        # the finished run resumes from it and runs no training hook at all).
+        last = trainer.max_steps is not None and 0 < trainer.max_steps <= step
+        if self.every and step != self._step_before and (step % self.every == 0 or last) and self.sums:
             self._close_window(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The steps after the last multiple of every_n_steps (max_steps off the grid) make a last, shorter window,
-        # so that the curve and the final figures reach the end of training.
+        # Training that stopped before max_steps (max_epochs, a requested stop): its steps since the last window.
         if self.every and self.sums:
             self._close_window(trainer)
         if trainer.is_global_zero and self.path is not None:
@@ -94,7 +103,8 @@ class StepMeans(Callback):
         checkpoint saved at this step (ModelCheckpoint runs last) never holds a point that MLflow lacks. Through
         Lightning the metrics reached the logger after the checkpoint, and a kill between the two lost the point."""
         names = sorted(self.sums)  # the same order on every rank: one collective for every value
-        local = torch.stack([self.sums[n] / self.counts[n] for n in names])
+        device = trainer.strategy.root_device  # a sum restored from a checkpoint may still be on the CPU
+        local = torch.stack([self.sums[n].to(device) / self.counts[n] for n in names])
         means = trainer.strategy.reduce(local, reduce_op="mean")
         self.last = dict(zip(names, means.tolist()))  # one host sync per window, where Lightning's logging had one
         if "loss" in self.last:
@@ -115,10 +125,22 @@ class StepMeans(Callback):
             writer.writerows((s, f"{v:.6f}") for s, v in self.points)
         tmp.replace(self.path)
 
-    # The open window too: a run resumed from a checkpoint between two logging steps continues its sums.
     def state_dict(self) -> dict[str, Any]:
-        return {"points": list(self.points), "last": dict(self.last), "counts": dict(self.counts),
-                "sums": {k: v.cpu() for k, v in self.sums.items()}}
+        """The curve, the last means and the open window: a run resumed from a checkpoint between two logging steps
+        continues its sums.
+
+        Under DDP each rank's open sums differ and only rank 0's checkpoint is written, so the checkpoint holds their
+        mean over the ranks (a collective: Lightning builds the checkpoint on every rank), which every rank resumes
+        from. The window's mean over the ranks, (1/W) sum_r (S_r + R_r) / n, is then what it would have been
+        uninterrupted, up to the order of floating-point additions; on one process it is the same to the bit."""
+        names = sorted(self.counts)  # equal on every rank, like the collective's shape
+        sums: dict[str, torch.Tensor] = {}
+        if names:
+            local = torch.stack([self.sums[n] for n in names])
+            if self._strategy is not None:
+                local = self._strategy.reduce(local.to(self._strategy.root_device), reduce_op="mean")
+            sums = dict(zip(names, local.cpu()))
+        return {"points": list(self.points), "last": dict(self.last), "counts": dict(self.counts), "sums": sums}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.points = [tuple(p) for p in state_dict["points"]]
