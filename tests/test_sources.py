@@ -325,6 +325,23 @@ def test_decompression_bomb_and_global_truncation_flag(monkeypatch):
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored afterwards
 
 
+def test_overlapping_strict_decodings_restore_the_flag_only_when_the_last_ends(monkeypatch):
+    """Two streams read side by side (each inside its own strict_decoding), with another library's True: the first
+    to end must not turn truncated decoding back on under the other's threads (3 of 300 truncated JPEGs then got
+    through as images on 4 threads)."""
+    from contextlib import ExitStack
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    first, second = ExitStack(), ExitStack()
+    first.enter_context(images.strict_decoding())
+    second.enter_context(images.strict_decoding())
+    first.close()  # the shorter stream ends
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    assert images.decode(bad_images()["cut.png"], "cut.png").reason == "truncated"
+    second.close()
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
 # ----------------------------------------------------------------------------------------- webdataset
 
 

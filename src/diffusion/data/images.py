@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -45,24 +46,38 @@ class PreparedImage:
     original_size: tuple[int, int]
 
 
+# strict_decoding's nesting: the flag is switched off by the first to enter and restored by the last to leave.
+_strict_lock = threading.Lock()
+_strict_depth = 0
+_strict_saved = False
+
+
 @contextmanager
 def strict_decoding() -> Iterator[None]:
     """Make Pillow raise on truncated files for the duration, whatever another library set globally.
 
     With ``LOAD_TRUNCATED_IMAGES = True`` Pillow fills the missing part with grey and reports success, so
-    half-downloaded files would be trained on. The flag is module-global, hence set and restored here, and
-    left alone when it is already off (the usual case): threads that decode at once (the shard stage's, inside
-    one outer ``strict_decoding``) then never set and restore it under each other.
+    half-downloaded files would be trained on. The flag is module-global, so overlapping uses (the shard stage's
+    threads decoding at once, each image inside the run's own ``strict_decoding``; two streams read side by side)
+    share one switch: the first to enter saves the flag and turns it off, the last to leave puts it back. Saving
+    and restoring it per use let one stream's end turn it back on under another's threads.
     """
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    if not previous:
-        yield
-        return
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    global _strict_depth, _strict_saved
+    with _strict_lock:
+        if _strict_depth == 0:
+            _strict_saved = ImageFile.LOAD_TRUNCATED_IMAGES
+            # Load every format plugin now, on one thread: Image.open loads the less common ones on first need,
+            # and two threads doing it at once is a window Pillow does not guard.
+            Image.init()
+        _strict_depth += 1
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         yield
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+        with _strict_lock:
+            _strict_depth -= 1
+            if _strict_depth == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _strict_saved
 
 
 def _failure_reason(error: Exception) -> str:

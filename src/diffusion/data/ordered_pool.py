@@ -35,7 +35,10 @@ BATCH = 8
 class OrderedPool:
     """``put`` items one by one and get back ``(item, fn(item))`` pairs, in the order put, as they are ready;
     ``drain`` returns the rest. ``close`` (also on an error) stops the threads, dropping what they have not
-    started. An exception raised by `fn` reaches the caller at that item's turn.
+    started. An exception raised by `fn` reaches the caller when its task's turn comes, nothing after it is
+    returned, and on threads it takes the place of its whole task (up to `BATCH` items before it, and what that
+    ``put`` or ``drain`` had collected, are not returned either): an error is for ending the stream, not for
+    skipping an item (the shard stage's preparation turns a bad file into a result, not an exception).
 
     With `workers` > 1, after `PROBE` calls on the caller's thread whose median took at least `MIN_SECONDS`,
     items go to `workers` threads, `BATCH` per task, at most ``2 * workers`` tasks ahead of the caller. Only

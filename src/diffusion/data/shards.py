@@ -306,7 +306,9 @@ class ShardWriter:
     With `workers` > 1 the images are encoded on that many threads when an image takes long enough for that to
     pay (`data.ordered_pool`; zlib and libjpeg run without Python's lock, and a PNG of a 256 px photo takes ~20
     ms, more than decoding and resizing it), while the writing stays in the order the samples were added: the
-    same bytes whatever `workers` is.
+    same bytes whatever `workers` is. An image is encoded after ``add`` returns (up to a few dozen samples later),
+    so a sample's image must not change once added (an image sharing a buffer the caller refills would be written
+    as the buffer is then).
     """
 
     def __init__(

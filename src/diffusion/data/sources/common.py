@@ -239,7 +239,7 @@ class Assembler:
         """The stream with every `Candidate` read, decoded and finished (a `Sample`, or a `Skipped`), in order."""
         pool = OrderedPool(self._prepare_found, self.workers, "shard-decode", timed=lambda item: isinstance(item, Candidate))
         try:
-            with strict_decoding():  # once for all threads: the per-image switch of a Pillow global would race
+            with strict_decoding():  # held for the whole stream: each image's own use nests inside it
                 for item in items:
                     for done in pool.put(item):
                         yield self._finish(*done)
