@@ -41,7 +41,9 @@ class OrderedPool:
     skipping an item (the shard stage's preparation turns a bad file into a result, not an exception).
 
     With `workers` > 1, after `PROBE` calls on the caller's thread whose median took at least `MIN_SECONDS`,
-    items go to `workers` threads, `BATCH` per task, at most ``2 * workers`` tasks ahead of the caller. Only
+    items go to `workers` threads, `BATCH` per task, at most ``workers + 1`` tasks ahead of the caller (one on each
+    thread and one waiting: what is held, ``BATCH * (workers + 1)`` items, grows with the threads, and the shard
+    stage has three pools; at ``2 * workers`` tasks the throughput on 2 cores was the same or lower). Only
     items `timed` accepts count in the probe (the shard stage's sources pass skipped files through the same
     stream: they cost nothing and say nothing about an image's cost).
     """
@@ -72,7 +74,7 @@ class OrderedPool:
         if len(self._batch) == BATCH:
             self._submit()
         done = []
-        while len(self._pending) > 2 * self.workers:
+        while len(self._pending) > self.workers + 1:
             done += self._collect()
         return done
 
