@@ -218,10 +218,10 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     export(cfg, model, grid.image_size)
     curve = step_means(trainer)
     curve.write()
-    tail = [loss for _, loss in curve.points[-10:]]
+    final_loss = curve.recent_loss(10)  # the mean over the last 10 windows' steps
     metrics = {
         "steps": trainer.global_step,
-        "final_loss": sum(tail) / len(tail) if tail else float("nan"),
+        "final_loss": final_loss if final_loss is not None else float("nan"),
         "train_seconds": round(seconds, 1),  # over every execution of this run (ExactResume.train_seconds)
         "parameters_denoiser": sum(p.numel() for p in model.denoiser.parameters()),
         "parameters_text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),

@@ -207,3 +207,13 @@ def test_a_finished_run_s_checkpoint_holds_its_last_window(tmp_path):
     again = fit(tmp_path / "last.ckpt")
     assert first.points == again.points == [(2, 0.5), (4, 2.5), (5, 4.0)]
     assert again.last == first.last == {"loss": 4.0, "tenfold": 40.0}
+
+
+def test_recent_loss_weights_each_window_by_its_steps():
+    """The final loss is the mean over the last windows' steps: a last window of 1 step (max_steps off the grid)
+    weighs as 1 step, not as a whole window of 10."""
+    means = StepMeans(every_n_steps=10)
+    assert means.recent_loss() is None
+    means.points = [(10, 4.0), (20, 2.0), (30, 1.0), (31, 7.0)]
+    assert means.recent_loss(2) == pytest.approx((10 * 1.0 + 1 * 7.0) / 11)
+    assert means.recent_loss(10) == pytest.approx((10 * 4.0 + 10 * 2.0 + 10 * 1.0 + 7.0) / 31)

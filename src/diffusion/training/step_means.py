@@ -113,6 +113,19 @@ class StepMeans(Callback):
         for logger in trainer.loggers:  # Lightning's loggers write on global rank 0 only
             logger.log_metrics({f"train/{n}": v for n, v in self.last.items()}, step=trainer.global_step)
 
+    def recent_loss(self, windows: int = 10) -> float | None:
+        """The mean loss over the last `windows` windows' steps (None before the first). Each point is the mean of
+        the steps since the one before it, so they are weighted by those steps: a last, shorter window (max_steps
+        off the grid) counts for the steps it has, not as a whole window."""
+        if not self.points:
+            return None
+        ends = self.points[-windows:]
+        previous = self.points[-windows - 1][0] if len(self.points) > windows else 0
+        total = weight = 0.0
+        for step, loss in ends:
+            total, weight, previous = total + (step - previous) * loss, weight + (step - previous), step
+        return total / weight
+
     def write(self) -> None:
         """The loss curve as CSV (``step,loss``), replaced atomically."""
         if self.path is None:
