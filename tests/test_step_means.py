@@ -45,19 +45,38 @@ class Counting(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class Clock:
+    """Seconds that pass only when a training step runs (one per micro-batch)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
 def test_means_over_the_window_s_micro_batches_reach_the_logger_the_curve_and_last(tmp_path):
-    """Two optimizer steps a window, three micro-batches a step: each logged loss is the mean of six batches'
-    (Lightning's on_step logging gave the last micro-batch's, divided by 3), at the steps Lightning logs at."""
-    means, logger = StepMeans(every_n_steps=2, curve_path=tmp_path / "curve.csv"), Recorder()
+    """Two optimizer steps a window, three micro-batches of 2 samples a step: each logged loss is the mean of six
+    batches' (Lightning's on_step logging gave the last micro-batch's, divided by 3), at the steps Lightning logs
+    at, with the window's samples over its seconds."""
+    clock = Clock()
+
+    class Timed(Counting):
+        def training_step(self, batch, batch_idx):
+            clock.now += 0.5
+            return super().training_step(batch, batch_idx)
+
+    means, logger = StepMeans(every_n_steps=2, curve_path=tmp_path / "curve.csv", clock=clock), Recorder()
     trainer = pl.Trainer(max_steps=4, accumulate_grad_batches=3, log_every_n_steps=2, callbacks=[means],
                          logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
-    trainer.fit(Counting(), torch.utils.data.DataLoader(torch.arange(64.0), batch_size=1))
-    assert means.points == [(2, 2.5), (4, 8.5)]  # batches 0-5, then 6-11
-    assert means.last == {"loss": 8.5, "tenfold": 85.0}
-    assert [values for _, values in logger.logged if values] == [{"train/loss": 2.5, "train/tenfold": 25.0},
-                                                                  {"train/loss": 8.5, "train/tenfold": 85.0}]
-    assert (tmp_path / "curve.csv").read_text().splitlines() == ["step,loss", "2,2.500000", "4,8.500000"]
+    trainer.fit(Timed(), torch.utils.data.DataLoader(torch.arange(64.0), batch_size=2))
+    assert means.points == [(2, 11.0), (4, 35.0)]  # batches (0+1, 2+3, ... 10+11), then (12+13, ... 22+23)
+    assert means.last == {"loss": 35.0, "tenfold": 350.0}
+    assert [(step, values) for step, values in logger.logged if values] == [
+        (2, {"train/loss": 11.0, "train/tenfold": 110.0, "train/samples_per_second": 4.0}),  # 12 samples in 3 s
+        (4, {"train/loss": 35.0, "train/tenfold": 350.0, "train/samples_per_second": 4.0})]
+    assert (tmp_path / "curve.csv").read_text().splitlines() == ["step,loss", "2,11.000000", "4,35.000000"]
     assert step_means(trainer) is means
 
 
@@ -145,7 +164,9 @@ def test_the_steps_after_the_last_multiple_make_a_last_window_when_training_ends
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Counting(), torch.utils.data.DataLoader(torch.arange(64.0), batch_size=1))
     assert means.points == [(2, 0.5), (4, 2.5), (5, 4.0)]
-    assert means.last["loss"] == 4.0 and logger.logged[-1][1] == {"train/loss": 4.0, "train/tenfold": 40.0}
+    assert means.last["loss"] == 4.0
+    assert {k: v for k, v in logger.logged[-1][1].items() if k != "train/samples_per_second"} == {
+        "train/loss": 4.0, "train/tenfold": 40.0}
 
 
 def test_a_step_s_means_are_logged_before_that_step_s_checkpoint_is_written(tmp_path):

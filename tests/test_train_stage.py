@@ -111,6 +111,8 @@ def test_train_stage_writes_model_metrics_curve_and_one_mlflow_run(project, cli_
     points = [float(r.split(",")[1]) for r in curve[1:]]
     assert [round(m.value, 6) for m in sorted(history, key=lambda m: m.step)] == points
     assert metrics["final_loss"] == pytest.approx(sum(points) / 6, abs=1e-6)
+    throughput = client.get_metric_history(run.info.run_id, "train/samples_per_second")
+    assert sorted(m.step for m in throughput) == [2, 4, 6, 8, 10, 12] and all(m.value > 0 for m in throughput)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/step_0000006.png", "samples/step_0000012.png", "samples/final.png"} <= artifacts
 

@@ -19,7 +19,8 @@ bit.
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +43,39 @@ def step_values(trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any
     return values
 
 
+def batch_size(batch: Any) -> int | None:
+    """The samples in a batch: the length of its first tensor (a batch's own, or the first in a dict or sequence:
+    images, latents and tokens all lead with it), or None if it holds none."""
+    if isinstance(batch, torch.Tensor):
+        return len(batch) if batch.ndim else None
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, Sequence) else ()
+    return next((len(v) for v in items if isinstance(v, torch.Tensor) and v.ndim), None)
+
+
 class StepMeans(Callback):
     """Logs ``train/<name>``, the mean of each scalar the training step returns over the micro-batches of the last
     `every_n_steps` optimizer steps and over every rank, at each multiple of `every_n_steps` (where Lightning's own
     logging would), and over the steps after the last multiple when training ends.
 
+    Also ``train/samples_per_second``: the samples of the window on every rank over its wall-clock time, measured
+    between two window ends, where the means' read-back waits for the device anyway (so no extra sync, and the time
+    is the device's too). It counts whatever the window held: data loading, checkpoints, sample grids.
+
     Args:
         every_n_steps: the window, in optimizer steps: the Trainer's ``log_every_n_steps`` (0: nothing is logged).
         curve_path: where :meth:`write` puts the loss's means as ``step,loss`` CSV rows (None: kept, not written).
+        clock: seconds, for the throughput (a test's own clock).
 
     Attributes:
         points: ``(step, mean loss)`` of every window so far, a resumed run's included.
         last: the last window's means by name (floats), e.g. a stage's final training metrics.
     """
 
-    def __init__(self, every_n_steps: int, curve_path: str | Path | None = None) -> None:
+    def __init__(self, every_n_steps: int, curve_path: str | Path | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.every = every_n_steps
+        self.clock = clock
+        self._samples, self._since = 0, 0.0  # this process's samples in the window, and when it opened
         self.path = Path(curve_path) if curve_path is not None else None
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -69,10 +87,15 @@ class StepMeans(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._strategy = trainer.strategy  # for state_dict, which Lightning calls without the Trainer
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._samples, self._since = 0, self.clock()
+
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self._step_before = trainer.global_step
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any = None,
+                           *args: Any) -> None:
+        self._samples += batch_size(batch) or 0
         for name, value in step_values(trainer, pl_module, outputs).items():
             value = value.float().reshape(())
             # A key may come and go within a window (the GAN's terms start at discriminator.start_step): each
@@ -110,8 +133,13 @@ class StepMeans(Callback):
         if "loss" in self.last:
             self.points.append((trainer.global_step, self.last["loss"]))
         self.sums, self.counts = {}, {}
+        metrics = {f"train/{n}": v for n, v in self.last.items()}
+        now = self.clock()
+        if self._samples and now > self._since:  # every rank's batches are as large (the loaders' full batches)
+            metrics["train/samples_per_second"] = self._samples * trainer.world_size / (now - self._since)
+        self._samples, self._since = 0, now
         for logger in trainer.loggers:  # Lightning's loggers write on global rank 0 only
-            logger.log_metrics({f"train/{n}": v for n, v in self.last.items()}, step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def recent_loss(self, windows: int = 10) -> float | None:
         """The mean loss over the last `windows` windows' steps (None before the first). Each point is the mean of
