@@ -11,6 +11,7 @@ import io
 import json
 import re
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -459,6 +460,7 @@ def test_threads_read_decode_and_leave_the_stream_as_one_thread_does(tmp_path, m
 
     monkeypatch.setattr(ordered_pool, "MIN_SECONDS", 0.0)  # threads even for these small images
     monkeypatch.setattr(ordered_pool, "PROBE", 2)  # the folder holds few images
+    monkeypatch.setattr(ordered_pool, "BATCH", 2)  # and so several tasks
     tree = flat_tree()
     write(tmp_path / "f", tree)
     write(tmp_path / "f", {str(Path(p).with_suffix(".txt")): caption_of(p) for p in tree if Path(p).suffix != ".md"})
@@ -466,7 +468,15 @@ def test_threads_read_decode_and_leave_the_stream_as_one_thread_does(tmp_path, m
     make_shards(tmp_path / "t")
     threads: set[str] = set()
     real = common._prepare
-    monkeypatch.setattr(common, "_prepare", lambda c, r: threads.add(threading.current_thread().name) or real(c, r))
+
+    def prepare(candidate, resolution):
+        threads.add(threading.current_thread().name)
+        # Long enough that a task is still running when the next is submitted: an executor hands a task to an idle
+        # thread before it starts another, and these tiny images alone decode faster than the stream is read.
+        time.sleep(0.01)
+        return real(candidate, resolution)
+
+    monkeypatch.setattr(common, "_prepare", prepare)
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as another library might set it
 
     one = _stream(iter_folder(tmp_path / "f", "captions", "", RES, workers=1))
