@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +229,13 @@ def test_encoding_threads_write_the_same_bytes_and_fail_cleanly(tmp_path, monkey
     samples = make_samples(100)
     names: set[str] = set()
     real = shards.encode_image
-    monkeypatch.setattr(shards, "encode_image", lambda im, f: names.add(threading.current_thread().name) or real(im, f))
+
+    def encode(image, fmt):
+        names.add(threading.current_thread().name)
+        time.sleep(0.002)  # a task still runs when the next is submitted: an executor reuses an idle thread first
+        return real(image, fmt)
+
+    monkeypatch.setattr(shards, "encode_image", encode)
     for fmt in ("png", "jpg"):
         one = write_shards(samples, tmp_path / fmt / "one", samples_per_shard=30, image_format=fmt)
         three = write_shards(samples, tmp_path / fmt / "three", samples_per_shard=30, image_format=fmt, workers=3)
