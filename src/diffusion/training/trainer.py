@@ -169,8 +169,6 @@ def build_trainer(
     Step-based: ``max_steps`` ends training, validation runs every ``val_every_n_steps`` batches across
     epochs (``check_val_every_n_epoch=None``, as streaming loaders need). ``use_distributed_sampler=False``:
     the WebDataset loader splits data across ranks itself (pitfall 1).
-    The training values are logged by a `StepMeans`, first among the callbacks: means over each
-    ``log_every_n_steps`` window and over the ranks (its module docstring).
 
     Args:
         cfg: a config with the TrainerFields (precision, devices, num_nodes, strategy, accelerator,
@@ -179,7 +177,7 @@ def build_trainer(
         manual_optimization: the system steps its optimizers itself; then Lightning refuses accumulation
             and clipping flags (pitfall 13), so they must be at their defaults.
         default_root_dir: where Lightning puts anything without an explicit path (the run folder).
-        loss_curve: where the Trainer's `StepMeans` writes the loss curve when training ends (None: not written).
+        loss_curve: the loss curve's CSV, written by the `StepMeans` put first among the callbacks (None: none).
         overrides: any other ``pl.Trainer`` argument, e.g. ``limit_val_batches``.
     """
     accumulate, clip = cfg.accumulate_grad_batches, cfg.gradient_clip_val
@@ -189,19 +187,17 @@ def build_trainer(
             f"{key}: Lightning's manual optimization (the GAN's two optimizers) cannot accumulate or clip gradients; "
             f"got accumulate_grad_batches={accumulate}, gradient_clip_val={clip}"
         )
-    precision = _precision(cfg)
     kwargs: dict[str, Any] = dict(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
-        precision=precision,
+        precision=_precision(cfg),
         max_steps=cfg.max_steps,
         max_epochs=-1,
         log_every_n_steps=cfg.log_every_n_steps,
         val_check_interval=cfg.val_every_n_steps,
         check_val_every_n_epoch=None,
-        # The bar shows the last logged loss, refreshed as often as it is logged.
         callbacks=[StepMeans(cfg.log_every_n_steps, loss_curve), *callbacks,
                    LossBar(refresh_rate=cfg.log_every_n_steps)],
         logger=logger,
