@@ -74,15 +74,15 @@ def test_means_over_the_window_s_micro_batches_reach_the_logger_the_curve_and_la
     assert means.points == [(2, 11.0), (4, 35.0)]  # batches (0+1, 2+3, ... 10+11), then (12+13, ... 22+23)
     assert means.last == {"loss": 35.0, "tenfold": 350.0}
     assert [(step, values) for step, values in logger.logged if values] == [
-        (2, {"train/loss": 11.0, "train/tenfold": 110.0, "train/samples_per_second": 4.0}),  # 12 samples in 3 s
-        (4, {"train/loss": 35.0, "train/tenfold": 350.0, "train/samples_per_second": 4.0})]
+        (2, {"train/loss": 11.0, "train/tenfold": 110.0, "train/samples_per_second": 4.0, "train/lr": 0.1}),
+        (4, {"train/loss": 35.0, "train/tenfold": 350.0, "train/samples_per_second": 4.0, "train/lr": 0.1})]
     assert (tmp_path / "curve.csv").read_text().splitlines() == ["step,loss", "2,11.000000", "4,35.000000"]
     assert step_means(trainer) is means
 
 
 def _trainer(step, reduce=lambda t, **k: t, logger=None, accumulate=1):
     """What StepMeans reads of a Trainer at optimizer step `step`."""
-    return SimpleNamespace(global_step=step, accumulate_grad_batches=accumulate, max_steps=-1,
+    return SimpleNamespace(global_step=step, accumulate_grad_batches=accumulate, max_steps=-1, optimizers=[],
                            strategy=SimpleNamespace(reduce=reduce, root_device=torch.device("cpu")),
                            loggers=[logger] if logger else [])
 
@@ -165,7 +165,7 @@ def test_the_steps_after_the_last_multiple_make_a_last_window_when_training_ends
     trainer.fit(Counting(), torch.utils.data.DataLoader(torch.arange(64.0), batch_size=1))
     assert means.points == [(2, 0.5), (4, 2.5), (5, 4.0)]
     assert means.last["loss"] == 4.0
-    assert {k: v for k, v in logger.logged[-1][1].items() if k != "train/samples_per_second"} == {
+    assert {k: v for k, v in logger.logged[-1][1].items() if k not in ("train/samples_per_second", "train/lr")} == {
         "train/loss": 4.0, "train/tenfold": 40.0}
 
 
@@ -238,3 +238,19 @@ def test_recent_loss_weights_each_window_by_its_steps():
     means.points = [(10, 4.0), (20, 2.0), (30, 1.0), (31, 7.0)]
     assert means.recent_loss(2) == pytest.approx((10 * 1.0 + 1 * 7.0) / 11)
     assert means.recent_loss(10) == pytest.approx((10 * 4.0 + 10 * 2.0 + 10 * 1.0 + 7.0) / 31)
+
+
+def test_the_learning_rate_logged_is_the_one_the_window_s_last_step_ran_at():
+    """lr 1 / (step + 1), stepped after each optimizer step: steps 2 and 4 ran at 1/2 and 1/4."""
+
+    class Scheduled(Counting):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=1.0)
+            schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (step + 1))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    logger = Recorder()
+    trainer = pl.Trainer(max_steps=4, log_every_n_steps=2, callbacks=[StepMeans(every_n_steps=2)], logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Scheduled(), torch.utils.data.DataLoader(torch.arange(64.0), batch_size=1))
+    assert [values["train/lr"] for _, values in logger.logged if values] == [0.5, 0.25]

@@ -59,7 +59,9 @@ class StepMeans(Callback):
 
     Also ``train/samples_per_second``: the samples of the window on every rank over its wall-clock time, measured
     between two window ends, where the means' read-back waits for the device anyway (so no extra sync, and the time
-    is the device's too). It counts whatever the window held: data loading, checkpoints, sample grids.
+    is the device's too). It counts whatever the window held: data loading, checkpoints, sample grids. And
+    ``train/lr``: the learning rate the window's last step ran at (the first optimizer's first parameter group; a
+    Python number, read as the step starts, before a scheduler stepped inside it can change it).
 
     Args:
         every_n_steps: the window, in optimizer steps: the Trainer's ``log_every_n_steps`` (0: nothing is logged).
@@ -82,6 +84,7 @@ class StepMeans(Callback):
         self.points: list[tuple[int, float]] = []
         self.last: dict[str, float] = {}
         self._step_before = 0
+        self._lr: float | None = None
         self._strategy: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -92,6 +95,8 @@ class StepMeans(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self._step_before = trainer.global_step
+        if trainer.optimizers:
+            self._lr = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any = None,
                            *args: Any) -> None:
@@ -138,6 +143,8 @@ class StepMeans(Callback):
         if self._samples and now > self._since:  # every rank's batches are as large (the loaders' full batches)
             metrics["train/samples_per_second"] = self._samples * trainer.world_size / (now - self._since)
         self._samples, self._since = 0, now
+        if self._lr is not None:
+            metrics["train/lr"] = self._lr
         for logger in trainer.loggers:  # Lightning's loggers write on global rank 0 only
             logger.log_metrics(metrics, step=trainer.global_step)
 
