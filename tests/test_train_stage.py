@@ -113,6 +113,10 @@ def test_train_stage_writes_model_metrics_curve_and_one_mlflow_run(project, cli_
     assert metrics["final_loss"] == pytest.approx(sum(points) / 6, abs=1e-6)
     throughput = client.get_metric_history(run.info.run_id, "train/samples_per_second")
     assert sorted(m.step for m in throughput) == [2, 4, 6, 8, 10, 12] and all(m.value > 0 for m in throughput)
+    # The learning rate each window's last step ran at: warm-up to train.lr over 2 steps, then the cosine decay.
+    lr = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/lr"), key=lambda m: m.step)]
+    peak = float(run.data.params["lr"])
+    assert len(lr) == 6 and lr[0] == pytest.approx(peak, rel=0.05) and lr == sorted(lr, reverse=True) and lr[-1] < peak
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/step_0000006.png", "samples/step_0000012.png", "samples/final.png"} <= artifacts
 
