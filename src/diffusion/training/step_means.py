@@ -92,6 +92,9 @@ class StepMeans(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._samples, self._since = 0, self.clock()
+        # Sums restored from a checkpoint (which Lightning loads before this hook) come on the CPU: to the device the
+        # values and the collective are on.
+        self.sums = {k: v.to(trainer.strategy.root_device) for k, v in self.sums.items()}
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self._step_before = trainer.global_step
@@ -105,15 +108,15 @@ class StepMeans(Callback):
             value = value.float().reshape(())
             # A key may come and go within a window (the GAN's terms start at discriminator.start_step): each
             # value is averaged over the micro-batches that had it.
-            self.sums[name] = self.sums[name].to(value.device) + value if name in self.sums else value.clone()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
             self.counts[name] = self.counts.get(name, 0) + 1
         step = trainer.global_step
         # Only a batch that made an optimizer step (the last micro-batch of an accumulation window). The steps after
         # the last multiple of every_n_steps make a last, shorter window at max_steps, so that the curve and the
         # final figures reach the end of training; closed here, before the final checkpoint is written (a rerun of
         # the finished run resumes from it and runs no training hook at all).
-        last = trainer.max_steps is not None and 0 < trainer.max_steps <= step
-        if self.every and step != self._step_before and (step % self.every == 0 or last) and self.sums:
+        final = trainer.max_steps is not None and 0 < trainer.max_steps <= step
+        if self.every and step != self._step_before and (step % self.every == 0 or final) and self.sums:
             self._close_window(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -131,8 +134,7 @@ class StepMeans(Callback):
         checkpoint saved at this step (ModelCheckpoint runs last) never holds a point that MLflow lacks. Through
         Lightning the metrics reached the logger after the checkpoint, and a kill between the two lost the point."""
         names = sorted(self.sums)  # the same order on every rank: one collective for every value
-        device = trainer.strategy.root_device  # a sum restored from a checkpoint may still be on the CPU
-        local = torch.stack([self.sums[n].to(device) / self.counts[n] for n in names])
+        local = torch.stack([self.sums[n] / self.counts[n] for n in names])
         means = trainer.strategy.reduce(local, reduce_op="mean")
         self.last = dict(zip(names, means.tolist()))  # one host sync per window, where Lightning's logging had one
         if "loss" in self.last:
@@ -186,7 +188,7 @@ class StepMeans(Callback):
         if names:
             local = torch.stack([self.sums[n] for n in names])
             if self._strategy is not None:
-                local = self._strategy.reduce(local.to(self._strategy.root_device), reduce_op="mean")
+                local = self._strategy.reduce(local, reduce_op="mean")
             sums = dict(zip(names, local.cpu()))
         return {"points": list(self.points), "last": dict(self.last), "counts": dict(self.counts), "sums": sums}
 
