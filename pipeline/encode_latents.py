@@ -31,7 +31,7 @@ from diffusion.data.loader import iter_shards
 from diffusion.data.locations import read_manifest, require_split, split_shards
 from diffusion.data.shards import ShardList, atomic_write_json, check_replaceable, list_shards, replace_dir
 from diffusion.stage_configs import EncodeLatentsConfig
-from diffusion.training.latent_stats import load_vae, vae_problem
+from diffusion.training.latent_stats import encoder_digest, load_vae, vae_problem
 
 SPLITS: tuple[str, ...] = ("train", "val")
 
@@ -130,6 +130,7 @@ def _manifest(
         "members": ["mean.npy", "logvar.npy", "txt", "json"],
         "vae": {
             "dir": cfg.vae_dir,
+            "encoder_sha256": encoder_digest(cfg.vae_dir),  # which VAE made them: the train stage checks it
             # For reference only: the loader takes scale and shift from the VAE itself (pitfall 4).
             "latent_scale": torch.as_tensor(scale).tolist(),
             "latent_shift": torch.as_tensor(shift).tolist(),

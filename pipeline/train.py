@@ -58,7 +58,9 @@ def validate(cfg: TrainConfig) -> tuple[list[str], list[int] | None]:
 
     if problem := vae_problem(cfg.vae_dir):
         raise TrainError(f"train.vae_dir: {problem}; run `python cli.py train-vae` first")
-    shape = (read_manifest(cfg.latents_dir) or {}).get("latent_shape")  # [C, h, w], from encode_latents
+    manifest = read_manifest(cfg.latents_dir) or {}
+    _check_latents_vae(cfg, manifest)
+    shape = manifest.get("latent_shape")  # [C, h, w], from encode_latents
     denoiser = cfg.denoiser_config()
     multiple = getattr(denoiser, "downsample_factor", getattr(denoiser, "patch_size", 1))
     if shape and any(side % multiple for side in shape[1:]):
@@ -68,6 +70,22 @@ def validate(cfg: TrainConfig) -> tuple[list[str], list[int] | None]:
                           f"the latents in {cfg.latents_dir} are {shape[1]}x{shape[2]}; use a shard.resolution that "
                           f"is a multiple of {multiple} times the VAE's factor, or another {what.split(' ')[0]}")
     return urls, shape
+
+
+def _check_latents_vae(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    """The latents must come from the VAE the model is packaged with: the denoiser learns that VAE's latent space,
+    and sampling decodes through `train.vae_dir`. Run stage by stage (`cli.py train-vae` again, then `cli.py
+    train`), nothing else notices: DVC would rerun encode_latents, the CLI does not. Latents whose manifest
+    predates the record are not checked."""
+    from diffusion.training.latent_stats import encoder_digest
+
+    encoded_by = (manifest.get("vae") or {}).get("encoder_sha256")
+    if encoded_by and encoded_by != (ours := encoder_digest(cfg.vae_dir)):
+        raise TrainError(
+            f"train.vae_dir: the latents in {cfg.latents_dir} were encoded by another VAE than the one in "
+            f"{cfg.vae_dir} (encoder sha256 {encoded_by[:12]}, of {manifest['vae'].get('dir')} when they were "
+            f"encoded, against {ours[:12]}); a denoiser trained on them would draw through the wrong decoder. Rerun "
+            "`python cli.py encode-latents` with this VAE, or set train.vae_dir to the VAE that encoded them")
 
 
 def resolve_derived(cfg: TrainConfig, latent_shape: list[int] | None) -> TrainConfig:

@@ -403,6 +403,36 @@ def test_latents_the_denoiser_cannot_patch_stop_before_the_run(project):
     assert not runs("train")[1] and not (project / "checkpoints/train").exists()
 
 
+def _perturb_vae_weight(vae_dir: Path, prefix: str) -> None:
+    """Change one weight of the VAE artifact whose name starts with `prefix` (another VAE, as a retrained one is)."""
+    state = torch.load(vae_dir / "model.pt", weights_only=True)
+    name = next(k for k in sorted(state) if k.startswith(prefix) and state[k].is_floating_point())
+    state[name] = state[name] + 1e-3
+    torch.save(state, vae_dir / "model.pt")
+
+
+def test_latents_of_another_vae_stop_the_stage_before_the_run(project):
+    """encode_latents records which encoder made the latents; train, given another VAE (train_vae rerun through the
+    CLI without encode_latents), refuses them before its run opens. A VAE whose decoder alone changed encodes the
+    same latents and is accepted."""
+    from diffusion.params import load_section
+    from diffusion.stage_configs import TrainConfig
+    from diffusion.training.latent_stats import encoder_digest
+    from pipeline.train import TrainError, validate
+
+    manifest = json.loads((project / "data/latents/manifest.json").read_text())
+    assert manifest["vae"]["encoder_sha256"] == encoder_digest(project / "models/vae")
+    cfg = load_section(TrainConfig, project / "params.yaml").replace(
+        latents_dir=str(project / "data/latents"), vae_dir=str(project / "models/vae"),
+        tokenizer_path=str(project / "data/tokenizer.json"), out_dir=str(project / "models/diffusion"))
+    _perturb_vae_weight(project / "models/vae", "decoder.")
+    validate(cfg)  # the decoder is not what the latents depend on
+    _perturb_vae_weight(project / "models/vae", "encoder.")
+    with pytest.raises(TrainError, match=r"train.vae_dir: the latents in .* were encoded by another VAE than the one"):
+        train_in_process(project)
+    assert not runs("train")[1] and not (project / "checkpoints/train").exists()
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.dit.in_channels=3", r"train.dit.in_channels: is 3 but must be \d+ \(the latent_dim of the VAE"),
     ("train.dit.context_dim=7", r"train.dit.context_dim: is 7 but must be \d+ \(train.text_encoder.width\)"),

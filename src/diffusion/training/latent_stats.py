@@ -170,6 +170,23 @@ def vae_problem(vae_dir: str | Path) -> str | None:
     return None
 
 
+def encoder_digest(vae_dir: str | Path) -> str:
+    """sha256 of what the latents of the VAE artifact in `vae_dir` depend on: its encoder's weights (``encoder.*``,
+    ``quant_conv.*``) and its log-variance clamp. encode_latents records it in its manifest and the train stage
+    compares it with its own VAE's, so latents from another VAE stop the stage instead of training a denoiser that
+    decodes through the wrong one. Not the decoder (a VAE whose decoder alone was fine-tuned, as Stable Diffusion's
+    ft-MSE VAE was, encodes the same latents), nor the scale and shift (applied when latents are read, pitfall 4)."""
+    import hashlib
+
+    state = torch.load(Path(vae_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    h = hashlib.sha256(json.dumps(read_vae_config(vae_dir)["vae"].get("logvar_clamp")).encode())
+    for name in sorted(k for k in state if k.startswith(("encoder.", "quant_conv."))):
+        tensor = state[name]
+        h.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        h.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_vae(vae_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[AutoencoderKL, float, float]:
     """Load the VAE artifact written by :func:`save_vae`.
 
