@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 from diffusion.config import ConfigError
 from diffusion.data.latents import encode_records, rechunk, write_latent_shards
-from diffusion.data.loader import iter_shards, make_loader
+from diffusion.data.loader import make_loader
 from diffusion.data.shapes import generate_shapes
+from diffusion.data.shard_reading import iter_shards
 from diffusion.data.shards import write_shards
 from diffusion.data.tokenizer import train_tokenizer
 from diffusion.models.dit import DIT_PRESETS

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from diffusion.config import ConfigError
 from diffusion.data.latents import LatentRecord, encode_records, rechunk, write_latent_shards
-from diffusion.data.loader import iter_shards
 from diffusion.data.locations import read_manifest, require_split, split_shards
+from diffusion.data.shard_reading import iter_shards
 from diffusion.data.shards import ShardList, atomic_write_json, check_replaceable, list_shards, replace_dir
 from diffusion.stage_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import encoder_digest, load_vae, vae_problem

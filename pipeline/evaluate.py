@@ -113,7 +113,7 @@ def choose_prompts(cfg: EvaluateConfig, val_urls: list[str], require_attributes:
     """`num_samples` val samples (a seeded, uniform choice, kept in shard order; all if fewer) and their prompts.
     Only the chosen images are held in memory (``load_split``'s reservoir): a large val split is never loaded
     whole."""
-    from diffusion.data.shapes import canonical_caption
+    from diffusion.data.shape_captions import canonical_caption
 
     val = load_split(val_urls, limit=cfg.num_samples, require_attributes=require_attributes, seed=cfg.seed)
     if cfg.prompts == "caption":

@@ -24,7 +24,8 @@ from typing import Any
 
 from diffusion.config import ConfigError
 from diffusion.data.records import Sample, Skipped
-from diffusion.data.shapes import attribute_values, generate_shapes, validate_holdout
+from diffusion.data.shape_captions import attribute_values
+from diffusion.data.shapes import generate_shapes, validate_holdout
 from diffusion.data.shards import (
     ShardWriter, atomic_write_json, atomic_write_text, check_replaceable, replace_dir, write_shards,
 )

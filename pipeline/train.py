@@ -137,6 +137,7 @@ def _fingerprints(cfg: TrainConfig, urls: list[str]) -> dict[str, str]:
     checkpointing). The VAE and the tokenizer by content: a retrained VAE writes latents of the same size."""
     import diffusion.data.latents as latents
     import diffusion.data.loader as loader
+    import diffusion.data.shard_reading as reading
     import diffusion.data.tokenizer as tokenizer
     import diffusion.models as models
     import diffusion.scheduler as scheduler
@@ -149,8 +150,8 @@ def _fingerprints(cfg: TrainConfig, urls: list[str]) -> dict[str, str]:
     from diffusion.training.checkpointing import contents_fingerprint, files_fingerprint, source_fingerprint
 
     # trainer: precision ("auto"), clipping, accumulation; nonfinite: when a run stops.
-    code = [Path(models.__file__).parent, *(m.__file__ for m in (latents, loader, tokenizer, scheduler, system, optim,
-                                                                  callbacks, resume, trainer, nonfinite)), __file__]
+    code = [Path(models.__file__).parent, *(m.__file__ for m in (latents, loader, reading, tokenizer, scheduler, system,
+                                                                  optim, callbacks, resume, trainer, nonfinite)), __file__]
     return {"data": files_fingerprint(urls), "inputs": contents_fingerprint([cfg.vae_dir, cfg.tokenizer_path]),
             "code": source_fingerprint(*code)}
 

@@ -90,6 +90,7 @@ def image_batches(urls: list[str], batch_size: int, max_batches: int, seed: int)
 def _fingerprints(train: list[str], val: list[str]) -> dict[str, str]:
     """The data and the code that shape the weights (part of the run key: see checkpointing)."""
     import diffusion.data.loader as loader
+    import diffusion.data.shard_reading as reading
     import diffusion.models.layers as layers
     import diffusion.models.vae as vae
     import diffusion.training.discriminator as discriminator
@@ -102,7 +103,7 @@ def _fingerprints(train: list[str], val: list[str]) -> dict[str, str]:
 
     # trainer: precision ("auto"), clipping, accumulation; nonfinite: when a run stops. (The latent statistics
     # are measured after training, by every execution, so latent_stats is not part of it.)
-    code = [m.__file__ for m in (vae, layers, system, discriminator, optim, loader, resume, trainer, nonfinite)]
+    code = [m.__file__ for m in (vae, layers, system, discriminator, optim, loader, reading, resume, trainer, nonfinite)]
     code.append(__file__)
     return {"data": files_fingerprint(train + val), "code": source_fingerprint(*code)}
 

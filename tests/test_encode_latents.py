@@ -24,8 +24,8 @@ from diffusion.params import load_section
 from diffusion.data.latents import (
     LatentRecord, iter_latents, make_latent_loader, npy_bytes, read_npy, write_latent_shards,
 )
-from diffusion.data.loader import iter_shards
 from diffusion.data.records import Sample
+from diffusion.data.shard_reading import iter_shards
 from diffusion.data.shards import list_shards, write_shards
 from diffusion.data.tokenizer import encode, null_tokens, train_tokenizer
 from diffusion.models.vae import AutoencoderKL, VAEConfig

@@ -192,7 +192,7 @@ def test_load_split_limit_is_a_uniform_seeded_choice_read_in_one_pass(tmp_path, 
     first classes only. Samples the reservoir does not take are never decoded; ones without attributes neither."""
     from PIL import Image
 
-    import diffusion.data.loader as loader
+    import diffusion.data.shard_reading as reading
     from diffusion.data.in_memory import load_split
     from diffusion.data.records import Sample
     from diffusion.data.shards import write_shards
@@ -206,8 +206,8 @@ def test_load_split_limit_is_a_uniform_seeded_choice_read_in_one_pass(tmp_path, 
     labelled = [s for s in samples if s.meta]
 
     decoded = []
-    real = loader._decode_rgb
-    monkeypatch.setattr(loader, "_decode_rgb", lambda data: decoded.append(1) or real(data))
+    real = reading._decode_rgb
+    monkeypatch.setattr(reading, "_decode_rgb", lambda data: decoded.append(1) or real(data))
     chosen = load_split(urls, limit=12, seed=0)
     assert len(chosen) == 12 and chosen.images.shape == (12, 3, 8, 8)
     assert 12 <= len(decoded) < len(labelled)  # the reservoir's draws only
@@ -224,6 +224,6 @@ def test_load_split_limit_is_a_uniform_seeded_choice_read_in_one_pass(tmp_path, 
     assert len(load_split(urls, require_attributes=False)) == len(samples)
 
     # Uniform: over 200 seeds every class is drawn about 200 * 12 / 6 = 400 times.
-    monkeypatch.setattr(loader, "_decode_rgb", real)
+    monkeypatch.setattr(reading, "_decode_rgb", real)
     per_class = Counter(a["class"] for seed in range(200) for a in load_split(urls, limit=12, seed=seed).attributes)
     assert all(320 < per_class[f"c{c}"] < 480 for c in range(6)), per_class

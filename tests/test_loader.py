@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.data.loader import iter_shards, make_loader
+from diffusion.data.loader import make_loader
 from diffusion.data.records import Sample
+from diffusion.data.shard_reading import iter_shards
 from diffusion.data.shards import write_shards
 from diffusion.data.tokenizer import PAD_ID, encode, null_tokens, save_tokenizer, train_tokenizer
 
@@ -254,7 +255,7 @@ def test_a_damaged_shard_is_named(shards, tok, tmp_path):
     resampled loader's header count, the stream, the ordered reader alike)."""
     import shutil
 
-    from diffusion.data.loader import DamagedShardError
+    from diffusion.data.shard_reading import DamagedShardError
 
     cut = tmp_path / "cut.tar"
     shutil.copyfile(shards[3], cut)

@@ -12,9 +12,10 @@ import torch
 from conftest import serve_folder
 from PIL import Image
 
-from diffusion.data.loader import iter_shards, make_loader
+from diffusion.data.loader import make_loader
 from diffusion.data.locations import is_remote, list_split, read_manifest, resolve, split_shards
 from diffusion.data.records import Sample
+from diffusion.data.shard_reading import iter_shards
 from diffusion.data.shards import write_shards
 from diffusion.data.tokenizer import train_tokenizer
 

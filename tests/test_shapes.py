@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 
 from diffusion.config import ConfigError
-from diffusion.data.shapes import (
+from diffusion.data.shape_captions import (
     ATTRIBUTE_VALUES,
     COLORS,
-    PALETTE,
-    POSITION_ANCHORS,
     POSITIONS,
     RELATIONS,
     SHAPES,
@@ -21,6 +19,10 @@ from diffusion.data.shapes import (
     attribute_values,
     canonical_caption,
     caption_for,
+)
+from diffusion.data.shapes import (
+    PALETTE,
+    POSITION_ANCHORS,
     generate_shapes,
     validate_holdout,
 )
@@ -225,7 +227,7 @@ def test_each_shape_draws_its_own_outline():
     """The pixels show the named shape, not only its colour, size and place: each shape's coverage of its
     bounding box (square 1, circle pi/4, cross ~0.59, triangle and diamond 1/2, star ~0.37), and the upright
     triangle's weight in its lower half. Two polygons swapped passed every pixel test."""
-    from diffusion.data.shapes import SHAPES, generate_shapes
+    from diffusion.data.shapes import generate_shapes
     from diffusion.stage_configs import ShapesConfig
 
     fills: dict[str, list[float]] = {s: [] for s in SHAPES}

@@ -11,7 +11,7 @@ from conftest import ROOT, run_cli
 from test_sources import BAD_REASONS, EXTRA, caption_of, flat_tree, good_paths, write
 
 from diffusion.config import ConfigError
-from diffusion.data.loader import iter_shards
+from diffusion.data.shard_reading import iter_shards
 from diffusion.data.tokenizer import load_tokenizer
 from diffusion.stage_configs import ShardConfig
 from pipeline import shard as stage

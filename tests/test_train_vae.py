@@ -142,7 +142,7 @@ def test_cli_stage_killed_then_resumes_same_run(workdir, cli_env):
 
 def _check_vae_artifact(vae_dir: Path, val_shards: Path) -> None:
     """models/vae loads, and its scale makes the val latents roughly unit variance."""
-    from diffusion.data.loader import iter_shards
+    from diffusion.data.shard_reading import iter_shards
     from diffusion.training import load_vae
 
     config = json.loads((vae_dir / "config.json").read_text())

@@ -108,7 +108,7 @@ def run_stage(
     missing or unusable input (`input_errors`, and a damaged shard for every stage), with the message naming
     what to run or fix.
     """
-    from diffusion.data.loader import DamagedShardError
+    from diffusion.data.shard_reading import DamagedShardError
     from diffusion.stage_configs import check_every_section
 
     input_errors = (*input_errors, DamagedShardError)

@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "TextImageDataset": "dataset", "ListDataset": "dataset", "create_dummy_dataset": "dataset",
-    "make_loader": "loader", "iter_shards": "loader",
+    "make_loader": "loader", "iter_shards": "shard_reading",
     "Sample": "records", "Skipped": "records",
     "write_shards": "shards", "list_shards": "shards", "atomic_write_json": "shards", "atomic_write_text": "shards",
     "train_tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "save_tokenizer": "tokenizer",

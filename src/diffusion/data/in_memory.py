@@ -50,7 +50,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def load_split(urls: Sequence[str] | str, limit: int | None = None, require_attributes: bool = True,
                seed: int = 0) -> LabelledImages:
-    """Read shards once, in order (``data.loader.iter_shards``), into memory.
+    """Read shards once, in order (``data.shard_reading.iter_shards``), into memory.
 
     With ``require_attributes`` samples without ``meta["attributes"]`` are skipped (the judge learns
     nothing from them). ``limit`` keeps a seeded, uniform choice of that many of the usable samples, in shard
@@ -60,7 +60,7 @@ def load_split(urls: Sequence[str] | str, limit: int | None = None, require_attr
     by class, and the first 20000 of ImageNet's are its first 16 classes.
     """
     # WebDataset: imported when a split is read, not with the judge.
-    from diffusion.data.loader import iter_shards
+    from diffusion.data.shard_reading import iter_shards
 
     rng = random.Random(f"{seed}/load_split")
     usable, slot = 0, -1

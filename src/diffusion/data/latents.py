@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from diffusion.data.loader import ShardStream, StreamLoader, expand_urls, stream_loader, tar_samples
+from diffusion.data.loader import ShardStream, StreamLoader, stream_loader
+from diffusion.data.shard_reading import expand_urls, tar_samples
 from diffusion.data.shards import ShardList, add_tar_member, check_sample_key
 from diffusion.data.tokenizer import encode, trim_padding
 

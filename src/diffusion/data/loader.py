@@ -1,4 +1,7 @@
-"""Stream WebDataset shards for training (`make_loader`) or read them once, in order (`iter_shards`).
+"""The training loader (`make_loader`): batches streamed from WebDataset shards, as many on every DDP rank.
+
+Reading shards once, in order (`iter_shards`), and the tar reading and image decoding this stream shares
+with it live in `diffusion.data.shard_reading`.
 
 Batches (docs/INTERFACES.md, Data): ``{"image": (B,3,H,W) float32 in [-1,1], "tokens": (B,T) long,
 "caption": list[str], "meta": list[dict], "key": list[str]}``.
@@ -29,60 +32,29 @@ Why the training loader is built this way (pitfall 1):
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
 import os
 import random
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from tokenizers import Tokenizer
 from webdataset.tariterators import base_plus_ext
 
 from diffusion.data.locations import is_remote
-from diffusion.data.shards import list_shards
+from diffusion.data.shard_reading import (
+    DamagedShardError,
+    decode_sample,
+    expand_urls,
+    tar_samples,
+    to_model_range,
+)
 from diffusion.data.tokenizer import encode, trim_padding
-
-
-class DamagedShardError(RuntimeError):
-    """A shard that cannot be read to its end (cut short, overwritten): the message names it."""
-
-
-def raise_damaged_shard(exn: Exception) -> bool:
-    """WebDataset's exception handler for the stages' own shards: re-raise as :class:`DamagedShardError` naming
-    the shard (WebDataset appends the stream and the URL to the error's args; tarfile's message names nothing).
-    A stage's own shard is never skipped: a silent gap would change what trains."""
-    url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), None)
-    if url is None or isinstance(exn, DamagedShardError):
-        raise exn
-    raise DamagedShardError(f"{url}: damaged shard ({exn.args[0]}); rerun the stage that wrote it") from exn
-
-
-def tar_samples(sources: Any) -> Iterator[dict[str, Any]]:
-    """``wds.tarfile_to_samples`` over `sources` (``{"url": ...}`` dicts), a damaged shard named."""
-    return wds.tarfile_to_samples(handler=raise_damaged_shard)(sources)
-
-
-def expand_urls(urls: Sequence[str] | str) -> list[str]:
-    """A list of shard URLs from a list, a brace pattern (``shard-{000000..000009}.tar``) or a folder."""
-    if isinstance(urls, (str, os.PathLike)):
-        urls = str(urls)
-        if os.path.isdir(urls):
-            out = list_shards(urls)
-        else:
-            out = list(wds.shardlists.expand_urls(urls))
-    else:
-        out = [str(u) for u in urls]
-    if not out:
-        raise FileNotFoundError(f"no shards found in {urls!r} (run `python cli.py shard` first)")
-    return out
 
 
 def dist_info() -> tuple[int, int]:
@@ -90,43 +62,6 @@ def dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _decode_rgb(data: bytes) -> np.ndarray:
-    """Image bytes -> (H, W, 3) uint8."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))
-
-
-def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
-    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [-1, 1]."""
-    return pixels.movedim(-1, -3).float().div_(127.5).sub_(1.0).contiguous()
-
-
-def decode_image(data: bytes) -> torch.Tensor:
-    """Image bytes -> (3, H, W) float32 in [-1, 1]."""
-    return to_model_range(torch.tensor(_decode_rgb(data)))  # copies the read-only array
-
-
-def _sample_fields(sample: dict[str, Any], image_keys: Sequence[str]) -> dict[str, Any]:
-    """A raw WebDataset sample (bytes per extension) -> key, caption, meta and its image's bytes (not decoded)."""
-    key = sample["__key__"]
-    image_key = next((k for k in image_keys if k in sample), None)
-    if image_key is None:
-        raise KeyError(f"{sample.get('__url__', '?')}: sample {key!r} has none of {list(image_keys)}")
-    caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    return {"key": key, "image": sample[image_key], "caption": caption, "meta": meta}
-
-
-def _decode_sample(sample: dict[str, Any], image_keys: Sequence[str]) -> dict[str, Any]:
-    """A raw WebDataset sample (bytes per extension) -> key, image (H, W, 3) uint8, caption, meta.
-
-    Images stay uint8 until a whole batch is stacked: one float conversion per batch, a quarter of the
-    bytes through the shuffle buffer and worker queues' pickling."""
-    out = _sample_fields(sample, image_keys)
-    out["image"] = _decode_rgb(out["image"])
-    return out
 
 
 def _samples_in(path: str) -> int:
@@ -238,7 +173,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         """One raw WebDataset sample -> the fields `_collate` batches (a subclass reads other shards)."""
-        return _decode_sample(sample, self.image_keys)
+        return decode_sample(sample, self.image_keys)
 
     def batches(self, batches: Iterator[dict[str, Any]], worker: int) -> Iterator[dict[str, Any]]:
         """A last per-batch step in the worker (identity here; the latent loader samples the posterior)."""
@@ -396,23 +331,3 @@ def stream_loader(
         # with_length gives Lightning a len().
         loader = loader.with_epoch(epoch_steps).with_length(epoch_steps, silent=True)
     return loader
-
-
-def iter_shards(
-    urls: Sequence[str] | str, tokenizer: Tokenizer | None = None, keep: Callable[[dict[str, Any]], bool] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Every sample of `urls` exactly once, in shard order then file order, in this process.
-
-    Yields ``{"key", "image": (3,H,W) float in [-1,1], "caption", "meta"}`` (plus ``"tokens": (T,) long``
-    when a tokenizer is given). For evaluation and latent encoding, where nothing may be skipped or doubled.
-    `keep`, if given, sees each sample's key, caption and meta first (``"image"`` still its encoded bytes): a
-    sample it refuses is passed over without decoding its image.
-    """
-    for sample in tar_samples({"url": u} for u in expand_urls(urls)):
-        out = _sample_fields(sample, ("png", "jpg", "jpeg"))
-        if keep is not None and not keep(out):
-            continue
-        out["image"] = to_model_range(torch.tensor(_decode_rgb(out["image"])))  # (3, H, W); copies the read-only array
-        if tokenizer is not None:
-            out["tokens"] = encode(tokenizer, [out["caption"]])[0]
-        yield out

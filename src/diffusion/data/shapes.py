@@ -5,6 +5,9 @@ image's content is known exactly, a small classifier (the judge, `diffusion.eval
 whether a generated image follows its caption. Colour-shape combinations held out of training measure
 compositional generalisation ("purple triangle" seen only as "purple ..." and "... triangle").
 
+This module draws the attributes and the pictures; their words (the attribute scheme, the vocabulary and
+the caption templates) live in `diffusion.data.shape_captions`.
+
 Images
     A light, low-contrast background (a two-tone linear gradient in a random direction, faint noise) with
     one object (``level: single``) or two objects in a spatial relation (``level: pair``). Objects are
@@ -12,21 +15,10 @@ Images
     Placement and size jitter a little and colours a few levels, so no two images are copies. Colour,
     position, size and relation stay unambiguous from 16 px up; shapes need 32 px (a small star is ~7 px).
 
-Attribute scheme: ``meta["attributes"]``, a flat ``dict[str, str]``
-    single: ``shape`` (SHAPES), ``color`` (COLORS), ``size`` (SIZES), ``position`` (POSITIONS).
-    pair:   ``shape``, ``color`` (the first object), ``relation`` ("left of" or "above"), ``shape2``, ``color2``
-            (the second object). The relation reads first-to-second: ``relation: "left of"`` is
-            "a red circle to the left of a blue square" with the circle first. The stored relation is always
-            "left of" or "above" (the left or upper object first: one label per picture, which the judge
-            needs); captions still name either object first ("a blue square to the right of a red circle").
-            Both objects have the same size and never overlap; they always differ in colour or shape, so the
-            caption names each one.
-    ``meta["holdout"]`` (outside the attributes) is True for a val image drawn from the held-out
+Metadata
+    ``meta["attributes"]`` holds what the image shows, in the scheme of `shape_captions`, and the caption
+    phrases it. ``meta["holdout"]`` (outside the attributes) is True for a val image drawn from the held-out
     combinations (for pair: at least one of its objects is held out) and False otherwise.
-
-Captions phrase the same attributes in several ways (see `_SINGLE_TEMPLATES`, `_PAIR_TEMPLATES`), with
-synonyms for sizes (little, tiny, big) and the centre (middle); colour and shape words are always the
-vocabulary words themselves. `canonical_caption` gives one fixed phrasing for evaluation prompts.
 
 Everything is deterministic for a seed: each split has its own numpy stream seeded with (seed, split).
 """
@@ -36,8 +28,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
@@ -45,13 +36,16 @@ from PIL import Image, ImageDraw
 
 from diffusion.config import ConfigError
 from diffusion.data.records import Sample
+from diffusion.data.shape_captions import (
+    COLORS,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    caption_for,
+)
 from diffusion.stage_configs import ShapesConfig
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
-COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
-POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right", "center")
-SIZES: tuple[str, ...] = ("small", "large")
-RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 SPLITS: tuple[str, ...] = ("train", "val")  # the index is the split's id in the seed
 
 #: sRGB of each colour. Saturated (unlike the background) and at least ~75 apart (orange-yellow, the
@@ -88,91 +82,6 @@ MAX_JITTER = 0.07  # of the side: the farthest a centre moves from its anchor (h
 MARGIN = 0.01  # of the side: objects keep this far from the image border
 NOISE_STD = 3.0  # grey levels of per-pixel noise over the whole image
 COLOR_JITTER = 8  # grey levels each channel of an object's colour may move
-
-AttributeScheme = dict[str, tuple[str, ...]]
-_SCHEMES: dict[str, AttributeScheme] = {
-    "single": {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS},
-    # Stored relations: the left or upper object first (_pair_attributes); the caption words cover all four.
-    "pair": {"shape": SHAPES, "color": COLORS, "relation": ("left of", "above"), "shape2": SHAPES, "color2": COLORS},
-}
-#: Every attribute name of either level -> its allowed values (the judge's heads); per level, see
-#: `attribute_values`.
-ATTRIBUTE_VALUES: AttributeScheme = {**_SCHEMES["single"], **_SCHEMES["pair"]}
-
-
-def attribute_values(level: Literal["single", "pair"]) -> AttributeScheme:
-    """The attribute names of one level -> their allowed values, in a fixed order."""
-    if level not in _SCHEMES:
-        raise ValueError(f"level: expected one of {', '.join(_SCHEMES)}, got {level!r}")
-    return dict(_SCHEMES[level])
-
-
-# --------------------------------------------------------------------------------------------------
-# Captions
-# --------------------------------------------------------------------------------------------------
-
-_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
-_POSITION_WORDS = {p: (p,) for p in POSITIONS} | {"center": ("center", "middle")}
-# Per relation: the phrase, a short form, the converse (for captions naming the second object first),
-# and the phrase after "with <first object>" ("a blue square with a red circle to its left").
-_RELATION_WORDS = {
-    "left of": ("to the left of", "left of", "to the right of", "to its left"),
-    "right of": ("to the right of", "right of", "to the left of", "to its right"),
-    "above": ("above", "above", "below", "above it"),
-    "below": ("below", "below", "above", "below it"),
-}
-# The first template of each is the canonical phrasing. Articles are fixed afterwards ("an orange").
-_SINGLE_TEMPLATES = (
-    "a {size} {color} {shape} in the {pos}",
-    "{pos_h}: a {size} {color} {shape}",
-    "a {color} {shape}, {size}, at the {pos}",
-    "a {size} {color} {shape} at the {pos} of the image",
-    "there is a {size} {color} {shape} in the {pos}",
-    "{size} {color} {shape}, {pos}",
-)
-_PAIR_TEMPLATES = (
-    "a {c1} {s1} {rel} a {c2} {s2}",
-    "{c1} {s1} {rel_short} {c2} {s2}",
-    "a {c2} {s2} {rel_converse} a {c1} {s1}",
-    "a {c2} {s2} with a {c1} {s1} {rel_with}",
-    "there is a {c1} {s1} {rel} a {c2} {s2}",
-)
-_AN = re.compile(r"\ba (?=[aeiou])")
-
-
-def _level_of(attributes: dict[str, str]) -> str:
-    for level, scheme in _SCHEMES.items():
-        if set(attributes) == set(scheme):
-            return level
-    expected = " or ".join("{" + ", ".join(s) + "}" for s in _SCHEMES.values())
-    raise ValueError(f"attributes: expected the keys {expected}, got {sorted(attributes)}")
-
-
-def _fill(attributes: dict[str, str], choose: Callable[[Sequence[str]], str]) -> str:
-    """Fill one template; `choose` picks among alternatives (the first, or a random one)."""
-    a = attributes
-    if _level_of(a) == "single":
-        pos = choose(_POSITION_WORDS[a["position"]])
-        fields = {"size": choose(_SIZE_WORDS[a["size"]]), "color": a["color"], "shape": a["shape"],
-                  "pos": pos, "pos_h": pos.replace(" ", "-")}
-        template = choose(_SINGLE_TEMPLATES)
-    else:
-        rel, short, converse, with_ = _RELATION_WORDS[a["relation"]]
-        fields = {"c1": a["color"], "s1": a["shape"], "c2": a["color2"], "s2": a["shape2"], "rel": rel,
-                  "rel_short": short, "rel_converse": converse, "rel_with": with_}
-        template = choose(_PAIR_TEMPLATES)
-    return _AN.sub("an ", template.format(**fields))
-
-
-def canonical_caption(attributes: dict[str, str]) -> str:
-    """The one fixed phrasing of these attributes: "a small red circle in the top left",
-    "a red circle to the left of a blue square". Used for fixed evaluation prompts."""
-    return _fill(attributes, lambda options: options[0])
-
-
-def caption_for(attributes: dict[str, str], rng: np.random.Generator) -> str:
-    """A caption for these attributes in a phrasing (and synonyms) chosen by `rng`."""
-    return _fill(attributes, lambda options: options[int(rng.integers(len(options)))])
 
 
 # --------------------------------------------------------------------------------------------------
