@@ -320,7 +320,8 @@ class TextToImagePipeline:
         over sampler steps), batch_size=None (all at once), warn=True (PromptWarning for odd prompts).
         The same options and seed give the same images. ``batch_size`` is among the options: the images are
         drawn batch after batch from one seeded generator, so with the ``ddpm`` sampler, which draws fresh
-        noise at every step, another batch size gives other (equally valid) images; ddim and dpmpp do not.
+        noise at every step, another batch size gives other (equally valid) images; ddim and dpmpp do not
+        (each image's starting noise is its own draw of the generator, in order).
 
         Returns:
             a list of PIL RGB images, prompt-major.

@@ -100,9 +100,14 @@ def resolve_config(
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Gaussian noise drawn on the generator's device (so a CPU seed gives the same x_T everywhere)."""
+    """Gaussian noise of `shape` (B, ...) drawn on the generator's device (so a CPU seed gives the same x_T
+    everywhere), one image at a time: image i gets the generator's i-th draw whatever the batching, so the
+    deterministic samplers (ddim, dpmpp), whose only randomness is x_T, give the same images in batches of any
+    size. One draw of B images is not B draws of one: torch's CPU generator fills blocks of 16 values, so the two
+    agree only where an image's size is a multiple of 16 (for 3x6x6 latents they differ)."""
     g_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=g_device).to(device)
+    draws = [torch.randn(shape[1:], generator=generator, device=g_device) for _ in range(shape[0])]
+    return (torch.stack(draws) if draws else torch.empty(shape, device=g_device)).to(device)
 
 
 def image_side_pair(image_size: Any) -> tuple[int, int]:
