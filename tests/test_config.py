@@ -1,5 +1,6 @@
 """Layer (a) of STYLE.md 15: params.yaml parses into its configs; bad values are refused by name."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import yaml
 from diffusion.config import ConfigError
 
 from diffusion.params import apply_overrides, load_params, load_section, parse_override
-from diffusion.stage_configs import ShardConfig, ShapesConfig
+from diffusion.stage_configs import ShardConfig, ShapesConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,8 +73,6 @@ def test_bad_values_name_the_key(data, key):
     ],
 )
 def test_train_combinations_its_loss_cannot_train_are_rejected(overrides, key):
-    from diffusion.stage_configs import TrainConfig
-
     with pytest.raises(ConfigError, match=key):
         TrainConfig.from_dict(overrides, "train")
     TrainConfig.from_dict({}, "train")  # the defaults load (the refusal is the override's)
@@ -103,6 +102,22 @@ def test_yaml_numbers_are_coerced():
     for bad in ("1.5e0", "many", ".inf"):
         with pytest.raises(ConfigError, match="samples_per_shard: expected int"):
             ShardConfig.from_dict({"samples_per_shard": bad})
+
+
+def test_non_finite_numbers_are_refused_at_load():
+    """YAML's .inf and .nan are floats; no parameter means them, and `ge` bounds let infinity through: a guidance of
+    .inf ran evaluate's main setting and its Inception features before the sampler refused it."""
+    from diffusion.eval_configs import EvaluateConfig
+
+    inf, nan = yaml.safe_load(".inf"), yaml.safe_load(".nan")  # what params.yaml and -S key=.inf give
+    for section, data, key in [(EvaluateConfig, {"guidance": inf}, "evaluate.guidance"),
+                               (EvaluateConfig, {"sweep": [{"sampler": "ddim", "steps": 5, "guidance": inf}]},
+                                "evaluate.sweep"),
+                               (TrainConfig, {"lr": nan}, "train.lr"),
+                               (ShardConfig, {"val_fraction": -inf}, "shard.val_fraction")]:
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}.*finite"):
+            section.from_dict(data, section.section)
+    assert EvaluateConfig.from_dict({"guidance": "1e1"}, "evaluate").guidance == 10.0
 
 
 def test_overrides_dvc_style(tmp_path):

@@ -20,6 +20,7 @@ fields are built recursively, so a whole section is one call. The stages' config
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -134,11 +135,15 @@ def _coerce_scalar(value: Any, tp: Any, key: str, err: ConfigError) -> Any:
             raise err
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise err from None
         if not isinstance(value, (int, float)):
             raise err
+        # No parameter here means anything at infinity or NaN (YAML's .inf and .nan), and bounds cannot catch them
+        # all (inf >= 0 holds): refused at load rather than minutes later, at the step that uses the value.
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
