@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import pickle
 import math
 import time
 from pathlib import Path
@@ -91,21 +92,29 @@ def _device(cfg: EvaluateConfig) -> torch.device:
 
 
 def load_generator(model_dir: str, device: torch.device) -> tuple[Any, Any, Any]:
-    """(LatentDiffusionModel with the EMA weights, the scheduler it was trained with, the tokenizer)."""
-    from diffusion.data.tokenizer import load_tokenizer
-    from diffusion.models import LatentDiffusionModel
-    from diffusion.scheduler import DDPMScheduler, SchedulerConfig
+    """(LatentDiffusionModel with the EMA weights, the scheduler it was trained with, the tokenizer), read as
+    ``cli.py sample`` reads them (`TextToImagePipeline.from_pretrained`): a damaged file is named, with the stage
+    that writes it, rather than surfacing as torch's or json's traceback."""
+    from diffusion.pipeline_model import ModelNotFoundError, TextToImagePipeline
 
-    model = LatentDiffusionModel.from_pretrained(model_dir, map_location=device).eval()
-    train_cfg = json.loads((Path(model_dir) / "train_config.json").read_text())
-    scheduler = DDPMScheduler.from_config(SchedulerConfig.from_dict(train_cfg.get("scheduler"), "train.scheduler"))
-    return model, scheduler.to(device), load_tokenizer(Path(model_dir) / "tokenizer.json")
+    try:
+        pipe = TextToImagePipeline.from_pretrained(model_dir, device=device.type)
+    except ModelNotFoundError as e:
+        raise EvaluateError(f"evaluate.model_dir: {e}") from None
+    return pipe.model, pipe.scheduler, pipe.tokenizer
 
 
 def load_judge(judge_dir: str) -> AttributeJudge | None:
-    """The judge, or None when train_judge found no attributes (FID/KID only)."""
-    config = json.loads((Path(judge_dir) / "config.json").read_text())
-    return AttributeJudge.load(judge_dir) if config.get("vocab") else None
+    """The judge, or None when train_judge found no attributes (FID/KID only). A judge folder that cannot be read
+    (a cut weights file, a damaged config) is an EvaluateError naming it."""
+    try:
+        config = json.loads((Path(judge_dir) / "config.json").read_text())
+        return AttributeJudge.load(judge_dir) if config.get("vocab") else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, EOFError,
+            pickle.UnpicklingError) as e:  # json's, a bad config's and torch's errors for a bad archive
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise EvaluateError(f"evaluate.judge_dir: the judge in {judge_dir} cannot be read ({type(e).__name__}: "
+                            f"{first}); rerun `python cli.py train-judge` (or `dvc repro train_judge`)") from None
 
 
 def choose_prompts(cfg: EvaluateConfig, val_urls: list[str], require_attributes: bool = True
@@ -268,12 +277,18 @@ def _fid(cfg: EvaluateConfig, real: torch.Tensor, fake: torch.Tensor, device: to
     return {**scores, "fid_samples": len(fake), "inception_seconds_per_image": per_image}
 
 
-def run(cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
-    """Generate, judge, measure. Returns (flat metrics, sweep rows, the samples grid as a PIL image)."""
+def load_models(cfg: EvaluateConfig) -> tuple[tuple[Any, Any, Any], AttributeJudge | None]:
+    """The generator (model, scheduler, tokenizer) on the stage's device, and the judge (on the CPU until used)."""
+    return load_generator(cfg.model_dir, _device(cfg)), load_judge(cfg.judge_dir)
+
+
+def run(cfg: EvaluateConfig, models: tuple[tuple[Any, Any, Any], AttributeJudge | None] | None = None
+        ) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
+    """Generate, judge, measure, with `models` from :func:`load_models` (loaded here if None). Returns (flat
+    metrics, sweep rows, the samples grid as a PIL image)."""
     val_urls = validate(cfg)
     device = _device(cfg)
-    model, scheduler, tokenizer = load_generator(cfg.model_dir, device)
-    judge = load_judge(cfg.judge_dir)
+    (model, scheduler, tokenizer), judge = models or load_models(cfg)
     val, prompts = choose_prompts(cfg, val_urls, require_attributes=judge is not None)
     if len(val) < 2:
         raise EvaluateError(f"evaluate: {len(val)} usable val image(s) in {cfg.shards_dir}/val; at least 2 are needed")
@@ -338,9 +353,10 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     from diffusion.tracking import stage_run, tracking_uri
 
     validate(cfg)
+    models = load_models(cfg)  # before the run opens: a damaged model or judge records no failed run
     with stage_run(STAGE, cfg.to_dict()) as active:
         mlflow.log_params(denoiser_params(cfg.model_dir))
-        metrics, sweep, grid = run(cfg)
+        metrics, sweep, grid = run(cfg, models)
         # The three outputs back to back, before any MLflow call (seconds of logging and registering): a run
         # stopped in between left new metrics beside the previous model's grid.
         png = io.BytesIO()

@@ -568,6 +568,37 @@ def test_evaluate_without_a_model_names_the_stage_to_run(tmp_path, cli_env):
     assert proc.returncode == 1 and "python cli.py train" in proc.stderr
 
 
+@pytest.mark.parametrize("damaged, message", [
+    ("models/diffusion/model.pt", r"evaluate.model_dir: .*model.pt: not a readable weights file"),
+    ("models/diffusion/tokenizer.json", r"evaluate.model_dir: .*tokenizer.json: not a tokenizer"),
+    ("models/judge/model.pt", r"evaluate.judge_dir: the judge in models/judge cannot be read"),
+    ("models/judge/config.json", r"evaluate.judge_dir: the judge in models/judge cannot be read \(JSONDecodeError"),
+])
+def test_a_damaged_model_or_judge_stops_evaluate_before_its_run(pipeline_root, tmp_path, monkeypatch, damaged,
+                                                                message):
+    """A file cut short (a copy that stopped, a full disk) is named with the stage that writes it, and the stage
+    stops before its MLflow run opens: it ended in torch's or json's traceback, with a FAILED run recorded."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from diffusion.params import load_section
+    from pipeline import evaluate
+
+    for name in ("models", "data/shards", "data/latents", "params.yaml"):
+        copy = shutil.copytree if (pipeline_root / name).is_dir() else shutil.copy
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        copy(pipeline_root / name, tmp_path / name)
+    path = tmp_path / damaged
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(evaluate.EvaluateError, match=message):
+        evaluate.main(load_section(EvaluateConfig, tmp_path / "params.yaml"))
+    experiment = MlflowClient().get_experiment_by_name("diffusion")
+    assert experiment is None or not MlflowClient().search_runs([experiment.experiment_id], "tags.stage = 'evaluate'")
+    assert not (tmp_path / "metrics").exists()
+
+
 def test_an_empty_sweep_writes_the_tables_header(tmp_path):
     """`sweep: []` leaves plots/eval_sweep.csv a table without rows (it was a lone newline, no columns for
     `dvc plots show` to read)."""
