@@ -84,7 +84,8 @@ class EvaluateConfig(Config):
     sampler: Literal["ddpm", "ddim", "dpmpp"] = param("dpmpp", "sampler of the main setting")
     steps: int | None = param(20, "sampler steps of the main setting (null: every training timestep)", ge=1)
     guidance: float = param(4.0, "classifier-free guidance of the main setting", ge=0.0)
-    batch_size: int = param(50, "images generated per batch", ge=1)
+    batch_size: int = param(50, "images generated per batch (ddim and dpmpp draw the same images at any batch size; "
+                                "ddpm, which draws noise at every step, does not)", ge=1)
     seed: int = param(0, "seed of the prompt choice and of the sampling noise", ge=0)
     fid: bool = param(True, "compute Inception FID/KID for the main setting (~95 ms per image on 2 CPU cores)")
     fid_batch_size: int = param(16, "images per Inception forward pass", ge=1)
