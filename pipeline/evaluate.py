@@ -25,8 +25,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import pickle
 import math
+import pickle
 import time
 from pathlib import Path
 from typing import Any
