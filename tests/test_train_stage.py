@@ -328,15 +328,16 @@ def test_two_nodes_train_together_and_only_node_zero_writes(launcher, project, t
 def test_nodes_that_run_different_parameters_stop_together(project, tmp_path_factory, cli_env):
     """A node started with another learning rate trained apart without a word (each rank exported its own
     weights' digest, rank 0 its model); one with another max_steps left both waiting for ever. Both stop
-    before the first step, each saying why."""
+    before the first step, each saying why in one line."""
     nodes = [project, _second_node(project, tmp_path_factory)]
     overrides = ["train.num_nodes=2", "train.devices=1", "train.strategy=ddp", "train.max_steps=4",
                  "train.sample_every_n_steps=0", "train.checkpoint_every_n_steps=100",
                  "train.out_dir=models/mismatch"]
     codes, outs = _run_two_nodes("env", nodes, [overrides, overrides + ["train.lr=0.01"]], cli_env, "mismatch.log")
-    assert all(code not in (0, None) for code in codes), outs
-    assert "rank 1 runs run" in outs[1] and "same parameters" in outs[1], outs[1]
-    assert "rank 0: another rank runs another run" in outs[0], outs[0]
+    assert codes == [1, 1], outs  # a mistake at launch: exit 1 and one line, as for a missing input
+    assert "error: rank 1 runs run" in outs[1] and "same parameters" in outs[1], outs[1]
+    assert "error: rank 0: another rank runs another run" in outs[0], outs[0]
+    assert not any("Traceback" in out for out in outs), outs
     assert not rank_lines(outs[0]) and not (project / "models/mismatch").exists()
 
 

@@ -175,6 +175,16 @@ def encode_latents(params: ParamsOption = Path("params.yaml"), set_: SetOption =
     run_stage(_encode_latents_config(), params, set_, stage.main, (stage.EncodeLatentsError,))
 
 
+def _training_errors() -> tuple[type[Exception], ...]:
+    """What stops a training stage that is not a bug, printed as one line: a non-finite loss (naming the step),
+    a damaged checkpoint (naming what to delete), nodes that do not run the same run (naming what differs)."""
+    from diffusion.training.checkpointing import CheckpointError
+    from diffusion.training.exact_resume import RanksDisagreeError
+    from diffusion.training.nonfinite import NonFiniteLossError
+
+    return NonFiniteLossError, CheckpointError, RanksDisagreeError
+
+
 def _train_vae_config() -> type[Config]:
     from diffusion.stage_configs import TrainVAEConfig
 
@@ -191,10 +201,8 @@ def train_vae(params: ParamsOption = Path("params.yaml"), set_: SetOption = None
     there and continues the same MLflow run. A non-finite loss stops it with an error naming the step.
     """
     from pipeline import train_vae as stage
-    from diffusion.training.checkpointing import CheckpointError
-    from diffusion.training.nonfinite import NonFiniteLossError
 
-    run_stage(_train_vae_config(), params, set_, stage.main, (stage.TrainVAEError, NonFiniteLossError, CheckpointError))
+    run_stage(_train_vae_config(), params, set_, stage.main, (stage.TrainVAEError, *_training_errors()))
 
 
 def _train_config() -> type[Config]:
@@ -215,10 +223,8 @@ def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
     with -S train.denoising_type=dit (and -S train.dit_preset=DiT-S/2 for a preset).
     """
     from pipeline import train as stage
-    from diffusion.training.checkpointing import CheckpointError
-    from diffusion.training.nonfinite import NonFiniteLossError
 
-    run_stage(_train_config(), params, set_, stage.main, (stage.TrainError, NonFiniteLossError, CheckpointError))
+    run_stage(_train_config(), params, set_, stage.main, (stage.TrainError, *_training_errors()))
 
 
 # ---- sample -----------------------------------------------------------------------------------------

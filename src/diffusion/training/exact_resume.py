@@ -30,6 +30,12 @@ def run_identity(key: str, cfg: Any) -> str:
     return f"{key} (log every {cfg.log_every_n_steps}, validate every {cfg.val_every_n_steps})"
 
 
+class RanksDisagreeError(RuntimeError):
+    """The processes of a multi-node run are not running the same run (parameters, code, data, or the step
+    they resume from); each rank's message says what its own view is. A user's mistake at launch, not a bug:
+    the command line prints it as one line, as it does a bad parameter."""
+
+
 class ExactResume(Callback):
     """Make a run killed and resumed from a checkpoint end with the weights of the run that was never stopped.
 
@@ -112,7 +118,7 @@ class ExactResume(Callback):
         if trainer.strategy.reduce_boolean_decision(mine == first, all=True):
             return
         if mine == first:
-            raise RuntimeError(f"rank {trainer.global_rank}: another rank runs another run than rank 0 (its own "
+            raise RanksDisagreeError(f"rank {trainer.global_rank}: another rank runs another run than rank 0 (its own "
                                "error says how)")
         if mine[0] != first[0]:
             problem = (f"runs run {mine[0]!r} and rank 0 run {first[0]!r}: every node must run the same code "
@@ -121,7 +127,7 @@ class ExactResume(Callback):
             problem = (f"{'found' if resuming else 'did not find'} the run's last.ckpt (step {mine[2]}) and rank 0 "
                        f"{'did' if first[1] else 'did not'} (step {first[2]}): checkpoint_dir must be one folder "
                        "shared by every node")
-        raise RuntimeError(f"rank {trainer.global_rank} {problem}")
+        raise RanksDisagreeError(f"rank {trainer.global_rank} {problem}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"global_step": self.global_step, "steps_per_segment": self.steps_per_segment,
