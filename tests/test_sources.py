@@ -429,6 +429,13 @@ def test_webdataset_source_errors(tmp_path):
         iter_webdataset(str(tmp_path / "*.tar"), RES)  # at the call, before any work
     with pytest.raises(SourceError, match="no such tar file"):
         iter_webdataset(str(tmp_path / "shards-{000..001}.tar"), RES)
+    # The shards' folder where a pattern is expected: the error gives the pattern that reads them.
+    with pytest.raises(SourceError, match="a folder, not a tar file .*holds no .tar files.*shard.source=folder"):
+        iter_webdataset(str(tmp_path), RES)
+    write_tar(tmp_path / "a.tar", img2dataset_sample("000000000", ("png", encode(noise((24, 24), 0), "PNG")), "x"))
+    pattern = re.escape(repr(str(tmp_path / "*.tar")))
+    with pytest.raises(SourceError, match=r"a folder, not a tar file .*its 1 \.tar files.*" + pattern):
+        iter_webdataset(str(tmp_path), RES)
 
 
 def test_img2dataset_original_size_is_kept(tmp_path):

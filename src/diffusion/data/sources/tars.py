@@ -41,6 +41,11 @@ def expand_urls(urls: str | list[str]) -> list[str]:
                 found += sorted(glob.glob(item))
             elif Path(item).is_file():
                 found.append(item)
+            elif Path(item).is_dir():  # the folder of the shards, given where their names are expected
+                tars = sorted(Path(item).glob("*.tar"))
+                hint = (f"to read its {len(tars)} .tar files, give the pattern {str(Path(item) / '*.tar')!r}" if tars
+                        else "it holds no .tar files; for a folder of images use shard.source=folder")
+                raise SourceError(f"{item}: a folder, not a tar file (from {pattern!r}); {hint}")
             else:
                 raise SourceError(f"{item}: no such tar file (from {pattern!r})")
     if not found:
