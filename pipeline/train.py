@@ -27,7 +27,7 @@ import torch
 
 from diffusion.config import ConfigError
 from diffusion.data.locations import read_manifest, require_split
-from diffusion.data.shards import atomic_write_json, check_replaceable, replace_dir
+from diffusion.data.shards import atomic_write_json, check_replaceable, staged_dir
 from diffusion.stage_configs import TrainConfig
 from diffusion.training.checkpointing import DEFAULT_EXCLUDE
 
@@ -213,16 +213,13 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str]) -> tuple[Any, Any, Any]:
 def export(cfg: TrainConfig, model: Any, image_size: int) -> Path:
     """Write the EMA model, its config, the tokenizer and the training resolution to out_dir, atomically
     (a temporary folder that replaces the old one when complete)."""
-    out = Path(cfg.out_dir)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.copyfile(cfg.tokenizer_path, tmp / "tokenizer.json")
-    # The train section that made it (its scheduler is the sampling schedule) and the image side the
-    # latents decode to, the default size for sampling.
-    atomic_write_json(tmp / "train_config.json", {**cfg.to_dict(), "image_size": image_size})
-    replace_dir(tmp, out)
-    return out
+    with staged_dir(cfg.out_dir) as tmp:
+        model.save_pretrained(tmp)
+        shutil.copyfile(cfg.tokenizer_path, tmp / "tokenizer.json")
+        # The train section that made it (its scheduler is the sampling schedule) and the image side the
+        # latents decode to, the default size for sampling.
+        atomic_write_json(tmp / "train_config.json", {**cfg.to_dict(), "image_size": image_size})
+    return Path(cfg.out_dir)
 
 
 def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, seconds: float) -> dict[str, Any]:

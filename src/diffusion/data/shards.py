@@ -24,7 +24,8 @@ import json
 import os
 import shutil
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -247,6 +248,29 @@ def replace_dir(tmp: Path, out_dir: Path, files: Iterable[tuple[Path, Path]] = (
             os.rename(old, out_dir)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(out_dir: str | Path) -> Iterator[Path]:
+    """An empty temporary folder beside `out_dir` to write its new contents in, swapped into place with
+    :func:`replace_dir` when the block ends. If the block raises (Ctrl-C included), the temporary folder is
+    deleted and `out_dir` keeps its old contents: a model folder is never left half written.
+
+    The name carries the pid (``.<name>.tmp-<pid>``): two processes saving to one place do not write into the
+    same folder, and what a killed process left is removed by the next save (:func:`_remove_stale_temps`).
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(out)  # first: an output folder a killed swap set aside is put back, not deleted as stale
+    _remove_stale_temps(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
 
 
 def recover_dir(out_dir: str | Path) -> None:
