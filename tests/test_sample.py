@@ -4,6 +4,7 @@ The model folder is built here, at tiny sizes with random weights, in the layout
 (config.json, model.pt, tokenizer.json, train_config.json), so these tests need no earlier stage.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -15,13 +16,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
 
 from conftest import run_cli
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 from diffusion.models import LatentDiffusionModel
 from diffusion.pipeline_model import (
-    ModelNotFoundError, ModelSpec, SampleOptionError, TextToImagePipeline, images_to_grid,
+    MODEL_FILES, ModelNotFoundError, ModelSpec, SampleOptionError, TextToImagePipeline, images_to_grid,
 )
+from diffusion.scheduler import DDPMScheduler
 from diffusion.stage_configs import TrainConfig
 from diffusion.tracking import ensure_experiment
 
@@ -33,9 +36,8 @@ PROMPTS = ["a red circle in the top left", "a blue square in the center"]
 FAST = {"steps": 2, "guidance": 3.0, "sampler": "dpmpp", "seed": 5}
 
 
-def make_model_dir(root: Path) -> Path:
-    """A model folder as `pipeline/train.py` exports it, plus the latents manifest that records the
-    training resolution (train_config.json's latents_dir points at it)."""
+def tiny_parts() -> tuple[LatentDiffusionModel, Tokenizer]:
+    """A tiny LatentDiffusionModel with random weights (seeded) and the tokenizer it is sized for."""
     tok = train_tokenizer(CAPTIONS, vocab_size=80, max_length=MAX_LENGTH)
     torch.manual_seed(0)
     model = LatentDiffusionModel(
@@ -48,6 +50,13 @@ def make_model_dir(root: Path) -> Path:
     with torch.no_grad():  # the U-Net's output layer starts at zero; perturb it so the prompt matters
         for p in model.denoiser.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return model, tok
+
+
+def make_model_dir(root: Path) -> Path:
+    """A model folder as `pipeline/train.py` exports it, plus the latents manifest that records the
+    training resolution (train_config.json's latents_dir points at it)."""
+    model, tok = tiny_parts()
     model_dir = model.save_pretrained(root / "model")
     save_tokenizer(tok, model_dir / "tokenizer.json")
     latents = root / "latents"
@@ -232,6 +241,127 @@ def test_cli_sample_bad_size_exits_2_before_loading(model_dir, tmp_path, env):
         proc = run_cli(["sample", "a red circle", "--model", str(broken), flag, value], tmp_path, env, check=False)
         assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
     assert not (tmp_path / "samples.png").exists()
+
+
+# ---- a pipeline built from parts in memory, saved as a model folder ------------------------------------
+
+
+def schedule_not_default() -> DDPMScheduler:
+    """Every field away from its default: a folder that lost the scheduler section would load another one."""
+    return DDPMScheduler(num_timesteps=50, beta_schedule="cosine", beta_start=2e-4, beta_end=3e-2,
+                         prediction_type="v_prediction", rescale_zero_terminal_snr=True)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[TextToImagePipeline, Path]:
+    """A pipeline built in memory (as after `train_diffusion_model`) and the folder it saved."""
+    model, tok = tiny_parts()
+    pipe = TextToImagePipeline.from_components(model, tok, schedule_not_default(), image_size=SIDE)
+    return pipe, pipe.save_pretrained(tmp_path_factory.mktemp("saved") / "mine")
+
+
+def test_saved_pipeline_loads_back_and_draws_the_same_images(saved):
+    from pipeline.evaluate import denoiser_params
+
+    pipe, folder = saved
+    assert pipe.spec == ModelSpec(None, 8, SIDE, 50)  # from the parts: no folder read
+    assert sorted(p.name for p in folder.iterdir()) == sorted(MODEL_FILES)
+    assert [p.name for p in folder.parent.iterdir()] == ["mine"]  # no temporary folder left beside it
+    loaded = TextToImagePipeline.from_pretrained(folder, device="cpu")
+    # The schedule comes back as saved, not as SchedulerConfig's defaults (linear, epsilon, T=1000).
+    assert loaded.scheduler.config == pipe.scheduler.config
+    assert loaded.spec == ModelSpec(folder, 8, SIDE, 50)
+    assert loaded.tokenizer.to_str() == pipe.tokenizer.to_str()
+    for options in (FAST, {**FAST, "sampler": "ddpm", "guidance": 1.0}):
+        a = pipe.generate(PROMPTS, num_images_per_prompt=2, progress=False, **options)
+        b = loaded.generate(PROMPTS, num_images_per_prompt=2, progress=False, **options)
+        assert a.shape == (4, SIDE, SIDE, 3) and np.array_equal(a, b)  # bit-identical, the default size
+    # The evaluate stage reads the folder too (its MLflow params name the denoiser).
+    assert denoiser_params(str(folder))["denoising_type"] == "unet"
+
+
+def test_cli_samples_from_a_saved_pipeline(saved, tmp_path, env):
+    pipe, folder = saved
+    run_cli(["sample", PROMPTS[0], "--model", str(folder), "--steps", "2", "--seed", "3", "--device", "cpu",
+             "--num-images", "4", "--out", "grid.png"], tmp_path, env)
+    images_to_grid(pipe.generate(PROMPTS[:1], steps=2, seed=3, num_images_per_prompt=4, progress=False), 1).save(
+        tmp_path / "memory.png")
+    assert (tmp_path / "grid.png").read_bytes() == (tmp_path / "memory.png").read_bytes()
+
+
+def test_parts_that_do_not_fit_are_refused():
+    model, tok = tiny_parts()
+    scheduler = DDPMScheduler(num_timesteps=50)
+    smaller = train_tokenizer(CAPTIONS, vocab_size=40, max_length=MAX_LENGTH)
+    assert smaller.get_vocab_size() != tok.get_vocab_size()
+    longer = train_tokenizer(CAPTIONS, vocab_size=80, max_length=MAX_LENGTH + 1)
+    for parts, error, pattern in (
+        ((model, smaller, scheduler), ValueError, r"tokenizer: its vocabulary has \d+ tokens.*vocab_size"),
+        ((model, longer, scheduler), ValueError, r"tokenizer: it pads every caption to 11 tokens.*max_length"),
+        ((model, tok, None), TypeError, "scheduler: expected a diffusion.scheduler.DDPMScheduler"),
+        ((model.state_dict(), tok, scheduler), TypeError, "model: expected"),
+    ):
+        with pytest.raises(error, match=pattern):
+            TextToImagePipeline.from_components(*parts, image_size=SIDE)
+    for size in (20, 16.0, (16, 16)):
+        with pytest.raises(SampleOptionError) as err:
+            TextToImagePipeline.from_components(model, tok, scheduler, image_size=size)
+        assert err.value.option == "image_size"
+    # No recorded size: sampling asks for one, and the saved folder records none either.
+    pipe = TextToImagePipeline.from_components(model, tok, scheduler)
+    with pytest.raises(SampleOptionError, match="give one explicitly"):
+        pipe.generate(PROMPTS, progress=False, **FAST)
+    assert pipe.generate(PROMPTS[:1], image_size=24, progress=False, **FAST).shape == (1, 24, 24, 3)
+
+
+def test_save_is_atomic_and_replaces_only_a_model_folder(saved, tmp_path, monkeypatch):
+    import diffusion.data.shards as shards_module
+    from diffusion.config import ConfigError
+
+    pipe, folder = saved
+    target = tmp_path / "model"
+    shutil.copytree(folder, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    other = copy.deepcopy(pipe.model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    # Another model's save, interrupted at its last file: the old folder stays whole (not the new weights beside
+    # the old train_config.json), and no temporary folder is left.
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards_module, "atomic_write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        TextToImagePipeline.from_components(other, pipe.tokenizer, DDPMScheduler(num_timesteps=20),
+                                            image_size=SIDE).save_pretrained(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    monkeypatch.undo()
+    # Not interrupted, the folder is replaced as a whole.
+    TextToImagePipeline.from_components(other, pipe.tokenizer, DDPMScheduler(num_timesteps=20),
+                                        image_size=SIDE).save_pretrained(target)
+    assert json.loads((target / "train_config.json").read_text())["scheduler"]["num_timesteps"] == 20
+    assert (target / "model.pt").read_bytes() != before["model.pt"]
+    # A folder holding anything else is not replaced: pointed at a project folder, a save would delete it.
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"save_pretrained: .*model holds notes.txt"):
+        pipe.save_pretrained(target)
+    assert (target / "notes.txt").read_text() == "mine"
+
+
+def test_a_schedule_its_config_does_not_describe_is_not_saved(saved, tmp_path):
+    class Exponential(DDPMScheduler):
+        def make_betas(self) -> torch.Tensor:
+            return torch.full((self.config.num_timesteps,), 0.1, dtype=torch.float64)
+
+    pipe, _ = saved
+    custom = TextToImagePipeline.from_components(pipe.model, pipe.tokenizer, Exponential(num_timesteps=20),
+                                                 image_size=SIDE)
+    assert custom.generate(PROMPTS[:1], progress=False, **FAST).shape == (1, SIDE, SIDE, 3)  # it samples
+    with pytest.raises(ValueError, match="scheduler: the betas of this Exponential are not those its config gives"):
+        custom.save_pretrained(tmp_path / "custom")
+    assert not (tmp_path / "custom").exists()
 
 
 # ---- the MLflow pyfunc model --------------------------------------------------------------------------

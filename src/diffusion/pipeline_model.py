@@ -13,6 +13,11 @@ Usage::
     pipe = TextToImagePipeline.from_pretrained("models/diffusion")
     images = pipe(["a red circle in the top left"], steps=20, guidance=4.0, seed=0)   # list of PIL images
 
+A model trained in Python (``train_diffusion_model``) becomes such a folder through the pipeline, as in
+diffusers: ``TextToImagePipeline.from_components(model, tokenizer, scheduler, image_size=32)`` builds one from
+the parts in memory, and its ``save_pretrained(folder)`` writes the four files (train_config.json then holds
+only what sampling reads: ``scheduler``, ``image_size`` and ``denoising_type``).
+
 Checks happen in two steps so that a bad request fails before any work: :class:`ModelSpec` reads only the
 JSON files (the model is built on the ``meta`` device, which allocates no weights) and validates the
 options; then the weights are loaded. Prompt problems (empty, unknown words, too long) are warnings, not
@@ -106,13 +111,13 @@ class ModelSpec:
     """What sampling must know about a model folder, read without loading its weights.
 
     Attributes:
-        model_dir: the folder.
+        model_dir: the folder; None for a pipeline built in memory (:meth:`TextToImagePipeline.from_components`).
         latent_multiple: image sides must be multiples of this (VAE factor times the denoiser's).
         image_size: the training resolution (the default side), None if unknown.
         num_timesteps: T of the noise schedule (the most sampler steps possible).
     """
 
-    model_dir: Path
+    model_dir: Path | None
     latent_multiple: int
     image_size: int | None
     num_timesteps: int
@@ -149,7 +154,6 @@ class ModelSpec:
         image_size: int | Sequence[int] | None = None, seed: int = 0, batch_size: int | None = None,
     ) -> tuple[int, int]:
         """Validate sampling options before any work; returns the (H, W) to sample. Raises SampleOptionError."""
-        from diffusion.models.diffusion_model import image_side_pair
         from diffusion.samplers import SAMPLERS
 
         def integer(v: Any) -> bool:
@@ -170,6 +174,13 @@ class ModelSpec:
         if (isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer))
                 or num_images_per_prompt < 1):
             raise SampleOptionError("num_images_per_prompt", f"expected an integer >= 1, got {num_images_per_prompt!r}")
+        return self.side_pair(image_size)
+
+    def side_pair(self, image_size: int | Sequence[int] | None = None) -> tuple[int, int]:
+        """The (H, W) to sample for `image_size` (an int side or (H, W); None: the training resolution).
+        Raises SampleOptionError("image_size") for a size the model cannot sample."""
+        from diffusion.models.diffusion_model import image_side_pair
+
         size = image_size if image_size is not None else self.image_size  # 0 is a (bad) size, not "unset"
         if size is None:
             raise SampleOptionError(
@@ -228,7 +239,11 @@ class TextToImagePipeline:
         model: the LatentDiffusionModel (EMA weights), on its device, in eval mode.
         tokenizer: its `tokenizers.Tokenizer`.
         scheduler: the DDPMScheduler it was trained with.
-        spec: the folder's :class:`ModelSpec` (size multiple, training resolution, T).
+        spec: its :class:`ModelSpec` (size multiple, training resolution, T): read from the model folder, or
+            computed from the parts (:meth:`from_components`).
+
+    Build one with :meth:`from_pretrained` (a model folder) or :meth:`from_components` (parts in memory);
+    :meth:`save_pretrained` writes the folder that :meth:`from_pretrained` and ``cli.py sample`` read.
     """
 
     def __init__(self, model: Any, tokenizer: Any, scheduler: Any, spec: ModelSpec) -> None:
@@ -267,6 +282,64 @@ class TextToImagePipeline:
             raise ModelNotFoundError(f"{spec.model_dir}/tokenizer.json: not a tokenizer ({e}); {TRAIN_HINT}") from None
         scheduler = DDPMScheduler.from_config(sched_cfg).to(device)
         return cls(model, tokenizer, scheduler, spec)
+
+    @classmethod
+    def from_components(
+        cls, model: Any, tokenizer: Any, scheduler: Any, *, image_size: int | None = None
+    ) -> TextToImagePipeline:
+        """A pipeline from parts in memory, e.g. what ``train_diffusion_model`` trained; no folder is read::
+
+            pipe = TextToImagePipeline.from_components(model, data.tokenizer, scheduler, image_size=32)
+            pipe.save_pretrained("models/mine")  # then from_pretrained("models/mine"), cli.py sample --model ...
+
+        Args:
+            model: the LatentDiffusionModel, used as it is (not copied; its device is the pipeline's) and put in
+                eval mode.
+            tokenizer: the `tokenizers.Tokenizer` it was trained with (fixed padding, as ``train_tokenizer``
+                builds it; ``create_dummy_dataset(...).tokenizer``).
+            scheduler: the DDPMScheduler it was trained with.
+            image_size: the default image side, the training resolution (a multiple of ``model.latent_multiple``);
+                None: each call must give one (and a saved folder records none).
+
+        Raises TypeError for a part of the wrong kind, ValueError naming the part for parts that do not fit
+        together (see :func:`check_components`), SampleOptionError("image_size") for a side the model cannot
+        sample.
+        """
+        check_components(model, tokenizer, scheduler)
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))):
+            raise SampleOptionError("image_size", f"expected an int side (the training resolution) or None, got "
+                                                  f"{image_size!r}")
+        spec = ModelSpec(None, model.latent_multiple, None if image_size is None else int(image_size),
+                         scheduler.num_timesteps)
+        if image_size is not None:
+            spec.side_pair()  # refused now rather than at the first call
+        return cls(model, tokenizer, scheduler, spec)
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write the pipeline as a model folder (the module docstring's four files), which :meth:`from_pretrained`,
+        ``cli.py sample --model`` and the evaluate stage read; returns its path. train_config.json holds what
+        they read: ``scheduler`` (the noise schedule's config), ``image_size`` (the default side) and
+        ``denoising_type``; not the training settings, which a pipeline does not know.
+
+        Atomic, as the train stage's export: the files go to a temporary folder beside it that replaces the old
+        folder when complete (``data.shards.staged_dir``), so an interrupted save leaves the old folder or the
+        new one, never part of each. As the whole folder is replaced, one that holds anything else than those
+        four files is refused (ConfigError, before anything is written): pointed at ``.`` it would delete it.
+
+        Raises ValueError for a scheduler its config does not describe (a subclass with its own ``make_betas``:
+        loaded back from the config, it would be a DDPMScheduler with another schedule).
+        """
+        from diffusion.data import shards
+        from diffusion.data.tokenizer import save_tokenizer
+
+        train_config = {"scheduler": _schedule_config(self.scheduler), "image_size": self.spec.image_size,
+                        "denoising_type": self.model.denoising_type}
+        shards.check_replaceable(save_directory, MODEL_FILES, "save_pretrained")
+        with shards.staged_dir(save_directory) as tmp:
+            self.model.save_pretrained(tmp)
+            save_tokenizer(self.tokenizer, tmp / "tokenizer.json")
+            shards.atomic_write_json(tmp / "train_config.json", train_config)
+        return Path(save_directory)
 
     def check_prompts(self, prompts: Sequence[str]) -> list[str]:
         """Warnings for `prompts` (see :func:`prompt_warnings`)."""
@@ -329,6 +402,52 @@ class TextToImagePipeline:
         from PIL import Image
 
         return [Image.fromarray(a) for a in self.generate(prompts, **options)]
+
+
+def check_components(model: Any, tokenizer: Any, scheduler: Any) -> None:
+    """Refuse parts that cannot sample together, naming the part: the types, and a tokenizer whose vocabulary
+    size or padding id differ from the text encoder's, or that pads to more tokens than its position
+    embeddings hold (the train stage sizes the text encoder from the tokenizer: ``resolve_derived``)."""
+    from tokenizers import Tokenizer
+
+    from diffusion.data.tokenizer import max_length_of
+    from diffusion.models import LatentDiffusionModel
+    from diffusion.scheduler import DDPMScheduler
+
+    for name, part, kind in (("model", model, LatentDiffusionModel), ("tokenizer", tokenizer, Tokenizer),
+                             ("scheduler", scheduler, DDPMScheduler)):
+        if not isinstance(part, kind):
+            raise TypeError(f"{name}: expected a {kind.__module__}.{kind.__name__}, got {type(part).__name__}")
+    try:
+        length = max_length_of(tokenizer)
+    except ValueError as e:
+        raise ValueError(f"tokenizer: {e}") from None
+    text, vocab, pad = model.text_encoder.cfg, tokenizer.get_vocab_size(), tokenizer.padding["pad_id"]
+    if vocab != text.vocab_size:
+        raise ValueError(f"tokenizer: its vocabulary has {vocab} tokens, the model's text encoder embeds "
+                         f"{text.vocab_size} (text_encoder.vocab_size): not the tokenizer the model was trained with")
+    if pad != text.pad_token_id:
+        raise ValueError(f"tokenizer: it pads with id {pad}, the model's text encoder masks id {text.pad_token_id} "
+                         "(text_encoder.pad_token_id)")
+    if length > text.max_length:
+        raise ValueError(f"tokenizer: it pads every caption to {length} tokens, the model's text encoder reads at "
+                         f"most {text.max_length} (text_encoder.max_length)")
+
+
+def _schedule_config(scheduler: Any) -> dict[str, Any]:
+    """train_config.json's ``scheduler`` section for `scheduler`: its config, which ``from_pretrained`` reads back
+    with ``SchedulerConfig.from_dict``. Raises ValueError if that would rebuild another schedule."""
+    import torch
+
+    from diffusion.scheduler import DDPMScheduler
+
+    rebuilt = DDPMScheduler.from_config(scheduler.config)
+    if not torch.equal(rebuilt.tables()["betas"], scheduler.tables()["betas"]):
+        raise ValueError(
+            f"scheduler: the betas of this {type(scheduler).__name__} are not those its config gives "
+            f"({scheduler.config.beta_schedule!r}: its own make_betas?); a model folder records only the config, so "
+            "the folder would load with another schedule. Save it with a DDPMScheduler its config describes")
+    return scheduler.config.to_dict()
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
