@@ -73,10 +73,10 @@ def validate(cfg: EvaluateConfig) -> list[str]:
 
 def _check_steps(cfg: EvaluateConfig, model: Path) -> None:
     """Every setting's steps within the model's T, so a sweep entry cannot fail after the main setting ran."""
-    from diffusion.pipeline_model import ModelNotFoundError, _read_json
+    from diffusion.model_spec import ModelNotFoundError, read_json
 
     try:
-        T = int(_read_json(model / "train_config.json")["scheduler"]["num_timesteps"])
+        T = int(read_json(model / "train_config.json")["scheduler"]["num_timesteps"])
     except (ModelNotFoundError, KeyError, TypeError, ValueError) as e:
         raise EvaluateError(f"evaluate.model_dir: {model}/train_config.json has no scheduler.num_timesteps ({e})") from e
     settings = {"evaluate.steps": cfg.steps, **{f"evaluate.sweep[{i}].steps": e.steps for i, e in enumerate(cfg.sweep)}}
@@ -95,7 +95,8 @@ def load_generator(model_dir: str, device: torch.device) -> tuple[Any, Any, Any]
     """(LatentDiffusionModel with the EMA weights, the scheduler it was trained with, the tokenizer), read as
     ``cli.py sample`` reads them (`TextToImagePipeline.from_pretrained`): a damaged file is named, with the stage
     that writes it, rather than surfacing as torch's or json's traceback."""
-    from diffusion.pipeline_model import ModelNotFoundError, TextToImagePipeline
+    from diffusion.model_spec import ModelNotFoundError
+    from diffusion.pipeline_model import TextToImagePipeline
 
     try:
         pipe = TextToImagePipeline.from_pretrained(model_dir, device=device.type)

@@ -21,9 +21,8 @@ from tokenizers import Tokenizer
 from conftest import run_cli
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 from diffusion.models import LatentDiffusionModel
-from diffusion.pipeline_model import (
-    MODEL_FILES, ModelNotFoundError, ModelSpec, SampleOptionError, TextToImagePipeline, images_to_grid,
-)
+from diffusion.model_spec import MODEL_FILES, ModelNotFoundError, ModelSpec, SampleOptionError
+from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
 from diffusion.scheduler import DDPMScheduler
 from diffusion.stage_configs import TrainConfig
 from diffusion.tracking import ensure_experiment
@@ -117,6 +116,8 @@ def test_pipeline_images_and_defaults(pipe):
     ({"image_size": 16.0}, "image_size"), ({"image_size": "16"}, "image_size"), ({"image_size": (16,)}, "image_size"),
     ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": 2**64}, "seed"),
     ({"batch_size": 0}, "batch_size"), ({"batch_size": -1}, "batch_size"),  # -1 returned no images at all
+    ({"guidance_rescale": 1.5}, "guidance_rescale"), ({"guidance_rescale": -0.1}, "guidance_rescale"),
+    ({"guidance_rescale": float("nan")}, "guidance_rescale"),
 ])
 def test_bad_options_are_refused(model_dir, options, option):
     spec = ModelSpec.read(model_dir)
@@ -152,6 +153,37 @@ def test_prompt_warnings(pipe):
     messages = pipe.check_prompts(["", "a zebra circle", long, PROMPTS[0]])
     assert len(messages) == 3
     assert "unconditional" in messages[0] and "'zebra'" in messages[1] and "truncated" in messages[2]
+    # Negative prompts are read by the same tokenizer; an empty one is the default, not news.
+    messages = pipe.check_prompts(PROMPTS, ["", "a zebra"], guidance=3.0)
+    assert len(messages) == 1 and messages[0].startswith("negative prompt 2 ('a zebra')") and "'zebra'" in messages[0]
+    assert pipe.check_prompts(PROMPTS, "", guidance=1.0) == []
+    assert "no effect at guidance 1" in pipe.check_prompts(PROMPTS, "a blue square", guidance=1.0)[0]
+
+
+def test_a_negative_prompt_takes_the_null_captions_place_in_guidance(pipe):
+    """diffusers' ``negative_prompt``: guidance steers from it instead of from the null caption. At guidance 0
+    the guided prediction is the unconditional half alone, so it is the model conditioned on the negative
+    prompt: the images of that prompt at guidance 1 (one forward of batch 1 against the half of a batch of 2,
+    hence a tolerance of one level)."""
+    opts = {"steps": 2, "sampler": "dpmpp", "seed": 5, "progress": False}
+    at_zero = pipe.generate(PROMPTS[:1], guidance=0.0, negative_prompt=PROMPTS[1], **opts).astype(int)
+    conditioned = pipe.generate(PROMPTS[1:], guidance=1.0, **opts).astype(int)
+    unconditional = pipe.generate(PROMPTS[:1], guidance=0.0, **opts).astype(int)
+    assert np.abs(at_zero - conditioned).max() <= 1
+    assert np.abs(unconditional - conditioned).max() > 10  # the negative prompt, not the null caption, was used
+    # "" is the null caption: the default's images, bit for bit; one negative per prompt, or one for all.
+    default = pipe.generate(PROMPTS, **FAST, progress=False)
+    assert np.array_equal(pipe.generate(PROMPTS, negative_prompt="", **FAST, progress=False), default)
+    one = pipe.generate(PROMPTS, negative_prompt="a green triangle", **FAST, progress=False)
+    assert not np.array_equal(one, default)
+    assert np.array_equal(pipe.generate(PROMPTS, negative_prompt=["a green triangle"] * 2, **FAST, progress=False),
+                          one)
+    for bad in (["a green triangle"], [None, ""], 3):
+        with pytest.raises(SampleOptionError) as err:
+            pipe.generate(PROMPTS, negative_prompt=bad, **FAST, progress=False)
+        assert err.value.option == "negative_prompt"
+    # Lin et al.'s rescale changes the guided images (and is refused outside [0, 1], above).
+    assert not np.array_equal(pipe.generate(PROMPTS, guidance_rescale=0.7, **FAST, progress=False), default)
 
 
 def test_missing_model_names_the_stage(tmp_path):
@@ -160,7 +192,7 @@ def test_missing_model_names_the_stage(tmp_path):
 
 
 def test_damaged_model_folder_and_bad_devices_are_named(model_dir, tmp_path):
-    from diffusion.pipeline_model import check_device
+    from diffusion.model_spec import check_device
 
     damaged = tmp_path / "damaged"
     shutil.copytree(model_dir, damaged)
@@ -206,12 +238,20 @@ def test_cli_sample_png_and_determinism(model_dir, pipe, tmp_path, env):
     again = pipe.generate(PROMPTS[:1], steps=2, seed=3, num_images_per_prompt=4, progress=False)
     images_to_grid(again, 1).save(tmp_path / "again.png")
     assert (tmp_path / "grid.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+    # The negative prompt and the rescale reach the pipeline.
+    run_cli([*base, *PROMPTS, "--negative-prompt", "a green triangle", "--guidance-rescale", "0.5", "--out", "n.png"],
+            tmp_path, env)
+    again = pipe.generate(PROMPTS, steps=2, seed=3, negative_prompt="a green triangle", guidance_rescale=0.5,
+                          progress=False)
+    images_to_grid(again, 2).save(tmp_path / "again.png")
+    assert (tmp_path / "n.png").read_bytes() == (tmp_path / "again.png").read_bytes()
 
 
 def test_cli_sample_warns_and_proceeds(model_dir, tmp_path, env):
     long = "a red circle in the top left and a blue square in the center"
     proc = run_cli(["sample", "", "a zebra circle", long, "--model", str(model_dir), "--steps", "1",
-                    "--device", "cpu", "--out", "w.png"], tmp_path, env)
+                    "--device", "cpu", "--out", "w.png", "--negative-prompt", "a zebra"], tmp_path, env)
+    assert "negative prompt 'a zebra'" in proc.stderr
     assert "unconditional" in proc.stderr
     assert "'zebra'" in proc.stderr and "vocabulary" in proc.stderr
     assert "truncated" in proc.stderr
@@ -237,7 +277,8 @@ def test_cli_sample_bad_size_exits_2_before_loading(model_dir, tmp_path, env):
     assert "--size" in proc.stderr and "multiple of 8" in proc.stderr
     (tmp_path / "afile").write_text("")
     for flag, value in (("--device", "foo"), ("--out", "x.pngx"), ("--out", "afile/x.png"), ("--seed", str(2**64)),
-                        ("--seed", "-1"), ("-S", "train.bogus=1")):  # -S picks only the default model folder
+                        ("--seed", "-1"), ("--guidance-rescale", "2"),
+                        ("-S", "train.bogus=1")):  # -S picks only the default model folder
         proc = run_cli(["sample", "a red circle", "--model", str(broken), flag, value], tmp_path, env, check=False)
         assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
     assert not (tmp_path / "samples.png").exists()
@@ -423,7 +464,7 @@ def test_pyfunc_registers_and_round_trips_in_a_fresh_process(model_dir, pipe, tm
     version = MlflowClient().get_model_version_by_alias("tiny-t2i", "champion")
     assert str(version.version) == "1" and version.run_id == run.info.run_id
 
-    params = {**FAST, "num_images_per_prompt": 1}
+    params = {**FAST, "num_images_per_prompt": 1, "negative_prompt": "a green triangle", "guidance_rescale": 0.5}
     out = tmp_path / "out.npy"
     code = (f"import mlflow, numpy as np; m = mlflow.pyfunc.load_model({uri!r}); "
             f"np.save({str(out)!r}, m.predict({PROMPTS!r}, params={params!r}))")
@@ -433,7 +474,8 @@ def test_pyfunc_registers_and_round_trips_in_a_fresh_process(model_dir, pipe, tm
     assert proc.returncode == 0, proc.stderr
     images = np.load(out)
     assert images.shape == (2, SIDE, SIDE, 3) and images.dtype == np.uint8
-    assert np.array_equal(images, pipe.generate(PROMPTS, progress=False, **FAST))
+    assert np.array_equal(images, pipe.generate(PROMPTS, progress=False, negative_prompt="a green triangle",
+                                                guidance_rescale=0.5, **FAST))
 
     # Registering again (into the same run, by id, with no run active) makes version 2 and moves the alias.
     assert log_and_register(model_dir, "tiny-t2i", "champion", run_id=run.info.run_id) == uri

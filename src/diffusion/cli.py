@@ -231,7 +231,8 @@ def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
 
 #: The command-line flag of each sampling option, so an error from the pipeline names what the user typed.
 _SAMPLE_FLAGS = {"steps": "--steps", "sampler": "--sampler", "guidance": "--guidance",
-                 "num_images_per_prompt": "--num-images", "image_size": "--size", "device": "--device"}
+                 "num_images_per_prompt": "--num-images", "image_size": "--size", "device": "--device",
+                 "guidance_rescale": "--guidance-rescale"}
 
 
 def _is_mlflow_uri(model: str) -> bool:
@@ -272,6 +273,12 @@ def sample(
     num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")] = 1,
     steps: Annotated[int, typer.Option(min=1, help="Sampler steps.")] = 20,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")] = 4.0,
+    negative_prompt: Annotated[str, typer.Option(
+        "--negative-prompt", help="What guidance steers away from, for every prompt, in place of the empty caption.",
+    )] = "",
+    guidance_rescale: Annotated[float, typer.Option(
+        "--guidance-rescale", help="0-1: rescale the guided prediction (Lin et al. 2023), for strong guidance.",
+    )] = 0.0,
     sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpmpp (DPM-Solver++ 2M).")] = "dpmpp",
     seed: Annotated[int, typer.Option(help="Seed of the initial noise; the same seed gives the same images.",
                                       min=0, max=2**64 - 1)] = 0,  # what torch.Generator.manual_seed takes
@@ -295,9 +302,8 @@ def sample(
     registered in MLflow by the evaluate stage. Options are checked before the model is loaded; an empty
     prompt, words outside the vocabulary and prompts over the tokenizer's length only warn.
     """
-    from diffusion.pipeline_model import (
-        ModelNotFoundError, ModelSpec, SampleOptionError, TextToImagePipeline, check_device, images_to_grid,
-    )
+    from diffusion.model_spec import ModelNotFoundError, ModelSpec, SampleOptionError, check_device
+    from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
 
     from PIL import Image
 
@@ -306,7 +312,8 @@ def sample(
     if out.is_dir() or any(parent.is_file() for parent in out.parents):
         _fail(f"--out {out}: a folder, or under a file; expected the path of an image file", 2)
     model_dir, recorded_size = _sample_model_dir(model, params, set_)
-    options = dict(steps=steps, guidance=guidance, sampler=sampler, num_images_per_prompt=num_images, image_size=size)
+    options = dict(steps=steps, guidance=guidance, sampler=sampler, num_images_per_prompt=num_images, image_size=size,
+                   guidance_rescale=guidance_rescale)
     try:
         ModelSpec.read(model_dir, recorded_size).check(**options)  # before any weights are read
         pipe = TextToImagePipeline.from_pretrained(model_dir, device=check_device(device), image_size=recorded_size)
@@ -314,9 +321,10 @@ def sample(
         _fail(str(e), 1)
     except SampleOptionError as e:
         _fail(f"{_SAMPLE_FLAGS.get(e.option, e.option)}: {e.detail}", 2)
-    for message in pipe.check_prompts(prompts):
+    for message in pipe.check_prompts(prompts, negative_prompt, guidance):
         typer.echo(f"warning: {message}", err=True)
-    images = pipe.generate(prompts, seed=seed, warn=False, **options)  # (N, H, W, 3) uint8; warned above
+    images = pipe.generate(prompts, seed=seed, warn=False, negative_prompt=negative_prompt,
+                           **options)  # (N, H, W, 3) uint8; warned above
     out.parent.mkdir(parents=True, exist_ok=True)
     images_to_grid(images, len(prompts)).save(out)
     h, w = images.shape[1:3]

@@ -18,18 +18,14 @@ diffusers: ``TextToImagePipeline.from_components(model, tokenizer, scheduler, im
 the parts in memory, and its ``save_pretrained(folder)`` writes the four files (train_config.json then holds
 only what sampling reads: ``scheduler``, ``image_size`` and ``denoising_type``).
 
-Checks happen in two steps so that a bad request fails before any work: :class:`ModelSpec` reads only the
-JSON files (the model is built on the ``meta`` device, which allocates no weights) and validates the
-options; then the weights are loaded. Prompt problems (empty, unknown words, too long) are warnings, not
-errors: sampling proceeds, as a user of diffusers expects.
+Checks happen in two steps so that a bad request fails before any work: ``model_spec.ModelSpec`` reads only
+the JSON files and validates the options; then the weights are loaded. Prompt problems (empty, unknown
+words, too long) are warnings, not errors: sampling proceeds, as a user of diffusers expects.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import numbers
 import pickle
 import warnings
 from collections.abc import Sequence
@@ -38,165 +34,14 @@ from typing import Any
 
 import numpy as np
 
-#: Files of a model folder, and the stage that writes them (named in errors).
-MODEL_FILES = ("config.json", "model.pt", "tokenizer.json", "train_config.json")
-TRAIN_HINT = "run `python cli.py train` (or `dvc repro train`) first"
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model folder, or a file in it, is missing; the message names the stage that writes it."""
-
-
-class SampleOptionError(ValueError):
-    """A sampling option is out of range. ``option`` is the keyword (``steps``, ``image_size`` ...)."""
-
-    def __init__(self, option: str, detail: str) -> None:
-        super().__init__(f"{option}: {detail}")
-        self.option, self.detail = option, detail
+from diffusion.model_spec import (
+    MODEL_FILES, TRAIN_HINT, ModelNotFoundError, ModelSpec, SampleOptionError, check_device, negative_prompts,
+    read_json,
+)
 
 
 class PromptWarning(UserWarning):
     """A prompt the model will read differently from what the user wrote (it still samples)."""
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} not found: the model folder {path.parent} is incomplete; {TRAIN_HINT}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelNotFoundError(f"{path}: not valid JSON ({e}); the model folder is damaged; {TRAIN_HINT}") from e
-
-
-def _training_resolution(train_config: dict[str, Any], vae_factor: int) -> int | None:
-    """The image side the model was trained at, or None if nothing records it.
-
-    The model folder does not store it (the denoiser is resolution-agnostic), so it is read from, in order:
-    an ``image_size`` key the train stage may record in train_config.json, then the latent shards' manifest
-    (``<latents_dir>/manifest.json``, its ``latent_shape`` times the VAE factor; paths in params.yaml are
-    relative to the project root, where the CLI and the stages run).
-    """
-    if train_config.get("image_size"):
-        return int(train_config["image_size"])
-    manifest = Path(train_config.get("latents_dir", "")) / "manifest.json"
-    if train_config.get("latents_dir") and manifest.is_file():
-        shape = json.loads(manifest.read_text()).get("latent_shape")
-        if shape:
-            return int(shape[-1]) * vae_factor
-    return None
-
-
-def check_device(device: str | None) -> str:
-    """`device` ("cpu", "cuda", "cuda:1" ...; None or "auto": a GPU if there is one), checked before any weights
-    are read. Raises SampleOptionError("device") for a name torch does not know or a device this machine lacks."""
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise SampleOptionError("device", f"{device!r} is not a device name (cpu, cuda, cuda:1 ...): {e}") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise SampleOptionError("device", f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda"):
-        backend = getattr(torch, dev.type, None)
-        if backend is None or not getattr(backend, "is_available", lambda: False)():
-            raise SampleOptionError("device", f"{device!r}: no {dev.type} device is available here")
-    return device
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """What sampling must know about a model folder, read without loading its weights.
-
-    Attributes:
-        model_dir: the folder; None for a pipeline built in memory (:meth:`TextToImagePipeline.from_components`).
-        latent_multiple: image sides must be multiples of this (VAE factor times the denoiser's).
-        image_size: the training resolution (the default side), None if unknown.
-        num_timesteps: T of the noise schedule (the most sampler steps possible).
-    """
-
-    model_dir: Path | None
-    latent_multiple: int
-    image_size: int | None
-    num_timesteps: int
-
-    @classmethod
-    def read(cls, model_dir: str | Path, image_size: int | None = None) -> ModelSpec:
-        """Read `model_dir`'s JSON files. `image_size` overrides the recorded training resolution."""
-        import torch
-
-        from diffusion.models import LatentDiffusionModel
-
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file() or not (model_dir / "model.pt").is_file():
-            raise ModelNotFoundError(
-                f"{model_dir}: no trained model (config.json and model.pt). The train stage writes it: {TRAIN_HINT}"
-            )
-        config = _read_json(model_dir / "config.json")
-        train_config = _read_json(model_dir / "train_config.json")
-        if not (model_dir / "tokenizer.json").is_file():
-            raise ModelNotFoundError(f"{model_dir}/tokenizer.json not found; {TRAIN_HINT}")
-        with torch.device("meta"):  # builds the modules without allocating weights: only shapes are needed
-            model = LatentDiffusionModel(**config)
-        size = image_size if image_size is not None else _training_resolution(train_config, model.vae.downsample_factor)
-        try:
-            num_timesteps = int(train_config["scheduler"]["num_timesteps"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelNotFoundError(
-                f"{model_dir}/train_config.json: no scheduler.num_timesteps ({type(e).__name__}: {e}); {TRAIN_HINT}"
-            ) from e
-        return cls(model_dir, model.latent_multiple, size, num_timesteps)
-
-    def check(
-        self, *, steps: int, guidance: float, sampler: str, num_images_per_prompt: int = 1,
-        image_size: int | Sequence[int] | None = None, seed: int = 0, batch_size: int | None = None,
-    ) -> tuple[int, int]:
-        """Validate sampling options before any work; returns the (H, W) to sample. Raises SampleOptionError."""
-        from diffusion.samplers import SAMPLERS
-
-        def integer(v: Any) -> bool:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        if not integer(seed) or not 0 <= seed < 2**64:
-            raise SampleOptionError("seed", f"expected an integer in [0, 2**64), got {seed!r}")
-        if batch_size is not None and (not integer(batch_size) or batch_size < 1):
-            raise SampleOptionError("batch_size", f"expected an integer >= 1 or None (all at once), got {batch_size!r}")
-
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= self.num_timesteps:
-            raise SampleOptionError("steps", f"expected an integer in [1, {self.num_timesteps}], got {steps!r}")
-        if sampler not in SAMPLERS:
-            raise SampleOptionError("sampler", f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
-        if isinstance(guidance, bool) or not (isinstance(guidance, numbers.Real) and math.isfinite(guidance)
-                                              and guidance >= 0):
-            raise SampleOptionError("guidance", f"expected a finite number >= 0, got {guidance!r}")
-        if (isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer))
-                or num_images_per_prompt < 1):
-            raise SampleOptionError("num_images_per_prompt", f"expected an integer >= 1, got {num_images_per_prompt!r}")
-        return self.side_pair(image_size)
-
-    def side_pair(self, image_size: int | Sequence[int] | None = None) -> tuple[int, int]:
-        """The (H, W) to sample for `image_size` (an int side or (H, W); None: the training resolution).
-        Raises SampleOptionError("image_size") for a size the model cannot sample."""
-        from diffusion.models.diffusion_model import image_side_pair
-
-        size = image_size if image_size is not None else self.image_size  # 0 is a (bad) size, not "unset"
-        if size is None:
-            raise SampleOptionError(
-                "image_size", "the training resolution is not recorded with this model; give one explicitly"
-            )
-        try:
-            H, W = image_side_pair(size)
-        except TypeError as e:
-            raise SampleOptionError("image_size", str(e).removeprefix("image_size: ")) from None
-        f = self.latent_multiple
-        if H <= 0 or W <= 0 or H % f or W % f:
-            raise SampleOptionError(
-                "image_size", f"{H}x{W} is not a positive multiple of {f} (the model's latent_multiple: the VAE's "
-                f"downsampling factor times the denoiser's); try {max(f, round(H / f) * f)}",
-            )
-        return int(H), int(W)
 
 
 def _untruncated(tokenizer: Any) -> Any:
@@ -211,17 +56,20 @@ def _untruncated(tokenizer: Any) -> Any:
     return tok
 
 
-def prompt_warnings(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
+def prompt_warnings(tokenizer: Any, prompts: Sequence[str], kind: str = "prompt") -> list[str]:
     """What the model will not see as written: empty prompts (unconditional), words outside the vocabulary
-    (``[UNK]``), prompts longer than the tokenizer's ``max_length`` (truncated; counted before truncation)."""
+    (``[UNK]``), prompts longer than the tokenizer's ``max_length`` (truncated; counted before truncation).
+    `kind` names them in the messages; an empty ``"negative prompt"`` is the default null caption, not news."""
     from diffusion.data.tokenizer import max_length_of, unknown_words
 
     limit, counter, out = max_length_of(tokenizer), _untruncated(tokenizer), []
     for i, prompt in enumerate(prompts):
         quoted = repr(prompt if len(prompt) <= 60 else prompt[:57] + "...")
-        name = f"prompt {i + 1} ({quoted})" if len(prompts) > 1 else f"prompt {quoted}"
+        name = f"{kind} {i + 1} ({quoted})" if len(prompts) > 1 else f"{kind} {quoted}"
         if not prompt.strip():
-            out.append(f"{name} is empty: sampling unconditionally (the null caption of classifier-free guidance)")
+            if kind == "prompt":
+                out.append(f"{name} is empty: sampling unconditionally (the null caption of classifier-free "
+                           "guidance)")
             continue
         unknown = unknown_words(tokenizer, prompt)
         if unknown:
@@ -263,7 +111,7 @@ class TextToImagePipeline:
 
         spec = ModelSpec.read(model_dir, image_size)
         device = check_device(device)
-        train_config = _read_json(spec.model_dir / "train_config.json")
+        train_config = read_json(spec.model_dir / "train_config.json")
         try:
             sched_cfg = SchedulerConfig.from_dict(train_config["scheduler"], "scheduler")
         except (KeyError, ConfigError) as e:
@@ -341,14 +189,24 @@ class TextToImagePipeline:
             shards.atomic_write_json(tmp / "train_config.json", train_config)
         return Path(save_directory)
 
-    def check_prompts(self, prompts: Sequence[str]) -> list[str]:
-        """Warnings for `prompts` (see :func:`prompt_warnings`)."""
-        return prompt_warnings(self.tokenizer, prompts)
+    def check_prompts(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                      guidance: float | None = None) -> list[str]:
+        """Warnings for `prompts` and the negative prompts (see :func:`prompt_warnings`), and for negative prompts
+        at `guidance` 1, where there is no unconditional half for them to replace."""
+        # One string is one negative prompt for all: warned about once.
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompts(negative_prompt,
+                                                                                                len(prompts)) or []
+        out = prompt_warnings(self.tokenizer, prompts) + prompt_warnings(self.tokenizer, negatives, "negative prompt")
+        if any(n.strip() for n in negatives) and guidance == 1.0:
+            out.append("negative prompts have no effect at guidance 1 (the conditional model alone, no "
+                       "unconditional half for them to replace)")
+        return out
 
     def generate(
         self, prompts: Sequence[str], *, steps: int = 20, guidance: float = 4.0, sampler: str = "dpmpp",
         seed: int = 0, num_images_per_prompt: int = 1, image_size: int | Sequence[int] | None = None,
         progress: bool = True, batch_size: int | None = None, warn: bool = True,
+        negative_prompt: str | Sequence[str] | None = None, guidance_rescale: float = 0.0,
     ) -> np.ndarray:
         """Like ``__call__``, but returns one (N, H, W, 3) uint8 array, N = len(prompts) * num_images_per_prompt,
         prompt-major (the images of prompt 0 first)."""
@@ -359,12 +217,19 @@ class TextToImagePipeline:
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts: expected a list of strings (\"\" for the unconditional model), got {prompts!r}")
         H, W = self.spec.check(steps=steps, guidance=guidance, sampler=sampler, seed=seed, batch_size=batch_size,
-                               num_images_per_prompt=num_images_per_prompt, image_size=image_size)
+                               num_images_per_prompt=num_images_per_prompt, image_size=image_size,
+                               guidance_rescale=guidance_rescale)
+        negatives = negative_prompts(negative_prompt, len(prompts))
         if warn:
-            for message in self.check_prompts(prompts):
+            for message in self.check_prompts(prompts, negatives, guidance):
                 warnings.warn(message, PromptWarning, stacklevel=2)
         # Empty prompts encode as "", the null caption: guided against itself, that is the unconditional model.
-        tokens = encode(self.tokenizer, [p for p in prompts for _ in range(int(num_images_per_prompt))])  # (N, T)
+        n = int(num_images_per_prompt)
+        tokens = encode(self.tokenizer, [p for p in prompts for _ in range(n)])  # (N, T)
+        # Negative prompts take the null caption's place in guidance (all "" is that caption: None keeps the
+        # model's one broadcast row, and the default's images, bit for bit).
+        uncond = (encode(self.tokenizer, [p for p in negatives for _ in range(n)])
+                  if negatives and any(p.strip() for p in negatives) else None)  # (N, T) or None
         chunk = batch_size or max(len(tokens), 1)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))  # CPU: same x_T on every device
         bar = _progress_bar(steps * math.ceil(len(tokens) / chunk), progress)
@@ -375,6 +240,8 @@ class TextToImagePipeline:
                     text_tokens=tokens[start : start + chunk], scheduler=self.scheduler,
                     num_inference_steps=int(steps), guidance_scale=float(guidance), image_size=(H, W),
                     sampler=sampler, generator=generator, callback=(lambda *_: bar.update(1)) if bar else None,
+                    guidance_rescale=float(guidance_rescale),
+                    uncond_tokens=None if uncond is None else uncond[start : start + chunk],
                 )  # (B, 3, H, W) in [0, 1]
                 out.append((images * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
         finally:
@@ -390,7 +257,11 @@ class TextToImagePipeline:
         Options (keywords): steps=20, guidance=4.0 (classifier-free guidance scale), sampler="dpmpp"
         ("ddpm", "ddim", "dpmpp"), seed=0, num_images_per_prompt=1, image_size=None (the training
         resolution; an int side or (H, W), multiples of ``spec.latent_multiple``), progress=True (a tqdm bar
-        over sampler steps), batch_size=None (all at once), warn=True (PromptWarning for odd prompts).
+        over sampler steps), batch_size=None (all at once), warn=True (PromptWarning for odd prompts),
+        negative_prompt=None (a string for every prompt, or one per prompt: what guidance steers away from, in
+        place of the null caption; diffusers' ``negative_prompt``), guidance_rescale=0.0 (in [0, 1]: Lin et al.
+        2023 sec. 3.4, which keeps the guided prediction's scale at high guidance, for zero-terminal-SNR
+        schedules).
         The same options and seed give the same images. ``batch_size`` is among the options: the images are
         drawn batch after batch from one seeded generator, so with the ``ddpm`` sampler, which draws fresh
         noise at every step, another batch size gives other (equally valid) images; ddim and dpmpp do not

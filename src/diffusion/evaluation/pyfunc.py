@@ -51,9 +51,11 @@ ARTIFACT_KEY = "model_dir"
 #: logs them as params of the active run, and a stage param of the same name (evaluate's ``device``) with
 #: another value makes that logging fail.
 MODEL_CONFIG_KEYS = {"serving_image_size": "image_size", "serving_device": "device"}
-#: predict() params and their defaults; image_size 0 means the training resolution.
+#: predict() params and their defaults; image_size 0 means the training resolution, negative_prompt "" the null
+#: caption (TextToImagePipeline.generate's options).
 PARAMS: dict[str, Any] = {
     "steps": 20, "guidance": 4.0, "sampler": "dpmpp", "seed": 0, "num_images_per_prompt": 1, "image_size": 0,
+    "negative_prompt": "", "guidance_rescale": 0.0,
 }
 #: What loading and sampling import (checked with ``sys.modules`` after a fresh load), pinned at log time.
 REQUIREMENTS = ("torch", "numpy", "pillow", "tokenizers", "tqdm", "pyyaml", "mlflow")
@@ -159,7 +161,7 @@ def log_and_register(model_dir: str | Path, name: str, alias: str, *, run_id: st
     import mlflow
     from mlflow import MlflowClient
 
-    from diffusion.pipeline_model import ModelSpec
+    from diffusion.model_spec import ModelSpec
     from diffusion.tracking import DEFAULT_EXPERIMENT, ensure_experiment, tracking_uri
 
     spec = ModelSpec.read(model_dir)  # a missing or incomplete folder fails here, before any logging

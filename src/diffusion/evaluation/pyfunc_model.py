@@ -32,14 +32,15 @@ class TextToImageModel(PythonModel):
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         from diffusion.evaluation.pyfunc import PARAMS, prompts_from_input
-        from diffusion.pipeline_model import SampleOptionError
+        from diffusion.model_spec import SampleOptionError
 
         p = {**PARAMS, **(params or {})}
         try:
             return self.pipeline.generate(
                 prompts_from_input(model_input), steps=int(p["steps"]), guidance=float(p["guidance"]),
                 sampler=str(p["sampler"]), seed=int(p["seed"]), num_images_per_prompt=int(p["num_images_per_prompt"]),
-                image_size=int(p["image_size"]) or None, progress=False,
+                image_size=int(p["image_size"]) or None, progress=False, negative_prompt=str(p["negative_prompt"]),
+                guidance_rescale=float(p["guidance_rescale"]),
             )
         except SampleOptionError as e:
             # An MlflowException with a client-error code is what the scoring server returns as the message
