@@ -3,7 +3,7 @@
 Reads the `shard` section of params.yaml (`diffusion.stage_configs.ShardConfig`) and writes
 
     <out_dir>/train/shard-*.tar, <out_dir>/val/shard-*.tar   (layout: diffusion.data.shards)
-    <out_dir>/manifest.json                                  (counts, skipped inputs by reason)
+    <out_dir>/manifest.json                                  (counts, skipped inputs by reason, how split)
     <out_dir>/skipped.jsonl                                  (every skipped input: source, reason, detail)
     <tokenizer_path>                                         (BPE trained on the train captions)
 
@@ -74,6 +74,14 @@ def _tokenizer_inside(cfg: ShardConfig) -> Path | None:
         return None
 
 
+def _goes_to_val(item: Sample, cfg: ShardConfig) -> bool:
+    """The source's own split where it has one (a folder split into train/ and test/: val_fraction does not
+    apply, and no test image can train), else the hash of `_is_val`."""
+    if item.split:
+        return item.split == "val"
+    return _is_val(item.split_key or item.key, cfg)
+
+
 def _is_val(key: str, cfg: ShardConfig) -> bool:
     """Seeded, order-independent split of a user source: a hash of (seed, key) against val_fraction. The key is
     the sample's `split_key`, which depends on the image's own name only: an image never moves between train
@@ -86,7 +94,8 @@ def _user_items(cfg: ShardConfig) -> Iterable[Sample | Skipped]:
     """The user's source, checked as a whole (SourceError), its images not read yet."""
     workers = _workers(cfg)
     if cfg.source == "folder":
-        return iter_folder(Path(cfg.path), cfg.folder_layout, cfg.caption_template, cfg.resolution, workers)
+        return iter_folder(Path(cfg.path), cfg.folder_layout, cfg.caption_template, cfg.resolution, workers,
+                           cfg.folder_splits)
     return iter_webdataset(cfg.path, cfg.resolution, workers)
 
 
@@ -117,7 +126,7 @@ class _Split:
             if isinstance(item, Skipped):
                 self.skipped.append(item)
                 print(f"  skipped {item.source}: {item.reason} {item.detail}".rstrip())
-            elif _is_val(item.split_key or item.key, self.cfg):
+            elif _goes_to_val(item, self.cfg):
                 self.val.add(item)
             else:
                 self.captions.append(item.caption)
@@ -152,13 +161,13 @@ def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None
             if not split.captions:
                 raise _no_usable_image(cfg, items, split.skipped)
             if not len(val_writer):  # allowed (val_fraction 0), but train_vae, train_judge and evaluate refuse it
-                print(f"warning: no image fell into the val split (shard.val_fraction {cfg.val_fraction}, "
+                print(f"warning: no image fell into the val split ({_split_said(cfg, items)}, "
                       f"{len(split.captions)} train images); train_vae, train_judge and evaluate need val images")
             val = val_writer.finish()
         finally:
             val_writer.discard()
         captions, skipped = split.captions, split.skipped
-        extra = {"layout": items.layout} if isinstance(items, FolderSource) else {}
+        extra = _split_manifest(items)
     return {
         "captions": captions,
         "skipped": skipped,
@@ -175,6 +184,24 @@ def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None
             **extra,
         },
     }
+
+
+def _split_manifest(items: Iterable[Sample | Skipped] | None) -> dict[str, Any]:
+    """How a user source was split, for the manifest (tracked with the shards): ``split: folders`` (the root's
+    train/ and test/ folders, named in ``split_folders``) or ``hash`` (val_fraction); a folder's layout."""
+    if not isinstance(items, FolderSource):
+        return {"split": "hash"}
+    if items.splits is None:
+        return {"layout": items.layout, "split": "hash"}
+    return {"layout": items.layout, "split": "folders", "split_folders": items.splits.to_manifest()}
+
+
+def _split_said(cfg: ShardConfig, items: Iterable[Sample | Skipped] | None) -> str:
+    """How a user source is split, in words: by its folders, or by hash at val_fraction."""
+    if isinstance(items, FolderSource) and items.splits:
+        return f"by folder: {items.splits.describe()}; shard.val_fraction does not apply"
+    note = f"; {items.splits_note}" if isinstance(items, FolderSource) and items.splits_note else ""
+    return f"by a hash of each image's path, shard.val_fraction {cfg.val_fraction}{note}"
 
 
 def _no_usable_image(cfg: ShardConfig, items: Iterable[Sample | Skipped] | None, skipped: list[Skipped]) -> ShardError:
@@ -245,6 +272,8 @@ def run(cfg: ShardConfig, items: Iterable[Sample | Skipped] | None = None) -> di
     try:
         print(f"shard: source={cfg.source}{_layout(items)} resolution={cfg.resolution} workers={_workers(cfg)} "
               f"-> {out_dir}")
+        if cfg.source != "shapes":
+            print(f"shard: split {_split_said(cfg, items)}")
         _warn_on_coverage(items)
         result = _write(cfg, tmp, items)
         manifest = result["manifest"]

@@ -244,7 +244,8 @@ def test_metadata_jsonl_files_in_subfolders_are_read_relative_to_their_folder(tm
                                       {"file_name": "imgs\\b.png", "text": "a b", "rating": 3}),
         "test/metadata.jsonl": jsonl({"file_name": "c.png", "text": "a c"}, {"file_name": "gone.png", "text": "x"}),
     })
-    source = iter_folder(tmp_path, "auto", TEMPLATE, RES)
+    # Read as ordinary folders: loose/d.png beside train/ and test/ stops a folder split (tested below).
+    source = iter_folder(tmp_path, "auto", TEMPLATE, RES, folder_splits="ignore")
     samples, skipped = collect(source)
     assert {name: s.caption for name, s in samples.items()} == {
         "train/imgs/a.png": "an a", "train/imgs/b.png": "a b", "test/c.png": "a c"}
@@ -369,3 +370,108 @@ def test_a_folder_whose_only_images_have_unreadable_names_says_so(tmp_path):
         f.write(png(1))
     with pytest.raises(SourceError, match="no images found in .*: no file could be listed; not read: caf\ufffd.png \\(its name"):
         iter_folder(tmp_path, "auto", TEMPLATE, RES)
+
+
+# ------------------------------------------------------------------------------------------ split folders
+
+
+def splits_of(root: Path, layout: str = "auto", folder_splits: str = "auto") -> dict[str, str]:
+    samples, _ = collect(iter_folder(root, layout, TEMPLATE, RES, folder_splits=folder_splits))
+    return {source: sample.split for source, sample in samples.items()}
+
+
+def test_caption_files_in_train_and_val_folders_give_each_sample_its_split(tmp_path):
+    """Hugging Face's split folders: every image of train/ is train and every image of val/ is val, whatever
+    its name hashes to (the stage's hash split let test images train)."""
+    write(tmp_path, captioned(["train/a.png", "train/sub/b.png", "val/c.png", "val/d.png"]))
+    assert splits_of(tmp_path) == {"train/a.png": "train", "train/sub/b.png": "train", "val/c.png": "val",
+                                   "val/d.png": "val"}
+    assert iter_folder(tmp_path, "auto", TEMPLATE, RES).splits.to_manifest() == {
+        "train": ["train"], "val": ["val"], "not_read": []}
+    # ignore: the folders are ordinary folders again, for the stage to hash
+    assert set(splits_of(tmp_path, folder_splits="ignore").values()) == {""}
+
+
+def test_class_folders_inside_train_and_test_are_the_classes(tmp_path):
+    """train/cats/1.png is a cat in the train split, not a "train" (the top folder was the class)."""
+    write(tmp_path, {"train/cats/1.png": png(1), "train/dogs/2.png": png(2), "test/cats/3.png": png(3),
+                     "train/loose.png": png(4)})
+    source = iter_folder(tmp_path, "auto", TEMPLATE, RES)
+    assert source.layout == "classes" and source.reason == "images are in subfolders, e.g. test/cats/3.png"
+    samples, skipped = collect(source)
+    assert {name: (s.caption, s.meta["attributes"]["class"], s.split) for name, s in samples.items()} == {
+        "train/cats/1.png": ("a photo of a cats", "cats", "train"),
+        "train/dogs/2.png": ("a photo of a dogs", "dogs", "train"),
+        "test/cats/3.png": ("a photo of a cats", "cats", "val")}
+    assert [(s.source, s.reason, s.detail) for s in skipped] == [
+        ("train/loose.png", "missing_caption", "not inside a class folder")]
+
+
+def test_split_folders_without_class_folders_inside_are_not_classes(tmp_path):
+    """Images directly in train/ and test/, no caption: not taken for two classes named train and test."""
+    from diffusion.data.sources import SourceError
+
+    write(tmp_path, {"train/1.png": png(1), "test/2.png": png(2)})
+    with pytest.raises(SourceError, match="cannot tell how captions are given"):
+        iter_folder(tmp_path, "auto", TEMPLATE, RES)
+
+
+def test_a_test_folder_beside_a_validation_folder_is_not_read(tmp_path):
+    """validation/ is the val split; test/ (HF's third split) is neither trained on nor evaluated, not even
+    through a metadata.jsonl in the root that lists its images, and its broken files are not counted."""
+    write(tmp_path, {
+        "train/a.png": png(1), "validation/b.png": png(2), "test/c.png": png(3), "test/broken.png": b"",
+        "train/metadata.jsonl": jsonl({"file_name": "a.png", "text": "an a"}),
+        "validation/metadata.jsonl": jsonl({"file_name": "b.png", "text": "a b"}),
+        "test/metadata.jsonl": jsonl({"file_name": "c.png", "text": "a c"}),
+        "metadata.jsonl": jsonl({"file_name": "test/broken.png", "text": "broken"}),
+    })
+    source = iter_folder(tmp_path, "auto", TEMPLATE, RES)
+    samples, skipped = collect(source)
+    assert {name: s.split for name, s in samples.items()} == {"train/a.png": "train", "validation/b.png": "val"}
+    assert skipped == []
+    assert source.splits.to_manifest() == {"train": ["train"], "val": ["validation"], "not_read": ["test"]}
+    assert "test/ not read" in source.splits.describe()
+
+
+def test_two_validation_folders_are_one_val_split(tmp_path):
+    """val/ and validation/ both match datasets' validation keywords: it merges them, and so do we."""
+    write(tmp_path, captioned(["train/a.png", "val/b.png", "validation/c.png", "dev/d.png"]))
+    assert splits_of(tmp_path) == {"train/a.png": "train", "val/b.png": "val", "validation/c.png": "val",
+                                   "dev/d.png": "val"}
+
+
+def test_images_outside_the_split_folders_stop_the_source_naming_them(tmp_path):
+    """An image in the root (or another folder) beside train/ and test/: train or held out cannot be told."""
+    from diffusion.data.sources import SourceError
+
+    write(tmp_path, captioned(["train/a.png", "test/b.png", "c.png", "extra/d.png"]))
+    with pytest.raises(SourceError, match=r"2 images are outside them: c.png, extra/d.png.*folder_splits=ignore") \
+            as error:
+        iter_folder(tmp_path, "auto", TEMPLATE, RES)
+    assert error.value.key == "folder_splits"
+    assert set(splits_of(tmp_path, folder_splits="ignore")) == {"train/a.png", "test/b.png", "c.png", "extra/d.png"}
+
+
+@pytest.mark.parametrize("names, note", [
+    (["train/a.png", "train/b.png"], "train/ without a test/ or validation/ folder beside it"),
+    (["test/a.png", "test/b.png"], "test/ without a train/ folder beside it"),
+    (["train/a.png", "test/b.txt"], "train/ without a test/"),  # test/ holds no image: nothing to hold out
+    (["training/a.png", "Test/b.png", "test-2/c.png"], "training/ without a test/"),  # names matched exactly
+])
+def test_without_both_a_train_and_a_held_out_folder_the_images_are_hashed(tmp_path, names, note):
+    write(tmp_path, captioned(names))
+    source = iter_folder(tmp_path, "captions", TEMPLATE, RES)
+    assert source.splits is None and note in source.splits_note
+    assert set(splits_of(tmp_path, "captions").values()) == {""}
+
+
+def test_an_image_in_both_train_and_test_is_kept_once_on_the_held_out_side(tmp_path):
+    """The same pixels in train/ and test/: the duplicate check keeps the first in path order (test/), so the
+    image is never on both sides of the split."""
+    write(tmp_path, {"train/a.png": png(1), "train/a.txt": "an a", "train/b.png": png(2), "train/b.txt": "a b",
+                     "test/copy.png": png(1), "test/copy.txt": "a copy of a"})
+    samples, skipped = collect(iter_folder(tmp_path, "auto", TEMPLATE, RES))
+    assert {name: s.split for name, s in samples.items()} == {"test/copy.png": "val", "train/b.png": "train"}
+    assert [(s.source, s.reason, s.detail) for s in skipped] == [
+        ("train/a.png", "duplicate", "same pixels as test/copy.png")]

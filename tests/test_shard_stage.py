@@ -385,3 +385,95 @@ def test_the_val_split_is_written_as_it_streams_not_held_in_memory(tmp_path):
     assert max(alive) == 0, alive
     assert sorted(s["key"] for s in iter_shards(str(tmp_path / "out" / "val"))) == sorted(
         f"img{i}" for i in range(60) if stage._is_val(f"img{i}", cfg))
+
+
+# ------------------------------------------------------------------------------------------ split folders
+
+
+def hf_split_folder(root: Path, counts: dict[str, int]) -> None:
+    """A Hugging Face imagefolder dataset as downloaded: <split>/metadata.jsonl and its images, per split."""
+    for n, (split, count) in enumerate(counts.items()):
+        write(root, {f"{split}/{i}.png": write_png(100 * n + i) for i in range(count)})
+        write(root, {f"{split}/metadata.jsonl": "".join(
+            json.dumps({"file_name": f"{i}.png", "text": f"{split} photo {i}"}) + "\n" for i in range(count))})
+
+
+def _split_keys_and_captions(out: Path) -> dict[str, list[tuple[str, str]]]:
+    return {split: sorted((s["key"], s["caption"]) for s in iter_shards(sorted(str(p) for p in (out / split).glob(
+        "*.tar")))) for split in ("train", "val")}
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 0.9])
+def test_hugging_face_train_and_test_folders_are_the_splits_whatever_val_fraction(tmp_path, capsys, val_fraction):
+    """Exactly the test/ images are val and the train/ images train: hashed, test images trained the model."""
+    src = tmp_path / "hf"
+    hf_split_folder(src, {"train": 8, "test": 4})
+    manifest = stage.run(ShardConfig.from_dict(TINY | {
+        "source": "folder", "path": str(src), "val_fraction": val_fraction,
+        "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "out" / "tok.json")}))
+    assert _split_keys_and_captions(tmp_path / "out") == {
+        "train": [(f"train/{i}", f"train photo {i}") for i in range(8)],
+        "val": [(f"test/{i}", f"test photo {i}") for i in range(4)]}
+    assert manifest["counts"] == {"train": 8, "val": 4}
+    assert manifest["split"] == "folders" and manifest["layout"] == "metadata"
+    assert manifest["split_folders"] == {"train": ["train"], "val": ["test"], "not_read": []}
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["split"] == "folders" and on_disk["split_folders"] == manifest["split_folders"]
+    out = capsys.readouterr().out
+    assert "split by folder: train/ -> train, test/ -> val; shard.val_fraction does not apply" in out, out
+
+
+def test_a_test_folder_beside_a_validation_folder_is_left_out_and_said(tmp_path, capsys):
+    src = tmp_path / "hf"
+    hf_split_folder(src, {"train": 5, "validation": 2, "test": 3})
+    manifest = stage.run(ShardConfig.from_dict(TINY | {
+        "source": "folder", "path": str(src),
+        "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "out" / "tok.json")}))
+    keys = _split_keys_and_captions(tmp_path / "out")
+    assert [k for k, _ in keys["val"]] == ["validation/0", "validation/1"]
+    assert [k for k, _ in keys["train"]] == [f"train/{i}" for i in range(5)]
+    assert manifest["split_folders"] == {"train": ["train"], "val": ["validation"], "not_read": ["test"]}
+    assert sum(manifest["skipped"].values()) == 0  # not read, not skipped: skipped.jsonl stays about bad files
+    assert "test/ not read (a test split beside the validation split validation/" in capsys.readouterr().out
+
+
+def test_only_a_train_folder_is_hashed_by_val_fraction_and_recorded_so(tmp_path, capsys):
+    src = tmp_path / "hf"
+    hf_split_folder(src, {"train": 12})
+    manifest = stage.run(ShardConfig.from_dict(TINY | {
+        "source": "folder", "path": str(src), "val_fraction": 0.5,
+        "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "out" / "tok.json")}))
+    assert manifest["split"] == "hash" and "split_folders" not in manifest
+    assert manifest["counts"]["val"] > 0 and manifest["counts"]["train"] > 0
+    out = capsys.readouterr().out
+    assert ("split by a hash of each image's path, shard.val_fraction 0.5; train/ without a test/ or validation/ "
+            "folder beside it: not taken as splits") in out, out
+
+
+def test_images_beside_split_folders_are_a_bad_parameter_before_any_work_unless_ignored(tmp_path):
+    src = tmp_path / "hf"
+    hf_split_folder(src, {"train": 6, "test": 2})
+    write(src, {"cover.png": write_png(50)})
+    cfg = TINY | {"source": "folder", "path": str(src), "val_fraction": 0.5,
+                  "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "out" / "tok.json")}
+    with pytest.raises(ConfigError, match=r"shard.folder_splits: .*1 images are outside them: cover.png"):
+        stage.validate(ShardConfig.from_dict(cfg))
+    assert not (tmp_path / "out").exists()
+    write(src, {"metadata.jsonl": json.dumps({"file_name": "cover.png", "text": "the cover"}) + "\n"})
+    ignored = ShardConfig.from_dict(cfg | {"folder_splits": "ignore"})
+    manifest = stage.run(ignored)
+    assert manifest["split"] == "hash" and manifest["counts"]["train"] + manifest["counts"]["val"] == 9
+    val = [key for key, _ in _split_keys_and_captions(tmp_path / "out")["val"]]
+    assert val == sorted(k for k in ["cover", *(f"{s}/{i}" for s, n in (("train", 6), ("test", 2)) for i in range(n))]
+                         if stage._is_val(k, ignored))  # hashed, test/ images on either side
+
+
+def test_folder_splits_is_checked_and_the_built_in_manifest_is_unchanged(tmp_path):
+    assert ShardConfig.from_dict({}).folder_splits == "auto"
+    assert ShardConfig.from_dict({"folder_splits": "ignore"}).folder_splits == "ignore"
+    with pytest.raises(ConfigError, match="shard.folder_splits"):
+        ShardConfig.from_dict({"folder_splits": "yes"}, "shard")
+    manifest = stage.run(ShardConfig.from_dict(TINY | {
+        "shapes": {"num_train": 12, "num_val": 4, "holdout": []},
+        "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "out" / "tok.json")}))
+    assert "split" not in manifest and "split_folders" not in manifest

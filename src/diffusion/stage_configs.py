@@ -65,7 +65,16 @@ class ShardConfig(Config):
     )
     caption_template: str = param("a photo of a {label}", "caption for class-folder images; {label} is the class")
     resolution: int = param(64, "side of the square images written (resized, centre-cropped)", ge=8)
-    val_fraction: float = param(0.05, "fraction of a user source held out for validation", ge=0.0, lt=1.0)
+    val_fraction: float = param(
+        0.05, "fraction of a user source held out for validation, by a hash of each image's path (not used for "
+        "a folder split into train/ and test/: folder_splits)", ge=0.0, lt=1.0)
+    # Hugging Face imagefolder datasets come split: hashing their test/ images into either split trains on a
+    # held-out set. `ignore` is the way back to one hashed split (a folder merely named `test`, images beside).
+    folder_splits: Literal["auto", "ignore"] = param(
+        "auto", "'auto': a folder source whose root holds train/ and test/ (or validation/, val/, valid/, dev/) "
+        "subfolders is split by them, as Hugging Face datasets are (val_fraction unused); 'ignore': those are "
+        "ordinary folders, every image hashed into train or val",
+    )
     samples_per_shard: int = param(2_000, "samples in each .tar shard", ge=1)
     image_format: Literal["png", "jpg"] = param("png", "encoding of images in the shards: png (lossless) or jpg")
     workers: int | None = param(

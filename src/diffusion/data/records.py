@@ -39,6 +39,8 @@ class Sample:
         meta: JSON-serialisable metadata; categorical attributes under ``meta["attributes"]``.
         split_key: what a user source's train/val split hashes; empty: the key. It depends on the image's own
             name only, while a key may also depend on a twin's (``x.jpg`` beside ``x.png``: ``x-<hash>``).
+        split: ``train`` or ``val`` when the source itself says (a folder split into ``train/`` and ``test/``);
+            empty: the stage hashes `split_key`.
     """
 
     key: str
@@ -46,6 +48,7 @@ class Sample:
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
     split_key: str = ""
+    split: str = ""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ Two sources, both deterministic (sorted inputs) and streaming (one image in memo
 - `iter_folder` (a `FolderSource`): a folder in one of three layouts, the conventions people already use:
   ``metadata`` (``metadata.jsonl`` files with ``file_name`` and ``text``, Hugging Face's imagefolder),
   ``captions`` (``x.jpg`` beside ``x.txt``, kohya/EveryDream style) or ``classes`` (``cats/001.jpg``,
-  torchvision's ImageFolder; the caption comes from a template).
+  torchvision's ImageFolder; the caption comes from a template). A folder split into ``train/`` and
+  ``test/`` (or ``validation/``...), as Hugging Face datasets come, gives each sample its split
+  (`splits.find_split_folders`).
 - `iter_webdataset`: existing WebDataset tars as img2dataset writes them (``key.jpg``, ``key.txt``,
   ``key.json``).
 
@@ -17,9 +19,10 @@ when the source is built, before any image is read, since no run over it could b
 from diffusion.data.sources.common import IMAGE_EXTENSIONS, Item, SourceError, sanitise_key, summarise
 from diffusion.data.sources.folder import FolderSource, Layout, class_label, detect_layout, iter_folder
 from diffusion.data.sources.metadata import METADATA_FILE
+from diffusion.data.sources.splits import FolderSplits, SplitFolders
 from diffusion.data.sources.tars import expand_urls, iter_webdataset
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "METADATA_FILE", "FolderSource", "Item", "Layout", "SourceError", "class_label",
-    "detect_layout", "expand_urls", "iter_folder", "iter_webdataset", "sanitise_key", "summarise",
+    "IMAGE_EXTENSIONS", "METADATA_FILE", "FolderSource", "FolderSplits", "Item", "Layout", "SourceError",
+    "SplitFolders", "class_label", "detect_layout", "expand_urls", "iter_folder", "iter_webdataset", "sanitise_key", "summarise",
 ]

@@ -171,6 +171,7 @@ class Candidate:
     meta: dict[str, Any]
     split_key: str
     identity: str
+    split: str = ""
 
 
 #: What a source's walk yields before `Assembler.run` reads the candidates.
@@ -206,10 +207,12 @@ class Assembler:
     the images (a bounded number are read ahead).
     """
 
-    def __init__(self, resolution: int, workers: int = 1) -> None:
+    def __init__(self, resolution: int, workers: int = 1, split_of: Callable[[str], str] | None = None) -> None:
+        """`split_of`: the split (``train`` or ``val``) of an image by its source, when the source decides it (a
+        folder split into ``train/`` and ``test/``); None: every sample's `split` is empty, for the stage to hash."""
         if workers < 1:
             raise ValueError(f"workers: expected >= 1, got {workers}")
-        self.resolution, self.workers = resolution, workers
+        self.resolution, self.workers, self.split_of = resolution, workers, split_of
         self._seen: dict[bytes, str] = {}
         self._keys: set[str] = set()
 
@@ -233,7 +236,8 @@ class Assembler:
         caption = caption.strip()
         if not caption:
             return Skipped(source, "empty_caption")
-        return Candidate(source, key, caption, read, meta, split_key or key, identity or source)
+        split = self.split_of(source) if self.split_of else ""
+        return Candidate(source, key, caption, read, meta, split_key or key, identity or source, split)
 
     def run(self, items: Iterable[Found]) -> Iterator[Item]:
         """The stream with every `Candidate` read, decoded and finished (a `Sample`, or a `Skipped`), in order."""
@@ -269,7 +273,7 @@ class Assembler:
             identity = unique  # a further clash (never in practice) hashes on from there
         self._keys.add(unique)
         meta = _meta(candidate.meta, source, image)
-        return Sample(unique, image.image, candidate.caption, meta, split_key=candidate.split_key)
+        return Sample(unique, image.image, candidate.caption, meta, split_key=candidate.split_key, split=candidate.split)
 
 
 def _meta(meta: dict[str, Any], source: str, prepared: PreparedImage) -> dict[str, Any]:

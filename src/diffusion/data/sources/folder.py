@@ -16,6 +16,7 @@ from diffusion.data.sources.common import (
     sanitise_key, unique_keys, unsupported,
 )
 from diffusion.data.sources.metadata import METADATA_FILE, iter_metadata, metadata_files, read_metadata
+from diffusion.data.sources.splits import FolderSplits, SplitFolders, find_split_folders
 
 Layout = Literal["auto", "metadata", "captions", "classes"]
 CAPTION_SUFFIX = ".txt"
@@ -153,12 +154,13 @@ def class_label(folder: str) -> str:
 
 
 def _iter_classes(source: FolderSource, assemble: Assembler) -> Iterator[Found]:
-    """The top-level folder is the class; images deeper inside still belong to it. Images directly in the
-    root have no class, hence no caption."""
+    """The top-level folder is the class (in a folder split into ``train/`` and ``test/``, the top folder inside
+    each: ``train/cats/1.png``); images deeper inside still belong to it. Images directly in the root (or in a
+    split folder) have no class, hence no caption."""
     images = list(filter(is_image_name, source.files))
     keys = unique_keys(images)
     for name in images:
-        folder, _, rest = name.partition("/")
+        folder, _, rest = source.class_path(name).partition("/")
         if not rest:
             yield Skipped(name, "missing_caption", "not inside a class folder")
             continue
@@ -175,10 +177,11 @@ def _iter_metadata(source: FolderSource, assemble: Assembler) -> Iterator[Found]
 _LAYOUTS = {"metadata": _iter_metadata, "captions": _iter_captions, "classes": _iter_classes}
 
 
-def detect_layout(root: Path, files: list[str]) -> tuple[str, str]:
+def detect_layout(root: Path, files: list[str], splits: SplitFolders | None = None) -> tuple[str, str]:
     """The first layout whose marks are present, and the file that showed it: a ``metadata.jsonl`` (in the root
-    or a subfolder); a side-car ``.txt`` beside an image; images in subfolders. One stray caption is enough to
-    pick ``captions``, so the reason is reported: a folder of classes misread that way is then easy to spot."""
+    or a subfolder); a side-car ``.txt`` beside an image; images in subfolders (of the split folders, when
+    `splits` are given: ``train/`` itself is not a class). One stray caption is enough to pick ``captions``, so
+    the reason is reported: a folder of classes misread that way is then easy to spot."""
     found = metadata_files(files)
     if found:
         return "metadata", f"found {found[0]}" + (f" and {len(found) - 1} more" if len(found) > 1 else "")
@@ -186,7 +189,8 @@ def detect_layout(root: Path, files: list[str]) -> tuple[str, str]:
     for name in files:
         if name.lower().endswith(CAPTION_SUFFIX) and name[: -len(CAPTION_SUFFIX)] in images:
             return "captions", f"{name} is a caption beside {images[name[: -len(CAPTION_SUFFIX)]]}"
-    nested = next((name for name in images.values() if "/" in name), None)
+    inner = splits.inner if splits else str
+    nested = next((name for name in images.values() if "/" in inner(name)), None)
     if nested is not None:
         return "classes", f"images are in subfolders, e.g. {nested}"
     raise SourceError(
@@ -212,10 +216,18 @@ class FolderSource:
         rows: the ``metadata.jsonl`` rows by image path (``metadata`` layout; else empty).
         images: how many files have an image extension.
         captioned: how many of those have a caption in this layout (before any is read or decoded).
-        in_subfolders: whether any image is in a subfolder (the folder may be meant as classes).
+        in_subfolders: whether any image is in a subfolder (the folder may be meant as classes); below its split
+            folder, if the root is split into folders.
+        splits: the root's split folders (``train/``, ``test/``...), which give each sample its `split`; None: the
+            stage hashes every image into train or val.
+        splits_note: why folders named like splits are not taken as splits (only ``train/``, or
+            ``folder_splits: ignore``), for the console; None otherwise.
     """
 
-    def __init__(self, root: Path, layout: Layout, caption_template: str, resolution: int, workers: int = 1) -> None:
+    def __init__(
+        self, root: Path, layout: Layout, caption_template: str, resolution: int, workers: int = 1,
+        folder_splits: FolderSplits = "auto",
+    ) -> None:
         """Args:
             root: the folder.
             layout: ``metadata``, ``captions``, ``classes``, or ``auto`` (the first of those whose marks exist).
@@ -223,10 +235,13 @@ class FolderSource:
                 and ``-`` read as spaces.
             resolution: side of the square RGB images yielded.
             workers: threads that read and decode images (`Assembler.run`); the output does not depend on it.
+            folder_splits: ``auto``: a root split into ``train/`` and ``test/`` (or ``validation/``...) gives each
+                sample its `split` from its folder (`splits.find_split_folders`); ``ignore``: never (every
+                sample's `split` is empty, for the stage to hash).
 
         Raises:
-            SourceError: ``root`` is not a folder or holds no image file, no layout fits, or a ``metadata.jsonl``
-                is malformed.
+            SourceError: ``root`` is not a folder or holds no image file, no layout fits, a ``metadata.jsonl``
+                is malformed, or the root is split into folders and an image lies outside them.
         """
         self.root = Path(root)
         if self.root.is_file():
@@ -244,13 +259,22 @@ class FolderSource:
         self.files, self._on_disk, self._unlisted = _list_files(self.root)
         if not any(map(is_image_name, self.files)):
             raise SourceError(_no_images(self.root, self.files, self._unlisted))
-        self.layout, self.reason = detect_layout(self.root, self.files) if layout == "auto" else (layout, None)
+        self.splits, self.splits_note = find_split_folders(self.files, folder_splits, self.root)
+        if self.splits and self.splits.not_read:  # a test folder beside a validation one: as if it were not there
+            self.files = [name for name in self.files if not self._not_read(name)]
+            self._unlisted = [item for item in self._unlisted if not self._not_read(item.source)]
+        if layout == "auto":
+            self.layout, self.reason = detect_layout(self.root, self.files, self.splits)
+        else:
+            self.layout, self.reason = layout, None
         if self.layout == "metadata" and not metadata_files(self.files):
             raise SourceError(f"{self.root}: layout 'metadata' needs a {METADATA_FILE} in it or in a subfolder",
                               key="folder_layout")
         self.rows = read_metadata(self.root, self.files, self.path) if self.layout == "metadata" else {}
+        # A root metadata.jsonl may list images of the folder not read (``test/1.png``).
+        self.rows = {name: rows for name, rows in self.rows.items() if not self._not_read(name)}
         images = [name for name in self.files if is_image_name(name)]
-        self.images, self.in_subfolders = len(images), any("/" in name for name in images)
+        self.images, self.in_subfolders = len(images), any("/" in self.class_path(name) for name in images)
         self.captioned = sum(map(self._caption_given(), images))
 
     def _caption_given(self) -> Callable[[str], bool]:
@@ -258,9 +282,17 @@ class FolderSource:
         if self.layout == "metadata":
             return self.rows.__contains__
         if self.layout == "classes":
-            return lambda image: "/" in image
+            return lambda image: "/" in self.class_path(image)
         stems = {name[: -len(CAPTION_SUFFIX)] for name in self.files if name.lower().endswith(CAPTION_SUFFIX)}
         return lambda image: str(PurePosixPath(image).with_suffix("")) in stems
+
+    def class_path(self, name: str) -> str:
+        """`name` as the classes layout reads it: below its split folder, if the root is split into folders."""
+        return self.splits.inner(name) if self.splits else name
+
+    def _not_read(self, name: str) -> bool:
+        """Whether `name` lies in a split folder that is not read (a test folder beside a validation one)."""
+        return bool(self.splits) and name.partition("/")[0] in self.splits.not_read
 
     def path(self, name: str) -> Path:
         """Where the file listed (NFC) as `name` is on disk."""
@@ -271,7 +303,7 @@ class FolderSource:
         # Files listed in a metadata.jsonl are read whatever their extension (and counted if they fail then).
         yield from (unsupported(name, name) for name in self.files
                     if not _read_by_layouts(name) and name not in self.rows)
-        assemble = Assembler(self.resolution, self.workers)
+        assemble = Assembler(self.resolution, self.workers, self.splits.split_of if self.splits else None)
         yield from assemble.run(_LAYOUTS[self.layout](self, assemble))
 
 
@@ -290,9 +322,12 @@ def _no_images(root: Path, files: list[str], unlisted: list[Skipped]) -> str:
     return f"no images found in {root}: {found}"
 
 
-def iter_folder(root: Path, layout: Layout, caption_template: str, resolution: int, workers: int = 1) -> FolderSource:
+def iter_folder(
+    root: Path, layout: Layout, caption_template: str, resolution: int, workers: int = 1,
+    folder_splits: FolderSplits = "auto",
+) -> FolderSource:
     """The folder source (see `FolderSource`): checked now, its images read when iterated."""
-    return FolderSource(root, layout, caption_template, resolution, workers)
+    return FolderSource(root, layout, caption_template, resolution, workers, folder_splits)
 
 
 def _is_caption(name: str) -> bool:
