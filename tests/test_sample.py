@@ -158,6 +158,8 @@ def test_prompt_warnings(pipe):
     assert len(messages) == 1 and messages[0].startswith("negative prompt 2 ('a zebra')") and "'zebra'" in messages[0]
     assert pipe.check_prompts(PROMPTS, "", guidance=1.0) == []
     assert "no effect at guidance 1" in pipe.check_prompts(PROMPTS, "a blue square", guidance=1.0)[0]
+    assert "guidance_rescale has no effect" in pipe.check_prompts(PROMPTS, guidance=1.0, guidance_rescale=0.7)[0]
+    assert pipe.check_prompts(PROMPTS, guidance=3.0, guidance_rescale=0.7) == []
 
 
 def test_a_negative_prompt_takes_the_null_captions_place_in_guidance(pipe):
@@ -216,6 +218,20 @@ def test_damaged_model_folder_and_bad_devices_are_named(model_dir, tmp_path):
     (damaged / "tokenizer.json").write_text("{}")
     with pytest.raises(ModelNotFoundError, match="tokenizer.json: not a tokenizer"):
         TextToImagePipeline.from_pretrained(damaged)
+    # Folders that hold a model's files but not one sampling reads, each told what it is and what to do.
+    bare = tmp_path / "bare"  # what LatentDiffusionModel.save_pretrained writes
+    bare.mkdir()
+    for name in ("config.json", "model.pt"):
+        shutil.copyfile(model_dir / name, bare / name)
+    with pytest.raises(ModelNotFoundError, match="not tokenizer.json and train_config.json.*from_components"):
+        ModelSpec.read(bare)
+    (bare / "config.json").write_text(json.dumps({"base_channels": 8, "latent_scale": 1.0}))  # a VAE's
+    with pytest.raises(ModelNotFoundError, match="not a text-to-image model's.*VAE"):
+        ModelSpec.read(bare)
+    custom = json.loads((model_dir / "config.json").read_text())  # a denoiser registered by the user's code
+    (damaged / "config.json").write_text(json.dumps({**custom, "denoising_type": "mine"}))
+    with pytest.raises(ModelNotFoundError, match="unknown denoising_type 'mine'.*registered in this process"):
+        ModelSpec.read(damaged)
     assert check_device("cpu") == "cpu"
     assert check_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     for device in ("foo", "cuda:99"):
@@ -239,8 +255,9 @@ def test_cli_sample_png_and_determinism(model_dir, pipe, tmp_path, env):
     images_to_grid(again, 1).save(tmp_path / "again.png")
     assert (tmp_path / "grid.png").read_bytes() == (tmp_path / "again.png").read_bytes()
     # The negative prompt and the rescale reach the pipeline.
-    run_cli([*base, *PROMPTS, "--negative-prompt", "a green triangle", "--guidance-rescale", "0.5", "--out", "n.png"],
-            tmp_path, env)
+    proc = run_cli([*base, *PROMPTS, "--negative-prompt", "a green triangle", "--guidance-rescale", "0.5", "--out",
+                    "n.png"], tmp_path, env)
+    assert "negative prompt 'a green triangle', guidance rescale 0.5" in proc.stdout
     again = pipe.generate(PROMPTS, steps=2, seed=3, negative_prompt="a green triangle", guidance_rescale=0.5,
                           progress=False)
     images_to_grid(again, 2).save(tmp_path / "again.png")

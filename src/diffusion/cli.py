@@ -321,14 +321,16 @@ def sample(
         _fail(str(e), 1)
     except SampleOptionError as e:
         _fail(f"{_SAMPLE_FLAGS.get(e.option, e.option)}: {e.detail}", 2)
-    for message in pipe.check_prompts(prompts, negative_prompt, guidance):
+    for message in pipe.check_prompts(prompts, negative_prompt, guidance, guidance_rescale):
         typer.echo(f"warning: {message}", err=True)
     images = pipe.generate(prompts, seed=seed, warn=False, negative_prompt=negative_prompt,
                            **options)  # (N, H, W, 3) uint8; warned above
     out.parent.mkdir(parents=True, exist_ok=True)
     images_to_grid(images, len(prompts)).save(out)
     h, w = images.shape[1:3]
-    typer.echo(f"sample: {len(images)} image(s) of {w}x{h} ({sampler}, {steps} steps, guidance {guidance}, "
+    extra = (f", negative prompt {negative_prompt!r}" if negative_prompt.strip() else "") + (
+        f", guidance rescale {guidance_rescale}" if guidance_rescale else "")
+    typer.echo(f"sample: {len(images)} image(s) of {w}x{h} ({sampler}, {steps} steps, guidance {guidance}{extra}, "
                f"seed {seed}) -> {out}")
 
 

@@ -104,7 +104,7 @@ class ModelSpec:
         """Read `model_dir`'s JSON files. `image_size` overrides the recorded training resolution."""
         import torch
 
-        from diffusion.models import LatentDiffusionModel
+        from diffusion.models import DENOISERS, LatentDiffusionModel
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file() or not (model_dir / "model.pt").is_file():
@@ -112,11 +112,27 @@ class ModelSpec:
                 f"{model_dir}: no trained model (config.json and model.pt). The train stage writes it: {TRAIN_HINT}"
             )
         config = read_json(model_dir / "config.json")
+        if not isinstance(config, dict) or "denoising_type" not in config:  # e.g. the train_vae stage's models/vae
+            raise ModelNotFoundError(f"{model_dir}/config.json is not a text-to-image model's (no denoising_type; a "
+                                     f"VAE's folder?); {TRAIN_HINT}")
+        missing = [name for name in ("tokenizer.json", "train_config.json") if not (model_dir / name).is_file()]
+        if missing:  # the weights without what sampling needs beside them
+            raise ModelNotFoundError(
+                f"{model_dir} holds a model but not {' and '.join(missing)}, which sampling needs (the tokenizer, "
+                "the noise schedule): LatentDiffusionModel.save_pretrained writes only config.json and model.pt; "
+                "save it with TextToImagePipeline.from_components(model, tokenizer, scheduler).save_pretrained(...), "
+                f"or {TRAIN_HINT}")
         train_config = read_json(model_dir / "train_config.json")
-        if not (model_dir / "tokenizer.json").is_file():
-            raise ModelNotFoundError(f"{model_dir}/tokenizer.json not found; {TRAIN_HINT}")
-        with torch.device("meta"):  # builds the modules without allocating weights: only shapes are needed
-            model = LatentDiffusionModel(**config)
+        try:
+            with torch.device("meta"):  # builds the modules without allocating weights: only shapes are needed
+                model = LatentDiffusionModel(**config)
+        except (TypeError, ValueError) as e:
+            # A denoiser registered by the user's own code is unknown to a process that did not run that code
+            # (cli.py imports none): the registry (models.register_denoiser) lives in memory.
+            custom = (f" A denoiser your code registers must be registered in this process too: sample it from "
+                      f"Python, after registering it, with TextToImagePipeline.from_pretrained"
+                      if config.get("denoising_type") not in DENOISERS else "")
+            raise ModelNotFoundError(f"{model_dir}/config.json: cannot build the model ({e}).{custom}") from None
         size = image_size if image_size is not None else _training_resolution(train_config, model.vae.downsample_factor)
         try:
             num_timesteps = int(train_config["scheduler"]["num_timesteps"])

@@ -190,9 +190,9 @@ class TextToImagePipeline:
         return Path(save_directory)
 
     def check_prompts(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                      guidance: float | None = None) -> list[str]:
+                      guidance: float | None = None, guidance_rescale: float = 0.0) -> list[str]:
         """Warnings for `prompts` and the negative prompts (see :func:`prompt_warnings`), and for negative prompts
-        at `guidance` 1, where there is no unconditional half for them to replace."""
+        or a rescale at `guidance` 1, where there is no unconditional half for them to act on."""
         # One string is one negative prompt for all: warned about once.
         negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompts(negative_prompt,
                                                                                                 len(prompts)) or []
@@ -200,6 +200,8 @@ class TextToImagePipeline:
         if any(n.strip() for n in negatives) and guidance == 1.0:
             out.append("negative prompts have no effect at guidance 1 (the conditional model alone, no "
                        "unconditional half for them to replace)")
+        if guidance_rescale and guidance == 1.0:
+            out.append("guidance_rescale has no effect at guidance 1 (the conditional model alone: nothing to rescale)")
         return out
 
     def generate(
@@ -221,7 +223,7 @@ class TextToImagePipeline:
                                guidance_rescale=guidance_rescale)
         negatives = negative_prompts(negative_prompt, len(prompts))
         if warn:
-            for message in self.check_prompts(prompts, negatives, guidance):
+            for message in self.check_prompts(prompts, negatives, guidance, guidance_rescale):
                 warnings.warn(message, PromptWarning, stacklevel=2)
         # Empty prompts encode as "", the null caption: guided against itself, that is the unconditional model.
         n = int(num_images_per_prompt)
