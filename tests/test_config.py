@@ -93,6 +93,16 @@ def test_error_lists_allowed_choices():
         ShardConfig.from_dict({"source": "x"})
 
 
+def test_a_yaml_boolean_given_for_a_word_says_why():
+    """`-S shard.folder_layout=on` (or `yes`, `no`, `off`) is parsed by YAML as a boolean before the config sees
+    it: the bare "got True" left the user wondering where True came from."""
+    value = parse_override("shard.folder_layout=on")[1]
+    with pytest.raises(ConfigError, match="got True: YAML reads yes, no, on and off as true or false; quote"):
+        ShardConfig.from_dict({"folder_layout": value}, "shard")
+    with pytest.raises(ConfigError, match="got 'x'$"):  # a word that is not a choice: the plain message
+        ShardConfig.from_dict({"folder_layout": "x"}, "shard")
+
+
 def test_yaml_numbers_are_coerced():
     cfg = ShardConfig.from_dict({"samples_per_shard": 1e3, "val_fraction": "1e-1"})
     assert cfg.samples_per_shard == 1000 and isinstance(cfg.samples_per_shard, int)

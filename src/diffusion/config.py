@@ -76,6 +76,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         # Equal and of the same type: 32.0 == 32 (and True == 1), but `precision: 32.0` is not the choice 32.
         if not any(value == a and type(value) is type(a) for a in get_args(tp)):
+            if isinstance(value, bool) and any(isinstance(a, str) for a in get_args(tp)):
+                # YAML 1.1 reads yes/no/on/off (any case) as booleans, in params.yaml and in -S alike.
+                raise ConfigError(f"{err}: YAML reads yes, no, on and off as true or false; quote a word meant "
+                                  "as text") from None
             raise err
         return value
     if origin in (Union, types.UnionType):
