@@ -168,7 +168,7 @@ def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenize
         NonFiniteLossCheck(cfg.log_every_n_steps),
         ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps, run_identity(run.point.key, cfg)),
         # EMA once per optimizer step, saved in and restored from the checkpoint (pitfall 8).
-        EMA(decay=cfg.ema_decay),
+        EMA(decay=cfg.ema_decay, warmup=cfg.ema_warmup),
         SampleGrid(prompts, scheduler, side, cfg.sample_every_n_steps if prompts is not None else 0,
                    sampler=cfg.sample_sampler, num_steps=cfg.sample_steps, guidance=cfg.sample_guidance),
         ckpt.checkpoint_callback(run.point.dir, cfg.checkpoint_every_n_steps),

@@ -56,7 +56,7 @@ def fit(ema: Callback, steps: int, root, ckpt_path=None, extra: tuple[Callback, 
 
 
 def test_ema_follows_the_recurrence_and_lightnings_callback(tmp_path):
-    ours, record, _ = fit(EMA(decay=DECAY), 6, tmp_path / "a")
+    ours, record, _ = fit(EMA(decay=DECAY, warmup=False), 6, tmp_path / "a")
     stock, _, _ = fit(EMAWeightAveraging(decay=DECAY), 6, tmp_path / "b")
     # ema_1 = w_1 (the first update copies), ema_k = decay * ema_{k-1} + (1 - decay) * w_k
     expected = record.weights[0]
@@ -68,6 +68,23 @@ def test_ema_follows_the_recurrence_and_lightnings_callback(tmp_path):
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
         assert not torch.allclose(got, live, atol=1e-4), "the EMA must lag the live weights"
     assert 1 < ours.calls.item() < 6, "the buffer is averaged too (1 .. 6 over the steps)"
+
+
+def test_ema_warms_up_its_decay_as_diffusers_emamodel(tmp_path):
+    """diffusers' EMAModel.get_decay (its default, use_ema_warmup=False): update k (1-based) uses
+    min(decay, k / (9 + k)), 0 for the first (a copy). Without it the average of a short run is mostly the
+    weights of step 1."""
+    decay = 0.95
+    ours, record, _ = fit(EMA(decay=decay), 6, tmp_path / "a")
+    expected = record.weights[0]
+    for k, weights in enumerate(record.weights[1:], start=2):
+        d = min(decay, k / (9 + k))  # 2/11, 3/12, ...: all below 0.95 over these 6 steps
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, weights)]
+    fixed, _, _ = fit(EMA(decay=decay, warmup=False), 6, tmp_path / "b")
+    for got, want, without in zip(ours.parameters(), expected, fixed.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(got, without, atol=1e-4), "the warm-up must change the average"
+    assert [EMA(decay=0.999).decay_at(g) for g in (2, 1000, 10**6)] == [2 / 11, 1000 / 1009, 0.999]
 
 
 def test_ema_is_saved_in_and_restored_from_the_checkpoint(tmp_path):
@@ -84,7 +101,7 @@ def test_ema_is_saved_in_and_restored_from_the_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("decay", [0.5, 0.999])
 def test_ema_hands_averagedmodel_one_foreach_function(decay):
-    cb = EMA(decay=decay)
+    cb = EMA(decay=decay, warmup=False)
     assert "avg_fn" not in cb._kwargs and callable(cb._kwargs["multi_avg_fn"])
     ema, live = [torch.ones(3)], [torch.zeros(3)]
     cb._kwargs["multi_avg_fn"](ema, live, None)
@@ -121,7 +138,7 @@ def test_sample_grids_read_the_average_during_training(tmp_path):
                 self.seen = [p.detach().clone() for p in ema_model(trainer, pl_module).parameters()]
 
     record, probe = Record(), Probe()
-    trainer = pl.Trainer(max_steps=4, callbacks=[record, EMA(decay=DECAY), probe], logger=False,
+    trainer = pl.Trainer(max_steps=4, callbacks=[record, EMA(decay=DECAY, warmup=False), probe], logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          accelerator="cpu", devices=1, default_root_dir=tmp_path)
     trainer.fit(WithModel(), loader())

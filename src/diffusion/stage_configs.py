@@ -335,6 +335,8 @@ class TrainConfig(TrainerFields):
     warmup_steps: int = param(100, "linear warm-up steps, then cosine decay", ge=0)
     min_lr_ratio: float = param(0.1, "the cosine decay ends at lr * min_lr_ratio", ge=0.0, le=1.0)
     ema_decay: float = param(0.999, "EMA decay per optimizer step (the exported and sampled weights)", ge=0.0, lt=1.0)
+    ema_warmup: bool = param(True, "warm the EMA decay up as diffusers' EMAModel: update n uses min(ema_decay, "
+                                   "(1 + n) / (10 + n)); false: ema_decay from the first update")
     caption_dropout: float = param(
         0.1, "probability a caption is replaced by the null caption at load time (classifier-free guidance)",
         ge=0.0, le=1.0,

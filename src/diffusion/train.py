@@ -72,6 +72,7 @@ def train_diffusion_model(
     warmup_steps: int = 10,
     caption_dropout: float = 0.1,
     ema_decay: float = 0.999,
+    ema_warmup: bool = True,
     min_snr_gamma: float | None = None,
     precision: str = "32",
     accumulate_grad_batches: int = 1,
@@ -83,7 +84,8 @@ def train_diffusion_model(
     """Train `model`'s text encoder and denoiser on `train_dataset`; returns the Lightning trainer.
 
     When it returns, the model holds the EMA weights (our `EMA`, a Lightning `EMAWeightAveraging`, copies them
-    in at the end of training). Extra keyword arguments go to `pl.Trainer` (e.g. ``devices``, ``logger``).
+    in at the end of training; with `ema_warmup`, update n uses min(ema_decay, (1 + n) / (10 + n)), as
+    diffusers' EMAModel). Extra keyword arguments go to `pl.Trainer` (e.g. ``devices``, ``logger``).
     """
     pl.seed_everything(seed, workers=True, verbose=False)
     length = train_dataset[0][1].shape[0]
@@ -101,7 +103,7 @@ def train_diffusion_model(
     # The loss as the stages log it: its mean over each window of log_every_n_steps steps and every rank
     # (training/step_means.py), read back from the device once per window (each read is a wait for a GPU).
     every = trainer_kwargs.setdefault("log_every_n_steps", 10)
-    callbacks = [StepMeans(every), EMA(decay=ema_decay), *trainer_kwargs.pop("callbacks", [])]
+    callbacks = [StepMeans(every), EMA(decay=ema_decay, warmup=ema_warmup), *trainer_kwargs.pop("callbacks", [])]
     if trainer_kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         # The pipeline's bar, with the loss. Lightning's default (its rich bar, where `rich` is installed) shows
         # no loss (it is not logged to the bar: an .item() per step) and counts epochs out of -2 (max_epochs -1).
