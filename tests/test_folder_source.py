@@ -451,12 +451,43 @@ def test_images_outside_the_split_folders_stop_the_source_naming_them(tmp_path):
         iter_folder(tmp_path, "auto", TEMPLATE, RES)
     assert error.value.key == "folder_splits"
     assert set(splits_of(tmp_path, folder_splits="ignore")) == {"train/a.png", "test/b.png", "c.png", "extra/d.png"}
+    (tmp_path / "extra/d.png").unlink()
+    with pytest.raises(SourceError, match=r"but 1 image is outside them: c.png\. Move"):
+        iter_folder(tmp_path, "auto", TEMPLATE, RES)
+
+
+@pytest.mark.parametrize("layout", ["metadata", "captions", "classes"])
+def test_images_outside_the_split_folders_without_a_caption_are_skipped_not_refused(tmp_path, layout):
+    """A cover picture beside train/ and test/ that the layout gives no caption (no metadata.jsonl lists it, no
+    .txt beside it, no class folder) would never be read: it is skipped and counted, as in any folder."""
+    from diffusion.data.sources import SourceError
+
+    if layout == "classes":
+        write(tmp_path, {"train/cats/a.png": png(1), "test/dogs/b.png": png(2)})
+    else:
+        write(tmp_path, captioned(["train/a.png", "test/b.png"]))
+        write(tmp_path, {"train/metadata.jsonl": jsonl({"file_name": "a.png", "text": "an a"}),
+                         "test/metadata.jsonl": jsonl({"file_name": "b.png", "text": "a b"})})
+    write(tmp_path, {"cover.png": png(9)})
+    source = iter_folder(tmp_path, layout, TEMPLATE, RES)
+    samples, skipped = collect(source)
+    assert {name: s.split for name, s in samples.items()} == {
+        name: split for name, split in zip(sorted(samples), ["val", "train"])}
+    assert [(s.source, s.reason) for s in skipped] == [("cover.png", "missing_caption")]
+    # Given a caption, it would be read: refused, as before.
+    captions = {"metadata": {"metadata.jsonl": jsonl({"file_name": "cover.png", "text": "the cover"})},
+                "captions": {"cover.txt": "the cover"}, "classes": {"more/cover/c.png": png(8)}}[layout]
+    write(tmp_path, captions)
+    with pytest.raises(SourceError, match="1 image is outside them"):
+        iter_folder(tmp_path, layout, TEMPLATE, RES)
 
 
 @pytest.mark.parametrize("names, note", [
     (["train/a.png", "train/b.png"], "train/ without a test/ or validation/ folder beside it"),
     (["test/a.png", "test/b.png"], "test/ without a train/ folder beside it"),
-    (["train/a.png", "test/b.txt"], "train/ without a test/"),  # test/ holds no image: nothing to hold out
+    # test/ holds no image: nothing to hold out, and said so (it is there: "without a test/" was wrong)
+    (["train/a.png", "test/b.txt"], "train/ beside test/, which holds no image: not taken as splits"),
+    (["test/a.png", "train/metadata.txt"], "test/ beside train/, which holds no image"),
     (["training/a.png", "Test/b.png", "test-2/c.png"], "training/ without a test/"),  # names matched exactly
 ])
 def test_without_both_a_train_and_a_held_out_folder_the_images_are_hashed(tmp_path, names, note):
@@ -466,9 +497,54 @@ def test_without_both_a_train_and_a_held_out_folder_the_images_are_hashed(tmp_pa
     assert set(splits_of(tmp_path, "captions").values()) == {""}
 
 
+def test_an_empty_held_out_folder_is_said_to_hold_no_image(tmp_path):
+    """A test/ with nothing in it at all (not even in the listing, which holds files) is there, not missing."""
+    write(tmp_path, captioned(["train/a.png"]))
+    (tmp_path / "test").mkdir()
+    note = iter_folder(tmp_path, "captions", TEMPLATE, RES).splits_note
+    assert note == "train/ beside test/, which holds no image: not taken as splits"
+
+
+@pytest.mark.parametrize("names, hint", [
+    (["Train/a.png", "Test/b.png"], ("Test/ and Train/ look like split folders: split names are matched in "
+                                     "lowercase (rename them test/ and train/ to keep that split)")),
+    (["train/a.png", "Test/b.png"], ("train/ without a test/ or validation/ folder beside it: not taken as splits; "
+                                     "Test/ looks like a split folder: split names are matched in lowercase "
+                                     "(rename it test/ to keep that split)")),
+    (["data/train/a.png", "data/test/b.png"], ("data/test/ and data/train/ look like split folders: point "
+                                               "shard.path at {root}/data to keep that split")),
+])
+def test_folders_that_look_like_splits_but_do_not_match_are_hinted_at(tmp_path, names, hint):
+    """Matching stays exact, as documented; but Train/ or data/train/ were hashed without a word."""
+    write(tmp_path, captioned(names))
+    source = iter_folder(tmp_path, "captions", TEMPLATE, RES)
+    assert source.splits is None and hint.format(root=tmp_path) in source.splits_note, source.splits_note
+
+
+def test_one_split_folder_one_level_down_is_not_hinted_at(tmp_path):
+    write(tmp_path, captioned(["data/train/a.png", "data/other/b.png"]))
+    assert iter_folder(tmp_path, "captions", TEMPLATE, RES).splits_note is None
+
+
+@pytest.mark.parametrize("held_out", ["test", "validation"])
+def test_an_image_in_both_train_and_the_held_out_folder_is_kept_there(tmp_path, held_out):
+    """The same pixels in train/ and the held-out folder: the held-out copy is kept, whichever sorts first
+    (test/ sorts before train/, validation/ after: path order kept the validation copy out), so the user's
+    held-out set is as given and the image is never on both sides; the other train images keep their order."""
+    write(tmp_path, {"train/a.png": png(1), "train/a.txt": "an a", "train/b.png": png(2), "train/b.txt": "a b",
+                     "train/c.png": png(3), "train/c.txt": "a c",
+                     f"{held_out}/copy.png": png(1), f"{held_out}/copy.txt": "a copy of a"})
+    samples, skipped = collect(iter_folder(tmp_path, "auto", TEMPLATE, RES))
+    assert list(samples) == [f"{held_out}/copy.png", "train/b.png", "train/c.png"]
+    assert {name: s.split for name, s in samples.items()} == {
+        f"{held_out}/copy.png": "val", "train/b.png": "train", "train/c.png": "train"}
+    assert [(s.source, s.reason, s.detail) for s in skipped] == [
+        ("train/a.png", "duplicate", f"same pixels as {held_out}/copy.png")]
+
+
 def test_an_image_in_both_train_and_test_is_kept_once_on_the_held_out_side(tmp_path):
-    """The same pixels in train/ and test/: the duplicate check keeps the first in path order (test/), so the
-    image is never on both sides of the split."""
+    """The same pixels in train/ and test/: the held-out copy is kept, so the image is never on both sides of
+    the split."""
     write(tmp_path, {"train/a.png": png(1), "train/a.txt": "an a", "train/b.png": png(2), "train/b.txt": "a b",
                      "test/copy.png": png(1), "test/copy.txt": "a copy of a"})
     samples, skipped = collect(iter_folder(tmp_path, "auto", TEMPLATE, RES))

@@ -456,10 +456,12 @@ def test_images_beside_split_folders_are_a_bad_parameter_before_any_work_unless_
     write(src, {"cover.png": write_png(50)})
     cfg = TINY | {"source": "folder", "path": str(src), "val_fraction": 0.5,
                   "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "out" / "tok.json")}
-    with pytest.raises(ConfigError, match=r"shard.folder_splits: .*1 images are outside them: cover.png"):
+    # No metadata.jsonl lists it: it would be skipped (missing_caption), so it does not stop the stage.
+    stage.validate(ShardConfig.from_dict(cfg))
+    write(src, {"metadata.jsonl": json.dumps({"file_name": "cover.png", "text": "the cover"}) + "\n"})
+    with pytest.raises(ConfigError, match=r"shard.folder_splits: .*1 image is outside them: cover.png"):
         stage.validate(ShardConfig.from_dict(cfg))
     assert not (tmp_path / "out").exists()
-    write(src, {"metadata.jsonl": json.dumps({"file_name": "cover.png", "text": "the cover"}) + "\n"})
     ignored = ShardConfig.from_dict(cfg | {"folder_splits": "ignore"})
     manifest = stage.run(ignored)
     assert manifest["split"] == "hash" and manifest["counts"]["train"] + manifest["counts"]["val"] == 9

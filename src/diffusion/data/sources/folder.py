@@ -16,7 +16,7 @@ from diffusion.data.sources.common import (
     sanitise_key, unique_keys, unsupported,
 )
 from diffusion.data.sources.metadata import METADATA_FILE, iter_metadata, metadata_files, read_metadata
-from diffusion.data.sources.splits import FolderSplits, SplitFolders, find_split_folders
+from diffusion.data.sources.splits import FolderSplits, SplitFolders, check_outside, find_split_folders
 
 Layout = Literal["auto", "metadata", "captions", "classes"]
 CAPTION_SUFFIX = ".txt"
@@ -135,7 +135,7 @@ def _iter_captions(source: FolderSource, assemble: Assembler) -> Iterator[Found]
     for name in sorted(source.files, key=lambda n: n.endswith(CAPTION_SUFFIX)):  # exact ".txt" wins over ".TXT"
         if name.lower().endswith(CAPTION_SUFFIX):
             sidecars[name[: -len(CAPTION_SUFFIX)]] = name
-    images = list(filter(is_image_name, source.files))
+    images = sorted(filter(is_image_name, source.files), key=source.read_order)
     keys = unique_keys(images)
     for name in images:
         stem = str(PurePosixPath(name).with_suffix(""))
@@ -157,7 +157,7 @@ def _iter_classes(source: FolderSource, assemble: Assembler) -> Iterator[Found]:
     """The top-level folder is the class (in a folder split into ``train/`` and ``test/``, the top folder inside
     each: ``train/cats/1.png``); images deeper inside still belong to it. Images directly in the root (or in a
     split folder) have no class, hence no caption."""
-    images = list(filter(is_image_name, source.files))
+    images = sorted(filter(is_image_name, source.files), key=source.read_order)
     keys = unique_keys(images)
     for name in images:
         folder, _, rest = source.class_path(name).partition("/")
@@ -171,7 +171,7 @@ def _iter_classes(source: FolderSource, assemble: Assembler) -> Iterator[Found]:
 
 
 def _iter_metadata(source: FolderSource, assemble: Assembler) -> Iterator[Found]:
-    return iter_metadata(source.files, source.rows, source.path, assemble)
+    return iter_metadata(source.files, source.rows, source.path, assemble, source.read_order)
 
 
 _LAYOUTS = {"metadata": _iter_metadata, "captions": _iter_captions, "classes": _iter_classes}
@@ -220,8 +220,9 @@ class FolderSource:
             folder, if the root is split into folders.
         splits: the root's split folders (``train/``, ``test/``...), which give each sample its `split`; None: the
             stage hashes every image into train or val.
-        splits_note: why folders named like splits are not taken as splits (only ``train/``, or
-            ``folder_splits: ignore``), for the console; None otherwise.
+        splits_note: why folders named like splits are not taken as splits (only ``train/``, an empty
+            ``test/``, or ``folder_splits: ignore``), and a hint for folders that look like splits but do not match
+            (``Train/``, ``data/train/``), for the console; None otherwise.
     """
 
     def __init__(
@@ -241,7 +242,8 @@ class FolderSource:
 
         Raises:
             SourceError: ``root`` is not a folder or holds no image file, no layout fits, a ``metadata.jsonl``
-                is malformed, or the root is split into folders and an image lies outside them.
+                is malformed, or the root is split into folders and an image the layout would read (one with a
+                caption) lies outside them.
         """
         self.root = Path(root)
         if self.root.is_file():
@@ -259,7 +261,9 @@ class FolderSource:
         self.files, self._on_disk, self._unlisted = _list_files(self.root)
         if not any(map(is_image_name, self.files)):
             raise SourceError(_no_images(self.root, self.files, self._unlisted))
-        self.splits, self.splits_note = find_split_folders(self.files, folder_splits, self.root)
+        folders = tuple(sorted(entry.name for entry in os.scandir(self.root)
+                               if entry.is_dir() and not entry.name.startswith(".")))
+        self.splits, self.splits_note = find_split_folders(self.files, folder_splits, self.root, folders)
         if self.splits and self.splits.not_read:  # a test folder beside a validation one: as if it were not there
             self.files = [name for name in self.files if not self._not_read(name)]
             self._unlisted = [item for item in self._unlisted if not self._not_read(item.source)]
@@ -275,7 +279,12 @@ class FolderSource:
         self.rows = {name: rows for name, rows in self.rows.items() if not self._not_read(name)}
         images = [name for name in self.files if is_image_name(name)]
         self.images, self.in_subfolders = len(images), any("/" in self.class_path(name) for name in images)
-        self.captioned = sum(map(self._caption_given(), images))
+        captioned = list(filter(self._caption_given(), images))
+        self.captioned = len(captioned)
+        if self.splits:
+            # Only now, with the layout known: an image outside the split folders stops the source only if it
+            # would be read (its caption found); one without is skipped and counted, as in any folder.
+            check_outside(self.splits, captioned, self.root)
 
     def _caption_given(self) -> Callable[[str], bool]:
         """Whether this layout finds a caption for an image (not yet whether it reads or decodes)."""
@@ -285,6 +294,11 @@ class FolderSource:
             return lambda image: "/" in self.class_path(image)
         stems = {name[: -len(CAPTION_SUFFIX)] for name in self.files if name.lower().endswith(CAPTION_SUFFIX)}
         return lambda image: str(PurePosixPath(image).with_suffix("")) in stems
+
+    def read_order(self, name: str) -> tuple[bool, list[str]] | list[str]:
+        """Sort key of the images as the layouts read them: path order, or with split folders the held-out
+        folders first (`SplitFolders.read_first`: of two copies of one image, the held-out one is kept)."""
+        return self.splits.read_first(name) if self.splits else path_order(name)
 
     def class_path(self, name: str) -> str:
         """`name` as the classes layout reads it: below its split folder, if the root is split into folders."""

@@ -120,10 +120,12 @@ def _governing(image: str, files: set[str]) -> str:
 
 def iter_metadata(
     files: list[str], rows: dict[str, list[Row]], locate: Callable[[str], Path], assemble: Assembler,
+    order: Callable[[str], Any] = path_order,
 ) -> Iterator[Found]:
-    """The rows joined with the images listed in `files` (`locate`: where one is on disk), in sorted path order:
-    unlisted images are missing a caption, listed files that are not there are missing files."""
-    names = sorted(set(rows) | {name for name in files if is_image_name(name)}, key=path_order)
+    """The rows joined with the images listed in `files` (`locate`: where one is on disk), sorted by `order`
+    (path order; the source's, for split folders): unlisted images are missing a caption, listed files that
+    are not there are missing files."""
+    names = sorted(set(rows) | {name for name in files if is_image_name(name)}, key=order)
     keys, listing = unique_keys(names), set(metadata_files(files))
     for name in names:
         path = locate(name)
