@@ -42,7 +42,8 @@ class EncodeLatentsError(RuntimeError):
 
 def validate(cfg: EncodeLatentsConfig) -> None:
     """Check the inputs exist before any work; a missing one names the stage to run first."""
-    check_replaceable(cfg.out_dir, ("train", "val", "manifest.json"), "encode_latents.out_dir")
+    # train/ and val/ count as its own only holding tars (a latent shard is named as its image shard).
+    check_replaceable(cfg.out_dir, ("train/*.tar", "val/*.tar", "manifest.json"), "encode_latents.out_dir")
     if problem := vae_problem(cfg.vae_dir):
         raise EncodeLatentsError(f"encode_latents.vae_dir: {problem}. It is written by the train_vae stage: "
                                  "run `python cli.py train-vae` (or `dvc repro train_vae`) first")

@@ -33,8 +33,9 @@ from diffusion.data.sources import FolderSource, SourceError, iter_folder, iter_
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 from diffusion.stage_configs import ShardConfig
 
-#: What the stage writes in out_dir (anything else there stops it: check_replaceable).
-SHARD_ENTRIES = ("train", "val", "manifest.json", "skipped.jsonl")
+#: What the stage writes in out_dir (anything else there stops it: check_replaceable). The split folders as
+#: patterns of their files: a train/ or val/ folder of images (a dataset split into folders) is not the stage's.
+SHARD_ENTRIES = ("train/shard-*.tar", "val/shard-*.tar", "manifest.json", "skipped.jsonl")
 
 
 class ShardError(RuntimeError):
@@ -48,6 +49,7 @@ def validate(cfg: ShardConfig) -> Iterable[Sample | Skipped] | None:
     metadata parsed once per stage, which for a folder of a million images takes minutes, not milliseconds.
     """
     items = None
+    _check_outputs_apart_from_inputs(cfg)
     if cfg.source == "shapes":
         validate_holdout(cfg.shapes)
     else:
@@ -59,11 +61,46 @@ def validate(cfg: ShardConfig) -> Iterable[Sample | Skipped] | None:
         except SourceError as error:
             raise ConfigError(f"shard.{error.key}: {error}") from error
     inside = _tokenizer_inside(cfg)
-    check_replaceable(cfg.out_dir, SHARD_ENTRIES + ((inside.parts[0],) if inside else ()), "shard.out_dir")
+    check_replaceable(cfg.out_dir, SHARD_ENTRIES + ((inside.as_posix(),) if inside else ()), "shard.out_dir")
     tokenizer = Path(cfg.tokenizer_path)
     if tokenizer.is_dir() or any(parent.is_file() for parent in tokenizer.parents):
         raise ConfigError(f"shard.tokenizer_path: {tokenizer} is a folder or lies under a file; expected a file path")
     return items
+
+
+def _check_outputs_apart_from_inputs(cfg: ShardConfig) -> None:
+    """Refuse an out_dir that is the source folder, lies inside it or holds it (or, for tars, holds one of them),
+    and a tokenizer_path that is an input. The stage replaces out_dir whole: a folder split into train/ and
+    val/, given as both path and out_dir, was deleted. Inside the source it would add its tars to the images
+    read next time. Paths are resolved, so ``ds/x`` and ``./ds/x/`` or a link to it are one folder.
+    """
+    if cfg.source == "shapes" or not cfg.path:
+        return
+    out, tokenizer = Path(cfg.out_dir).resolve(), Path(cfg.tokenizer_path).resolve()
+    if cfg.source == "folder":
+        src = Path(cfg.path).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            how = "is" if out == src else "lies inside" if src in out.parents else "holds"
+            raise ConfigError(f"shard.out_dir: {cfg.out_dir} {how} the source folder shard.path={cfg.path}; the "
+                              "stage replaces out_dir whole, so it must be a folder apart from the images")
+        if tokenizer == src or src in tokenizer.parents:
+            raise ConfigError(f"shard.tokenizer_path: {cfg.tokenizer_path} lies inside the source folder "
+                              f"shard.path={cfg.path}; expected a path outside the images")
+        return
+    try:
+        from diffusion.data.sources.tars import expand_urls, is_remote
+
+        tars = [Path(url).resolve() for url in expand_urls(cfg.path) if not is_remote(url)]
+    except SourceError:
+        return  # said, with its key, when the source is opened (validate)
+    held = [tar for tar in tars if out in tar.parents or tar == out]
+    if held:
+        raise ConfigError(f"shard.out_dir: {cfg.out_dir} holds {held[0]}, an input tar of shard.path={cfg.path!r}"
+                          f"{f' (and {len(held) - 1} more)' if len(held) > 1 else ''}; the stage replaces out_dir "
+                          "whole, so it must be a folder apart from its inputs")
+    if tokenizer in tars:
+        raise ConfigError(f"shard.tokenizer_path: {cfg.tokenizer_path} is an input tar of shard.path={cfg.path!r}; "
+                          "expected a path of its own")
 
 
 def _tokenizer_inside(cfg: ShardConfig) -> Path | None:
@@ -160,6 +197,11 @@ def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None
             train = write_shards(split.train(items), tmp / "train", **kw)
             if not split.captions:
                 raise _no_usable_image(cfg, items, split.skipped)
+            if not len(val_writer) and isinstance(items, FolderSource) and items.splits:
+                # The user held those images out on purpose: an empty val split means the held-out folder was
+                # read wrongly (another layout than train/'s), not that nothing should be held out. Raised
+                # here, in the temporary folder, so the previous output is left as it was.
+                raise _empty_held_out(items, split.skipped)
             if not len(val_writer):  # allowed (val_fraction 0), but train_vae, train_judge and evaluate refuse it
                 print(f"warning: no image fell into the val split ({_split_said(cfg, items)}, "
                       f"{len(split.captions)} train images); train_vae, train_judge and evaluate need val images")
@@ -214,6 +256,18 @@ def _no_usable_image(cfg: ShardConfig, items: Iterable[Sample | Skipped] | None,
     else:
         how, advice = "read as WebDataset tars", "expected samples with an image and a caption"
     return ShardError(f"shard.path: no usable image in {cfg.path!r}, {how} (skipped: {counts}); {advice}")
+
+
+def _empty_held_out(items: FolderSource, skipped: list[Skipped]) -> ShardError:
+    """The error for a folder split whose held-out folder gave no image: which folder, and what was skipped
+    there, by reason."""
+    held = [s for s in skipped if items.splits.split_of(s.source) == "val"]
+    counts = ", ".join(f"{r}={n}" for r, n in summarise(held).items() if n) or "nothing skipped"
+    folders = " and ".join(f"{f}/" for f in items.splits.val)
+    return ShardError(
+        f"shard.path: {folders} in {items.root} gave no image for the val split (skipped there: {counts}; read "
+        f"as layout '{items.layout}'); give its images captions as train/'s are given, or set "
+        "shard.folder_splits=ignore to hash every image by shard.val_fraction. Nothing was written")
 
 
 def _write_skipped(path: Path, skipped: list[Skipped]) -> None:

@@ -141,7 +141,8 @@ def test_an_output_folder_holding_other_files_is_refused_and_kept(tmp_path, cli_
         (images / f"{i}.txt").write_text("a caption")
     for out_dir in (str(images), "."):
         proc = run_cli(["shard", "-S", f"shard.out_dir={out_dir}"], tmp_path, cli_env, check=False)
-        assert proc.returncode == 2 and "shard.out_dir" in proc.stderr and "did not write" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "shard.out_dir" in proc.stderr and "not what is written there" in proc.stderr, \
+            proc.stderr
     assert sorted(p.name for p in images.iterdir()) == ["0.txt", "1.txt", "2.txt"]
     assert (tmp_path / "params.yaml").is_file() and not (tmp_path / "mlflow.db").exists()
     # Its own previous output is replaced as before; a tokenizer path under a file is refused too.
@@ -160,10 +161,72 @@ def test_check_replaceable(tmp_path):
     (tmp_path / "m" / "model.pt").write_bytes(b"")
     check_replaceable(tmp_path / "m", own, "k")  # only its own files: fine
     (tmp_path / "m" / "vae").mkdir()
-    with pytest.raises(ConfigError, match=r"k: .* holds vae, which this stage did not write"):
+    # Named after the key, not "this stage": save_pretrained (a Python call) is refused with this message too.
+    with pytest.raises(ConfigError, match=r"k: .* holds vae/, which is not what is written there \(model.pt, "
+                                          r"config.json\); the whole folder is replaced"):
         check_replaceable(tmp_path / "m", own, "k")
     with pytest.raises(ConfigError, match="is a file"):
         check_replaceable(tmp_path / "m" / "model.pt", own, "k")
+
+
+def test_check_replaceable_takes_a_folder_as_its_own_only_holding_what_is_written_there(tmp_path):
+    """train/ and val/ are the shard stage's folders only when they hold its shards: a dataset split into
+    train/ and val/ folders of images was taken for its output and deleted."""
+    from diffusion.data.shards import check_replaceable
+
+    own = stage.SHARD_ENTRIES
+    write(tmp_path / "ds", {"train/a.png": b"x", "val/b.png": b"y", "train/metadata.jsonl": "{}"})
+    with pytest.raises(ConfigError, match=r"shard.out_dir: .* holds train/a.png, val/b.png, which is not"):
+        check_replaceable(tmp_path / "ds", own, "shard.out_dir")
+    # Its own output (shards, an empty val/, the manifest) is replaceable; one stray file in it is not.
+    write(tmp_path / "out", {"train/shard-000000.tar": b"", "manifest.json": "{}", "skipped.jsonl": ""})
+    (tmp_path / "out" / "val").mkdir()
+    check_replaceable(tmp_path / "out", own, "shard.out_dir")
+    write(tmp_path / "out", {"train/notes.txt": "mine"})
+    with pytest.raises(ConfigError, match="holds train/notes.txt, which"):
+        check_replaceable(tmp_path / "out", own, "shard.out_dir")
+    # A tokenizer written in a folder inside out_dir is its own too (the stage passes its relative path).
+    write(tmp_path / "tok", {"sub/tokenizer.json": "{}", "train/shard-000001.tar": b""})
+    check_replaceable(tmp_path / "tok", (*own, "sub/tokenizer.json"), "shard.out_dir")
+
+
+def test_a_split_source_folder_given_as_out_dir_is_refused_and_kept(tmp_path, cli_env):
+    """The walkthrough: path and out_dir both ds/S_copy, which holds train/ and val/ with a metadata.jsonl
+    each; the stage deleted the images and exited 0."""
+    src = tmp_path / "ds" / "S_copy"
+    hf_split_folder(src, {"train": 3, "val": 2})
+    before = digests(src)
+    tiny_params(tmp_path, source="folder")
+    for out_dir in ("ds/S_copy", "ds/S_copy/", "./ds/S_copy/shards", "ds"):
+        proc = run_cli(["shard", "-S", "shard.path=ds/S_copy", "-S", f"shard.out_dir={out_dir}"], tmp_path, cli_env,
+                       check=False)
+        assert proc.returncode == 2 and "shard.out_dir" in proc.stderr and "shard.path=ds/S_copy" in proc.stderr, \
+            proc.stderr
+        assert digests(src) == before
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_outputs_must_be_apart_from_the_inputs(tmp_path):
+    """Checked before any work: resolved paths, for a folder and for tars (out_dir holding one of the input
+    tars; the tokenizer written over one)."""
+    write(tmp_path / "imgs", {"a.png": write_png(1), "a.txt": "an a"})
+    base = TINY | {"source": "folder", "path": str(tmp_path / "imgs"), "out_dir": str(tmp_path / "out"),
+                   "tokenizer_path": str(tmp_path / "tok.json")}
+    stage.validate(ShardConfig.from_dict(base))
+    with pytest.raises(ConfigError, match=r"shard.tokenizer_path: .* lies inside the source folder"):
+        stage.validate(ShardConfig.from_dict(base | {"tokenizer_path": str(tmp_path / "imgs" / "tok.json")}))
+    with pytest.raises(ConfigError, match=r"shard.out_dir: .* holds the source folder shard.path="):
+        stage.validate(ShardConfig.from_dict(base | {"out_dir": str(tmp_path)}))
+    stage.run(ShardConfig.from_dict(TINY | {"out_dir": str(tmp_path / "shapes"),
+                                             "tokenizer_path": str(tmp_path / "tok.json")}))
+    tars = TINY | {"source": "webdataset", "path": str(tmp_path / "shapes" / "train" / "*.tar"),
+                   "out_dir": str(tmp_path / "out"), "tokenizer_path": str(tmp_path / "tok2.json")}
+    stage.validate(ShardConfig.from_dict(tars))
+    with pytest.raises(ConfigError, match=r"shard.out_dir: .* holds .*shard-000000.tar, an input tar of shard.path"):
+        stage.validate(ShardConfig.from_dict(tars | {"out_dir": str(tmp_path / "shapes")}))
+    first = tmp_path / "shapes" / "train" / "shard-000000.tar"
+    with pytest.raises(ConfigError, match=r"shard.tokenizer_path: .* is an input tar"):
+        stage.validate(ShardConfig.from_dict(tars | {"tokenizer_path": str(first)}))
 
 
 def test_missing_folder_is_a_bad_parameter(tmp_path):
@@ -468,6 +531,24 @@ def test_images_beside_split_folders_are_a_bad_parameter_before_any_work_unless_
     val = [key for key, _ in _split_keys_and_captions(tmp_path / "out")["val"]]
     assert val == sorted(k for k in ["cover", *(f"{s}/{i}" for s, n in (("train", 6), ("test", 2)) for i in range(n))]
                          if stage._is_val(k, ignored))  # hashed, test/ images on either side
+
+
+def test_a_held_out_folder_that_gives_no_image_stops_the_stage_and_keeps_the_old_output(tmp_path, cli_env):
+    """test/ in another layout than train/ (captions beside its images, where train/ has a metadata.jsonl): every
+    test image is missing its caption and the stage wrote an empty val split with a warning, exit 0."""
+    src = tmp_path / "hf"
+    hf_split_folder(src, {"train": 4, "test": 2})
+    tiny_params(tmp_path, source="folder", path=str(src))
+    run_cli(["shard"], tmp_path, cli_env)
+    before = digests(tmp_path / "data")
+    (src / "test" / "metadata.jsonl").unlink()
+    write(src, {"test/0.txt": "a caption nobody reads", "test/1.txt": "another"})
+    proc = run_cli(["shard"], tmp_path, cli_env, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert ("shard.path: test/ in " in proc.stderr and "gave no image for the val split (skipped there: "
+            "missing_caption=2; read as layout 'metadata')" in proc.stderr), proc.stderr
+    assert digests(tmp_path / "data") == before
+    assert not list(tmp_path.glob("data/.*"))
 
 
 def test_folder_splits_is_checked_and_the_built_in_manifest_is_unchanged(tmp_path):

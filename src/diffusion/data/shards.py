@@ -26,6 +26,7 @@ import shutil
 import tarfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,24 +201,51 @@ def _remove_stale_temps(out_dir: Path) -> None:
 
 
 def check_replaceable(out_dir: str | Path, own: Iterable[str], key: str) -> None:
-    """Refuse, before any work, an output folder that holds anything but what the stage writes there (`own`:
-    names of its top-level entries). A stage replaces its whole output folder, so pointed at ``.``, at the
-    folder of its own input images or at a folder of other models, it would delete them.
+    """Refuse, before any work, an output folder that holds anything but what its writer puts there. The whole
+    folder is replaced, so pointed at ``.``, at the folder of the input images or at a folder of other models, it
+    would delete them.
 
-    Raises ConfigError naming `key`. A missing folder, or one holding only the stage's own files, passes.
+    `own` describes what the writer (a stage, or ``save_pretrained``) writes: a name without ``/`` is a file at
+    the top (``manifest.json``); a pattern with one (``train/shard-*.tar``, matched as :func:`fnmatch.fnmatchcase`
+    on the path below `out_dir`) is a file in a folder. A folder counts as the writer's own only if everything
+    in it matches such a pattern (or it is empty): a folder of images merely named ``train/`` or ``val/``, as a
+    dataset split into folders is, must not pass for the shard stage's output. (Trusting the writer's manifest
+    instead would let a user's folder holding a ``manifest.json`` of its own pass; the contents are what is
+    about to be deleted, so they are what is checked.)
+
+    Raises ConfigError naming `key`. A missing folder, or one holding only the writer's own files, passes.
     """
     from diffusion.config import ConfigError
 
     out = Path(out_dir)
     if out.parent.is_dir():
-        recover_dir(out)  # what a killed run set aside is this stage's own output
+        recover_dir(out)  # what a killed run set aside is this writer's own output
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{key}: {out} is a file; expected a folder (it need not exist)")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in set(own)) if out.is_dir() else []
+    own = tuple(own)
+    foreign = [name for entry in sorted(out.iterdir()) for name in _foreign(entry, entry.name, own)] \
+        if out.is_dir() else []
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ConfigError(f"{key}: {out} holds {listed}, which this stage did not write; it replaces the whole "
-                          "folder, so choose a new or empty one (or remove those)")
+        # Said of `key`, not of "this stage": save_pretrained, a Python call, checks its folder here too.
+        raise ConfigError(f"{key}: {out} holds {listed}, which is not what is written there "
+                          f"({', '.join(own)}); the whole folder is replaced, so choose a new or empty one "
+                          "(or remove those)")
+
+
+def _foreign(entry: Path, relative: str, own: tuple[str, ...]) -> list[str]:
+    """`relative` (the path of `entry` below the output folder), or what in it, is not the writer's own, per
+    `own` (see :func:`check_replaceable`); [] when all of it is. A folder is looked into only if a pattern
+    names files inside it: a folder of the user's images holds thousands, and one is enough to refuse it."""
+    if not entry.is_dir() or entry.is_symlink():  # a link to a folder is not ours: replacing it drops the link
+        return [] if any(fnmatchcase(relative, pattern) for pattern in own) else [relative]
+    if not any(pattern.startswith(relative + "/") for pattern in own):
+        return [relative + "/"]
+    for inner in sorted(entry.iterdir()):
+        found = _foreign(inner, f"{relative}/{inner.name}", own)
+        if found:
+            return found  # the first is enough to refuse; the message names it
+    return []
 
 
 def replace_dir(tmp: Path, out_dir: Path, files: Iterable[tuple[Path, Path]] = ()) -> None:

@@ -21,7 +21,7 @@ from diffusion.data.sources.common import (
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
@@ -35,7 +35,7 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     found: list[str] = []
     for pattern in patterns:
         for item in braceexpand(pattern):
-            if _is_remote(item):
+            if is_remote(item):
                 found.append(item)  # opened by webdataset's gopen: pipe:, http(s)://, s3:// ...
             elif any(char in item for char in "*?["):
                 found += sorted(glob.glob(item))
@@ -54,7 +54,7 @@ def expand_urls(urls: str | list[str]) -> list[str]:
 
 
 def _open(url: str) -> BinaryIO:
-    if _is_remote(url):
+    if is_remote(url):
         from webdataset import gopen  # only for remote URLs; local files need nothing but tarfile
 
         return gopen(url)
