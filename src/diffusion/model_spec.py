@@ -129,8 +129,8 @@ class ModelSpec:
         except (TypeError, ValueError) as e:
             # A denoiser registered by the user's own code is unknown to a process that did not run that code
             # (cli.py imports none): the registry (models.register_denoiser) lives in memory.
-            custom = (f" A denoiser your code registers must be registered in this process too: sample it from "
-                      f"Python, after registering it, with TextToImagePipeline.from_pretrained"
+            custom = (" A denoiser your code registers must be registered in this process too: sample it from "
+                      "Python, after registering it, with TextToImagePipeline.from_pretrained"
                       if config.get("denoising_type") not in DENOISERS else "")
             raise ModelNotFoundError(f"{model_dir}/config.json: cannot build the model ({e}).{custom}") from None
         size = image_size if image_size is not None else _training_resolution(train_config, model.vae.downsample_factor)
