@@ -16,7 +16,6 @@ output (or none); a rerun with the same inputs writes byte-identical files.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from diffusion.config import ConfigError
 from diffusion.data.latents import LatentRecord, encode_records, rechunk, write_latent_shards
 from diffusion.data.locations import read_manifest, require_split, split_shards
 from diffusion.data.shard_reading import iter_shards
-from diffusion.data.shards import ShardList, atomic_write_json, check_replaceable, list_shards, replace_dir
+from diffusion.data.shards import ShardList, atomic_write_json, check_replaceable, list_shards, staged_dir
 from diffusion.stage_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import encoder_digest, load_vae, vae_problem
 
@@ -144,21 +143,14 @@ def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
     validate(cfg)
     vae, scale, shift = load_frozen_vae(cfg)
     out_dir = Path(cfg.out_dir)
-    # A fixed name, as the shard stage uses: what a killed run left behind is removed by the next one.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     print(f"encode_latents: {cfg.shards_dir}/{{train,val}} with the VAE in {cfg.vae_dir} "
           f"(device {_device(cfg)}, batch {cfg.batch_size}) -> {out_dir}")
-    try:
+    with staged_dir(out_dir) as tmp:  # the finished tree is swapped into place whole (as the shard stage's)
         start, expected = time.perf_counter(), _expected_counts(cfg)
         written = {split: encode_split(cfg, vae, split, tmp / split, expected[split]) for split in SPLITS}
         seconds = time.perf_counter() - start
         manifest = _manifest(cfg, written, tmp, scale, shift)
         atomic_write_json(tmp / "manifest.json", manifest)
-        replace_dir(tmp, out_dir)  # swap the finished tree into place (as the shard stage does)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     counts, total = manifest["counts"], sum(manifest["counts"].values())
     rate = total / seconds if seconds > 0 else float("nan")
     print(f"encode_latents: wrote {counts['train']} train and {counts['val']} val latents "

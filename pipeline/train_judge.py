@@ -12,13 +12,12 @@ run leaves the previous judge whole. Seeded: the same shards, params and seed gi
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from diffusion.data.locations import read_manifest, require_split
-from diffusion.data.shards import atomic_write_json, check_replaceable, replace_dir
+from diffusion.data.shards import atomic_write_json, check_replaceable, staged_dir
 from diffusion.data.in_memory import load_split
 from diffusion.eval_configs import JudgeConfig
 from diffusion.tracking import is_finite_number
@@ -45,28 +44,27 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
     start = time.perf_counter()
     train = load_split(train_urls, limit=cfg.max_train_images, seed=cfg.seed)
     vocab = build_vocab((read_manifest(cfg.shards_dir) or {}).get("attributes"), train.attributes)
-    out, tmp = Path(cfg.out_dir), Path(cfg.out_dir).parent / f".{Path(cfg.out_dir).name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if not vocab or len(train) == 0:
-        print("train_judge: the shards carry no attributes; evaluate will report FID/KID only")
-        atomic_write_json(tmp / "config.json", {"vocab": {}, "reason": "no attributes in the train shards"})
-        metrics: dict[str, Any] = {"attributes": 0, "train_images": 0}
-    else:
-        print(f"train_judge: {len(train)} train images, attributes {', '.join(vocab)}; {cfg.steps} steps")
-        settings = JudgeTrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                      weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-                                      channels=cfg.channels, feature_dim=cfg.feature_dim,
-                                      blur_sigma_max=cfg.blur_sigma_max, noise_std=cfg.noise_std)
-        judge, losses = train_judge(train, vocab, settings)
-        val = load_split(val_urls, limit=cfg.max_val_images, seed=cfg.seed)
-        scores = accuracy(judge, val) if len(val) else {}
-        judge.save(tmp)
-        tail = losses[-20:]
-        metrics = {"attributes": len(vocab), "train_images": len(train), "val_images": len(val),
-                   "final_loss": sum(tail) / len(tail), **{f"val_{k}": v for k, v in scores.items()}}
+    # Written beside out_dir and swapped in whole (data.shards.staged_dir): a failed or stopped run leaves the
+    # previous judge, never a config without its weights.
+    with staged_dir(cfg.out_dir) as tmp:
+        if not vocab or len(train) == 0:
+            print("train_judge: the shards carry no attributes; evaluate will report FID/KID only")
+            atomic_write_json(tmp / "config.json", {"vocab": {}, "reason": "no attributes in the train shards"})
+            metrics: dict[str, Any] = {"attributes": 0, "train_images": 0}
+        else:
+            print(f"train_judge: {len(train)} train images, attributes {', '.join(vocab)}; {cfg.steps} steps")
+            settings = JudgeTrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                          weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+                                          channels=cfg.channels, feature_dim=cfg.feature_dim,
+                                          blur_sigma_max=cfg.blur_sigma_max, noise_std=cfg.noise_std)
+            judge, losses = train_judge(train, vocab, settings)
+            val = load_split(val_urls, limit=cfg.max_val_images, seed=cfg.seed)
+            scores = accuracy(judge, val) if len(val) else {}
+            judge.save(tmp)
+            tail = losses[-20:]
+            metrics = {"attributes": len(vocab), "train_images": len(train), "val_images": len(val),
+                       "final_loss": sum(tail) / len(tail), **{f"val_{k}": v for k, v in scores.items()}}
     metrics["train_seconds"] = round(time.perf_counter() - start, 1)
-    replace_dir(tmp, out)
     Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
     # An attribute no val image names has no accuracy (NaN), which JSON cannot hold: left out, as evaluate does.
     atomic_write_json(cfg.metrics_path, {k: v for k, v in metrics.items() if is_finite_number(v)})

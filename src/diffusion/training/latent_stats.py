@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from diffusion.data.shards import replace_dir
+from diffusion.data.shards import staged_dir
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 
 ARTIFACT_FORMAT = 1
@@ -118,10 +117,7 @@ def save_vae(vae: AutoencoderKL, stats: LatentStats, out_dir: str | Path, extra:
     run leaves the previous artifact or none, never weights without their scale.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out_dir) as tmp:
         state = {k: v.detach().float().cpu().contiguous() for k, v in vae.state_dict().items()}
         torch.save(state, tmp / WEIGHTS_FILE)
         config = {
@@ -135,9 +131,6 @@ def save_vae(vae: AutoencoderKL, stats: LatentStats, out_dir: str | Path, extra:
             **(dict(extra) if extra else {}),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
