@@ -28,7 +28,8 @@ from diffusion.config import ConfigError
 from diffusion.data.latents import LatentRecord, encode_records, rechunk, write_latent_shards
 from diffusion.data.locations import read_manifest, require_split, split_shards
 from diffusion.data.shard_reading import iter_shards
-from diffusion.data.shards import ShardList, atomic_write_json, check_replaceable, list_shards, staged_dir
+from diffusion.atomic import atomic_write_json, check_replaceable, staged_dir
+from diffusion.data.shards import ShardList, list_shards
 from diffusion.stage_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import encoder_digest, load_vae, vae_problem
 

@@ -35,7 +35,7 @@ import torch
 
 from diffusion.config import ConfigError
 from diffusion.data.locations import require_split
-from diffusion.data.shards import atomic_write_bytes, atomic_write_json, atomic_write_text
+from diffusion.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from diffusion.data.in_memory import LabelledImages, load_split, to_uint8
 from diffusion.evaluation.judge import AttributeJudge
 from diffusion.evaluation.metrics import judge_ceilings, score_images

@@ -26,9 +26,8 @@ from diffusion.config import ConfigError
 from diffusion.data.records import Sample, Skipped
 from diffusion.data.shape_captions import attribute_values
 from diffusion.data.shapes import generate_shapes, validate_holdout
-from diffusion.data.shards import (
-    ShardWriter, atomic_write_json, atomic_write_text, check_replaceable, replace_dir, write_shards,
-)
+from diffusion.atomic import atomic_write_json, atomic_write_text, check_replaceable, replace_dir
+from diffusion.data.shards import ShardWriter, write_shards
 from diffusion.data.sources import FolderSource, SourceError, iter_folder, iter_webdataset, summarise
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 from diffusion.stage_configs import ShardConfig

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
+from diffusion.atomic import atomic_write_json, check_replaceable, staged_dir
 from diffusion.config import ConfigError
 from diffusion.data.locations import read_manifest, require_split
-from diffusion.data.shards import atomic_write_json, check_replaceable, staged_dir
 from diffusion.stage_configs import TrainConfig
 from diffusion.training.checkpointing import DEFAULT_EXCLUDE
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.data.locations import read_manifest, require_split
-from diffusion.data.shards import atomic_write_json, check_replaceable, staged_dir
+from diffusion.atomic import atomic_write_json, check_replaceable, staged_dir
 from diffusion.data.in_memory import load_split
 from diffusion.eval_configs import JudgeConfig
 from diffusion.tracking import is_finite_number
@@ -44,7 +44,7 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
     start = time.perf_counter()
     train = load_split(train_urls, limit=cfg.max_train_images, seed=cfg.seed)
     vocab = build_vocab((read_manifest(cfg.shards_dir) or {}).get("attributes"), train.attributes)
-    # Written beside out_dir and swapped in whole (data.shards.staged_dir): a failed or stopped run leaves the
+    # Written beside out_dir and swapped in whole (atomic.staged_dir): a failed or stopped run leaves the
     # previous judge, never a config without its weights.
     with staged_dir(cfg.out_dir) as tmp:
         if not vocab or len(train) == 0:

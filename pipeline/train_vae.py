@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from diffusion.atomic import atomic_write_json, check_replaceable
 from diffusion.config import ConfigError
 from diffusion.data.locations import read_manifest, require_split
-from diffusion.data.shards import atomic_write_json, check_replaceable
 from diffusion.stage_configs import TrainVAEConfig
 from diffusion.training.checkpointing import DEFAULT_EXCLUDE
 from diffusion.training.latent_stats import CONFIG_FILE, WEIGHTS_FILE

@@ -275,8 +275,8 @@ def test_a_stage_refuses_a_split_its_manifest_or_tar_itself_says_is_incomplete(t
     reader takes for a shorter archive."""
     import shutil
 
+    from diffusion.atomic import atomic_write_json
     from diffusion.data.locations import require_split
-    from diffusion.data.shards import atomic_write_json
 
     root = tmp_path / "shards"
     paths = write_shards(make_samples(12), root / "train", samples_per_shard=4)

@@ -373,7 +373,7 @@ def test_parts_that_do_not_fit_are_refused():
 
 
 def test_save_is_atomic_and_replaces_only_a_model_folder(saved, tmp_path, monkeypatch):
-    import diffusion.data.shards as shards_module
+    import diffusion.atomic as atomic_module
     from diffusion.config import ConfigError
 
     pipe, folder = saved
@@ -389,7 +389,7 @@ def test_save_is_atomic_and_replaces_only_a_model_folder(saved, tmp_path, monkey
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shards_module, "atomic_write_json", interrupted)
+    monkeypatch.setattr(atomic_module, "atomic_write_json", interrupted)
     with pytest.raises(KeyboardInterrupt):
         TextToImagePipeline.from_components(other, pipe.tokenizer, DDPMScheduler(num_timesteps=20),
                                             image_size=SIDE).save_pretrained(target)

@@ -153,7 +153,7 @@ def test_an_output_folder_holding_other_files_is_refused_and_kept(tmp_path, cli_
 
 
 def test_check_replaceable(tmp_path):
-    from diffusion.data.shards import check_replaceable
+    from diffusion.atomic import check_replaceable
 
     own = ("model.pt", "config.json")
     check_replaceable(tmp_path / "new", own, "k")  # missing: fine
@@ -172,7 +172,7 @@ def test_check_replaceable(tmp_path):
 def test_check_replaceable_takes_a_folder_as_its_own_only_holding_what_is_written_there(tmp_path):
     """train/ and val/ are the shard stage's folders only when they hold its shards: a dataset split into
     train/ and val/ folders of images was taken for its output and deleted."""
-    from diffusion.data.shards import check_replaceable
+    from diffusion.atomic import check_replaceable
 
     own = stage.SHARD_ENTRIES
     write(tmp_path / "ds", {"train/a.png": b"x", "val/b.png": b"y", "train/metadata.jsonl": "{}"})

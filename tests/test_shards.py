@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffusion.atomic import atomic_write_json
 from diffusion.data.records import Sample
-from diffusion.data.shards import atomic_write_json, list_shards, write_shards
+from diffusion.data.shards import list_shards, write_shards
 
 
 def make_samples(n: int, size: int = 16, offset: int = 0) -> list[Sample]:
@@ -149,7 +150,7 @@ def test_an_interrupted_swap_puts_the_old_outputs_back(tmp_path, monkeypatch, fa
     deleted by the caller's cleanup), or the new shards beside the old tokenizer. Now all old or all new."""
     import os
 
-    from diffusion.data.shards import replace_dir
+    from diffusion.atomic import replace_dir
 
     out, tok = _folder(tmp_path / "shards", "old"), tmp_path / "tokenizer.json"
     tok.write_text("old")
@@ -182,7 +183,7 @@ def test_an_interrupted_swap_puts_the_old_outputs_back(tmp_path, monkeypatch, fa
 def test_a_killed_swap_is_undone_by_the_next_run(tmp_path):
     """A run killed (SIGKILL) between the renames left the output set aside as .<name>.old-<pid> and the output
     path missing, and a later run never removed it. check_replaceable, before a stage works, puts it back."""
-    from diffusion.data.shards import check_replaceable
+    from diffusion.atomic import check_replaceable
 
     dead = _dead_pid()
     _folder(tmp_path / f".shards.old-{dead}", "old")
@@ -201,7 +202,7 @@ def test_a_killed_swap_is_undone_by_the_next_run(tmp_path):
 def test_two_ranks_undoing_one_killed_swap_do_not_collide(tmp_path, monkeypatch):
     """Every DDP rank checks the outputs as it starts; the one that lost the race to put the set-aside folder
     back raised FileNotFoundError (and the other ranks then waited out the process group's timeout)."""
-    from diffusion.data import shards
+    from diffusion import atomic
 
     set_aside = tmp_path / f".shards.old-{_dead_pid()}"
     _folder(set_aside, "old")
@@ -211,8 +212,8 @@ def test_two_ranks_undoing_one_killed_swap_do_not_collide(tmp_path, monkeypatch)
         rename(src, dst)
         raise FileNotFoundError(src)
 
-    monkeypatch.setattr(shards.os, "rename", another_rank_first)
-    shards.check_replaceable(tmp_path / "shards", ("a.txt",), "shard.out_dir")
+    monkeypatch.setattr(atomic.os, "rename", another_rank_first)
+    atomic.check_replaceable(tmp_path / "shards", ("a.txt",), "shard.out_dir")
     assert (tmp_path / "shards/a.txt").read_text() == "old" and not set_aside.exists()
 
 

@@ -170,23 +170,23 @@ class TextToImagePipeline:
         ``denoising_type``; not the training settings, which a pipeline does not know.
 
         Atomic, as the train stage's export: the files go to a temporary folder beside it that replaces the old
-        folder when complete (``data.shards.staged_dir``), so an interrupted save leaves the old folder or the
+        folder when complete (``atomic.staged_dir``), so an interrupted save leaves the old folder or the
         new one, never part of each. As the whole folder is replaced, one that holds anything else than those
         four files is refused (ConfigError, before anything is written): pointed at ``.`` it would delete it.
 
         Raises ValueError for a scheduler its config does not describe (a subclass with its own ``make_betas``:
         loaded back from the config, it would be a DDPMScheduler with another schedule).
         """
-        from diffusion.data import shards
+        from diffusion import atomic
         from diffusion.data.tokenizer import save_tokenizer
 
         train_config = {"scheduler": _schedule_config(self.scheduler), "image_size": self.spec.image_size,
                         "denoising_type": self.model.denoising_type}
-        shards.check_replaceable(save_directory, MODEL_FILES, "save_pretrained")
-        with shards.staged_dir(save_directory) as tmp:
+        atomic.check_replaceable(save_directory, MODEL_FILES, "save_pretrained")
+        with atomic.staged_dir(save_directory) as tmp:
             self.model.save_pretrained(tmp)
             save_tokenizer(self.tokenizer, tmp / "tokenizer.json")
-            shards.atomic_write_json(tmp / "train_config.json", train_config)
+            atomic.atomic_write_json(tmp / "train_config.json", train_config)
         return Path(save_directory)
 
     def check_prompts(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None,

@@ -291,7 +291,7 @@ def end_killed_runs(experiment_id: str, stage: str) -> list[str]:
     """
     from mlflow.tracking import MlflowClient
 
-    from diffusion.data.shards import pid_alive
+    from diffusion.atomic import pid_alive
 
     client, host, ended = MlflowClient(), platform.node(), []
     running = client.search_runs([experiment_id], f"tags.stage = '{stage}' and attributes.status = 'RUNNING'")

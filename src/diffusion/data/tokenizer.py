@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from diffusion.data.shards import atomic_write_text
+from diffusion.atomic import atomic_write_text
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS)

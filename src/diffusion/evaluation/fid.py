@@ -123,7 +123,7 @@ def inception_features(images: torch.Tensor, batch_size: int = 16, extractor: In
 @functools.lru_cache(maxsize=4)
 def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
     """sha256 of a file's bytes, memoised per (path, size, mtime): ~0.2 s for the 87 MB Inception file."""
-    from diffusion.data.shards import file_sha256
+    from diffusion.atomic import file_sha256
 
     return file_sha256(path)
 
@@ -153,7 +153,7 @@ def cached_inception_features(images: torch.Tensor, cache_dir: str | Path | None
     recomputed and replaced (with a warning); files are written atomically, so an interrupted run leaves
     none half-written. ``cache_dir=None`` computes without a cache.
     """
-    from diffusion.data.shards import atomic_write_bytes
+    from diffusion.atomic import atomic_write_bytes
 
     extractor = extractor or InceptionFeatures()
     if cache_dir is None:

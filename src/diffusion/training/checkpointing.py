@@ -50,8 +50,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from diffusion.atomic import atomic_write_json, atomic_write_text
 from diffusion.data.locations import is_remote
-from diffusion.data.shards import atomic_write_json, atomic_write_text
 
 LAST_CHECKPOINT = "last.ckpt"
 RUN_ID_FILE = "mlflow_run_id.txt"

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from diffusion.data.shards import staged_dir
+from diffusion.atomic import staged_dir
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 
 ARTIFACT_FORMAT = 1
