@@ -265,6 +265,16 @@ def _sample_model_dir(model: str | None, params: Path, overrides: list[str] | No
     raise AssertionError("unreachable")
 
 
+def _check_out_image(out: Path) -> None:
+    """Exit 2 unless `out` is a path an image can be written to, before any model is read."""
+    from PIL import Image
+
+    if out.suffix.lower() not in Image.registered_extensions():  # PIL picks the format by the extension
+        _fail(f"--out {out}: {out.suffix or 'no extension'!r} is not an image format Pillow writes (.png, .jpg ...)", 2)
+    if out.is_dir() or any(parent.is_file() for parent in out.parents):
+        _fail(f"--out {out}: a folder, or under a file; expected the path of an image file", 2)
+
+
 @app.command("sample")
 def sample(
     prompts: Annotated[
@@ -305,12 +315,7 @@ def sample(
     from diffusion.model_spec import ModelNotFoundError, ModelSpec, SampleOptionError, check_device
     from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
 
-    from PIL import Image
-
-    if out.suffix.lower() not in Image.registered_extensions():  # PIL picks the format by the extension
-        _fail(f"--out {out}: {out.suffix or 'no extension'!r} is not an image format Pillow writes (.png, .jpg ...)", 2)
-    if out.is_dir() or any(parent.is_file() for parent in out.parents):
-        _fail(f"--out {out}: a folder, or under a file; expected the path of an image file", 2)
+    _check_out_image(out)
     model_dir, recorded_size = _sample_model_dir(model, params, set_)
     options = dict(steps=steps, guidance=guidance, sampler=sampler, num_images_per_prompt=num_images, image_size=size,
                    guidance_rescale=guidance_rescale)
