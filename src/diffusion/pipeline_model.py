@@ -223,7 +223,7 @@ class TextToImagePipeline:
                                guidance_rescale=guidance_rescale)
         negatives = negative_prompts(negative_prompt, len(prompts))
         if warn:
-            for message in self.check_prompts(prompts, negatives, guidance, guidance_rescale):
+            for message in self.check_prompts(prompts, negative_prompt, guidance, guidance_rescale):
                 warnings.warn(message, PromptWarning, stacklevel=2)
         # Empty prompts encode as "", the null caption: guided against itself, that is the unconditional model.
         n = int(num_images_per_prompt)
