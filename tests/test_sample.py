@@ -4,6 +4,7 @@ The model folder is built here, at tiny sizes with random weights, in the layout
 (config.json, model.pt, tokenizer.json, train_config.json), so these tests need no earlier stage.
 """
 
+import dataclasses
 import copy
 import json
 import os
@@ -345,6 +346,23 @@ def test_cli_samples_from_a_saved_pipeline(saved, tmp_path, env):
     images_to_grid(pipe.generate(PROMPTS[:1], steps=2, seed=3, num_images_per_prompt=4, progress=False), 1).save(
         tmp_path / "memory.png")
     assert (tmp_path / "grid.png").read_bytes() == (tmp_path / "memory.png").read_bytes()
+
+
+def test_a_loaded_train_stage_folder_saved_again_keeps_its_training_settings(model_dir, pipe, tmp_path):
+    """A copy made through the pipeline (load, save elsewhere) still says how the model was trained; the keys
+    sampling reads come from the parts as they are now."""
+    trained = json.loads((model_dir / "train_config.json").read_text())
+    copy_dir = pipe.save_pretrained(tmp_path / "copy")
+    saved = json.loads((copy_dir / "train_config.json").read_text())
+    assert saved["image_size"] == SIDE and trained.get("image_size") is None  # the folder's read from the manifest
+    assert {k: v for k, v in saved.items() if k != "image_size"} == trained  # learning rate, steps, latents_dir...
+    assert "lr" in saved and "max_steps" in saved
+    reloaded = TextToImagePipeline.from_pretrained(copy_dir, device="cpu")
+    assert reloaded.spec == dataclasses.replace(pipe.spec, model_dir=copy_dir)
+    # Parts in memory know no training settings: their folder holds only what sampling reads.
+    fresh = TextToImagePipeline.from_components(pipe.model, pipe.tokenizer, pipe.scheduler, image_size=SIDE)
+    assert sorted(json.loads((fresh.save_pretrained(tmp_path / "fresh") / "train_config.json").read_text())) == [
+        "denoising_type", "image_size", "scheduler"]
 
 
 def test_parts_that_do_not_fit_are_refused():

@@ -16,7 +16,8 @@ Usage::
 A model trained in Python (``train_diffusion_model``) becomes such a folder through the pipeline, as in
 diffusers: ``TextToImagePipeline.from_components(model, tokenizer, scheduler, image_size=32)`` builds one from
 the parts in memory, and its ``save_pretrained(folder)`` writes the four files (train_config.json then holds
-only what sampling reads: ``scheduler``, ``image_size`` and ``denoising_type``).
+only what sampling reads: ``scheduler``, ``image_size`` and ``denoising_type``; a pipeline loaded from a train
+stage's folder keeps that folder's training settings beside them).
 
 Checks happen in two steps so that a bad request fails before any work: ``model_spec.ModelSpec`` reads only
 the JSON files and validates the options; then the weights are loaded. Prompt problems (empty, unknown
@@ -89,13 +90,17 @@ class TextToImagePipeline:
         scheduler: the DDPMScheduler it was trained with.
         spec: its :class:`ModelSpec` (size multiple, training resolution, T): read from the model folder, or
             computed from the parts (:meth:`from_components`).
+        train_config: the folder's train_config.json as loaded (None for parts in memory); :meth:`save_pretrained`
+            writes its training settings again, so that a copy of a trained model still says how it was trained.
 
     Build one with :meth:`from_pretrained` (a model folder) or :meth:`from_components` (parts in memory);
     :meth:`save_pretrained` writes the folder that :meth:`from_pretrained` and ``cli.py sample`` read.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, scheduler: Any, spec: ModelSpec) -> None:
+    def __init__(self, model: Any, tokenizer: Any, scheduler: Any, spec: ModelSpec,
+                 train_config: dict[str, Any] | None = None) -> None:
         self.model, self.tokenizer, self.scheduler, self.spec = model.eval(), tokenizer, scheduler, spec
+        self.train_config = dict(train_config or {})
 
     @classmethod
     def from_pretrained(
@@ -129,7 +134,7 @@ class TextToImagePipeline:
         except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
             raise ModelNotFoundError(f"{spec.model_dir}/tokenizer.json: not a tokenizer ({e}); {TRAIN_HINT}") from None
         scheduler = DDPMScheduler.from_config(sched_cfg).to(device)
-        return cls(model, tokenizer, scheduler, spec)
+        return cls(model, tokenizer, scheduler, spec, train_config)
 
     @classmethod
     def from_components(
@@ -167,7 +172,9 @@ class TextToImagePipeline:
         """Write the pipeline as a model folder (the module docstring's four files), which :meth:`from_pretrained`,
         ``cli.py sample --model`` and the evaluate stage read; returns its path. train_config.json holds what
         they read: ``scheduler`` (the noise schedule's config), ``image_size`` (the default side) and
-        ``denoising_type``; not the training settings, which a pipeline does not know.
+        ``denoising_type``, taken from the pipeline's parts as they are now; beside them, the training settings of
+        the folder it was loaded from (the train section: steps, optimizer, data), which parts in memory do not
+        know.
 
         Atomic, as the train stage's export: the files go to a temporary folder beside it that replaces the old
         folder when complete (``atomic.staged_dir``), so an interrupted save leaves the old folder or the
@@ -180,8 +187,8 @@ class TextToImagePipeline:
         from diffusion import atomic
         from diffusion.data.tokenizer import save_tokenizer
 
-        train_config = {"scheduler": _schedule_config(self.scheduler), "image_size": self.spec.image_size,
-                        "denoising_type": self.model.denoising_type}
+        train_config = {**self.train_config, "scheduler": _schedule_config(self.scheduler),
+                        "image_size": self.spec.image_size, "denoising_type": self.model.denoising_type}
         atomic.check_replaceable(save_directory, MODEL_FILES, "save_pretrained")
         with atomic.staged_dir(save_directory) as tmp:
             self.model.save_pretrained(tmp)
