@@ -1,5 +1,10 @@
 """StepMeans: the training values logged, drawn and reported are means over each logging window and every rank."""
 
+import json
+import socket
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -83,7 +88,7 @@ def test_means_over_the_window_s_micro_batches_reach_the_logger_the_curve_and_la
 def _trainer(step, reduce=lambda t, **k: t, logger=None, accumulate=1):
     """What StepMeans reads of a Trainer at optimizer step `step`."""
     return SimpleNamespace(global_step=step, accumulate_grad_batches=accumulate, max_steps=-1, optimizers=[],
-                           strategy=SimpleNamespace(reduce=reduce, root_device=torch.device("cpu")),
+                           world_size=1, strategy=SimpleNamespace(reduce=reduce, root_device=torch.device("cpu")),
                            loggers=[logger] if logger else [])
 
 
@@ -108,19 +113,19 @@ def _feed(means, steps, values_at, reduce=lambda t, **k: t):
 
 
 def test_the_means_are_averaged_over_the_ranks_in_one_collective():
-    """Each rank's window means go through strategy.reduce once, stacked, and the reduced values are logged:
-    here the other rank's means are 1 higher than this one's."""
+    """Each rank's window sums and counts go through strategy.reduce once, stacked, and their totals' ratios are
+    logged: here another rank had 3 micro-batches (summing 60 and 9) to this one's 2."""
     calls = []
 
     def reduce(t, reduce_op):
         calls.append((t.clone(), reduce_op))
-        return (t + (t + 1)) / 2
+        return t + torch.tensor([60.0, 9.0, 3.0, 3.0])
 
     logged = _feed(StepMeans(every_n_steps=2), [1, 2], lambda s: {"loss": torch.tensor(float(s)),
                                                                     "aux": torch.tensor(10.0 * s)}, reduce)
-    assert len(calls) == 1 and calls[0][1] == "mean"
-    assert calls[0][0].tolist() == [15.0, 1.5]  # the local means, in name order: aux, loss
-    assert logged == [{"train/aux": 15.5, "train/loss": 2.0}]
+    assert len(calls) == 1 and calls[0][1] == "sum"
+    assert calls[0][0].tolist() == [30.0, 3.0, 2.0, 2.0]  # the local sums in name order (aux, loss), the counts
+    assert logged == [{"train/aux": 18.0, "train/loss": pytest.approx(2.4)}]  # (30 + 60) / 5, (3 + 9) / 5
 
 
 def test_a_value_that_appears_mid_window_is_averaged_over_the_batches_that_had_it():
@@ -191,15 +196,15 @@ def test_a_step_s_means_are_logged_before_that_step_s_checkpoint_is_written(tmp_
 
 def test_under_ddp_every_rank_resumes_from_the_ranks_mean_of_the_open_window():
     """Only rank 0's checkpoint is written: with its own open sums in it, every rank resumed with rank 0's (the
-    window's mean came out 5.0 here instead of 7.5). The checkpoint holds the ranks' mean, which gives every rank's
-    window the uninterrupted mean over the ranks."""
+    window's mean came out 5.0 here instead of 7.5). The checkpoint holds the ranks' mean sums and counts, which give
+    the window the uninterrupted mean over the ranks."""
     values = [{s: {"loss": torch.tensor(10.0 * rank + s)} for s in range(1, 5)} for rank in (0, 1)]
     expected = sum(float(v["loss"]) for per_rank in values for v in per_rank.values()) / 8  # 7.5
 
     before = [StepMeans(every_n_steps=4), StepMeans(every_n_steps=4)]
     for rank, means in enumerate(before):
         _feed(means, [1, 2], values[rank].get)  # killed after step 2, inside the window
-    other = before[1].sums["loss"].reshape(1)
+    other = torch.stack([before[1].sums["loss"], torch.tensor(float(before[1].counts["loss"]))])  # sums, counts
     before[0]._strategy = SimpleNamespace(root_device=torch.device("cpu"),
                                           reduce=lambda t, reduce_op: (t + other) / 2)  # the collective of 2 ranks
     state = torch.load(_saved(before[0].state_dict()), weights_only=False)
@@ -209,7 +214,8 @@ def test_under_ddp_every_rank_resumes_from_the_ranks_mean_of_the_open_window():
         resumed = StepMeans(every_n_steps=4)
         resumed.load_state_dict(state)
         _feed(resumed, [3, 4], values[rank].get, reduce=lambda t, **k: window_means.append(t.clone()) or t)
-    assert float(sum(window_means) / 2) == expected
+    total_sum, total_count = sum(window_means).tolist()  # what the collective's sum over the two ranks gives
+    assert total_sum / total_count == expected
 
 
 def test_a_finished_run_s_checkpoint_holds_its_last_window(tmp_path):
@@ -254,3 +260,86 @@ def test_the_learning_rate_logged_is_the_one_the_window_s_last_step_ran_at():
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Scheduled(), torch.utils.data.DataLoader(torch.arange(64.0), batch_size=1))
     assert [values["train/lr"] for _, values in logger.logged if values] == [0.5, 0.25]
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import io, json, sys
+    from types import SimpleNamespace
+    import torch, torch.distributed as dist
+    from diffusion.training.step_means import StepMeans
+
+    rank, port = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def reduce(t, reduce_op):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / 2
+
+    strategy = SimpleNamespace(reduce=reduce, root_device=torch.device("cpu"), world_size=2)
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    module = SimpleNamespace(automatic_optimization=True)
+
+    def values(step):
+        # Rank 1 alone returns "extra" (a term of some batches only), and at step 2 rank 0 returns nothing at all.
+        if rank == 0:
+            return {} if step == 2 else {"loss": torch.tensor(float(step))}
+        return {"loss": torch.tensor(10.0 * step), "extra": torch.tensor(100.0 * step)}
+
+    def feed(means, steps):
+        for step in steps:
+            trainer = SimpleNamespace(global_step=step - 1, accumulate_grad_batches=1, max_steps=-1, optimizers=[],
+                                      world_size=2, strategy=strategy, loggers=[logger])
+            means.on_train_batch_start(trainer)
+            trainer.global_step = step
+            means.on_train_batch_end(trainer, module, values(step), None, step - 1)
+
+    whole = StepMeans(every_n_steps=4)
+    whole.setup(SimpleNamespace(strategy=strategy), module, "fit")
+    feed(whole, range(1, 5))
+    # Killed after step 3 and resumed: every rank loads the checkpoint rank 0 wrote.
+    first = StepMeans(every_n_steps=4)
+    first.setup(SimpleNamespace(strategy=strategy), module, "fit")
+    feed(first, range(1, 4))
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    state = [buffer.getvalue()]
+    dist.broadcast_object_list(state, src=0)
+    resumed = StepMeans(every_n_steps=4)
+    resumed.load_state_dict(torch.load(io.BytesIO(state[0]), weights_only=False))
+    feed(resumed, [4])
+    dist.destroy_process_group()
+    print(json.dumps({"rank": rank, "whole": whole.last, "resumed": resumed.last}))
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_values_only_some_ranks_return_are_averaged_over_those_ranks_without_a_hang():
+    """Each window's means are one collective over one value per name: a rank that returned a value the others did
+    not stacked more values than they did, and the collective waited forever. Now the ranks agree on the names
+    first, and a value is averaged over the ranks that returned it (2 real gloo processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(r), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=100)
+            assert proc.returncode == 0, err[-2000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    # loss: the mean over the 7 micro-batches that returned it (rank 0's steps 1, 3, 4 and rank 1's 10 to 40);
+    # extra: over rank 1's 4 alone.
+    expected = {"loss": (1 + 3 + 4 + 10 + 20 + 30 + 40) / 7, "extra": 250.0}
+    for r in results:
+        assert r["whole"] == pytest.approx(expected, rel=1e-6)
+        # Resumed mid-window from rank 0's checkpoint, which holds the ranks' mean sums and counts.
+        assert r["resumed"] == pytest.approx(r["whole"], rel=1e-6)

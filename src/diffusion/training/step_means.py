@@ -9,8 +9,8 @@ process's loss (``accelerator.gather(loss).mean()``) averaged over the accumulat
 whole logging interval.
 
 `StepMeans` sums each scalar the training step returns on its device at every micro-batch (an addition, no host
-sync), and at every ``log_every_n_steps``-th optimizer step divides by the micro-batches counted, averages over the
-ranks in one collective, logs the means (``train/<name>``, to the Trainer's loggers) and keeps the loss's as a
+sync), and at every ``log_every_n_steps``-th optimizer step adds the sums and the micro-batches counted over the ranks
+in one collective, divides, logs the means (``train/<name>``, to the Trainer's loggers) and keeps the loss's as a
 point of the curve that ``dvc plots`` draws; the steps after the last multiple, when training ends, make a last
 window. Its sums and points travel in the checkpoint, so a resumed run logs what an uninterrupted one logs, to the
 bit.
@@ -116,15 +116,27 @@ class StepMeans(Callback):
         # final figures reach the end of training; closed here, before the final checkpoint is written (a rerun of
         # the finished run resumes from it and runs no training hook at all).
         final = trainer.max_steps is not None and 0 < trainer.max_steps <= step
-        if self.every and step != self._step_before and (step % self.every == 0 or final) and self.sums:
+        if self.every and step != self._step_before and (step % self.every == 0 or final) and self._open(trainer):
             self._close_window(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Training that stopped before max_steps (max_epochs, a requested stop): its steps since the last window.
-        if self.every and self.sums:
+        if self.every and self._open(trainer):
             self._close_window(trainer)
         if trainer.is_global_zero and self.path is not None:
             self.write()
+
+    def _stacked(self, names: list[str], device: Any) -> torch.Tensor:
+        """This rank's sums of `names`, then their counts, as one tensor for one collective; a value this rank did
+        not return counts as a sum of 0 over 0 micro-batches."""
+        zero = torch.zeros((), device=device)
+        counts = torch.tensor([float(self.counts.get(n, 0)) for n in names]).to(device)  # one copy to the device
+        return torch.cat([torch.stack([self.sums.get(n, zero) for n in names]), counts])
+
+    def _open(self, trainer: pl.Trainer) -> bool:
+        """Whether there is a window to close: values to average, or, under DDP, possibly on another rank (the
+        close is a collective, which every rank must enter or none)."""
+        return bool(self.sums) or trainer.world_size > 1
 
     def _close_window(self, trainer: pl.Trainer) -> None:
         """Average the open window over its micro-batches and every rank (a collective: every rank calls this at the
@@ -133,9 +145,13 @@ class StepMeans(Callback):
         Logged to the Trainer's loggers here, not through ``self.log``: this runs first among the callbacks, so a
         checkpoint saved at this step (ModelCheckpoint runs last) never holds a point that MLflow lacks. Through
         Lightning the metrics reached the logger after the checkpoint, and a kill between the two lost the point."""
-        names = sorted(self.sums)  # the same order on every rank: one collective for every value
-        local = torch.stack([self.sums[n] / self.counts[n] for n in names])
-        means = trainer.strategy.reduce(local, reduce_op="mean")
+        names = _names_on_every_rank(sorted(self.sums), trainer.world_size)
+        if not names:  # no rank returned a value in this window (the same answer on every rank)
+            return
+        totals = trainer.strategy.reduce(self._stacked(names, trainer.strategy.root_device), reduce_op="sum")
+        # Each value's sum over every rank's micro-batches that returned it, over their number: the mean of the
+        # ranks' means when they agree (the same count on each), and right when some ranks lack the value.
+        means = totals[:len(names)] / totals[len(names):]
         self.last = dict(zip(names, means.tolist()))  # one host sync per window, where Lightning's logging had one
         if "loss" in self.last:
             self.points.append((trainer.global_step, self.last["loss"]))
@@ -180,23 +196,42 @@ class StepMeans(Callback):
         continues its sums.
 
         Under DDP each rank's open sums differ and only rank 0's checkpoint is written, so the checkpoint holds their
-        mean over the ranks (a collective: Lightning builds the checkpoint on every rank), which every rank resumes
-        from. The window's mean over the ranks, (1/W) sum_r (S_r + R_r) / n, is then what it would have been
-        uninterrupted, up to the order of floating-point additions; on one process it is the same to the bit."""
-        names = sorted(self.counts)  # equal on every rank, like the collective's shape
+        mean over the ranks, and their counts' (a collective: Lightning builds the checkpoint on every rank), which
+        every rank resumes from. The window's mean, sum_r (S/W + R_r) / sum_r (C/W + c_r) = (S + R) / (C + c), S and C
+        the sums and counts of every rank before the checkpoint, is then what it would have been uninterrupted, up to
+        the order of floating-point additions; on one process it is the same to the bit."""
+        names = _names_on_every_rank(sorted(self.counts), getattr(self._strategy, "world_size", 1))
         sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, float] = {}
         if names:
-            local = torch.stack([self.sums[n] for n in names])
+            local = self._stacked(names, self._strategy.root_device if self._strategy is not None else None)
             if self._strategy is not None:
                 local = self._strategy.reduce(local, reduce_op="mean")
-            sums = dict(zip(names, local.cpu()))
-        return {"points": list(self.points), "last": dict(self.last), "counts": dict(self.counts), "sums": sums}
+            local = local.cpu()
+            sums = dict(zip(names, local[:len(names)]))
+            counts = {n: int(c) if float(c).is_integer() else float(c) for n, c in zip(names, local[len(names):])}
+        return {"points": list(self.points), "last": dict(self.last), "counts": counts, "sums": sums}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.points = [tuple(p) for p in state_dict["points"]]
         self.last = dict(state_dict.get("last", {}))
         self.counts = dict(state_dict.get("counts", {}))
         self.sums = dict(state_dict.get("sums", {}))
+
+
+def _names_on_every_rank(names: list[str], world_size: int) -> list[str]:
+    """The union of every rank's value names, sorted. The collectives that follow stack one sum and one count per
+    name, and a rank whose stack is shorter (a training step that returns a value on some ranks only, e.g. a term
+    computed when a batch holds some kind of sample) would leave the others waiting forever; with the union every
+    rank stacks the same names. One small gather of the names per window, where the means are read back anyway;
+    none on one process (or on a strategy with one rank, whose reduce is no collective)."""
+    import torch.distributed as dist
+
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return names
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, names)
+    return sorted(set().union(*(g or () for g in gathered)))
 
 
 def step_means(trainer: pl.Trainer) -> StepMeans:
