@@ -4,8 +4,8 @@ The model folder is built here, at tiny sizes with random weights, in the layout
 (config.json, model.pt, tokenizer.json, train_config.json), so these tests need no earlier stage.
 """
 
-import dataclasses
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -153,7 +153,10 @@ def test_prompt_warnings(pipe):
     long = "a red circle in the top left and a blue square in the center"
     messages = pipe.check_prompts(["", "a zebra circle", long, PROMPTS[0]])
     assert len(messages) == 3
-    assert "unconditional" in messages[0] and "'zebra'" in messages[1] and "truncated" in messages[2]
+    assert "unconditional" in messages[0] and "truncated" in messages[2]
+    # Only the unseen character is [UNK]; the rest of the word is spelled in pieces.
+    assert messages[1].endswith("read as [UNK]: 'z' in 'zebra'"), messages[1]
+    assert pipe.check_prompts(["a red ✓"])[0].endswith("read as [UNK]: '✓'")
     # Negative prompts are read by the same tokenizer; an empty one is the default, not news.
     messages = pipe.check_prompts(PROMPTS, ["", "a zebra"], guidance=3.0)
     assert len(messages) == 1 and messages[0].startswith("negative prompt 2 ('a zebra')") and "'zebra'" in messages[0]

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from diffusion.data.tokenizer import (
     BOS_ID, EOS_ID, PAD_ID, UNK_ID, encode, load_tokenizer, null_tokens, save_tokenizer, train_tokenizer,
-    unknown_words,
+    unknown_characters, unknown_words,
 )
 
 CAPTIONS = [
@@ -93,3 +93,5 @@ def test_text_spelling_a_special_token_is_ordinary_text(tok, tmp_path):
 def test_unknown_words(tok):
     assert unknown_words(tok, "a red circle") == []
     assert unknown_words(tok, "a ✓ red zebra") == ["✓", "zebra"]  # no 'z' in the training captions
+    assert unknown_characters(tok, "Zebraz") == ["z"]  # as normalized (lowercased), once
+    assert unknown_characters(tok, "red") == []

@@ -310,7 +310,7 @@ def sample(
 
     Reads the train stage's model folder (default <train.out_dir>, from `python cli.py train`) or a model
     registered in MLflow by the evaluate stage. Options are checked before the model is loaded; an empty
-    prompt, words outside the vocabulary and prompts over the tokenizer's length only warn.
+    prompt, characters outside the vocabulary and prompts over the tokenizer's length only warn.
     """
     from diffusion.model_spec import ModelNotFoundError, ModelSpec, SampleOptionError, check_device
     from diffusion.pipeline_model import TextToImagePipeline, images_to_grid

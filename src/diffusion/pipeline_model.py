@@ -58,7 +58,7 @@ def _untruncated(tokenizer: Any) -> Any:
 
 
 def prompt_warnings(tokenizer: Any, prompts: Sequence[str], kind: str = "prompt") -> list[str]:
-    """What the model will not see as written: empty prompts (unconditional), words outside the vocabulary
+    """What the model will not see as written: empty prompts (unconditional), characters outside the vocabulary
     (``[UNK]``), prompts longer than the tokenizer's ``max_length`` (truncated; counted before truncation).
     `kind` names them in the messages; an empty ``"negative prompt"`` is the default null caption, not news."""
     from diffusion.data.tokenizer import max_length_of, unknown_words
@@ -74,11 +74,24 @@ def prompt_warnings(tokenizer: Any, prompts: Sequence[str], kind: str = "prompt"
             continue
         unknown = unknown_words(tokenizer, prompt)
         if unknown:
-            out.append(f"{name}: words outside the vocabulary, read as [UNK]: {', '.join(map(repr, unknown))}")
+            # BPE spells any word of known characters in pieces; only unseen characters become [UNK].
+            parts = [_unknown_part(tokenizer, word) for word in unknown]
+            out.append(f"{name}: characters outside the vocabulary (never in the training captions), read as "
+                       f"[UNK]: {', '.join(parts)}")
         n = len(counter.encode(prompt).ids)  # [BOS] and [EOS] included, as max_length counts them
         if n > limit:
             out.append(f"{name} has {n} tokens, over the maximum of {limit}: it is truncated")
     return out
+
+
+def _unknown_part(tokenizer: Any, word: str) -> str:
+    """``'z' in 'zebra'``, or ``'✓'`` for a word that is all unknown characters."""
+    from diffusion.data.tokenizer import unknown_characters
+
+    chars = unknown_characters(tokenizer, word)
+    if "".join(chars) == tokenizer.normalizer.normalize_str(word):
+        return repr(word)
+    return f"{', '.join(map(repr, chars))} in {word!r}"
 
 
 class TextToImagePipeline:

@@ -166,3 +166,14 @@ def unknown_words(tok: Tokenizer, text: str) -> list[str]:
         if any(t.id == UNK_ID for piece, _ in pieces for t in tok.model.tokenize(piece)):
             unknown.append(word)
     return unknown
+
+
+def unknown_characters(tok: Tokenizer, word: str) -> list[str]:
+    """The characters of `word` (as the tokenizer normalizes it, e.g. lowercased) that it reads as ``[UNK]``, in
+    order, each once: the part of an :func:`unknown_words` word the model cannot see. The rest of the word is
+    still spelled in subword pieces."""
+    seen: list[str] = []
+    for char in tok.normalizer.normalize_str(word):
+        if char.strip() and char not in seen and any(t.id == UNK_ID for t in tok.model.tokenize(char)):
+            seen.append(char)
+    return seen
