@@ -16,6 +16,7 @@ output (or none); a rerun with the same inputs writes byte-identical files.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -118,6 +119,15 @@ def _latent_shape(folder: Path) -> list[int]:
     return list(first["mean"].shape) if first is not None else []
 
 
+def _as_recorded(path: str) -> str:
+    """`path` as the manifest records it: relative to the working folder (the project root under DVC) when it lies
+    inside it, normalised, so that ``models/vae``, ``./models/vae/`` and its absolute path give one manifest (a
+    different one would be new bytes for DVC to hash, and make every later stage run again)."""
+    # abspath, not resolve(): a DVC cache of type symlink makes models/vae a link into .dvc/cache.
+    absolute, here = Path(os.path.abspath(path)), Path(os.path.abspath("."))
+    return absolute.relative_to(here).as_posix() if absolute.is_relative_to(here) else absolute.as_posix()
+
+
 def _manifest(
     cfg: EncodeLatentsConfig, written: dict[str, ShardList], tmp: Path, scale: Any, shift: Any
 ) -> dict[str, Any]:
@@ -130,7 +140,7 @@ def _manifest(
         "dtype": "float16",
         "members": ["mean.npy", "logvar.npy", "txt", "json"],
         "vae": {
-            "dir": cfg.vae_dir,
+            "dir": _as_recorded(cfg.vae_dir),
             "encoder_sha256": encoder_digest(cfg.vae_dir),  # which VAE made them: the train stage checks it
             # For reference only: the loader takes scale and shift from the VAE itself (pitfall 4).
             "latent_scale": torch.as_tensor(scale).tolist(),

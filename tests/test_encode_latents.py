@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -105,8 +106,12 @@ def test_mlflow_run_has_params_and_counts(project):
 
 
 def test_rerun_is_byte_identical(project):
-    run_cli(["encode-latents"], project["root"], project["env"])
+    """Also when the VAE's folder is typed another way: the manifest records the path normalised."""
+    vae = project["root"] / "models/vae"
+    run_cli(["encode-latents", "-S", f"encode_latents.vae_dir={vae}/"], project["root"], project["env"])
     assert _hashes(project["root"] / "data/latents") == project["hashes"]
+    manifest = json.loads((project["root"] / "data/latents/manifest.json").read_text())
+    assert manifest["vae"]["dir"] == "models/vae"
 
 
 def test_posterior_is_the_vaes_encoding(project):
