@@ -12,7 +12,8 @@ Every sampler steps from each listed timestep to the *next listed* one, so the n
 at the noise level x is at. diffusers' DDPM and DPM-Solver do the same; diffusers' DDIM instead steps to
 ``t - T // num_steps``, which differs from the next listed timestep for "linspace" and for step counts that
 do not divide T (an off-by-one of the kind pitfall 7 warns about). Where T // num_steps is the gap
-("leading" and "trailing" with num_steps dividing T) the two agree exactly.
+("leading" and "trailing" with num_steps dividing T) the two agree exactly. Image to image (SDEdit) runs
+the tail of that list, :func:`img2img_timesteps`, from the input's latents noised to its first timestep.
 
 Precision: the update arithmetic runs in x's dtype (tables are read in that dtype). Keep x in float32 (or
 float64) and put mixed precision inside `model_fn` (autocast); the raw output is cast to x's dtype.
@@ -83,6 +84,42 @@ def make_timesteps(scheduler: DDPMScheduler, num_steps: int, spacing: Spacing = 
     else:
         raise ValueError(f"spacing: expected one of {', '.join(map(repr, SPACINGS))}, got {spacing!r}")
     return torch.from_numpy(ts.copy())
+
+
+def check_strength(strength: float) -> float:
+    """`strength` if it is a number in (0, 1]; else ValueError naming it."""
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength: expected a number in (0, 1] (1: start from pure noise), got {strength!r}")
+    return strength
+
+
+def img2img_steps(num_steps: int, strength: float) -> int:
+    """How many of `num_steps` steps image-to-image runs at `strength`: int(num_steps * strength), as diffusers'
+    ``StableDiffusionImg2ImgPipeline.get_timesteps`` (truncated, so 0.29 of 100 steps runs 28: the float 0.29 is
+    just under). Raises ValueError naming `strength` outside (0, 1], or so small that no step would run."""
+    run = min(int(num_steps * check_strength(strength)), num_steps)
+    if run < 1:
+        raise ValueError(f"strength: {strength} of {num_steps} steps runs int({num_steps} * {strength}) = 0 steps; "
+                         f"give a strength of at least 1/{num_steps} = {1 / num_steps:.3g}, or more steps")
+    return run
+
+
+def img2img_timesteps(
+    scheduler: DDPMScheduler, num_steps: int, strength: float, spacing: Spacing = "trailing"
+) -> Tensor:
+    """The last :func:`img2img_steps` of the `num_steps` timesteps of :func:`make_timesteps`: image to image.
+
+    SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential
+    Equations", sec. 3): noise the input's latents x_0 to an intermediate time t_0 with q(x_t0 | x_0) (Ho et al.
+    2020 eq. 4, ``scheduler.add_noise``) and run the reverse process from there. Here t_0 is the first returned
+    timestep, ``make_timesteps(...)[num_steps - run]``, as diffusers' img2img pipeline picks it. `strength`
+    (SDEdit's t_0 in [0, 1]) trades fidelity to the input for fidelity to the prompt: near 0 little noise is
+    added and the output stays close to the input (realism and prompt count for little); at 1 the input is
+    noised to timesteps[0], T-1 with "trailing" spacing, where sqrt(alpha-bar_{T-1}) of it remains: 0.068 with
+    Stable Diffusion's schedule, none with a zero-terminal-SNR one (Lin et al. 2023), where it is text to image.
+    """
+    timesteps = make_timesteps(scheduler, num_steps, spacing)
+    return timesteps[num_steps - img2img_steps(num_steps, strength):]
 
 
 def _timestep_list(scheduler: DDPMScheduler, timesteps: Tensor | list[int]) -> list[int]:
@@ -245,6 +282,29 @@ def sample_dpmpp_2m(
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp_2m}
 
 
+def run_sampler(
+    name: str,
+    model_fn: ModelFn,
+    x: Tensor,
+    scheduler: DDPMScheduler,
+    timesteps: Tensor | list[int],
+    *,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Run sampler `name` over the descending `timesteps` from x (B, C, H, W) at timesteps[0]; return x_0.
+    `eta` is used by "ddim", `generator` by "ddpm" and by "ddim" with eta > 0; "dpmpp" is deterministic."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {', '.join(map(repr, SAMPLERS))}, got {name!r}")
+    kwargs: dict = {"callback": callback}
+    if name in ("ddpm", "ddim"):
+        kwargs["generator"] = generator
+    if name == "ddim":
+        kwargs["eta"] = eta
+    return SAMPLERS[name](model_fn, x, scheduler, timesteps, **kwargs)
+
+
 def sample(
     name: str,
     model_fn: ModelFn,
@@ -263,17 +323,11 @@ def sample(
     pure-noise input, for every num_steps ("leading" never starts there; "linspace" does from num_steps 2),
     and its steps are evenly spaced up to that end (Lin et al. 2023 sec. 3.3). "ddpm" with num_steps ==
     num_timesteps is the full ancestral chain (every spacing gives T-1..0 then). `eta` is used by "ddim",
-    `generator` by "ddpm" and by "ddim" with eta > 0; "dpmpp" is deterministic.
+    `generator` by "ddpm" and by "ddim" with eta > 0; "dpmpp" is deterministic. Image to image runs the
+    tail of the same schedule: :func:`img2img_timesteps` with :func:`run_sampler`.
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler: expected one of {', '.join(map(repr, SAMPLERS))}, got {name!r}")
     timesteps = make_timesteps(scheduler, num_steps, spacing)
-    kwargs: dict = {"callback": callback}
-    if name in ("ddpm", "ddim"):
-        kwargs["generator"] = generator
-    if name == "ddim":
-        kwargs["eta"] = eta
-    return SAMPLERS[name](model_fn, x, scheduler, timesteps, **kwargs)
+    return run_sampler(name, model_fn, x, scheduler, timesteps, generator=generator, eta=eta, callback=callback)
 
 
 # --------------------------------------------------------------------------------------------------

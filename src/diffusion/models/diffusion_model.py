@@ -50,7 +50,14 @@ from diffusion.models.layers import reuse_text_keys_values
 from diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion.models.unet import UNet, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
-from diffusion.samplers import SAMPLERS, ModelFn, StepCallback, classifier_free_guidance, sample
+from diffusion.samplers import (
+    SAMPLERS,
+    ModelFn,
+    StepCallback,
+    classifier_free_guidance,
+    img2img_timesteps,
+    run_sampler,
+)
 
 DENOISERS: dict[str, tuple[type[Config], type[nn.Module]]] = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}
 
@@ -279,6 +286,25 @@ class LatentDiffusionModel(nn.Module):
                 or guidance < 0:
             raise ValueError(f"guidance_scale: expected a finite number >= 0, got {guidance!r}")
 
+    @staticmethod
+    def _img2img_schedule(
+        scheduler: Any, steps: int, init_latents: torch.Tensor | None, strength: Any, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """The timesteps :meth:`generate` runs (all `steps` of the "trailing" schedule for text to image), with
+        `init_latents` and `strength` checked against the latent `shape` (B, C, h, w) first. Raises ValueError."""
+        if init_latents is None:
+            if strength != 1.0:
+                raise ValueError(f"strength: {strength!r} needs init_latents (image to image); text to image starts "
+                                 "from pure noise, strength 1")
+            return img2img_timesteps(scheduler, steps, 1.0)
+        if not isinstance(init_latents, torch.Tensor) or tuple(init_latents.shape) != shape \
+                or not init_latents.is_floating_point():
+            what = f"a {init_latents.dtype} tensor of shape {tuple(init_latents.shape)}" \
+                if isinstance(init_latents, torch.Tensor) else type(init_latents).__name__
+            raise ValueError(f"init_latents: expected a float tensor of shape {shape} (one latent per caption, "
+                             f"encode_images of the image size), got {what}")
+        return img2img_timesteps(scheduler, steps, strength)
+
     def _model_fn(
         self, tokens: torch.Tensor, uncond_tokens: torch.Tensor | None, guidance_scale: float, guidance_rescale: float
     ) -> ModelFn:
@@ -321,8 +347,10 @@ class LatentDiffusionModel(nn.Module):
         guidance_rescale: float = 0.0,
         uncond_tokens: torch.Tensor | None = None,
         callback: StepCallback | None = None,
+        init_latents: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
-        """Text to images.
+        """Text to images, or (with `init_latents`) images and text to images (SDEdit, Meng et al. 2022).
 
         Args:
             text_tokens: (B, T) long, tokenized captions (``[BOS] ... [EOS] [PAD]*``).
@@ -337,6 +365,13 @@ class LatentDiffusionModel(nn.Module):
             guidance_rescale: Lin et al. 2023 sec. 3.4 rescaling of the guided prediction (0: off).
             uncond_tokens: (B, T) or (1, T) negative prompt; default the null caption (as in training).
             callback: ``callback(i, t, x, x0)`` after each step (diffusion.samplers.StepCallback).
+            init_latents: (B, C, H/f, W/f) diffusion-space latents of input images (``encode_images``; the
+                posterior mean keeps the generator's draws those of text to image) for image to image: noised
+                to the first of the last int(num_inference_steps * strength) timesteps of the schedule, from
+                which the sampler runs those steps (diffusers' ``StableDiffusionImg2ImgPipeline``).
+            strength: in (0, 1], with `init_latents` only: how much of the schedule runs, i.e. how much of the
+                input is noised away; low keeps the input, 1 all but forgets it (all of it with a
+                zero-terminal-SNR schedule; ``samplers.img2img_timesteps``).
         Returns:
             (B, 3, H, W) float images in [0, 1].
         """
@@ -344,17 +379,24 @@ class LatentDiffusionModel(nn.Module):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
         self._check_sampling_args(text_tokens, scheduler, num_inference_steps, guidance_scale)
+        f = self.vae.downsample_factor
+        shape = (text_tokens.shape[0], self.vae.cfg.latent_dim, H // f, W // f)  # (B, C, h, w)
+        timesteps = self._img2img_schedule(scheduler, num_inference_steps, init_latents, strength, shape)
         was_training = self.training
         self.eval()
         try:
             tokens = text_tokens.to(self.device)
             model_fn = self._model_fn(tokens, uncond_tokens, guidance_scale, guidance_rescale)
-            f = self.vae.downsample_factor
-            x_T = _randn((tokens.shape[0], self.vae.cfg.latent_dim, H // f, W // f), generator, self.device)
+            # x_T, or SDEdit's noise: the same draws in the same order, so that at strength 1 with a zero-terminal-
+            # SNR schedule (alpha-bar_{T-1} = 0, add_noise returns the noise itself) image to image is text to image.
+            x = _randn(shape, generator, self.device)
+            if init_latents is not None:  # x_t0 ~ q(x_t0 | x_0), Ho et al. 2020 eq. 4 (SDEdit sec. 3)
+                t_0 = timesteps[:1].expand(shape[0]).to(self.device)  # (B,)
+                x = scheduler.add_noise(init_latents.to(self.device, x.dtype), x, t_0)
             # The text is the same at every step: its cross-attention keys and values are projected once.
             with reuse_text_keys_values(self.denoiser):
-                x_0 = sample(sampler, model_fn, x_T, scheduler, num_inference_steps,
-                             generator=generator, eta=eta, callback=callback)
+                x_0 = run_sampler(sampler, model_fn, x, scheduler, timesteps,
+                                  generator=generator, eta=eta, callback=callback)
             return (self.decode_latents(x_0) + 1.0) / 2.0  # [-1, 1] -> [0, 1]
         finally:
             self.train(was_training)

@@ -1,0 +1,138 @@
+"""Image to image (SDEdit, Meng et al. 2022) in the library: the schedule's tail against diffusers, the noised
+start, strength 1 as text to image, and closeness to the input.
+
+The tiny model comes from tests/test_sample.py (random weights; its VAE round trip is not an image's, so closeness
+to the input is measured on latents).
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_sample import PROMPTS, SIDE, schedule_not_default, tiny_parts
+
+from diffusion.data.tokenizer import encode
+from diffusion.models.diffusion_model import _randn
+from diffusion.samplers import img2img_timesteps, make_timesteps
+from diffusion.scheduler import DDPMScheduler
+
+LATENT = (4, SIDE // 4, SIDE // 4)  # (C, h, w) of a SIDE image: the tiny VAE's factor is 4
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: two OpenMP threads on 2 busy cores crawl
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_parts()
+
+
+def generate(parts, scheduler, **kw) -> torch.Tensor:
+    """LatentDiffusionModel.generate of the tiny `parts` (model, tokenizer): two prompts, 10 steps, seed 0."""
+    model, tok = parts
+    args = {"text_tokens": encode(tok, PROMPTS), "scheduler": scheduler, "num_inference_steps": 10,
+            "guidance_scale": 3.0, "image_size": SIDE, "generator": torch.Generator().manual_seed(0)}
+    return model.generate(**{**args, **kw})
+
+
+def init_latents(seed: int = 1) -> torch.Tensor:
+    return torch.randn(len(PROMPTS), *LATENT, generator=torch.Generator().manual_seed(seed))  # (B, C, h, w)
+
+
+# ---- the schedule and the library -----------------------------------------------------------------------
+
+
+def test_img2img_timesteps_match_diffusers():
+    """diffusers' StableDiffusionImg2ImgPipeline.get_timesteps on its DDIM schedule ("trailing", as ours)."""
+    import diffusers
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+        StableDiffusionImg2ImgPipeline,
+    )
+
+    ours = DDPMScheduler(num_timesteps=1000)
+    ref = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing", steps_offset=0)
+    for n, strength in ((50, 0.8), (50, 1.0), (20, 0.3), (7, 0.5), (100, 0.29), (10, 0.1), (1, 1.0)):
+        ref.set_timesteps(n)
+        expected, count = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=ref), n, strength,
+                                                                        "cpu")
+        got = img2img_timesteps(ours, n, strength)
+        assert got.tolist() == expected.tolist() and len(got) == count, (n, strength)
+        assert got.tolist() == make_timesteps(ours, n)[n - count:].tolist()  # the tail of text to image's
+    assert len(img2img_timesteps(ours, 100, 0.29)) == 28  # int() truncates 28.999...: diffusers' count, kept
+
+
+@pytest.mark.parametrize(("steps", "strength", "runs"), [(10, 1.0, 10), (10, 0.5, 5), (10, 0.25, 2), (4, 0.8, 3),
+                                                          (7, 0.3, 2), (3, 0.34, 1)])
+def test_steps_run_and_first_timestep(parts, steps, strength, runs):
+    scheduler = DDPMScheduler(num_timesteps=1000)
+    seen = []
+    generate(parts, scheduler, num_inference_steps=steps, init_latents=init_latents(), strength=strength,
+             callback=lambda i, t, x, x0: seen.append((i, t)))
+    full = make_timesteps(scheduler, steps).tolist()
+    assert [i for i, _ in seen] == list(range(runs))  # the denoiser ran `runs` steps, numbered from 0
+    assert [t for _, t in seen] == full[steps - runs:]  # the schedule's last `runs` timesteps
+    assert seen[0][1] == full[steps - runs] and (runs == steps or seen[0][1] < 999)
+
+
+def test_the_sampler_starts_from_the_input_noised_to_the_first_timestep(parts, monkeypatch):
+    """x_t0 = sqrt(alpha-bar_t0) x_0 + sqrt(1 - alpha-bar_t0) eps, eps the generator's first draws (text to image's
+    x_T), t0 the first timestep run (Ho et al. 2020 eq. 4; diffusers' prepare_latents)."""
+    import diffusion.models.diffusion_model as dm
+
+    scheduler = DDPMScheduler(num_timesteps=1000)
+    started = {}
+
+    def record(name, model_fn, x, scheduler, timesteps, **kw):
+        started.update(x=x.clone(), timesteps=timesteps.tolist())
+        return x
+
+    monkeypatch.setattr(dm, "run_sampler", record)
+    x0 = init_latents()
+    generate(parts, scheduler, init_latents=x0, strength=0.5)
+    assert started["timesteps"] == make_timesteps(scheduler, 10)[5:].tolist()
+    eps = _randn((len(PROMPTS), *LATENT), torch.Generator().manual_seed(0), torch.device("cpu"))
+    t0 = torch.full((len(PROMPTS),), started["timesteps"][0])
+    assert torch.equal(started["x"], scheduler.add_noise(x0, eps, t0))
+    assert not torch.equal(started["x"], eps)  # the input is in it: alpha-bar_t0 > 0
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp"])
+def test_strength_one_with_zero_terminal_snr_is_text_to_image(parts, sampler):
+    """alpha-bar_{T-1} = 0: add_noise at T-1 returns the noise itself, the draws are x_T's, the timesteps the same;
+    so bit for bit the same images (ddpm also draws at every step, in the same order)."""
+    zero_snr = schedule_not_default()
+    assert zero_snr.alphas_cumprod[-1] == 0
+    t2i = generate(parts, zero_snr, sampler=sampler)
+    assert torch.equal(generate(parts, zero_snr, sampler=sampler, init_latents=init_latents(), strength=1.0), t2i)
+    # Where alpha-bar_{T-1} > 0 (a linear schedule keeps 4e-5 of the signal), the input shows through: not equal.
+    linear = DDPMScheduler(num_timesteps=1000)
+    assert not torch.equal(generate(parts, linear, sampler=sampler, init_latents=3 * init_latents(), strength=1.0),
+                           generate(parts, linear, sampler=sampler))
+
+
+def test_low_strength_stays_closer_to_the_input_latents(parts):
+    """SDEdit's trade-off: the less of the schedule runs, the nearer the result to the input. Measured on the
+    latents the sampler returns (the last step's x, before decoding), whose distance grows with strength."""
+    def final_latents(**kw) -> torch.Tensor:
+        steps = []
+        generate(parts, schedule_not_default(), callback=lambda i, t, x, x_0: steps.append(x), **kw)
+        return steps[-1]  # the last step's x: the sampler's x_0
+
+    x0 = init_latents()
+    for sampler in ("ddim", "ddpm", "dpmpp"):
+        dist = [(final_latents(sampler=sampler, init_latents=x0, strength=s) - x0).pow(2).mean().sqrt().item()
+                for s in (0.1, 0.25, 0.5, 1.0)]
+        assert dist == sorted(dist) and dist[0] < 0.25 * dist[-1], (sampler, dist)
+
+
+def test_the_library_refuses_bad_strength_and_latents(parts):
+    scheduler = DDPMScheduler(num_timesteps=1000)
+    for strength in (0.0, -0.5, 1.5, float("nan"), True, "0.5", 0.05):  # 0.05 of 10 steps runs none
+        with pytest.raises(ValueError, match="^strength: "):
+            generate(parts, scheduler, init_latents=init_latents(), strength=strength)
+    with pytest.raises(ValueError, match=r"strength: 0.5 needs init_latents"):
+        generate(parts, scheduler, strength=0.5)
+    for bad in (init_latents()[:1], torch.zeros(2, 4, 8, 8), init_latents().long(), init_latents().numpy()):
+        with pytest.raises(ValueError, match=r"init_latents: expected a float tensor of shape \(2, 4, 4, 4\)"):
+            generate(parts, scheduler, init_latents=bad, strength=0.5)
+    assert generate(parts, scheduler, init_latents=init_latents(), strength=0.1).shape == (2, 3, SIDE, SIDE)
