@@ -1,18 +1,23 @@
-"""Image to image (SDEdit, Meng et al. 2022) in the library: the schedule's tail against diffusers, the noised
-start, strength 1 as text to image, and closeness to the input.
+"""Image to image (SDEdit, Meng et al. 2022): the schedule's tail against diffusers, the noised start, strength 1
+as text to image, and the pipeline's ``image=``/``strength=``.
 
 The tiny model comes from tests/test_sample.py (random weights; its VAE round trip is not an image's, so closeness
-to the input is measured on latents).
+to the input is measured on latents, and on pixels against the VAE's own reconstruction).
 """
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_sample import PROMPTS, SIDE, schedule_not_default, tiny_parts
 
 from diffusion.data.tokenizer import encode
+from diffusion.input_images import to_model_input
+from diffusion.model_spec import ModelSpec, SampleOptionError
 from diffusion.models.diffusion_model import _randn
+from diffusion.pipeline_model import PromptWarning, TextToImagePipeline
 from diffusion.samplers import img2img_timesteps, make_timesteps
 from diffusion.scheduler import DDPMScheduler
 
@@ -136,3 +141,77 @@ def test_the_library_refuses_bad_strength_and_latents(parts):
         with pytest.raises(ValueError, match=r"init_latents: expected a float tensor of shape \(2, 4, 4, 4\)"):
             generate(parts, scheduler, init_latents=bad, strength=0.5)
     assert generate(parts, scheduler, init_latents=init_latents(), strength=0.1).shape == (2, 3, SIDE, SIDE)
+
+
+# ---- the pipeline ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zero_snr_pipe(parts) -> TextToImagePipeline:
+    """alpha-bar_{T-1} = 0 (Lin et al. 2023), v-prediction: at strength 1 the input is noised away entirely."""
+    model, tok = parts
+    return TextToImagePipeline.from_components(model, tok, schedule_not_default(), image_size=SIDE)
+
+
+def gradient_image(width: int = SIDE, height: int = SIDE) -> Image.Image:
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 127 // (width + height)], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def test_pipeline_strength_one_is_text_to_image_and_low_strength_stays_near_the_image(zero_snr_pipe):
+    pipe, image = zero_snr_pipe, gradient_image(24, 20)  # another size and shape: resized to SIDE x SIDE
+    opts = {"steps": 10, "seed": 3, "progress": False, "num_images_per_prompt": 2}
+    t2i = pipe.generate(PROMPTS, **opts)
+    assert np.array_equal(pipe.generate(PROMPTS, image=image, strength=1.0, **opts), t2i)
+    # Against the VAE's reconstruction of the input (the limit of strength -> 0; the random VAE's round trip is
+    # far from the input itself): mean absolute difference in levels.
+    x = to_model_input([image], (SIDE, SIDE))
+    reconstruction = ((pipe.model.reconstruct(x) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()  # (1, H, W, 3)
+    low, half = (pipe.generate(PROMPTS, image=image, strength=s, **opts) for s in (0.1, 0.5))
+    dist = [np.abs(a.astype(float) - reconstruction).mean() for a in (low, half, t2i)]
+    assert dist[0] < dist[1] < dist[2] and dist[0] < 0.75 * dist[2], dist
+
+
+def test_pipeline_images_for_every_prompt_or_one_per_prompt(zero_snr_pipe, tmp_path):
+    pipe, n = zero_snr_pipe, 2
+    a, b = gradient_image(), gradient_image().transpose(Image.Transpose.ROTATE_90)
+    opts = {"steps": 4, "seed": 3, "progress": False, "num_images_per_prompt": n, "strength": 0.5}
+    shared = pipe.generate(PROMPTS, image=a, **opts)
+    a.save(tmp_path / "a.png")
+    for same in ([a], [a, a], tmp_path / "a.png", str(tmp_path / "a.png"), a.convert("RGBA"), [a, tmp_path / "a.png"]):
+        assert np.array_equal(pipe.generate(PROMPTS, image=same, **opts), shared)
+    # Prompt-major with num_images_per_prompt: prompt 1's images (the last n) come from its own image.
+    per_prompt = pipe.generate(PROMPTS, image=[a, b], **opts)
+    assert np.array_equal(per_prompt[:n], shared[:n]) and not np.array_equal(per_prompt[n:], shared[n:])
+    # Grey: an "L" image is converted to RGB, not refused.
+    assert pipe.generate(PROMPTS[:1], image=a.convert("L"), **opts).shape == (n, SIDE, SIDE, 3)
+
+
+def test_pipeline_refuses_bad_images_and_strengths_naming_them(zero_snr_pipe, tmp_path):
+    pipe, image = zero_snr_pipe, gradient_image()
+    (tmp_path / "notes.png").write_text("not an image")
+    opts = {"steps": 10, "progress": False}
+    for kw, option, words in (
+        ({"image": image, "strength": 0.0}, "strength", "in (0, 1]"),
+        ({"image": image, "strength": 1.01}, "strength", "in (0, 1]"),
+        ({"image": image, "strength": 0.05}, "strength", "runs int(10 * 0.05) = 0 steps"),
+        ({"image": tmp_path / "nowhere.png"}, "image", f"{tmp_path / 'nowhere.png'}: no such file"),
+        ({"image": tmp_path}, "image", "(a folder)"),
+        ({"image": tmp_path / "notes.png"}, "image", f"{tmp_path / 'notes.png'}: cannot read it as an image"),
+        ({"image": [image] * 3}, "image", "a list of 1 or 2 of them"),
+        ({"image": 3}, "image", "expected a PIL image, a path"),
+        ({"image": [image, None]}, "image", "got None"),
+    ):
+        with pytest.raises(SampleOptionError) as err:
+            pipe.generate(PROMPTS, **opts, **kw)
+        assert err.value.option == option and words in str(err.value), str(err.value)
+    spec = ModelSpec(None, 8, SIDE, 50)
+    assert spec.check(steps=10, guidance=3.0, sampler="dpmpp", strength=0.1) == (SIDE, SIDE)
+    with pytest.raises(SampleOptionError, match="strength"):
+        spec.check(steps=10, guidance=3.0, sampler="dpmpp", strength=0.09)
+    # A strength without an image changes nothing: said, and text to image runs (the default 0.8 is no request).
+    with pytest.warns(PromptWarning, match="strength 0.5 has no effect without an input image"):
+        warned = pipe.generate(PROMPTS, strength=0.5, **opts)
+    assert np.array_equal(warned, pipe.generate(PROMPTS, **opts))
+    assert pipe.check_prompts(PROMPTS, image=image, strength=0.5) == []

@@ -145,10 +145,11 @@ class ModelSpec:
     def check(
         self, *, steps: int, guidance: float, sampler: str, num_images_per_prompt: int = 1,
         image_size: int | Sequence[int] | None = None, seed: int = 0, batch_size: int | None = None,
-        guidance_rescale: float = 0.0,
+        guidance_rescale: float = 0.0, strength: float | None = None,
     ) -> tuple[int, int]:
-        """Validate sampling options before any work; returns the (H, W) to sample. Raises SampleOptionError."""
-        from diffusion.samplers import SAMPLERS
+        """Validate sampling options before any work; returns the (H, W) to sample. Raises SampleOptionError.
+        `strength` is image to image's (None: text to image), refused outside (0, 1] or where it runs no step."""
+        from diffusion.samplers import SAMPLERS, img2img_steps
 
         def integer(v: Any) -> bool:
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -171,6 +172,11 @@ class ModelSpec:
         if (isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer))
                 or num_images_per_prompt < 1):
             raise SampleOptionError("num_images_per_prompt", f"expected an integer >= 1, got {num_images_per_prompt!r}")
+        if strength is not None:
+            try:
+                img2img_steps(int(steps), strength)
+            except ValueError as e:
+                raise SampleOptionError("strength", str(e).removeprefix("strength: ")) from None
         return self.side_pair(image_size)
 
     def side_pair(self, image_size: int | Sequence[int] | None = None) -> tuple[int, int]:

@@ -19,6 +19,10 @@ the parts in memory, and its ``save_pretrained(folder)`` writes the four files (
 only what sampling reads: ``scheduler``, ``image_size`` and ``denoising_type``; a pipeline loaded from a train
 stage's folder keeps that folder's training settings beside them).
 
+Image to image (SDEdit, Meng et al. 2022; diffusers' ``StableDiffusionImg2ImgPipeline``): ``pipe(prompts,
+image=..., strength=0.8)`` starts from the input images' latents noised part of the way, instead of from pure
+noise; ``diffusion.input_images`` says how an image is read and resized.
+
 Checks happen in two steps so that a bad request fails before any work: ``model_spec.ModelSpec`` reads only
 the JSON files and validates the options; then the weights are loaded. Prompt problems (empty, unknown
 words, too long) are warnings, not errors: sampling proceeds, as a user of diffusers expects.
@@ -39,6 +43,10 @@ from diffusion.model_spec import (
     MODEL_FILES, TRAIN_HINT, ModelNotFoundError, ModelSpec, SampleOptionError, check_device, negative_prompts,
     read_json,
 )
+
+
+#: diffusers' default image-to-image strength: the last 80% of the schedule runs.
+DEFAULT_STRENGTH = 0.8
 
 
 class PromptWarning(UserWarning):
@@ -210,9 +218,11 @@ class TextToImagePipeline:
         return Path(save_directory)
 
     def check_prompts(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                      guidance: float | None = None, guidance_rescale: float = 0.0) -> list[str]:
-        """Warnings for `prompts` and the negative prompts (see :func:`prompt_warnings`), and for negative prompts
-        or a rescale at `guidance` 1, where there is no unconditional half for them to act on."""
+                      guidance: float | None = None, guidance_rescale: float = 0.0, *, image: Any = None,
+                      strength: float | None = None) -> list[str]:
+        """Warnings for `prompts` and the negative prompts (see :func:`prompt_warnings`), for negative prompts
+        or a rescale at `guidance` 1, where there is no unconditional half for them to act on, and for a
+        `strength` given (None: not given) without an `image`."""
         # One string is one negative prompt for all: warned about once.
         negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompts(negative_prompt,
                                                                                                 len(prompts)) or []
@@ -222,28 +232,37 @@ class TextToImagePipeline:
                        "unconditional half for them to replace)")
         if guidance_rescale and guidance == 1.0:
             out.append("guidance_rescale has no effect at guidance 1 (the conditional model alone: nothing to rescale)")
+        if strength is not None and image is None:
+            out.append(f"strength {strength} has no effect without an input image (text to image starts from pure "
+                       "noise)")
         return out
 
     def generate(
         self, prompts: Sequence[str], *, steps: int = 20, guidance: float = 4.0, sampler: str = "dpmpp",
         seed: int = 0, num_images_per_prompt: int = 1, image_size: int | Sequence[int] | None = None,
         progress: bool = True, batch_size: int | None = None, warn: bool = True,
-        negative_prompt: str | Sequence[str] | None = None, guidance_rescale: float = 0.0,
+        negative_prompt: str | Sequence[str] | None = None, guidance_rescale: float = 0.0, image: Any = None,
+        strength: float = DEFAULT_STRENGTH,
     ) -> np.ndarray:
         """Like ``__call__``, but returns one (N, H, W, 3) uint8 array, N = len(prompts) * num_images_per_prompt,
         prompt-major (the images of prompt 0 first)."""
         import torch
 
         from diffusion.data.tokenizer import encode
+        from diffusion.input_images import read_images
+        from diffusion.samplers import img2img_steps
 
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts: expected a list of strings (\"\" for the unconditional model), got {prompts!r}")
         H, W = self.spec.check(steps=steps, guidance=guidance, sampler=sampler, seed=seed, batch_size=batch_size,
                                num_images_per_prompt=num_images_per_prompt, image_size=image_size,
-                               guidance_rescale=guidance_rescale)
+                               guidance_rescale=guidance_rescale, strength=None if image is None else strength)
         negatives = negative_prompts(negative_prompt, len(prompts))
+        inputs = None if image is None else read_images(image, len(prompts))  # files read now, before any work
         if warn:
-            for message in self.check_prompts(prompts, negative_prompt, guidance, guidance_rescale):
+            asked = None if strength == DEFAULT_STRENGTH else strength  # the default is no request
+            for message in self.check_prompts(prompts, negative_prompt, guidance, guidance_rescale, image=image,
+                                              strength=asked):
                 warnings.warn(message, PromptWarning, stacklevel=2)
         # Empty prompts encode as "", the null caption: guided against itself, that is the unconditional model.
         n = int(num_images_per_prompt)
@@ -252,9 +271,11 @@ class TextToImagePipeline:
         # model's one broadcast row, and the default's images, bit for bit).
         uncond = (encode(self.tokenizer, [p for p in negatives for _ in range(n)])
                   if negatives and any(p.strip() for p in negatives) else None)  # (N, T) or None
+        init = None if inputs is None else self._init_latents(inputs, len(prompts), n, (H, W))  # (N, C, h, w)
+        run = steps if init is None else img2img_steps(int(steps), strength)  # the sampler steps each batch runs
         chunk = batch_size or max(len(tokens), 1)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))  # CPU: same x_T on every device
-        bar = _progress_bar(steps * math.ceil(len(tokens) / chunk), progress)
+        bar = _progress_bar(run * math.ceil(len(tokens) / chunk), progress)
         out = []
         try:
             for start in range(0, len(tokens), chunk):
@@ -264,6 +285,8 @@ class TextToImagePipeline:
                     sampler=sampler, generator=generator, callback=(lambda *_: bar.update(1)) if bar else None,
                     guidance_rescale=float(guidance_rescale),
                     uncond_tokens=None if uncond is None else uncond[start : start + chunk],
+                    init_latents=None if init is None else init[start : start + chunk],
+                    strength=1.0 if init is None else float(strength),
                 )  # (B, 3, H, W) in [0, 1]
                 out.append((images * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
         finally:
@@ -272,6 +295,23 @@ class TextToImagePipeline:
         if not out:
             return np.zeros((0, H, W, 3), np.uint8)
         return torch.cat(out).numpy()  # (N, H, W, 3)
+
+    def _init_latents(self, images: Sequence[Any], num_prompts: int, n: int, size: tuple[int, int]) -> Any:
+        """Image to image's starting latents: (N, C, h, w), N = num_prompts * n, prompt-major as the tokens, from
+        1 image for every prompt or one per prompt (RGB PIL, ``input_images.read_images``), resized to `size`.
+
+        Each distinct image is encoded once, alone, with the posterior mean: no draw from the generator (so its
+        draws are text to image's: at strength 1 with a zero-terminal-SNR schedule the images are text to
+        image's), and the same latent whatever the batch or the other images."""
+        import torch
+
+        from diffusion.input_images import to_model_input
+
+        x = to_model_input(images, size).to(self.model.device)  # (K, 3, H, W) in [-1, 1]
+        with torch.no_grad():
+            latents = torch.cat([self.model.encode_images(x[k : k + 1], sample=False) for k in range(len(x))])
+        which = torch.arange(num_prompts * n, device=latents.device) // n  # the prompt of each of the N images
+        return latents[which if len(latents) > 1 else torch.zeros_like(which)]  # (N, C, h, w)
 
     def __call__(self, prompts: Sequence[str], **options: Any) -> list[Any]:
         """Sample images for `prompts`.
@@ -283,7 +323,10 @@ class TextToImagePipeline:
         negative_prompt=None (a string for every prompt, or one per prompt: what guidance steers away from, in
         place of the null caption; diffusers' ``negative_prompt``), guidance_rescale=0.0 (in [0, 1]: Lin et al.
         2023 sec. 3.4, which keeps the guided prediction's scale at high guidance, for zero-terminal-SNR
-        schedules).
+        schedules), image=None (image to image, diffusers' ``image``: a PIL image or a path for every prompt, or
+        a list of one per prompt, resized to the image size as ``diffusion.input_images`` says), strength=0.8 (in
+        (0, 1], with an image: the last int(steps * strength) of the steps run from the image's latents noised to
+        the first of them; low stays near the image, 1 all but forgets it: ``samplers.img2img_timesteps``).
         The same options and seed give the same images. ``batch_size`` is among the options: the images are
         drawn batch after batch from one seeded generator, so with the ``ddpm`` sampler, which draws fresh
         noise at every step, another batch size gives other (equally valid) images; ddim and dpmpp do not

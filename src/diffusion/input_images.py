@@ -1,0 +1,72 @@
+"""The input images of image-to-image sampling (SDEdit, Meng et al. 2022): read and checked before any model is
+loaded, then resized to the sampling size.
+
+The policy, stated once (``TextToImagePipeline.generate(image=...)`` and ``cli.py sample --image`` follow it):
+
+- An image is a PIL image or the path of a file Pillow reads; a list holds one for every prompt or one per prompt.
+- It is converted to RGB with ``Image.convert("RGB")``: an alpha channel is dropped, not composited on a
+  background, so transparent pixels show whatever colour they hold.
+- It is resized to the sampling size (H, W) (the ``image_size`` option, else the training resolution) with
+  Lanczos filtering, without cropping: an image of another aspect ratio is stretched, as diffusers'
+  ``VaeImageProcessor`` does with its default ``resize_mode`` when given a height and a width. Crop it first to
+  keep its proportions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from diffusion.model_spec import SampleOptionError
+
+
+def _is_image(value: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(value, Image.Image)
+
+
+def _read_one(value: Any) -> Any:
+    """A PIL image or a path -> an RGB PIL image, fully decoded (a truncated file fails here, not mid-sampling)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if _is_image(value):
+        return value.convert("RGB")
+    if not isinstance(value, (str, os.PathLike)):
+        raise SampleOptionError("image", f"expected a PIL image or the path of an image file, got {value!r}")
+    path = Path(value)
+    if not path.is_file():
+        raise SampleOptionError("image", f"{path}: no such file" + (" (a folder)" if path.is_dir() else ""))
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:  # not an image, truncated
+        raise SampleOptionError("image", f"{path}: cannot read it as an image ({e})") from None
+
+
+def read_images(image: Any, num_prompts: int) -> list[Any]:
+    """`image` (a PIL image, a path, or a list of 1 or `num_prompts` of them) -> a list of RGB PIL images.
+    Raises SampleOptionError("image") naming the file that cannot be read, or a list of the wrong length."""
+    if _is_image(image) or isinstance(image, (str, os.PathLike)):
+        return [_read_one(image)]
+    if not isinstance(image, Sequence) or len(image) not in {1, max(num_prompts, 1)}:
+        what = f"a list of {len(image)}" if isinstance(image, Sequence) else repr(image)
+        raise SampleOptionError("image", f"expected a PIL image, a path, or a list of 1 or {num_prompts} of them (one "
+                                         f"for every prompt, or one per prompt), got {what}")
+    return [_read_one(v) for v in image]
+
+
+def to_model_input(images: Sequence[Any], size: tuple[int, int]) -> Any:
+    """RGB PIL images -> (K, 3, H, W) float32 tensor in [-1, 1] (the VAE's input range), each resized to `size`
+    (H, W) with Lanczos filtering where it differs (the module docstring's policy)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    H, W = size
+    arrays = [np.asarray(im if im.size == (W, H) else im.resize((W, H), Image.Resampling.LANCZOS)) for im in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()  # (K, H, W, 3) -> (K, 3, H, W)
+    return x / 127.5 - 1.0  # [0, 255] -> [-1, 1]
