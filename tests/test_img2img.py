@@ -1,8 +1,8 @@
 """Image to image (SDEdit, Meng et al. 2022): the schedule's tail against diffusers, the noised start, strength 1
-as text to image, and the pipeline's ``image=``/``strength=``.
+as text to image, the pipeline's ``image=``/``strength=`` and ``cli.py sample --image``.
 
-The tiny model comes from tests/test_sample.py (random weights; its VAE round trip is not an image's, so closeness
-to the input is measured on latents, and on pixels against the VAE's own reconstruction).
+The tiny model and its folder come from tests/test_sample.py (random weights; its VAE round trip is not an image's,
+so closeness to the input is measured on latents, and on pixels against the VAE's own reconstruction).
 """
 
 from types import SimpleNamespace
@@ -10,14 +10,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
-from test_sample import PROMPTS, SIDE, schedule_not_default, tiny_parts
+from test_sample import PROMPTS, SIDE, make_model_dir, schedule_not_default, tiny_parts
 
 from diffusion.data.tokenizer import encode
 from diffusion.input_images import to_model_input
 from diffusion.model_spec import ModelSpec, SampleOptionError
 from diffusion.models.diffusion_model import _randn
-from diffusion.pipeline_model import PromptWarning, TextToImagePipeline
+from diffusion.pipeline_model import PromptWarning, TextToImagePipeline, images_to_grid
 from diffusion.samplers import img2img_timesteps, make_timesteps
 from diffusion.scheduler import DDPMScheduler
 
@@ -215,3 +216,54 @@ def test_pipeline_refuses_bad_images_and_strengths_naming_them(zero_snr_pipe, tm
         warned = pipe.generate(PROMPTS, strength=0.5, **opts)
     assert np.array_equal(warned, pipe.generate(PROMPTS, **opts))
     assert pipe.check_prompts(PROMPTS, image=image, strength=0.5) == []
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def env(cli_env) -> dict:
+    return {**cli_env, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("img2img"))
+
+
+def test_cli_sample_image_writes_the_pipelines_png(model_dir, tmp_path, env):
+    gradient_image(24, 20).save(tmp_path / "in.png")
+    proc = run_cli(["sample", PROMPTS[0], "--model", str(model_dir), "--steps", "4", "--seed", "3", "--device", "cpu",
+                    "--num-images", "2", "--image", "in.png", "--strength", "0.6", "--out", "out.png"], tmp_path, env)
+    assert "from in.png at strength 0.6: 2 steps run" in proc.stdout
+    pipe = TextToImagePipeline.from_pretrained(model_dir, device="cpu")
+    again = pipe.generate(PROMPTS[:1], steps=4, seed=3, num_images_per_prompt=2, image=tmp_path / "in.png",
+                          strength=0.6, progress=False)
+    images_to_grid(again, 1).save(tmp_path / "again.png")
+    assert (tmp_path / "out.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+    t2i = pipe.generate(PROMPTS[:1], steps=4, seed=3, num_images_per_prompt=2, progress=False)
+    assert not np.array_equal(again, t2i)  # the image was used
+
+
+def test_cli_sample_bad_image_or_strength_fails_before_loading(model_dir, tmp_path, env):
+    # Garbage weights (as tests/test_sample.py): had the model been loaded first, it would fail about model.pt.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "train_config.json"):
+        (broken / name).write_bytes((model_dir / name).read_bytes())
+    (broken / "model.pt").write_bytes(b"not a checkpoint")
+    gradient_image().save(tmp_path / "in.png")
+    base = ["sample", PROMPTS[0], "--model", str(broken), "--steps", "10"]
+    for args, code, words in ((["--image", "nowhere.png"], 1, "--image nowhere.png: no such file"),
+                              (["--image", "in.png", "--strength", "0.05"], 2, "--strength: 0.05 of 10 steps"),
+                              (["--image", "in.png", "--strength", "0"], 2, "--strength")):
+        proc = run_cli([*base, *args], tmp_path, env, check=False)
+        assert proc.returncode == code and words in proc.stderr and "model.pt" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "samples.png").exists()
+
+
+def test_cli_sample_strength_without_image_warns(model_dir, tmp_path, env):
+    proc = run_cli(["sample", PROMPTS[0], "--model", str(model_dir), "--steps", "1", "--device", "cpu",
+                    "--strength", "0.5", "--out", "s.png"], tmp_path, env)
+    assert "warning: strength 0.5 has no effect without an input image" in proc.stderr
+    assert "strength" not in proc.stdout and (tmp_path / "s.png").is_file()

@@ -232,7 +232,7 @@ def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
 #: The command-line flag of each sampling option, so an error from the pipeline names what the user typed.
 _SAMPLE_FLAGS = {"steps": "--steps", "sampler": "--sampler", "guidance": "--guidance",
                  "num_images_per_prompt": "--num-images", "image_size": "--size", "device": "--device",
-                 "guidance_rescale": "--guidance-rescale"}
+                 "guidance_rescale": "--guidance-rescale", "strength": "--strength"}
 
 
 def _is_mlflow_uri(model: str) -> bool:
@@ -275,6 +275,35 @@ def _check_out_image(out: Path) -> None:
         _fail(f"--out {out}: a folder, or under a file; expected the path of an image file", 2)
 
 
+def _strength_in_range(strength: float | None) -> float | None:
+    """--strength refused (exit 2) outside (0, 1], with or without --image."""
+    if strength is None:
+        return None
+    from diffusion.samplers import check_strength
+
+    try:
+        return check_strength(strength)
+    except ValueError as e:
+        raise typer.BadParameter(str(e).removeprefix("strength: ")) from None
+
+
+def _read_input_image(image: Path | None, strength: float | None, num_prompts: int) -> dict[str, Any]:
+    """The pipeline's image-to-image options for ``--image`` and ``--strength`` ({} without an image): the image
+    read now, before any model is. Exit 1 naming the file if it cannot be read (a missing input, as a missing
+    model is); ``--strength`` alone only warns, once the model is loaded (``check_prompts``)."""
+    from diffusion.input_images import read_images
+    from diffusion.model_spec import SampleOptionError
+    from diffusion.pipeline_model import DEFAULT_STRENGTH
+
+    if image is None:
+        return {}
+    try:
+        inputs = read_images(image, num_prompts)
+    except SampleOptionError as e:
+        _fail(f"--image {e.detail}", 1)
+    return {"image": inputs, "strength": DEFAULT_STRENGTH if strength is None else strength}
+
+
 @app.command("sample")
 def sample(
     prompts: Annotated[
@@ -303,6 +332,15 @@ def sample(
         help="Image side in pixels, a multiple of the model's latent factor; default: the training resolution."
     )] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda ...")] = "auto",
+    image: Annotated[Path | None, typer.Option(
+        help="Image to image (SDEdit): start from this image (for every prompt), resized to the sample size "
+        "(stretched, not cropped), instead of pure noise.",
+    )] = None,
+    strength: Annotated[float | None, typer.Option(
+        callback=_strength_in_range, show_default="0.8",
+        help="With --image, in (0, 1]: the share of the steps run from the noised image; low keeps the image, 1 "
+        "all but forgets it.",
+    )] = None,
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
 ) -> None:
@@ -310,31 +348,38 @@ def sample(
 
     Reads the train stage's model folder (default <train.out_dir>, from `python cli.py train`) or a model
     registered in MLflow by the evaluate stage. Options are checked before the model is loaded; an empty
-    prompt, characters outside the vocabulary and prompts over the tokenizer's length only warn.
+    prompt, characters outside the vocabulary and prompts over the tokenizer's length only warn. With --image, the
+    sampler starts from that image noised to the first of the last --strength of its steps (image to image).
     """
     from diffusion.model_spec import ModelNotFoundError, ModelSpec, SampleOptionError, check_device
     from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
+    from diffusion.samplers import img2img_steps
 
     _check_out_image(out)
+    img2img = _read_input_image(image, strength, len(prompts))
     model_dir, recorded_size = _sample_model_dir(model, params, set_)
     options = dict(steps=steps, guidance=guidance, sampler=sampler, num_images_per_prompt=num_images, image_size=size,
                    guidance_rescale=guidance_rescale)
     try:
-        ModelSpec.read(model_dir, recorded_size).check(**options)  # before any weights are read
+        # before any weights are read
+        ModelSpec.read(model_dir, recorded_size).check(**options, strength=img2img.get("strength"))
         pipe = TextToImagePipeline.from_pretrained(model_dir, device=check_device(device), image_size=recorded_size)
     except ModelNotFoundError as e:
         _fail(str(e), 1)
     except SampleOptionError as e:
         _fail(f"{_SAMPLE_FLAGS.get(e.option, e.option)}: {e.detail}", 2)
-    for message in pipe.check_prompts(prompts, negative_prompt, guidance, guidance_rescale):
+    for message in pipe.check_prompts(prompts, negative_prompt, guidance, guidance_rescale, image=image,
+                                      strength=strength):
         typer.echo(f"warning: {message}", err=True)
     images = pipe.generate(prompts, seed=seed, warn=False, negative_prompt=negative_prompt,
-                           **options)  # (N, H, W, 3) uint8; warned above
+                           **options, **img2img)  # (N, H, W, 3) uint8; warned above
     out.parent.mkdir(parents=True, exist_ok=True)
     images_to_grid(images, len(prompts)).save(out)
     h, w = images.shape[1:3]
     extra = (f", negative prompt {negative_prompt!r}" if negative_prompt.strip() else "") + (
-        f", guidance rescale {guidance_rescale}" if guidance_rescale else "")
+        f", guidance rescale {guidance_rescale}" if guidance_rescale else "") + (
+        f", from {image} at strength {img2img['strength']}: {img2img_steps(steps, img2img['strength'])} steps run"
+        if img2img else "")
     typer.echo(f"sample: {len(images)} image(s) of {w}x{h} ({sampler}, {steps} steps, guidance {guidance}{extra}, "
                f"seed {seed}) -> {out}")
 
