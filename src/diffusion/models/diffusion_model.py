@@ -51,12 +51,7 @@ from diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion.models.unet import UNet, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 from diffusion.samplers import (
-    SAMPLERS,
-    ModelFn,
-    StepCallback,
-    classifier_free_guidance,
-    img2img_timesteps,
-    run_sampler,
+    SAMPLERS, ModelFn, StepCallback, classifier_free_guidance, img2img_timesteps, run_sampler,
 )
 
 DENOISERS: dict[str, tuple[type[Config], type[nn.Module]]] = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}
