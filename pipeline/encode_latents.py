@@ -12,11 +12,21 @@ The VAE runs frozen (eval mode, no gradients, float32), in batches, over the sha
 `samples_per_shard: null` every image shard becomes a latent shard of the same name and size. Everything is
 written to a temporary folder and swapped into place when complete, so a killed run leaves the previous
 output (or none); a rerun with the same inputs writes byte-identical files.
+
+Resumable (with `samples_per_shard: null`): each latent shard is also kept, as it completes, in
+``<checkpoint_dir>/encode_latents-<key>/{train,val}/``, the key a hash of what decides its bytes (the parameters,
+the image shards' digests, the VAE's files, this stage's code), as the training stages key their checkpoints. A
+run killed after hours of a large dataset restarts at the first shard it had not finished, and its output is the
+uninterrupted run's, byte for byte: the VAE's batches never cross a shard, so a shard's bytes depend on that
+shard alone. The folder is removed when the output is in place. Re-chunked output (`samples_per_shard` set)
+batches across shards and starts over.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion.config import ConfigError
-from diffusion.data.latents import LatentRecord, encode_records, rechunk, write_latent_shards
+from diffusion.data.latents import MEAN_EXT, LatentRecord, encode_records, rechunk, write_latent_shards
 from diffusion.data.locations import read_manifest, require_split, split_shards
 from diffusion.data.shard_reading import iter_shards
 from diffusion.atomic import atomic_write_json, check_replaceable, staged_dir
@@ -34,6 +44,7 @@ from diffusion.data.shards import ShardList, list_shards
 from diffusion.stage_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import encoder_digest, load_vae, vae_problem
 
+STAGE = "encode_latents"
 SPLITS: tuple[str, ...] = ("train", "val")
 
 
@@ -104,12 +115,82 @@ def _groups(
 
 
 def encode_split(
-    cfg: EncodeLatentsConfig, vae: torch.nn.Module, split: str, dest: Path, total: int | None
+    cfg: EncodeLatentsConfig, vae: torch.nn.Module, split: str, dest: Path, total: int | None,
+    kept: Path | None = None,
 ) -> ShardList:
-    """Encode ``<shards_dir>/<split>`` into ``dest`` (a folder), with a progress bar."""
+    """Encode ``<shards_dir>/<split>`` into ``dest`` (a folder), with a progress bar; with `kept` (a resume
+    folder, one latent shard per image shard only), shard by shard through it (:func:`_encode_resumably`)."""
     shards = split_shards(cfg.shards_dir, split)
     with tqdm(total=total, desc=f"encode_latents {split}", unit="img", mininterval=1.0) as bar:
+        if kept is not None:
+            return _encode_resumably(cfg, vae, shards, dest, kept, bar)
         return write_latent_shards(_groups(cfg, vae, shards, bar), dest)
+
+
+def _encode_resumably(
+    cfg: EncodeLatentsConfig, vae: torch.nn.Module, shards: list[tuple[str, str]], dest: Path, kept: Path, bar: tqdm
+) -> ShardList:
+    """Each image shard's latent shard: taken from `kept` if an earlier run of the same key finished it, else
+    encoded into `kept` (under a temporary name, renamed when complete: a killed run leaves no half shard there);
+    then linked (or copied) into `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    kept.mkdir(parents=True, exist_ok=True)
+    paths, counts = [], []
+    for name, url in shards:
+        done = kept / name
+        if done.is_file():
+            count = _count_latents(done)
+            bar.update(count)
+        else:
+            work = kept / ".partial"
+            shutil.rmtree(work, ignore_errors=True)
+            written = write_latent_shards([(name, _counted(encode_records(vae, iter_shards([url]), cfg.batch_size),
+                                                            bar))], work)
+            if not written:  # an empty image shard: no latent shard (as without resuming)
+                continue
+            os.replace(written[0], done)
+            count = written.counts[0]
+        _link_or_copy(done, dest / name)
+        paths.append(dest / name)
+        counts.append(count)
+    shutil.rmtree(kept / ".partial", ignore_errors=True)
+    return ShardList(paths, counts)
+
+
+def _count_latents(path: Path) -> int:
+    """Samples in a latent shard: its posterior means (tar headers only; the arrays are not read)."""
+    with tarfile.open(path) as tar:
+        return sum(m.name.endswith(f".{MEAN_EXT}") for m in tar)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (no second copy of the bytes on disk), or a copy where links are not possible (another
+    filesystem, or one without them). Safe: nothing writes to a finished shard in place."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def resume_folder(cfg: EncodeLatentsConfig) -> Path | None:
+    """``<checkpoint_dir>/encode_latents-<key>``, where finished latent shards are kept for a rerun of the same
+    key; None for re-chunked output (`samples_per_shard` set), which is not resumable (module docstring).
+
+    The key covers everything a shard's bytes depend on: the parameters that are not paths (batch size, device),
+    the image shards (their manifest's sha256, or name and size: ``files_fingerprint``), the VAE's files, and the
+    code that encodes (this stage, the latent format, the VAE's layers)."""
+    if cfg.samples_per_shard is not None:
+        return None
+    from diffusion.data import latents
+    from diffusion.models import layers, vae
+    from diffusion.run_keys import contents_fingerprint, files_fingerprint, run_key, source_fingerprint
+
+    inputs = [url for split in SPLITS for _, url in split_shards(cfg.shards_dir, split)]
+    code = source_fingerprint(__file__, latents.__file__, vae.__file__, layers.__file__)
+    key = run_key(cfg.to_dict(), exclude=("shards_dir", "vae_dir", "out_dir", "checkpoint_dir"),
+                  extra={"data": files_fingerprint(inputs), "vae": contents_fingerprint([cfg.vae_dir]), "code": code,
+                         "device": _device(cfg).type})  # 'auto' resolved: a GPU's bytes are not the CPU's
+    return Path(cfg.checkpoint_dir) / f"{STAGE}-{key}"
 
 
 def _latent_shape(folder: Path) -> list[int]:
@@ -156,12 +237,19 @@ def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     print(f"encode_latents: {cfg.shards_dir}/{{train,val}} with the VAE in {cfg.vae_dir} "
           f"(device {_device(cfg)}, batch {cfg.batch_size}) -> {out_dir}")
+    kept = resume_folder(cfg)
+    if kept is not None and kept.is_dir():
+        finished = sum(1 for split in SPLITS for f in (kept / split).glob("*.tar"))
+        print(f"encode_latents: resuming: {finished} latent shard(s) a killed run finished are in {kept}")
     with staged_dir(out_dir) as tmp:  # the finished tree is swapped into place whole (as the shard stage's)
         start, expected = time.perf_counter(), _expected_counts(cfg)
-        written = {split: encode_split(cfg, vae, split, tmp / split, expected[split]) for split in SPLITS}
+        written = {split: encode_split(cfg, vae, split, tmp / split, expected[split],
+                                       None if kept is None else kept / split) for split in SPLITS}
         seconds = time.perf_counter() - start
         manifest = _manifest(cfg, written, tmp, scale, shift)
         atomic_write_json(tmp / "manifest.json", manifest)
+    if kept is not None:
+        shutil.rmtree(kept, ignore_errors=True)  # the output holds every shard now
     counts, total = manifest["counts"], sum(manifest["counts"].values())
     rate = total / seconds if seconds > 0 else float("nan")
     print(f"encode_latents: wrote {counts['train']} train and {counts['val']} val latents "
@@ -177,7 +265,7 @@ def main(cfg: EncodeLatentsConfig) -> dict[str, Any]:
     from diffusion.tracking import stage_run
 
     validate(cfg)  # before opening a run: a missing input should not leave an empty run behind
-    with stage_run("encode_latents", cfg.to_dict()) as active:
+    with stage_run(STAGE, cfg.to_dict()) as active:
         result = run(cfg)
         mlflow.log_metrics({
             "train_samples": result["counts"]["train"],

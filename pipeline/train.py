@@ -29,7 +29,7 @@ from diffusion.atomic import atomic_write_json, check_replaceable, staged_dir
 from diffusion.config import ConfigError
 from diffusion.data.locations import read_manifest, require_split
 from diffusion.stage_configs import TrainConfig
-from diffusion.training.checkpointing import DEFAULT_EXCLUDE
+from diffusion.run_keys import DEFAULT_EXCLUDE
 
 #: What the stage writes in out_dir (anything else there stops it: check_replaceable).
 MODEL_ENTRIES = ("config.json", "model.pt", "tokenizer.json", "train_config.json")
@@ -147,7 +147,7 @@ def _fingerprints(cfg: TrainConfig, urls: list[str]) -> dict[str, str]:
     import diffusion.training.nonfinite as nonfinite
     import diffusion.training.optim as optim
     import diffusion.training.trainer as trainer
-    from diffusion.training.checkpointing import contents_fingerprint, files_fingerprint, source_fingerprint
+    from diffusion.run_keys import contents_fingerprint, files_fingerprint, source_fingerprint
 
     # trainer: precision ("auto"), clipping, accumulation; nonfinite: when a run stops.
     code = [Path(models.__file__).parent, *(m.__file__ for m in (latents, loader, reading, tokenizer, scheduler, system,

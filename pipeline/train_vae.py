@@ -26,7 +26,7 @@ from diffusion.atomic import atomic_write_json, check_replaceable
 from diffusion.config import ConfigError
 from diffusion.data.locations import read_manifest, require_split
 from diffusion.stage_configs import TrainVAEConfig
-from diffusion.training.checkpointing import DEFAULT_EXCLUDE
+from diffusion.run_keys import DEFAULT_EXCLUDE
 from diffusion.training.latent_stats import CONFIG_FILE, WEIGHTS_FILE
 
 STAGE = "train_vae"
@@ -99,7 +99,7 @@ def _fingerprints(train: list[str], val: list[str]) -> dict[str, str]:
     import diffusion.training.optim as optim
     import diffusion.training.trainer as trainer
     import diffusion.training.vae_system as system
-    from diffusion.training.checkpointing import files_fingerprint, source_fingerprint
+    from diffusion.run_keys import files_fingerprint, source_fingerprint
 
     # trainer: precision ("auto"), clipping, accumulation; nonfinite: when a run stops. (The latent statistics
     # are measured after training, by every execution, so latent_stats is not part of it.)

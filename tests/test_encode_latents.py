@@ -297,3 +297,59 @@ def test_a_posterior_beyond_float16_is_refused_naming_the_sample():
 
     with pytest.raises(ValueError, match=r"mean is not finite in float16 for samples \['b'\]"):
         encode_batch(HugeVAE(), torch.zeros(2, 3, 8, 8), ["a", "b"])
+
+
+def test_a_killed_run_resumes_at_its_first_unfinished_shard(project, tmp_path, monkeypatch):
+    """Killed while encoding the second of the train split's three shards: the rerun encodes only the shards not
+    finished (two train, one val) and writes what an uninterrupted run writes, byte for byte; the resume folder
+    is gone once the output is in place."""
+    from pipeline import encode_latents as stage
+
+    monkeypatch.chdir(project["root"])
+    cfg = EncodeLatentsConfig(batch_size=3, checkpoint_dir=str(tmp_path / "ckpt"))
+    stage.run(cfg.replace(out_dir=str(tmp_path / "whole")))
+    whole = _hashes(tmp_path / "whole")
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+    real, calls = stage.encode_records, []
+
+    def encode(vae, samples, batch_size, fail_at=None):
+        calls.append(1)
+        for i, record in enumerate(real(vae, samples, batch_size)):
+            if len(calls) == fail_at and i == 2:
+                raise KeyboardInterrupt  # mid-shard
+            yield record
+
+    out = cfg.replace(out_dir=str(tmp_path / "resumed"))
+    monkeypatch.setattr(stage, "encode_records", lambda *a: encode(*a, fail_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(out)
+    kept = stage.resume_folder(out)
+    assert kept is not None and sorted(p.name for p in (kept / "train").glob("*.tar")) == ["shard-000000.tar"]
+    assert not (tmp_path / "resumed").exists()
+
+    calls.clear()
+    monkeypatch.setattr(stage, "encode_records", lambda *a: encode(*a))
+    stage.run(out)
+    assert len(calls) == 3  # train shards 1 and 2, the val shard: not shard 0 again
+    assert _hashes(tmp_path / "resumed") == whole
+    assert not kept.exists()
+
+
+def test_the_resume_key_changes_with_what_decides_the_bytes(project, tmp_path, monkeypatch):
+    """A resume folder is reused only by a run that would write the same shards: not after another batch size
+    (oneDNN may round batches differently), another VAE, or with re-chunked output (batches cross shards)."""
+    from pipeline import encode_latents as stage
+
+    monkeypatch.chdir(project["root"])
+    cfg = EncodeLatentsConfig(batch_size=3)
+    key = stage.resume_folder(cfg)
+    assert key == stage.resume_folder(cfg.replace(out_dir="elsewhere", checkpoint_dir=cfg.checkpoint_dir))
+    assert stage.resume_folder(cfg.replace(batch_size=4)) != key
+    assert stage.resume_folder(cfg.replace(samples_per_shard=6)) is None
+    vae = tmp_path / "vae"
+    shutil.copytree(project["root"] / "models/vae", vae)
+    assert stage.resume_folder(cfg.replace(vae_dir=str(vae))) == key  # the same files elsewhere
+    config = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**config, "latent_scale": 2.0}))
+    assert stage.resume_folder(cfg.replace(vae_dir=str(vae))) != key

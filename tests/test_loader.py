@@ -85,7 +85,7 @@ def test_seeded_streams(shards, tok):
 
 
 def test_the_stream_depends_on_the_worker_count(shards, tok):
-    """Why `num_workers` is part of the training run key (checkpointing.DEFAULT_EXCLUDE leaves it in)."""
+    """Why `num_workers` is part of the training run key (run_keys.DEFAULT_EXCLUDE leaves it in)."""
     def stream(workers):
         return keys_of(make_loader(shards, tok, batch_size=3, epoch_steps=4, num_workers=workers, shuffle_buffer=8))
 

@@ -131,7 +131,7 @@ def test_stages_refuse_a_bad_url_before_any_work(tmp_path):
 
 
 def test_run_keys_count_remote_shards_by_url_without_fetching_them():
-    from diffusion.training.checkpointing import files_fingerprint
+    from diffusion.run_keys import files_fingerprint
 
     a = files_fingerprint(["https://h/d/train/shard-000000.tar", "pipe:cat /nowhere/shard-000001.tar"])
     assert a == files_fingerprint(["pipe:cat /nowhere/shard-000001.tar", "https://h/d/train/shard-000000.tar"])

@@ -113,7 +113,7 @@ def test_atomic_write_json(tmp_path):
 def test_training_keys_data_by_the_content_the_manifest_records(tmp_path):
     """tar pads to 10 KiB, so an edited caption keeps the shard's size: the run key must still change
     (else a rerun resumes, and exports, the model of the old data). The manifest's sha256 tells them apart."""
-    from diffusion.training.checkpointing import files_fingerprint
+    from diffusion.run_keys import files_fingerprint
 
     def shard_set(root: Path, caption: str) -> list[str]:
         samples = make_samples(3)

@@ -387,7 +387,7 @@ def test_the_run_key_covers_what_changes_the_weights():
     from pipeline.train import EXCLUDE
 
     from diffusion.stage_configs import TrainConfig
-    from diffusion.training.checkpointing import run_key
+    from diffusion.run_keys import run_key
 
     base = TrainConfig().to_dict()
     key = run_key(base, exclude=EXCLUDE)
@@ -843,7 +843,7 @@ def test_sample_grid_has_a_row_per_seed_and_a_column_per_prompt():
 def test_source_fingerprint_follows_the_code_not_its_size(tmp_path):
     """A code change of the same length must change the key (else a rerun resumes a checkpoint of old code);
     files other than .py do not count."""
-    from diffusion.training.checkpointing import source_fingerprint
+    from diffusion.run_keys import source_fingerprint
 
     pkg = tmp_path / "pkg"
     pkg.mkdir()

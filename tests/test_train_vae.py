@@ -382,7 +382,7 @@ def test_config_and_vae_import_in_either_order(first, second):
 
 
 def test_run_key_ignores_excluded_fields_only():
-    from diffusion.training.checkpointing import run_key
+    from diffusion.run_keys import run_key
 
     base = tiny_cfg(Path("/x")).to_dict()
     key = run_key(base, extra={"data": "d"})

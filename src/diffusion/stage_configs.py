@@ -127,6 +127,10 @@ class EncodeLatentsConfig(Config):
     device: Literal["auto", "cpu", "cuda"] = param(
         "cpu", "where the VAE runs: 'cpu' (byte-identical reruns on one machine), 'cuda', or 'auto' (a GPU if present)"
     )
+    checkpoint_dir: str = param(
+        "checkpoints/encode_latents", "finished latent shards are kept in <checkpoint_dir>/encode_latents-<key>/ until "
+        "the output is complete: a killed run resumes there (samples_per_shard null only)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class ShardList(list):
         """sha256 of each shard file, by name: recorded in the manifest, so that a training run can tell this
         data from other data of the same shard names and sizes (tar pads to 10 KiB: an edited caption or a
         changed image usually keeps the size) without hashing the shards at every start
-        (``training.checkpointing.files_fingerprint``)."""
+        (``run_keys.files_fingerprint``)."""
         return {Path(p).name: file_sha256(p) for p in self}
 
     def summary(self) -> dict[str, Any]:
