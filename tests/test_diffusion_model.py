@@ -64,7 +64,7 @@ def test_deterministic_with_seeded_generator(denoising_type):
     assert not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp", "euler", "heun"])
 def test_deterministic_samplers_draw_the_same_images_in_any_batching(sampler):
     """x_T is drawn image by image: three images from one generator are the same in one batch as in two. With
     3x6x6 latents (108 values, not a multiple of torch's 16-value CPU block) one draw of (3, 3, 6, 6) differs from
@@ -90,19 +90,23 @@ def test_each_sampler(sampler):
 
 def test_the_sampler_and_eta_decide_the_images():
     """Same model and seed: each sampler gives other images, and DDIM's eta changes its path (so neither option
-    can be ignored by generate)."""
+    can be ignored by generate). Except two pairs, the same updates written in the VE form (diffusion.samplers):
+    euler is DDIM with eta = 0, and euler_a DDPM's posterior drawing the same noise; they agree to rounding."""
     model = make()
     images = {s: generate(model, sampler=s) for s in sorted(SAMPLERS)}
     names = sorted(images)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            assert not torch.equal(images[a], images[b]), (a, b)
+            if (a, b) in (("ddim", "euler"), ("ddpm", "euler_a")):
+                torch.testing.assert_close(images[a], images[b], rtol=0, atol=1e-4)
+            else:
+                assert (images[a] - images[b]).abs().max() > 1e-3, (a, b)
     assert not torch.equal(generate(model, sampler="ddim", eta=0.5), images["ddim"])
 
 
 def test_unknown_sampler_refused():
     with pytest.raises(ValueError, match="ddim"):
-        generate(make(), sampler="euler")
+        generate(make(), sampler="lms")
 
 
 def test_guidance_batches_and_null_caption():

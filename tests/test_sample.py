@@ -110,7 +110,7 @@ def test_pipeline_images_and_defaults(pipe):
 
 @pytest.mark.parametrize(("options", "option"), [
     ({"image_size": 20}, "image_size"), ({"steps": 0}, "steps"), ({"steps": 1001}, "steps"),
-    ({"sampler": "euler"}, "sampler"), ({"guidance": -1.0}, "guidance"), ({"num_images_per_prompt": 0},
+    ({"sampler": "lms"}, "sampler"), ({"guidance": -1.0}, "guidance"), ({"num_images_per_prompt": 0},
                                                                           "num_images_per_prompt"),
     ({"image_size": 0}, "image_size"),  # 0 is a bad size, not "the training size"
     ({"num_images_per_prompt": 1.7}, "num_images_per_prompt"),

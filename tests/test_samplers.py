@@ -1,8 +1,11 @@
-"""Samplers and guidance: timesteps, DDPM, DDIM and DPM-Solver++(2M) against diffusers; CFG; exactness.
+"""Samplers and guidance: timesteps, DDPM, DDIM, DPM-Solver++(2M), Euler, Euler ancestral and Heun against
+diffusers; CFG; exactness.
 
 Parity in float64 on identical inputs (STYLE.md 15c). For DDPM and DDIM, diffusers runs on our float64
 tables (the tables themselves are compared in test_scheduler.py), so the step math is compared exactly.
-diffusers' DPM-Solver casts sigmas and the sample to float32 internally, so it is compared at 1e-5.
+diffusers' DPM-Solver casts sigmas and the sample to float32 internally, so it is compared at 1e-6. Its
+Euler schedulers round the sample to float32 in each step: their whole chains are compared at 1e-6, and each
+step exactly from a sample that float32 holds; its Heun scheduler does not, and is compared exactly.
 """
 
 from fractions import Fraction
@@ -21,6 +24,9 @@ from diffusion.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
 )
 from diffusion.scheduler import DDPMScheduler
 
@@ -275,6 +281,164 @@ def test_dpmpp_float32_loop_against_diffusers_own_tables():
     assert got.dtype == torch.float32 and maxdiff(got, x) <= 1e-4
 
 
+# ---- Euler, Euler ancestral, Heun (Karras et al. 2022) -------------------------------------------------
+
+KARRAS = {"euler": diffusers.EulerDiscreteScheduler, "euler_a": diffusers.EulerAncestralDiscreteScheduler,
+          "heun": diffusers.HeunDiscreteScheduler}
+
+
+def karras_ref(name, ours, ts):
+    """diffusers' scheduler for sampler `name`, set to our timesteps `ts` and our float64 sigmas sqrt((1 - ab) / ab)
+    (its own are float32), a zero terminal alpha-bar replaced by 2**-24 as its __init__ does. Returns it and
+    alpha = sqrt(ab) (T,), which converts our VP samples to its VE ones: x~ = x / alpha."""
+    ref = KARRAS[name](num_train_timesteps=T, prediction_type=ours.prediction_type)
+    ab = ours.tables(torch.float64)["alphas_cumprod"]
+    ab[ab == 0] = 2.0**-24
+    sigmas = torch.cat([((1 - ab) / ab).sqrt()[ts], torch.zeros(1, dtype=torch.float64)])
+    if name == "euler_a":  # its set_timesteps takes no list of timesteps
+        ref.set_timesteps(len(ts))
+        ref.timesteps = ts.to(torch.float32)
+    else:
+        ref.set_timesteps(timesteps=ts.tolist())
+    if name == "heun":  # every sigma but the first and the last twice, as its set_timesteps lays them out
+        sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
+    ref.sigmas = sigmas
+    return ref, ab.sqrt()
+
+
+def step_outputs(sampler, *args, **kw):
+    """Run `sampler` and return the x after each of its steps (what its callback sees)."""
+    xs = []
+    sampler(*args, callback=lambda i, t, x, x0: xs.append(x), **kw)
+    return xs
+
+
+def karras_ref_step(ref, model, x_ve, t, generator=None):
+    """One diffusers step from the VE sample x~ at its timestep t; the network sees x~ / sqrt(sigma^2 + 1)."""
+    out = model(ref.scale_model_input(x_ve, t), tb(t, x_ve))
+    return ref.step(out, t, x_ve, **({"generator": generator} if generator is not None else {})).prev_sample
+
+
+@pytest.mark.parametrize(
+    "name, pred, spacing, zero_snr",
+    [
+        ("euler", "epsilon", "trailing", False), ("euler", "v_prediction", "linspace", False),
+        ("euler", "sample", "leading", False), ("euler", "v_prediction", "trailing", True),
+        ("euler_a", "epsilon", "trailing", False), ("euler_a", "v_prediction", "leading", False),
+        ("euler_a", "v_prediction", "trailing", True),  # diffusers' Euler ancestral has no "sample" prediction
+        ("heun", "epsilon", "trailing", False), ("heun", "v_prediction", "linspace", False),
+        ("heun", "sample", "leading", False), ("heun", "v_prediction", "trailing", True),
+    ],
+)
+def test_karras_loops_match_diffusers(name, pred, spacing, zero_snr):
+    """Whole chains. diffusers' Euler schedulers round the sample to float32 in every step (Heun's does not),
+    so those are compared at 1e-6, Heun at 1e-10; the steps themselves are compared exactly below."""
+    ours = DDPMScheduler(prediction_type=pred, rescale_zero_terminal_snr=zero_snr)
+    model, ts = toy_model(ours), make_timesteps(ours, 10, spacing)
+    ref, alpha = karras_ref(name, ours, ts)
+    x_ve, g = noise(4) / alpha[ts[0]], torch.Generator().manual_seed(6)
+    for t in ref.timesteps:
+        x_ve = karras_ref_step(ref, model, x_ve, t, g if name == "euler_a" else None)
+    kw = {"generator": torch.Generator().manual_seed(6)} if name == "euler_a" else {}
+    got = SAMPLERS[name](model, noise(4), ours, ts, **kw)
+    assert maxdiff(got, x_ve) <= (1e-10 if name == "heun" else 1e-6)
+
+
+@pytest.mark.parametrize("name, pred, zero_snr", [
+    ("euler", "epsilon", False), ("euler", "sample", True), ("euler_a", "epsilon", False),
+])
+def test_euler_steps_match_diffusers_exactly(name, pred, zero_snr):
+    """From a sample that float32 holds exactly (what diffusers' step reads), each of our steps is diffusers'
+    step to float64 rounding; euler_a's noise comes from the same seed, drawn in the same order and shape.
+    Not v-prediction: there diffusers computes x~ / (sigma^2 + 1) in float32 too (a 0-d float64 sigma does not
+    promote a float32 tensor), a difference of ~1e-9 per step that the loops above stay within."""
+    ours = DDPMScheduler(prediction_type=pred, rescale_zero_terminal_snr=zero_snr)
+    model, ts = toy_model(ours), make_timesteps(ours, 7)
+    ref, alpha = karras_ref(name, ours, ts)
+    alpha = torch.cat([alpha, torch.ones(1, dtype=torch.float64)])  # alpha[-1] = 1: after the last step
+    x_ve, tl = noise(2) / alpha[ts[0]], ts.tolist()
+    for i, (t, s) in enumerate(zip(tl, tl[1:] + [-1])):
+        x_ve = x_ve.float().double()
+        seed = {"generator": torch.Generator().manual_seed(i)} if name == "euler_a" else {}
+        ours_first = step_outputs(SAMPLERS[name], model, alpha[t] * x_ve, ours, tl[i:], **seed)[0]  # ours from t on
+        g = torch.Generator().manual_seed(i) if name == "euler_a" else None
+        want = karras_ref_step(ref, model, x_ve, ref.timesteps[i], g)
+        assert maxdiff(ours_first, alpha[s] * want) <= 1e-10, (i, t, s)
+        x_ve = want
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_euler_is_ddim_eta0_and_euler_ancestral_is_ddim_eta1(spacing, pred):
+    """Song et al. 2021 sec. 4.3 eq. 13: DDIM's step is an Euler step of the VE ODE; and Euler ancestral's
+    sigma_up, sigma_down are DDIM's eq. 16 noise at eta = 1 and its eps coefficient. Step by step, to rounding:
+    float64's 1e-16, magnified by 1 / alpha in x~ = x / alpha, where the cosine schedule has alpha_{T-1} = 5e-5."""
+    ours = DDPMScheduler(beta_schedule="cosine", prediction_type=pred)
+    model, ts = toy_model(ours), make_timesteps(ours, 10, spacing)
+
+    def steps(sampler, **kw):
+        return torch.stack(step_outputs(sampler, model, noise(3), ours, ts, **kw))
+
+    assert maxdiff(steps(sample_euler), steps(sample_ddim)) <= 1e-11
+    euler_a = steps(sample_euler_ancestral, generator=torch.Generator().manual_seed(8))
+    assert maxdiff(euler_a, steps(sample_ddim, eta=1.0, generator=torch.Generator().manual_seed(8))) <= 1e-11
+
+
+@pytest.mark.parametrize("n", [1, 2, 10])
+def test_heun_evaluates_the_network_where_diffusers_does(n):
+    """2n - 1 evaluations: at each listed timestep, then again at the next one for the correction, except
+    after the last (to sigma = 0, a plain Euler step). diffusers' timesteps t0, t1, t1, t2, t2, ... say the same."""
+    ours = DDPMScheduler(prediction_type="v_prediction")
+    ts, seen = make_timesteps(ours, n), []
+    model = toy_model(ours)
+    sample_heun(lambda x, t: seen.append(t[0].item()) or model(x, t), noise(), ours, ts)
+    ref, _ = karras_ref("heun", ours, ts)
+    assert len(seen) == 2 * n - 1 and seen == ref.timesteps.tolist()
+
+
+def test_heun_is_second_order_and_euler_first():
+    """Gaussian data x_0 ~ N(mu, s^2): the exact denoiser is D(x~; sigma) = mu + (x~ - mu) s^2 / (s^2 + sigma^2),
+    and the exact ODE solution x~(sigma) = mu + (x~(sigma_T) - mu) sqrt((s^2 + sigma^2) / (s^2 + sigma_T^2)).
+    Halving the step (t = 999 down to 99 in 9, 18, 36 steps) halves Euler's error and quarters Heun's
+    (Karras et al. sec. 3: local errors O(h^2) and O(h^3)). Measured at t = 99, before the last jump to sigma = 0."""
+    ours = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="sample")
+    ab, mu, s2 = ours.tables()["alphas_cumprod"], 0.3, 0.25
+
+    def exact(x, t):
+        sigma2 = ((1 - ab[t]) / ab[t]).view(-1, 1, 1, 1)
+        return mu + (x / ab[t].sqrt().view(-1, 1, 1, 1) - mu) * s2 / (s2 + sigma2)
+
+    sig2 = (1 - ab) / ab
+    want = (mu + (noise() / ab[999].sqrt() - mu) * ((s2 + sig2[99]) / (s2 + sig2[999])).sqrt()) * ab[99].sqrt()
+    errors = {}
+    for name in ("euler", "heun"):
+        for n in (9, 18, 36):
+            xs = step_outputs(SAMPLERS[name], exact, noise(), ours, torch.linspace(999, 99, n + 1).round().long())
+            errors[name, n] = maxdiff(xs[n - 1], want)  # x at t = 99
+    for n in (9, 18):
+        assert 1.8 < errors["euler", n] / errors["euler", 2 * n] < 2.2
+        assert 3.6 < errors["heun", n] / errors["heun", 2 * n] < 4.6
+        assert errors["heun", n] < errors["euler", n] / 3
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "heun"])
+def test_karras_float32_loop_against_diffusers_own_tables(name):
+    """diffusers' own float32 sigmas and trailing timesteps (the same as ours), our float32 latents."""
+    beta = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    ours = DDPMScheduler(**beta)
+    ref = KARRAS[name](timestep_spacing="trailing", **beta)
+    ref.set_timesteps(20)
+    model, ts = toy_model(ours), make_timesteps(ours, 20)
+    assert ref.timesteps.unique_consecutive().tolist() == ts.tolist()
+    x_ve = noise(4, torch.float32) / ours.tables(torch.float32)["alphas_cumprod"][999].sqrt()
+    g = torch.Generator().manual_seed(2)
+    for t in ref.timesteps:
+        x_ve = karras_ref_step(ref, model, x_ve, t, g if name == "euler_a" else None)
+    kw = {"generator": torch.Generator().manual_seed(2)} if name == "euler_a" else {}
+    got = sample(name, model, noise(4, torch.float32), ours, 20, **kw)
+    assert got.dtype == torch.float32 and maxdiff(got, x_ve) <= 1e-4
+
+
 # ---- every sampler, every prediction type ------------------------------------------------------------
 
 
@@ -295,10 +459,25 @@ def test_exact_denoiser_recovers_the_data(name, pred):
     assert maxdiff(out, torch.full(SHAPE, 0.3, dtype=torch.float64)) <= 1e-9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_zero_terminal_snr_first_step_is_finite(name, dtype):
+    """With alpha-bar_{T-1} = 0 the VE sigma of the first step is infinite (and DPM-Solver's lambda); the
+    samplers that need it finite use 2**-24, as diffusers does. The first step from pure noise stays finite."""
+    s = DDPMScheduler(prediction_type="v_prediction", rescale_zero_terminal_snr=True)
+    assert s.tables()["alphas_cumprod"][-1] == 0
+    steps = []
+    out = sample(name, toy_model(s), noise(dtype=dtype), s, 10, eta=1.0, generator=torch.Generator().manual_seed(0),
+                 callback=lambda i, t, x, x0: steps.append((t, x, x0)))
+    t, x, x0 = steps[0]
+    assert t == T - 1 and torch.isfinite(x).all() and torch.isfinite(x0).all() and torch.isfinite(out).all()
+    assert maxdiff(out, torch.full(SHAPE, 0.5)) < 0.2  # near toy_model's x0 = 0.5 + 0.1 sin(x) cos(t / T)
+
+
 def test_sample_registry_and_full_ddpm_chain():
     s = DDPMScheduler(num_timesteps=20)
-    with pytest.raises(ValueError, match="'ddpm', 'ddim', 'dpmpp'"):
-        sample("euler", toy_model(s), noise(), s, 10)
+    with pytest.raises(ValueError, match="'ddpm', 'ddim', 'dpmpp', 'euler', 'euler_a', 'heun'"):
+        sample("lms", toy_model(s), noise(), s, 10)
     seen = []
     sample("ddpm", toy_model(s), noise(), s, 20, generator=torch.Generator().manual_seed(0),
            callback=lambda i, t, x, x0: seen.append(t))

@@ -278,8 +278,177 @@ def sample_dpmpp_2m(
     return x
 
 
+# --------------------------------------------------------------------------------------------------
+# Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models"): Euler, Euler
+# ancestral and Heun, in the variance-exploding form
+# --------------------------------------------------------------------------------------------------
+
+
+def _require_full_precision(x: Tensor) -> None:
+    """The module docstring's rule: the update arithmetic runs in x's dtype, so x must be float32 or float64."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x: expected float32 or float64 latents, got {x.dtype}; the update arithmetic runs in "
+                         "x's dtype (use autocast inside model_fn for a half-precision network)")
+
+
+def _ve_schedule(scheduler: DDPMScheduler, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Our schedule in the variance-exploding (VE) form of Karras et al. 2022 (sec. 2, with sigma(t) = t and
+    s(t) = 1, "the choice made in DDIM", sec. 3): dividing x_t = alpha x_0 + sqrt(1 - ab) eps by alpha gives
+
+        x~ = x_t / alpha = x_0 + sigma eps,   alpha = sqrt(ab),   sigma = sqrt((1 - ab) / ab)
+
+    Returns (alpha, sigma), each (T + 1,) in x's dtype on x's device. Entry T is the step after the last listed
+    timestep, clean data (alpha = 1, sigma = 0): the samplers read it as index s = -1, Python's last element.
+    A zero alpha-bar (zero terminal SNR, Lin et al. 2023) would make sigma_{T-1} infinite: like diffusers' Euler
+    schedulers (``rescale_betas_zero_snr``), it is replaced by 2**-24, so sigma_{T-1} = sqrt(2**24 - 1) ~ 4096.
+    """
+    _require_full_precision(x)
+    ab = scheduler.table("alphas_cumprod", x)
+    ab = torch.where(ab > 0, ab, torch.full_like(ab, 2.0**-24))
+    ab = torch.cat([ab, ab.new_ones(1)])  # (T + 1,)
+    return ab.sqrt(), ((1 - ab) / ab).sqrt()
+
+
+def _denoise(model_fn: ModelFn, scheduler: DDPMScheduler, x: Tensor, t: int, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Karras et al.'s denoiser D(x~; sigma_t): the x_0 predicted at timestep t from the VE state x~ (B, C, H, W).
+
+    The network sees alpha_t x~ = x~ / sqrt(1 + sigma_t^2) (diffusers' ``scale_model_input``): the VP x_t it
+    was trained on, whose noise is sqrt(1 - ab_t) = alpha_t sigma_t.
+    """
+    x_t = alpha[t] * x
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    x0, _ = scheduler.convert_output(model_fn(x_t, t_batch), x_t, alpha[t], alpha[t] * sigma[t])
+    return x0
+
+
+def sample_euler(
+    model_fn: ModelFn,
+    x: Tensor,
+    scheduler: DDPMScheduler,
+    timesteps: Tensor | list[int],
+    *,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022 Algorithm 1 without its correction,
+    lines 6-8, as their sec. 2 describes Euler; = Algorithm 2 with S_churn = 0 and no correction; diffusers'
+    ``EulerDiscreteScheduler``, k-diffusion's ``sample_euler``).
+
+    In the VE form (:func:`_ve_schedule`) the ODE is dx~/dsigma = (x~ - D(x~; sigma)) / sigma (Karras eq. 4 with
+    sigma(t) = t, s(t) = 1), D the predicted x_0. One Euler step per listed timestep, to sigma = 0 after the last:
+
+        d = (x~_t - x0_t) / sigma_t,   x~_s = x~_t + (sigma_s - sigma_t) d       (Algorithm 1 lines 4-5)
+
+    x (B, C, H, W) comes in, and goes to the callback, in the VP form x_t = alpha x~ of the other samplers.
+
+    This is DDIM with eta = 0, exactly: d = (x~_t - x0_t) / sigma_t is the predicted eps, so x~_s = x0_t +
+    sigma_s eps_t, and times alpha_s, x_s = sqrt(ab_s) x0_t + sqrt(1 - ab_s) eps_t, DDIM's eq. 12. Song et al.
+    2021 write DDIM this way, as an Euler step (sec. 4.3, eq. 13, of the ODE eq. 14); Karras et al. (sec. 3)
+    note that DDIM makes their choice sigma(t) = t, s(t) = 1. On the same timesteps the two differ only by
+    rounding (and at zero terminal SNR by the 2**-24, which DDIM does not need).
+
+    Timesteps are ours (:func:`make_timesteps`), integers. diffusers' Euler and Heun schedulers agree for
+    "leading" and "trailing"; for "linspace" they keep fractional timesteps (and interpolate sigma), which
+    networks taking integer timesteps cannot be evaluated at.
+    """
+    ts = _timestep_list(scheduler, timesteps)
+    alpha, sigma = _ve_schedule(scheduler, x)
+    x = x / alpha[ts[0]]  # x~ (B, C, H, W)
+    for i, (t, s) in enumerate(zip(ts, ts[1:] + [-1])):
+        x0 = _denoise(model_fn, scheduler, x, t, alpha, sigma)
+        x = x + (sigma[s] - sigma[t]) * ((x - x0) / sigma[t])
+        if callback is not None:
+            callback(i, t, alpha[s] * x, x0)
+    return x  # sigma = 0, alpha = 1: x~ is x
+
+
+def sample_euler_ancestral(
+    model_fn: ModelFn,
+    x: Tensor,
+    scheduler: DDPMScheduler,
+    timesteps: Tensor | list[int],
+    *,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Euler ancestral (diffusers' ``EulerAncestralDiscreteScheduler``; k-diffusion's ``sample_euler_ancestral``
+    with eta = 1): an Euler step to below the next noise level, then fresh noise back up to it.
+
+    In the VE form (:func:`_ve_schedule`), from sigma_t to sigma_s:
+
+        sigma_up = sqrt(sigma_s^2 (sigma_t^2 - sigma_s^2) / sigma_t^2),   sigma_down = sqrt(sigma_s^2 - sigma_up^2)
+        x~_s = x~_t + (sigma_down - sigma_t) (x~_t - x0_t) / sigma_t + sigma_up z,   z ~ N(0, I)
+
+    so that the noise levels add up, sigma_down^2 + sigma_up^2 = sigma_s^2. The last step (sigma_s = 0) adds none.
+
+    This is DDIM with eta = 1, DDPM's posterior (Song et al. 2021 eq. 12 and 16, :func:`sample_ddim`): alpha_s
+    sigma_up is eq. 16's noise scale at eta = 1 (DDIM's own "sigma_t", another sigma than this one), and alpha_s
+    sigma_down = sqrt(1 - ab_s - that^2) is eq. 12's eps coefficient. With the same generator the two give the
+    same samples, up to rounding.
+    Noise is drawn from `generator` at every step, the last included, as diffusers does (that draw only keeps
+    the order; k-diffusion skips it).
+    """
+    ts = _timestep_list(scheduler, timesteps)
+    alpha, sigma = _ve_schedule(scheduler, x)
+    x = x / alpha[ts[0]]  # x~ (B, C, H, W)
+    for i, (t, s) in enumerate(zip(ts, ts[1:] + [-1])):
+        x0 = _denoise(model_fn, scheduler, x, t, alpha, sigma)
+        # The formulas above, rearranged: sigma_down = sigma_s^2 / sigma_t (sigma_down / sigma_s = sigma_s /
+        # sigma_t), sigma_up = sigma_s sqrt(1 - (sigma_s / sigma_t)^2). Equal, without the cancellation in
+        # sigma_s^2 - sigma_up^2, which in float32 rounds to 0 when sigma_s << sigma_t (zero terminal SNR's 4096).
+        r = sigma[s] / sigma[t]
+        sigma_down, sigma_up = sigma[s] * r, sigma[s] * (1 - r**2).sqrt()
+        x = x + (sigma_down - sigma[t]) * ((x - x0) / sigma[t])
+        x = x + sigma_up * _randn_like(x, generator)
+        if callback is not None:
+            callback(i, t, alpha[s] * x, x0)
+    return x
+
+
+def sample_heun(
+    model_fn: ModelFn,
+    x: Tensor,
+    scheduler: DDPMScheduler,
+    timesteps: Tensor | list[int],
+    *,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022 Algorithm 1, deterministic: Algorithm 2 with S_churn = 0;
+    diffusers' ``HeunDiscreteScheduler``, k-diffusion's ``sample_heun``): the Euler step of :func:`sample_euler`
+    as a predictor, corrected with the average of the slopes at both ends (the trapezoidal rule), in the VE form
+    (:func:`_ve_schedule`):
+
+        d  = (x~_t - x0_t) / sigma_t,                 x~'_s = x~_t + (sigma_s - sigma_t) d              (lines 4-5)
+        d' = (x~'_s - D(x~'_s; sigma_s)) / sigma_s,   x~_s = x~_t + (sigma_s - sigma_t) (d + d') / 2    (lines 6-8)
+
+    The last step, to sigma = 0, is the Euler step alone (d' would divide by 0). So n steps cost 2n - 1
+    network evaluations, for a local error O(h^3) against Euler's O(h^2) (Karras et al. sec. 3).
+
+    The second evaluation is at the next listed timestep s, exactly: sigma_s is the level x~'_s is at.
+    diffusers does the same on integer timesteps (its timesteps read t0, t1, t1, t2, t2, ...); it maps sigma
+    back to a fractional timestep only for schedules given as sigmas (Karras et al. eq. 5), which networks
+    evaluated at integer timesteps, as ours are, cannot take.
+    """
+    ts = _timestep_list(scheduler, timesteps)
+    alpha, sigma = _ve_schedule(scheduler, x)
+    x = x / alpha[ts[0]]  # x~ (B, C, H, W)
+    for i, (t, s) in enumerate(zip(ts, ts[1:] + [-1])):
+        x0 = _denoise(model_fn, scheduler, x, t, alpha, sigma)
+        d = (x - x0) / sigma[t]
+        x_next = x + (sigma[s] - sigma[t]) * d  # the Euler predictor
+        if s >= 0:  # sigma_s > 0: correct with the slope at s
+            d_next = (x_next - _denoise(model_fn, scheduler, x_next, s, alpha, sigma)) / sigma[s]
+            x_next = x + (sigma[s] - sigma[t]) * ((d + d_next) / 2)
+        x = x_next
+        if callback is not None:
+            callback(i, t, alpha[s] * x, x0)
+    return x
+
+
 #: Sampler registry (STYLE.md 3); its keys are the choices of the CLI and the config.
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp_2m}
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp_2m,
+    "euler": sample_euler, "euler_a": sample_euler_ancestral, "heun": sample_heun,
+}
 
 
 def run_sampler(
@@ -294,11 +463,12 @@ def run_sampler(
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Run sampler `name` over the descending `timesteps` from x (B, C, H, W) at timesteps[0]; return x_0.
-    `eta` is used by "ddim", `generator` by "ddpm" and by "ddim" with eta > 0; "dpmpp" is deterministic."""
+    `eta` is used by "ddim", `generator` by "ddpm", "euler_a" and by "ddim" with eta > 0; "dpmpp", "euler" and
+    "heun" are deterministic."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {', '.join(map(repr, SAMPLERS))}, got {name!r}")
     kwargs: dict = {"callback": callback}
-    if name in ("ddpm", "ddim"):
+    if name in ("ddpm", "ddim", "euler_a"):
         kwargs["generator"] = generator
     if name == "ddim":
         kwargs["eta"] = eta
@@ -323,8 +493,9 @@ def sample(
     pure-noise input, for every num_steps ("leading" never starts there; "linspace" does from num_steps 2),
     and its steps are evenly spaced up to that end (Lin et al. 2023 sec. 3.3). "ddpm" with num_steps ==
     num_timesteps is the full ancestral chain (every spacing gives T-1..0 then). `eta` is used by "ddim",
-    `generator` by "ddpm" and by "ddim" with eta > 0; "dpmpp" is deterministic. Image to image runs the
-    tail of the same schedule: :func:`img2img_timesteps` with :func:`run_sampler`.
+    `generator` by "ddpm", "euler_a" and by "ddim" with eta > 0; "dpmpp", "euler" and "heun" are
+    deterministic ("heun" evaluates the network 2 * num_steps - 1 times). Image to image runs the tail of the
+    same schedule: :func:`img2img_timesteps` with :func:`run_sampler`.
     """
     timesteps = make_timesteps(scheduler, num_steps, spacing)
     return run_sampler(name, model_fn, x, scheduler, timesteps, generator=generator, eta=eta, callback=callback)
