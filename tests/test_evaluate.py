@@ -242,7 +242,7 @@ def test_configs_parse_params_and_refuse_bad_values():
         f"{e['sampler']}-{e['steps']}-g{e['guidance']:g}" for e in params["evaluate"]["sweep"]
     ]
     with pytest.raises(ConfigError, match=r"evaluate.sweep\[0\].sampler"):
-        EvaluateConfig.from_dict({"sweep": [{"sampler": "euler"}]}, "evaluate")
+        EvaluateConfig.from_dict({"sweep": [{"sampler": "lms"}]}, "evaluate")
     with pytest.raises(ConfigError, match="evaluate.num_samples"):
         EvaluateConfig.from_dict({"num_samples": 1}, "evaluate")
     # The grid is a stage output: without prompts the previous model's grid stayed in place.

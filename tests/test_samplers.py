@@ -9,12 +9,14 @@ step exactly from a sample that float32 holds; its Heun scheduler does not, and 
 """
 
 from fractions import Fraction
+from typing import get_args
 
 import diffusers  # a dev dependency: missing, these tests fail loudly (importorskip skipped all of them)
 import pytest
 import torch
 from test_scheduler import CustomScheduler, use_our_tables
 
+from diffusion.eval_configs import SamplerName
 from diffusion.samplers import (
     SAMPLERS,
     classifier_free_guidance,
@@ -472,6 +474,11 @@ def test_zero_terminal_snr_first_step_is_finite(name, dtype):
     t, x, x0 = steps[0]
     assert t == T - 1 and torch.isfinite(x).all() and torch.isfinite(x0).all() and torch.isfinite(out).all()
     assert maxdiff(out, torch.full(SHAPE, 0.5)) < 0.2  # near toy_model's x0 = 0.5 + 0.1 sin(x) cos(t / T)
+
+
+def test_sampler_names_are_the_registry():
+    """The configs' Literal (in a module that does not import torch) names exactly the registered samplers."""
+    assert get_args(SamplerName) == tuple(SAMPLERS)
 
 
 def test_sample_registry_and_full_ddpm_chain():

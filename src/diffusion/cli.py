@@ -318,7 +318,9 @@ def sample(
     guidance_rescale: Annotated[float, typer.Option(
         "--guidance-rescale", help="0-1: rescale the guided prediction (Lin et al. 2023), for strong guidance.",
     )] = 0.0,
-    sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpmpp (DPM-Solver++ 2M).")] = "dpmpp",
+    sampler: Annotated[str, typer.Option(
+        help="ddpm | ddim | dpmpp (DPM-Solver++ 2M) | euler | euler_a (Euler ancestral) | heun (2 network calls/step).",
+    )] = "dpmpp",
     seed: Annotated[int, typer.Option(help="Seed of the initial noise; the same seed gives the same images.",
                                       min=0, max=2**64 - 1)] = 0,  # what torch.Generator.manual_seed takes
     out: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write (a grid for several images).")] = Path(

@@ -11,6 +11,11 @@ from typing import ClassVar, Literal
 from diffusion.config import Config, ConfigError, param
 from diffusion.data.locations import URL_HELP
 
+#: The samplers a config can name: the keys of ``diffusion.samplers.SAMPLERS`` (a test keeps the two equal).
+#: Here, not in samplers.py, because the configs are read without importing torch (``cli.py <stage> --help``).
+#: Fields typed with it carry ``noqa: RUF009``: ruff does not see through the alias that the default is immutable.
+SamplerName = Literal["ddpm", "ddim", "dpmpp", "euler", "euler_a", "heun"]
+
 
 @dataclasses.dataclass(frozen=True)
 class JudgeConfig(Config):
@@ -51,7 +56,7 @@ class JudgeConfig(Config):
 class SweepEntry(Config):
     """One sampler setting of evaluate's sweep."""
 
-    sampler: Literal["ddpm", "ddim", "dpmpp"] = param("dpmpp", "the sampler (diffusion.samplers.SAMPLERS)")
+    sampler: SamplerName = param("dpmpp", "the sampler (diffusion.samplers.SAMPLERS)")  # noqa: RUF009
     steps: int | None = param(20, "denoising steps (null: every training timestep, the full DDPM chain)", ge=1)
     guidance: float = param(4.0, "classifier-free guidance scale (1: none)", ge=0.0)
 
@@ -81,11 +86,11 @@ class EvaluateConfig(Config):
         "caption", "val prompts: the val captions, or canonical captions of the val attributes"
     )
     num_samples: int = param(500, "val prompts (a seeded choice; all if fewer) generated for the main setting", ge=2)
-    sampler: Literal["ddpm", "ddim", "dpmpp"] = param("dpmpp", "sampler of the main setting")
+    sampler: SamplerName = param("dpmpp", "sampler of the main setting")  # noqa: RUF009
     steps: int | None = param(20, "sampler steps of the main setting (null: every training timestep)", ge=1)
     guidance: float = param(4.0, "classifier-free guidance of the main setting", ge=0.0)
-    batch_size: int = param(50, "images generated per batch (ddim and dpmpp draw the same images at any batch size; "
-                                "ddpm, which draws noise at every step, does not)", ge=1)
+    batch_size: int = param(50, "images generated per batch (ddim, dpmpp, euler and heun draw the same images at any "
+                                "batch size; ddpm and euler_a, which draw noise at every step, do not)", ge=1)
     seed: int = param(0, "seed of the prompt choice and of the sampling noise", ge=0)
     fid: bool = param(True, "compute Inception FID/KID for the main setting (~95 ms per image on 2 CPU cores)")
     fid_batch_size: int = param(16, "images per Inception forward pass", ge=1)

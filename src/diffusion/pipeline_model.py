@@ -316,8 +316,8 @@ class TextToImagePipeline:
     def __call__(self, prompts: Sequence[str], **options: Any) -> list[Any]:
         """Sample images for `prompts`.
 
-        Options (keywords): steps=20, guidance=4.0 (classifier-free guidance scale), sampler="dpmpp"
-        ("ddpm", "ddim", "dpmpp"), seed=0, num_images_per_prompt=1, image_size=None (the training
+        Options (keywords): steps=20, guidance=4.0 (classifier-free guidance scale), sampler="dpmpp" ("ddpm",
+        "ddim", "dpmpp", "euler", "euler_a", "heun"), seed=0, num_images_per_prompt=1, image_size=None (the training
         resolution; an int side or (H, W), multiples of ``spec.latent_multiple``), progress=True (a tqdm bar
         over sampler steps), batch_size=None (all at once), warn=True (PromptWarning for odd prompts),
         negative_prompt=None (a string for every prompt, or one per prompt: what guidance steers away from, in
@@ -328,8 +328,8 @@ class TextToImagePipeline:
         (0, 1], with an image: the last int(steps * strength) of the steps run from the image's latents noised to
         the first of them; low stays near the image, 1 all but forgets it: ``samplers.img2img_timesteps``).
         The same options and seed give the same images. ``batch_size`` is among the options: the images are
-        drawn batch after batch from one seeded generator, so with the ``ddpm`` sampler, which draws fresh
-        noise at every step, another batch size gives other (equally valid) images; ddim and dpmpp do not
+        drawn batch after batch from one seeded generator, so with the ``ddpm`` and ``euler_a`` samplers, which draw
+        fresh noise at every step, another batch size gives other (equally valid) images; the others do not
         (each image's starting noise is its own draw of the generator, in order).
 
         Returns:

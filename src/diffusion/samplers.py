@@ -444,7 +444,8 @@ def sample_heun(
     return x
 
 
-#: Sampler registry (STYLE.md 3); its keys are the choices of the CLI and the config.
+#: Sampler registry (STYLE.md 3); its keys are the choices of the CLI and the config
+#: (``diffusion.eval_configs.SamplerName``, which a test keeps equal to them).
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp_2m,
     "euler": sample_euler, "euler_a": sample_euler_ancestral, "heun": sample_heun,

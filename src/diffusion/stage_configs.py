@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from diffusion.config import Config, ConfigError, param
 from diffusion.data.locations import URL_HELP
-from diffusion.eval_configs import EvaluateConfig, JudgeConfig
+from diffusion.eval_configs import EvaluateConfig, JudgeConfig, SamplerName
 
 T = TypeVar("T", bound="TrainerFields")
 
@@ -357,7 +357,7 @@ class TrainConfig(TrainerFields):
          "a yellow star in the top right"),
         "fixed prompts of the sample grids",
     )
-    sample_sampler: Literal["ddpm", "ddim", "dpmpp"] = param("dpmpp", "sampler of the grids")
+    sample_sampler: SamplerName = param("dpmpp", "sampler of the grids")  # noqa: RUF009
     sample_steps: int = param(20, "sampler steps of the grids", ge=1)
     sample_guidance: float = param(4.0, "classifier-free guidance scale of the grids", ge=0.0)
     checkpoint_dir: str = param(

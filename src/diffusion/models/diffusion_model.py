@@ -104,9 +104,9 @@ def resolve_config(
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Gaussian noise of `shape` (B, ...) drawn on the generator's device (so a CPU seed gives the same x_T
     everywhere), one image at a time: image i gets the generator's i-th draw whatever the batching, so the
-    deterministic samplers (ddim, dpmpp), whose only randomness is x_T, give the same images in batches of any
-    size. One draw of B images is not B draws of one: torch's CPU generator fills blocks of 16 values, so the two
-    agree only where an image's size is a multiple of 16 (for 3x6x6 latents they differ)."""
+    deterministic samplers (ddim, dpmpp, euler, heun), whose only randomness is x_T, give the same images in batches
+    of any size. One draw of B images is not B draws of one: torch's CPU generator fills blocks of 16 values, so the
+    two agree only where an image's size is a multiple of 16 (for 3x6x6 latents they differ)."""
     g_device = generator.device if generator is not None else device
     draws = [torch.randn(shape[1:], generator=generator, device=g_device) for _ in range(shape[0])]
     return (torch.stack(draws) if draws else torch.empty(shape, device=g_device)).to(device)
@@ -354,7 +354,7 @@ class LatentDiffusionModel(nn.Module):
             guidance_scale: classifier-free guidance scale s = 1 + w, w the weight of Ho & Salimans 2022 eq. 6
                 (1: no guidance, one forward per step; 0: the unconditional model).
             image_size: (H, W) or a side; multiples of :attr:`latent_multiple`.
-            sampler: a key of ``diffusion.samplers.SAMPLERS`` ("ddpm", "ddim", "dpmpp").
+            sampler: a key of ``diffusion.samplers.SAMPLERS`` ("ddpm", "ddim", "dpmpp", "euler", "euler_a", "heun").
             generator: seeds x_T and any sampler noise; the same seed gives the same images.
             eta: DDIM stochasticity (0: deterministic).
             guidance_rescale: Lin et al. 2023 sec. 3.4 rescaling of the guided prediction (0: off).
