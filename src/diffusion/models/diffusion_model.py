@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffusion import inpainting
 from diffusion.config import Config, ConfigError
 from diffusion.data.tokenizer import BOS_ID, EOS_ID, trim_padding
 from diffusion.models.dit import DiT, DiTConfig
@@ -344,8 +345,10 @@ class LatentDiffusionModel(nn.Module):
         callback: StepCallback | None = None,
         init_latents: torch.Tensor | None = None,
         strength: float = 1.0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Text to images, or (with `init_latents`) images and text to images (SDEdit, Meng et al. 2022).
+        """Text to images, or (with `init_latents`) images and text to images (SDEdit, Meng et al. 2022), or
+        (with a `mask` too) inpainting (Blended Latent Diffusion, Avrahami et al. 2023; ``diffusion.inpainting``).
 
         Args:
             text_tokens: (B, T) long, tokenized captions (``[BOS] ... [EOS] [PAD]*``).
@@ -367,6 +370,11 @@ class LatentDiffusionModel(nn.Module):
             strength: in (0, 1], with `init_latents` only: how much of the schedule runs, i.e. how much of the
                 input is noised away; low keeps the input, 1 all but forgets it (all of it with a
                 zero-terminal-SNR schedule; ``samplers.img2img_timesteps``).
+            mask: with `init_latents` only, (B, 1, h, w) or (1, 1, h, w) at the latent resolution, 0s and 1s (or
+                bool): 1 = regenerate, 0 = keep. Before every step the network sees the latents outside the mask
+                replaced by `init_latents` noised to that step's timestep (with x_T's draws), and the result is
+                `init_latents` exactly there (before decoding): per-step latent blending, why and how in
+                ``diffusion.inpainting``. The `callback` sees the blended state.
         Returns:
             (B, 3, H, W) float images in [0, 1].
         """
@@ -377,6 +385,10 @@ class LatentDiffusionModel(nn.Module):
         f = self.vae.downsample_factor
         shape = (text_tokens.shape[0], self.vae.cfg.latent_dim, H // f, W // f)  # (B, C, h, w)
         timesteps = self._img2img_schedule(scheduler, num_inference_steps, init_latents, strength, shape)
+        if mask is not None:
+            if init_latents is None:
+                raise ValueError("mask: needs init_latents (inpainting keeps the input's latents where the mask is 0)")
+            mask = inpainting.check_mask(mask, shape).to(self.device)  # (B or 1, 1, h, w) bool
         was_training = self.training
         self.eval()
         try:
@@ -386,12 +398,18 @@ class LatentDiffusionModel(nn.Module):
             # SNR schedule (alpha-bar_{T-1} = 0, add_noise returns the noise itself) image to image is text to image.
             x = _randn(shape, generator, self.device)
             if init_latents is not None:  # x_t0 ~ q(x_t0 | x_0), Ho et al. 2020 eq. 4 (SDEdit sec. 3)
+                x_known, eps = init_latents.to(self.device, x.dtype), x
                 t_0 = timesteps[:1].expand(shape[0]).to(self.device)  # (B,)
-                x = scheduler.add_noise(init_latents.to(self.device, x.dtype), x, t_0)
+                x = scheduler.add_noise(x_known, eps, t_0)
+            if mask is not None:  # the network sees the known region noised with the same eps at every step
+                model_fn = inpainting.blend_known(model_fn, mask, x_known, eps, scheduler)
+                callback = inpainting.blend_callback(callback, mask, x_known, eps, scheduler, timesteps.tolist())
             # The text is the same at every step: its cross-attention keys and values are projected once.
             with reuse_text_keys_values(self.denoiser):
                 x_0 = run_sampler(sampler, model_fn, x, scheduler, timesteps,
                                   generator=generator, eta=eta, callback=callback)
+            if mask is not None:
+                x_0 = inpainting.blend_result(x_0, mask, x_known)
             return (self.decode_latents(x_0) + 1.0) / 2.0  # [-1, 1] -> [0, 1]
         finally:
             self.train(was_training)
