@@ -1,5 +1,5 @@
-"""The input images of image-to-image sampling (SDEdit, Meng et al. 2022): read and checked before any model is
-loaded, then resized to the sampling size.
+"""The input images of image-to-image sampling (SDEdit, Meng et al. 2022) and the masks of inpainting: read and
+checked before any model is loaded, then resized to the sampling size.
 
 The policy, stated once (``TextToImagePipeline.generate(image=...)`` and ``cli.py sample --image`` follow it):
 
@@ -10,6 +10,10 @@ The policy, stated once (``TextToImagePipeline.generate(image=...)`` and ``cli.p
   Lanczos filtering, without cropping: an image of another aspect ratio is stretched, as diffusers'
   ``VaeImageProcessor`` does with its default ``resize_mode`` when given a height and a width. Crop it first to
   keep its proportions.
+- A mask (``mask_image=``, ``--mask``) is read the same way, converted to grayscale with ``Image.convert("L")``,
+  resized as an image is (Lanczos), then thresholded: levels >= 128 (white) are regenerated, the rest kept, as
+  diffusers' inpainting ``mask_processor`` does (``do_binarize`` at 0.5). It is then reduced to the latent grid
+  by ``inpainting.latent_mask``: a latent cell with any white pixel in it is regenerated.
 """
 
 from __future__ import annotations
@@ -28,35 +32,47 @@ def _is_image(value: Any) -> bool:
     return isinstance(value, Image.Image)
 
 
-def _read_one(value: Any) -> Any:
-    """A PIL image or a path -> an RGB PIL image, fully decoded (a truncated file fails here, not mid-sampling)."""
+def _read_one(value: Any, option: str, mode: str) -> Any:
+    """A PIL image or a path -> a PIL image in `mode` ("RGB", "L"), fully decoded (a truncated file fails here, not
+    mid-sampling). Raises SampleOptionError(`option`)."""
     from PIL import Image, UnidentifiedImageError
 
     if _is_image(value):
-        return value.convert("RGB")
+        return value.convert(mode)
     if not isinstance(value, (str, os.PathLike)):
-        raise SampleOptionError("image", f"expected a PIL image or the path of an image file, got {value!r}")
+        raise SampleOptionError(option, f"expected a PIL image or the path of an image file, got {value!r}")
     path = Path(value)
     if not path.is_file():
-        raise SampleOptionError("image", f"{path}: no such file" + (" (a folder)" if path.is_dir() else ""))
+        raise SampleOptionError(option, f"{path}: no such file" + (" (a folder)" if path.is_dir() else ""))
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return im.convert(mode)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:  # not an image, truncated
-        raise SampleOptionError("image", f"{path}: cannot read it as an image ({e})") from None
+        raise SampleOptionError(option, f"{path}: cannot read it as an image ({e})") from None
+
+
+def _read_list(value: Any, num_prompts: int, option: str, mode: str) -> list[Any]:
+    """A PIL image, a path, or a list of 1 or `num_prompts` of them -> a list of PIL images in `mode`."""
+    if _is_image(value) or isinstance(value, (str, os.PathLike)):
+        return [_read_one(value, option, mode)]
+    if not isinstance(value, Sequence) or len(value) not in {1, max(num_prompts, 1)}:
+        what = f"a list of {len(value)}" if isinstance(value, Sequence) else repr(value)
+        raise SampleOptionError(option, f"expected a PIL image, a path, or a list of 1 or {num_prompts} of them (one "
+                                        f"for every prompt, or one per prompt), got {what}")
+    return [_read_one(v, option, mode) for v in value]
 
 
 def read_images(image: Any, num_prompts: int) -> list[Any]:
     """`image` (a PIL image, a path, or a list of 1 or `num_prompts` of them) -> a list of RGB PIL images.
     Raises SampleOptionError("image") naming the file that cannot be read, or a list of the wrong length."""
-    if _is_image(image) or isinstance(image, (str, os.PathLike)):
-        return [_read_one(image)]
-    if not isinstance(image, Sequence) or len(image) not in {1, max(num_prompts, 1)}:
-        what = f"a list of {len(image)}" if isinstance(image, Sequence) else repr(image)
-        raise SampleOptionError("image", f"expected a PIL image, a path, or a list of 1 or {num_prompts} of them (one "
-                                         f"for every prompt, or one per prompt), got {what}")
-    return [_read_one(v) for v in image]
+    return _read_list(image, num_prompts, "image", "RGB")
+
+
+def read_masks(mask_image: Any, num_prompts: int) -> list[Any]:
+    """`mask_image` (as `image` in :func:`read_images`) -> a list of grayscale ("L") PIL images.
+    Raises SampleOptionError("mask_image") naming the file that cannot be read, or a list of the wrong length."""
+    return _read_list(mask_image, num_prompts, "mask_image", "L")
 
 
 def to_model_input(images: Sequence[Any], size: tuple[int, int]) -> Any:
@@ -70,3 +86,16 @@ def to_model_input(images: Sequence[Any], size: tuple[int, int]) -> Any:
     arrays = [np.asarray(im if im.size == (W, H) else im.resize((W, H), Image.Resampling.LANCZOS)) for im in images]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()  # (K, H, W, 3) -> (K, 3, H, W)
     return x / 127.5 - 1.0  # [0, 255] -> [-1, 1]
+
+
+def to_pixel_mask(masks: Sequence[Any], size: tuple[int, int]) -> Any:
+    """Grayscale ("L") PIL masks -> (K, 1, H, W) float32 tensor of 0s and 1s (1: regenerate, levels >= 128), each
+    resized to `size` (H, W) with Lanczos filtering where it differs, then thresholded (the module docstring)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    H, W = size
+    arrays = [np.asarray(m if m.size == (W, H) else m.resize((W, H), Image.Resampling.LANCZOS)) for m in masks]
+    white = torch.from_numpy(np.stack(arrays) >= 128)  # (K, H, W) bool: 128 of 255 is diffusers' 0.5
+    return white[:, None].float()  # (K, 1, H, W)

@@ -21,7 +21,9 @@ stage's folder keeps that folder's training settings beside them).
 
 Image to image (SDEdit, Meng et al. 2022; diffusers' ``StableDiffusionImg2ImgPipeline``): ``pipe(prompts,
 image=..., strength=0.8)`` starts from the input images' latents noised part of the way, instead of from pure
-noise; ``diffusion.input_images`` says how an image is read and resized.
+noise; ``diffusion.input_images`` says how an image is read and resized. Inpainting (Blended Latent Diffusion,
+Avrahami et al. 2023; diffusers' ``mask_image``): ``pipe(prompts, image=..., mask_image=..., strength=0.8)``
+regenerates the white of the mask and keeps the rest of the image's latents (``diffusion.inpainting``).
 
 Checks happen in two steps so that a bad request fails before any work: ``model_spec.ModelSpec`` reads only
 the JSON files and validates the options; then the weights are loaded. Prompt problems (empty, unknown
@@ -45,7 +47,9 @@ from diffusion.model_spec import (
 )
 
 
-#: diffusers' default image-to-image strength: the last 80% of the schedule runs.
+#: diffusers' default image-to-image strength: the last 80% of the schedule runs. Inpainting shares it (diffusers'
+#: legacy, latent-blending inpainting pipeline's default too; its newer one defaults to 1, which is the option
+#: ``strength=1.0``: the masked region then keeps next to nothing of the input).
 DEFAULT_STRENGTH = 0.8
 
 
@@ -242,23 +246,27 @@ class TextToImagePipeline:
         seed: int = 0, num_images_per_prompt: int = 1, image_size: int | Sequence[int] | None = None,
         progress: bool = True, batch_size: int | None = None, warn: bool = True,
         negative_prompt: str | Sequence[str] | None = None, guidance_rescale: float = 0.0, image: Any = None,
-        strength: float = DEFAULT_STRENGTH,
+        strength: float = DEFAULT_STRENGTH, mask_image: Any = None,
     ) -> np.ndarray:
         """Like ``__call__``, but returns one (N, H, W, 3) uint8 array, N = len(prompts) * num_images_per_prompt,
         prompt-major (the images of prompt 0 first)."""
         import torch
 
         from diffusion.data.tokenizer import encode
-        from diffusion.input_images import read_images
+        from diffusion.input_images import read_images, read_masks
         from diffusion.samplers import img2img_steps
 
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts: expected a list of strings (\"\" for the unconditional model), got {prompts!r}")
+        if mask_image is not None and image is None:
+            raise SampleOptionError("mask_image", "needs an image= to inpaint (the mask says which of its pixels to "
+                                                  "regenerate)")
         H, W = self.spec.check(steps=steps, guidance=guidance, sampler=sampler, seed=seed, batch_size=batch_size,
                                num_images_per_prompt=num_images_per_prompt, image_size=image_size,
                                guidance_rescale=guidance_rescale, strength=None if image is None else strength)
         negatives = negative_prompts(negative_prompt, len(prompts))
         inputs = None if image is None else read_images(image, len(prompts))  # files read now, before any work
+        masks = None if mask_image is None else read_masks(mask_image, len(prompts))
         if warn:
             asked = None if strength == DEFAULT_STRENGTH else strength  # the default is no request
             for message in self.check_prompts(prompts, negative_prompt, guidance, guidance_rescale, image=image,
@@ -272,6 +280,7 @@ class TextToImagePipeline:
         uncond = (encode(self.tokenizer, [p for p in negatives for _ in range(n)])
                   if negatives and any(p.strip() for p in negatives) else None)  # (N, T) or None
         init = None if inputs is None else self._init_latents(inputs, len(prompts), n, (H, W))  # (N, C, h, w)
+        mask = None if masks is None else self._latent_masks(masks, len(prompts), n, (H, W))  # (N, 1, h, w)
         run = steps if init is None else img2img_steps(int(steps), strength)  # the sampler steps each batch runs
         chunk = batch_size or max(len(tokens), 1)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))  # CPU: same x_T on every device
@@ -287,6 +296,7 @@ class TextToImagePipeline:
                     uncond_tokens=None if uncond is None else uncond[start : start + chunk],
                     init_latents=None if init is None else init[start : start + chunk],
                     strength=1.0 if init is None else float(strength),
+                    mask=None if mask is None else mask[start : start + chunk],
                 )  # (B, 3, H, W) in [0, 1]
                 out.append((images * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
         finally:
@@ -310,8 +320,17 @@ class TextToImagePipeline:
         x = to_model_input(images, size).to(self.model.device)  # (K, 3, H, W) in [-1, 1]
         with torch.no_grad():
             latents = torch.cat([self.model.encode_images(x[k : k + 1], sample=False) for k in range(len(x))])
-        which = torch.arange(num_prompts * n, device=latents.device) // n  # the prompt of each of the N images
-        return latents[which if len(latents) > 1 else torch.zeros_like(which)]  # (N, C, h, w)
+        return _per_image(latents, num_prompts, n)  # (N, C, h, w)
+
+    def _latent_masks(self, masks: Sequence[Any], num_prompts: int, n: int, size: tuple[int, int]) -> Any:
+        """Inpainting's latent masks: (N, 1, h, w) 0/1, prompt-major as the tokens, from 1 mask for every prompt or
+        one per prompt (grayscale PIL, ``input_images.read_masks``): thresholded at the sampling `size`, then a
+        latent cell is regenerated where any of its pixels is (``inpainting.latent_mask``)."""
+        from diffusion.inpainting import latent_mask
+        from diffusion.input_images import to_pixel_mask
+
+        pixels = to_pixel_mask(masks, size).to(self.model.device)  # (K, 1, H, W)
+        return _per_image(latent_mask(pixels, self.model.vae.downsample_factor), num_prompts, n)  # (N, 1, h, w)
 
     def __call__(self, prompts: Sequence[str], **options: Any) -> list[Any]:
         """Sample images for `prompts`.
@@ -326,7 +345,9 @@ class TextToImagePipeline:
         schedules), image=None (image to image, diffusers' ``image``: a PIL image or a path for every prompt, or
         a list of one per prompt, resized to the image size as ``diffusion.input_images`` says), strength=0.8 (in
         (0, 1], with an image: the last int(steps * strength) of the steps run from the image's latents noised to
-        the first of them; low stays near the image, 1 all but forgets it: ``samplers.img2img_timesteps``).
+        the first of them; low stays near the image, 1 all but forgets it: ``samplers.img2img_timesteps``),
+        mask_image=None (inpainting, with an image, diffusers' ``mask_image``: given as `image` is, read as
+        grayscale; white (>= 128) is regenerated, the rest of the image's latents kept; ``diffusion.inpainting``).
         The same options and seed give the same images. ``batch_size`` is among the options: the images are
         drawn batch after batch from one seeded generator, so with the ``ddpm`` and ``euler_a`` samplers, which draw
         fresh noise at every step, another batch size gives other (equally valid) images; the others do not
@@ -338,6 +359,15 @@ class TextToImagePipeline:
         from PIL import Image
 
         return [Image.fromarray(a) for a in self.generate(prompts, **options)]
+
+
+def _per_image(per_input: Any, num_prompts: int, n: int) -> Any:
+    """(K, ...) values of 1 input for every prompt or one per prompt -> (N, ...), N = num_prompts * n, prompt-major
+    as the tokens (the prompt of image j is j // n)."""
+    import torch
+
+    which = torch.arange(num_prompts * n, device=per_input.device) // n  # the prompt of each of the N images
+    return per_input[which if len(per_input) > 1 else torch.zeros_like(which)]
 
 
 def check_components(model: Any, tokenizer: Any, scheduler: Any) -> None:
