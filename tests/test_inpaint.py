@@ -1,16 +1,17 @@
 """Inpainting by latent blending (Blended Latent Diffusion, Avrahami et al. 2023): the network's input blended is
 per-step blending, the kept region's latents are the input's, an all-ones mask is image to image, the mask read and
-reduced to the latent grid, the pipeline's ``mask_image=``.
+reduced to the latent grid, the pipeline's ``mask_image=`` and ``cli.py sample --mask``.
 
-The tiny model comes from tests/test_sample.py (random weights), as in tests/test_img2img.py.
+The tiny model and its folder come from tests/test_sample.py (random weights), as in tests/test_img2img.py.
 """
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from test_img2img import gradient_image, init_latents
-from test_sample import PROMPTS, SIDE, schedule_not_default, tiny_parts
+from test_sample import PROMPTS, SIDE, make_model_dir, schedule_not_default, tiny_parts
 
 from diffusion.data.tokenizer import encode
 from diffusion.inpainting import latent_mask
@@ -18,7 +19,7 @@ from diffusion.input_images import read_masks, to_model_input, to_pixel_mask
 from diffusion.model_spec import SampleOptionError
 from diffusion.models.diffusion_model import _randn
 from diffusion.models.layers import reuse_text_keys_values
-from diffusion.pipeline_model import TextToImagePipeline
+from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
 from diffusion.samplers import img2img_timesteps, run_sampler
 from diffusion.scheduler import DDPMScheduler
 
@@ -291,3 +292,50 @@ def test_pipeline_refuses_bad_masks_naming_them(pipe, tmp_path):
         with pytest.raises(SampleOptionError) as err:
             pipe.generate(PROMPTS, **opts, **kw)
         assert err.value.option == "mask_image" and words in str(err.value), str(err.value)
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def env(cli_env) -> dict:
+    return {**cli_env, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("inpaint"))
+
+
+def test_cli_sample_mask_writes_the_pipelines_png(model_dir, tmp_path, env):
+    gradient_image(24, 20).save(tmp_path / "in.png")
+    corner_mask(SIDE, 6).save(tmp_path / "mask.png")
+    proc = run_cli(["sample", PROMPTS[0], "--model", str(model_dir), "--steps", "4", "--seed", "3", "--device", "cpu",
+                    "--num-images", "2", "--image", "in.png", "--mask", "mask.png", "--strength", "0.6",
+                    "--out", "out.png"], tmp_path, env)
+    assert "from in.png at strength 0.6: 2 steps run, regenerating the white of mask.png" in proc.stdout
+    pipe = TextToImagePipeline.from_pretrained(model_dir, device="cpu")
+    opts = {"steps": 4, "seed": 3, "num_images_per_prompt": 2, "image": tmp_path / "in.png", "strength": 0.6,
+            "progress": False}
+    again = pipe.generate(PROMPTS[:1], mask_image=tmp_path / "mask.png", **opts)
+    images_to_grid(again, 1).save(tmp_path / "again.png")
+    assert (tmp_path / "out.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+    assert not np.array_equal(again, pipe.generate(PROMPTS[:1], **opts))  # the mask was used
+
+
+def test_cli_sample_bad_mask_fails_before_loading(model_dir, tmp_path, env):
+    # Garbage weights (as tests/test_img2img.py): had the model been loaded first, it would fail about model.pt.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "train_config.json"):
+        (broken / name).write_bytes((model_dir / name).read_bytes())
+    (broken / "model.pt").write_bytes(b"not a checkpoint")
+    gradient_image().save(tmp_path / "in.png")
+    (tmp_path / "notes.png").write_text("not a mask")
+    base = ["sample", PROMPTS[0], "--model", str(broken), "--steps", "10"]
+    for args, code, words in ((["--mask", "in.png"], 2, "--mask in.png: needs --image"),
+                              (["--image", "in.png", "--mask", "nowhere.png"], 1, "--mask nowhere.png: no such file"),
+                              (["--image", "in.png", "--mask", "notes.png"], 1, "--mask notes.png: cannot read it")):
+        proc = run_cli([*base, *args], tmp_path, env, check=False)
+        assert proc.returncode == code and words in proc.stderr and "model.pt" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "samples.png").exists()

@@ -232,7 +232,7 @@ def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
 #: The command-line flag of each sampling option, so an error from the pipeline names what the user typed.
 _SAMPLE_FLAGS = {"steps": "--steps", "sampler": "--sampler", "guidance": "--guidance",
                  "num_images_per_prompt": "--num-images", "image_size": "--size", "device": "--device",
-                 "guidance_rescale": "--guidance-rescale", "strength": "--strength"}
+                 "guidance_rescale": "--guidance-rescale", "strength": "--strength", "mask_image": "--mask"}
 
 
 def _is_mlflow_uri(model: str) -> bool:
@@ -287,21 +287,27 @@ def _strength_in_range(strength: float | None) -> float | None:
         raise typer.BadParameter(str(e).removeprefix("strength: ")) from None
 
 
-def _read_input_image(image: Path | None, strength: float | None, num_prompts: int) -> dict[str, Any]:
-    """The pipeline's image-to-image options for ``--image`` and ``--strength`` ({} without an image): the image
-    read now, before any model is. Exit 1 naming the file if it cannot be read (a missing input, as a missing
-    model is); ``--strength`` alone only warns, once the model is loaded (``check_prompts``)."""
-    from diffusion.input_images import read_images
+def _read_input_image(image: Path | None, strength: float | None, num_prompts: int,
+                      mask: Path | None = None) -> dict[str, Any]:
+    """The pipeline's image-to-image and inpainting options for ``--image``, ``--strength`` and ``--mask`` ({}
+    without an image): the image and the mask read now, before any model is. Exit 1 naming the file if one cannot
+    be read (a missing input, as a missing model is), 2 for ``--mask`` without ``--image``; ``--strength`` alone
+    only warns, once the model is loaded (``check_prompts``)."""
+    from diffusion.input_images import read_images, read_masks
     from diffusion.model_spec import SampleOptionError
     from diffusion.pipeline_model import DEFAULT_STRENGTH
 
+    if mask is not None and image is None:
+        _fail(f"--mask {mask}: needs --image, the picture to inpaint (the mask says which of its pixels to "
+              "regenerate)", 2)
     if image is None:
         return {}
     try:
         inputs = read_images(image, num_prompts)
+        masks = None if mask is None else read_masks(mask, num_prompts)
     except SampleOptionError as e:
-        _fail(f"--image {e.detail}", 1)
-    return {"image": inputs, "strength": DEFAULT_STRENGTH if strength is None else strength}
+        _fail(f"{_SAMPLE_FLAGS.get(e.option, '--' + e.option)} {e.detail}", 1)
+    return {"image": inputs, "strength": DEFAULT_STRENGTH if strength is None else strength, "mask_image": masks}
 
 
 @app.command("sample")
@@ -343,6 +349,10 @@ def sample(
         help="With --image, in (0, 1]: the share of the steps run from the noised image; low keeps the image, 1 "
         "all but forgets it.",
     )] = None,
+    mask: Annotated[Path | None, typer.Option(
+        help="Inpainting, with --image: regenerate the white (>= 128) of this mask, keep the rest of the image's "
+        "latents; read as grayscale, resized to the sample size as the image is.",
+    )] = None,
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
 ) -> None:
@@ -351,14 +361,15 @@ def sample(
     Reads the train stage's model folder (default <train.out_dir>, from `python cli.py train`) or a model
     registered in MLflow by the evaluate stage. Options are checked before the model is loaded; an empty
     prompt, characters outside the vocabulary and prompts over the tokenizer's length only warn. With --image, the
-    sampler starts from that image noised to the first of the last --strength of its steps (image to image).
+    sampler starts from that image noised to the first of the last --strength of its steps (image to image); with
+    --mask too, only the mask's white is regenerated (inpainting by latent blending).
     """
     from diffusion.model_spec import ModelNotFoundError, ModelSpec, SampleOptionError, check_device
     from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
     from diffusion.samplers import img2img_steps
 
     _check_out_image(out)
-    img2img = _read_input_image(image, strength, len(prompts))
+    img2img = _read_input_image(image, strength, len(prompts), mask)
     model_dir, recorded_size = _sample_model_dir(model, params, set_)
     options = dict(steps=steps, guidance=guidance, sampler=sampler, num_images_per_prompt=num_images, image_size=size,
                    guidance_rescale=guidance_rescale)
@@ -381,7 +392,7 @@ def sample(
     extra = (f", negative prompt {negative_prompt!r}" if negative_prompt.strip() else "") + (
         f", guidance rescale {guidance_rescale}" if guidance_rescale else "") + (
         f", from {image} at strength {img2img['strength']}: {img2img_steps(steps, img2img['strength'])} steps run"
-        if img2img else "")
+        if img2img else "") + (f", regenerating the white of {mask}" if mask is not None else "")
     typer.echo(f"sample: {len(images)} image(s) of {w}x{h} ({sampler}, {steps} steps, guidance {guidance}{extra}, "
                f"seed {seed}) -> {out}")
 
