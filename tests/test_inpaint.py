@@ -116,6 +116,24 @@ def test_blending_the_networks_input_is_blending_after_every_step(parts, monkeyp
     assert not torch.allclose(sdedit[-1][~keep], ref[~keep], atol=1e-3)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "zero_snr_v"])
+def test_the_variance_exploding_samplers_inpaint_as_their_ddim_twins(parts, monkeypatch, schedule):
+    """euler and euler_a keep their state as x / sqrt(alpha-bar), so the in-place reference above cannot reach it;
+    but they are DDIM with eta 0 and 1 written in that form (samplers.sample_euler), and blending the network's
+    input is the same for any sampler whose update is elementwise: their inpainted latents are DDIM's, to
+    rounding. heun evaluates the network between listed timesteps (the module docstring's second limit): it still
+    keeps the input exactly outside the mask."""
+    scheduler, mask, x_known = schedulers()[schedule], latent_masks(), init_latents()
+    kw = {"init_latents": x_known, "strength": STRENGTH, "mask": mask}
+    for sampler, twin, eta in (("euler", "ddim", 0.0), ("euler_a", "ddim", 1.0)):
+        ours = decoded_latents(parts, monkeypatch, scheduler, sampler=sampler, **kw)
+        theirs = decoded_latents(parts, monkeypatch, scheduler, sampler=twin, eta=eta, **kw)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4, msg=sampler)
+    heun = decoded_latents(parts, monkeypatch, scheduler, sampler="heun", **kw)
+    keep = mask.expand_as(heun) == 0
+    assert torch.equal(heun[keep], x_known[keep]) and torch.isfinite(heun).all()
+
+
 def test_blending_matches_ddim_written_out_by_hand(parts):
     """The same for DDIM (eta 0) without the samplers' code: Song et al. 2021 eq. 12, then the blend."""
     model, tok = parts

@@ -23,14 +23,15 @@ network's input before every step (:func:`blend_known`), model_fn(m * x_t + (1 -
 sampler's result once, m * x_0 + (1 - m) * x_known (:func:`blend_result`). Why that is per-step blending: let y_t
 be the per-step-blended state and x_t the sampler's own. Both start at x_t0 (= known_t0). If m * x_t = m * y_t,
 the network's inputs are the same tensor, m * x_t + (1 - m) * known_t = y_t, so its outputs are too. The update of
-every sampler here (ddpm, ddim, dpmpp) is elementwise in x: x_s at an element is a function of x_t there, of the
+every sampler here (ddpm, ddim, dpmpp, euler, euler_a) is elementwise in x: x_s at an element is a function of x_t there, of the
 network's output there (through the elementwise ``to_x0_eps``), of earlier x_0 predictions there (DPM-Solver++'s
 history, from the same outputs) and of fresh noise there (the same draws in the same order: they do not depend on
 x). So inside the mask x_s equals y_s before y's blend, which leaves the inside as it is: m * x_s = m * y_s.
 Outside the mask x drifts on its own (the network never sees it), and the final blend puts x_known there, where
 y ends too (known at ab = 1). The convolutions and attention that mix elements act only inside the network,
 whose input is the same tensor in both. tests/test_inpaint.py checks it, step by step and bit for bit, for ddpm,
-ddim and dpmpp. Two limits:
+ddim and dpmpp, and euler and euler_a against their DDIM twins (their state, x / sqrt(ab), is out of a callback's
+reach). Two limits:
 
 - The mask must be 0/1. With 0 < m < 1 per-step blending hands the sampler a state that is partly known_t even
   inside the mask, y_t = m x + (1 - m) known_t, where input blending's sampler keeps its own x_t: their next
