@@ -16,7 +16,7 @@ For each pair it prints, as ours/diffusers ratios measured in the same run:
   what a step adds on top of the weights, inputs and imports: activations, gradients, AdamW state and the
   allocator's slack. tracemalloc cannot see torch's allocations, hence the process-level figure.
 * **sampling images/s**: 20 DPM-Solver++(2M) steps with classifier-free guidance in one batched forward
-  per step. Ours goes through ``samplers.classifier_free_guidance`` inside ``reuse_text_keys_values``, as
+  per step. Ours goes through ``guidance.classifier_free_guidance`` inside ``reuse_text_keys_values``, as
   ``LatentDiffusionModel.generate`` samples (the text's cross-attention keys and values projected once per
   run, not once per step); diffusers' model through a plain loop that doubles the batch and splits the
   output as diffusers' pipelines do (which project them at every step). Both run the same sampler

@@ -13,7 +13,7 @@ import torch
 from diffusion.models.dit import DiTConfig
 from diffusion.models.layers import reuse_text_keys_values
 from diffusion.models.unet import UNetConfig
-from diffusion.samplers import classifier_free_guidance
+from diffusion.guidance import classifier_free_guidance
 
 #: A denoiser as the benchmarks call it: (x, t, context, context_mask, pooled) -> prediction (B, C, H, W).
 Net = Callable[..., torch.Tensor]
@@ -119,7 +119,7 @@ def sampling_scope(model: torch.nn.Module, ours: bool) -> contextlib.AbstractCon
 
 
 def ours_guided(net: Net, cond: dict, uncond: dict, scale: float):
-    """Our path: ``samplers.classifier_free_guidance`` over the keyword form of the denoiser."""
+    """Our path: ``guidance.classifier_free_guidance`` over the keyword form of the denoiser."""
     def kw_net(x, t, context, context_mask, pooled):
         return net(x, t, context, context_mask, pooled)
     rename = lambda d: {"context": d["context"], "context_mask": d["mask"], "pooled": d["pooled"]}  # noqa: E731

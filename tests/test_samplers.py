@@ -17,9 +17,9 @@ import torch
 from test_scheduler import CustomScheduler, use_our_tables
 
 from diffusion.eval_configs import SamplerName
+from diffusion.guidance import classifier_free_guidance
 from diffusion.samplers import (
     SAMPLERS,
-    classifier_free_guidance,
     ddpm_posterior,
     make_timesteps,
     sample,

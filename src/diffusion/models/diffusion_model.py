@@ -51,9 +51,8 @@ from diffusion.models.layers import reuse_text_keys_values
 from diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion.models.unet import UNet, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
-from diffusion.samplers import (
-    SAMPLERS, ModelFn, StepCallback, classifier_free_guidance, img2img_timesteps, run_sampler,
-)
+from diffusion.guidance import classifier_free_guidance
+from diffusion.samplers import SAMPLERS, ModelFn, StepCallback, img2img_timesteps, run_sampler
 
 DENOISERS: dict[str, tuple[type[Config], type[nn.Module]]] = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}
 
