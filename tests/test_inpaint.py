@@ -5,6 +5,8 @@ reduced to the latent grid, the pipeline's ``mask_image=`` and ``cli.py sample -
 The tiny model and its folder come from tests/test_sample.py (random weights), as in tests/test_img2img.py.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -294,6 +296,18 @@ def test_pipeline_all_white_is_image_to_image_and_masks_per_prompt(pipe, tmp_pat
     # batch_size splits the masks with the images: the same images (dpmpp draws only x_T).
     assert np.array_equal(pipe.generate(PROMPTS, image=image, mask_image=[corner, white], batch_size=3, **opts),
                           per_prompt)
+
+
+def test_pipeline_warns_about_a_mask_with_nothing_to_regenerate(pipe):
+    """An all-black mask (one drawn the wrong way round) keeps the whole image: said, not silent."""
+    from diffusion.pipeline_model import PromptWarning
+
+    opts = {"steps": 2, "progress": False, "strength": 0.75, "image": gradient_image()}
+    with pytest.warns(PromptWarning, match="mask_image: a mask has no white pixel"):
+        pipe.generate(PROMPTS, mask_image=[corner_mask(SIDE, 4), Image.new("L", (SIDE, SIDE), 0)], **opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PromptWarning)
+        pipe.generate(PROMPTS, mask_image=corner_mask(SIDE, 4), **opts)
 
 
 def test_pipeline_refuses_bad_masks_naming_them(pipe, tmp_path):

@@ -281,6 +281,10 @@ class TextToImagePipeline:
                   if negatives and any(p.strip() for p in negatives) else None)  # (N, T) or None
         init = None if inputs is None else self._init_latents(inputs, len(prompts), n, (H, W))  # (N, C, h, w)
         mask = None if masks is None else self._latent_masks(masks, len(prompts), n, (H, W))  # (N, 1, h, w)
+        if warn and mask is not None and not bool(mask.flatten(1).any(1).all()):  # e.g. a mask drawn inverted
+            warnings.warn("mask_image: a mask has no white pixel (>= 128 of 255) at the sampling size, so nothing "
+                          "of its image is regenerated (white marks what to repaint, black what to keep)",
+                          PromptWarning, stacklevel=2)
         run = steps if init is None else img2img_steps(int(steps), strength)  # the sampler steps each batch runs
         chunk = batch_size or max(len(tokens), 1)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))  # CPU: same x_T on every device
