@@ -303,7 +303,7 @@ def test_pipeline_warns_about_a_mask_with_nothing_to_regenerate(pipe):
     from diffusion.pipeline_model import PromptWarning
 
     opts = {"steps": 2, "progress": False, "strength": 0.75, "image": gradient_image()}
-    with pytest.warns(PromptWarning, match="mask_image: a mask has no white pixel"):
+    with pytest.warns(PromptWarning, match=r"^mask 2 has no white pixel \(>= 128 of 255\) at 16x16"):
         pipe.generate(PROMPTS, mask_image=[corner_mask(SIDE, 4), Image.new("L", (SIDE, SIDE), 0)], **opts)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PromptWarning)
@@ -353,6 +353,11 @@ def test_cli_sample_mask_writes_the_pipelines_png(model_dir, tmp_path, env):
     images_to_grid(again, 1).save(tmp_path / "again.png")
     assert (tmp_path / "out.png").read_bytes() == (tmp_path / "again.png").read_bytes()
     assert not np.array_equal(again, pipe.generate(PROMPTS[:1], **opts))  # the mask was used
+    # A mask with nothing to regenerate is said on the command line too (the CLI warns before generating).
+    Image.new("L", (SIDE, SIDE), 0).save(tmp_path / "black.png")
+    proc = run_cli(["sample", PROMPTS[0], "--model", str(model_dir), "--steps", "2", "--device", "cpu", "--image",
+                    "in.png", "--mask", "black.png", "--out", "black-out.png"], tmp_path, env)
+    assert f"warning: the mask has no white pixel (>= 128 of 255) at {SIDE}x{SIDE}" in proc.stderr, proc.stderr
 
 
 def test_cli_sample_bad_mask_fails_before_loading(model_dir, tmp_path, env):

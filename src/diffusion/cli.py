@@ -381,8 +381,10 @@ def sample(
         _fail(str(e), 1)
     except SampleOptionError as e:
         _fail(f"{_SAMPLE_FLAGS.get(e.option, e.option)}: {e.detail}", 2)
-    for message in pipe.check_prompts(prompts, negative_prompt, guidance, guidance_rescale, image=image,
-                                      strength=strength):
+    messages = pipe.check_prompts(prompts, negative_prompt, guidance, guidance_rescale, image=image, strength=strength)
+    if img2img.get("mask_image"):
+        messages += pipe.check_masks(img2img["mask_image"], pipe.spec.side_pair(size))
+    for message in messages:
         typer.echo(f"warning: {message}", err=True)
     images = pipe.generate(prompts, seed=seed, warn=False, negative_prompt=negative_prompt,
                            **options, **img2img)  # (N, H, W, 3) uint8; warned above

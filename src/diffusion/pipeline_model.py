@@ -241,6 +241,19 @@ class TextToImagePipeline:
                        "noise)")
         return out
 
+    @staticmethod
+    def check_masks(masks: Sequence[Any], size: tuple[int, int]) -> list[str]:
+        """Warnings for inpainting masks (grayscale PIL, ``input_images.read_masks``) at the sampling `size` (H, W):
+        one with no white pixel regenerates nothing (a mask drawn the wrong way round returns the image)."""
+        from diffusion.input_images import to_pixel_mask
+
+        empty = [i for i, m in enumerate(to_pixel_mask(masks, size), 1) if not bool(m.any())]
+        if not empty:
+            return []
+        which = "the mask" if len(masks) == 1 else "mask " + ", ".join(map(str, empty))
+        return [f"{which} has no white pixel (>= 128 of 255) at {size[1]}x{size[0]}, so nothing of its image is "
+                "regenerated (white marks what to repaint, black what to keep)"]
+
     def generate(
         self, prompts: Sequence[str], *, steps: int = 20, guidance: float = 4.0, sampler: str = "dpmpp",
         seed: int = 0, num_images_per_prompt: int = 1, image_size: int | Sequence[int] | None = None,
@@ -281,10 +294,8 @@ class TextToImagePipeline:
                   if negatives and any(p.strip() for p in negatives) else None)  # (N, T) or None
         init = None if inputs is None else self._init_latents(inputs, len(prompts), n, (H, W))  # (N, C, h, w)
         mask = None if masks is None else self._latent_masks(masks, len(prompts), n, (H, W))  # (N, 1, h, w)
-        if warn and mask is not None and not bool(mask.flatten(1).any(1).all()):  # e.g. a mask drawn inverted
-            warnings.warn("mask_image: a mask has no white pixel (>= 128 of 255) at the sampling size, so nothing "
-                          "of its image is regenerated (white marks what to repaint, black what to keep)",
-                          PromptWarning, stacklevel=2)
+        for message in self.check_masks(masks, (H, W)) if warn and masks is not None else ():
+            warnings.warn(message, PromptWarning, stacklevel=2)
         run = steps if init is None else img2img_steps(int(steps), strength)  # the sampler steps each batch runs
         chunk = batch_size or max(len(tokens), 1)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))  # CPU: same x_T on every device
