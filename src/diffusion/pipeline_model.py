@@ -251,8 +251,8 @@ class TextToImagePipeline:
         if not empty:
             return []
         which = "the mask" if len(masks) == 1 else "mask " + ", ".join(map(str, empty))
-        return [f"{which} has no white pixel (>= 128 of 255) at {size[1]}x{size[0]}, so nothing of its image is "
-                "regenerated (white marks what to repaint, black what to keep)"]
+        return [(f"{which} has no white pixel (>= 128 of 255) at {size[1]}x{size[0]}, so nothing of its image is "
+                 "regenerated (white marks what to repaint, black what to keep)")]
 
     def generate(
         self, prompts: Sequence[str], *, steps: int = 20, guidance: float = 4.0, sampler: str = "dpmpp",
