@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tarfile
 import time
 from collections.abc import Iterable, Iterator
@@ -39,7 +40,7 @@ from diffusion.config import ConfigError
 from diffusion.data.latents import MEAN_EXT, LatentRecord, encode_records, rechunk, write_latent_shards
 from diffusion.data.locations import read_manifest, require_split, split_shards
 from diffusion.data.shard_reading import iter_shards
-from diffusion.atomic import atomic_write_json, check_replaceable, staged_dir
+from diffusion.atomic import atomic_write_json, check_replaceable, pid_alive, staged_dir
 from diffusion.data.shards import ShardList, list_shards
 from diffusion.stage_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import encoder_digest, load_vae, vae_problem
@@ -135,14 +136,20 @@ def _encode_resumably(
     then linked (or copied) into `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
     kept.mkdir(parents=True, exist_ok=True)
-    paths, counts = [], []
+    for stale in kept.glob(".partial-*"):  # a killed run's half shard (its pid gone, or our own from before)
+        if not pid_alive(int(stale.name.rsplit("-", 1)[1])) or stale.name == f".partial-{os.getpid()}":
+            shutil.rmtree(stale, ignore_errors=True)
+    # Per process: a second run of the same key (the same out_dir) encoding at the same time writes its own half
+    # shard, and the complete ones it renames in are the same bytes.
+    work = kept / f".partial-{os.getpid()}"
+    paths, counts, reused = [], [], 0
     for name, url in shards:
         done = kept / name
         if done.is_file():
             count = _count_latents(done)
             bar.update(count)
+            reused += count
         else:
-            work = kept / ".partial"
             shutil.rmtree(work, ignore_errors=True)
             written = write_latent_shards([(name, _counted(encode_records(vae, iter_shards([url]), cfg.batch_size),
                                                             bar))], work)
@@ -153,8 +160,10 @@ def _encode_resumably(
         _link_or_copy(done, dest / name)
         paths.append(dest / name)
         counts.append(count)
-    shutil.rmtree(kept / ".partial", ignore_errors=True)
-    return ShardList(paths, counts)
+    shutil.rmtree(work, ignore_errors=True)
+    out = ShardList(paths, counts)
+    out.reused = reused  # samples taken from a killed run's shards, not encoded now (for the throughput)
+    return out
 
 
 def _count_latents(path: Path) -> int:
@@ -178,7 +187,8 @@ def resume_folder(cfg: EncodeLatentsConfig) -> Path | None:
 
     The key covers everything a shard's bytes depend on: the parameters that are not paths (batch size, device),
     the image shards (their manifest's sha256, or name and size: ``files_fingerprint``), the VAE's files, and the
-    code that encodes (this stage, the latent format, the VAE's layers)."""
+    code that encodes (this stage, the latent format, the VAE's layers); and `out_dir`, which does not change the
+    bytes but keeps the runs of two output folders (a reference run beside a killed one) from sharing shards."""
     if cfg.samples_per_shard is not None:
         return None
     from diffusion.data import latents
@@ -187,7 +197,8 @@ def resume_folder(cfg: EncodeLatentsConfig) -> Path | None:
 
     inputs = [url for split in SPLITS for _, url in split_shards(cfg.shards_dir, split)]
     code = source_fingerprint(__file__, latents.__file__, vae.__file__, layers.__file__)
-    key = run_key(cfg.to_dict(), exclude=("shards_dir", "vae_dir", "out_dir", "checkpoint_dir"),
+    key = run_key({**cfg.to_dict(), "out_dir": _as_recorded(cfg.out_dir)}, exclude=("shards_dir", "vae_dir",
+                                                                                       "checkpoint_dir"),
                   extra={"data": files_fingerprint(inputs), "vae": contents_fingerprint([cfg.vae_dir]), "code": code,
                          "device": _device(cfg).type})  # 'auto' resolved: a GPU's bytes are not the CPU's
     return Path(cfg.checkpoint_dir) / f"{STAGE}-{key}"
@@ -231,31 +242,47 @@ def _manifest(
 
 
 def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
-    """Run the stage; returns the manifest plus ``seconds`` and ``samples_per_s``."""
+    """Run the stage; returns the manifest plus ``seconds``, ``samples_per_s`` (of the samples this run encoded)
+    and ``reused_samples`` (taken from an interrupted run's shards)."""
     validate(cfg)
     vae, scale, shift = load_frozen_vae(cfg)
     out_dir = Path(cfg.out_dir)
     print(f"encode_latents: {cfg.shards_dir}/{{train,val}} with the VAE in {cfg.vae_dir} "
           f"(device {_device(cfg)}, batch {cfg.batch_size}) -> {out_dir}")
     kept = resume_folder(cfg)
-    if kept is not None and kept.is_dir():
-        finished = sum(1 for split in SPLITS for f in (kept / split).glob("*.tar"))
-        print(f"encode_latents: resuming: {finished} latent shard(s) a killed run finished are in {kept}")
-    with staged_dir(out_dir) as tmp:  # the finished tree is swapped into place whole (as the shard stage's)
-        start, expected = time.perf_counter(), _expected_counts(cfg)
-        written = {split: encode_split(cfg, vae, split, tmp / split, expected[split],
-                                       None if kept is None else kept / split) for split in SPLITS}
-        seconds = time.perf_counter() - start
-        manifest = _manifest(cfg, written, tmp, scale, shift)
-        atomic_write_json(tmp / "manifest.json", manifest)
+    finished = _finished(kept)
+    if finished:
+        print(f"encode_latents: resuming: {finished} latent shard(s) that an interrupted run finished are in {kept}")
+    try:
+        with staged_dir(out_dir) as tmp:  # the finished tree is swapped into place whole (as the shard stage's)
+            start, expected = time.perf_counter(), _expected_counts(cfg)
+            written = {split: encode_split(cfg, vae, split, tmp / split, expected[split],
+                                           None if kept is None else kept / split) for split in SPLITS}
+            seconds = time.perf_counter() - start
+            manifest = _manifest(cfg, written, tmp, scale, shift)
+            atomic_write_json(tmp / "manifest.json", manifest)
+    except KeyboardInterrupt:
+        if _finished(kept):
+            print(f"encode_latents: interrupted; the {_finished(kept)} latent shard(s) finished are kept in {kept}: "
+                  "the same command resumes from them", file=sys.stderr)
+        raise
     if kept is not None:
         shutil.rmtree(kept, ignore_errors=True)  # the output holds every shard now
     counts, total = manifest["counts"], sum(manifest["counts"].values())
-    rate = total / seconds if seconds > 0 else float("nan")
+    reused = sum(getattr(shards, "reused", 0) for shards in written.values())
+    # The rate of this run's encoding: samples taken from an interrupted run's shards took no VAE time.
+    rate = (total - reused) / seconds if seconds > 0 else float("nan")
+    note = f"; {reused} taken from an interrupted run's shards" if reused else ""
     print(f"encode_latents: wrote {counts['train']} train and {counts['val']} val latents "
-          f"{tuple(manifest['latent_shape'])} float16 to {out_dir}/{{train,val}} in {seconds:.1f} s ({rate:.1f} img/s)")
+          f"{tuple(manifest['latent_shape'])} float16 to {out_dir}/{{train,val}} in {seconds:.1f} s ({rate:.1f} img/s"
+          f"{note})")
     print(f"encode_latents: manifest {out_dir / 'manifest.json'}")
-    return {**manifest, "seconds": seconds, "samples_per_s": rate}
+    return {**manifest, "seconds": seconds, "samples_per_s": rate, "reused_samples": reused}
+
+
+def _finished(kept: Path | None) -> int:
+    """The latent shards finished in a resume folder (0 if there is none)."""
+    return 0 if kept is None else sum(1 for split in SPLITS for _ in (kept / split).glob("*.tar"))
 
 
 def main(cfg: EncodeLatentsConfig) -> dict[str, Any]:
@@ -271,8 +298,10 @@ def main(cfg: EncodeLatentsConfig) -> dict[str, Any]:
             "train_samples": result["counts"]["train"],
             "val_samples": result["counts"]["val"],
             "seconds": result["seconds"],
-            "samples_per_s": result["samples_per_s"],
+            "samples_per_s": result["samples_per_s"],  # of the samples encoded by this run
+            "reused_samples": result["reused_samples"],  # taken from an interrupted run's shards
         })
-        mlflow.log_dict({k: v for k, v in result.items() if k not in ("seconds", "samples_per_s")}, "manifest.json")
+        mlflow.log_dict({k: v for k, v in result.items() if k not in ("seconds", "samples_per_s", "reused_samples")},
+                        "manifest.json")
         print(f"encode_latents: MLflow run {active.info.run_id} in {mlflow.get_tracking_uri()}")
     return result

@@ -299,7 +299,7 @@ def test_a_posterior_beyond_float16_is_refused_naming_the_sample():
         encode_batch(HugeVAE(), torch.zeros(2, 3, 8, 8), ["a", "b"])
 
 
-def test_a_killed_run_resumes_at_its_first_unfinished_shard(project, tmp_path, monkeypatch):
+def test_a_killed_run_resumes_at_its_first_unfinished_shard(project, tmp_path, monkeypatch, capsys):
     """Killed while encoding the second of the train split's three shards: the rerun encodes only the shards not
     finished (two train, one val) and writes what an uninterrupted run writes, byte for byte; the resume folder
     is gone once the output is in place."""
@@ -328,12 +328,17 @@ def test_a_killed_run_resumes_at_its_first_unfinished_shard(project, tmp_path, m
     assert kept is not None and sorted(p.name for p in (kept / "train").glob("*.tar")) == ["shard-000000.tar"]
     assert not (tmp_path / "resumed").exists()
 
+    assert "the 1 latent shard(s) finished are kept in" in capsys.readouterr().err  # said on the way out
+
     calls.clear()
     monkeypatch.setattr(stage, "encode_records", lambda *a: encode(*a))
-    stage.run(out)
+    result = stage.run(out)
     assert len(calls) == 3  # train shards 1 and 2, the val shard: not shard 0 again
+    assert result["reused_samples"] == 4 and "4 taken from an interrupted run's shards" in capsys.readouterr().out
     assert _hashes(tmp_path / "resumed") == whole
     assert not kept.exists()
+    # Another output folder has its own key: a reference run beside a killed one does not take its shards.
+    assert stage.resume_folder(cfg.replace(out_dir=str(tmp_path / "other"))) != kept
 
 
 def test_the_resume_key_changes_with_what_decides_the_bytes(project, tmp_path, monkeypatch):
@@ -344,7 +349,7 @@ def test_the_resume_key_changes_with_what_decides_the_bytes(project, tmp_path, m
     monkeypatch.chdir(project["root"])
     cfg = EncodeLatentsConfig(batch_size=3)
     key = stage.resume_folder(cfg)
-    assert key == stage.resume_folder(cfg.replace(out_dir="elsewhere", checkpoint_dir=cfg.checkpoint_dir))
+    assert key == stage.resume_folder(cfg.replace(out_dir=f"./{cfg.out_dir}/"))  # the same folder, typed otherwise
     assert stage.resume_folder(cfg.replace(batch_size=4)) != key
     assert stage.resume_folder(cfg.replace(samples_per_shard=6)) is None
     vae = tmp_path / "vae"

@@ -189,6 +189,26 @@ def test_pipeline_images_for_every_prompt_or_one_per_prompt(zero_snr_pipe, tmp_p
     assert pipe.generate(PROMPTS[:1], image=a.convert("L"), **opts).shape == (n, SIDE, SIDE, 3)
 
 
+def test_images_come_upright_and_16_bit_images_are_scaled(tmp_path):
+    """A JPEG whose EXIF says "rotate 90 degrees" comes as a viewer shows it (diffusers' load_image does the same),
+    from its path or opened; a 16-bit grey PNG is scaled to 8 bits (Pillow's convert would clip it to white)."""
+    from diffusion.input_images import read_images, read_masks
+
+    upright = gradient_image(16, 8)  # wider than high
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # 8 wide, 16 high, as a camera stores a portrait
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 clockwise to display
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    for value in (tmp_path / "photo.jpg", Image.open(tmp_path / "photo.jpg")):
+        (read,) = read_images(value, 1)
+        assert read.size == upright.size  # (16, 8): turned upright, not the stored (8, 16)
+        assert np.abs(np.asarray(read, float) - np.asarray(upright, float)).mean() < 8  # JPEG's loss only
+    levels = (np.arange(64, dtype=np.uint16) * 1024).reshape(8, 8)  # 0 .. 64512 of 65535
+    Image.fromarray(levels).save(tmp_path / "deep.png")  # mode I;16
+    (grey,) = read_masks(tmp_path / "deep.png", 1)
+    assert np.array_equal(np.asarray(grey), np.round(levels.astype(float) * 255 / 65535).astype(np.uint8))
+
+
 def test_pipeline_refuses_bad_images_and_strengths_naming_them(zero_snr_pipe, tmp_path):
     pipe, image = zero_snr_pipe, gradient_image()
     (tmp_path / "notes.png").write_text("not an image")
@@ -203,10 +223,17 @@ def test_pipeline_refuses_bad_images_and_strengths_naming_them(zero_snr_pipe, tm
         ({"image": [image] * 3}, "image", "a list of 1 or 2 of them"),
         ({"image": 3}, "image", "expected a PIL image, a path"),
         ({"image": [image, None]}, "image", "got None"),
+        ({"image": np.zeros((SIDE, SIDE, 3))}, "image", "got a ndarray of shape (16, 16, 3)"),  # not the array
     ):
         with pytest.raises(SampleOptionError) as err:
             pipe.generate(PROMPTS, **opts, **kw)
         assert err.value.option == option and words in str(err.value), str(err.value)
+    with pytest.raises(SampleOptionError, match=r"expected a PIL image, a path, or a list of 1, got a list of 2"):
+        pipe.generate(PROMPTS[:1], image=[image, image], **opts)
+    # The least strength suggested does run a step (1/3 rounded to 0.333 would not).
+    with pytest.raises(SampleOptionError, match="at least 0.334") as err:
+        pipe.generate(PROMPTS, image=image, strength=0.3, steps=3, progress=False)
+    assert pipe.generate(PROMPTS, image=image, strength=0.334, steps=3, progress=False).shape[0] == len(PROMPTS)
     spec = ModelSpec(None, 8, SIDE, 50)
     assert spec.check(steps=10, guidance=3.0, sampler="dpmpp", strength=0.1) == (SIDE, SIDE)
     with pytest.raises(SampleOptionError, match="strength"):

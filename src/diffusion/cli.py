@@ -275,6 +275,10 @@ def _check_out_image(out: Path) -> None:
         _fail(f"--out {out}: a folder, or under a file; expected the path of an image file", 2)
 
 
+def _steps(n: int) -> str:
+    return f"{n} step" + ("" if n == 1 else "s")
+
+
 def _strength_in_range(strength: float | None) -> float | None:
     """--strength refused (exit 2) outside (0, 1], with or without --image."""
     if strength is None:
@@ -346,8 +350,8 @@ def sample(
     )] = None,
     strength: Annotated[float | None, typer.Option(
         callback=_strength_in_range, show_default="0.8",
-        help="With --image, in (0, 1]: the share of the steps run from the noised image; low keeps the image, 1 "
-        "all but forgets it.",
+        help="With --image, in (0, 1]: how much of the schedule runs, from the image noised that far (int(steps * "
+        "strength) steps); low keeps the image, 1 all but forgets it.",
     )] = None,
     mask: Annotated[Path | None, typer.Option(
         help="Inpainting, with --image: regenerate the white (>= 128) of this mask, keep the rest of the image's "
@@ -361,8 +365,8 @@ def sample(
     Reads the train stage's model folder (default <train.out_dir>, from `python cli.py train`) or a model
     registered in MLflow by the evaluate stage. Options are checked before the model is loaded; an empty
     prompt, characters outside the vocabulary and prompts over the tokenizer's length only warn. With --image, the
-    sampler starts from that image noised to the first of the last --strength of its steps (image to image); with
-    --mask too, only the mask's white is regenerated (inpainting by latent blending).
+    sampler starts from that image, noised part of the way, and runs the rest of the schedule (image to image);
+    with --mask too, only the mask's white is regenerated (inpainting by latent blending).
     """
     from diffusion.model_spec import ModelNotFoundError, ModelSpec, SampleOptionError, check_device
     from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
@@ -393,7 +397,7 @@ def sample(
     h, w = images.shape[1:3]
     extra = (f", negative prompt {negative_prompt!r}" if negative_prompt.strip() else "") + (
         f", guidance rescale {guidance_rescale}" if guidance_rescale else "") + (
-        f", from {image} at strength {img2img['strength']}: {img2img_steps(steps, img2img['strength'])} steps run"
+        f", from {image} at strength {img2img['strength']}: {_steps(img2img_steps(steps, img2img['strength']))} run"
         if img2img else "") + (f", regenerating the white of {mask}" if mask is not None else "")
     typer.echo(f"sample: {len(images)} image(s) of {w}x{h} ({sampler}, {steps} steps, guidance {guidance}{extra}, "
                f"seed {seed}) -> {out}")

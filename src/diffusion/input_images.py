@@ -4,6 +4,8 @@ checked before any model is loaded, then resized to the sampling size.
 The policy, stated once (``TextToImagePipeline.generate(image=...)`` and ``cli.py sample --image`` follow it):
 
 - An image is a PIL image or the path of a file Pillow reads; a list holds one for every prompt or one per prompt.
+- A file's EXIF orientation is applied (``ImageOps.exif_transpose``, as diffusers' ``load_image``): a photo
+  comes the way a viewer shows it. 16-bit images (PNG's I;16) are scaled to 8 bits, not clipped to white.
 - It is converted to RGB with ``Image.convert("RGB")``: an alpha channel is dropped, not composited on a
   background, so transparent pixels show whatever colour they hold.
 - It is resized to the sampling size (H, W) (the ``image_size`` option, else the training resolution) with
@@ -35,21 +37,40 @@ def _is_image(value: Any) -> bool:
 def _read_one(value: Any, option: str, mode: str) -> Any:
     """A PIL image or a path -> a PIL image in `mode` ("RGB", "L"), fully decoded (a truncated file fails here, not
     mid-sampling). Raises SampleOptionError(`option`)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if _is_image(value):
-        return value.convert(mode)
+    if _is_image(value):  # one opened from a file may still carry its EXIF orientation
+        return _to_mode(ImageOps.exif_transpose(value), mode)
     if not isinstance(value, (str, os.PathLike)):
-        raise SampleOptionError(option, f"expected a PIL image or the path of an image file, got {value!r}")
+        raise SampleOptionError(option, f"expected a PIL image or the path of an image file, got {_what(value)}")
     path = Path(value)
     if not path.is_file():
         raise SampleOptionError(option, f"{path}: no such file" + (" (a folder)" if path.is_dir() else ""))
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert(mode)
+            return _to_mode(ImageOps.exif_transpose(im), mode)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:  # not an image, truncated
         raise SampleOptionError(option, f"{path}: cannot read it as an image ({e})") from None
+
+
+def _to_mode(im: Any, mode: str) -> Any:
+    """`im` in `mode`. Pillow's convert clips 16- and 32-bit integer images ("I;16", "I") to 0..255, so nearly every
+    pixel of a 16-bit PNG would be white: those are scaled to 8 bits first."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode.startswith("I"):
+        levels = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or levels.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(np.round(levels * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    return im.convert(mode)
+
+
+def _what(value: Any) -> str:
+    """A short description of `value` for an error message (an array is described, not printed)."""
+    shape = getattr(value, "shape", None)
+    return f"a {type(value).__name__} of shape {tuple(shape)}" if shape is not None else repr(value)[:80]
 
 
 def _read_list(value: Any, num_prompts: int, option: str, mode: str) -> list[Any]:
@@ -57,9 +78,10 @@ def _read_list(value: Any, num_prompts: int, option: str, mode: str) -> list[Any
     if _is_image(value) or isinstance(value, (str, os.PathLike)):
         return [_read_one(value, option, mode)]
     if not isinstance(value, Sequence) or len(value) not in {1, max(num_prompts, 1)}:
-        what = f"a list of {len(value)}" if isinstance(value, Sequence) else repr(value)
-        raise SampleOptionError(option, f"expected a PIL image, a path, or a list of 1 or {num_prompts} of them (one "
-                                        f"for every prompt, or one per prompt), got {what}")
+        what = f"a list of {len(value)}" if isinstance(value, Sequence) else _what(value)
+        lists = "a list of 1" if num_prompts <= 1 else f"a list of 1 or {num_prompts} of them (one for every prompt, " \
+                                                       "or one per prompt)"
+        raise SampleOptionError(option, f"expected a PIL image, a path, or {lists}, got {what}")
     return [_read_one(v, option, mode) for v in value]
 
 

@@ -24,6 +24,7 @@ timesteps are read once as Python ints).
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Literal, Protocol
@@ -90,7 +91,7 @@ def make_timesteps(scheduler: DDPMScheduler, num_steps: int, spacing: Spacing = 
 def check_strength(strength: float) -> float:
     """`strength` if it is a number in (0, 1]; else ValueError naming it."""
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength: expected a number in (0, 1] (1: start from pure noise), got {strength!r}")
+        raise ValueError(f"strength: expected a number in (0, 1] (1: the whole schedule), got {strength!r}")
     return strength
 
 
@@ -100,8 +101,10 @@ def img2img_steps(num_steps: int, strength: float) -> int:
     just under). Raises ValueError naming `strength` outside (0, 1], or so small that no step would run."""
     run = min(int(num_steps * check_strength(strength)), num_steps)
     if run < 1:
+        # The smallest 3-decimal strength that runs a step: 1/3 rounded to 0.333 would run int(0.999) = 0 again.
+        least = math.ceil(1000 / num_steps) / 1000
         raise ValueError(f"strength: {strength} of {num_steps} steps runs int({num_steps} * {strength}) = 0 steps; "
-                         f"give a strength of at least 1/{num_steps} = {1 / num_steps:.3g}, or more steps")
+                         f"give a strength of at least {least:g}, or more steps")
     return run
 
 
