@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import torch
 
+from diffusion.guidance import classifier_free_guidance
 from diffusion.models.dit import DiTConfig
 from diffusion.models.layers import reuse_text_keys_values
 from diffusion.models.unet import UNetConfig
-from diffusion.guidance import classifier_free_guidance
 
 #: A denoiser as the benchmarks call it: (x, t, context, context_mask, pooled) -> prediction (B, C, H, W).
 Net = Callable[..., torch.Tensor]

@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from diffusion.atomic import atomic_write_json, check_replaceable, pid_alive, staged_dir
 from diffusion.config import ConfigError
-from diffusion.data.latents import MEAN_EXT, LatentRecord, encode_records, rechunk, write_latent_shards
+from diffusion.data.latents import LatentRecord, encode_records, rechunk, write_latent_shards
 from diffusion.data.locations import read_manifest, require_split, split_shards
 from diffusion.data.shard_reading import iter_shards
-from diffusion.atomic import atomic_write_json, check_replaceable, pid_alive, staged_dir
 from diffusion.data.shards import ShardList, list_shards
 from diffusion.stage_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import encoder_digest, load_vae, vae_problem
@@ -168,6 +168,8 @@ def _encode_resumably(
 
 def _count_latents(path: Path) -> int:
     """Samples in a latent shard: its posterior means (tar headers only; the arrays are not read)."""
+    from diffusion.data.latents import MEAN_EXT
+
     with tarfile.open(path) as tar:
         return sum(m.name.endswith(f".{MEAN_EXT}") for m in tar)
 
@@ -191,16 +193,16 @@ def resume_folder(cfg: EncodeLatentsConfig) -> Path | None:
     bytes but keeps the runs of two output folders (a reference run beside a killed one) from sharing shards."""
     if cfg.samples_per_shard is not None:
         return None
+    from diffusion import run_keys
     from diffusion.data import latents
     from diffusion.models import layers, vae
-    from diffusion.run_keys import contents_fingerprint, files_fingerprint, run_key, source_fingerprint
 
     inputs = [url for split in SPLITS for _, url in split_shards(cfg.shards_dir, split)]
-    code = source_fingerprint(__file__, latents.__file__, vae.__file__, layers.__file__)
-    key = run_key({**cfg.to_dict(), "out_dir": _as_recorded(cfg.out_dir)}, exclude=("shards_dir", "vae_dir",
-                                                                                       "checkpoint_dir"),
-                  extra={"data": files_fingerprint(inputs), "vae": contents_fingerprint([cfg.vae_dir]), "code": code,
-                         "device": _device(cfg).type})  # 'auto' resolved: a GPU's bytes are not the CPU's
+    extra = {"data": run_keys.files_fingerprint(inputs), "vae": run_keys.contents_fingerprint([cfg.vae_dir]),
+             "code": run_keys.source_fingerprint(__file__, latents.__file__, vae.__file__, layers.__file__),
+             "device": _device(cfg).type}  # 'auto' resolved: a GPU's bytes are not the CPU's
+    key = run_keys.run_key({**cfg.to_dict(), "out_dir": _as_recorded(cfg.out_dir)},
+                           exclude=("shards_dir", "vae_dir", "checkpoint_dir"), extra=extra)
     return Path(cfg.checkpoint_dir) / f"{STAGE}-{key}"
 
 

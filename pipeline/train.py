@@ -28,8 +28,8 @@ import torch
 from diffusion.atomic import atomic_write_json, check_replaceable, staged_dir
 from diffusion.config import ConfigError
 from diffusion.data.locations import read_manifest, require_split
-from diffusion.stage_configs import TrainConfig
 from diffusion.run_keys import DEFAULT_EXCLUDE
+from diffusion.stage_configs import TrainConfig
 
 #: What the stage writes in out_dir (anything else there stops it: check_replaceable).
 MODEL_ENTRIES = ("config.json", "model.pt", "tokenizer.json", "train_config.json")

@@ -25,8 +25,8 @@ import torch
 from diffusion.atomic import atomic_write_json, check_replaceable
 from diffusion.config import ConfigError
 from diffusion.data.locations import read_manifest, require_split
-from diffusion.stage_configs import TrainVAEConfig
 from diffusion.run_keys import DEFAULT_EXCLUDE
+from diffusion.stage_configs import TrainVAEConfig
 from diffusion.training.latent_stats import CONFIG_FILE, WEIGHTS_FILE
 
 STAGE = "train_vae"

@@ -51,6 +51,25 @@ def cli_env(tmp_path):
     return env
 
 
+@pytest.fixture
+def env(cli_env) -> dict:
+    """`cli_env` with one OpenMP thread, for the sampling commands of tiny models (test_sample, test_img2img,
+    test_inpaint): on a loaded 2-core machine two threads spin against each other, and a call that takes
+    milliseconds takes seconds."""
+    return {**cli_env, "OMP_NUM_THREADS": "1"}
+
+
+def broken_model_dir(model_dir: Path, root: Path) -> Path:
+    """A copy of `model_dir` with garbage weights: a command that loaded them before checking its options would
+    fail about model.pt instead of naming the option."""
+    broken = root / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "train_config.json"):
+        (broken / name).write_bytes((model_dir / name).read_bytes())
+    (broken / "model.pt").write_bytes(b"not a checkpoint")
+    return broken
+
+
 def run_cli(args, cwd, env, check=True):
     """Run `python <repo>/cli.py ARGS` in `cwd`; return the CompletedProcess (text output)."""
     import subprocess

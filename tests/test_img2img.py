@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import broken_model_dir, run_cli
 from PIL import Image
 from test_sample import PROMPTS, SIDE, make_model_dir, schedule_not_default, tiny_parts
 
@@ -248,11 +248,6 @@ def test_pipeline_refuses_bad_images_and_strengths_naming_them(zero_snr_pipe, tm
 # ---- the command line -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def env(cli_env) -> dict:
-    return {**cli_env, "OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("img2img"))
@@ -274,11 +269,7 @@ def test_cli_sample_image_writes_the_pipelines_png(model_dir, tmp_path, env):
 
 def test_cli_sample_bad_image_or_strength_fails_before_loading(model_dir, tmp_path, env):
     # Garbage weights (as tests/test_sample.py): had the model been loaded first, it would fail about model.pt.
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for name in ("config.json", "tokenizer.json", "train_config.json"):
-        (broken / name).write_bytes((model_dir / name).read_bytes())
-    (broken / "model.pt").write_bytes(b"not a checkpoint")
+    broken = broken_model_dir(model_dir, tmp_path)
     gradient_image().save(tmp_path / "in.png")
     base = ["sample", PROMPTS[0], "--model", str(broken), "--steps", "10"]
     for args, code, words in ((["--image", "nowhere.png"], 1, "--image nowhere.png: no such file"),

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import broken_model_dir, run_cli
 from PIL import Image
 from test_img2img import gradient_image, init_latents
 from test_sample import PROMPTS, SIDE, make_model_dir, schedule_not_default, tiny_parts
@@ -329,11 +329,6 @@ def test_pipeline_refuses_bad_masks_naming_them(pipe, tmp_path):
 # ---- the command line -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def env(cli_env) -> dict:
-    return {**cli_env, "OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("inpaint"))
@@ -362,11 +357,7 @@ def test_cli_sample_mask_writes_the_pipelines_png(model_dir, tmp_path, env):
 
 def test_cli_sample_bad_mask_fails_before_loading(model_dir, tmp_path, env):
     # Garbage weights (as tests/test_img2img.py): had the model been loaded first, it would fail about model.pt.
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for name in ("config.json", "tokenizer.json", "train_config.json"):
-        (broken / name).write_bytes((model_dir / name).read_bytes())
-    (broken / "model.pt").write_bytes(b"not a checkpoint")
+    broken = broken_model_dir(model_dir, tmp_path)
     gradient_image().save(tmp_path / "in.png")
     (tmp_path / "notes.png").write_text("not a mask")
     base = ["sample", PROMPTS[0], "--model", str(broken), "--steps", "10"]

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from conftest import run_cli
+from conftest import broken_model_dir, run_cli
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
 from diffusion.models import LatentDiffusionModel
 from diffusion.model_spec import MODEL_FILES, ModelNotFoundError, ModelSpec, SampleOptionError
@@ -75,11 +75,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def env(cli_env) -> dict:
-    return {**cli_env, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -288,11 +283,7 @@ def test_cli_sample_missing_model_exits_1(tmp_path, env):
 
 def test_cli_sample_bad_size_exits_2_before_loading(model_dir, tmp_path, env):
     # Garbage weights: had the command loaded them before checking --size, it would fail differently.
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for name in ("config.json", "tokenizer.json", "train_config.json"):
-        (broken / name).write_bytes((model_dir / name).read_bytes())
-    (broken / "model.pt").write_bytes(b"not a checkpoint")
+    broken = broken_model_dir(model_dir, tmp_path)
     proc = run_cli(["sample", "a red circle", "--model", str(broken), "--size", "20"], tmp_path, env, check=False)
     assert proc.returncode == 2
     assert "--size" in proc.stderr and "multiple of 8" in proc.stderr
