@@ -19,8 +19,8 @@ from diffusion.input_images import to_model_input
 from diffusion.model_spec import ModelSpec, SampleOptionError
 from diffusion.models.diffusion_model import _randn
 from diffusion.pipeline_model import PromptWarning, TextToImagePipeline, images_to_grid
-from diffusion.samplers import img2img_timesteps, make_timesteps
 from diffusion.scheduler import DDPMScheduler
+from diffusion.timesteps import img2img_timesteps, make_timesteps
 
 LATENT = (4, SIDE // 4, SIDE // 4)  # (C, h, w) of a SIDE image: the tiny VAE's factor is 4
 

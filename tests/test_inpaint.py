@@ -22,8 +22,9 @@ from diffusion.model_spec import SampleOptionError
 from diffusion.models.diffusion_model import _randn
 from diffusion.models.layers import reuse_text_keys_values
 from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
-from diffusion.samplers import img2img_timesteps, run_sampler
+from diffusion.samplers import run_sampler
 from diffusion.scheduler import DDPMScheduler
+from diffusion.timesteps import img2img_timesteps
 
 LATENT = (4, SIDE // 4, SIDE // 4)  # (C, h, w) of a SIDE image: the tiny VAE's factor is 4
 STEPS, STRENGTH = 10, 0.7

@@ -21,7 +21,6 @@ from diffusion.guidance import classifier_free_guidance
 from diffusion.samplers import (
     SAMPLERS,
     ddpm_posterior,
-    make_timesteps,
     sample,
     sample_ddim,
     sample_ddpm,
@@ -31,6 +30,7 @@ from diffusion.samplers import (
     sample_heun,
 )
 from diffusion.scheduler import DDPMScheduler
+from diffusion.timesteps import make_timesteps
 
 T = 1000
 SHAPE = (2, 4, 4, 4)

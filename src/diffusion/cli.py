@@ -283,7 +283,7 @@ def _strength_in_range(strength: float | None) -> float | None:
     """--strength refused (exit 2) outside (0, 1], with or without --image."""
     if strength is None:
         return None
-    from diffusion.samplers import check_strength
+    from diffusion.timesteps import check_strength
 
     try:
         return check_strength(strength)
@@ -370,7 +370,7 @@ def sample(
     """
     from diffusion.model_spec import ModelNotFoundError, ModelSpec, SampleOptionError, check_device
     from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
-    from diffusion.samplers import img2img_steps
+    from diffusion.timesteps import img2img_steps
 
     _check_out_image(out)
     img2img = _read_input_image(image, strength, len(prompts), mask)

@@ -149,7 +149,8 @@ class ModelSpec:
     ) -> tuple[int, int]:
         """Validate sampling options before any work; returns the (H, W) to sample. Raises SampleOptionError.
         `strength` is image to image's (None: text to image), refused outside (0, 1] or where it runs no step."""
-        from diffusion.samplers import SAMPLERS, img2img_steps
+        from diffusion.samplers import SAMPLERS
+        from diffusion.timesteps import img2img_steps
 
         def integer(v: Any) -> bool:
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool)

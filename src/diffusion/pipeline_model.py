@@ -267,7 +267,7 @@ class TextToImagePipeline:
 
         from diffusion.data.tokenizer import encode
         from diffusion.input_images import read_images, read_masks
-        from diffusion.samplers import img2img_steps
+        from diffusion.timesteps import img2img_steps
 
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts: expected a list of strings (\"\" for the unconditional model), got {prompts!r}")
@@ -360,7 +360,7 @@ class TextToImagePipeline:
         schedules), image=None (image to image, diffusers' ``image``: a PIL image or a path for every prompt, or
         a list of one per prompt, resized to the image size as ``diffusion.input_images`` says), strength=0.8 (in
         (0, 1], with an image: the last int(steps * strength) of the steps run from the image's latents noised to
-        the first of them; low stays near the image, 1 all but forgets it: ``samplers.img2img_timesteps``),
+        the first of them; low stays near the image, 1 all but forgets it: ``timesteps.img2img_timesteps``),
         mask_image=None (inpainting, with an image, diffusers' ``mask_image``: given as `image` is, read as
         grayscale; white (>= 128) is regenerated, the rest of the image's latents kept; ``diffusion.inpainting``).
         The same options and seed give the same images. ``batch_size`` is among the options: the images are

@@ -52,7 +52,8 @@ from diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion.models.unet import UNet, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 from diffusion.guidance import classifier_free_guidance
-from diffusion.samplers import SAMPLERS, ModelFn, StepCallback, img2img_timesteps, run_sampler
+from diffusion.samplers import SAMPLERS, ModelFn, StepCallback, run_sampler
+from diffusion.timesteps import img2img_timesteps
 
 DENOISERS: dict[str, tuple[type[Config], type[nn.Module]]] = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}
 
@@ -368,7 +369,7 @@ class LatentDiffusionModel(nn.Module):
                 which the sampler runs those steps (diffusers' ``StableDiffusionImg2ImgPipeline``).
             strength: in (0, 1], with `init_latents` only: how much of the schedule runs, i.e. how much of the
                 input is noised away; low keeps the input, 1 all but forgets it (all of it with a
-                zero-terminal-SNR schedule; ``samplers.img2img_timesteps``).
+                zero-terminal-SNR schedule; ``timesteps.img2img_timesteps``).
             mask: with `init_latents` only, (B, 1, h, w) or (1, 1, h, w) at the latent resolution, 0s and 1s (or
                 bool): 1 = regenerate, 0 = keep. Before every step the network sees the latents outside the mask
                 replaced by `init_latents` noised to that step's timestep (with x_T's draws), and the result is
