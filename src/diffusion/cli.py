@@ -387,7 +387,9 @@ def sample(
         _fail(f"{_SAMPLE_FLAGS.get(e.option, e.option)}: {e.detail}", 2)
     messages = pipe.check_prompts(prompts, negative_prompt, guidance, guidance_rescale, image=image, strength=strength)
     if img2img.get("mask_image"):
-        messages += pipe.check_masks(img2img["mask_image"], pipe.spec.side_pair(size))
+        from diffusion.input_images import mask_warnings
+
+        messages += mask_warnings(img2img["mask_image"], pipe.spec.side_pair(size))
     for message in messages:
         typer.echo(f"warning: {message}", err=True)
     images = pipe.generate(prompts, seed=seed, warn=False, negative_prompt=negative_prompt,

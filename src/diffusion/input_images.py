@@ -1,5 +1,6 @@
 """The input images of image-to-image sampling (SDEdit, Meng et al. 2022) and the masks of inpainting: read and
-checked before any model is loaded, then resized to the sampling size.
+checked before any model is loaded, then resized to the sampling size and turned into what the sampler takes
+(:func:`init_latents`, :func:`latent_masks`).
 
 The policy, stated once (``TextToImagePipeline.generate(image=...)`` and ``cli.py sample --image`` follow it):
 
@@ -121,3 +122,49 @@ def to_pixel_mask(masks: Sequence[Any], size: tuple[int, int]) -> Any:
     arrays = [np.asarray(m if m.size == (W, H) else m.resize((W, H), Image.Resampling.LANCZOS)) for m in masks]
     white = torch.from_numpy(np.stack(arrays) >= 128)  # (K, H, W) bool: 128 of 255 is diffusers' 0.5
     return white[:, None].float()  # (K, 1, H, W)
+
+
+def init_latents(model: Any, images: Sequence[Any], num_prompts: int, n: int, size: tuple[int, int]) -> Any:
+    """Image to image's starting latents: (N, C, h, w), N = num_prompts * n, prompt-major as the tokens, from
+    1 image for every prompt or one per prompt (RGB PIL, :func:`read_images`), resized to `size`, encoded by
+    `model` (a LatentDiffusionModel).
+
+    Each distinct image is encoded once, alone, with the posterior mean: no draw from the generator (so its
+    draws are text to image's: at strength 1 with a zero-terminal-SNR schedule the images are text to
+    image's), and the same latent whatever the batch or the other images."""
+    import torch
+
+    x = to_model_input(images, size).to(model.device)  # (K, 3, H, W) in [-1, 1]
+    with torch.no_grad():
+        latents = torch.cat([model.encode_images(x[k : k + 1], sample=False) for k in range(len(x))])
+    return per_image(latents, num_prompts, n)  # (N, C, h, w)
+
+
+def latent_masks(model: Any, masks: Sequence[Any], num_prompts: int, n: int, size: tuple[int, int]) -> Any:
+    """Inpainting's latent masks: (N, 1, h, w) 0/1, prompt-major as the tokens, from 1 mask for every prompt or
+    one per prompt (grayscale PIL, :func:`read_masks`): thresholded at the sampling `size`, then a latent cell
+    of `model`'s VAE is regenerated where any of its pixels is (``inpainting.latent_mask``)."""
+    from diffusion.inpainting import latent_mask
+
+    pixels = to_pixel_mask(masks, size).to(model.device)  # (K, 1, H, W)
+    return per_image(latent_mask(pixels, model.vae.downsample_factor), num_prompts, n)  # (N, 1, h, w)
+
+
+def mask_warnings(masks: Sequence[Any], size: tuple[int, int]) -> list[str]:
+    """Warnings for inpainting masks (grayscale PIL, :func:`read_masks`) at the sampling `size` (H, W): one with
+    no white pixel regenerates nothing (a mask drawn the wrong way round returns the image)."""
+    empty = [i for i, m in enumerate(to_pixel_mask(masks, size), 1) if not bool(m.any())]
+    if not empty:
+        return []
+    which = "the mask" if len(masks) == 1 else "mask " + ", ".join(map(str, empty))
+    return [(f"{which} has no white pixel (>= 128 of 255) at {size[1]}x{size[0]}, so nothing of its image is "
+             "regenerated (white marks what to repaint, black what to keep)")]
+
+
+def per_image(per_input: Any, num_prompts: int, n: int) -> Any:
+    """(K, ...) values of 1 input for every prompt or one per prompt -> (N, ...), N = num_prompts * n, prompt-major
+    as the tokens (the prompt of image j is j // n)."""
+    import torch
+
+    which = torch.arange(num_prompts * n, device=per_input.device) // n  # the prompt of each of the N images
+    return per_input[which if len(per_input) > 1 else torch.zeros_like(which)]

@@ -241,19 +241,6 @@ class TextToImagePipeline:
                        "noise)")
         return out
 
-    @staticmethod
-    def check_masks(masks: Sequence[Any], size: tuple[int, int]) -> list[str]:
-        """Warnings for inpainting masks (grayscale PIL, ``input_images.read_masks``) at the sampling `size` (H, W):
-        one with no white pixel regenerates nothing (a mask drawn the wrong way round returns the image)."""
-        from diffusion.input_images import to_pixel_mask
-
-        empty = [i for i, m in enumerate(to_pixel_mask(masks, size), 1) if not bool(m.any())]
-        if not empty:
-            return []
-        which = "the mask" if len(masks) == 1 else "mask " + ", ".join(map(str, empty))
-        return [(f"{which} has no white pixel (>= 128 of 255) at {size[1]}x{size[0]}, so nothing of its image is "
-                 "regenerated (white marks what to repaint, black what to keep)")]
-
     def generate(
         self, prompts: Sequence[str], *, steps: int = 20, guidance: float = 4.0, sampler: str = "dpmpp",
         seed: int = 0, num_images_per_prompt: int = 1, image_size: int | Sequence[int] | None = None,
@@ -265,8 +252,8 @@ class TextToImagePipeline:
         prompt-major (the images of prompt 0 first)."""
         import torch
 
+        from diffusion import input_images
         from diffusion.data.tokenizer import encode
-        from diffusion.input_images import read_images, read_masks
         from diffusion.timesteps import img2img_steps
 
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
@@ -278,8 +265,8 @@ class TextToImagePipeline:
                                num_images_per_prompt=num_images_per_prompt, image_size=image_size,
                                guidance_rescale=guidance_rescale, strength=None if image is None else strength)
         negatives = negative_prompts(negative_prompt, len(prompts))
-        inputs = None if image is None else read_images(image, len(prompts))  # files read now, before any work
-        masks = None if mask_image is None else read_masks(mask_image, len(prompts))
+        inputs = None if image is None else input_images.read_images(image, len(prompts))  # read before any work
+        masks = None if mask_image is None else input_images.read_masks(mask_image, len(prompts))
         if warn:
             asked = None if strength == DEFAULT_STRENGTH else strength  # the default is no request
             for message in self.check_prompts(prompts, negative_prompt, guidance, guidance_rescale, image=image,
@@ -292,9 +279,10 @@ class TextToImagePipeline:
         # model's one broadcast row, and the default's images, bit for bit).
         uncond = (encode(self.tokenizer, [p for p in negatives for _ in range(n)])
                   if negatives and any(p.strip() for p in negatives) else None)  # (N, T) or None
-        init = None if inputs is None else self._init_latents(inputs, len(prompts), n, (H, W))  # (N, C, h, w)
-        mask = None if masks is None else self._latent_masks(masks, len(prompts), n, (H, W))  # (N, 1, h, w)
-        for message in self.check_masks(masks, (H, W)) if warn and masks is not None else ():
+        size, k = (H, W), len(prompts)
+        init = None if inputs is None else input_images.init_latents(self.model, inputs, k, n, size)  # (N, C, h, w)
+        mask = None if masks is None else input_images.latent_masks(self.model, masks, k, n, size)  # (N, 1, h, w)
+        for message in input_images.mask_warnings(masks, (H, W)) if warn and masks is not None else ():
             warnings.warn(message, PromptWarning, stacklevel=2)
         run = steps if init is None else img2img_steps(int(steps), strength)  # the sampler steps each batch runs
         chunk = batch_size or max(len(tokens), 1)
@@ -320,32 +308,6 @@ class TextToImagePipeline:
         if not out:
             return np.zeros((0, H, W, 3), np.uint8)
         return torch.cat(out).numpy()  # (N, H, W, 3)
-
-    def _init_latents(self, images: Sequence[Any], num_prompts: int, n: int, size: tuple[int, int]) -> Any:
-        """Image to image's starting latents: (N, C, h, w), N = num_prompts * n, prompt-major as the tokens, from
-        1 image for every prompt or one per prompt (RGB PIL, ``input_images.read_images``), resized to `size`.
-
-        Each distinct image is encoded once, alone, with the posterior mean: no draw from the generator (so its
-        draws are text to image's: at strength 1 with a zero-terminal-SNR schedule the images are text to
-        image's), and the same latent whatever the batch or the other images."""
-        import torch
-
-        from diffusion.input_images import to_model_input
-
-        x = to_model_input(images, size).to(self.model.device)  # (K, 3, H, W) in [-1, 1]
-        with torch.no_grad():
-            latents = torch.cat([self.model.encode_images(x[k : k + 1], sample=False) for k in range(len(x))])
-        return _per_image(latents, num_prompts, n)  # (N, C, h, w)
-
-    def _latent_masks(self, masks: Sequence[Any], num_prompts: int, n: int, size: tuple[int, int]) -> Any:
-        """Inpainting's latent masks: (N, 1, h, w) 0/1, prompt-major as the tokens, from 1 mask for every prompt or
-        one per prompt (grayscale PIL, ``input_images.read_masks``): thresholded at the sampling `size`, then a
-        latent cell is regenerated where any of its pixels is (``inpainting.latent_mask``)."""
-        from diffusion.inpainting import latent_mask
-        from diffusion.input_images import to_pixel_mask
-
-        pixels = to_pixel_mask(masks, size).to(self.model.device)  # (K, 1, H, W)
-        return _per_image(latent_mask(pixels, self.model.vae.downsample_factor), num_prompts, n)  # (N, 1, h, w)
 
     def __call__(self, prompts: Sequence[str], **options: Any) -> list[Any]:
         """Sample images for `prompts`.
@@ -374,15 +336,6 @@ class TextToImagePipeline:
         from PIL import Image
 
         return [Image.fromarray(a) for a in self.generate(prompts, **options)]
-
-
-def _per_image(per_input: Any, num_prompts: int, n: int) -> Any:
-    """(K, ...) values of 1 input for every prompt or one per prompt -> (N, ...), N = num_prompts * n, prompt-major
-    as the tokens (the prompt of image j is j // n)."""
-    import torch
-
-    which = torch.arange(num_prompts * n, device=per_input.device) // n  # the prompt of each of the N images
-    return per_input[which if len(per_input) > 1 else torch.zeros_like(which)]
 
 
 def check_components(model: Any, tokenizer: Any, scheduler: Any) -> None:
