@@ -370,7 +370,6 @@ def sample(
     """
     from diffusion.model_spec import ModelNotFoundError, ModelSpec, SampleOptionError, check_device
     from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
-    from diffusion.timesteps import img2img_steps
 
     _check_out_image(out)
     img2img = _read_input_image(image, strength, len(prompts), mask)
@@ -397,12 +396,21 @@ def sample(
     out.parent.mkdir(parents=True, exist_ok=True)
     images_to_grid(images, len(prompts)).save(out)
     h, w = images.shape[1:3]
-    extra = (f", negative prompt {negative_prompt!r}" if negative_prompt.strip() else "") + (
-        f", guidance rescale {guidance_rescale}" if guidance_rescale else "") + (
-        f", from {image} at strength {img2img['strength']}: {_steps(img2img_steps(steps, img2img['strength']))} run"
-        if img2img else "") + (f", regenerating the white of {mask}" if mask is not None else "")
+    extra = _sample_details(negative_prompt, guidance_rescale, steps, image, img2img.get("strength"), mask)
     typer.echo(f"sample: {len(images)} image(s) of {w}x{h} ({sampler}, {steps} steps, guidance {guidance}{extra}, "
                f"seed {seed}) -> {out}")
+
+
+def _sample_details(negative_prompt: str, guidance_rescale: float, steps: int, image: Path | None,
+                    strength: float | None, mask: Path | None) -> str:
+    """The summary line's options beyond the defaults: negative prompt, rescale, input image and mask."""
+    from diffusion.timesteps import img2img_steps
+
+    extra = f", negative prompt {negative_prompt!r}" if negative_prompt.strip() else ""
+    extra += f", guidance rescale {guidance_rescale}" if guidance_rescale else ""
+    if image is not None:
+        extra += f", from {image} at strength {strength}: {_steps(img2img_steps(steps, strength))} run"
+    return extra + (f", regenerating the white of {mask}" if mask is not None else "")
 
 
 def _judge_config() -> type[Config]:

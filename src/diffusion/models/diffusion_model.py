@@ -301,6 +301,22 @@ class LatentDiffusionModel(nn.Module):
                              f"encode_images of the image size), got {what}")
         return img2img_timesteps(scheduler, steps, strength)
 
+    def _start(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, scheduler: Any, timesteps: torch.Tensor,
+        init_latents: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Where sampling starts, x at timesteps[0]; the input's latents (None for text to image); the noise drawn.
+
+        x_T, or SDEdit's noise: the same draws in the same order, so that at strength 1 with a zero-terminal-SNR
+        schedule (alpha-bar_{T-1} = 0, add_noise returns the noise itself) image to image is text to image."""
+        eps = _randn(shape, generator, self.device)
+        if init_latents is None:
+            return eps, None, eps
+        # x_t0 ~ q(x_t0 | x_0), Ho et al. 2020 eq. 4 (SDEdit sec. 3)
+        x_known = init_latents.to(self.device, eps.dtype)
+        t_0 = timesteps[:1].expand(shape[0]).to(self.device)  # (B,)
+        return scheduler.add_noise(x_known, eps, t_0), x_known, eps
+
     def _model_fn(
         self, tokens: torch.Tensor, uncond_tokens: torch.Tensor | None, guidance_scale: float, guidance_rescale: float
     ) -> ModelFn:
@@ -394,13 +410,7 @@ class LatentDiffusionModel(nn.Module):
         try:
             tokens = text_tokens.to(self.device)
             model_fn = self._model_fn(tokens, uncond_tokens, guidance_scale, guidance_rescale)
-            # x_T, or SDEdit's noise: the same draws in the same order, so that at strength 1 with a zero-terminal-
-            # SNR schedule (alpha-bar_{T-1} = 0, add_noise returns the noise itself) image to image is text to image.
-            x = _randn(shape, generator, self.device)
-            if init_latents is not None:  # x_t0 ~ q(x_t0 | x_0), Ho et al. 2020 eq. 4 (SDEdit sec. 3)
-                x_known, eps = init_latents.to(self.device, x.dtype), x
-                t_0 = timesteps[:1].expand(shape[0]).to(self.device)  # (B,)
-                x = scheduler.add_noise(x_known, eps, t_0)
+            x, x_known, eps = self._start(shape, generator, scheduler, timesteps, init_latents)
             if mask is not None:  # the network sees the known region noised with the same eps at every step
                 model_fn = inpainting.blend_known(model_fn, mask, x_known, eps, scheduler)
                 callback = inpainting.blend_callback(callback, mask, x_known, eps, scheduler, timesteps.tolist())
