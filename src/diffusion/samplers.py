@@ -59,17 +59,22 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
+def _require_full_precision(x: Tensor) -> None:
+    """The module docstring's rule, enforced: the update arithmetic runs in x's dtype, so x must be float32 or
+    float64. bfloat16 rounds alpha-bar_t to 1 for small t (1 - alpha-bar = 0, a division by zero); float16 keeps
+    3 digits. Mixed precision belongs inside model_fn."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x: expected float32 or float64 latents, got {x.dtype}; the update arithmetic runs in "
+                         "x's dtype (use autocast inside model_fn for a half-precision network)")
+
+
 def _alpha_bars(scheduler: DDPMScheduler, x: Tensor, ts: list[int]) -> list[tuple[int, Tensor, Tensor]]:
     """For each step: (t, alpha-bar_t, alpha-bar_s) as 0-d tensors on x's device; alpha-bar_{-1} = 1.
 
     Setting alpha-bar = 1 after the last step is diffusers' ``set_alpha_to_one=True`` (DDIM) and
     ``self.one`` (DDPM): the last step lands on clean data and returns the predicted x_0 exactly.
     """
-    if x.dtype in (torch.float16, torch.bfloat16):
-        # bfloat16 rounds alpha-bar_t to 1 for small t (1 - alpha-bar = 0, a division by zero); float16 keeps
-        # 3 digits. The module docstring's rule, enforced: mixed precision belongs inside model_fn.
-        raise ValueError(f"x: expected float32 or float64 latents, got {x.dtype}; the update arithmetic runs in "
-                         "x's dtype (use autocast inside model_fn for a half-precision network)")
+    _require_full_precision(x)
     ab = scheduler.table("alphas_cumprod", x)
     one = torch.ones((), dtype=x.dtype, device=x.device)
     return [(t, ab[t], ab[s] if s >= 0 else one) for t, s in zip(ts, ts[1:] + [-1])]
@@ -174,11 +179,7 @@ def sample_dpmpp_2m(
     replaced by 2**-24, as diffusers does, so that lambda stays finite.
     """
     ts = _timestep_list(scheduler, timesteps)
-    if x.dtype in (torch.float16, torch.bfloat16):
-        # bfloat16 rounds alpha-bar_t to 1 for small t (1 - alpha-bar = 0, a division by zero); float16 keeps
-        # 3 digits. The module docstring's rule, enforced: mixed precision belongs inside model_fn.
-        raise ValueError(f"x: expected float32 or float64 latents, got {x.dtype}; the update arithmetic runs in "
-                         "x's dtype (use autocast inside model_fn for a half-precision network)")
+    _require_full_precision(x)
     ab = scheduler.table("alphas_cumprod", x)
     ab = torch.where(ab > 0, ab, torch.full_like(ab, 2.0**-24))
     alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
@@ -203,13 +204,6 @@ def sample_dpmpp_2m(
 # Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models"): Euler, Euler
 # ancestral and Heun, in the variance-exploding form
 # --------------------------------------------------------------------------------------------------
-
-
-def _require_full_precision(x: Tensor) -> None:
-    """The module docstring's rule: the update arithmetic runs in x's dtype, so x must be float32 or float64."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        raise ValueError(f"x: expected float32 or float64 latents, got {x.dtype}; the update arithmetic runs in "
-                         "x's dtype (use autocast inside model_fn for a half-precision network)")
 
 
 def _ve_schedule(scheduler: DDPMScheduler, x: Tensor) -> tuple[Tensor, Tensor]:
