@@ -129,9 +129,10 @@ def init_latents(model: Any, images: Sequence[Any], num_prompts: int, n: int, si
     1 image for every prompt or one per prompt (RGB PIL, :func:`read_images`), resized to `size`, encoded by
     `model` (a LatentDiffusionModel).
 
-    Each distinct image is encoded once, alone, with the posterior mean: no draw from the generator (so its
-    draws are text to image's: at strength 1 with a zero-terminal-SNR schedule the images are text to
-    image's), and the same latent whatever the batch or the other images."""
+    Each of the K images given is encoded once (not once per sampled image: :func:`per_image` repeats its latent),
+    alone, with the posterior mean: no draw from the generator (so its draws are text to image's: at strength 1
+    with a zero-terminal-SNR schedule the images are text to image's), and the same latent whatever the batch or
+    the other images."""
     import torch
 
     x = to_model_input(images, size).to(model.device)  # (K, 3, H, W) in [-1, 1]
