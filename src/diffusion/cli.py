@@ -229,55 +229,6 @@ def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
 
 # ---- sample -----------------------------------------------------------------------------------------
 
-#: The command-line flag of each sampling option, so an error from the pipeline names what the user typed.
-_SAMPLE_FLAGS = {"steps": "--steps", "sampler": "--sampler", "guidance": "--guidance",
-                 "num_images_per_prompt": "--num-images", "image_size": "--size", "device": "--device",
-                 "guidance_rescale": "--guidance-rescale", "strength": "--strength", "mask_image": "--mask"}
-
-
-def _is_mlflow_uri(model: str) -> bool:
-    """`models:/name@alias`, `runs:/<id>/path`, `mlflow-artifacts:/...` (an existing folder is a folder)."""
-    return ":/" in model and not Path(model).exists()
-
-
-def _sample_model_dir(model: str | None, params: Path, overrides: list[str] | None) -> tuple[Path, int | None]:
-    """The model folder to sample from and the training resolution its MLflow model records (else None).
-
-    Default: train.out_dir of params.yaml. An MLflow model URI is downloaded (weights are not loaded yet).
-    """
-    if model is None:
-        try:
-            return Path(load_section(_train_config(), params, overrides or []).out_dir), None
-        except ConfigError as e:
-            _fail(f"{e} (or pass --model DIR or an MLflow model URI)", 2)
-    if overrides:  # they only choose the model folder (train.out_dir); with --model they would be ignored
-        _fail(f"-S {overrides[0]}: sample reads params only for train.out_dir, the default model; not with --model", 2)
-    if not _is_mlflow_uri(model):
-        return Path(model), None
-    from mlflow.exceptions import MlflowException
-
-    from diffusion.evaluation.pyfunc import download_model_dir
-
-    try:
-        return download_model_dir(model)
-    except (MlflowException, OSError) as e:
-        _fail(f"--model {model}: cannot load this MLflow model ({e})", 1)
-    raise AssertionError("unreachable")
-
-
-def _check_out_image(out: Path) -> None:
-    """Exit 2 unless `out` is a path an image can be written to, before any model is read."""
-    from PIL import Image
-
-    if out.suffix.lower() not in Image.registered_extensions():  # PIL picks the format by the extension
-        _fail(f"--out {out}: {out.suffix or 'no extension'!r} is not an image format Pillow writes (.png, .jpg ...)", 2)
-    if out.is_dir() or any(parent.is_file() for parent in out.parents):
-        _fail(f"--out {out}: a folder, or under a file; expected the path of an image file", 2)
-
-
-def _steps(n: int) -> str:
-    return f"{n} step" + ("" if n == 1 else "s")
-
 
 def _strength_in_range(strength: float | None) -> float | None:
     """--strength refused (exit 2) outside (0, 1], with or without --image."""
@@ -289,29 +240,6 @@ def _strength_in_range(strength: float | None) -> float | None:
         return check_strength(strength)
     except ValueError as e:
         raise typer.BadParameter(str(e).removeprefix("strength: ")) from None
-
-
-def _read_input_image(image: Path | None, strength: float | None, num_prompts: int,
-                      mask: Path | None = None) -> dict[str, Any]:
-    """The pipeline's image-to-image and inpainting options for ``--image``, ``--strength`` and ``--mask`` ({}
-    without an image): the image and the mask read now, before any model is. Exit 1 naming the file if one cannot
-    be read (a missing input, as a missing model is), 2 for ``--mask`` without ``--image``; ``--strength`` alone
-    only warns, once the model is loaded (``check_prompts``)."""
-    from diffusion.input_images import read_images, read_masks
-    from diffusion.model_spec import SampleOptionError
-    from diffusion.pipeline_model import DEFAULT_STRENGTH
-
-    if mask is not None and image is None:
-        _fail(f"--mask {mask}: needs --image, the picture to inpaint (the mask says which of its pixels to "
-              "regenerate)", 2)
-    if image is None:
-        return {}
-    try:
-        inputs = read_images(image, num_prompts)
-        masks = None if mask is None else read_masks(mask, num_prompts)
-    except SampleOptionError as e:
-        _fail(f"{_SAMPLE_FLAGS.get(e.option, '--' + e.option)} {e.detail}", 1)
-    return {"image": inputs, "strength": DEFAULT_STRENGTH if strength is None else strength, "mask_image": masks}
 
 
 @app.command("sample")
@@ -349,9 +277,9 @@ def sample(
         "(stretched, not cropped), instead of pure noise.",
     )] = None,
     strength: Annotated[float | None, typer.Option(
-        callback=_strength_in_range, show_default="0.8",
+        callback=_strength_in_range, show_default=False,
         help="With --image, in (0, 1]: how much of the schedule runs, from the image noised that far (int(steps * "
-        "strength) steps); low keeps the image, 1 all but forgets it.",
+        "strength) steps); low keeps the image, 1 all but forgets it (default 0.8).",
     )] = None,
     mask: Annotated[Path | None, typer.Option(
         help="Inpainting, with --image: regenerate the white (>= 128) of this mask, keep the rest of the image's "
@@ -368,49 +296,11 @@ def sample(
     sampler starts from that image, noised part of the way, and runs the rest of the schedule (image to image);
     with --mask too, only the mask's white is regenerated (inpainting by latent blending).
     """
-    from diffusion.model_spec import ModelNotFoundError, ModelSpec, SampleOptionError, check_device
-    from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
+    from diffusion import cli_sample
 
-    _check_out_image(out)
-    img2img = _read_input_image(image, strength, len(prompts), mask)
-    model_dir, recorded_size = _sample_model_dir(model, params, set_)
-    options = dict(steps=steps, guidance=guidance, sampler=sampler, num_images_per_prompt=num_images, image_size=size,
-                   guidance_rescale=guidance_rescale)
-    try:
-        # before any weights are read
-        ModelSpec.read(model_dir, recorded_size).check(**options, strength=img2img.get("strength"))
-        pipe = TextToImagePipeline.from_pretrained(model_dir, device=check_device(device), image_size=recorded_size)
-    except ModelNotFoundError as e:
-        _fail(str(e), 1)
-    except SampleOptionError as e:
-        _fail(f"{_SAMPLE_FLAGS.get(e.option, e.option)}: {e.detail}", 2)
-    messages = pipe.check_prompts(prompts, negative_prompt, guidance, guidance_rescale, image=image, strength=strength)
-    if img2img.get("mask_image"):
-        from diffusion.input_images import mask_warnings
-
-        messages += mask_warnings(img2img["mask_image"], pipe.spec.side_pair(size))
-    for message in messages:
-        typer.echo(f"warning: {message}", err=True)
-    images = pipe.generate(prompts, seed=seed, warn=False, negative_prompt=negative_prompt,
-                           **options, **img2img)  # (N, H, W, 3) uint8; warned above
-    out.parent.mkdir(parents=True, exist_ok=True)
-    images_to_grid(images, len(prompts)).save(out)
-    h, w = images.shape[1:3]
-    extra = _sample_details(negative_prompt, guidance_rescale, steps, image, img2img.get("strength"), mask)
-    typer.echo(f"sample: {len(images)} image(s) of {w}x{h} ({sampler}, {steps} steps, guidance {guidance}{extra}, "
-               f"seed {seed}) -> {out}")
-
-
-def _sample_details(negative_prompt: str, guidance_rescale: float, steps: int, image: Path | None,
-                    strength: float | None, mask: Path | None) -> str:
-    """The summary line's options beyond the defaults: negative prompt, rescale, input image and mask."""
-    from diffusion.timesteps import img2img_steps
-
-    extra = f", negative prompt {negative_prompt!r}" if negative_prompt.strip() else ""
-    extra += f", guidance rescale {guidance_rescale}" if guidance_rescale else ""
-    if image is not None:
-        extra += f", from {image} at strength {strength}: {_steps(img2img_steps(steps, strength))} run"
-    return extra + (f", regenerating the white of {mask}" if mask is not None else "")
+    cli_sample.run(prompts, num_images=num_images, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+                   guidance_rescale=guidance_rescale, sampler=sampler, seed=seed, out=out, model=model, size=size,
+                   device=device, image=image, strength=strength, mask=mask, params=params, set_=set_)
 
 
 def _judge_config() -> type[Config]:
