@@ -40,6 +40,7 @@ from diffusion.atomic import atomic_write_json, check_replaceable, pid_alive, st
 from diffusion.config import ConfigError
 from diffusion.data.latents import LatentRecord, encode_records, rechunk, write_latent_shards
 from diffusion.data.locations import read_manifest, require_split, split_shards
+from diffusion.data.ordered_pool import usable_cores
 from diffusion.data.shard_reading import iter_shards
 from diffusion.data.shards import ShardList, list_shards
 from diffusion.stage_configs import EncodeLatentsConfig
@@ -109,9 +110,9 @@ def _groups(
     if cfg.samples_per_shard is None:
         # Batches stay within a shard; the last batch of each shard may be smaller, deterministically.
         for name, url in shards:
-            yield name, _counted(encode_records(vae, iter_shards([url]), cfg.batch_size), bar)
+            yield name, _counted(encode_records(vae, iter_shards([url], workers=usable_cores()), cfg.batch_size), bar)
     else:
-        records = _counted(encode_records(vae, iter_shards([url for _, url in shards]), cfg.batch_size), bar)
+        records = _counted(encode_records(vae, iter_shards([url for _, url in shards], workers=usable_cores()), cfg.batch_size), bar)
         yield from rechunk(records, cfg.samples_per_shard)
 
 
@@ -151,7 +152,7 @@ def _encode_resumably(
             reused += count
         else:
             shutil.rmtree(work, ignore_errors=True)
-            written = write_latent_shards([(name, _counted(encode_records(vae, iter_shards([url]), cfg.batch_size),
+            written = write_latent_shards([(name, _counted(encode_records(vae, iter_shards([url], workers=usable_cores()), cfg.batch_size),
                                                             bar))], work)
             if not written:  # an empty image shard: no latent shard (as without resuming)
                 continue

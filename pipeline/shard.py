@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from diffusion.config import ConfigError
+from diffusion.data.ordered_pool import usable_cores
 from diffusion.data.records import Sample, Skipped
 from diffusion.data.shape_captions import attribute_values
 from diffusion.data.shapes import generate_shapes, validate_holdout
@@ -139,12 +139,7 @@ def _workers(cfg: ShardConfig) -> int:
     """Threads that may decode a user's images and encode the images written (`data.ordered_pool`: used when an
     image takes long enough): `shard.workers`, or one per CPU core this process may run on (a batch scheduler's
     allowance, not the machine's count)."""
-    if cfg.workers:
-        return cfg.workers
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    return cfg.workers or usable_cores()
 
 
 class _Split:

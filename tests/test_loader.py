@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -122,6 +123,36 @@ def test_iter_shards_reads_each_sample_once_in_order(shards, tok):
     assert samples[5]["image"].shape == (3, SIZE, SIZE) and samples[5]["tokens"].shape == (12,)
     assert samples[5]["meta"] == {"i": 5} and samples[5]["caption"].endswith("number 5")
 
+
+
+def test_iter_shards_decodes_on_threads_in_the_same_order(shards, tok, monkeypatch):
+    """With workers, images whose decoding takes long enough go to threads (forced here: any call does), and
+    the samples are the one-thread samples, in the same order; stopping early shuts the threads down."""
+    from diffusion.data import ordered_pool, shard_reading
+
+    where: list[str] = []
+    decode = shard_reading.decode_image
+
+    def recorded(data):
+        where.append(threading.current_thread().name)
+        return decode(data)
+
+    monkeypatch.setattr(shard_reading, "decode_image", recorded)
+    monkeypatch.setattr(ordered_pool, "MIN_SECONDS", 0.0)
+    one = list(iter_shards(shards, tokenizer=tok))
+    assert set(where) == {threading.current_thread().name}
+    where.clear()
+    threaded = list(iter_shards(shards, tokenizer=tok, workers=3))
+    assert sum(name.startswith("decode") for name in where) == 24 - ordered_pool.PROBE  # after the probe
+    assert [s["key"] for s in threaded] == [s["key"] for s in one]
+    for a, b in zip(one, threaded):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["tokens"], b["tokens"])
+        assert (a["caption"], a["meta"]) == (b["caption"], b["meta"])
+    stream = iter_shards(shards, workers=3)
+    first = [next(stream)["key"] for _ in range(ordered_pool.PROBE + 2)]
+    assert first == [s["key"] for s in one[: ordered_pool.PROBE + 2]]
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode")]
 
 def test_single_pass_mode_with_workers(shards, tok):
     loader = make_loader(shards, tok, batch_size=1, num_workers=2, resampled=False, shuffle_buffer=5)

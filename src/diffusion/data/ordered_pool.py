@@ -15,6 +15,7 @@ timing.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import deque
@@ -31,6 +32,15 @@ MIN_SECONDS = 5e-4
 #: Items per task on a thread: a task is one hand-off.
 BATCH = 8
 
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: a batch scheduler's allowance (the affinity mask), not the machine's
+    count, which on a shared node can be many times more."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 class OrderedPool:
     """``put`` items one by one and get back ``(item, fn(item))`` pairs, in the order put, as they are ready;
