@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from diffusion.data.ordered_pool import usable_cores
 from diffusion.data.records import Sample, Skipped
 from diffusion.data.shape_captions import attribute_values
 from diffusion.data.shapes import generate_shapes, validate_holdout
-from diffusion.atomic import atomic_write_json, atomic_write_text, check_replaceable, replace_dir
+from diffusion.atomic import atomic_write_json, atomic_write_text, check_replaceable, staged_dir
 from diffusion.data.shards import ShardWriter, write_shards
 from diffusion.data.sources import FolderSource, SourceError, iter_folder, iter_webdataset, summarise
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
@@ -313,11 +313,11 @@ def run(cfg: ShardConfig, items: Iterable[Sample | Skipped] | None = None) -> di
     if items is None:
         items = validate(cfg)
     out_dir, tok_path, inside = Path(cfg.out_dir), Path(cfg.tokenizer_path), _tokenizer_inside(cfg)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    tok_tmp = tmp / inside if inside else tok_path.parent / f".{tok_path.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # The tokenizer is written in full first, beside its place, and renamed in with the folder (replace_dir):
+    # shards and tokenizer cannot end up from two runs, unless the machine stops in the microseconds between the
+    # renames. (Inside out_dir it is written into the new folder.)
+    tok_tmp = None if inside else tok_path.parent / f".{tok_path.name}.tmp-{os.getpid()}"
+    with staged_dir(out_dir, [] if inside else [(tok_tmp, tok_path)]) as tmp:
         print(f"shard: source={cfg.source}{_layout(items)} resolution={cfg.resolution} workers={_workers(cfg)} "
               f"-> {out_dir}")
         if cfg.source != "shapes":
@@ -328,14 +328,7 @@ def run(cfg: ShardConfig, items: Iterable[Sample | Skipped] | None = None) -> di
         atomic_write_json(tmp / "manifest.json", manifest)
         _write_skipped(tmp / "skipped.jsonl", result["skipped"])
         tokenizer = train_tokenizer(result["captions"], cfg.vocab_size, cfg.max_length)
-        # The tokenizer is written in full first, beside its place, and renamed in with the folder
-        # (replace_dir): shards and tokenizer cannot end up from two runs, unless the machine stops in the
-        # microseconds between the renames. (Inside out_dir it is written into the new folder.)
-        save_tokenizer(tokenizer, tok_tmp)
-        replace_dir(tmp, out_dir, [] if inside else [(tok_tmp, tok_path)])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok_tmp.unlink(missing_ok=True)  # an interrupted run's (after a swap it is already in place)
+        save_tokenizer(tokenizer, tmp / inside if inside else tok_tmp)
     counts, skipped = manifest["counts"], {k: v for k, v in manifest["skipped"].items() if v}
     print(f"shard: wrote {counts['train']} train and {counts['val']} val samples to {out_dir}/{{train,val}}")
     print(f"shard: skipped {json.dumps(skipped) if skipped else 'nothing'}; manifest {out_dir / 'manifest.json'}, "

@@ -172,15 +172,18 @@ def replace_dir(tmp: Path, out_dir: Path, files: Iterable[tuple[Path, Path]] = (
 
 
 @contextmanager
-def staged_dir(out_dir: str | Path) -> Iterator[Path]:
+def staged_dir(out_dir: str | Path, files: Iterable[tuple[Path, Path]] = ()) -> Iterator[Path]:
     """An empty temporary folder beside `out_dir` to write its new contents in, swapped into place with
     :func:`replace_dir` when the block ends. If the block raises (Ctrl-C included), the temporary folder is
     deleted and `out_dir` keeps its old contents: a model folder is never left half written.
 
+    `files`: (temporary file, its place) pairs outside `out_dir` that the block writes too (the shard stage's
+    tokenizer); they are renamed in with the folder, and deleted if the block raises.
+
     The name carries the pid (``.<name>.tmp-<pid>``): two processes saving to one place do not write into the
     same folder, and what a killed process left is removed by the next save (:func:`remove_stale_temps`).
     """
-    out = Path(out_dir)
+    out, files = Path(out_dir), list(files)
     out.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(out)  # first: an output folder a killed swap set aside is put back, not deleted as stale
     remove_stale_temps(out)
@@ -189,9 +192,11 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
+        for src, _ in files:
+            Path(src).unlink(missing_ok=True)  # likewise
 
 
 def recover_dir(out_dir: str | Path) -> None:
