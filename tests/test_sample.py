@@ -1,4 +1,5 @@
-"""Sampling from a trained model folder: TextToImagePipeline, `cli.py sample`, and the MLflow pyfunc model.
+"""Sampling from a trained model folder: TextToImagePipeline and `cli.py sample` (the MLflow pyfunc model:
+tests/test_pyfunc.py).
 
 The model folder is built here, at tiny sizes with random weights, in the layout the train stage exports
 (config.json, model.pt, tokenizer.json, train_config.json), so these tests need no earlier stage.
@@ -7,10 +8,7 @@ The model folder is built here, at tiny sizes with random weights, in the layout
 import copy
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,6 @@ from diffusion.model_spec import MODEL_FILES, ModelNotFoundError, ModelSpec, Sam
 from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
 from diffusion.scheduler import DDPMScheduler
 from diffusion.stage_configs import TrainConfig
-from diffusion.tracking import ensure_experiment
 
 CAPTIONS = [f"a {c} {s} in the {p}" for c in ("red", "blue", "green") for s in ("circle", "square", "triangle")
             for p in ("top left", "center", "bottom right")]  # no "z" anywhere: "zebra" is out of vocabulary
@@ -432,81 +429,3 @@ def test_a_schedule_its_config_does_not_describe_is_not_saved(saved, tmp_path):
     with pytest.raises(ValueError, match="scheduler: the betas of this Exponential are not those its config gives"):
         custom.save_pretrained(tmp_path / "custom")
     assert not (tmp_path / "custom").exists()
-
-
-# ---- the MLflow pyfunc model --------------------------------------------------------------------------
-
-
-def test_prompts_from_input():
-    import pandas as pd
-
-    from diffusion.evaluation.pyfunc import prompts_from_input
-
-    assert prompts_from_input(["a", ""]) == ["a", ""]
-    assert prompts_from_input(pd.DataFrame({0: ["a", "b"]})) == ["a", "b"]  # what MLflow makes of a list
-    assert prompts_from_input(pd.DataFrame({"x": [1], "prompt": ["c"]})) == ["c"]
-    assert prompts_from_input(pd.Series(["d"])) == ["d"]
-    # What predict receives once MLflow has enforced the signature (one unnamed string column): a dict arrives
-    # as one row holding the list, a None as NaN.
-    from mlflow.models.utils import _enforce_schema
-
-    from diffusion.evaluation.pyfunc import signature
-
-    def enforced(model_input):
-        return prompts_from_input(_enforce_schema(model_input, signature().inputs))
-
-    assert enforced(["a", "b"]) == ["a", "b"] and enforced(pd.Series(["d"])) == ["d"]
-    assert enforced({"prompt": ["a red circle", "a blue square"]}) == ["a red circle", "a blue square"]
-    assert enforced(["a", None]) == ["a", ""]
-
-
-def test_pyfunc_reports_a_bad_option_as_a_client_error(pipe):
-    """The scoring server returns an MlflowException's message with HTTP 400; any other exception as a generic
-    "unexpected error", the reason buried in a stack trace."""
-    from mlflow.exceptions import MlflowException
-
-    from diffusion.evaluation.pyfunc_model import TextToImageModel
-
-    model = TextToImageModel()
-    model.pipeline = pipe
-    with pytest.raises(MlflowException, match=r"steps: expected an integer in \[1, ") as err:
-        model.predict(None, ["a red circle"], params={"steps": 0})
-    assert err.value.get_http_status_code() == 400
-    assert model.predict(None, ["a red circle"], params={"steps": 1, "image_size": SIDE}).shape == (1, SIDE, SIDE, 3)
-
-
-def test_pyfunc_registers_and_round_trips_in_a_fresh_process(model_dir, pipe, tmp_path):
-    import mlflow
-    from mlflow import MlflowClient
-
-    from diffusion.evaluation.pyfunc import log_and_register
-
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    # A named experiment with its artifacts beside the test's store: the default experiment's artifact root
-    # is ./mlruns of the current folder, which put this model into the checkout's mlruns/.
-    ensure_experiment("pyfunc-test")
-    with mlflow.start_run() as run:
-        uri = log_and_register(model_dir, "tiny-t2i", "champion")
-    store = Path(os.environ["MLFLOW_TRACKING_URI"][len("sqlite:///"):]).parent
-    assert mlflow.get_experiment(run.info.experiment_id).artifact_location == (store / "mlartifacts").resolve().as_uri()
-    assert uri == "models:/tiny-t2i@champion"
-    version = MlflowClient().get_model_version_by_alias("tiny-t2i", "champion")
-    assert str(version.version) == "1" and version.run_id == run.info.run_id
-
-    params = {**FAST, "num_images_per_prompt": 1, "negative_prompt": "a green triangle", "guidance_rescale": 0.5}
-    out = tmp_path / "out.npy"
-    code = (f"import mlflow, numpy as np; m = mlflow.pyfunc.load_model({uri!r}); "
-            f"np.save({str(out)!r}, m.predict({PROMPTS!r}, params={params!r}))")
-    # A fresh process in another folder: the model comes from the registry alone (model folder, code, config).
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    images = np.load(out)
-    assert images.shape == (2, SIDE, SIDE, 3) and images.dtype == np.uint8
-    assert np.array_equal(images, pipe.generate(PROMPTS, progress=False, negative_prompt="a green triangle",
-                                                guidance_rescale=0.5, **FAST))
-
-    # Registering again (into the same run, by id, with no run active) makes version 2 and moves the alias.
-    assert log_and_register(model_dir, "tiny-t2i", "champion", run_id=run.info.run_id) == uri
-    moved = MlflowClient().get_model_version_by_alias("tiny-t2i", "champion")
-    assert str(moved.version) == "2" and moved.run_id == run.info.run_id

@@ -25,22 +25,25 @@ class TextToImageModel(PythonModel):
 
     # The hint is pd.DataFrame on purpose: MLflow 3 infers no signature from it, so the logged one (with its
     # params schema) stays in force; a hint such as list[str] would replace it by one without params, and
-    # `predict(..., params=...)` would silently ignore steps, seed and the rest. MLflow's schema enforcement
-    # turns a list of prompts into a one-column DataFrame before predict is called.
+    # `predict(..., params=...)` would silently ignore steps, seed and the rest. The signature declares no input
+    # schema (pyfunc.py says why), so model_input arrives as sent: a list, a Series, a dict or a DataFrame, which
+    # read_request reads (prompts, and images and masks where given).
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from diffusion.evaluation.pyfunc import PARAMS, prompts_from_input
+        from diffusion.evaluation.pyfunc import PARAMS, read_request
         from diffusion.model_spec import SampleOptionError
 
         p = {**PARAMS, **(params or {})}
         try:
+            request = read_request(model_input)  # a bad image fails here, naming its row, before any sampling
             return self.pipeline.generate(
-                prompts_from_input(model_input), steps=int(p["steps"]), guidance=float(p["guidance"]),
-                sampler=str(p["sampler"]), seed=int(p["seed"]), num_images_per_prompt=int(p["num_images_per_prompt"]),
+                request.prompts, steps=int(p["steps"]), guidance=float(p["guidance"]), sampler=str(p["sampler"]),
+                seed=int(p["seed"]), num_images_per_prompt=int(p["num_images_per_prompt"]),
                 image_size=int(p["image_size"]) or None, progress=False, negative_prompt=str(p["negative_prompt"]),
-                guidance_rescale=float(p["guidance_rescale"]),
+                guidance_rescale=float(p["guidance_rescale"]), image=request.images, mask_image=request.masks,
+                strength=float(p["strength"]),
             )
         except SampleOptionError as e:
             # An MlflowException with a client-error code is what the scoring server returns as the message
