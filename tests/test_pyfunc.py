@@ -187,6 +187,23 @@ def test_predict_inpainting_is_the_pipelines_and_warns_about_an_empty_mask(serve
         served.predict(black, params=STEPS)
 
 
+def test_base64_files_are_read_as_the_pipeline_reads_the_files(served, pipe, tmp_path):
+    """A JPEG with an EXIF orientation and a 16-bit PNG mask, sent as base64, give what the pipeline gives for the
+    same files by path (EXIF applied, 16 bits scaled: diffusion.input_images)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 clockwise to display
+    gradient_image(24, 16).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    levels = np.zeros((SIDE, SIDE), np.uint16)
+    levels[:, : SIDE // 2] = 40000  # white (>= 128 of 255 once scaled), but clipped to 255 it would all be white
+    levels[:, SIDE // 2 :] = 200
+    Image.fromarray(levels).save(tmp_path / "deep.png")  # mode I;16
+    files = {name: base64.b64encode((tmp_path / name).read_bytes()).decode() for name in ("photo.jpg", "deep.png")}
+    want = pipe.generate(PROMPTS[:1], image=tmp_path / "photo.jpg", mask_image=tmp_path / "deep.png", progress=False,
+                         **STEPS)
+    got = served.predict({"prompt": PROMPTS[:1], "image": files["photo.jpg"], "mask": files["deep.png"]}, params=STEPS)
+    assert np.array_equal(got, want)
+
+
 def test_predict_reports_bad_inputs_and_options_as_client_errors(served):
     """The scoring server returns an MlflowException's message with HTTP 400; any other exception as a generic
     "unexpected error", the reason buried in a stack trace."""
