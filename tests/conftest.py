@@ -95,6 +95,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, request):
+    """A tiny trained-stage model folder (``test_sample.make_model_dir``), one per test module."""
+    from test_sample import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_")))
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    """The pipeline of `model_dir`, on the CPU."""
+    from diffusion.pipeline_model import TextToImagePipeline
+
+    return TextToImagePipeline.from_pretrained(model_dir, device="cpu")
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (the OS picks it; a tiny race with other processes is accepted)."""
     import socket

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import broken_model_dir, run_cli
 from PIL import Image
-from test_sample import PROMPTS, SIDE, make_model_dir, schedule_not_default, tiny_parts
+from test_sample import PROMPTS, SIDE, schedule_not_default, tiny_parts
 
 from diffusion.data.tokenizer import encode
 from diffusion.input_images import to_model_input
@@ -247,10 +247,6 @@ def test_pipeline_refuses_bad_images_and_strengths_naming_them(zero_snr_pipe, tm
 
 # ---- the command line -----------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("img2img"))
 
 
 def test_cli_sample_image_writes_the_pipelines_png(model_dir, tmp_path, env):

@@ -13,7 +13,7 @@ import torch
 from conftest import broken_model_dir, run_cli
 from PIL import Image
 from test_img2img import gradient_image, init_latents
-from test_sample import PROMPTS, SIDE, make_model_dir, schedule_not_default, tiny_parts
+from test_sample import PROMPTS, SIDE, schedule_not_default, tiny_parts
 
 from diffusion.data.tokenizer import encode
 from diffusion.inpainting import latent_mask
@@ -329,10 +329,6 @@ def test_pipeline_refuses_bad_masks_naming_them(pipe, tmp_path):
 
 # ---- the command line -----------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("inpaint"))
 
 
 def test_cli_sample_mask_writes_the_pipelines_png(model_dir, tmp_path, env):

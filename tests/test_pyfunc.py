@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from test_img2img import gradient_image
 from test_inpaint import corner_mask
-from test_sample import FAST, PROMPTS, SIDE, make_model_dir
+from test_sample import FAST, PROMPTS, SIDE
 
 from diffusion.evaluation.pyfunc import (
     PARAMS,
@@ -31,7 +31,7 @@ from diffusion.evaluation.pyfunc import (
     signature,
 )
 from diffusion.model_spec import SampleOptionError
-from diffusion.pipeline_model import PromptWarning, TextToImagePipeline
+from diffusion.pipeline_model import PromptWarning
 from diffusion.tracking import ensure_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: two OpenMP threads on 2 busy cores crawl
@@ -50,14 +50,6 @@ def other_image() -> Image.Image:
     return gradient_image().transpose(Image.Transpose.ROTATE_90)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("pyfunc"))
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir) -> TextToImagePipeline:
-    return TextToImagePipeline.from_pretrained(model_dir, device="cpu")
 
 
 def save(model_dir: Path, path: Path, **overrides):

@@ -74,14 +74,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("sample"))
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir) -> TextToImagePipeline:
-    return TextToImagePipeline.from_pretrained(model_dir, device="cpu")
 
 
 # ---- the pipeline -------------------------------------------------------------------------------------
