@@ -115,7 +115,9 @@ def iter_shards(
     `workers` > 1 lets the images decode on that many threads when one takes long enough for threads to pay
     (`diffusion.data.ordered_pool`: a 256 px JPEG or PNG, not a 32 px PNG). Pillow's decoders run without Python's
     lock, and on a GPU encode_latents otherwise spent as long decoding a batch on one core as the VAE spent
-    encoding it. The samples come back in the same order whatever `workers` is.
+    encoding it. The samples come back in the same order whatever `workers` is; but `keep` then runs ahead of
+    them (it is called as a sample is read, up to ``8 * (workers + 1)`` samples before that sample is yielded), so a
+    `keep` whose caller reads state it sets (``in_memory.load_split``'s reservoir slot) needs ``workers=1``.
     """
     from diffusion.data.ordered_pool import OrderedPool
 
