@@ -217,6 +217,24 @@ def _as_stat(value: float | Sequence[float], name: str) -> torch.Tensor:
     return t.reshape(-1, 1, 1) if t.ndim == 1 else t  # (C, 1, 1) or ()
 
 
+def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scale: float | Sequence[float] | torch.Tensor,
+                   shift: float | Sequence[float] | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A draw of ``z ~ q(z|x)`` from the cached posterior, in the diffusion space: ``(mean + std * eps - shift) *
+    scale``, eps from `generator` (pitfall 3). mean, logvar: (B, C, h, w) float32; returns (B, C, h, w).
+
+    What the training loader feeds the denoiser; the train stage's validation set is drawn by it too, so both see
+    the same distribution of latents."""
+    if not isinstance(scale, torch.Tensor):  # a tensor is already _as_stat's (LatentStream keeps them)
+        scale = _as_stat(scale, "latent_scale")
+    if not isinstance(shift, torch.Tensor):
+        shift = _as_stat(shift, "latent_shift")
+    eps = torch.randn(mean.shape, generator=generator)  # (B, C, h, w)
+    z = mean + torch.exp(0.5 * logvar) * eps
+    if scale.ndim and scale.shape[0] != z.shape[1]:
+        raise ValueError(f"latent_scale has {scale.shape[0]} channels, the latents {z.shape[1]}")
+    return (z - shift) * scale
+
+
 class LatentStream(ShardStream):
     """The dataset half of :func:`make_latent_loader`: :class:`ShardStream` (same shard sampling, shuffle,
     seeding by (seed, rank, worker, epoch) and caption dropout) over latent shards, drawing
@@ -241,11 +259,7 @@ class LatentStream(ShardStream):
 
     def _sample(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         mean, logvar = batch.pop("mean"), batch.pop("logvar")
-        eps = torch.randn(mean.shape, generator=generator)  # (B, C, h, w)
-        z = mean + torch.exp(0.5 * logvar) * eps
-        if self.scale.ndim and self.scale.shape[0] != z.shape[1]:
-            raise ValueError(f"latent_scale has {self.scale.shape[0]} channels, the latents {z.shape[1]}")
-        return {"latents": (z - self.shift) * self.scale, **batch}
+        return {"latents": sample_latents(mean, logvar, self.scale, self.shift, generator), **batch}
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         return decode_latent_sample(sample)

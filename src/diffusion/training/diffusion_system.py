@@ -147,12 +147,33 @@ class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
             return self.model.encode_images(batch["image"].float())
 
     def diffusion_loss(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The weighted denoising loss of one batch (see the module docstring)."""
+        """The weighted denoising loss of one batch (see the module docstring): t ~ U{0, ..., T-1} and eps ~ N(0, I)
+        drawn from the global generator (t first, then the noise; ExactResume seeds it), then :meth:`weighted_loss`."""
         b = latents.shape[0]
         t = torch.randint(0, self.scheduler.num_timesteps, (b,), device=latents.device)
         noise = torch.randn_like(latents)
+        return self.weighted_loss(latents, tokens, t, noise).mean()
+
+    def weighted_loss(self, latents: torch.Tensor, tokens: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                      model: torch.nn.Module | None = None) -> torch.Tensor:
+        """The training objective per sample at given timesteps and noise: w(t) || f(z_t, t, text) - target ||^2,
+        the mean over each sample's latent values (module docstring). The one formula of the training step and the
+        train stage's validation (training/val_loss.py), which fixes t and eps so that its estimate moves only with
+        the weights.
+
+        Args:
+            latents: (B, C, h, w) scaled latents z_0.
+            tokens: (B, T) token ids.
+            t: (B,) long timesteps; noise: (B, C, h, w), eps.
+            model: the `LatentDiffusionModel` to evaluate (validation passes the EMA copy), run eagerly; None: this
+                system's own, through the compiled denoiser when ``compile_denoiser``.
+
+        Returns: (B,) float32 losses.
+        """
         noisy = self.scheduler.add_noise(latents, noise, t)
-        if self.compile_denoiser:  # LatentDiffusionModel.forward, with the compiled denoiser
+        if model is not None:
+            pred = model(noisy, t, tokens)
+        elif self.compile_denoiser:  # LatentDiffusionModel.forward, with the compiled denoiser
             states, mask, pooled = self.model.encode_text(tokens)
             pred = self._compiled_denoiser()(noisy, t, context=states, context_mask=mask, pooled=pooled)
         else:
@@ -163,7 +184,7 @@ class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
             weight = min_snr_weight(self.scheduler.snr(t), self.optim.min_snr_gamma, self.scheduler.prediction_type,
                                     self.optim.min_snr_on)
             per_sample = per_sample * weight
-        return per_sample.mean()
+        return per_sample
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Not logged here: a Trainer's StepMeans logs the loss's mean over each logging window and every rank
