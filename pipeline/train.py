@@ -9,10 +9,13 @@ writes
                                                       LatentDiffusionModel.from_pretrained)
     <metrics_path>                                    final figures for `dvc metrics show`
     <loss_curve_path>                                 (step, loss) for `dvc plots show`
+    <val_curve_path>                                  the EMA weights' held-out and seen loss at each validation
+                                                      (step, loss, seen_loss, loss_t...; training/val_loss.py)
     <checkpoint_dir>/train-<key>/                     resumable checkpoints (training/checkpointing.py)
 
-and logs to one MLflow run: params, the loss per step, sample grids for fixed prompts (EMA weights), the
-final metrics. Killed and rerun with the same parameters, data and code, it resumes from its last
+and logs to one MLflow run: params, the loss per step, the validation loss every val_every_n_steps
+(`val/loss`, `val/seen_loss`, `val/loss_t...`; train.val_batches, 0 for none), sample grids for fixed prompts (EMA
+weights: both), the final metrics. Killed and rerun with the same parameters, data and code, it resumes from its last
 checkpoint (step, optimizer, EMA) in the same MLflow run; with anything changed, it starts afresh.
 """
 
@@ -36,10 +39,11 @@ MODEL_ENTRIES = ("config.json", "model.pt", "tokenizer.json", "train_config.json
 
 STAGE = "train"
 #: Fields that do not change the trained weights (paths: the data itself is fingerprinted; the sample
-#: grids only look at the model). Not `compile`: Inductor's kernels round differently from eager ones, so a run
+#: grids and the validation only look at the model: tests/test_val_loss.py checks the weights are the same to the bit
+#: with and without validation). Not `compile`: Inductor's kernels round differently from eager ones, so a run
 #: resumed with the other setting would end with weights neither gives.
 EXCLUDE = (*DEFAULT_EXCLUDE, "latents_dir", "tokenizer_path", "vae_dir", "out_dir", "metrics_path",
-           "loss_curve_path", "sample_every_n_steps", "sample_prompts", "sample_sampler", "sample_steps",
+           "loss_curve_path", "val_curve_path", "val_batches", "sample_every_n_steps", "sample_prompts", "sample_sampler", "sample_steps",
            "sample_guidance")
 
 
@@ -47,9 +51,9 @@ class TrainError(RuntimeError):
     """An input of the stage is missing; nothing was written."""
 
 
-def validate(cfg: TrainConfig) -> tuple[list[str], list[int] | None]:
-    """Checks that need the inputs, before any work. Returns the train latent shards and the latents' shape
-    [C, h, w] from their manifest (None if it does not say)."""
+def validate(cfg: TrainConfig) -> tuple[list[str], list[str], list[int] | None]:
+    """Checks that need the inputs, before any work. Returns the train and val latent shards (no val shards when
+    train.val_batches is 0) and the latents' shape [C, h, w] from their manifest (None if it does not say)."""
     urls = require_split(cfg.latents_dir, "train", "train.latents_dir", "encode_latents", TrainError, "latent shards")
     check_replaceable(cfg.out_dir, MODEL_ENTRIES, "train.out_dir")
     if not Path(cfg.tokenizer_path).is_file():
@@ -60,6 +64,7 @@ def validate(cfg: TrainConfig) -> tuple[list[str], list[int] | None]:
         raise TrainError(f"train.vae_dir: {problem}; run `python cli.py train-vae` first")
     manifest = read_manifest(cfg.latents_dir) or {}
     _check_latents_vae(cfg, manifest)
+    val_urls = _val_urls(cfg, manifest)
     shape = manifest.get("latent_shape")  # [C, h, w], from encode_latents
     denoiser = cfg.denoiser_config()
     multiple = getattr(denoiser, "downsample_factor", getattr(denoiser, "patch_size", 1))
@@ -69,7 +74,51 @@ def validate(cfg: TrainConfig) -> tuple[list[str], list[int] | None]:
         raise ConfigError(f"train.{what}: the {cfg.denoising_type} needs latent sides divisible by {multiple}, and "
                           f"the latents in {cfg.latents_dir} are {shape[1]}x{shape[2]}; use a shard.resolution that "
                           f"is a multiple of {multiple} times the VAE's factor, or another {what.split(' ')[0]}")
-    return urls, shape
+    return urls, val_urls, shape
+
+
+def _val_urls(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
+    """The val latent shards the validation loss needs (none with train.val_batches 0), counted by the manifest
+    where there is one: no val split, or fewer val latents than one batch, stops the stage here. Latents without a
+    manifest are counted when the set is read, still before the run opens (:func:`_val_set`)."""
+    if not cfg.val_batches:
+        return []
+    try:
+        urls = require_split(cfg.latents_dir, "val", "train.val_batches", "encode_latents", TrainError,
+                             "val latent shards", allow_empty=True)
+    except TrainError as e:
+        raise TrainError(f"{e}; or set train.val_batches: 0 to train without a validation loss") from e
+    count = (manifest.get("counts") or {}).get("val")
+    if not urls:
+        count = 0
+    if count is not None and int(count) < cfg.batch_size:
+        raise TrainError(_too_few_val(cfg, int(count)))
+    return urls
+
+
+def _too_few_val(cfg: TrainConfig, count: int) -> str:
+    return (f"train.val_batches: {cfg.val_batches} batches of {cfg.batch_size} held-out latents asked for, and "
+            f"{cfg.latents_dir}/val holds {count}, less than one batch (train.batch_size); hold more images out "
+            "(shard.val_fraction, or a larger val folder) and rerun shard, encode_latents, or set train.val_batches: 0 "
+            "to train without a validation loss")
+
+
+def _val_set(cfg: TrainConfig, urls: list[str], val_urls: list[str]) -> Any:
+    """The validation loss's fixed samples (training/val_loss.py), read before the run opens; None without."""
+    if not cfg.val_batches:
+        return None
+    from diffusion.data.tokenizer import load_tokenizer
+    from diffusion.training.latent_stats import read_vae_config
+    from diffusion.training.val_loss import prepare_val_set
+
+    vae = read_vae_config(cfg.vae_dir)  # the scale and shift build_model gives the model and the loader
+    found = prepare_val_set(val_urls, urls, load_tokenizer(cfg.tokenizer_path), batch_size=cfg.batch_size,
+                            batches=cfg.val_batches, latent_scale=float(vae["latent_scale"]),
+                            latent_shift=float(vae["latent_shift"]), num_timesteps=cfg.scheduler.num_timesteps,
+                            seed=cfg.seed) if val_urls else None
+    if found is None or len(found) < cfg.batch_size:
+        raise TrainError(_too_few_val(cfg, len(found) if found is not None else 0))
+    return found
 
 
 def _check_latents_vae(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
@@ -156,12 +205,14 @@ def _fingerprints(cfg: TrainConfig, urls: list[str]) -> dict[str, str]:
             "code": source_fingerprint(*code)}
 
 
-def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenizer: Any, side: int) -> list:
+def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenizer: Any, side: int,
+               val_set: Any) -> list:
     from diffusion.data.tokenizer import encode
     from diffusion.training import checkpointing as ckpt
     from diffusion.training.exact_resume import ExactResume, run_identity
     from diffusion.training.callbacks import EMA, SampleGrid
     from diffusion.training.nonfinite import NonFiniteLossCheck
+    from diffusion.training.val_loss import ValLoss
 
     prompts = encode(tokenizer, list(cfg.sample_prompts)) if cfg.sample_prompts else None
     return [
@@ -169,13 +220,15 @@ def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenize
         ExactResume(loader, cfg.seed, cfg.checkpoint_every_n_steps, run_identity(run.point.key, cfg)),
         # EMA once per optimizer step, saved in and restored from the checkpoint (pitfall 8).
         EMA(decay=cfg.ema_decay, warmup=cfg.ema_warmup),
+        # After the EMA (it reads the average of the same step), before the checkpoint (Lightning puts it last).
+        *([ValLoss(val_set, cfg.val_every_n_steps)] if val_set is not None else []),
         SampleGrid(prompts, scheduler, side, cfg.sample_every_n_steps if prompts is not None else 0,
                    sampler=cfg.sample_sampler, num_steps=cfg.sample_steps, guidance=cfg.sample_guidance),
         ckpt.checkpoint_callback(run.point.dir, cfg.checkpoint_every_n_steps),
     ]
 
 
-def _fit(cfg: TrainConfig, run: Any, urls: list[str]) -> tuple[Any, Any, Any]:
+def _fit(cfg: TrainConfig, run: Any, urls: list[str], val_set: Any) -> tuple[Any, Any, Any]:
     """Build tokenizer, model, loader, system and Trainer; train (resuming). Returns (trainer, system, grid)."""
     from diffusion.data.latents import iter_latents, make_latent_loader
     from diffusion.data.tokenizer import load_tokenizer
@@ -200,7 +253,8 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str]) -> tuple[Any, Any, Any]:
                           warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio,
                           min_snr_gamma=cfg.min_snr_gamma, min_snr_on=cfg.min_snr_on)
     system = DiffusionSystem(model, scheduler, optim, compile_denoiser=cfg.compile)
-    callbacks = _callbacks(cfg, run, loader, scheduler, tokenizer, side)
+    callbacks = _callbacks(cfg, run, loader, scheduler, tokenizer, side, val_set)
+    # No Lightning validation loop: the validation loss is a callback at the optimizer step (val_loss.ValLoss).
     trainer = build_trainer(cfg, callbacks=callbacks, logger=run.logger, default_root_dir=run.point.dir,
                             loss_curve=cfg.loss_curve_path, limit_val_batches=0)
     if run.point.resuming:
@@ -235,9 +289,15 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     curve = step_means(trainer)
     curve.write()
     final_loss = curve.recent_loss(10)  # the mean over the last 10 windows' steps
+    val = _val_loss(trainer)
+    if val is not None and (not val.points or val.points[-1][0] != trainer.global_step):
+        # A finished run rerun with validation newly asked for resumes its last checkpoint and trains no step.
+        val.validate(trainer, system)
     metrics = {
         "steps": trainer.global_step,
         "final_loss": final_loss if final_loss is not None else float("nan"),
+        # The last validation's (the one after the last step), as in MLflow's val/loss, val/seen_loss, val/loss_t...
+        **({f"val_{k}": v for k, v in val.last.items()} if val is not None else {}),
         "train_seconds": round(seconds, 1),  # over every execution of this run (ExactResume.train_seconds)
         "parameters_denoiser": sum(p.numel() for p in model.denoiser.parameters()),
         "parameters_text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
@@ -248,10 +308,20 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     atomic_write_json(cfg.metrics_path, metrics)
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
     mlflow.log_artifact(cfg.loss_curve_path, "plots")
+    if val is not None:
+        val.write(cfg.val_curve_path)
+        mlflow.log_artifact(cfg.val_curve_path, "plots")
     mlflow.log_dict(model.config, "model/config.json")
     if grid.tokens is not None:
         mlflow.log_image(grid.render(model), "samples/final.png")
     return metrics
+
+
+def _val_loss(trainer: Any) -> Any:
+    """The Trainer's `ValLoss` callback, or None (train.val_batches 0)."""
+    from diffusion.training.val_loss import ValLoss
+
+    return next((cb for cb in trainer.callbacks if isinstance(cb, ValLoss)), None)
 
 
 def main(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -264,8 +334,9 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     from diffusion.training.trainer import check_hardware
 
     check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
-    urls, latent_shape = validate(cfg)
+    urls, val_urls, latent_shape = validate(cfg)
     cfg = resolve_derived(cfg, latent_shape)
+    val_set = _val_set(cfg, urls, val_urls)  # every rank, before the run opens: a val split too small stops here
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     with resumable_stage_run(STAGE, cfg.to_dict(), cfg.checkpoint_dir, exclude=EXCLUDE,
@@ -274,7 +345,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
             print(f"train: {cfg.denoising_type}, {cfg.max_steps} steps, batch {cfg.batch_size} per process"
                   f"{f' x {cfg.accumulate_grad_batches} accumulated' if cfg.accumulate_grad_batches > 1 else ''}, "
                   f"checkpoints in {run.point.dir}")
-        trainer, system, grid = _fit(cfg, run, urls)
+        trainer, system, grid = _fit(cfg, run, urls, val_set)
         # Every rank says how far it got and a digest of its weights: under DDP both must be equal on
         # every rank, on one machine or several (checkpointing.rank_report).
         print(rank_report(STAGE, trainer, system), flush=True)
@@ -282,8 +353,11 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
             return None
         clock = next(cb for cb in trainer.callbacks if isinstance(cb, ExactResume))
         metrics = _finish(cfg, run, trainer, system, grid, clock.train_seconds)
+        held_out = (f"; val loss {metrics['val_loss']:.4f} held out, {metrics['val_seen_loss']:.4f} seen (EMA)"
+                    if "val_loss" in metrics and "val_seen_loss" in metrics else "")
         print(f"train: final loss {metrics.get('final_loss', float('nan')):.4f} after {metrics['steps']} steps "
-              f"({metrics['train_seconds']:.0f} s)")
-        print(f"train: EMA model -> {cfg.out_dir}; metrics -> {cfg.metrics_path}; loss curve -> {cfg.loss_curve_path}")
+              f"({metrics['train_seconds']:.0f} s){held_out}")
+        print(f"train: EMA model -> {cfg.out_dir}; metrics -> {cfg.metrics_path}; loss curve -> {cfg.loss_curve_path}"
+              f"{f'; val curve -> {cfg.val_curve_path}' if cfg.val_batches else ''}")
         print(f"train: MLflow run {run.run_id} at {tracking_uri()}")
     return metrics

@@ -134,7 +134,7 @@ def test_dvc_repro_runs_every_stage_once_and_then_nothing_then_experiments(tmp_p
         assert f"Running stage '{stage}'" in first.stdout, stage
     for path in ("data/shards/manifest.json", "data/tokenizer.json", "models/vae/model.pt", "data/latents/train",
                  "models/diffusion/model.pt", "models/judge", "metrics/eval.json", "reports/samples.png",
-                 "plots/train_loss.csv", "dvc.lock"):
+                 "plots/train_loss.csv", "plots/val_loss.csv", "dvc.lock"):
         assert (repo / path).exists(), path
     metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert {"fid", "kid_mean"} <= set(metrics) and any(k.startswith("adherence") for k in metrics), sorted(metrics)
@@ -189,7 +189,7 @@ def commit_baseline(repo: Path) -> str:
     git(["add", "-A"], repo)
     git(["commit", "-qm", "baseline: U-Net"], repo)
     tracked = git(["ls-files"], repo).split()
-    assert {"dvc.lock", "metrics/eval.json", "plots/train_loss.csv"} <= set(tracked)
+    assert {"dvc.lock", "metrics/eval.json", "plots/train_loss.csv", "plots/val_loss.csv"} <= set(tracked)
     assert not [f for f in tracked if f.startswith("checkpoints/") or f.endswith((".pt", ".ckpt", ".tar"))], tracked
     return git(["rev-parse", "HEAD"], repo)
 
@@ -288,12 +288,15 @@ def check_exp_show_and_plots_diff(repo: Path, baseline: str) -> None:
 
     # Each plot once, from the top-level definitions (not a second time from the stage outputs).
     plots = json.loads(dvc(["plots", "diff", "HEAD", "unet", "--json"], repo).stdout)["data"]
-    assert set(plots) == {"train_loss", "eval_sweep", "reports/samples.png"}, sorted(plots)
+    assert set(plots) == {"train_loss", "val_loss", "eval_sweep", "reports/samples.png"}, sorted(plots)
     (loss,) = plots["train_loss"]
     assert sorted(loss["revisions"]) == ["HEAD", "unet"]
     spec = loss["content"]
     assert spec["encoding"]["x"]["field"] == "step" and spec["title"]["text"].startswith("Diffusion training loss")
     assert {p["rev"] for p in spec["data"]["values"]} == {"HEAD", "unet"}, "a curve per revision"
+    (val,) = plots["val_loss"]  # held out and seen, a line each per revision
+    assert {(p["rev"], p["field"]) for p in val["content"]["data"]["values"]} == \
+        {(rev, field) for rev in ("HEAD", "unet") for field in ("loss", "seen_loss")}
     (sweep,) = plots["eval_sweep"]
     assert [sweep["content"]["encoding"][axis]["field"] for axis in "xy"] == ["images_per_second", "adherence"]
 
@@ -452,14 +455,14 @@ def test_dvc_tracks_the_paths_params_yaml_names(tmp_path):
     assert upstream == {"shard": set(), "train_vae": {"shard"}, "encode_latents": {"shard", "train_vae"},
                         "train": {"shard", "train_vae", "encode_latents"}, "train_judge": {"shard"},
                         "evaluate": {"shard", "train", "train_judge"}}
-    assert outs["train"] == {"models/diffusion", "plots/train_loss.csv", "metrics/train.json"}
+    assert outs["train"] == {"models/diffusion", "plots/train_loss.csv", "plots/val_loss.csv", "metrics/train.json"}
 
     raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
     raw["train"]["out_dir"] = raw["evaluate"]["model_dir"] = "models/big"
     raw["train"]["metrics_path"] = "metrics/big.json"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     moved, moved_upstream = graph()
-    assert moved["train"] == {"models/big", "plots/train_loss.csv", "metrics/big.json"}
+    assert moved["train"] == {"models/big", "plots/train_loss.csv", "plots/val_loss.csv", "metrics/big.json"}
     assert moved_upstream == upstream
 
 

@@ -84,11 +84,14 @@ def runs(stage: str):
 
 def test_train_stage_writes_model_metrics_curve_and_one_mlflow_run(project, cli_env):
     out = run_cli(["train"], project, cli_env)
-    assert "train: final loss" in out.stdout
+    assert "train: final loss" in out.stdout and "val loss" in out.stdout
     model_dir = project / "models/diffusion"
     assert {p.name for p in model_dir.iterdir()} >= {"config.json", "model.pt", "tokenizer.json"}
     metrics = json.loads((project / "metrics/train.json").read_text())
     assert metrics["steps"] == 12 and metrics["final_loss"] == metrics["final_loss"]  # not NaN
+    # params.yaml validates (val_batches 4; every 250 steps, and after the last): the figures of step 12.
+    assert metrics["val_loss"] > 0 and metrics["val_seen_loss"] > 0
+    assert (project / "plots/val_loss.csv").read_text().splitlines()[1].startswith("12,")
     curve = (project / "plots/train_loss.csv").read_text().splitlines()
     assert curve[0] == "step,loss" and [int(r.split(",")[0]) for r in curve[1:]] == [2, 4, 6, 8, 10, 12]
 
@@ -392,6 +395,8 @@ def test_the_run_key_covers_what_changes_the_weights():
     base = TrainConfig().to_dict()
     key = run_key(base, exclude=EXCLUDE)
     assert run_key({**base, "sample_steps": 7, "sample_guidance": 2.0}, exclude=EXCLUDE) == key
+    # Validation reads the EMA weights and draws nothing from the training generators (tests/test_val_loss.py).
+    assert run_key({**base, "val_batches": 0, "val_every_n_steps": 7, "val_curve_path": "x.csv"}, exclude=EXCLUDE) == key
     assert run_key({**base, "compile": not base["compile"]}, exclude=EXCLUDE) != key
 
 

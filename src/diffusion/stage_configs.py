@@ -166,8 +166,8 @@ class TrainerFields(Config):
     num_workers: int = param(0, "data-loading worker processes per device (0: in the main process)", ge=0)
     log_every_n_steps: int = param(10, "log training metrics every N steps (Lightning's default 50 hides short runs)", ge=1)
     val_every_n_steps: int = param(
-        250, "validate every N training batches (train_vae; the train stage has no validation loop: its sample "
-        "grids, sample_every_n_steps, and the evaluate stage take that role)", ge=1)
+        250, "validate every N training batches (train_vae: PSNR, SSIM) or optimizer steps (train: the EMA weights' "
+        "held-out and seen loss, train.val_batches; also after the last step)", ge=1)
     checkpoint_every_n_steps: int = param(
         100, "save <checkpoint_dir>/<stage>-<key>/last.ckpt every N steps; also the length of the seeded segments "
         "of data and noise that make a resumed run end as an uninterrupted one (so a change starts afresh)", ge=1)
@@ -323,6 +323,9 @@ class TrainConfig(TrainerFields):
     out_dir: str = param("models/diffusion", "where the EMA weights, the config and the tokenizer are exported")
     metrics_path: str = param("metrics/train.json", "final figures for `dvc metrics show`")
     loss_curve_path: str = param("plots/train_loss.csv", "the loss curve (step, loss) for `dvc plots show`")
+    val_curve_path: str = param(
+        "plots/val_loss.csv", "the validation curve for `dvc plots show`: step, loss, seen_loss and the loss in each "
+        "quarter of the timesteps (training/val_loss.py)")
     denoising_type: str = param("unet", "the denoiser: a key of diffusion.models.DENOISERS ('unet', 'dit', ...)")
     text_encoder: TextEncoderConfig = _nested("TextEncoderConfig", "the text encoder's shape")  # noqa: F821
     unet: UNetConfig = _nested("UNetConfig", "the U-Net's shape (denoising_type: unet)")  # noqa: F821
@@ -351,6 +354,11 @@ class TrainConfig(TrainerFields):
         "weight 1 at high noise, where layout is decided; see diffusion_system)"
     )
     shuffle_buffer: int = param(2_000, "samples in the loader's shuffle buffer", ge=0)
+    val_batches: int = param(
+        4, "batches (of batch_size) of held-out latents the validation loss is measured on, every val_every_n_steps "
+        "with the EMA weights, beside as many train latents (seen_loss): a seeded, uniform choice of the val split, "
+        "fixed timesteps and noise (training/val_loss.py); fewer if the split is smaller, but at least one batch. "
+        "0: no validation", ge=0)
     sample_every_n_steps: int = param(500, "log a grid of samples for sample_prompts every N steps (0: only the final grid; sample_prompts [] for none)", ge=0)
     sample_prompts: tuple[str, ...] = param(
         ("a red circle in the top left", "a large blue square in the center", "a small green triangle in the bottom right",
