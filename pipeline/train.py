@@ -43,8 +43,8 @@ STAGE = "train"
 #: with and without validation). Not `compile`: Inductor's kernels round differently from eager ones, so a run
 #: resumed with the other setting would end with weights neither gives.
 EXCLUDE = (*DEFAULT_EXCLUDE, "latents_dir", "tokenizer_path", "vae_dir", "out_dir", "metrics_path",
-           "loss_curve_path", "val_curve_path", "val_batches", "sample_every_n_steps", "sample_prompts", "sample_sampler", "sample_steps",
-           "sample_guidance")
+           "loss_curve_path", "val_curve_path", "val_batches", "sample_every_n_steps", "sample_prompts",
+           "sample_sampler", "sample_steps", "sample_guidance")
 
 
 class TrainError(RuntimeError):
