@@ -222,6 +222,7 @@ def test_pipeline_refuses_bad_images_and_strengths_naming_them(zero_snr_pipe, tm
         ({"image": tmp_path / "notes.png"}, "image", f"{tmp_path / 'notes.png'}: cannot read it as an image"),
         ({"image": [image] * 3}, "image", "a list of 1 or 2 of them"),
         ({"image": 3}, "image", "expected a PIL image, a path"),
+        ({"image": b"\x89PNG\r\n"}, "image", "got 6 bytes (a file's contents?): open them first"),
         ({"image": [image, None]}, "image", "got None"),
         ({"image": np.zeros((SIDE, SIDE, 3))}, "image", "got a ndarray of shape (16, 16, 3)"),  # not the array
     ):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from test_img2img import gradient_image
 from test_inpaint import corner_mask
 from test_sample import FAST, PROMPTS, SIDE
@@ -111,7 +111,14 @@ def test_images_read_in_every_form_as_the_same_pixels():
     image, mask = gradient_image(), corner_mask(SIDE, 4)
     pixels, png = np.asarray(image), base64.b64decode(b64(image))
     # base64 text, as a data URL, wrapped in lines (as the base64 tool writes it); locally the bytes, PIL, an array
-    forms = [b64(image), "data:image/png;base64," + b64(image), base64.encodebytes(png).decode(), png, image, pixels]
+    # and the URL-safe alphabet, unpadded, as some clients send it (a text chunk of 0xff bytes, "////" in base64)
+    info, buf = PngImagePlugin.PngInfo(), io.BytesIO()
+    info.add_text("note", "\xff" * 12)
+    image.save(buf, "PNG", pnginfo=info)
+    url_safe = base64.urlsafe_b64encode(buf.getvalue()).decode().rstrip("=")
+    assert "-" in url_safe or "_" in url_safe  # else this form would test nothing new
+    forms = [b64(image), "data:image/png;base64," + b64(image), base64.encodebytes(png).decode(), url_safe, png, image,
+             pixels]
     for form in forms:
         request = read_request({"prompt": "a red circle", "image": form})
         assert request.prompts == ["a red circle"] and request.masks is None
@@ -134,7 +141,7 @@ def test_images_read_in_every_form_as_the_same_pixels():
     ({"prompt": PROMPTS, "image": [b64(gradient_image()), None]}, "image",
      "row 2 without one beside row 1 with one: give an image on every row or on none"),
     ({"prompt": PROMPTS, "image": [b64(gradient_image())] * 2, "mask": [None, b64(corner_mask(SIDE, 4))]}, "mask",
-     "row 1 without one beside row 2 with one"),
+     "row 1 without one beside row 2 with one: give a mask on every row or on none"),
     ({"prompt": PROMPTS, "mask": [b64(corner_mask(SIDE, 4))] * 2}, "mask", "rows 1, 2: a mask needs an image"),
     ({"prompt": PROMPTS, "image": [None, b64(gradient_image())], "mask": [b64(corner_mask(SIDE, 4))] * 2}, "mask",
      "row 1: a mask needs an image on its row"),

@@ -78,6 +78,9 @@ def _read_list(value: Any, num_prompts: int, option: str, mode: str) -> list[Any
     """A PIL image, a path, or a list of 1 or `num_prompts` of them -> a list of PIL images in `mode`."""
     if _is_image(value) or isinstance(value, (str, os.PathLike)):
         return [_read_one(value, option, mode)]
+    if isinstance(value, (bytes, bytearray)):  # a Sequence too: "a list of 122" would be the message
+        raise SampleOptionError(option, f"expected a PIL image or a path, got {len(value)} bytes (a file's contents?): "
+                                        "open them first, PIL.Image.open(io.BytesIO(data))")
     if not isinstance(value, Sequence) or len(value) not in {1, max(num_prompts, 1)}:
         what = f"a list of {len(value)}" if isinstance(value, Sequence) else _what(value)
         lists = "a list of 1" if num_prompts <= 1 else f"a list of 1 or {num_prompts} of them (one for every prompt, " \

@@ -148,11 +148,12 @@ def read_request(model_input: Any) -> Request:
         raise SampleOptionError("mask", f"{_rows(orphans)}: a mask needs an image on its row (white marks which of "
                                         "the image's pixels to regenerate)")
     for name, rows in given.items():
+        article = "an" if name == "image" else "a"
         if rows and len(rows) < len(prompts):
             without = [r for r in range(1, len(prompts) + 1) if r not in rows]
-            raise SampleOptionError(name, f"{_rows(without)} without one beside {_rows(rows)} with one: give an {name} "
-                                          f"on every row or on none (one request is one sampling run, one seed; send "
-                                          f"the rows without an {name} as another request)")
+            raise SampleOptionError(name, f"{_rows(without)} without one beside {_rows(rows)} with one: give "
+                                          f"{article} {name} on every row or on none (one request is one sampling run, "
+                                          f"one seed; send the rows without {article} {name} as another request)")
     decoded = {name: [decode_image(v, name, r) for r, v in enumerate(columns[name], 1)] if rows else None
                for name, rows in given.items()}
     return Request(prompts, decoded["image"], decoded["mask"])
@@ -271,7 +272,12 @@ def _base64(text: str, column: str, row: int) -> bytes:
     """Base64 text (line breaks allowed, as ``base64`` wraps it; a ``data:...;base64,`` prefix dropped) -> bytes."""
     body = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
     try:
-        return base64.b64decode("".join(body.split()), validate=True)
+        compact = "".join(body.split())
+        # The URL-safe alphabet too (RFC 4648 section 5: "-" and "_" for "+" and "/"), which often comes unpadded.
+        url_safe = "-" in compact or "_" in compact
+        if url_safe:
+            compact += "=" * (-len(compact) % 4)
+        return base64.b64decode(compact, altchars=b"-_" if url_safe else None, validate=True)
     except (binascii.Error, ValueError) as e:  # ValueError: characters outside ASCII
         hint = " (a served model reads no files: send the file's bytes)" if "." in body[-6:] else ""
         raise SampleOptionError(column, f"row {row}: not base64 ({e}){hint}") from None
