@@ -44,7 +44,8 @@ from diffusion.params import load_section  # noqa: E402
 from diffusion.models import LatentDiffusionModel  # noqa: E402
 from diffusion.scheduler import DDPMScheduler  # noqa: E402
 from diffusion.eval_configs import EvaluateConfig  # noqa: E402
-from diffusion.stage_configs import EncodeLatentsConfig, TrainConfig, TrainVAEConfig  # noqa: E402
+from diffusion.data_configs import EncodeLatentsConfig
+from diffusion.stage_configs import TrainConfig, TrainVAEConfig  # noqa: E402
 from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings  # noqa: E402
 from diffusion.training.vae_system import VAESystem  # noqa: E402
 
@@ -212,7 +213,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     params = ROOT / "params.yaml"
     if args.image_size is None:
-        from diffusion.stage_configs import ShardConfig
+        from diffusion.data_configs import ShardConfig
 
         args.image_size = load_section(ShardConfig, params).resolution
     print(f"torch {torch.__version__}, {args.threads} threads, params.yaml networks, {args.image_size} px; "

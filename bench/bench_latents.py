@@ -39,12 +39,12 @@ from diffusion.data.shapes import generate_shapes
 from diffusion.data.shard_reading import iter_shards
 from diffusion.data.shards import write_shards
 from diffusion.data.tokenizer import train_tokenizer
+from diffusion.data_configs import ShapesConfig
 from diffusion.models.dit import DIT_PRESETS
 from diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 from diffusion.params import apply_overrides, load_params
 from diffusion.scheduler import DDPMScheduler
-from diffusion.stage_configs import ShapesConfig
 
 TINY = {
     "resolution": 32, "batch_size": 8, "denoising_type": "unet",

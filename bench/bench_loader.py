@@ -83,7 +83,8 @@ def main() -> None:
 
 
 def shapes(n: int, size: int):
-    from diffusion.data.shapes import ShapesConfig, generate_shapes
+    from diffusion.data.shapes import generate_shapes
+    from diffusion.data_configs import ShapesConfig
 
     return generate_shapes(ShapesConfig(num_train=n, holdout=[]), "train", size, seed=0)
 

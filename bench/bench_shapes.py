@@ -14,7 +14,7 @@ import io
 import time
 
 from diffusion.data.shapes import generate_shapes
-from diffusion.stage_configs import ShapesConfig
+from diffusion.data_configs import ShapesConfig
 
 
 def _run(cfg: ShapesConfig, resolution: int, encode: bool) -> tuple[float, int]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffusion.stage_configs import ShardConfig
+from diffusion.data_configs import ShardConfig
 from pipeline import shard
 
 

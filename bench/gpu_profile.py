@@ -33,9 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # the GPU machine may have no editable install
 
+from diffusion.data_configs import EncodeLatentsConfig  # noqa: E402
 from diffusion.eval_configs import EvaluateConfig  # noqa: E402
 from diffusion.params import load_section  # noqa: E402
-from diffusion.stage_configs import EncodeLatentsConfig, TrainConfig, TrainVAEConfig  # noqa: E402
+from diffusion.stage_configs import TrainConfig, TrainVAEConfig  # noqa: E402
 
 
 def measure(name: str, batch: int, step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> dict:

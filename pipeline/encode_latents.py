@@ -1,6 +1,6 @@
 """Stage `encode_latents`: the image shards, encoded once by the frozen VAE, as latent shards.
 
-Reads the `encode_latents` section of params.yaml (`diffusion.stage_configs.EncodeLatentsConfig`), the image shards
+Reads the `encode_latents` section of params.yaml (`diffusion.data_configs.EncodeLatentsConfig`), the image shards
 written by `shard` and the VAE written by `train_vae`, and writes
 
     <out_dir>/train/*.tar, <out_dir>/val/*.tar   posterior mean and log-variance, caption, metadata
@@ -43,7 +43,7 @@ from diffusion.data.locations import read_manifest, require_split, split_shards
 from diffusion.data.ordered_pool import usable_cores
 from diffusion.data.shard_reading import iter_shards
 from diffusion.data.shards import ShardList, list_shards
-from diffusion.stage_configs import EncodeLatentsConfig
+from diffusion.data_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import encoder_digest, load_vae, vae_problem
 
 STAGE = "encode_latents"

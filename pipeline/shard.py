@@ -1,6 +1,6 @@
 """Stage `shard`: a source of images and captions -> WebDataset shards, a tokenizer and a manifest.
 
-Reads the `shard` section of params.yaml (`diffusion.stage_configs.ShardConfig`) and writes
+Reads the `shard` section of params.yaml (`diffusion.data_configs.ShardConfig`) and writes
 
     <out_dir>/train/shard-*.tar, <out_dir>/val/shard-*.tar   (layout: diffusion.data.shards)
     <out_dir>/manifest.json                                  (counts, skipped inputs by reason, how split)
@@ -30,7 +30,7 @@ from diffusion.atomic import atomic_write_json, atomic_write_text, check_replace
 from diffusion.data.shards import ShardWriter, write_shards
 from diffusion.data.sources import FolderSource, SourceError, iter_folder, iter_webdataset, summarise
 from diffusion.data.tokenizer import save_tokenizer, train_tokenizer
-from diffusion.stage_configs import ShardConfig
+from diffusion.data_configs import ShardConfig
 
 #: What the stage writes in out_dir (anything else there stops it: check_replaceable). The split folders as
 #: patterns of their files: a train/ or val/ folder of images (a dataset split into folders) is not the stage's.

@@ -151,7 +151,7 @@ def shapes_images(n: int, split: str, resolution: int = 32, seed: int = 0):
 
     from diffusion.data.in_memory import LabelledImages
     from diffusion.data.shapes import generate_shapes
-    from diffusion.stage_configs import ShapesConfig
+    from diffusion.data_configs import ShapesConfig
 
     cfg = ShapesConfig(num_train=n, num_val=n)
     samples = list(generate_shapes(cfg, split, resolution, seed))

@@ -9,7 +9,8 @@ import yaml
 from diffusion.config import ConfigError
 
 from diffusion.params import apply_overrides, load_params, load_section, parse_override
-from diffusion.stage_configs import ShardConfig, ShapesConfig, TrainConfig
+from diffusion.data_configs import ShardConfig, ShapesConfig
+from diffusion.stage_configs import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,7 +184,8 @@ def test_fixed_length_tuples_load_from_lists():
 def test_inclusive_bounds_accept_their_end_points():
     """`ge`/`le` bounds are inclusive: a strict comparison would refuse caption_dropout 1.0 (always the null
     caption) or a constant learning rate (min_lr_ratio 1.0)."""
-    from diffusion.stage_configs import ShardConfig, TrainConfig
+    from diffusion.data_configs import ShardConfig
+    from diffusion.stage_configs import TrainConfig
 
     cfg = TrainConfig.from_dict({"caption_dropout": 1.0, "min_lr_ratio": 1.0, "warmup_steps": 0}, "train")
     assert (cfg.caption_dropout, cfg.min_lr_ratio, cfg.warmup_steps) == (1.0, 1.0, 0)

@@ -424,7 +424,8 @@ def test_dvc_tracks_the_paths_params_yaml_names(tmp_path):
     from diffusion.params import load_params
     from diffusion.dvcfile import interpolated_keys
     from diffusion.eval_configs import EvaluateConfig, JudgeConfig
-    from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainConfig, TrainVAEConfig
+    from diffusion.data_configs import EncodeLatentsConfig, ShardConfig
+    from diffusion.stage_configs import TrainConfig, TrainVAEConfig
 
     for name in ("dvc.yaml", "params.yaml", "profiles/cpu.yaml", "profiles/gpu.yaml"):
         (tmp_path / name).parent.mkdir(exist_ok=True)

@@ -30,7 +30,7 @@ from diffusion.data.shard_reading import iter_shards
 from diffusion.data.shards import list_shards, write_shards
 from diffusion.data.tokenizer import encode, null_tokens, train_tokenizer
 from diffusion.models.vae import AutoencoderKL, VAEConfig
-from diffusion.stage_configs import EncodeLatentsConfig
+from diffusion.data_configs import EncodeLatentsConfig
 from diffusion.training.latent_stats import LatentStats, load_vae, save_vae
 
 SCALE, SHIFT = 2.0, 0.3  # SHIFT not 1 / SCALE: a shift confused with the std must show

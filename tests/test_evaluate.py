@@ -295,7 +295,7 @@ def test_validate_refuses_a_gpu_this_machine_lacks(tmp_path, monkeypatch):
 def test_prompts_are_a_seeded_choice_of_val_captions_or_their_canonical_phrasing(tmp_path):
     from diffusion.data.shapes import generate_shapes
     from diffusion.data.shards import write_shards
-    from diffusion.stage_configs import ShapesConfig
+    from diffusion.data_configs import ShapesConfig
     from pipeline.evaluate import choose_prompts
 
     samples = list(generate_shapes(ShapesConfig(num_train=20, num_val=20), "val", 16, 0))
@@ -341,7 +341,8 @@ TINY = [
 def pipeline_root(tmp_path_factory) -> Path:
     """shard -> train_vae -> encode_latents -> train -> train_judge outputs for the tiny configuration."""
     from diffusion.params import load_section
-    from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainConfig, TrainVAEConfig
+    from diffusion.data_configs import EncodeLatentsConfig, ShardConfig
+    from diffusion.stage_configs import TrainConfig, TrainVAEConfig
     from pipeline import encode_latents, shard, train, train_judge, train_vae
 
     root = tmp_path_factory.mktemp("evaluate")

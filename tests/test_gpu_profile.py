@@ -16,7 +16,8 @@ from diffusion.config import ConfigError
 
 from diffusion.params import BASE_PROFILE, load_params, load_section
 from diffusion.eval_configs import EvaluateConfig, JudgeConfig
-from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainConfig, TrainVAEConfig
+from diffusion.data_configs import EncodeLatentsConfig, ShardConfig
+from diffusion.stage_configs import TrainConfig, TrainVAEConfig
 
 PARAMS = ROOT / "params.yaml"
 GPU = ["profile=gpu"]

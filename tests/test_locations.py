@@ -104,8 +104,9 @@ def test_require_split_names_the_key_the_folder_and_the_stage_to_run(tmp_path, f
 
 
 def test_stages_refuse_a_bad_url_before_any_work(tmp_path):
+    from diffusion.data_configs import EncodeLatentsConfig
     from diffusion.eval_configs import EvaluateConfig, JudgeConfig
-    from diffusion.stage_configs import EncodeLatentsConfig, TrainConfig
+    from diffusion.stage_configs import TrainConfig
     from pipeline import encode_latents, evaluate, train, train_judge
 
     with pytest.raises(train.TrainError, match=r"train.latents_dir: .*pipe:aws s3 cp s3://b/latents/\{\} -"):
@@ -141,7 +142,8 @@ def test_run_keys_count_remote_shards_by_url_without_fetching_them():
 def test_a_damaged_vae_is_named_before_any_work(tmp_path):
     """A VAE weights file cut short failed inside torch.load ("failed finding central directory"), naming no
     file, with the run open; encode_latents and train now name it in their checks."""
-    from diffusion.stage_configs import EncodeLatentsConfig, TrainConfig
+    from diffusion.data_configs import EncodeLatentsConfig
+    from diffusion.stage_configs import TrainConfig
     from pipeline import encode_latents, train
 
     vae = tmp_path / "vae"

@@ -26,7 +26,7 @@ from diffusion.data.shapes import (
     generate_shapes,
     validate_holdout,
 )
-from diffusion.stage_configs import ShapesConfig
+from diffusion.data_configs import ShapesConfig
 
 
 def _samples(split="train", resolution=32, seed=0, **cfg):
@@ -228,7 +228,7 @@ def test_each_shape_draws_its_own_outline():
     bounding box (square 1, circle pi/4, cross ~0.59, triangle and diamond 1/2, star ~0.37), and the upright
     triangle's weight in its lower half. Two polygons swapped passed every pixel test."""
     from diffusion.data.shapes import generate_shapes
-    from diffusion.stage_configs import ShapesConfig
+    from diffusion.data_configs import ShapesConfig
 
     fills: dict[str, list[float]] = {s: [] for s in SHAPES}
     lower: list[float] = []

@@ -13,7 +13,7 @@ from test_sources import BAD_REASONS, EXTRA, caption_of, flat_tree, good_paths, 
 from diffusion.config import ConfigError
 from diffusion.data.shard_reading import iter_shards
 from diffusion.data.tokenizer import load_tokenizer
-from diffusion.stage_configs import ShardConfig
+from diffusion.data_configs import ShardConfig
 from pipeline import shard as stage
 
 TINY = {

@@ -47,8 +47,9 @@ def write_params(folder: Path, extra: list[str] = ()) -> Path:
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory) -> Path:
     """shard, train_vae and encode_latents outputs for the tiny configuration (made once)."""
+    from diffusion.data_configs import EncodeLatentsConfig, ShardConfig
     from diffusion.params import load_section
-    from diffusion.stage_configs import EncodeLatentsConfig, ShardConfig, TrainVAEConfig
+    from diffusion.stage_configs import TrainVAEConfig
     from pipeline import encode_latents, shard, train_vae
 
     root = tmp_path_factory.mktemp("upstream")
@@ -387,10 +388,9 @@ def test_missing_latents_and_bad_parameters_exit_with_clear_errors(tmp_path, mon
 
 def test_the_run_key_covers_what_changes_the_weights():
     """The sample grid's settings only look at the model; compile changes the rounding of every step."""
-    from pipeline.train import EXCLUDE
-
-    from diffusion.stage_configs import TrainConfig
     from diffusion.run_keys import run_key
+    from diffusion.stage_configs import TrainConfig
+    from pipeline.train import EXCLUDE
 
     base = TrainConfig().to_dict()
     key = run_key(base, exclude=EXCLUDE)

@@ -16,7 +16,8 @@ import torch
 
 from conftest import ROOT, run_cli
 from diffusion.config import ConfigError
-from diffusion.stage_configs import ShardConfig, TrainVAEConfig
+from diffusion.data_configs import ShardConfig
+from diffusion.stage_configs import TrainVAEConfig
 
 TINY = {
     "model": {"base_channels": 8, "norm_groups": 4, "channel_mult": [1, 2], "num_res_blocks": 1,

@@ -136,7 +136,7 @@ def _epilog_when_asked(command: str, config: Callable[[], type[Config]]) -> str 
 
 
 def _shard_config() -> type[Config]:
-    from diffusion.stage_configs import ShardConfig
+    from diffusion.data_configs import ShardConfig
 
     return ShardConfig
 
@@ -157,7 +157,7 @@ def shard(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
 
 
 def _encode_latents_config() -> type[Config]:
-    from diffusion.stage_configs import EncodeLatentsConfig
+    from diffusion.data_configs import EncodeLatentsConfig
 
     return EncodeLatentsConfig
 

@@ -44,7 +44,7 @@ from diffusion.data.shape_captions import (
     SIZES,
     caption_for,
 )
-from diffusion.stage_configs import ShapesConfig
+from diffusion.data_configs import ShapesConfig
 
 SPLITS: tuple[str, ...] = ("train", "val")  # the index is the split's id in the seed
 
