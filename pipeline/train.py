@@ -79,8 +79,8 @@ def validate(cfg: TrainConfig) -> tuple[list[str], list[str], list[int] | None]:
 
 def _val_urls(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
     """The val latent shards the validation loss needs (none with train.val_batches 0), counted by the manifest
-    where there is one: no val split, or fewer val latents than one batch, stops the stage here. Latents without a
-    manifest are counted when the set is read, still before the run opens (:func:`_val_set`)."""
+    where there is one: no val split, or an empty one, stops the stage here. Latents without a manifest are counted
+    when the set is read, still before the run opens (:func:`_val_set`)."""
     if not cfg.val_batches:
         return []
     try:
@@ -89,22 +89,21 @@ def _val_urls(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
     except TrainError as e:
         raise TrainError(f"{e}; or set train.val_batches: 0 to train without a validation loss") from e
     count = (manifest.get("counts") or {}).get("val")
-    if not urls:
-        count = 0
-    if count is not None and int(count) < cfg.batch_size:
-        raise TrainError(_too_few_val(cfg, int(count)))
+    if not urls or count == 0:
+        raise TrainError(_no_val(cfg))
     return urls
 
 
-def _too_few_val(cfg: TrainConfig, count: int) -> str:
-    return (f"train.val_batches: {cfg.val_batches} batches of {cfg.batch_size} held-out latents asked for, and "
-            f"{cfg.latents_dir}/val holds {count}, less than one batch (train.batch_size); hold more images out "
-            "(shard.val_fraction, or a larger val folder) and rerun shard, encode_latents, or set train.val_batches: 0 "
-            "to train without a validation loss")
+def _no_val(cfg: TrainConfig) -> str:
+    return (f"train.val_batches: {cfg.val_batches} batches of held-out latents asked for, and {cfg.latents_dir}/val "
+            "holds none; hold images out (shard.val_fraction, or a val folder) and rerun shard and encode_latents, or "
+            "set train.val_batches: 0 to train without a validation loss")
 
 
 def _val_set(cfg: TrainConfig, urls: list[str], val_urls: list[str]) -> Any:
-    """The validation loss's fixed samples (training/val_loss.py), read before the run opens; None without."""
+    """The validation loss's fixed samples (training/val_loss.py), read before the run opens; None without. A val
+    split smaller than one batch (a small folder of the user's, 5% held out) is used whole, with a warning: a noisy
+    estimate is still the only held-out one."""
     if not cfg.val_batches:
         return None
     from diffusion.data.tokenizer import load_tokenizer
@@ -112,12 +111,17 @@ def _val_set(cfg: TrainConfig, urls: list[str], val_urls: list[str]) -> Any:
     from diffusion.training.val_loss import prepare_val_set
 
     vae = read_vae_config(cfg.vae_dir)  # the scale and shift build_model gives the model and the loader
-    found = prepare_val_set(val_urls, urls, load_tokenizer(cfg.tokenizer_path), batch_size=cfg.batch_size,
-                            batches=cfg.val_batches, latent_scale=float(vae["latent_scale"]),
-                            latent_shift=float(vae["latent_shift"]), num_timesteps=cfg.scheduler.num_timesteps,
-                            seed=cfg.seed) if val_urls else None
-    if found is None or len(found) < cfg.batch_size:
-        raise TrainError(_too_few_val(cfg, len(found) if found is not None else 0))
+    try:
+        found = prepare_val_set(val_urls, urls, load_tokenizer(cfg.tokenizer_path), batch_size=cfg.batch_size,
+                                batches=cfg.val_batches, latent_scale=float(vae["latent_scale"]),
+                                latent_shift=float(vae["latent_shift"]), num_timesteps=cfg.scheduler.num_timesteps,
+                                seed=cfg.seed)
+    except ValueError as e:  # shards without a sample (latents made elsewhere, no manifest to count them)
+        raise TrainError(_no_val(cfg)) from e
+    if len(found) < cfg.batch_size:
+        warnings.warn(f"train.val_batches: {cfg.latents_dir}/val holds {len(found)} latents, less than one batch of "
+                      f"{cfg.batch_size}: the validation loss is measured on all of them, a noisier estimate (hold more "
+                      "images out with shard.val_fraction for a steadier one)", UserWarning, stacklevel=2)
     return found
 
 

@@ -248,7 +248,7 @@ class TrainConfig(TrainerFields):
     val_batches: int = param(
         4, "batches (of batch_size) of held-out latents the validation loss is measured on, every val_every_n_steps "
         "with the EMA weights, beside as many train latents (seen_loss): a seeded, uniform choice of the val split, "
-        "fixed timesteps and noise (training/val_loss.py); fewer if the split is smaller, but at least one batch. "
+        "fixed timesteps and noise (training/val_loss.py); the whole split if it is smaller (warned under one batch). "
         "0: no validation", ge=0)
     sample_every_n_steps: int = param(500, "log a grid of samples for sample_prompts every N steps (0: only the final grid; sample_prompts [] for none)", ge=0)
     sample_prompts: tuple[str, ...] = param(
