@@ -398,6 +398,7 @@ def test_the_run_key_covers_what_changes_the_weights():
     # Validation reads the EMA weights and draws nothing from the training generators (tests/test_val_loss.py).
     assert run_key({**base, "val_batches": 0, "val_every_n_steps": 7, "val_curve_path": "x.csv"}, exclude=EXCLUDE) == key
     assert run_key({**base, "compile": not base["compile"]}, exclude=EXCLUDE) != key
+    assert run_key({**base, "lr_schedule": "linear"}, exclude=EXCLUDE) != key
 
 
 def test_latents_the_denoiser_cannot_patch_stop_before_the_run(project):
@@ -632,7 +633,8 @@ def test_each_ddp_rank_draws_its_own_timesteps_and_noise(monkeypatch):
 
 
 def test_min_snr_weights_and_lr_schedule():
-    from diffusion.training.diffusion_system import min_snr_weight, warmup_cosine
+    from diffusion.training.diffusion_system import min_snr_weight
+    from diffusion.training.optim import warmup_cosine
 
     snr = torch.tensor([0.5, 5.0, 50.0])
     assert torch.allclose(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))

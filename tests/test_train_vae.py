@@ -391,6 +391,9 @@ def test_run_key_ignores_excluded_fields_only():
     assert run_key({**base, "checkpoint_every_n_steps": 3}, extra={"data": "d"}) != key  # the segments (ExactResume)
     assert run_key({**base, "num_workers": 3}, extra={"data": "d"}) != key  # another sample stream
     assert run_key({**base, "lr": 0.1}, extra={"data": "d"}) != key
+    from pipeline.train_vae import EXCLUDE  # the stage's own: the schedule changes the weights, so it keys the run
+
+    assert run_key({**base, "lr_schedule": "linear"}, exclude=EXCLUDE) != run_key(base, exclude=EXCLUDE)
     assert run_key(base, extra={"data": "other"}) != key
     assert run_key(base, exclude=("model.base_channels",), extra={"data": "d"}) == run_key(
         {**base, "model": {**base["model"], "base_channels": 16}}, exclude=("model.base_channels",),
@@ -434,11 +437,15 @@ def test_make_grid_layout():
 
 
 def test_lr_schedule_constant_or_cosine_to_min_ratio():
-    from diffusion.training.vae_system import warmup
+    from diffusion.stage_configs import TrainVAEConfig
+    from diffusion.training.vae_system import schedule
 
-    constant = warmup(10)
-    assert constant(0) == pytest.approx(0.1) and constant(9) == 1.0 and constant(500) == 1.0
-    cosine = warmup(10, 100, 0.05)
+    def cfg(**fields):
+        return TrainVAEConfig.from_dict({"warmup_steps": 10, "max_steps": 100, **fields}, "train_vae")
+
+    for constant in (schedule(cfg(min_lr_ratio=None)), schedule(cfg(lr_schedule="constant", min_lr_ratio=0.05))):
+        assert constant(0) == pytest.approx(0.1) and constant(9) == 1.0 and constant(500) == 1.0
+    cosine = schedule(cfg(min_lr_ratio=0.05))
     assert cosine(0) == pytest.approx(0.1) and cosine(10) == pytest.approx(1.0)
     assert cosine(55) == pytest.approx(0.525) and cosine(100) == pytest.approx(0.05)
     assert cosine(40) > cosine(60) > cosine(80)

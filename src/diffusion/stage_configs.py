@@ -23,6 +23,12 @@ from diffusion.eval_configs import EvaluateConfig, JudgeConfig, SamplerName
 
 T = TypeVar("T", bound="TrainerFields")
 
+#: The learning-rate schedules after the warm-up (diffusion.training.optim.LR_SCHEDULES, which imports torch; a test
+#: keeps the two equal). Named as diffusers' get_scheduler names them; ``constant`` is its ``constant_with_warmup``.
+LRSchedule = Literal["cosine", "linear", "constant"]
+LR_SCHEDULE_HELP = ("the LR after the linear warm-up: cosine (half a cosine down to lr * min_lr_ratio at max_steps; "
+                    "SGDR), linear (a straight line down to it), constant (lr to the end; min_lr_ratio unused)")
+
 
 # --------------------------------------------------------------------------------------------------
 # Training stages: shared Trainer fields; stage: train_vae
@@ -139,10 +145,12 @@ class TrainVAEConfig(TrainerFields):
     beta1: float = param(0.5, "AdamW beta1 (LDM/VQGAN use 0.5)", ge=0.0, lt=1.0)
     beta2: float = param(0.9, "AdamW beta2 (LDM/VQGAN use 0.9)", ge=0.0, lt=1.0)
     weight_decay: float = param(0.0, "AdamW decoupled weight decay", ge=0.0)
-    warmup_steps: int = param(100, "linear learning-rate warm-up steps, then constant", ge=0)
+    warmup_steps: int = param(100, "linear learning-rate warm-up steps, then lr_schedule", ge=0)
+    lr_schedule: LRSchedule = param("cosine", LR_SCHEDULE_HELP)  # noqa: RUF009
     min_lr_ratio: float | None = param(
-        None, "null: constant LR after warm-up (LDM); a ratio: cosine decay to lr * ratio at max_steps, which "
-        "settles a short run's weights (the CPU profile)", ge=0.0, le=1.0
+        None, "lr_schedule cosine or linear decay to lr * min_lr_ratio at max_steps, which settles a short run's "
+        "weights (the CPU profile); null: no decay, a constant LR after warm-up whatever lr_schedule (as 1.0; "
+        "LDM's schedule, which lr_schedule: constant also names)", ge=0.0, le=1.0
     )
     l1_weight: float = param(1.0, "weight of the L1 reconstruction loss (mean over pixels)", ge=0.0)
     mse_weight: float = param(0.0, "weight of the squared-error reconstruction loss (mean over pixels)", ge=0.0)
@@ -230,8 +238,9 @@ class TrainConfig(TrainerFields):
     beta1: float = param(0.9, "AdamW beta1", ge=0.0, lt=1.0)
     beta2: float = param(0.999, "AdamW beta2", ge=0.0, lt=1.0)
     weight_decay: float = param(0.01, "AdamW decoupled weight decay (not on biases and norms)", ge=0.0)
-    warmup_steps: int = param(100, "linear warm-up steps, then cosine decay", ge=0)
-    min_lr_ratio: float = param(0.1, "the cosine decay ends at lr * min_lr_ratio", ge=0.0, le=1.0)
+    warmup_steps: int = param(100, "linear warm-up steps, then lr_schedule", ge=0)
+    lr_schedule: LRSchedule = param("cosine", LR_SCHEDULE_HELP)  # noqa: RUF009
+    min_lr_ratio: float = param(0.1, "lr_schedule cosine or linear ends at lr * min_lr_ratio", ge=0.0, le=1.0)
     ema_decay: float = param(0.999, "EMA decay per optimizer step (the exported and sampled weights)", ge=0.0, lt=1.0)
     ema_warmup: bool = param(True, "warm the EMA decay up as diffusers' EMAModel: update n uses min(ema_decay, "
                                    "(1 + n) / (10 + n)); false: ema_decay from the first update")

@@ -70,6 +70,7 @@ def train_diffusion_model(
     max_steps: int = 100,
     lr: float = 1e-4,
     warmup_steps: int = 10,
+    lr_schedule: str = "cosine",
     caption_dropout: float = 0.1,
     ema_decay: float = 0.999,
     ema_warmup: bool = True,
@@ -85,7 +86,8 @@ def train_diffusion_model(
 
     When it returns, the model holds the EMA weights (our `EMA`, a Lightning `EMAWeightAveraging`, copies them
     in at the end of training; with `ema_warmup`, update n uses min(ema_decay, (1 + n) / (10 + n)), as
-    diffusers' EMAModel). Extra keyword arguments go to `pl.Trainer` (e.g. ``devices``, ``logger``).
+    diffusers' EMAModel). `lr_schedule` is what follows the warm-up, as the train stage's (``cosine``,
+    ``linear`` or ``constant``; training/optim.py). Extra keyword arguments go to `pl.Trainer` (e.g. ``devices``, ``logger``).
     """
     pl.seed_everything(seed, workers=True, verbose=False)
     length = train_dataset[0][1].shape[0]
@@ -96,7 +98,8 @@ def train_diffusion_model(
     )
     system = DiffusionSystem(
         model, scheduler,
-        OptimSettings(lr=lr, warmup_steps=warmup_steps, max_steps=max_steps, min_snr_gamma=min_snr_gamma),
+        OptimSettings(lr=lr, warmup_steps=warmup_steps, max_steps=max_steps, lr_schedule=lr_schedule,
+                      min_snr_gamma=min_snr_gamma),
     )
     trainer_kwargs.setdefault("logger", False)
     trainer_kwargs.setdefault("enable_checkpointing", False)

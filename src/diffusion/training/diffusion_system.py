@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion.scheduler import DDPMScheduler
-from diffusion.training.optim import FusedAdamWClipping, adamw, warmup_cosine
+from diffusion.training.optim import FusedAdamWClipping, adamw, lr_lambda
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class OptimSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
     max_steps: int = 1000
+    lr_schedule: str = "cosine"  # after the warm-up: a key of training.optim.LR_SCHEDULES
     min_lr_ratio: float = 0.1
     min_snr_gamma: float | None = None
     min_snr_on: str = "snr"
@@ -96,6 +97,7 @@ class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
                              "denoiser with learn_sigma false")
         if optim.min_snr_gamma is not None:  # a bad combination fails here, not at the first step
             min_snr_weight(torch.ones(1), optim.min_snr_gamma, scheduler.prediction_type, optim.min_snr_on)
+        lr_lambda(optim.lr_schedule, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio)  # an unknown name, here
         self.model = model
         self.scheduler = scheduler
         self.optim = optim
@@ -206,7 +208,5 @@ class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
         # Fused (one kernel for every parameter), or foreach under a GradScaler: training/optim.py.
         opt = adamw(self, groups, lr=self.optim.lr, betas=self.optim.betas)
         o = self.optim
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, o.warmup_steps, o.max_steps, o.min_lr_ratio)
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.lr_schedule, o.warmup_steps, o.max_steps, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

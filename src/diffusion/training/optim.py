@@ -1,5 +1,5 @@
 """AdamW as the training systems build it (one fused kernel where Lightning allows it, and the gradient
-clipping that goes with that), and their learning-rate schedule.
+clipping that goes with that), and their learning-rate schedules (at the end).
 
 PyTorch's fused AdamW (``fused=True``) updates every parameter in one kernel launch, on CUDA and on a CPU.
 Without it, AdamW on a CPU runs its for-loop form, about ten small kernels per parameter tensor: for the
@@ -18,7 +18,7 @@ Two things keep the fused kernel from being a plain switch, both about Lightning
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -58,10 +58,66 @@ class FusedAdamWClipping:
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps
-    (Loshchilov & Hutter 2017, without restarts)."""
+# --------------------------------------------------------------------------------------------------
+# Learning-rate schedules: a linear warm-up, then a decay chosen by name (``train.lr_schedule``)
+# --------------------------------------------------------------------------------------------------
+# Each decay is a pure function of the decay's progress p (0 at the warm-up's end, 1 at max_steps and after)
+# and the floor m = min_lr_ratio; :func:`lr_factor` adds the warm-up, the one copy of it. The names are those of
+# diffusers' ``get_scheduler`` (``SchedulerType``), whose schedules also include a warm-up, except ``constant``,
+# which is its ``constant_with_warmup`` (and its ``constant`` with ``warmup_steps: 0``).
+
+
+def cosine_decay(progress: float, min_ratio: float) -> float:
+    """m + (1 - m) * (1 + cos(pi * p)) / 2: half a cosine from 1 to m (SGDR, Loshchilov & Hutter 2017, eq. 5,
+    one cycle without restarts; diffusers' ``get_cosine_schedule_with_warmup`` is the case m = 0)."""
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def linear_decay(progress: float, min_ratio: float) -> float:
+    """m + (1 - m) * (1 - p): a straight line from 1 to m (diffusers' ``get_linear_schedule_with_warmup``, whose
+    ``f_min`` is m; 0 by default)."""
+    return min_ratio + (1 - min_ratio) * (1 - progress)
+
+
+def constant(progress: float, min_ratio: float) -> float:
+    """1: the peak LR to the end, m unused (diffusers' ``get_constant_schedule_with_warmup``; LDM's schedule)."""
+    return 1.0
+
+
+#: The choices of ``lr_schedule`` (stage_configs.py declares them as its Literal), by name.
+LR_SCHEDULES: dict[str, Callable[[float, float], float]] = {
+    "cosine": cosine_decay, "linear": linear_decay, "constant": constant,
+}
+
+
+def lr_factor(schedule: str, step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """The LR multiplier of optimizer step `step` (0-based): (step + 1) / warmup while step < warmup, then
+    ``LR_SCHEDULES[schedule](p, min_ratio)`` with p = min(1, (step - warmup) / max(1, total - warmup)).
+
+    The warm-up runs one step ahead of diffusers' step / warmup, so that the first step does not run at LR 0;
+    from step `warmup` on the two agree (tests/test_lr_schedule.py).
+    """
+    decay = _decay(schedule)
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return decay(progress, min_ratio)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """``lr_factor`` as a ``LambdaLR`` function of the step. A lambda, not a callable object: LambdaLR would
+    save an object's attributes into every checkpoint."""
+    _decay(schedule)  # an unknown name fails here, when the optimizer is built, not at the first step
+    return lambda step: lr_factor(schedule, step, warmup, total, min_ratio)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps (``lr_factor``'s
+    ``cosine``)."""
+    return lr_factor("cosine", step, warmup, total, min_ratio)
+
+
+def _decay(schedule: str) -> Callable[[float, float], float]:
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule: expected one of {', '.join(map(repr, LR_SCHEDULES))}, got {schedule!r}")
+    return LR_SCHEDULES[schedule]

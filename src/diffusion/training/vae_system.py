@@ -32,7 +32,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from diffusion.models.vae import AutoencoderKL, DiagonalGaussian
 from diffusion.training.discriminator import D_LOSSES, NLayerDiscriminator, adaptive_weight, generator_loss
-from diffusion.training.optim import FusedAdamWClipping, adamw, warmup_cosine
+from diffusion.training.optim import FusedAdamWClipping, adamw, lr_lambda
 
 if TYPE_CHECKING:
     from diffusion.stage_configs import TrainVAEConfig
@@ -43,12 +43,11 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def warmup(steps: int, total: int | None = None, min_ratio: float | None = None):
-    """A LambdaLR factor: linear warm-up over `steps` optimizer steps, then constant, or, with `min_ratio`,
-    cosine decay to `min_ratio` at `total` steps (the diffusion stage's schedule)."""
-    if min_ratio is not None and total is not None:
-        return lambda step: warmup_cosine(step, steps, total, min_ratio)
-    return lambda step: min(1.0, (step + 1) / steps) if steps > 0 else 1.0
+def schedule(cfg: TrainVAEConfig):
+    """The LambdaLR factor of `cfg`: linear warm-up over ``warmup_steps``, then ``lr_schedule`` down to
+    ``lr * min_lr_ratio`` at ``max_steps``; ``min_lr_ratio: null`` is 1.0, no decay (LDM's constant LR)."""
+    min_ratio = 1.0 if cfg.min_lr_ratio is None else cfg.min_lr_ratio
+    return lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, min_ratio)
 
 
 class VAESystem(FusedAdamWClipping, pl.LightningModule):
@@ -184,12 +183,12 @@ class VAESystem(FusedAdamWClipping, pl.LightningModule):
         betas = (cfg.beta1, cfg.beta2)  # LDM/VQGAN's (0.5, 0.9): a short memory suits the GAN game
         # Fused (one kernel for every parameter), or foreach under a GradScaler: training/optim.py.
         opt_g = adamw(self, self.vae.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
-        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule(cfg))
         if self.discriminator is None:
             return {"optimizer": opt_g, "lr_scheduler": {"scheduler": sched_g, "interval": "step"}}
         d_lr = cfg.discriminator.lr if cfg.discriminator.lr is not None else cfg.lr
         opt_d = adamw(self, self.discriminator.parameters(), lr=d_lr, betas=betas, weight_decay=cfg.weight_decay)
-        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, schedule(cfg))
         return [opt_g, opt_d], [sched_g, sched_d]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
