@@ -715,6 +715,25 @@ def test_the_final_checkpoint_keeps_the_live_weights_beside_the_ema(project):
     assert trained and any(not torch.equal(live[k], ema[k]) for k in trained)
 
 
+
+def test_the_optimizer_runs_at_the_linear_schedules_lr(project):
+    """train.lr_schedule: linear reaches the AdamW that Lightning steps. Step k (1-based) runs at lr times the
+    factor of step k - 1: (k / 2) over the 2 warm-up steps, then 0.1 + 0.9 * (1 - p), p = (k - 3) / 4, down to
+    lr * min_lr_ratio at max_steps 6 (cosine would run step 4 at 0.87 lr, not 0.775). MLflow's train/lr is read
+    from the optimizer as each step starts; the final checkpoint holds the LR the scheduler set after step 6."""
+    train_in_process(project, "train.lr_schedule=linear", "train.max_steps=6", "train.warmup_steps=2",
+                     "train.min_lr_ratio=0.1", "train.log_every_n_steps=1", "train.sample_every_n_steps=0",
+                     "train.sample_prompts=[]", "train.val_batches=0")
+    client, (run,) = runs("train")
+    assert run.data.params["lr_schedule"] == "linear" and run.data.params["min_lr_ratio"] == "0.1"
+    peak = float(run.data.params["lr"])
+    logged = {m.step: m.value / peak for m in client.get_metric_history(run.info.run_id, "train/lr")}
+    assert logged == pytest.approx({1: 0.5, 2: 1.0, 3: 1.0, 4: 0.775, 5: 0.55, 6: 0.325})
+    (path,) = (project / "checkpoints/train").glob("*/last.ckpt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6
+    assert [g["lr"] / peak for g in ckpt["optimizer_states"][0]["param_groups"]] == pytest.approx([0.1, 0.1])
+
 @pytest.mark.parametrize("callback", ["SampleGrid", "NonFiniteLossCheck"])
 def test_callbacks_count_optimizer_steps_under_gradient_accumulation(callback):
     """With accumulate_grad_batches 2 the first micro-batch ends at global_step 0: SampleGrid drew a grid of the
