@@ -384,6 +384,7 @@ def test_config_and_vae_import_in_either_order(first, second):
 
 def test_run_key_ignores_excluded_fields_only():
     from diffusion.run_keys import run_key
+    from pipeline.train_vae import EXCLUDE
 
     base = tiny_cfg(Path("/x")).to_dict()
     key = run_key(base, extra={"data": "d"})
@@ -391,8 +392,7 @@ def test_run_key_ignores_excluded_fields_only():
     assert run_key({**base, "checkpoint_every_n_steps": 3}, extra={"data": "d"}) != key  # the segments (ExactResume)
     assert run_key({**base, "num_workers": 3}, extra={"data": "d"}) != key  # another sample stream
     assert run_key({**base, "lr": 0.1}, extra={"data": "d"}) != key
-    from pipeline.train_vae import EXCLUDE  # the stage's own: the schedule changes the weights, so it keys the run
-
+    # The stage's own exclusions: the schedule changes the weights, so it keys the run.
     assert run_key({**base, "lr_schedule": "linear"}, exclude=EXCLUDE) != run_key(base, exclude=EXCLUDE)
     assert run_key(base, extra={"data": "other"}) != key
     assert run_key(base, exclude=("model.base_channels",), extra={"data": "d"}) == run_key(
