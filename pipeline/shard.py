@@ -196,9 +196,10 @@ def _write(cfg: ShardConfig, tmp: Path, items: Iterable[Sample | Skipped] | None
                 # read wrongly (another layout than train/'s), not that nothing should be held out. Raised
                 # here, in the temporary folder, so the previous output is left as it was.
                 raise _empty_held_out(items, split.skipped)
-            if not len(val_writer):  # allowed (val_fraction 0), but train_vae, train_judge and evaluate refuse it
+            if not len(val_writer):  # allowed (val_fraction 0), but train_vae, train, train_judge and evaluate refuse it
                 print(f"warning: no image fell into the val split ({_split_said(cfg, items)}, "
-                      f"{len(split.captions)} train images); train_vae, train_judge and evaluate need val images")
+                      f"{len(split.captions)} train images); train_vae, train (its validation loss, unless "
+                      "train.val_batches: 0), train_judge and evaluate need val images")
             val = val_writer.finish()
         finally:
             val_writer.discard()

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from diffusion.atomic import atomic_write_json, check_replaceable, staged_dir
+from diffusion.atomic import atomic_write_json, atomic_write_text, check_replaceable, staged_dir
 from diffusion.config import ConfigError
 from diffusion.data.locations import read_manifest, require_split
 from diffusion.run_keys import DEFAULT_EXCLUDE
@@ -302,6 +302,7 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
         "final_loss": final_loss if final_loss is not None else float("nan"),
         # The last validation's (the one after the last step), as in MLflow's val/loss, val/seen_loss, val/loss_t...
         **({f"val_{k}": v for k, v in val.last.items()} if val is not None else {}),
+        **({"val_samples": len(val.val_set)} if val is not None else {}),  # held out (as many seen): val_batches' size or less
         "train_seconds": round(seconds, 1),  # over every execution of this run (ExactResume.train_seconds)
         "parameters_denoiser": sum(p.numel() for p in model.denoiser.parameters()),
         "parameters_text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
@@ -315,6 +316,10 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     if val is not None:
         val.write(cfg.val_curve_path)
         mlflow.log_artifact(cfg.val_curve_path, "plots")
+    else:
+        # A declared DVC output: DVC fails a stage that does not write one, and a previous run's curve must not stay
+        # beside this run's model. Without validation it holds the header only.
+        atomic_write_text(cfg.val_curve_path, "step,loss,seen_loss\n")
     mlflow.log_dict(model.config, "model/config.json")
     if grid.tokens is not None:
         mlflow.log_image(grid.render(model), "samples/final.png")
@@ -340,7 +345,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
     urls, val_urls, latent_shape = validate(cfg)
     cfg = resolve_derived(cfg, latent_shape)
-    val_set = _val_set(cfg, urls, val_urls)  # every rank, before the run opens: a val split too small stops here
+    val_set = _val_set(cfg, urls, val_urls)  # every rank, before the run opens (no val latents stop it here)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     with resumable_stage_run(STAGE, cfg.to_dict(), cfg.checkpoint_dir, exclude=EXCLUDE,

@@ -190,3 +190,32 @@ def test_inclusive_bounds_accept_their_end_points():
     cfg = TrainConfig.from_dict({"caption_dropout": 1.0, "min_lr_ratio": 1.0, "warmup_steps": 0}, "train")
     assert (cfg.caption_dropout, cfg.min_lr_ratio, cfg.warmup_steps) == (1.0, 1.0, 0)
     assert ShardConfig.from_dict({"shapes": {"holdout_val_fraction": 1.0}}, "shard").shapes.holdout_val_fraction == 1.0
+
+
+def test_a_stage_stopped_by_sigterm_exits_143_not_0(tmp_path, capsys):
+    """Lightning turns SIGTERM into a SystemExit without a code (exit 0): `cli.py train && cli.py evaluate` then
+    evaluated the previous model. The stage's command exits 143 instead; other exits pass through."""
+    import typer
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from diffusion.cli import run_stage
+    from diffusion.stage_configs import TrainConfig
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  max_steps: 5\n")
+
+    def terminated(cfg):
+        assert cfg.max_steps == 5
+        raise SIGTERMException
+
+    with pytest.raises(typer.Exit) as stop:
+        run_stage(TrainConfig, params, [], terminated)
+    assert stop.value.exit_code == 143
+    assert "train: stopped by SIGTERM before it finished, nothing exported" in capsys.readouterr().err
+
+    def exits(cfg):
+        raise SystemExit(3)
+
+    with pytest.raises(SystemExit) as other:
+        run_stage(TrainConfig, params, [], exits)
+    assert other.value.code == 3

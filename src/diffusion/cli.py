@@ -120,6 +120,25 @@ def run_stage(
         _fail(str(e), 2)
     except input_errors as e:
         _fail(str(e), 1)
+    except SystemExit as e:
+        if _stopped_by_sigterm(e):
+            # Lightning answers SIGTERM (kill, docker stop, a scheduler's preemption) by raising its SIGTERMException
+            # at the next batch, a SystemExit without a code: the process exited 0 having exported nothing, and
+            # `cli.py train && cli.py evaluate` went on to evaluate the previous model. 143 = 128 + 15, the status
+            # of a process SIGTERM killed.
+            _fail(f"{cls.section}: stopped by SIGTERM before it finished, nothing exported; run it again to resume "
+                  "from its last checkpoint", 143)
+        raise
+
+
+def _stopped_by_sigterm(e: SystemExit) -> bool:
+    """`e` is Lightning's SIGTERMException (only looked for once Lightning is imported: no stage imports it for
+    nothing)."""
+    if "pytorch_lightning" not in sys.modules:
+        return False
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    return isinstance(e, SIGTERMException)
 
 
 def _epilog_when_asked(command: str, config: Callable[[], type[Config]]) -> str | None:

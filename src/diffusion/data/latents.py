@@ -217,6 +217,23 @@ def _as_stat(value: float | Sequence[float], name: str) -> torch.Tensor:
     return t.reshape(-1, 1, 1) if t.ndim == 1 else t  # (C, 1, 1) or ()
 
 
+def _exp_one_thread(x: torch.Tensor) -> torch.Tensor:
+    """``torch.exp(x)`` on the calling thread only. The first multi-threaded float32 exp of a process is not
+    reproducible on this project's CPUs (torch 2.13): in about one process in five, the second OpenMP thread's half
+    of it came out up to 1.5e-4 off (0.0192336 for 0.0192322), while every later call, and any call on one thread,
+    is exact to the last bit the same way each time. The train stage's validation set is that first call (its draw
+    comes before training), so a rerun's `val/loss` moved in the 7th digit; the training loader's worker processes
+    run one thread anyway. A one-thread exp over a batch of latents costs microseconds."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return torch.exp(x)
+    torch.set_num_threads(1)
+    try:
+        return torch.exp(x)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scale: float | Sequence[float] | torch.Tensor,
                    shift: float | Sequence[float] | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A draw of ``z ~ q(z|x)`` from the cached posterior, in the diffusion space: ``(mean + std * eps - shift) *
@@ -229,7 +246,7 @@ def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scale: float | Sequ
     if not isinstance(shift, torch.Tensor):
         shift = _as_stat(shift, "latent_shift")
     eps = torch.randn(mean.shape, generator=generator)  # (B, C, h, w)
-    z = mean + torch.exp(0.5 * logvar) * eps
+    z = mean + _exp_one_thread(0.5 * logvar) * eps
     if scale.ndim and scale.shape[0] != z.shape[1]:
         raise ValueError(f"latent_scale has {scale.shape[0]} channels, the latents {z.shape[1]}")
     return (z - shift) * scale
