@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from diffusion.atomic import atomic_write_json, atomic_write_text, check_replaceable, staged_dir
+from diffusion.atomic import atomic_write_json, check_replaceable, staged_dir
 from diffusion.config import ConfigError
 from diffusion.data.locations import read_manifest, require_split
 from diffusion.run_keys import DEFAULT_EXCLUDE
@@ -319,6 +319,8 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     else:
         # A declared DVC output: DVC fails a stage that does not write one, and a previous run's curve must not stay
         # beside this run's model. Without validation it holds the header only.
+        from diffusion.atomic import atomic_write_text
+
         atomic_write_text(cfg.val_curve_path, "step,loss,seen_loss\n")
     mlflow.log_dict(model.config, "model/config.json")
     if grid.tokens is not None:
@@ -338,7 +340,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     import pytorch_lightning as pl
 
     from diffusion.tracking import tracking_uri
-    from diffusion.training.checkpointing import rank_report, resumable_stage_run
+    from diffusion.training.checkpointing import print_rank_report, resumable_stage_run
     from diffusion.training.exact_resume import ExactResume
     from diffusion.training.trainer import check_hardware
 
@@ -357,7 +359,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
         trainer, system, grid = _fit(cfg, run, urls, val_set)
         # Every rank says how far it got and a digest of its weights: under DDP both must be equal on
         # every rank, on one machine or several (checkpointing.rank_report).
-        print(rank_report(STAGE, trainer, system), flush=True)
+        print_rank_report(STAGE, trainer, system)
         if not trainer.is_global_zero:
             return None
         clock = next(cb for cb in trainer.callbacks if isinstance(cb, ExactResume))

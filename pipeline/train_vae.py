@@ -172,7 +172,7 @@ def main(cfg: TrainVAEConfig) -> dict[str, Any] | None:
     import pytorch_lightning as pl
 
     from diffusion.tracking import tracking_uri
-    from diffusion.training.checkpointing import rank_report, resumable_stage_run
+    from diffusion.training.checkpointing import print_rank_report, resumable_stage_run
     from diffusion.training.step_means import step_means
     from diffusion.training.trainer import check_hardware
 
@@ -202,7 +202,7 @@ def main(cfg: TrainVAEConfig) -> dict[str, Any] | None:
             logged |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         else:
             logged |= {k: float(v) for k, v in trainer.validate(system, val_batches, verbose=False)[0].items()}
-        print(rank_report(STAGE, trainer, system), flush=True)  # as the train stage: equal on every rank
+        print_rank_report(STAGE, trainer, system)  # as the train stage: equal on every rank
         if not trainer.is_global_zero:
             return None
         metrics = _export(cfg, run, trainer, system, train_urls, logged)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -91,6 +92,15 @@ def rank_report(stage: str, trainer: pl.Trainer, module: torch.nn.Module) -> str
         line += f"; weights {weights_digest(module)}"
     return line
 
+
+
+def print_rank_report(stage: str, trainer: pl.Trainer, module: torch.nn.Module) -> None:
+    """Print :func:`rank_report`'s line in one write. The ranks print theirs at the same moment into one pipe, and
+    with unbuffered output (``PYTHONUNBUFFERED``) ``print`` writes the text and its newline separately, so one rank's
+    line could land between another's text and newline; one write of a short line to a pipe is atomic (POSIX,
+    under PIPE_BUF bytes)."""
+    sys.stdout.write(rank_report(stage, trainer, module) + "\n")
+    sys.stdout.flush()
 
 # --------------------------------------------------------------------------------------------------
 # The run folder and the MLflow run beside the checkpoint
