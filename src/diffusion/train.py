@@ -86,9 +86,8 @@ def train_diffusion_model(
 
     When it returns, the model holds the EMA weights (our `EMA`, a Lightning `EMAWeightAveraging`, copies them
     in at the end of training; with `ema_warmup`, update n uses min(ema_decay, (1 + n) / (10 + n)), as
-    diffusers' EMAModel). `lr_schedule` is what follows the warm-up, as the train stage's (``cosine``,
-    ``linear`` or ``constant``; training/optim.py). Extra keyword arguments go to `pl.Trainer` (e.g. ``devices``, ``logger``).
-    """
+    diffusers' EMAModel). `lr_schedule`: after the warm-up, ``cosine``, ``linear`` or ``constant`` (training/optim.py).
+    Extra keyword arguments go to `pl.Trainer` (e.g. ``devices``, ``logger``)."""
     pl.seed_everything(seed, workers=True, verbose=False)
     length = train_dataset[0][1].shape[0]
     collate = CaptionDropoutCollate(model.null_tokens(1, length)[0].cpu(), caption_dropout, seed)
