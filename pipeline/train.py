@@ -120,8 +120,8 @@ def _val_set(cfg: TrainConfig, urls: list[str], val_urls: list[str]) -> Any:
         raise TrainError(_no_val(cfg)) from e
     if len(found) < cfg.batch_size:
         warnings.warn(f"train.val_batches: {cfg.latents_dir}/val holds {len(found)} latents, less than one batch of "
-                      f"{cfg.batch_size}: the validation loss is measured on all of them, a noisier estimate (hold more "
-                      "images out with shard.val_fraction for a steadier one)", UserWarning, stacklevel=2)
+                      f"{cfg.batch_size}: the validation loss is measured on all of them, a noisier estimate (hold "
+                      "more images out with shard.val_fraction for a steadier one)", UserWarning, stacklevel=2)
     return found
 
 
@@ -302,7 +302,8 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
         "final_loss": final_loss if final_loss is not None else float("nan"),
         # The last validation's (the one after the last step), as in MLflow's val/loss, val/seen_loss, val/loss_t...
         **({f"val_{k}": v for k, v in val.last.items()} if val is not None else {}),
-        **({"val_samples": len(val.val_set)} if val is not None else {}),  # held out (as many seen): val_batches' size or less
+        # Held-out latents measured (as many seen ones): val_batches * batch_size, or the whole smaller split.
+        **({"val_samples": len(val.val_set)} if val is not None else {}),
         "train_seconds": round(seconds, 1),  # over every execution of this run (ExactResume.train_seconds)
         "parameters_denoiser": sum(p.numel() for p in model.denoiser.parameters()),
         "parameters_text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),

@@ -4,7 +4,7 @@ The training loss (``training/step_means.py``) is measured on the batches being 
 timestep: it cannot show overfitting, and its scatter hides small differences between runs. Every
 `val_every_n_steps` optimizer steps, and after the last, :class:`ValLoss` reports
 
-    val/loss            the mean over n held-out samples of  w(t_i) || f_ema(z_i noised to t_i, t_i, c_i) - target_i ||^2
+    val/loss            the mean over n held-out samples of w(t_i) || f_ema(z_i noised to t_i, t_i, c_i) - target_i ||^2
     val/seen_loss       the same over n train samples, with the same t_i and eps_i: val/loss - val/seen_loss is
                         the generalisation gap at equal conditions (as evaluate's adherence_seen and
                         adherence_heldout compare attribute combinations trained on and held out)
