@@ -94,8 +94,10 @@ def _expected_counts(cfg: EncodeLatentsConfig) -> dict[str, int | None]:
         return dict.fromkeys(SPLITS)
 
 
-def _counted(records: Iterable[LatentRecord], bar: tqdm) -> Iterator[LatentRecord]:
-    for record in records:
+def _encoded(cfg: EncodeLatentsConfig, vae: torch.nn.Module, urls: list[str], bar: tqdm) -> Iterator[LatentRecord]:
+    """The latent records of the image shards `urls`, in order, counted on `bar`. The images decode on one thread
+    per usable core when they are large enough for that to pay (``iter_shards``' `workers`)."""
+    for record in encode_records(vae, iter_shards(urls, workers=usable_cores()), cfg.batch_size):
         bar.update(1)
         yield record
 
@@ -110,9 +112,9 @@ def _groups(
     if cfg.samples_per_shard is None:
         # Batches stay within a shard; the last batch of each shard may be smaller, deterministically.
         for name, url in shards:
-            yield name, _counted(encode_records(vae, iter_shards([url], workers=usable_cores()), cfg.batch_size), bar)
+            yield name, _encoded(cfg, vae, [url], bar)
     else:
-        records = _counted(encode_records(vae, iter_shards([url for _, url in shards], workers=usable_cores()), cfg.batch_size), bar)
+        records = _encoded(cfg, vae, [url for _, url in shards], bar)
         yield from rechunk(records, cfg.samples_per_shard)
 
 
@@ -152,8 +154,7 @@ def _encode_resumably(
             reused += count
         else:
             shutil.rmtree(work, ignore_errors=True)
-            written = write_latent_shards([(name, _counted(encode_records(vae, iter_shards([url], workers=usable_cores()), cfg.batch_size),
-                                                            bar))], work)
+            written = write_latent_shards([(name, _encoded(cfg, vae, [url], bar))], work)
             if not written:  # an empty image shard: no latent shard (as without resuming)
                 continue
             os.replace(written[0], done)

@@ -300,10 +300,10 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     metrics = {
         "steps": trainer.global_step,
         "final_loss": final_loss if final_loss is not None else float("nan"),
-        # The last validation's (the one after the last step), as in MLflow's val/loss, val/seen_loss, val/loss_t...
-        **({f"val_{k}": v for k, v in val.last.items()} if val is not None else {}),
-        # Held-out latents measured (as many seen ones): val_batches * batch_size, or the whole smaller split.
-        **({"val_samples": len(val.val_set)} if val is not None else {}),
+        # The last validation's (the one after the last step), as in MLflow's val/loss, val/seen_loss, val/loss_t...,
+        # and the held-out latents it measured (as many seen ones): val_batches * batch_size, or a smaller split whole.
+        **({**{f"val_{k}": v for k, v in val.last.items()}, "val_samples": len(val.val_set)}
+           if val is not None else {}),
         "train_seconds": round(seconds, 1),  # over every execution of this run (ExactResume.train_seconds)
         "parameters_denoiser": sum(p.numel() for p in model.denoiser.parameters()),
         "parameters_text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),

@@ -26,7 +26,6 @@ from test_sample import FAST, PROMPTS, SIDE
 from diffusion.evaluation.pyfunc import (
     PARAMS,
     model_args,
-    prompts_from_input,
     read_request,
     signature,
 )
@@ -89,22 +88,23 @@ def test_prompt_only_inputs_read_as_before():
     from mlflow.types.schema import ColSpec, Schema
 
     assert signature().inputs is None and "strength" in [p.name for p in signature().params.params]
-    assert prompts_from_input(["a", ""]) == ["a", ""] and prompts_from_input("a") == ["a"]
-    assert prompts_from_input(pd.DataFrame({0: ["a", "b"]})) == ["a", "b"]  # an unnamed column
-    assert prompts_from_input(pd.Series(["d"])) == ["d"] and prompts_from_input(np.array(["a", "b"])) == ["a", "b"]
-    assert prompts_from_input({"prompt": ["a red circle", "a blue square"]}) == ["a red circle", "a blue square"]
-    assert prompts_from_input(["a", None]) == ["a", ""]  # None: the unconditional model
+    assert read_request(["a", ""]).prompts == ["a", ""] and read_request("a").prompts == ["a"]
+    assert read_request(pd.DataFrame({0: ["a", "b"]})).prompts == ["a", "b"]  # an unnamed column
+    assert read_request(pd.Series(["d"])).prompts == ["d"] and read_request(np.array(["a", "b"])).prompts == ["a", "b"]
+    assert read_request({"prompt": ["a red circle", "a blue square"]}).prompts == ["a red circle", "a blue square"]
+    assert read_request(["a", None]).prompts == ["a", ""]  # None: the unconditional model
     with pytest.warns(UserWarning, match=r"input columns \['x'\] are ignored"):
-        assert prompts_from_input(pd.DataFrame({"x": [1], "prompt": ["c"]})) == ["c"]
+        assert read_request(pd.DataFrame({"x": [1], "prompt": ["c"]})).prompts == ["c"]
     for body in ({"inputs": ["a", "b"]}, {"instances": ["a", "b"]}, {"dataframe_split": {"data": [["a"], ["b"]]}},
                  {"dataframe_records": [{"prompt": "a"}, {"prompt": "b"}]}, {"inputs": {"prompt": ["a", "b"]}},
                  {"inputs": [{"prompt": "a"}, {"prompt": "b"}]}):
-        assert prompts_from_input(infer_and_parse_data(body)) == ["a", "b"], body
-    assert prompts_from_input(infer_and_parse_data({"dataframe_split": {"columns": ["prompt"], "data": [[None]]}})) == [""]
+        assert read_request(infer_and_parse_data(body)).prompts == ["a", "b"], body
+    none = infer_and_parse_data({"dataframe_split": {"columns": ["prompt"], "data": [[None]]}})
+    assert read_request(none).prompts == [""]
     old = Schema([ColSpec("string")])  # a dict arrives as one row holding the list, a None as NaN
     for model_input in (["a", "b"], pd.Series(["a", "b"]), {"prompt": ["a", "b"]}):
-        assert prompts_from_input(_enforce_schema(model_input, old)) == ["a", "b"]
-    assert prompts_from_input(_enforce_schema(["a", None], old)) == ["a", ""]
+        assert read_request(_enforce_schema(model_input, old)).prompts == ["a", "b"]
+    assert read_request(_enforce_schema(["a", None], old)).prompts == ["a", ""]
 
 
 def test_images_read_in_every_form_as_the_same_pixels():

@@ -634,7 +634,7 @@ def test_each_ddp_rank_draws_its_own_timesteps_and_noise(monkeypatch):
 
 def test_min_snr_weights_and_lr_schedule():
     from diffusion.training.diffusion_system import min_snr_weight
-    from diffusion.training.optim import warmup_cosine
+    from diffusion.training.optim import lr_factor
 
     snr = torch.tensor([0.5, 5.0, 50.0])
     assert torch.allclose(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
@@ -649,11 +649,11 @@ def test_min_snr_weights_and_lr_schedule():
     # With eps-prediction, capping SNR + 1 would weigh min(SNR + 1, 5) / SNR: 2e4 at t = 999 of linear betas.
     with pytest.raises(ValueError, match="snr_plus_one.*v_prediction"):
         min_snr_weight(snr, 5.0, "epsilon", on="snr_plus_one")
-    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
-    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
-    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor("cosine", 0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor("cosine", 9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor("cosine", 10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor("cosine", 55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor("cosine", 100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
 def test_ranks_that_disagree_on_resuming_stop_before_training():

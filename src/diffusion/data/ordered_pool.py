@@ -33,7 +33,6 @@ MIN_SECONDS = 5e-4
 BATCH = 8
 
 
-
 def usable_cores() -> int:
     """CPU cores this process may run on: a batch scheduler's allowance (the affinity mask), not the machine's
     count, which on a shared node can be many times more."""
@@ -41,6 +40,7 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
 
 class OrderedPool:
     """``put`` items one by one and get back ``(item, fn(item))`` pairs, in the order put, as they are ready;

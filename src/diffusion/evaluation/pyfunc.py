@@ -159,11 +159,6 @@ def read_request(model_input: Any) -> Request:
     return Request(prompts, decoded["image"], decoded["mask"])
 
 
-def prompts_from_input(model_input: Any) -> list[str]:
-    """The prompts of a predict input (:func:`read_request`), images and masks aside."""
-    return read_request(model_input).prompts
-
-
 def _columns(model_input: Any) -> dict[str, list[Any]]:
     """A predict input -> ``{"prompt": [...], "image": [...], "mask": [...]}`` (image and mask where given), the
     values as sent. A list of dicts is records (the scoring server's ``inputs`` in records form)."""

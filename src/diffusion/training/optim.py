@@ -111,12 +111,6 @@ def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Calla
     return lambda step: lr_factor(schedule, step, warmup, total, min_ratio)
 
 
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps (``lr_factor``'s
-    ``cosine``)."""
-    return lr_factor("cosine", step, warmup, total, min_ratio)
-
-
 def _decay(schedule: str) -> Callable[[float, float], float]:
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule: expected one of {', '.join(map(repr, LR_SCHEDULES))}, got {schedule!r}")
