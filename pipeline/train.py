@@ -38,11 +38,11 @@ from diffusion.stage_configs import TrainConfig
 MODEL_ENTRIES = ("config.json", "model.pt", "tokenizer.json", "train_config.json")
 
 STAGE = "train"
-#: Fields that do not change the trained weights (paths: the data itself is fingerprinted; the sample
-#: grids and the validation only look at the model: tests/test_val_loss.py checks the weights are the same to the bit
-#: with and without validation). Not `compile`: Inductor's kernels round differently from eager ones, so a run
+#: Fields that do not change the trained weights (paths: the data, the VAE, the tokenizer and the init_from weights
+#: are fingerprinted by content; the sample grids and the validation only look at the model: tests/test_val_loss.py
+#: checks the weights are the same to the bit with and without validation). Not `compile`: Inductor's kernels round differently from eager ones, so a run
 #: resumed with the other setting would end with weights neither gives.
-EXCLUDE = (*DEFAULT_EXCLUDE, "latents_dir", "tokenizer_path", "vae_dir", "out_dir", "metrics_path",
+EXCLUDE = (*DEFAULT_EXCLUDE, "latents_dir", "tokenizer_path", "vae_dir", "init_from", "out_dir", "metrics_path",
            "loss_curve_path", "val_curve_path", "val_batches", "sample_every_n_steps", "sample_prompts",
            "sample_sampler", "sample_steps", "sample_guidance")
 
@@ -182,6 +182,10 @@ def build_model(cfg: TrainConfig) -> Any:
         vae=vae.cfg, denoiser=cfg.denoiser_config(), latent_scale=scale, latent_shift=shift,
     )
     model.vae.load_state_dict(vae.state_dict())
+    if cfg.init_from is not None:  # fine-tuning: the text encoder and denoiser start from a trained model's
+        from diffusion.training.init_from import load_init_weights
+
+        load_init_weights(model, cfg.init_from)
     return model
 
 
@@ -205,8 +209,9 @@ def _fingerprints(cfg: TrainConfig, urls: list[str]) -> dict[str, str]:
     # trainer: precision ("auto"), clipping, accumulation; nonfinite: when a run stops.
     code = [Path(models.__file__).parent, *(m.__file__ for m in (latents, loader, reading, tokenizer, scheduler, system,
                                                                   optim, callbacks, resume, trainer, nonfinite)), __file__]
-    return {"data": files_fingerprint(urls), "inputs": contents_fingerprint([cfg.vae_dir, cfg.tokenizer_path]),
-            "code": source_fingerprint(*code)}
+    # The weights fine-tuning starts from by content too (a folder trained further keeps its path).
+    inputs = [cfg.vae_dir, cfg.tokenizer_path, *([cfg.init_from] if cfg.init_from is not None else [])]
+    return {"data": files_fingerprint(urls), "inputs": contents_fingerprint(inputs), "code": source_fingerprint(*code)}
 
 
 def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenizer: Any, side: int,
@@ -348,6 +353,12 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
     urls, val_urls, latent_shape = validate(cfg)
     cfg = resolve_derived(cfg, latent_shape)
+    if cfg.init_from is not None:  # fine-tuning: the model's tokenizer, VAE and architecture, or stop here
+        from diffusion.data.tokenizer import load_tokenizer
+        from diffusion.training.init_from import check_init, warn_unknown_characters
+
+        check_init(cfg)
+        warn_unknown_characters(urls, load_tokenizer(cfg.tokenizer_path), cfg.init_from)
     val_set = _val_set(cfg, urls, val_urls)  # every rank, before the run opens (no val latents stop it here)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -357,6 +368,8 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
             print(f"train: {cfg.denoising_type}, {cfg.max_steps} steps, batch {cfg.batch_size} per process"
                   f"{f' x {cfg.accumulate_grad_batches} accumulated' if cfg.accumulate_grad_batches > 1 else ''}, "
                   f"checkpoints in {run.point.dir}")
+            if cfg.init_from is not None and not run.point.resuming:
+                print(f"train: fine-tuning, from the text encoder and {cfg.denoising_type} of {cfg.init_from}")
         trainer, system, grid = _fit(cfg, run, urls, val_set)
         # Every rank says how far it got and a digest of its weights: under DDP both must be equal on
         # every rank, on one machine or several (checkpointing.rank_report).

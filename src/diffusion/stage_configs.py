@@ -225,6 +225,10 @@ class TrainConfig(TrainerFields):
     val_curve_path: str = param(
         "plots/val_loss.csv", "the validation curve for `dvc plots show`: step, loss, seen_loss and the loss in each "
         "quarter of the timesteps (training/val_loss.py)")
+    init_from: str | None = param(
+        None, "fine-tune: a model folder the train stage wrote (e.g. an earlier run's models/diffusion) whose text "
+        "encoder and denoiser weights this run starts from (fresh optimizer, schedule and EMA); its tokenizer, VAE and "
+        "architecture must be this run's, checked before any work (training/init_from.py). null: random weights")
     denoising_type: str = param("unet", "the denoiser: a key of diffusion.models.DENOISERS ('unet', 'dit', ...)")
     text_encoder: TextEncoderConfig = _nested("TextEncoderConfig", "the text encoder's shape")  # noqa: F821
     unet: UNetConfig = _nested("UNetConfig", "the U-Net's shape (denoising_type: unet)")  # noqa: F821

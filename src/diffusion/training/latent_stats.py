@@ -169,10 +169,16 @@ def encoder_digest(vae_dir: str | Path) -> str:
     compares it with its own VAE's, so latents from another VAE stop the stage instead of training a denoiser that
     decodes through the wrong one. Not the decoder (a VAE whose decoder alone was fine-tuned, as Stable Diffusion's
     ft-MSE VAE was, encodes the same latents), nor the scale and shift (applied when latents are read, pitfall 4)."""
+    state = torch.load(Path(vae_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    return state_encoder_digest(state, read_vae_config(vae_dir)["vae"].get("logvar_clamp"))
+
+
+def state_encoder_digest(state: Mapping[str, torch.Tensor], logvar_clamp: Any) -> str:
+    """:func:`encoder_digest` of a VAE state dict and its config's ``logvar_clamp`` (e.g. the ``vae.*`` entries of a
+    trained text-to-image model, prefix removed: ``training.init_from`` compares the two)."""
     import hashlib
 
-    state = torch.load(Path(vae_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    h = hashlib.sha256(json.dumps(read_vae_config(vae_dir)["vae"].get("logvar_clamp")).encode())
+    h = hashlib.sha256(json.dumps(logvar_clamp).encode())
     for name in sorted(k for k in state if k.startswith(("encoder.", "quant_conv."))):
         tensor = state[name]
         h.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
