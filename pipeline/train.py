@@ -1,8 +1,9 @@
 """Stage `train`: latent shards -> the text encoder and the U-Net or DiT, with EMA, resumable.
 
 Reads the `train` section of params.yaml (`diffusion.stage_configs.TrainConfig`), the tokenizer (from `shard`),
-the VAE and its latent scale/shift (from `train_vae`) and the latent shards (from `encode_latents`), and
-writes
+the VAE and its latent scale/shift (from `train_vae`) and the latent shards (from `encode_latents`), and, to
+fine-tune, a trained model whose text encoder and denoiser it starts from (`train.init_from`: training/init_from.py),
+and writes
 
     <out_dir>/config.json, model.pt, tokenizer.json   the EMA weights, the config that built them, the
                                                       tokenizer: all that sampling needs (load with

@@ -105,6 +105,8 @@ def _rescale(folder: Path) -> None:
 
 @pytest.mark.parametrize("change, overrides, message", [
     ("missing", [], r"train.init_from: .*nowhere holds no config.json or model.pt or tokenizer.json"),
+    (None, ["train.out_dir=models/pretrained"], r"train.init_from: .*pretrained is train.out_dir, which this run "
+                                                r"replaces .*cp -r "),
     ("vae_folder", [], r"train.init_from: .*config.json is not a text-to-image model's"),
     ("tokenizer", [], r"train.tokenizer_path: .*tokenizer.json is not the tokenizer of the model in train.init_from "
                       r"\(its vocabulary differs .*set train.tokenizer_path to .*pretrained/tokenizer.json"),

@@ -117,6 +117,10 @@ def check_init(cfg: Any) -> None:
     from diffusion.data.tokenizer import load_tokenizer
 
     folder = Path(cfg.init_from)
+    if folder.resolve() == Path(cfg.out_dir).resolve():
+        raise ConfigError(f"train.init_from: {folder} is train.out_dir, which this run replaces (and `dvc repro` "
+                          f"removes before the stage runs); copy the model first (cp -r {folder} "
+                          f"{folder.parent / 'pretrained'}) and start from the copy")
     config = read_init(cfg.init_from)
     if problem := _tokenizer_difference(load_tokenizer(cfg.tokenizer_path), load_tokenizer(folder / "tokenizer.json")):
         raise ConfigError(f"train.tokenizer_path: {cfg.tokenizer_path} is not the tokenizer of the model in "
