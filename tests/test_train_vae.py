@@ -574,6 +574,39 @@ def test_under_slurm_lightning_does_not_requeue_or_save_its_own_checkpoints(monk
     trainer = build_trainer(TrainVAEConfig(accelerator="cpu", max_steps=2), callbacks=[], logger=False)
     environment = trainer._accelerator_connector.cluster_environment
     assert type(environment).__name__ == "SLURMEnvironment" and environment.auto_requeue is False
+    # torchrun inside a SLURM job (`srun torchrun ...`): torchrun's environment, as Lightning itself chooses; the
+    # SLURM one gave both workers of the node the task's rank and failed on --ntasks-per-node=1 against devices=2.
+    for name, value in {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "GROUP_RANK": "0", "LOCAL_RANK": "0",
+                        "LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    trainer = build_trainer(TrainVAEConfig(accelerator="cpu", max_steps=2), callbacks=[], logger=False)
+    assert type(trainer._accelerator_connector.cluster_environment).__name__ == "TorchElasticEnvironment"
+
+
+def test_under_srun_the_tasks_must_be_the_trainers_processes(monkeypatch):
+    """srun's layout is checked before the run opens, as torchrun's is: Lightning's ValueError came from the Trainer,
+    after the MLflow run and the checkpoint folder existed."""
+    from types import SimpleNamespace
+
+    from diffusion.training.trainer import check_hardware
+
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "diffusion-train", "SLURM_NTASKS_PER_NODE": "2",
+                        "SLURM_NNODES": "2"}.items():
+        monkeypatch.setenv(name, value)
+
+    def check(**fields):
+        check_hardware(SimpleNamespace(**{"accelerator": "cpu", "devices": 2, "strategy": "ddp", "num_nodes": 2,
+                                          **fields}), "s")
+
+    check(), check(devices="auto")
+    with pytest.raises(ConfigError, match=r"s\.devices: 1, but SLURM runs --ntasks-per-node=2"):
+        check(devices=1)
+    with pytest.raises(ConfigError, match=r"s\.num_nodes=2"):
+        check(num_nodes=1)
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # not srun's tasks (Lightning's rule): not checked
+    check(devices=1)
 
 
 def test_vae_loss_adds_the_weighted_kl():

@@ -85,6 +85,13 @@ def _check_launcher(cfg: Any, section: str) -> None:
             raise ConfigError(f"{section}.num_nodes: {cfg.num_nodes}, but torchrun started {world} processes in all, "
                               f"{local} per node (--nnodes {world // max(local, 1)}): set "
                               f"{section}.num_nodes={world // max(local, 1)}")
+    elif _under_srun():  # Lightning's SLURMEnvironment checks the same, but only once the run has opened
+        for var, key, flag in (("SLURM_NTASKS_PER_NODE", "devices", "--ntasks-per-node"),
+                               ("SLURM_NNODES", "num_nodes", "--nodes")):
+            slurm, value = env.get(var, ""), getattr(cfg, key)
+            if slurm.isdigit() and isinstance(value, int) and value not in (-1, int(slurm)):
+                raise ConfigError(f"{section}.{key}: {value}, but SLURM runs {flag}={slurm} (one task per process): "
+                                  f"set {section}.{key}={slurm}")
     launched = any(k in env for k in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "MASTER_ADDR", "WORLD_SIZE"))
     if cfg.num_nodes > 1 and not launched:
         raise ConfigError(f"{section}.num_nodes: {cfg.num_nodes} machines, but nothing here starts or joins them: run "
@@ -142,8 +149,19 @@ def _attach_logger(trainer: pl.Trainer, logger: Any) -> None:
         logger.experiment.set_tag(logger.run_id, "trainer_precision", trainer.precision)
 
 
+def _under_srun() -> bool:
+    """Whether srun started this process as one of the run's tasks, as Lightning decides it (SLURM_NTASKS set, a job
+    name other than 'bash' or 'interactive'), and no torchrun inside it: torchrun's environment comes first in
+    Lightning's own choice (``srun torchrun ...``: one task per node, torchrun starts its processes)."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
+
+
 def _slurm_without_requeue() -> dict[str, Any]:
-    """Under SLURM, Lightning's cluster environment with its own requeue turned off (else nothing).
+    """Under SLURM (:func:`_under_srun`), Lightning's cluster environment with its own requeue turned off (else
+    nothing). Passed as a plugin, it replaces Lightning's choice, so not under torchrun: there it gave every torchrun
+    worker of a node the node's one SLURM task's rank.
 
     Lightning's default there saves hpc_ckpt_N.ckpt on SIGUSR1 at whatever step it arrives and requeues the job
     itself; that file, preferred on restart when there is no last.ckpt, breaks exact resume (its step is off the
@@ -151,7 +169,7 @@ def _slurm_without_requeue() -> dict[str, Any]:
     """
     from pytorch_lightning.plugins.environments import SLURMEnvironment
 
-    return {"plugins": [SLURMEnvironment(auto_requeue=False)]} if SLURMEnvironment.detect() else {}
+    return {"plugins": [SLURMEnvironment(auto_requeue=False)]} if _under_srun() else {}
 
 
 def build_trainer(
