@@ -267,7 +267,7 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str], val_set: Any) -> tuple[Any
     # No Lightning validation loop: the validation loss is a callback at the optimizer step (val_loss.ValLoss).
     trainer = build_trainer(cfg, callbacks=callbacks, logger=run.logger, default_root_dir=run.point.dir,
                             loss_curve=cfg.loss_curve_path, limit_val_batches=0)
-    if run.point.resuming:
+    if run.point.resuming and run.run_id is not None:  # once, not once per DDP rank
         print(f"train: resuming from {run.point.ckpt_path}")
     trainer.fit(system, loader, ckpt_path=run.point.ckpt_path)
     grid = next(cb for cb in callbacks if isinstance(cb, SampleGrid))
@@ -374,7 +374,11 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
         trainer, system, grid = _fit(cfg, run, urls, val_set)
         # Every rank says how far it got and a digest of its weights: under DDP both must be equal on
         # every rank, on one machine or several (checkpointing.rank_report).
-        print_rank_report(STAGE, trainer, system)
+        # Of the EMA weights, the ones exported: the live module holds them only after Lightning's end-of-training
+        # copy, which a rerun of a finished run (no step to train) skips.
+        from diffusion.training.callbacks import ema_model
+
+        print_rank_report(STAGE, trainer, ema_model(trainer, system))
         if not trainer.is_global_zero:
             return None
         clock = next(cb for cb in trainer.callbacks if isinstance(cb, ExactResume))

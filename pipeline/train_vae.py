@@ -135,7 +135,7 @@ def _fit(cfg: TrainVAEConfig, run: Any, train_urls: list[str], val_batches: Any)
         cfg, callbacks=callbacks, logger=run.logger, manual_optimization=cfg.discriminator.enabled,
         default_root_dir=run.point.dir,
     )
-    if run.point.resuming:
+    if run.point.resuming and run.run_id is not None:  # once, not once per DDP rank
         print(f"train_vae: resuming from {run.point.ckpt_path}")
     trainer.fit(system, loader, val_batches, ckpt_path=run.point.ckpt_path)
     return trainer, system

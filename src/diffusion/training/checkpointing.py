@@ -93,7 +93,6 @@ def rank_report(stage: str, trainer: pl.Trainer, module: torch.nn.Module) -> str
     return line
 
 
-
 def print_rank_report(stage: str, trainer: pl.Trainer, module: torch.nn.Module) -> None:
     """Print :func:`rank_report`'s line in one write. The ranks print theirs at the same moment into one pipe, and
     with unbuffered output (``PYTHONUNBUFFERED``) ``print`` writes the text and its newline separately, so one rank's
@@ -101,6 +100,7 @@ def print_rank_report(stage: str, trainer: pl.Trainer, module: torch.nn.Module) 
     under PIPE_BUF bytes)."""
     sys.stdout.write(rank_report(stage, trainer, module) + "\n")
     sys.stdout.flush()
+
 
 # --------------------------------------------------------------------------------------------------
 # The run folder and the MLflow run beside the checkpoint
