@@ -65,10 +65,15 @@ def test_a_folder_served_over_http_or_read_by_a_pipe_gives_the_same_shards(folde
         batches = list(make_loader(http, tok, batch_size=4, epoch_steps=3, shuffle_buffer=0, num_workers=1))
         assert len(batches) == 3 and all(b["image"].shape == (4, 3, 8, 8) for b in batches)
         assert {k for b in batches for k in b["key"]} <= set(expected)
-        # No manifest at the URL: the error says what could not be read.
-        with pytest.raises(FileNotFoundError, match="manifest"):
+        # No manifest at the URL: the error says what could not be read, and why in words (not curl's arguments).
+        with pytest.raises(FileNotFoundError, match=r"/missing/manifest.json: cannot read the manifest that lists the "
+                                                    r"shards \(curl exited 22: the server answered with an HTTP error"):
             list_split(f"{base}/missing", "train")
         assert read_manifest(f"{base}/missing") is None
+    with pytest.raises(FileNotFoundError, match=r"\(curl exited 7: nothing answers at that host and port\)$"):
+        list_split(f"{base}/shards", "train")  # the server has stopped
+    with pytest.raises(FileNotFoundError, match=r"\(the command exited 1\)$"):
+        list_split("pipe:false {}", "train")
 
 
 def test_urls_webdataset_cannot_open_are_refused_with_what_to_write_instead(folder):

@@ -31,6 +31,7 @@ directly: lists and brace patterns (``pipe:aws s3 cp s3://bucket/shard-{000000..
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,27 @@ def _fetch_manifest(location: str, *, required: bool) -> dict[str, Any] | None:
     except (OSError, ValueError) as error:
         if not required:
             return None
-        raise FileNotFoundError(f"{url}: cannot read the manifest that lists the shards ({error})") from error
+        raise FileNotFoundError(f"{url}: cannot read the manifest that lists the shards ({fetch_failure(error)})") \
+            from error
+
+
+#: curl's exit statuses that mean something to a user (curl(1), "EXIT CODES").
+CURL_EXITS = {6: "the host name does not resolve", 7: "nothing answers at that host and port",
+              22: "the server answered with an HTTP error, e.g. 404: nothing there", 28: "the connection timed out",
+              35: "the TLS handshake failed", 56: "the connection broke while reading"}
+
+
+def fetch_failure(error: Exception) -> str:
+    """`error` from webdataset's ``gopen`` in words. A command that fails (curl for http(s), a ``pipe:``) is reported
+    as its arguments and ``exit N``; curl's statuses are named (:data:`CURL_EXITS`)."""
+    text = str(error)
+    found = re.search(r"exit (\d+)", text)
+    if found is None:
+        return text
+    status = int(found.group(1))
+    if "'curl'" not in text:
+        return f"the command exited {status}"
+    return f"curl exited {status}" + (f": {CURL_EXITS[status]}" if status in CURL_EXITS else "")
 
 
 def list_split(location: str, split: str) -> list[str]:
