@@ -219,3 +219,60 @@ def test_a_stage_stopped_by_sigterm_exits_143_not_0(tmp_path, capsys):
     with pytest.raises(SystemExit) as other:
         run_stage(TrainConfig, params, [], exits)
     assert other.value.code == 3
+
+
+def test_a_rank_that_fails_after_sigterm_arrived_exits_143(tmp_path, capsys):
+    """A preemption signals every rank at once; one may fail in a collective whose peer has left (gloo's "Connection
+    closed by peer") before Lightning stops it. SIGTERM arrived while training (NoteSigterm, wrapped around Lightning's
+    handler): the stage exits 143 with the resume message, not 1 with the traceback. Without SIGTERM the error is
+    raised as it is."""
+    import os
+    import signal
+
+    import pytorch_lightning as pl
+    import torch
+    import typer
+
+    from diffusion.cli import run_stage
+    from diffusion.stage_configs import TrainConfig
+    from diffusion.training import trainer as training
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  max_steps: 5\n")
+
+    class Collective(pl.LightningModule):  # with `sigterm`, SIGTERM arrives in step 1; step 1's "all-reduce" fails
+        def __init__(self, sigterm: bool):
+            super().__init__()
+            self.w, self.sigterm = torch.nn.Parameter(torch.ones(1)), sigterm
+
+        def training_step(self, batch, i):
+            if i == 1 and self.sigterm:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return (self.w * batch).sum()
+
+        def on_train_batch_end(self, outputs, batch, i):
+            if i == 1:
+                raise RuntimeError("Connection closed by peer")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(sigterm: bool):
+        trainer = pl.Trainer(max_steps=5, callbacks=[training.NoteSigterm()], logger=False, enable_progress_bar=False,
+                             enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
+        trainer.fit(Collective(sigterm), torch.utils.data.DataLoader(torch.ones(8, 1), batch_size=2))
+
+    training.SIGTERM_RECEIVED.clear()
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        run_stage(TrainConfig, params, [], lambda cfg: fit(sigterm=False))
+    assert not training.SIGTERM_RECEIVED.is_set()
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(typer.Exit) as stop:
+            run_stage(TrainConfig, params, [], lambda cfg: fit(sigterm=True))
+    finally:
+        training.SIGTERM_RECEIVED.clear()
+    assert stop.value.exit_code == 143
+    err = capsys.readouterr().err
+    assert "train: stopped by SIGTERM before it finished (RuntimeError: Connection closed by peer" in err
+    assert signal.getsignal(signal.SIGTERM) == before  # Lightning put its predecessor back, and ours went with it

@@ -129,6 +129,12 @@ def run_stage(
             _fail(f"{cls.section}: stopped by SIGTERM before it finished, nothing exported; run it again to resume "
                   "from its last checkpoint", 143)
         raise
+    except Exception as e:
+        if not _sigterm_received():
+            raise
+        # Every rank signalled at once (a preemption): this one failed in a collective another had left.
+        _fail(f"{cls.section}: stopped by SIGTERM before it finished ({type(e).__name__}: {str(e)[:200]}, as the "
+              "processes of the run stopped), nothing exported; run it again to resume from its last checkpoint", 143)
 
 
 def _stopped_by_sigterm(e: SystemExit) -> bool:
@@ -139,6 +145,13 @@ def _stopped_by_sigterm(e: SystemExit) -> bool:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     return isinstance(e, SIGTERMException)
+
+
+def _sigterm_received() -> bool:
+    """SIGTERM arrived while a Trainer trained (``training.trainer.NoteSigterm``; nothing trained if the module is not
+    imported)."""
+    trainer = sys.modules.get("diffusion.training.trainer")
+    return trainer is not None and trainer.SIGTERM_RECEIVED.is_set()
 
 
 def _epilog_when_asked(command: str, config: Callable[[], type[Config]]) -> str | None:

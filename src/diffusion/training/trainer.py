@@ -9,6 +9,8 @@ MLflow run are :mod:`diffusion.training.checkpointing`.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -153,7 +155,7 @@ def _under_srun() -> bool:
     """Whether srun started this process as one of the run's tasks, as Lightning decides it (SLURM_NTASKS set, a job
     name other than 'bash' or 'interactive'), and no torchrun inside it: torchrun's environment comes first in
     Lightning's own choice (``srun torchrun ...``: one task per node, torchrun starts its processes)."""
-    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+    from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     return SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
 
@@ -170,6 +172,33 @@ def _slurm_without_requeue() -> dict[str, Any]:
     from pytorch_lightning.plugins.environments import SLURMEnvironment
 
     return {"plugins": [SLURMEnvironment(auto_requeue=False)]} if _under_srun() else {}
+
+
+#: Set once this process receives SIGTERM while a Trainer trains (:class:`NoteSigterm`); read by ``cli.run_stage``.
+SIGTERM_RECEIVED = threading.Event()
+
+
+class NoteSigterm(Callback):
+    """Record that SIGTERM arrived, before Lightning's own handler runs.
+
+    Lightning answers SIGTERM by broadcasting it from rank 0 inside the signal handler, then stopping every rank at a
+    batch's end with its SIGTERMException, which ``cli.run_stage`` turns into exit 143 and "run it again to resume".
+    When a scheduler's preemption (SLURM, Kubernetes) signals every rank at once, a rank may instead fail in a
+    collective whose peer has already left (gloo: "Connection closed by peer"), and would exit 1 with that traceback.
+    This flag lets ``run_stage`` say what happened there too. Wrapped around Lightning's handler once it is installed
+    (after ``on_fit_start``); Lightning puts the handler it found back when training ends, which drops this wrapper.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous) or threading.current_thread() is not threading.main_thread():
+            return  # no Python handler to wrap (Lightning installs one in the main thread only)
+
+        def note(signum: int, frame: Any) -> None:
+            SIGTERM_RECEIVED.set()
+            previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, note)
 
 
 def build_trainer(
@@ -217,7 +246,7 @@ def build_trainer(
         val_check_interval=cfg.val_every_n_steps,
         check_val_every_n_epoch=None,
         callbacks=[StepMeans(cfg.log_every_n_steps, loss_curve), *callbacks,
-                   LossBar(refresh_rate=cfg.log_every_n_steps)],
+                   LossBar(refresh_rate=cfg.log_every_n_steps), NoteSigterm()],
         logger=logger,
         enable_progress_bar=True,
         enable_model_summary=False,
