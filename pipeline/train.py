@@ -300,6 +300,10 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     curve.write()
     final_loss = curve.recent_loss(10)  # the mean over the last 10 windows' steps
     val = _val_loss(trainer)
+    if val is not None and val.points and val.last_samples not in (None, len(val.val_set)):
+        # A finished run rerun with another val_batches: its last figures are another set's (val_samples would not
+        # count the latents they measured); measured again on this one below.
+        val.points.pop()
     if val is not None and (not val.points or val.points[-1][0] != trainer.global_step):
         # A finished run rerun with validation newly asked for resumes its last checkpoint and trains no step.
         val.validate(trainer, system)

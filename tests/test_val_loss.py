@@ -161,7 +161,7 @@ def test_validation_changes_no_weight_and_reports_every_figure(project, capsys, 
     assert [int(r["step"]) for r in five] == [5, 10, 12] and five[-1] == rows[-1]
 
 
-def _check_against_the_exported_model(project, metrics):
+def _check_against_the_exported_model(project, metrics, model_dir="models/diffusion"):
     """The final val_loss is the exported model's loss on the stage's set: the EMA weights were measured."""
     from diffusion.models import LatentDiffusionModel
     from diffusion.params import load_section
@@ -171,7 +171,7 @@ def _check_against_the_exported_model(project, metrics):
     from diffusion.training.val_loss import evaluate
 
     cfg = load_section(TrainConfig, project / "params.yaml")
-    model = LatentDiffusionModel.from_pretrained(project / "models/diffusion")
+    model = LatentDiffusionModel.from_pretrained(project / model_dir)
     system = DiffusionSystem(model, DDPMScheduler.from_config(cfg.scheduler),
                              OptimSettings(min_snr_gamma=cfg.min_snr_gamma, min_snr_on=cfg.min_snr_on))
     assert evaluate(system, model, _prepare(project))["loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
@@ -207,6 +207,24 @@ def test_a_resumed_run_reports_the_figures_of_an_uninterrupted_one(project, monk
     assert {k: v for k, v in resumed.items() if k.startswith("val_")} == \
         {k: v for k, v in whole.items() if k.startswith("val_")}
     assert len(_curve(project / "plots/val_loss.csv")) == 3
+
+
+def test_a_finished_run_rerun_with_other_val_batches_measures_the_new_set(project, one_thread):
+    """val_batches is not part of the run key: rerun with another, a finished run resumes its last checkpoint and
+    trains no step. Its final figures are measured again, on the new set, so that val_samples counts the latents
+    val_loss measured (it reported the old set's val_loss beside the new set's size)."""
+    args = (*QUICK, "train.checkpoint_dir=ck/rerun", "train.out_dir=models/rerun",
+            "train.metrics_path=metrics/rerun.json", "train.val_curve_path=plots/rerun.csv")
+    train_in_process(project, *args, "train.val_batches=1")
+    one = json.loads((project / "metrics/rerun.json").read_text())
+    train_in_process(project, *args, "train.val_batches=4")
+    four = json.loads((project / "metrics/rerun.json").read_text())
+    assert (one["val_samples"], four["val_samples"]) == (8, 32) and four["steps"] == one["steps"]
+    assert four["val_loss"] != one["val_loss"]
+    _check_against_the_exported_model(project, four, "models/rerun")
+    rows = _curve(project / "plots/rerun.csv")
+    assert float(rows[-1]["loss"]) == pytest.approx(four["val_loss"], abs=1e-6)
+    assert [int(r["step"]) for r in rows].count(four["steps"]) == 1
 
 
 @pytest.mark.parametrize("change", ["no_val_split", "empty_unlisted"])

@@ -209,6 +209,9 @@ class ValLoss(Callback):
     def __init__(self, val_set: ValSet, every_n_steps: int) -> None:
         self.val_set, self.every = val_set, every_n_steps
         self.points: list[tuple[int, dict[str, float]]] = []
+        # How many held-out latents the last point measured (None: unknown, a checkpoint from before this was kept).
+        # A finished run resumed with another val_batches trains no step: its last point is another set's.
+        self.last_samples: int | None = None
         self._step_before = 0
 
     @property
@@ -237,6 +240,7 @@ class ValLoss(Callback):
         figures = evaluate(pl_module, ema_model(trainer, pl_module), self.val_set,
                            trainer.precision_plugin.forward_context)
         self.points.append((trainer.global_step, figures))
+        self.last_samples = len(self.val_set)
         # To the loggers here, as StepMeans does: before this step's checkpoint (see the module docstring).
         for logger in trainer.loggers:  # Lightning's loggers write on global rank 0 only
             logger.log_metrics({f"val/{k}": v for k, v in figures.items()}, step=trainer.global_step)
@@ -259,7 +263,8 @@ class ValLoss(Callback):
         return atomic_write_text(path, self.curve_csv())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"points": [(step, dict(figures)) for step, figures in self.points]}
+        return {"points": [(step, dict(figures)) for step, figures in self.points], "samples": self.last_samples}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.points = [(int(step), dict(figures)) for step, figures in state_dict.get("points", [])]
+        self.last_samples = state_dict.get("samples")
