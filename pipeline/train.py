@@ -171,6 +171,18 @@ def resolve_derived(cfg: TrainConfig, latent_shape: list[int] | None) -> TrainCo
     return cfg.replace(text_encoder=text.to_dict(), **{cfg.denoising_type: denoiser.to_dict()})
 
 
+def run_params(cfg: TrainConfig) -> dict[str, Any]:
+    """The parameters MLflow logs and the run key hashes: the section without the denoiser section it does not build
+    (`unet` for a DiT, `dit` for a U-Net). That one's derived fields are left at their defaults (resolve_derived fills
+    in the built one's), so MLflow's Compare of a DiT run with a U-Net run showed differences in channels and widths
+    that neither run had; and it does not change the weights."""
+    params = cfg.to_dict()
+    for section in ("unet", "dit"):
+        if section != cfg.denoising_type:
+            params.pop(section)
+    return params
+
+
 def build_model(cfg: TrainConfig) -> Any:
     """The LatentDiffusionModel: the trained VAE (frozen) with a fresh text encoder and denoiser, sized by `cfg`
     as :func:`resolve_derived` left it (vocabulary and length from the tokenizer, channels from the VAE)."""
@@ -367,7 +379,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     val_set = _val_set(cfg, urls, val_urls)  # every rank, before the run opens (no val latents stop it here)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    with resumable_stage_run(STAGE, cfg.to_dict(), cfg.checkpoint_dir, exclude=EXCLUDE,
+    with resumable_stage_run(STAGE, run_params(cfg), cfg.checkpoint_dir, exclude=EXCLUDE,
                              extra=_fingerprints(cfg, urls)) as run:
         if run.run_id is not None:  # once, not once per DDP rank
             print(f"train: {cfg.denoising_type}, {cfg.max_steps} steps, batch {cfg.batch_size} per process"

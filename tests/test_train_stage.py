@@ -101,6 +101,7 @@ def test_train_stage_writes_model_metrics_curve_and_one_mlflow_run(project, cli_
     run = found[0]
     assert run.data.tags["stage"] == "train" and "git_commit" in run.data.tags and "dvc_exp_name" in run.data.tags
     assert run.data.params["denoising_type"] == "dit" and run.data.params["dit.hidden_size"] == "32"
+    assert not [k for k in run.data.params if k.startswith("unet.")]  # the denoiser it does not build
     # The fields that follow from the inputs are logged as built (they logged the section's unused defaults).
     exported = json.loads((model_dir / "config.json").read_text())
     for key in ("in_channels", "context_dim", "input_size"):
@@ -140,6 +141,11 @@ def test_unet_trains_through_the_same_stage(project, cli_env):
              "-S", "train.sample_every_n_steps=0"], project, cli_env)
     config = json.loads((project / "models/diffusion/config.json").read_text())
     assert config["denoising_type"] == "unet" and config["denoiser"]["base_channels"] == 16
+    # MLflow has the U-Net's section as built, and not the DiT's, whose derived fields nothing resolved.
+    params = runs("train")[1][0].data.params
+    assert params["unet.in_channels"] == str(config["denoiser"]["in_channels"])
+    assert params["unet.context_dim"] == str(config["denoiser"]["context_dim"])
+    assert not [k for k in params if k.startswith("dit.")]
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
