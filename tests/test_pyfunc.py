@@ -280,6 +280,7 @@ def test_pyfunc_registers_and_round_trips_in_a_fresh_process(model_dir, pipe, tm
     from mlflow import MlflowClient
 
     from diffusion.evaluation.pyfunc import log_and_register
+    from diffusion.tracking import stage_tags
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     # A named experiment with its artifacts beside the test's store: the default experiment's artifact root
@@ -292,6 +293,8 @@ def test_pyfunc_registers_and_round_trips_in_a_fresh_process(model_dir, pipe, tm
     assert uri == "models:/tiny-t2i@champion"
     version = MlflowClient().get_model_version_by_alias("tiny-t2i", "champion")
     assert str(version.version) == "1" and version.run_id == run.info.run_id
+    # The version says which commit (and DVC experiment, in one) it comes from, as its run's tags do.
+    assert version.tags["git_commit"] == stage_tags("evaluate")["git_commit"] and "git_dirty" in version.tags
 
     params = {**FAST, "num_images_per_prompt": 1, "negative_prompt": "a green triangle", "guidance_rescale": 0.5}
     image = b64(gradient_image())

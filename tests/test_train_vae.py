@@ -184,6 +184,11 @@ def test_same_params_rerun_resumes_changed_params_start_fresh(tmp_path, data_roo
     assert (tmp_path / "models/vae/model.pt").read_bytes() == weights
     _, runs = _runs()
     assert len(runs) == 2 and "7" in {r.data.params["log_every_n_steps"] for r in runs}
+    # The new run says which run and checkpoint it continues (the warning goes to stderr only).
+    new, old = sorted(runs, key=lambda r: r.data.params["log_every_n_steps"] == "7", reverse=True)
+    assert new.data.tags["resumed_from_run"] == old.info.run_id
+    assert Path(new.data.tags["resumed_from_checkpoint"]).resolve() == ckpt.resolve()
+    assert "resumed_from_run" not in old.data.tags
     second = main(tiny_cfg(tmp_path, max_steps=3, checkpoint_every_n_steps=2, lr=1e-4))
     assert second["steps"] == 3
     folders = sorted((tmp_path / "checkpoints/train_vae").iterdir())

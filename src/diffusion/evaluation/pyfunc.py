@@ -339,8 +339,21 @@ def log_and_register(model_dir: str | Path, name: str, alias: str, *, run_id: st
                 ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
         with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register_model", nested=active is not None):
             info = _log(spec.model_dir, name, spec.image_size)
-    MlflowClient().set_registered_model_alias(name, alias, str(info.registered_model_version))
+    client, version = MlflowClient(), str(info.registered_model_version)
+    client.set_registered_model_alias(name, alias, version)
+    # Where the version came from, on the version itself: the registry's page lists versions, not their runs' tags,
+    # and every DVC experiment's evaluate registers one.
+    for key, value in _version_tags().items():
+        client.set_model_version_tag(name, version, key, value)
     return f"models:/{name}@{alias}"
+
+
+def _version_tags() -> dict[str, str]:
+    """The commit and DVC experiment a new model version comes from (``tracking.stage_tags``), those that are set."""
+    from diffusion.tracking import stage_tags
+
+    tags = stage_tags("evaluate")
+    return {k: str(tags[k]) for k in ("git_commit", "git_dirty", "dvc_exp_name") if tags.get(k) not in (None, "")}
 
 
 def download_model_dir(uri: str) -> tuple[Path, int | None]:

@@ -236,6 +236,11 @@ def resumable_stage_run(
         warnings.warn(f"{stage}: resuming {point.ckpt_path} in a new MLflow run (run {point.run_id} is not in this "
                       "store and experiment, or was logged with other values of parameters the run key ignores)")
     with stage_run(stage, params, run_id=run_id) as active:
+        if point.resuming and run_id is None:  # said on the run too, not only on stderr
+            import mlflow
+
+            mlflow.set_tags({"resumed_from_checkpoint": str(point.ckpt_path),
+                             **({"resumed_from_run": point.run_id} if point.run_id else {})})
         record_run(point, active.info.run_id, params, extra)
         yield StageRun(point, active.info.run_id, mlflow_logger(active.info.run_id), active)
 
