@@ -84,10 +84,10 @@ def test_fine_tuning_starts_from_the_models_weights(project, capsys):
 
 def _retokenize(folder: Path) -> None:
     """Give the model folder a tokenizer of another vocabulary (one the shard stage trained on other captions)."""
-    from diffusion.data.tokenizer import load_tokenizer, max_length_of, save_tokenizer, train_tokenizer
+    from diffusion.data import tokenizer as tok
 
-    length = max_length_of(load_tokenizer(folder / "tokenizer.json"))
-    save_tokenizer(train_tokenizer(["a dog on a sofa", "two cats"], 64, length), folder / "tokenizer.json")
+    length = tok.max_length_of(tok.load_tokenizer(folder / "tokenizer.json"))
+    tok.save_tokenizer(tok.train_tokenizer(["a dog on a sofa", "two cats"], 64, length), folder / "tokenizer.json")
 
 
 def _perturb(folder: Path, prefix: str) -> None:
@@ -105,14 +105,14 @@ def _rescale(folder: Path) -> None:
 
 @pytest.mark.parametrize("change, overrides, message", [
     ("missing", [], r"train.init_from: .*nowhere holds no config.json or model.pt or tokenizer.json"),
-    (None, ["train.out_dir=models/pretrained"], r"train.init_from: .*pretrained is train.out_dir, which this run "
-                                                r"replaces .*cp -r "),
+    (None, ["train.out_dir=models/pretrained"], (r"train.init_from: .*pretrained is train.out_dir, which this run "
+                                                 r"replaces .*cp -r ")),
     ("vae_folder", [], r"train.init_from: .*config.json is not a text-to-image model's"),
-    ("tokenizer", [], r"train.tokenizer_path: .*tokenizer.json is not the tokenizer of the model in train.init_from "
-                      r"\(its vocabulary differs .*set train.tokenizer_path to .*pretrained/tokenizer.json"),
+    ("tokenizer", [], (r"train.tokenizer_path: .*tokenizer.json is not the tokenizer of the model in train.init_from "
+                       r"\(its vocabulary differs .*set train.tokenizer_path to .*pretrained/tokenizer.json")),
     (None, ["train.dit.depth=1"], r"set 1 key\(s\) to the model's: train.dit.depth: 1 here, 2 in the model"),
-    (None, ["train.text_encoder.width=48"], r"set 2 key\(s\) to the model's: train.text_encoder.width: 48 here, "
-                                            r"32 in the model; train.dit.context_dim: 48 here, 32 in the model"),
+    (None, ["train.text_encoder.width=48"], (r"set 2 key\(s\) to the model's: train.text_encoder.width: 48 here, "
+                                             r"32 in the model; train.dit.context_dim: 48 here, 32 in the model")),
     (None, ["train.denoising_type=unet"], r"train.denoising_type: 'unet' here, but the model .* is a 'dit'"),
     ("encoder", [], r"train.vae_dir: .*models/vae is not the VAE .* \(its encoder's weights differ"),
     ("scale", [], r"train.vae_dir: .* \(its latent_scale is .*, the model's .*\): its latents are another space"),

@@ -96,16 +96,16 @@ def _architecture_differences(cfg: Any, config: dict[str, Any]) -> list[str]:
 def _vae_difference(cfg: Any, config: dict[str, Any]) -> str | None:
     """What differs between the run's VAE (train.vae_dir) and the one the model in train.init_from was trained
     with, in what its latents depend on: the encoder, the log-variance clamp, the scale and the shift. Or None."""
-    from diffusion.training.latent_stats import WEIGHTS_FILE, encoder_digest, read_vae_config, state_encoder_digest
+    from diffusion.training import latent_stats
 
-    vae = read_vae_config(cfg.vae_dir)
+    vae = latent_stats.read_vae_config(cfg.vae_dir)
     for name in ("latent_scale", "latent_shift"):
         if float(vae[name]) != float(config.get(name, float("nan"))):
             return f"its {name} is {vae[name]}, the model's {config.get(name)}"
-    state = torch.load(Path(cfg.init_from) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(Path(cfg.init_from) / latent_stats.WEIGHTS_FILE, map_location="cpu", weights_only=True)
     init_vae = {k.removeprefix("vae."): v for k, v in state.items() if k.startswith("vae.")}
     clamp = (config.get("vae") or {}).get("logvar_clamp")
-    if state_encoder_digest(init_vae, clamp) != encoder_digest(cfg.vae_dir):
+    if latent_stats.state_encoder_digest(init_vae, clamp) != latent_stats.encoder_digest(cfg.vae_dir):
         return "its encoder's weights differ from the model's"
     return None
 
@@ -156,18 +156,18 @@ def warn_unknown_characters(urls: list[str], tokenizer: Any, init_from: str) -> 
     """Warn when the captions of the first train shard (up to CAPTIONS_CHECKED) hold characters the tokenizer of
     the model in `init_from` never saw: they become [UNK], which the text encoder cannot tell apart. Returns the
     share of [UNK] among their tokens (special tokens and padding left out)."""
+    from diffusion.data import tokenizer as tok
     from diffusion.data.latents import iter_latents
-    from diffusion.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, encode, unknown_characters, unknown_words
 
     captions = [s["caption"] for s in itertools.islice(iter_latents(urls[:1]), CAPTIONS_CHECKED)]
     if not captions:
         return 0.0
-    tokens = encode(tokenizer, captions)
-    text = tokens[(tokens != PAD_ID) & (tokens != BOS_ID) & (tokens != EOS_ID)]
-    share = float((text == UNK_ID).float().mean()) if text.numel() else 0.0
+    tokens = tok.encode(tokenizer, captions)
+    text = tokens[(tokens != tok.PAD_ID) & (tokens != tok.BOS_ID) & (tokens != tok.EOS_ID)]
+    share = float((text == tok.UNK_ID).float().mean()) if text.numel() else 0.0
     if share > 0:
-        words = dict.fromkeys(w for c in captions for w in unknown_words(tokenizer, c))
-        chars = dict.fromkeys(ch for w in words for ch in unknown_characters(tokenizer, w))
+        words = dict.fromkeys(w for c in captions for w in tok.unknown_words(tokenizer, c))
+        chars = dict.fromkeys(ch for w in words for ch in tok.unknown_characters(tokenizer, w))
         warnings.warn(f"train.init_from: {share:.1%} of the caption tokens (first {len(captions)} captions) are "
                       f"[UNK] to the tokenizer of {init_from}, which never saw the characters "
                       f"{''.join(list(chars)[:20])!r} (in e.g. {', '.join(list(words)[:5])}); the text encoder "

@@ -155,9 +155,9 @@ def _under_srun() -> bool:
     """Whether srun started this process as one of the run's tasks, as Lightning decides it (SLURM_NTASKS set, a job
     name other than 'bash' or 'interactive'), and no torchrun inside it: torchrun's environment comes first in
     Lightning's own choice (``srun torchrun ...``: one task per node, torchrun starts its processes)."""
-    from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+    from pytorch_lightning.plugins import environments
 
-    return SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
+    return environments.SLURMEnvironment.detect() and not environments.TorchElasticEnvironment.detect()
 
 
 def _slurm_without_requeue() -> dict[str, Any]:
