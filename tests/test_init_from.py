@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_stage import runs, train_in_process, upstream, write_params  # noqa: F401 (upstream: a fixture)
+from test_train_stage import copy_project, runs, train_in_process, upstream  # noqa: F401 (upstream: a fixture)
 
 QUICK = ("train.sample_every_n_steps=0", "train.val_batches=0")
 
@@ -20,10 +20,7 @@ QUICK = ("train.sample_every_n_steps=0", "train.val_batches=0")
 @pytest.fixture(scope="module")
 def trained(upstream, tmp_path_factory) -> Path:  # noqa: F811
     """A project folder whose models/pretrained is a model the train stage wrote (2 steps)."""
-    root = tmp_path_factory.mktemp("trained")
-    for name in ("data", "models"):
-        shutil.copytree(upstream / name, root / name)
-    write_params(root)
+    root = copy_project(upstream, tmp_path_factory.mktemp("trained"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'pretrain.db'}")
         train_in_process(root, "train.max_steps=2", *QUICK)
@@ -34,10 +31,7 @@ def trained(upstream, tmp_path_factory) -> Path:  # noqa: F811
 
 @pytest.fixture
 def project(trained, tmp_path) -> Path:
-    for name in ("data", "models"):
-        shutil.copytree(trained / name, tmp_path / name)
-    write_params(tmp_path)
-    return tmp_path
+    return copy_project(trained, tmp_path)
 
 
 def _state(folder: Path, part: str) -> dict[str, torch.Tensor]:

@@ -67,12 +67,17 @@ def upstream(tmp_path_factory) -> Path:
     return root
 
 
+def copy_project(source: Path, folder: Path) -> Path:
+    """`source`'s data and models copied into `folder`, with the tiny params.yaml."""
+    for name in ("data", "models"):
+        shutil.copytree(source / name, folder / name)
+    write_params(folder)
+    return folder
+
+
 @pytest.fixture
 def project(upstream, tmp_path) -> Path:
-    for name in ("data", "models"):
-        shutil.copytree(upstream / name, tmp_path / name)
-    write_params(tmp_path)
-    return tmp_path
+    return copy_project(upstream, tmp_path)
 
 
 def runs(stage: str):
