@@ -74,15 +74,21 @@ class ExactResume(Callback):
         self._seeded_at: int | None = None  # the step whose segment seed is in effect (not saved: see below)
         self._seconds_before = 0.0  # training time of the executions before this one (from the checkpoint)
         self._started: float | None = None
+        self._max_steps: int | None = None
+        self._final: float | None = None  # the time saved with the checkpoint of the last step
 
     @property
     def train_seconds(self) -> float:
         """Wall-clock training time up to now, over every execution of this run (each one's time up to the
-        checkpoint it left: the steps a killed execution took after that were lost with it, and redone)."""
+        checkpoint it left: the steps a killed execution took after that were lost with it, and redone). Once the
+        last step's checkpoint is saved, the time saved with it: a rerun of the finished run (which resumes that
+        checkpoint and trains no step) then reports the same figure, not one short by the checkpoint's write."""
+        if self._final is not None:
+            return self._final
         return self._seconds_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._started = time.perf_counter()
+        self._started, self._max_steps = time.perf_counter(), trainer.max_steps
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -130,8 +136,11 @@ class ExactResume(Callback):
         raise RanksDisagreeError(f"rank {trainer.global_rank} {problem}")
 
     def state_dict(self) -> dict[str, Any]:
+        seconds = self.train_seconds
+        if self._max_steps is not None and 0 < self._max_steps <= self.global_step:
+            self._final = seconds
         return {"global_step": self.global_step, "steps_per_segment": self.steps_per_segment,
-                "train_seconds": self.train_seconds}
+                "train_seconds": seconds}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Restored before Lightning creates the training iterator, so the first pass read is this segment's.
