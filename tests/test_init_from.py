@@ -60,8 +60,9 @@ def test_fine_tuning_starts_from_the_models_weights(project, capsys):
     fresh = build_model(cfg.replace(init_from=None))
     assert not all(torch.equal(a, b) for a, b in zip(fresh.denoiser.parameters(), model.denoiser.parameters()))
 
+    # The model folder is also the VAE folder (it holds the VAE the latents were encoded with).
     train_in_process(project, "train.max_steps=1", "train.lr=1e-12", "train.warmup_steps=0", *QUICK,
-                     f"train.init_from={pretrained}")
+                     f"train.init_from={pretrained}", f"train.vae_dir={pretrained}")
     assert f"fine-tuning, from the text encoder and dit of {pretrained}" in capsys.readouterr().out
     out = project / "models/diffusion"
     for part in ("text_encoder", "denoiser"):
@@ -151,3 +152,16 @@ def test_characters_the_models_tokenizer_never_saw_are_warned(project):
                                          r"tokenizer of m, which never saw the characters '.*q.*'"):
         share = warn_unknown_characters(urls, narrow, "m")
     assert 0 < share < 1
+
+
+def test_a_model_folder_serves_as_its_vaes_folder(project):
+    """Every reader of a vae_dir takes a text-to-image model's folder as the VAE it holds (config.json's vae and
+    latent scale and shift, model.pt's vae.* entries): the same VAE, scale, shift and encoder digest as its folder."""
+    from diffusion.training.latent_stats import encoder_digest, load_vae, read_vae_config, vae_problem
+
+    vae_dir, model_dir = project / "models/vae", project / "models/pretrained"
+    (vae, scale, shift), (same, model_scale, model_shift) = load_vae(vae_dir), load_vae(model_dir)
+    assert (scale, shift) == (model_scale, model_shift) and read_vae_config(model_dir)["vae"] == vae.cfg.to_dict()
+    ours, theirs = vae.state_dict(), same.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(v, theirs[k]) for k, v in ours.items())
+    assert encoder_digest(model_dir) == encoder_digest(vae_dir) and vae_problem(model_dir) is None

@@ -108,7 +108,8 @@ class EncodeLatentsConfig(Config):
     section: ClassVar[str] = "encode_latents"
 
     shards_dir: str = param("data/shards", "the image shards to encode: <shards_dir>/{train,val}/*.tar" + URL_HELP)
-    vae_dir: str = param("models/vae", "the trained VAE (weights, config, latent scale/shift)")
+    vae_dir: str = param("models/vae", "the trained VAE (weights, config, latent scale/shift), or a model folder from "
+                         "train (its VAE: to fine-tune that model on these images, train.init_from)")
     out_dir: str = param("data/latents", "where {train,val}/*.tar and manifest.json are written")
     batch_size: int = param(64, "images per VAE forward pass", ge=1)
     samples_per_shard: int | None = param(

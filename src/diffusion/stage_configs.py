@@ -218,7 +218,8 @@ class TrainConfig(TrainerFields):
 
     latents_dir: str = param("data/latents", "latent shards from encode_latents: <latents_dir>/{train,val}/*.tar" + URL_HELP)
     tokenizer_path: str = param("data/tokenizer.json", "the shard stage's tokenizer")
-    vae_dir: str = param("models/vae", "the VAE from train_vae (decodes samples; its latent scale and shift)")
+    vae_dir: str = param("models/vae", "the VAE from train_vae (decodes samples; its latent scale and shift), or a "
+                         "model folder from train (its VAE: fine-tuning it, train.init_from)")
     out_dir: str = param("models/diffusion", "where the EMA weights, the config and the tokenizer are exported")
     metrics_path: str = param("metrics/train.json", "final figures for `dvc metrics show`")
     loss_curve_path: str = param("plots/train_loss.csv", "the loss curve (step, loss) for `dvc plots show`")

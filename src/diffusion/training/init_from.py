@@ -5,7 +5,8 @@ the (EMA) weights of a model folder the train stage wrote, ``models/diffusion`` 
 on from there on this run's latents with a fresh optimizer, warm-up, learning-rate schedule and EMA (whose average
 starts at those weights). The typical use: a model trained long on a large dataset, fine-tuned on a small folder of
 one's own images in a few hundred steps. The VAE is not trained here in any case; the run's own (``train.vae_dir``)
-is used, and must be the one the weights were trained with.
+is used, and must be the one the weights were trained with: the model folder itself holds it, and every stage takes
+a model folder as its ``vae_dir`` (``latent_stats``).
 
 Those weights mean something only with the inputs they were trained with, so before any work (:func:`check_init`)
 the stage checks that this run has the same ones and names the key to change where it does not:
@@ -19,7 +20,7 @@ the stage checks that this run has the same ones and names the key to change whe
   denoiser learned one latent space, at one scale (Rombach et al. 2022, sec. 4.3.2): latents of
   another VAE are other numbers. The latents' manifest ties them to ``train.vae_dir`` already
   (``pipeline.train._check_latents_vae``), so the images must be encoded with that model's VAE
-  (``encode_latents.vae_dir``) too.
+  (``encode_latents.vae_dir``: the model folder) too.
 - the architecture: the text encoder and denoiser configs this run would build, field by field, except
   ``gradient_checkpointing``, which changes how the backward pass runs, not what the weights are.
 
@@ -96,16 +97,13 @@ def _architecture_differences(cfg: Any, config: dict[str, Any]) -> list[str]:
 def _vae_difference(cfg: Any, config: dict[str, Any]) -> str | None:
     """What differs between the run's VAE (train.vae_dir) and the one the model in train.init_from was trained
     with, in what its latents depend on: the encoder, the log-variance clamp, the scale and the shift. Or None."""
-    from diffusion.training import latent_stats
+    from diffusion.training.latent_stats import encoder_digest, read_vae_config
 
-    vae = latent_stats.read_vae_config(cfg.vae_dir)
+    vae = read_vae_config(cfg.vae_dir)
     for name in ("latent_scale", "latent_shift"):
         if float(vae[name]) != float(config.get(name, float("nan"))):
             return f"its {name} is {vae[name]}, the model's {config.get(name)}"
-    state = torch.load(Path(cfg.init_from) / latent_stats.WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    init_vae = {k.removeprefix("vae."): v for k, v in state.items() if k.startswith("vae.")}
-    clamp = (config.get("vae") or {}).get("logvar_clamp")
-    if latent_stats.state_encoder_digest(init_vae, clamp) != latent_stats.encoder_digest(cfg.vae_dir):
+    if encoder_digest(cfg.vae_dir) != encoder_digest(cfg.init_from):  # a model folder holds its VAE (latent_stats)
         return "its encoder's weights differ from the model's"
     return None
 
@@ -135,8 +133,8 @@ def check_init(cfg: Any) -> None:
     if problem := _vae_difference(cfg, config):
         raise ConfigError(f"train.vae_dir: {cfg.vae_dir} is not the VAE the model in train.init_from ({folder}) "
                           f"was trained with ({problem}): its latents are another space. Set train.vae_dir and "
-                          "encode_latents.vae_dir to that model's VAE (the models/vae of the run that trained it) "
-                          "and encode the images again (`python cli.py encode-latents`)")
+                          f"encode_latents.vae_dir to {folder} (a model folder holds its VAE) and encode the images "
+                          "again (`python cli.py encode-latents`)")
 
 
 def load_init_weights(model: torch.nn.Module, init_from: str) -> None:

@@ -15,6 +15,10 @@ The artifact, ``<dir>/``:
     model.pt      the AutoencoderKL state dict (float32), loaded with ``torch.load(weights_only=True)``
     config.json   {"vae": VAEConfig as a mapping, "latent_scale", "latent_shift", "latent_std",
                    "latent_mean", "measured_on": {...}, "format": 1}
+
+Every reader here also takes a text-to-image model's folder (the train stage's out_dir), which holds the VAE it was
+trained with: config.json's "vae", "latent_scale" and "latent_shift", and model.pt's ``vae.*`` entries. So a model
+copied from elsewhere brings its VAE along, for fine-tuning (``training/init_from.py``).
 """
 
 from __future__ import annotations
@@ -143,6 +147,11 @@ def read_vae_config(vae_dir: str | Path) -> dict[str, Any]:
             "(or `dvc repro train_vae`) first"
         )
     config = json.loads(path.read_text())
+    if isinstance(config, dict) and "denoising_type" in config and "vae" in config:
+        # A text-to-image model's folder (the train stage's out_dir) holds its VAE too: what fine-tuning reads
+        # (training/init_from.py). Its weights are model.pt's vae.* entries (_vae_state).
+        return {"format": ARTIFACT_FORMAT, "vae": config["vae"], "latent_scale": config["latent_scale"],
+                "latent_shift": config["latent_shift"]}
     if config.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{path}: unknown VAE artifact format {config.get('format')!r} (expected {ARTIFACT_FORMAT})")
     return config
@@ -169,21 +178,25 @@ def encoder_digest(vae_dir: str | Path) -> str:
     compares it with its own VAE's, so latents from another VAE stop the stage instead of training a denoiser that
     decodes through the wrong one. Not the decoder (a VAE whose decoder alone was fine-tuned, as Stable Diffusion's
     ft-MSE VAE was, encodes the same latents), nor the scale and shift (applied when latents are read, pitfall 4)."""
-    state = torch.load(Path(vae_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    return state_encoder_digest(state, read_vae_config(vae_dir)["vae"].get("logvar_clamp"))
-
-
-def state_encoder_digest(state: Mapping[str, torch.Tensor], logvar_clamp: Any) -> str:
-    """:func:`encoder_digest` of a VAE state dict and its config's ``logvar_clamp`` (e.g. the ``vae.*`` entries of a
-    trained text-to-image model, prefix removed: ``training.init_from`` compares the two)."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps(logvar_clamp).encode())
+    state = _vae_state(vae_dir, "cpu")
+    h = hashlib.sha256(json.dumps(read_vae_config(vae_dir)["vae"].get("logvar_clamp")).encode())
     for name in sorted(k for k in state if k.startswith(("encoder.", "quant_conv."))):
         tensor = state[name]
         h.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         h.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _vae_state(vae_dir: str | Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """The VAE's state dict from `vae_dir`'s model.pt: all of it in a VAE artifact, the ``vae.*`` entries (prefix
+    removed) in a text-to-image model's folder, whose VAE keys all start with ``vae.``."""
+    # weights_only: never unpickle arbitrary objects from a file a user hands in (pitfall 14).
+    state = torch.load(Path(vae_dir) / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    if any(k.startswith("encoder.") for k in state):
+        return state
+    return {k.removeprefix("vae."): v for k, v in state.items() if k.startswith("vae.")}
 
 
 def load_vae(vae_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[AutoencoderKL, float, float]:
@@ -195,9 +208,7 @@ def load_vae(vae_dir: str | Path, map_location: str | torch.device = "cpu") -> t
     """
     config = read_vae_config(vae_dir)
     vae = AutoencoderKL(VAEConfig.from_dict(config["vae"], "vae"))
-    # weights_only: never unpickle arbitrary objects from a file a user hands in (pitfall 14).
-    state = torch.load(Path(vae_dir) / WEIGHTS_FILE, map_location=map_location, weights_only=True)
-    vae.load_state_dict(state)
+    vae.load_state_dict(_vae_state(vae_dir, map_location))
     return vae.to(map_location).float().eval(), float(config["latent_scale"]), float(config["latent_shift"])
 
 
