@@ -545,7 +545,8 @@ def test_mlflow_server_serves_the_stage_runs_and_the_registered_model(pipeline_r
             expected = json.loads((project / "metrics" / metrics_file).read_text())[key]
             assert logged[key] == pytest.approx(expected, rel=1e-12), (stage, key)
         params = {p["key"]: p["value"] for p in by_stage["train"]["data"]["params"]}
-        assert params["unet.base_channels"] == "16" and params["max_steps"] == "2"
+        assert params["max_steps"] == "2" and params["denoising_type"] == "dit" and "dit.hidden_size" in params
+        assert not [k for k in params if k.startswith("unet.")]  # the section of the denoiser it does not build
 
         model = _rest(base, "registered-models/get", name="diffusion-shapes")["registered_model"]
         assert model["aliases"] == [{"alias": "candidate", "version": str(local.version)}]
