@@ -99,7 +99,8 @@ def _rescale(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("change, overrides, message", [
-    ("missing", [], r"train.init_from: .*nowhere holds no config.json or model.pt or tokenizer.json"),
+    ("missing", [], r"train.init_from: .*nowhere is not a folder; expected a model folder the train stage wrote"),
+    ("empty", [], r"train.init_from: .*empty holds no config.json or model.pt or tokenizer.json"),
     (None, ["train.out_dir=models/pretrained"], (r"train.init_from: .*pretrained is train.out_dir, which this run "
                                                  r"replaces .*cp -r ")),
     ("vae_folder", [], r"train.init_from: .*config.json is not a text-to-image model's"),
@@ -116,8 +117,9 @@ def test_a_model_trained_with_other_inputs_is_refused_before_the_run(project, ch
     from diffusion.config import ConfigError
 
     pretrained = project / "models/pretrained"
-    init = project / "nowhere" if change == "missing" else project / "models/vae" if change == "vae_folder" \
-        else pretrained
+    init = {"missing": project / "nowhere", "empty": project / "empty", "vae_folder": project / "models/vae"}.get(
+        change, pretrained)
+    (project / "empty").mkdir()
     if change == "vae_folder":
         shutil.copy(pretrained / "tokenizer.json", init)
     {"tokenizer": _retokenize, "encoder": lambda f: _perturb(f, "vae.encoder."), "scale": _rescale}.get(

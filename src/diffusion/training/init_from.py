@@ -53,6 +53,9 @@ def read_init(init_from: str) -> dict[str, Any]:
     """The config.json of the model folder `init_from`, after checking the folder holds a trained model (config.json
     with a denoising_type, model.pt and tokenizer.json). Raises ConfigError naming ``train.init_from``."""
     folder = Path(init_from)
+    if not folder.is_dir():
+        raise ConfigError(f"train.init_from: {folder} is not a folder; expected a model folder the train stage wrote "
+                          "(its out_dir, e.g. models/diffusion of the run to start from)")
     missing = [name for name in ("config.json", "model.pt", "tokenizer.json") if not (folder / name).is_file()]
     if missing:
         raise ConfigError(f"train.init_from: {folder} holds no {' or '.join(missing)}; expected a model folder the "
