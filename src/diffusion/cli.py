@@ -249,10 +249,12 @@ def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
 
     Reads <latents_dir>/train/*.tar (from `encode-latents`), the tokenizer (from `shard`) and the VAE
     (from `train-vae`); writes the EMA model, its config and the tokenizer to <out_dir>, the final figures
-    to <metrics_path> and the loss curve to <loss_curve_path>. Sample grids for fixed prompts go to
+    to <metrics_path>, the loss curve to <loss_curve_path> and the validation loss (held out and seen, every
+    val_every_n_steps) to <val_curve_path>. Sample grids for fixed prompts go to
     MLflow every sample_every_n_steps. Checkpoints go to <checkpoint_dir>/train-<key>/; rerun with the
     same parameters it resumes there (step, optimizer, EMA) in the same MLflow run. Choose the network
-    with -S train.denoising_type=dit (and -S train.dit_preset=DiT-S/2 for a preset).
+    with -S train.denoising_type=dit (and -S train.dit_preset=DiT-S/2 for a preset); fine-tune a trained
+    model with -S train.init_from=<its folder>.
     """
     from pipeline import train as stage
 
