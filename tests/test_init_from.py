@@ -159,11 +159,12 @@ def test_characters_the_models_tokenizer_never_saw_are_warned(project):
 def test_a_model_folder_serves_as_its_vaes_folder(project):
     """Every reader of a vae_dir takes a text-to-image model's folder as the VAE it holds (config.json's vae and
     latent scale and shift, model.pt's vae.* entries): the same VAE, scale, shift and encoder digest as its folder."""
-    from diffusion.training.latent_stats import encoder_digest, load_vae, read_vae_config, vae_problem
+    from diffusion.training import latent_stats as stats
 
     vae_dir, model_dir = project / "models/vae", project / "models/pretrained"
-    (vae, scale, shift), (same, model_scale, model_shift) = load_vae(vae_dir), load_vae(model_dir)
-    assert (scale, shift) == (model_scale, model_shift) and read_vae_config(model_dir)["vae"] == vae.cfg.to_dict()
+    (vae, scale, shift), (same, model_scale, model_shift) = stats.load_vae(vae_dir), stats.load_vae(model_dir)
+    assert (scale, shift) == (model_scale, model_shift)
+    assert stats.read_vae_config(model_dir)["vae"] == vae.cfg.to_dict()
     ours, theirs = vae.state_dict(), same.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(v, theirs[k]) for k, v in ours.items())
-    assert encoder_digest(model_dir) == encoder_digest(vae_dir) and vae_problem(model_dir) is None
+    assert stats.encoder_digest(model_dir) == stats.encoder_digest(vae_dir) and stats.vae_problem(model_dir) is None
