@@ -41,8 +41,8 @@ MODEL_ENTRIES = ("config.json", "model.pt", "tokenizer.json", "train_config.json
 STAGE = "train"
 #: Fields that do not change the trained weights (paths: the data, the VAE, the tokenizer and the init_from weights
 #: are fingerprinted by content; the sample grids and the validation only look at the model: tests/test_val_loss.py
-#: checks the weights are the same to the bit with and without validation). Not `compile`: Inductor's kernels round differently from eager ones, so a run
-#: resumed with the other setting would end with weights neither gives.
+#: checks the weights are the same to the bit with and without validation). Not `compile`: Inductor's kernels round
+#: differently from eager ones, so a run resumed with the other setting would end with weights neither gives.
 EXCLUDE = (*DEFAULT_EXCLUDE, "latents_dir", "tokenizer_path", "vae_dir", "init_from", "out_dir", "metrics_path",
            "loss_curve_path", "val_curve_path", "val_batches", "sample_every_n_steps", "sample_prompts",
            "sample_sampler", "sample_steps", "sample_guidance")
@@ -172,10 +172,8 @@ def resolve_derived(cfg: TrainConfig, latent_shape: list[int] | None) -> TrainCo
 
 
 def run_params(cfg: TrainConfig) -> dict[str, Any]:
-    """The parameters MLflow logs and the run key hashes: the section without the denoiser section it does not build
-    (`unet` for a DiT, `dit` for a U-Net). That one's derived fields are left at their defaults (resolve_derived fills
-    in the built one's), so MLflow's Compare of a DiT run with a U-Net run showed differences in channels and widths
-    that neither run had; and it does not change the weights."""
+    """What MLflow logs and the run key hashes: the section but the denoiser section it does not build, whose derived
+    fields nothing resolved (MLflow's Compare showed a DiT run's unet.in_channels 4 against a U-Net run's 8)."""
     params = cfg.to_dict()
     for section in ("unet", "dit"):
         if section != cfg.denoising_type:
@@ -305,13 +303,14 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     from diffusion.tracking import is_finite_number
     from diffusion.training.callbacks import ema_model
     from diffusion.training.step_means import step_means
+    from diffusion.training.val_loss import ValLoss
 
     model = system.restore_frozen_vae(ema_model(trainer, system))
     export(cfg, model, grid.image_size)
     curve = step_means(trainer)
     curve.write()
     final_loss = curve.recent_loss(10)  # the mean over the last 10 windows' steps
-    val = _val_loss(trainer)
+    val = next((cb for cb in trainer.callbacks if isinstance(cb, ValLoss)), None)  # None: train.val_batches 0
     if val is not None and val.points and val.last_samples not in (None, len(val.val_set)):
         # A finished run rerun with another val_batches: its last figures are another set's (val_samples would not
         # count the latents they measured); measured again on this one below.
@@ -351,13 +350,6 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     return metrics
 
 
-def _val_loss(trainer: Any) -> Any:
-    """The Trainer's `ValLoss` callback, or None (train.val_batches 0)."""
-    from diffusion.training.val_loss import ValLoss
-
-    return next((cb for cb in trainer.callbacks if isinstance(cb, ValLoss)), None)
-
-
 def main(cfg: TrainConfig) -> dict[str, Any] | None:
     """The DVC stage. Returns the metrics (None on DDP ranks other than 0, which only train)."""
     import pytorch_lightning as pl
@@ -371,11 +363,9 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     urls, val_urls, latent_shape = validate(cfg)
     cfg = resolve_derived(cfg, latent_shape)
     if cfg.init_from is not None:  # fine-tuning: the model's tokenizer, VAE and architecture, or stop here
-        from diffusion.data.tokenizer import load_tokenizer
-        from diffusion.training.init_from import check_init, warn_unknown_characters
+        from diffusion.training.init_from import check_init
 
-        check_init(cfg)
-        warn_unknown_characters(urls, load_tokenizer(cfg.tokenizer_path), cfg.init_from)
+        check_init(cfg, urls)
     val_set = _val_set(cfg, urls, val_urls)  # every rank, before the run opens (no val latents stop it here)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -111,10 +111,11 @@ def _vae_difference(cfg: Any, config: dict[str, Any]) -> str | None:
     return None
 
 
-def check_init(cfg: Any) -> None:
+def check_init(cfg: Any, urls: list[str]) -> None:
     """Refuse, before any work, a ``train.init_from`` whose model was trained with another tokenizer, VAE or
-    architecture than this run's (module docstring). `cfg` as ``pipeline.train.resolve_derived`` left it. Raises
-    ConfigError naming the key to change."""
+    architecture than this run's (module docstring), and warn about the characters of the captions of the train
+    latent shards `urls` its tokenizer never saw (:func:`warn_unknown_characters`). `cfg` as
+    ``pipeline.train.resolve_derived`` left it. Raises ConfigError naming the key to change."""
     from diffusion.data.tokenizer import load_tokenizer
 
     folder = Path(cfg.init_from)
@@ -138,6 +139,7 @@ def check_init(cfg: Any) -> None:
                           f"was trained with ({problem}): its latents are another space. Set train.vae_dir and "
                           f"encode_latents.vae_dir to {folder} (a model folder holds its VAE) and encode the images "
                           "again (`python cli.py encode-latents`)")
+    warn_unknown_characters(urls, load_tokenizer(cfg.tokenizer_path), cfg.init_from)
 
 
 def load_init_weights(model: torch.nn.Module, init_from: str) -> None:
@@ -172,5 +174,5 @@ def warn_unknown_characters(urls: list[str], tokenizer: Any, init_from: str) -> 
         warnings.warn(f"train.init_from: {share:.1%} of the caption tokens (first {len(captions)} captions) are "
                       f"[UNK] to the tokenizer of {init_from}, which never saw the characters "
                       f"{''.join(list(chars)[:20])!r} (in e.g. {', '.join(list(words)[:5])}); the text encoder "
-                      "cannot tell those apart", stacklevel=2)
+                      "cannot tell those apart", stacklevel=3)
     return share
