@@ -51,6 +51,10 @@ class EvaluateError(RuntimeError):
 
 def validate(cfg: EvaluateConfig) -> list[str]:
     """Check the inputs before any work; return the val shards. Errors name the stage to run."""
+    # The device first, as the training stages check their hardware first: with the gpu profile on a machine without
+    # a GPU, no other input is the problem.
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("evaluate.device: 'cuda' requested but no GPU is available; use 'cpu' or 'auto'")
     model = Path(cfg.model_dir)
     if not all((model / f).is_file() for f in ("config.json", "model.pt", "tokenizer.json", "train_config.json")):
         raise EvaluateError(f"evaluate.model_dir: no trained model in {cfg.model_dir}; run `python cli.py train` "
@@ -59,8 +63,6 @@ def validate(cfg: EvaluateConfig) -> list[str]:
         raise EvaluateError(f"evaluate.judge_dir: no judge in {cfg.judge_dir}; run `python cli.py train-judge` "
                             "(or `dvc repro train_judge`) first")
     _check_steps(cfg, model)
-    if cfg.device == "cuda" and not torch.cuda.is_available():  # (the gpu profile's setting, on a CPU machine)
-        raise ConfigError("evaluate.device: 'cuda' requested but no GPU is available; use 'cpu' or 'auto'")
     if cfg.fid:
         from diffusion.evaluation.fid import InceptionUnavailable, inception_path
 

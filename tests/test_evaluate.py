@@ -290,6 +290,9 @@ def test_validate_refuses_a_gpu_this_machine_lacks(tmp_path, monkeypatch):
                                     "sweep": [], "device": "cuda"}, "evaluate")
     with pytest.raises(ConfigError, match=r"evaluate.device: 'cuda' requested but no GPU"):
         validate(cfg)
+    # Named first, before a missing judge or model: `-S profile=gpu` on a CPU machine is the problem to fix.
+    with pytest.raises(ConfigError, match=r"evaluate.device: 'cuda' requested but no GPU"):
+        validate(cfg.replace(judge_dir=str(tmp_path / "nowhere"), model_dir=str(tmp_path / "nothing")))
 
 
 def test_prompts_are_a_seeded_choice_of_val_captions_or_their_canonical_phrasing(tmp_path):
