@@ -105,6 +105,7 @@ def test_train_stage_writes_model_metrics_curve_and_one_mlflow_run(project, cli_
     assert len(found) == 1
     run = found[0]
     assert run.data.tags["stage"] == "train" and "git_commit" in run.data.tags and "dvc_exp_name" in run.data.tags
+    assert run.data.tags["profile"] == "cpu"  # the params profile (MLflow's params hold only what it set)
     assert run.data.params["denoising_type"] == "dit" and run.data.params["dit.hidden_size"] == "32"
     assert not [k for k in run.data.params if k.startswith("unet.")]  # the denoiser it does not build
     # The fields that follow from the inputs are logged as built (they logged the section's unused defaults).

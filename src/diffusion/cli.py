@@ -8,6 +8,7 @@ the stage reads or writes anything.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable
@@ -15,7 +16,7 @@ from typing import Annotated, Any, Callable
 import typer
 
 from diffusion.config import Config, ConfigError
-from diffusion.params import load_section
+from diffusion.params import BASE_PROFILE, load_params, load_section
 
 app = typer.Typer(
     help="Train a text-to-image latent diffusion model: each command is one stage of the DVC pipeline "
@@ -115,6 +116,7 @@ def run_stage(
     try:
         cfg = load_section(cls, params, overrides or [])
         check_every_section(params, overrides or [])  # a mistake in another stage's section stops this one too
+        _note_profile(params, overrides or [])
         return main(cfg)
     except ConfigError as e:
         _fail(str(e), 2)
@@ -135,6 +137,13 @@ def run_stage(
         # Every rank signalled at once (a preemption): this one failed in a collective another had left.
         _fail(f"{cls.section}: stopped by SIGTERM before it finished ({type(e).__name__}: {str(e)[:200]}, as the "
               "processes of the run stopped), nothing exported; run it again to resume from its last checkpoint", 143)
+
+
+def _note_profile(params: Path, overrides: list[str]) -> None:
+    """Put the profile the stage runs with where its MLflow run's tags read it (``tracking.PROFILE_ENV``)."""
+    from diffusion.tracking import PROFILE_ENV
+
+    os.environ[PROFILE_ENV] = str(load_params(params, overrides).get("profile", BASE_PROFILE))
 
 
 def _stopped_by_sigterm(e: SystemExit) -> bool:

@@ -155,6 +155,11 @@ def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+#: The params profile a stage ran with (``cli.run_stage`` sets it; launched DDP processes inherit it): a tag, since
+#: MLflow's params hold only the values the profile set.
+PROFILE_ENV = "DIFFUSION_PROFILE"
+
+
 def stage_tags(stage: str) -> dict[str, str]:
     """Tags every stage run carries, so runs can be filtered by stage, commit and experiment.
 
@@ -167,6 +172,7 @@ def stage_tags(stage: str) -> dict[str, str]:
         "git_dirty": git_dirty(),  # code not in that commit ran (parameter files aside)
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "profile": os.environ.get(PROFILE_ENV, ""),  # empty: run from Python, not cli.py
     }
 
 
