@@ -174,11 +174,8 @@ def resolve_derived(cfg: TrainConfig, latent_shape: list[int] | None) -> TrainCo
 def run_params(cfg: TrainConfig) -> dict[str, Any]:
     """What MLflow logs and the run key hashes: the section but the denoiser section it does not build, whose derived
     fields nothing resolved (MLflow's Compare showed a DiT run's unet.in_channels 4 against a U-Net run's 8)."""
-    params = cfg.to_dict()
-    for section in ("unet", "dit"):
-        if section != cfg.denoising_type:
-            params.pop(section)
-    return params
+    unbuilt = {"unet", "dit"} - {cfg.denoising_type}
+    return {key: value for key, value in cfg.to_dict().items() if key not in unbuilt}
 
 
 def build_model(cfg: TrainConfig) -> Any:
@@ -194,9 +191,9 @@ def build_model(cfg: TrainConfig) -> Any:
     )
     model.vae.load_state_dict(vae.state_dict())
     if cfg.init_from is not None:  # fine-tuning: the text encoder and denoiser start from a trained model's
-        from diffusion.training.init_from import load_init_weights
+        from diffusion.training.init_from import start_from  # (frozen, with LoRA adapters, under train.lora)
 
-        load_init_weights(model, cfg.init_from)
+        start_from(model, cfg)
     return model
 
 
@@ -255,10 +252,13 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str], val_set: Any) -> tuple[Any
     from diffusion.scheduler import DDPMScheduler
     from diffusion.training.callbacks import SampleGrid
     from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
+    from diffusion.training.init_from import lora_summary
     from diffusion.training.trainer import build_trainer
 
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     model = build_model(cfg)
+    if cfg.lora.rank and run.run_id is not None:  # once, not once per DDP rank
+        print(f"train: {lora_summary(model)}")
     scheduler = DDPMScheduler.from_config(cfg.scheduler)
     loader = make_latent_loader(
         urls, tokenizer, batch_size=cfg.batch_size, latent_scale=model.latent_scale, latent_shift=model.latent_shift,
@@ -267,8 +267,7 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str], val_set: Any) -> tuple[Any
         epoch_steps=cfg.checkpoint_every_n_steps * cfg.accumulate_grad_batches, caption_dropout=cfg.caption_dropout,
         pin_memory=torch.cuda.is_available(),
     )
-    first = next(iter_latents(urls[:1]))
-    side = first["mean"].shape[-1] * model.vae.downsample_factor  # image side the latents decode to
+    side = next(iter_latents(urls[:1]))["mean"].shape[-1] * model.vae.downsample_factor  # the images' side
     optim = OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                           warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, lr_schedule=cfg.lr_schedule,
                           min_lr_ratio=cfg.min_lr_ratio, min_snr_gamma=cfg.min_snr_gamma, min_snr_on=cfg.min_snr_on)
@@ -302,10 +301,11 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
 
     from diffusion.tracking import is_finite_number
     from diffusion.training.callbacks import ema_model
+    from diffusion.training.init_from import exported_model
     from diffusion.training.step_means import step_means
     from diffusion.training.val_loss import ValLoss
 
-    model = system.restore_frozen_vae(ema_model(trainer, system))
+    model = exported_model(system.restore_frozen_vae(ema_model(trainer, system)), cfg.lora)  # LoRA merged in
     export(cfg, model, grid.image_size)
     curve = step_means(trainer)
     curve.write()
@@ -328,6 +328,7 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
         "train_seconds": round(seconds, 1),  # over every execution of this run (ExactResume.train_seconds)
         "parameters_denoiser": sum(p.numel() for p in model.denoiser.parameters()),
         "parameters_text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
+        "parameters_trained": sum(p.numel() for p in system.trainable_parameters()),  # fewer with train.lora
     }
     # A loss that is not a finite number is left out: JSON has no NaN.
     metrics = {k: v for k, v in metrics.items() if is_finite_number(v)}

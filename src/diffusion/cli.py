@@ -263,7 +263,7 @@ def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
     MLflow every sample_every_n_steps. Checkpoints go to <checkpoint_dir>/train-<key>/; rerun with the
     same parameters it resumes there (step, optimizer, EMA) in the same MLflow run. Choose the network
     with -S train.denoising_type=dit (and -S train.dit_preset=DiT-S/2 for a preset); fine-tune a trained
-    model with -S train.init_from=<its folder>.
+    model with -S train.init_from=<its folder> (every weight, or LoRA adapters with -S train.lora.rank=8).
     """
     from pipeline import train as stage
 

@@ -100,6 +100,21 @@ class DiscriminatorConfig(Config):
     lr: float | None = param(None, "discriminator learning rate (null: the autoencoder's)", gt=0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig(Config):
+    """Fine-tuning with low-rank adapters (LoRA, Hu et al. 2021; diffusers' ``train_text_to_image_lora.py``):
+    the model in ``train.init_from`` stays frozen and each targeted layer learns W + (alpha / rank) B A
+    (models/lora.py). The exported model has the products merged in: an ordinary model."""
+
+    rank: int = param(0, "the adapters' rank r (4-64 is usual); 0: off, every weight trains (needs init_from)", ge=0)
+    alpha: float | None = param(None, "the update's scale is alpha / rank (null: alpha = rank, scale 1, as diffusers)",
+                                gt=0.0)
+    targets: tuple[str, ...] = param(
+        ("to_q", "to_kv", "to_qkv", "out"), "the nn.Linear layers adapted, by name or the end of their dotted name "
+        "(default: the attention projections, diffusers' choice; also e.g. fc1, fc2, adaLN_modulation.1)")
+    text_encoder: bool = param(False, "adapt the text encoder's targets too (false: it stays frozen, as diffusers')")
+
+
 def _model_configs() -> None:
     """Put the model configs that the training stages nest (``VAEConfig``, ``TextEncoderConfig``, ``UNetConfig``,
     ``DiTConfig``, ``SchedulerConfig``) into this module's namespace.
@@ -230,6 +245,7 @@ class TrainConfig(TrainerFields):
         None, "fine-tune: a model folder the train stage wrote (e.g. an earlier run's models/diffusion) whose text "
         "encoder and denoiser weights this run starts from (fresh optimizer, schedule and EMA); its tokenizer, VAE and "
         "architecture must be this run's, checked before any work (training/init_from.py). null: random weights")
+    lora: LoRAConfig = param(LoRAConfig(), "fine-tune with low-rank adapters (LoRA) instead of every weight")
     denoising_type: str = param("unet", "the denoiser: a key of diffusion.models.DENOISERS ('unet', 'dit', ...)")
     text_encoder: TextEncoderConfig = _nested("TextEncoderConfig", "the text encoder's shape")  # noqa: F821
     unet: UNetConfig = _nested("UNetConfig", "the U-Net's shape (denoising_type: unet)")  # noqa: F821
@@ -308,6 +324,9 @@ class TrainConfig(TrainerFields):
         if self.sample_steps > self.scheduler.num_timesteps:
             raise ConfigError(f"sample_steps: at most scheduler.num_timesteps ({self.scheduler.num_timesteps}), "
                               f"got {self.sample_steps}")
+        if self.lora.rank and self.init_from is None:
+            raise ConfigError("lora.rank: LoRA adapts a trained model, and train.init_from is null; name the model "
+                              "to fine-tune (train.init_from) or set lora.rank to 0")
         if self.denoising_type == "dit" and self.dit.learn_sigma:
             raise ConfigError("dit.learn_sigma: the training loss has no variance term (DiT's L_vlb); set it false")
 

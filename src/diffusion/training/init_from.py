@@ -27,10 +27,15 @@ the stage checks that this run has the same ones and names the key to change whe
 What may differ: the data, the batch size, the learning rate and its schedule, the EMA, and the noise schedule and
 prediction type (Stable Diffusion 2's v-prediction model was resumed from its epsilon-prediction base model; a
 change of target needs more steps to settle).
+
+With ``train.lora.rank`` > 0 the model's weights stay frozen and only low-rank adapters on the layers
+``train.lora.targets`` names train (LoRA, Hu et al. 2021; models/lora.py): :func:`add_adapters`. The targets are
+checked against the networks before any work too (:func:`check_lora`).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import warnings
@@ -139,7 +144,71 @@ def check_init(cfg: Any, urls: list[str]) -> None:
                           f"was trained with ({problem}): its latents are another space. Set train.vae_dir and "
                           f"encode_latents.vae_dir to {folder} (a model folder holds its VAE) and encode the images "
                           "again (`python cli.py encode-latents`)")
+    if cfg.lora.rank:
+        check_lora(cfg)
     warn_unknown_characters(urls, load_tokenizer(cfg.tokenizer_path), cfg.init_from)
+
+
+def _adapted_parts(lora: Any) -> tuple[str, ...]:
+    return ("denoiser", "text_encoder") if lora.text_encoder else ("denoiser",)
+
+
+def check_lora(cfg: Any) -> None:
+    """Refuse ``train.lora.targets`` that name no ``nn.Linear`` of an adapted network (built on the meta device:
+    no memory, no time), listing the layers there are. Raises ConfigError."""
+    from diffusion.models import DENOISERS
+    from diffusion.models.lora import linear_names, target_linears
+    from diffusion.models.text_encoder import TextEncoder
+
+    with torch.device("meta"):
+        nets = {"denoiser": DENOISERS[cfg.denoising_type][1](cfg.denoiser_config()),
+                "text_encoder": TextEncoder(cfg.text_encoder)}
+    for part in _adapted_parts(cfg.lora):
+        if not target_linears(nets[part], cfg.lora.targets):
+            raise ConfigError(f"train.lora.targets: {list(cfg.lora.targets)} name no layer of the {part} "
+                              f"({type(nets[part]).__name__}); its nn.Linear layers are "
+                              f"{', '.join(linear_names(nets[part]))}")
+
+
+def add_adapters(model: torch.nn.Module, lora: Any) -> None:
+    """Freeze the text encoder and the denoiser of `model` and give the layers that `lora` (a LoRAConfig) targets
+    low-rank adapters: in the denoiser, and in the text encoder with ``lora.text_encoder``."""
+    from diffusion.models.lora import inject_lora
+
+    model.text_encoder.requires_grad_(False)  # inject_lora freezes the networks it adapts
+    alpha = lora.alpha if lora.alpha is not None else lora.rank  # diffusers' lora_alpha = rank: scale 1
+    for part in _adapted_parts(lora):
+        inject_lora(getattr(model, part), lora.targets, lora.rank, alpha)
+
+
+def lora_summary(model: torch.nn.Module) -> str:
+    """What trains in `model` after :func:`add_adapters`, e.g. ``LoRA rank 4 on 30 layers: 58,368 trainable
+    parameters, 1.1% of the text encoder's and denoiser's 5.4M`` (the default DiT)."""
+    from diffusion.models.lora import LoRALinear, lora_parameter_count
+
+    nets = [getattr(model, part) for part in TRAINED_PARTS]
+    adapted = [m for net in nets for m in net.modules() if isinstance(m, LoRALinear)]
+    trainable = sum(lora_parameter_count(net) for net in nets)
+    total = sum(p.numel() for net in nets for p in net.parameters()) - trainable
+    return (f"LoRA rank {adapted[0].rank} on {len(adapted)} layers: {trainable:,} trainable parameters, "
+            f"{trainable / total:.1%} of the text encoder's and denoiser's {total / 1e6:.1f}M")
+
+
+def start_from(model: torch.nn.Module, cfg: Any) -> None:
+    """Fine-tuning's start: the text encoder's and denoiser's weights of the model in ``cfg.init_from`` loaded
+    into `model` (:func:`load_init_weights`), then, with ``cfg.lora.rank``, frozen under LoRA adapters
+    (:func:`add_adapters`)."""
+    load_init_weights(model, cfg.init_from)
+    if cfg.lora.rank:
+        add_adapters(model, cfg.lora)
+
+
+def exported_model(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
+    """`model` as the train stage exports it: under LoRA (``lora.rank``), a copy with each adapter merged into its
+    layer (``models.lora.merge_lora``), an ordinary model with the pretrained one's state-dict keys; else `model`."""
+    from diffusion.models.lora import merge_lora
+
+    return merge_lora(copy.deepcopy(model)) if lora.rank else model
 
 
 def load_init_weights(model: torch.nn.Module, init_from: str) -> None:

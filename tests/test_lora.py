@@ -1,0 +1,154 @@
+"""LoRA fine-tuning (`train.lora`, models/lora.py): the model in train.init_from stays frozen, low-rank adapters on
+the targeted layers train, and the exported model has them merged in, an ordinary model.
+
+The stage tests start from test_init_from's trained tiny DiT (its `trained` fixture).
+"""
+
+import json
+
+import pytest
+import torch
+from test_init_from import QUICK, _state, trained  # noqa: F401 (trained: a fixture)
+from test_train_stage import copy_project, runs, train_in_process, upstream  # noqa: F401 (upstream: a fixture)
+from torch import nn
+
+from diffusion.models import lora
+from diffusion.models.dit import DiT, DiTConfig
+from diffusion.models.lora import LoRALinear, inject_lora, merge_lora
+
+TARGETS = ("to_q", "to_kv", "to_qkv", "out")
+
+
+def _dit() -> DiT:
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(in_channels=4, context_dim=16, depth=2, hidden_size=32, num_heads=2, patch_size=2))
+    with torch.no_grad():  # a trained model's weights: DiT's zero-initialised gates and output would hide any change
+        for p in dit.parameters():
+            p.normal_(0.0, 0.1)
+    return dit
+
+
+def _dit_inputs() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 700]), torch.randn(2, 5, 16, generator=g))
+
+
+def test_an_adapter_starts_as_its_layer_and_merges_into_the_same_function():
+    """B = 0: the adapted layer computes its base's function exactly, sharing its weight; with any B, the merged
+    plain nn.Linear computes what the adapted one does, in one product."""
+    torch.manual_seed(0)
+    base, x = nn.Linear(12, 9), torch.randn(4, 12)
+    layer = LoRALinear.from_linear(base, rank=3, alpha=6.0)
+    assert torch.equal(layer(x), base(x)) and layer.weight.data_ptr() == base.weight.data_ptr()
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_down.weight", "lora_up.weight"]
+    nn.init.normal_(layer.lora_up.weight)
+    merged = layer.merged()
+    assert type(merged) is nn.Linear
+    expected = base(x) + 2.0 * x @ layer.lora_down.weight.T @ layer.lora_up.weight.T  # alpha / rank = 2
+    assert torch.allclose(layer(x), expected, atol=1e-5) and torch.allclose(merged(x), expected, atol=1e-5)
+    assert not torch.allclose(merged(x), base(x), atol=1e-3)
+
+
+def test_adapting_a_dit_trains_the_adapters_alone_and_merging_restores_its_state_dict():
+    dit, inputs = _dit(), _dit_inputs()
+    keys, before = dit.state_dict().keys(), dit(*inputs)
+    names = inject_lora(dit, TARGETS, rank=2, alpha=2.0)
+    # Per block: self-attention to_qkv and out, cross-attention to_q, to_kv and out.
+    assert len(names) == 2 * 5 and all(n.startswith("blocks.") for n in names)
+    assert torch.equal(dit(*inputs), before)  # B = 0
+    trainable = {n for n, p in dit.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{d}.weight" for n in names for d in ("down", "up")}
+    assert lora.lora_parameter_count(dit) == sum(2 * (m.in_features + m.out_features) for m in dit.modules()
+                                            if isinstance(m, LoRALinear))
+    dit(*inputs).square().mean().backward()
+    assert all(p.grad is not None and p.grad.any() for n, p in dit.named_parameters() if n in trainable
+               and "lora_up" in n)  # A's gradient is B^T (...): zero while B = 0
+    assert all(p.grad is None for n, p in dit.named_parameters() if n not in trainable)
+
+    for m in dit.modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_up.weight, std=0.1)
+    adapted = dit(*inputs).detach()
+    merge_lora(dit)
+    assert dit.state_dict().keys() == keys and not any(isinstance(m, LoRALinear) for m in dit.modules())
+    assert torch.allclose(dit(*inputs), adapted, atol=1e-5) and not torch.allclose(adapted, before, atol=1e-3)
+
+
+def test_targets_match_by_the_end_of_a_name_and_an_unmatched_list_names_the_layers():
+    dit = _dit()
+    assert inject_lora(dit, ("fc1", "adaLN_modulation.1"), rank=1, alpha=1.0) == [
+        *(f"blocks.{i}.{n}" for i in range(2) for n in ("mlp.fc1", "adaLN_modulation.1")),
+        "final_layer.adaLN_modulation.1"]
+    # The DiT's own MLP path fuses fc1 with its GELU on a CPU only for a plain nn.Linear: adapted, it still runs.
+    assert dit(*_dit_inputs()).shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"no nn.Linear layer of the DiT matches \['to_k'\]; its layers are .*"
+                                         r"attn.to_qkv, .*mlp.fc1"):
+        inject_lora(_dit(), ("to_k",), rank=1, alpha=1.0)
+
+
+@pytest.fixture
+def project(trained, tmp_path):  # noqa: F811
+    return copy_project(trained, tmp_path)
+
+
+def _denoiser_targets(state: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in state if k.startswith("denoiser.") and any(f".{t}." in k for t in TARGETS)}
+
+
+def test_lora_fine_tuning_trains_the_adapters_and_exports_an_ordinary_model(project, capsys):
+    """The text encoder and every untargeted weight are exported as the model had them, to the bit; the targeted
+    layers changed by the merged adapters; the model folder has the model's keys and loads as any other."""
+    from diffusion.models import LatentDiffusionModel
+
+    pretrained, out = project / "models/pretrained", project / "models/diffusion"
+    train_in_process(project, "train.max_steps=3", "train.lr=3e-2", "train.warmup_steps=0", *QUICK,
+                     f"train.init_from={pretrained}", "train.lora.rank=2")
+    printed = capsys.readouterr().out
+    assert "train: LoRA rank 2 on 10 layers:" in printed
+    old, new = (torch.load(f / "model.pt", weights_only=True) for f in (pretrained, out))
+    assert new.keys() == old.keys()
+    targets = _denoiser_targets(old)
+    assert targets and all(torch.equal(new[k], old[k]) for k in old if k not in targets)
+    changed = {k for k in targets if not torch.equal(new[k], old[k])}
+    assert changed and all(k.endswith(".weight") for k in changed)  # the biases are frozen too
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert f"{metrics['parameters_trained']:,} trainable parameters" in printed
+    assert metrics["parameters_trained"] < 0.2 * metrics["parameters_denoiser"]
+    assert runs("train")[1][0].data.params["lora.rank"] == "2"
+    model = LatentDiffusionModel.from_pretrained(out)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+    # With lora.text_encoder, its attention is adapted too.
+    train_in_process(project, "train.max_steps=3", "train.lr=3e-2", "train.warmup_steps=0", *QUICK,
+                     f"train.init_from={pretrained}", "train.lora.rank=2", "train.lora.text_encoder=true")
+    text = _state(out, "text_encoder")
+    assert any(not torch.equal(v, old[k]) for k, v in text.items() if ".attn." in k)
+    assert all(torch.equal(v, old[k]) for k, v in text.items() if ".attn." not in k)
+
+
+def test_a_lora_run_resumes_from_its_checkpoint(project, capsys):
+    """The checkpoint holds the adapters: a rerun of the finished run resumes it and exports the same model."""
+    args = ("train.max_steps=2", "train.lr=3e-2", "train.warmup_steps=0", "train.checkpoint_every_n_steps=1", *QUICK,
+            f"train.init_from={project / 'models/pretrained'}", "train.lora.rank=2")
+    train_in_process(project, *args)
+    first = (project / "models/diffusion/model.pt").read_bytes()
+    train_in_process(project, *args)
+    assert "train: resuming from" in capsys.readouterr().out
+    assert (project / "models/diffusion/model.pt").read_bytes() == first
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lora.rank=2"], r"train.lora.rank: LoRA adapts a trained model, and train.init_from is null"),
+    (["train.lora.rank=2", "train.lora.targets=[to_k, to_v]", "INIT"],
+     (r"train.lora.targets: \['to_k', 'to_v'\] name no layer of the denoiser \(DiT\); its nn.Linear layers are "
+      r".*attn.to_qkv")),
+    (["train.lora.rank=2", "train.lora.targets=[adaLN_modulation.1]", "train.lora.text_encoder=true", "INIT"],
+     r"name no layer of the text_encoder \(TextEncoder\)"),
+])
+def test_bad_lora_settings_are_refused_before_the_run(project, overrides, message):
+    from diffusion.config import ConfigError
+
+    overrides = [f"train.init_from={project / 'models/pretrained'}" if o == "INIT" else o for o in overrides]
+    with pytest.raises(ConfigError, match=message):
+        train_in_process(project, *QUICK, *overrides)
+    assert not runs("train")[1] and not (project / "checkpoints/train").exists()
