@@ -150,7 +150,7 @@ def resolve_derived(cfg: TrainConfig, latent_shape: list[int] | None) -> TrainCo
     the key, before the run opens (the model refused it at build time, with the run open and a checkpoint
     folder made); a field left at its default takes the derived value."""
     from diffusion.data.tokenizer import PAD_ID, load_tokenizer, max_length_of
-    from diffusion.models.diffusion_model import resolve_config
+    from diffusion.models.registry import resolve_config
     from diffusion.training.latent_stats import read_vae_config
 
     tokenizer = load_tokenizer(cfg.tokenizer_path)

@@ -5,28 +5,9 @@ denoiser works on the VAE's latents, scaled to about unit variance, and is condi
 cross-attention (sec. 3.3). Sampling uses classifier-free guidance (Ho & Salimans 2022) with the null caption
 ``""`` as the unconditional input, the same caption that caption dropout feeds in training (pitfall 2).
 
-Denoisers come from a registry, not an ``if/elif`` chain (STYLE.md 3). A new one is a config (a frozen
-:class:`~diffusion.config.Config` with ``in_channels`` and ``context_dim`` fields, and ``out_channels`` if it
-has one) and an ``nn.Module`` built from it whose ``forward(x, t, context, context_mask=None, pooled=None)``
-returns the raw prediction (docs/INTERFACES.md)::
-
-    @dataclass(frozen=True)
-    class TinyConfig(Config):
-        in_channels: int = param(4, "latent channels")
-        context_dim: int = param(256, "text width")
-
-    class Tiny(nn.Module):
-        def __init__(self, cfg):
-            super().__init__()
-            self.conv = nn.Conv2d(cfg.in_channels, cfg.in_channels, 3, padding=1)
-        def forward(self, x, t, context, context_mask=None, pooled=None):
-            return self.conv(x)
-
-    register_denoiser("tiny", TinyConfig, Tiny)
-    model = LatentDiffusionModel(vocab_size=1000, denoising_type="tiny")
-
-The config may expose ``downsample_factor`` (the U-Net) or ``patch_size`` (the DiT): the latent side must be
-a multiple of it, which :meth:`LatentDiffusionModel.generate` checks before doing any work.
+Denoisers come from a registry, not an ``if/elif`` chain (STYLE.md 3): :mod:`diffusion.models.registry`, which
+says how to register one (``register_denoiser``) and resolves the parts' configs so that their widths agree
+(``resolve_config``); both are importable from here too, where they were defined before.
 """
 
 from __future__ import annotations
@@ -43,63 +24,16 @@ import torch
 from torch import nn
 
 from diffusion import inpainting
-from diffusion.config import Config, ConfigError
+from diffusion.config import Config
 from diffusion.data.tokenizer import BOS_ID, EOS_ID, trim_padding
-from diffusion.models.dit import DiT, DiTConfig
+from diffusion.guidance import classifier_free_guidance
 from diffusion.models.io import load_weights, read_config, save_module
 from diffusion.models.layers import reuse_text_keys_values
+from diffusion.models.registry import DENOISERS, register_denoiser, resolve_config  # noqa: F401
 from diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
-from diffusion.models.unet import UNet, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
-from diffusion.guidance import classifier_free_guidance
 from diffusion.samplers import SAMPLERS, ModelFn, StepCallback, run_sampler
 from diffusion.timesteps import img2img_timesteps
-
-DENOISERS: dict[str, tuple[type[Config], type[nn.Module]]] = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}
-
-
-
-def register_denoiser(
-    name: str, config_cls: type[Config], module_cls: type[nn.Module], *, overwrite: bool = False
-) -> None:
-    """Make ``LatentDiffusionModel(denoising_type=name)`` build ``module_cls(config_cls(...))``."""
-    if name in DENOISERS and not overwrite:
-        raise ValueError(f"denoiser {name!r} is already registered (pass overwrite=True to replace it)")
-    if not (isinstance(config_cls, type) and issubclass(config_cls, Config)):
-        raise TypeError(f"config_cls must be a Config subclass, got {config_cls!r}")
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    missing = {"in_channels", "context_dim"} - fields
-    if missing:
-        raise TypeError(f"{config_cls.__name__} lacks the field(s) {sorted(missing)} the model sets")
-    DENOISERS[name] = (config_cls, module_cls)
-
-
-def resolve_config(
-    cls: type[Config], given: Config | Mapping[str, Any] | None, forced: dict[str, tuple[Any, str]], key: str
-) -> Config:
-    """Build ``cls`` from ``given`` with the ``forced`` fields (name -> (value, why)) set; refuse contradictions.
-
-    In a mapping, any value given for a forced field must equal it. A config instance cannot tell an explicit
-    value from a default, so there a field left at its default is overwritten and only other values must agree.
-    """
-    if given is None:
-        data: dict[str, Any] = {}
-        explicit = set()
-    elif isinstance(given, Config):
-        if not isinstance(given, cls):
-            raise ConfigError(f"{key}: expected a {cls.__name__}, got a {type(given).__name__}")
-        data = given.to_dict()
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        explicit = {k for k in forced if data.get(k) != defaults.get(k)}
-    elif isinstance(given, Mapping):
-        data, explicit = dict(given), set(given)
-    else:
-        raise ConfigError(f"{key}: expected a mapping or a {cls.__name__}, got {given!r}")
-    for name, (value, why) in forced.items():
-        if name in explicit and data[name] != value:
-            raise ConfigError(f"{key}.{name}: is {data[name]!r} but must be {value!r} ({why})")
-        data[name] = value
-    return cls.from_dict(data, key)
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -301,6 +235,26 @@ class LatentDiffusionModel(nn.Module):
                              f"encode_images of the image size), got {what}")
         return img2img_timesteps(scheduler, steps, strength)
 
+    def _check_generate_args(
+        self, tokens: Any, scheduler: Any, steps: Any, guidance: Any, image_size: Any, sampler: Any,
+        init_latents: torch.Tensor | None, strength: Any, mask: torch.Tensor | None,
+    ) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None]:
+        """The arguments of :meth:`generate`, checked before any work (in this order, so the first bad one is
+        named): returns the latent shape (B, C, h, w), the timesteps to run, and the `mask` on the model's device,
+        (B or 1, 1, h, w) bool (None without one). Raises ValueError or TypeError."""
+        H, W = self._check_size(image_size)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
+        self._check_sampling_args(tokens, scheduler, steps, guidance)
+        f = self.vae.downsample_factor
+        shape = (tokens.shape[0], self.vae.cfg.latent_dim, H // f, W // f)  # (B, C, h, w)
+        timesteps = self._img2img_schedule(scheduler, steps, init_latents, strength, shape)
+        if mask is not None:
+            if init_latents is None:
+                raise ValueError("mask: needs init_latents (inpainting keeps the input's latents where the mask is 0)")
+            mask = inpainting.check_mask(mask, shape).to(self.device)  # (B or 1, 1, h, w) bool
+        return shape, timesteps, mask
+
     def _start(
         self, shape: tuple[int, ...], generator: torch.Generator | None, scheduler: Any, timesteps: torch.Tensor,
         init_latents: torch.Tensor | None,
@@ -344,6 +298,26 @@ class LatentDiffusionModel(nn.Module):
         u_states, u_mask, u_pooled = self.encode_text(uncond_tokens)
         uncond = {"context": u_states, "context_mask": u_mask, "pooled": u_pooled}
         return classifier_free_guidance(net, cond, uncond, guidance_scale, rescale=guidance_rescale)
+
+    def _sample_latents(
+        self, sampler: str, model_fn: ModelFn, shape: tuple[int, ...], scheduler: Any, timesteps: torch.Tensor,
+        init_latents: torch.Tensor | None, mask: torch.Tensor | None, generator: torch.Generator | None, eta: float,
+        callback: StepCallback | None,
+    ) -> torch.Tensor:
+        """The sampling loop of :meth:`generate`, its arguments checked: x_0 (B, C, h, w) in diffusion space,
+        `sampler` run over `timesteps` from x_T (or from `init_latents` noised to timesteps[0]), and for
+        inpainting the input's latents kept outside the `mask` at every step and in the result."""
+        x, x_known, eps = self._start(shape, generator, scheduler, timesteps, init_latents)
+        if mask is not None:  # the network sees the known region noised with the same eps at every step
+            model_fn = inpainting.blend_known(model_fn, mask, x_known, eps, scheduler)
+            callback = inpainting.blend_callback(callback, mask, x_known, eps, scheduler, timesteps.tolist())
+        # The text is the same at every step: its cross-attention keys and values are projected once.
+        with reuse_text_keys_values(self.denoiser):
+            x_0 = run_sampler(sampler, model_fn, x, scheduler, timesteps,
+                              generator=generator, eta=eta, callback=callback)
+        if mask is not None:
+            x_0 = inpainting.blend_result(x_0, mask, x_known)
+        return x_0
 
     @torch.no_grad()
     def generate(
@@ -394,32 +368,14 @@ class LatentDiffusionModel(nn.Module):
         Returns:
             (B, 3, H, W) float images in [0, 1].
         """
-        H, W = self._check_size(image_size)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
-        self._check_sampling_args(text_tokens, scheduler, num_inference_steps, guidance_scale)
-        f = self.vae.downsample_factor
-        shape = (text_tokens.shape[0], self.vae.cfg.latent_dim, H // f, W // f)  # (B, C, h, w)
-        timesteps = self._img2img_schedule(scheduler, num_inference_steps, init_latents, strength, shape)
-        if mask is not None:
-            if init_latents is None:
-                raise ValueError("mask: needs init_latents (inpainting keeps the input's latents where the mask is 0)")
-            mask = inpainting.check_mask(mask, shape).to(self.device)  # (B or 1, 1, h, w) bool
+        shape, timesteps, mask = self._check_generate_args(text_tokens, scheduler, num_inference_steps, guidance_scale,
+                                                           image_size, sampler, init_latents, strength, mask)
         was_training = self.training
         self.eval()
         try:
-            tokens = text_tokens.to(self.device)
-            model_fn = self._model_fn(tokens, uncond_tokens, guidance_scale, guidance_rescale)
-            x, x_known, eps = self._start(shape, generator, scheduler, timesteps, init_latents)
-            if mask is not None:  # the network sees the known region noised with the same eps at every step
-                model_fn = inpainting.blend_known(model_fn, mask, x_known, eps, scheduler)
-                callback = inpainting.blend_callback(callback, mask, x_known, eps, scheduler, timesteps.tolist())
-            # The text is the same at every step: its cross-attention keys and values are projected once.
-            with reuse_text_keys_values(self.denoiser):
-                x_0 = run_sampler(sampler, model_fn, x, scheduler, timesteps,
-                                  generator=generator, eta=eta, callback=callback)
-            if mask is not None:
-                x_0 = inpainting.blend_result(x_0, mask, x_known)
+            model_fn = self._model_fn(text_tokens.to(self.device), uncond_tokens, guidance_scale, guidance_rescale)
+            x_0 = self._sample_latents(sampler, model_fn, shape, scheduler, timesteps, init_latents, mask,
+                                       generator, eta, callback)
             return (self.decode_latents(x_0) + 1.0) / 2.0  # [-1, 1] -> [0, 1]
         finally:
             self.train(was_training)
