@@ -15,7 +15,8 @@ last, to clean data.
 Precision: the update arithmetic runs in x's dtype (tables are read in that dtype). Keep x in float32 (or
 float64) and put mixed precision inside `model_fn` (autocast); the raw output is cast to x's dtype.
 Randomness comes only from the `generator` argument (STYLE.md 9); no host syncs inside the loops (the
-timesteps are read once as Python ints).
+timesteps are read once as Python ints). The helpers that check and read these before each loop are
+:mod:`diffusion.sampler_inputs`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from diffusion.sampler_inputs import (
+    alpha_bars,
+    randn_like,
+    require_full_precision,
+    timestep_list,
+)
 from diffusion.scheduler import DDPMScheduler
 from diffusion.timesteps import Spacing, make_timesteps
 
@@ -41,43 +48,6 @@ class StepCallback(Protocol):
     """Called after every step with its index, its timestep, the new x and the x_0 predicted at t."""
 
     def __call__(self, i: int, t: int, x: Tensor, x0: Tensor) -> None: ...
-
-
-def _timestep_list(scheduler: DDPMScheduler, timesteps: Tensor | list[int]) -> list[int]:
-    """The timesteps as Python ints (read once, before the loop), checked to be descending and in [0, T)."""
-    ts = timesteps.tolist() if isinstance(timesteps, Tensor) else [int(t) for t in timesteps]
-    T = scheduler.num_timesteps
-    if not ts or any(not 0 <= t < T for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"timesteps: expected a non-empty, strictly descending list in [0, {T}), got {ts}")
-    return ts
-
-
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like x, drawn from `generator` on its own device (as diffusers'
-    ``randn_tensor`` does, so a CPU generator gives the same numbers on any accelerator)."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
-
-def _require_full_precision(x: Tensor) -> None:
-    """The module docstring's rule, enforced: the update arithmetic runs in x's dtype, so x must be float32 or
-    float64. bfloat16 rounds alpha-bar_t to 1 for small t (1 - alpha-bar = 0, a division by zero); float16 keeps
-    3 digits. Mixed precision belongs inside model_fn."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        raise ValueError(f"x: expected float32 or float64 latents, got {x.dtype}; the update arithmetic runs in "
-                         "x's dtype (use autocast inside model_fn for a half-precision network)")
-
-
-def _alpha_bars(scheduler: DDPMScheduler, x: Tensor, ts: list[int]) -> list[tuple[int, Tensor, Tensor]]:
-    """For each step: (t, alpha-bar_t, alpha-bar_s) as 0-d tensors on x's device; alpha-bar_{-1} = 1.
-
-    Setting alpha-bar = 1 after the last step is diffusers' ``set_alpha_to_one=True`` (DDIM) and
-    ``self.one`` (DDPM): the last step lands on clean data and returns the predicted x_0 exactly.
-    """
-    _require_full_precision(x)
-    ab = scheduler.table("alphas_cumprod", x)
-    one = torch.ones((), dtype=x.dtype, device=x.device)
-    return [(t, ab[t], ab[s] if s >= 0 else one) for t, s in zip(ts, ts[1:] + [-1])]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,11 +86,11 @@ def sample_ddpm(
     (at the last listed step the variance is 0, clamped to 1e-20, so that draw only keeps the order).
     """
     B = x.shape[0]
-    for i, (t, ab_t, ab_s) in enumerate(_alpha_bars(scheduler, x, _timestep_list(scheduler, timesteps))):
+    for i, (t, ab_t, ab_s) in enumerate(alpha_bars(scheduler, x, timestep_list(scheduler, timesteps))):
         t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
         x0, _ = scheduler.to_x0_eps(model_fn(x, t_batch), x, t_batch)
         mean, var = ddpm_posterior(x0, x, ab_t, ab_s)
-        x = mean + var.sqrt() * _randn_like(x, generator) if t > 0 else mean
+        x = mean + var.sqrt() * randn_like(x, generator) if t > 0 else mean
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -147,14 +117,14 @@ def sample_ddim(
     if eta < 0:
         raise ValueError(f"eta: expected a value >= 0, got {eta}")
     B = x.shape[0]
-    for i, (t, ab_t, ab_s) in enumerate(_alpha_bars(scheduler, x, _timestep_list(scheduler, timesteps))):
+    for i, (t, ab_t, ab_s) in enumerate(alpha_bars(scheduler, x, timestep_list(scheduler, timesteps))):
         t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
         x0, eps = scheduler.to_x0_eps(model_fn(x, t_batch), x, t_batch)
         sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).sqrt()  # eq. 16
         # eq. 12 without the noise; the clamp only guards eta > 1 (outside the paper's range) from NaN
         x = ab_s.sqrt() * x0 + (1 - ab_s - sigma**2).clamp(min=0).sqrt() * eps
         if eta > 0:
-            x = x + sigma * _randn_like(x, generator)
+            x = x + sigma * randn_like(x, generator)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -178,8 +148,8 @@ def sample_dpmpp_2m(
     order when solver_order = 2, so it needs nothing more here. A zero alpha-bar (zero terminal SNR) is
     replaced by 2**-24, as diffusers does, so that lambda stays finite.
     """
-    ts = _timestep_list(scheduler, timesteps)
-    _require_full_precision(x)
+    ts = timestep_list(scheduler, timesteps)
+    require_full_precision(x)
     ab = scheduler.table("alphas_cumprod", x)
     ab = torch.where(ab > 0, ab, torch.full_like(ab, 2.0**-24))
     alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
@@ -217,7 +187,7 @@ def _ve_schedule(scheduler: DDPMScheduler, x: Tensor) -> tuple[Tensor, Tensor]:
     A zero alpha-bar (zero terminal SNR, Lin et al. 2023) would make sigma_{T-1} infinite: like diffusers' Euler
     schedulers (``rescale_betas_zero_snr``), it is replaced by 2**-24, so sigma_{T-1} = sqrt(2**24 - 1) ~ 4096.
     """
-    _require_full_precision(x)
+    require_full_precision(x)
     ab = scheduler.table("alphas_cumprod", x)
     ab = torch.where(ab > 0, ab, torch.full_like(ab, 2.0**-24))
     ab = torch.cat([ab, ab.new_ones(1)])  # (T + 1,)
@@ -265,7 +235,7 @@ def sample_euler(
     "leading" and "trailing"; for "linspace" they keep fractional timesteps (and interpolate sigma), which
     networks taking integer timesteps cannot be evaluated at.
     """
-    ts = _timestep_list(scheduler, timesteps)
+    ts = timestep_list(scheduler, timesteps)
     alpha, sigma = _ve_schedule(scheduler, x)
     x = x / alpha[ts[0]]  # x~ (B, C, H, W)
     for i, (t, s) in enumerate(zip(ts, ts[1:] + [-1])):
@@ -302,7 +272,7 @@ def sample_euler_ancestral(
     Noise is drawn from `generator` at every step, the last included, as diffusers does (that draw only keeps
     the order; k-diffusion skips it).
     """
-    ts = _timestep_list(scheduler, timesteps)
+    ts = timestep_list(scheduler, timesteps)
     alpha, sigma = _ve_schedule(scheduler, x)
     x = x / alpha[ts[0]]  # x~ (B, C, H, W)
     for i, (t, s) in enumerate(zip(ts, ts[1:] + [-1])):
@@ -313,7 +283,7 @@ def sample_euler_ancestral(
         r = sigma[s] / sigma[t]
         sigma_down, sigma_up = sigma[s] * r, sigma[s] * (1 - r**2).sqrt()
         x = x + (sigma_down - sigma[t]) * ((x - x0) / sigma[t])
-        x = x + sigma_up * _randn_like(x, generator)
+        x = x + sigma_up * randn_like(x, generator)
         if callback is not None:
             callback(i, t, alpha[s] * x, x0)
     return x
@@ -343,7 +313,7 @@ def sample_heun(
     back to a fractional timestep only for schedules given as sigmas (Karras et al. eq. 5), which networks
     evaluated at integer timesteps, as ours are, cannot take.
     """
-    ts = _timestep_list(scheduler, timesteps)
+    ts = timestep_list(scheduler, timesteps)
     alpha, sigma = _ve_schedule(scheduler, x)
     x = x / alpha[ts[0]]  # x~ (B, C, H, W)
     for i, (t, s) in enumerate(zip(ts, ts[1:] + [-1])):
