@@ -27,7 +27,8 @@ regenerates the white of the mask and keeps the rest of the image's latents (``d
 
 Checks happen in two steps so that a bad request fails before any work: ``model_spec.ModelSpec`` reads only
 the JSON files and validates the options; then the weights are loaded. Prompt problems (empty, unknown
-words, too long) are warnings, not errors: sampling proceeds, as a user of diffusers expects.
+words, too long) are warnings, not errors: sampling proceeds, as a user of diffusers expects
+(``diffusion.prompt_checks``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from diffusion.model_spec import (
     MODEL_FILES, TRAIN_HINT, ModelNotFoundError, ModelSpec, SampleOptionError, check_device, negative_prompts,
     read_json,
 )
+from diffusion.prompt_checks import prompt_warnings
 
 
 #: diffusers' default image-to-image strength: the last 80% of the schedule runs. Inpainting shares it (diffusers'
@@ -55,55 +57,6 @@ DEFAULT_STRENGTH = 0.8
 
 class PromptWarning(UserWarning):
     """A prompt the model will read differently from what the user wrote (it still samples)."""
-
-
-def _untruncated(tokenizer: Any) -> Any:
-    """A copy of `tokenizer` without truncation or padding, to count the tokens a prompt really has."""
-    from tokenizers import Tokenizer
-
-    from diffusion.data.tokenizer import literal_special_tokens
-
-    tok = literal_special_tokens(Tokenizer.from_str(tokenizer.to_str()))
-    tok.no_truncation()
-    tok.no_padding()
-    return tok
-
-
-def prompt_warnings(tokenizer: Any, prompts: Sequence[str], kind: str = "prompt") -> list[str]:
-    """What the model will not see as written: empty prompts (unconditional), characters outside the vocabulary
-    (``[UNK]``), prompts longer than the tokenizer's ``max_length`` (truncated; counted before truncation).
-    `kind` names them in the messages; an empty ``"negative prompt"`` is the default null caption, not news."""
-    from diffusion.data.tokenizer import max_length_of, unknown_words
-
-    limit, counter, out = max_length_of(tokenizer), _untruncated(tokenizer), []
-    for i, prompt in enumerate(prompts):
-        quoted = repr(prompt if len(prompt) <= 60 else prompt[:57] + "...")
-        name = f"{kind} {i + 1} ({quoted})" if len(prompts) > 1 else f"{kind} {quoted}"
-        if not prompt.strip():
-            if kind == "prompt":
-                out.append(f"{name} is empty: sampling unconditionally (the null caption of classifier-free "
-                           "guidance)")
-            continue
-        unknown = unknown_words(tokenizer, prompt)
-        if unknown:
-            # BPE spells any word of known characters in pieces; only unseen characters become [UNK].
-            parts = [_unknown_part(tokenizer, word) for word in unknown]
-            out.append(f"{name}: characters outside the vocabulary (never in the training captions), read as "
-                       f"[UNK]: {', '.join(parts)}")
-        n = len(counter.encode(prompt).ids)  # [BOS] and [EOS] included, as max_length counts them
-        if n > limit:
-            out.append(f"{name} has {n} tokens, over the maximum of {limit}: it is truncated")
-    return out
-
-
-def _unknown_part(tokenizer: Any, word: str) -> str:
-    """``'z' in 'zebra'``, or ``'✓'`` for a word that is all unknown characters."""
-    from diffusion.data.tokenizer import unknown_characters
-
-    chars = unknown_characters(tokenizer, word)
-    if "".join(chars) == tokenizer.normalizer.normalize_str(word):
-        return repr(word)
-    return f"{', '.join(map(repr, chars))} in {word!r}"
 
 
 class TextToImagePipeline:
@@ -250,11 +203,8 @@ class TextToImagePipeline:
     ) -> np.ndarray:
         """Like ``__call__``, but returns one (N, H, W, 3) uint8 array, N = len(prompts) * num_images_per_prompt,
         prompt-major (the images of prompt 0 first)."""
-        import torch
-
         from diffusion import input_images
         from diffusion.data.tokenizer import encode
-        from diffusion.timesteps import img2img_steps
 
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts: expected a list of strings (\"\" for the unconditional model), got {prompts!r}")
@@ -284,6 +234,22 @@ class TextToImagePipeline:
         mask = None if masks is None else input_images.latent_masks(self.model, masks, k, n, size)  # (N, 1, h, w)
         for message in input_images.mask_warnings(masks, (H, W)) if warn and masks is not None else ():
             warnings.warn(message, PromptWarning, stacklevel=2)
+        return self._sample_batches(tokens, uncond, init, mask, size=size, steps=steps, guidance=guidance,
+                                    sampler=sampler, seed=seed, guidance_rescale=guidance_rescale, strength=strength,
+                                    batch_size=batch_size, progress=progress)
+
+    def _sample_batches(
+        self, tokens: Any, uncond: Any, init: Any, mask: Any, *, size: tuple[int, int], steps: int, guidance: float,
+        sampler: str, seed: int, guidance_rescale: float, strength: float, batch_size: int | None, progress: bool,
+    ) -> np.ndarray:
+        """The sampling of :meth:`generate`, its options checked: the images of `tokens` (N, T), `batch_size` at a
+        time (None: all at once) from one generator seeded with `seed`, as one (N, H, W, 3) uint8 array. `uncond`
+        (N, T), `init` (N, C, h, w) and `mask` (N, 1, h, w) are sliced as the tokens are (None: not used)."""
+        import torch
+
+        from diffusion.timesteps import img2img_steps
+
+        H, W = size
         run = steps if init is None else img2img_steps(int(steps), strength)  # the sampler steps each batch runs
         chunk = batch_size or max(len(tokens), 1)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))  # CPU: same x_T on every device
