@@ -240,7 +240,8 @@ def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenize
         # After the EMA (it reads the average of the same step), before the checkpoint (Lightning puts it last).
         *([ValLoss(val_set, cfg.val_every_n_steps)] if val_set is not None else []),
         SampleGrid(prompts, scheduler, side, cfg.sample_every_n_steps if prompts is not None else 0,
-                   sampler=cfg.sample_sampler, num_steps=cfg.sample_steps, guidance=cfg.sample_guidance),
+                   sampler=cfg.sample_sampler, num_steps=cfg.sample_steps, guidance=cfg.sample_guidance,
+                   final_step=cfg.max_steps),  # that step's grid is drawn once, as samples/final.png (_finish)
         ckpt.checkpoint_callback(run.point.dir, cfg.checkpoint_every_n_steps),
     ]
 
@@ -346,7 +347,7 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
 
         atomic_write_text(cfg.val_curve_path, "step,loss,seen_loss\n")
     mlflow.log_dict(model.config, "model/config.json")
-    if grid.tokens is not None:
+    if grid.tokens is not None:  # every run's last grid has this name (no step_<max_steps>.png): runs compare by it
         mlflow.log_image(grid.render(model), "samples/final.png")
     return metrics
 

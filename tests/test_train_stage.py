@@ -129,7 +129,9 @@ def test_train_stage_writes_model_metrics_curve_and_one_mlflow_run(project, cli_
     peak = float(run.data.params["lr"])
     assert len(lr) == 6 and lr[0] == pytest.approx(peak, rel=0.05) and lr == sorted(lr, reverse=True) and lr[-1] < peak
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert {"samples/step_0000006.png", "samples/step_0000012.png", "samples/final.png"} <= artifacts
+    # Every 6 steps of 12: the grid of step 12 is final.png, drawn once (not step_0000012.png as well).
+    assert {"samples/step_0000006.png", "samples/final.png"} <= artifacts
+    assert "samples/step_0000012.png" not in artifacts
 
     from diffusion.data.tokenizer import encode, load_tokenizer
     from diffusion.models import LatentDiffusionModel
@@ -772,14 +774,17 @@ def test_callbacks_count_optimizer_steps_under_gradient_accumulation(callback):
     trainer_args = dict(max_steps=4, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     if callback == "SampleGrid":
-        grid = callbacks.SampleGrid.__new__(callbacks.SampleGrid)
-        grid.every, drawn = 2, []
-        grid.render = lambda model: drawn.append(True)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(callbacks, "log_image", lambda trainer, image, name: drawn.append(name))
-            mp.setattr(callbacks, "ema_model", lambda trainer, module: module)
-            pl.Trainer(callbacks=[grid], **trainer_args).fit(Tiny(), data)
-        assert [d for d in drawn if d is not True] == ["samples/step_0000002.png", "samples/step_0000004.png"]
+        # final_step: the train stage draws the grid of max_steps itself (samples/final.png), not the callback too.
+        for final_step, names in ((None, [2, 4]), (4, [2])):
+            grid = callbacks.SampleGrid.__new__(callbacks.SampleGrid)
+            grid.every, grid.final_step, drawn = 2, final_step, []
+            grid.render = lambda model, drawn=drawn: drawn.append(True)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(callbacks, "log_image", lambda trainer, image, name, drawn=drawn: drawn.append(name))
+                mp.setattr(callbacks, "ema_model", lambda trainer, module: module)
+                pl.Trainer(callbacks=[grid], **trainer_args).fit(Tiny(), data)
+            assert [d for d in drawn if d is not True] == [f"samples/step_{n:07d}.png" for n in names], final_step
+            assert drawn.count(True) == len(names)  # rendered only where logged
     else:
         # Micro-batch 4 is the first of optimizer step 3's pair.
         with pytest.raises(NonFiniteLossError, match=r"at step 3 "):

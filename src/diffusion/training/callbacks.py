@@ -100,15 +100,19 @@ class SampleGrid(Callback):
         every_n_steps: how often; 0 disables.
         sampler, num_steps, guidance: how to sample (a few DPM-Solver++ steps keep this cheap).
         seeds: one row of images per seed.
+        final_step: a step whose grid the caller draws itself once training ends, from the weights it exports
+            (the train stage's ``samples/final.png``, which every run has: runs compare by it). Not drawn here
+            too, where it would be the same images a second time (None: every N-th step is drawn).
     """
 
     def __init__(
         self, tokens: torch.Tensor, scheduler: DDPMScheduler, image_size: int, every_n_steps: int,
         sampler: str = "dpmpp", num_steps: int = 10, guidance: float = 4.0, seeds: Sequence[int] = (0, 1),
+        final_step: int | None = None,
     ) -> None:
         self.tokens, self.scheduler, self.image_size = tokens, scheduler, image_size
         self.every, self.sampler, self.num_steps, self.guidance = every_n_steps, sampler, num_steps, guidance
-        self.seeds = tuple(seeds)
+        self.seeds, self.final_step = tuple(seeds), final_step
         self.last_grid = None
 
     @torch.no_grad()
@@ -133,6 +137,8 @@ class SampleGrid(Callback):
         # Only a batch that made an optimizer step: under gradient accumulation the others end on the step
         # before (the first ones on step 0, which drew a grid of the untrained model).
         if not self.every or step % self.every or not trainer.is_global_zero or step == self._step_before:
+            return
+        if step == self.final_step:  # the caller draws this step's grid (final_step)
             return
         self.last_grid = self.render(ema_model(trainer, pl_module))
         log_image(trainer, self.last_grid, f"samples/step_{step:07d}.png")
