@@ -269,11 +269,17 @@ def test_cli_sample_bad_image_or_strength_fails_before_loading(model_dir, tmp_pa
     broken = broken_model_dir(model_dir, tmp_path)
     gradient_image().save(tmp_path / "in.png")
     base = ["sample", PROMPTS[0], "--model", str(broken), "--steps", "10"]
-    for args, code, words in ((["--image", "nowhere.png"], 1, "--image nowhere.png: no such file"),
-                              (["--image", "in.png", "--strength", "0.05"], 2, "--strength: 0.05 of 10 steps"),
-                              (["--image", "in.png", "--strength", "0"], 2, "--strength")):
+    # A strength out of (0, 1] (with or without --image) and one too small for --steps are refused alike: exit 2,
+    # "error: --strength: ..." saying what it expects, as --size and the other options (no typer usage box).
+    expected = "error: --strength: expected a number in (0, 1] (1: the whole schedule), got"
+    too_small = "error: --strength: 0.05 of 10 steps runs int(10 * 0.05) = 0 steps; give a strength of at least 0.1"
+    for args, code, words in ((["--image", "nowhere.png"], 1, "error: --image nowhere.png: no such file"),
+                              (["--image", "in.png", "--strength", "0.05"], 2, too_small),
+                              (["--image", "in.png", "--strength", "0"], 2, f"{expected} 0.0"),
+                              (["--strength", "1.5"], 2, f"{expected} 1.5")):
         proc = run_cli([*base, *args], tmp_path, env, check=False)
         assert proc.returncode == code and words in proc.stderr and "model.pt" not in proc.stderr, proc.stderr
+        assert "Usage:" not in proc.stderr and "Invalid value" not in proc.stderr, proc.stderr
     assert not (tmp_path / "samples.png").exists()
 
 

@@ -274,15 +274,17 @@ def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
 
 
 def _strength_in_range(strength: float | None) -> float | None:
-    """--strength refused (exit 2) outside (0, 1], with or without --image."""
-    if strength is None:
-        return None
-    from diffusion.timesteps import check_strength
+    """--strength refused (exit 2) outside (0, 1], with or without --image, in the words `sample` refuses its other
+    values with (``error: --strength: ...``, as a strength too small for --steps in ``cli_sample.run``), not in
+    typer's usage box, which stays for what typer checks itself (a number, --steps >= 1)."""
+    if strength is not None:
+        from diffusion.timesteps import check_strength
 
-    try:
-        return check_strength(strength)
-    except ValueError as e:
-        raise typer.BadParameter(str(e).removeprefix("strength: ")) from None
+        try:
+            check_strength(strength)
+        except ValueError as e:
+            _fail(f"--strength: {str(e).removeprefix('strength: ')}", 2)
+    return strength
 
 
 @app.command("sample")
