@@ -34,6 +34,7 @@ from diffusion.config import ConfigError
 from diffusion.data.locations import read_manifest, require_split
 from diffusion.run_keys import DEFAULT_EXCLUDE
 from diffusion.stage_configs import TrainConfig
+from diffusion.training import init_from
 
 #: What the stage writes in out_dir (anything else there stops it: check_replaceable).
 MODEL_ENTRIES = ("config.json", "model.pt", "tokenizer.json", "train_config.json")
@@ -191,9 +192,7 @@ def build_model(cfg: TrainConfig) -> Any:
     )
     model.vae.load_state_dict(vae.state_dict())
     if cfg.init_from is not None:  # fine-tuning: the text encoder and denoiser start from a trained model's
-        from diffusion.training.init_from import start_from  # (frozen, with LoRA adapters, under train.lora)
-
-        start_from(model, cfg)
+        init_from.start_from(model, cfg)  # (frozen, with LoRA adapters, under train.lora)
     return model
 
 
@@ -214,9 +213,10 @@ def _fingerprints(cfg: TrainConfig, urls: list[str]) -> dict[str, str]:
     import diffusion.training.trainer as trainer
     from diffusion.run_keys import contents_fingerprint, files_fingerprint, source_fingerprint
 
-    # trainer: precision ("auto"), clipping, accumulation; nonfinite: when a run stops.
-    code = [Path(models.__file__).parent, *(m.__file__ for m in (latents, loader, reading, tokenizer, scheduler, system,
-                                                                  optim, callbacks, resume, trainer, nonfinite)), __file__]
+    # trainer: precision ("auto"), clipping, accumulation; nonfinite: when a run stops; init: fine-tuning's start.
+    modules = (latents, loader, reading, tokenizer, scheduler, system, optim, callbacks, resume, trainer, nonfinite,
+               init_from)
+    code = [Path(models.__file__).parent, *(m.__file__ for m in modules), __file__]
     # The weights fine-tuning starts from by content too (a folder trained further keeps its path).
     inputs = [cfg.vae_dir, cfg.tokenizer_path, *([cfg.init_from] if cfg.init_from is not None else [])]
     return {"data": files_fingerprint(urls), "inputs": contents_fingerprint(inputs), "code": source_fingerprint(*code)}
@@ -253,13 +253,12 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str], val_set: Any) -> tuple[Any
     from diffusion.scheduler import DDPMScheduler
     from diffusion.training.callbacks import SampleGrid
     from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
-    from diffusion.training.init_from import lora_summary
     from diffusion.training.trainer import build_trainer
 
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     model = build_model(cfg)
     if cfg.lora.rank and run.run_id is not None:  # once, not once per DDP rank
-        print(f"train: {lora_summary(model)}")
+        print(f"train: {init_from.lora_summary(model)}")
     scheduler = DDPMScheduler.from_config(cfg.scheduler)
     loader = make_latent_loader(
         urls, tokenizer, batch_size=cfg.batch_size, latent_scale=model.latent_scale, latent_shift=model.latent_shift,
@@ -302,11 +301,11 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
 
     from diffusion.tracking import is_finite_number
     from diffusion.training.callbacks import ema_model
-    from diffusion.training.init_from import exported_model
     from diffusion.training.step_means import step_means
     from diffusion.training.val_loss import ValLoss
 
-    model = exported_model(system.restore_frozen_vae(ema_model(trainer, system)), cfg.lora)  # LoRA merged in
+    # Under train.lora, with the adapters merged into their layers: an ordinary model (models/lora.py).
+    model = init_from.exported_model(system.restore_frozen_vae(ema_model(trainer, system)), cfg.lora)
     export(cfg, model, grid.image_size)
     curve = step_means(trainer)
     curve.write()
@@ -365,9 +364,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     urls, val_urls, latent_shape = validate(cfg)
     cfg = resolve_derived(cfg, latent_shape)
     if cfg.init_from is not None:  # fine-tuning: the model's tokenizer, VAE and architecture, or stop here
-        from diffusion.training.init_from import check_init
-
-        check_init(cfg, urls)
+        init_from.check_init(cfg, urls)
     val_set = _val_set(cfg, urls, val_urls)  # every rank, before the run opens (no val latents stop it here)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -380,10 +377,9 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
             if cfg.init_from is not None and not run.point.resuming:
                 print(f"train: fine-tuning, from the text encoder and {cfg.denoising_type} of {cfg.init_from}")
         trainer, system, grid = _fit(cfg, run, urls, val_set)
-        # Every rank says how far it got and a digest of its weights: under DDP both must be equal on
-        # every rank, on one machine or several (checkpointing.rank_report).
-        # Of the EMA weights, the ones exported: the live module holds them only after Lightning's end-of-training
-        # copy, which a rerun of a finished run (no step to train) skips.
+        # Every rank says how far it got and a digest of its weights: under DDP both must be equal on every rank,
+        # on one machine or several (checkpointing.rank_report). Of the EMA weights, the ones exported: the live
+        # module holds them only after Lightning's end-of-training copy, which a rerun of a finished run skips.
         from diffusion.training.callbacks import ema_model
 
         print_rank_report(STAGE, trainer, ema_model(trainer, system))
