@@ -8,8 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 from test_init_from import QUICK, _state, trained  # noqa: F401 (trained: a fixture)
-from test_train_stage import copy_project, runs, train_in_process, upstream  # noqa: F401 (upstream: a fixture)
+from test_train_stage import copy_project, rank_lines, runs, train_in_process, upstream  # noqa: F401 (a fixture)
 from torch import nn
 
 from diffusion.models import lora
@@ -135,6 +136,20 @@ def test_a_lora_run_resumes_from_its_checkpoint(project, capsys):
     train_in_process(project, *args)
     assert "train: resuming from" in capsys.readouterr().out
     assert (project / "models/diffusion/model.pt").read_bytes() == first
+
+
+@pytest.mark.timeout(300)
+def test_lora_under_ddp_ends_with_the_same_weights_on_both_ranks(project, cli_env):
+    """The frozen weights take no part in DDP's gradient reduction; the adapters' gradients are averaged, so both
+    ranks end with the same weights (their digests), and rank 0 exports the merged model."""
+    pretrained = project / "models/pretrained"
+    out = run_cli(["train", *(a for o in (*QUICK, "train.devices=2", "train.strategy=ddp", "train.max_steps=3",
+                                          "train.lr=3e-2", f"train.init_from={pretrained}", "train.lora.rank=2")
+                              for a in ("-S", o))], project, cli_env)
+    ranks = sorted(rank_lines(out.stdout))
+    assert [r[:2] for r in ranks] == [(0, 3), (1, 3)] and ranks[0][2] == ranks[1][2], out.stdout
+    new, old = (torch.load(f / "model.pt", weights_only=True) for f in (project / "models/diffusion", pretrained))
+    assert new.keys() == old.keys() and any(not torch.equal(new[k], old[k]) for k in _denoiser_targets(old))
 
 
 @pytest.mark.parametrize("overrides, message", [
