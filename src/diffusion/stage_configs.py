@@ -106,7 +106,7 @@ class LoRAConfig(Config):
     the model in ``train.init_from`` stays frozen and each targeted layer learns W + (alpha / rank) B A
     (models/lora.py). The exported model has the products merged in: an ordinary model."""
 
-    rank: int = param(0, "the adapters' rank r (4-64 is usual); 0: off, every weight trains (needs init_from)", ge=0)
+    rank: int = param(0, "the adapters' rank r (4-64 is usual; needs init_from); 0: off, every weight trains", ge=0)
     alpha: float | None = param(None, "the update's scale is alpha / rank (null: alpha = rank, scale 1, as diffusers)",
                                 gt=0.0)
     targets: tuple[str, ...] = param(
