@@ -159,6 +159,9 @@ def test_lora_under_ddp_ends_with_the_same_weights_on_both_ranks(project, cli_en
       r".*attn.to_qkv")),
     (["train.lora.rank=2", "train.lora.targets=[adaLN_modulation.1]", "train.lora.text_encoder=true", "INIT"],
      r"name no layer of the text_encoder \(TextEncoder\)"),
+    # A typo beside a good name: refused too, not trained around.
+    (["train.lora.rank=2", "train.lora.targets=[to_q, to_k]", "INIT"],
+     r"train.lora.targets: 'to_k' name\(s\) no layer of the denoiser; the denoiser's nn.Linear layers are .*to_qkv"),
 ])
 def test_bad_lora_settings_are_refused_before_the_run(project, overrides, message):
     from diffusion.config import ConfigError

@@ -326,7 +326,7 @@ class TrainConfig(TrainerFields):
                               f"got {self.sample_steps}")
         if self.lora.rank and self.init_from is None:
             raise ConfigError("lora.rank: LoRA adapts a trained model, and train.init_from is null; name the model "
-                              "to fine-tune (train.init_from) or set lora.rank to 0")
+                              "to fine-tune (train.init_from) or set train.lora.rank to 0")
         if self.denoising_type == "dit" and self.dit.learn_sigma:
             raise ConfigError("dit.learn_sigma: the training loss has no variance term (DiT's L_vlb); set it false")
 

@@ -154,8 +154,10 @@ def _adapted_parts(lora: Any) -> tuple[str, ...]:
 
 
 def check_lora(cfg: Any) -> None:
-    """Refuse ``train.lora.targets`` that name no ``nn.Linear`` of an adapted network (built on the meta device:
-    no memory, no time), listing the layers there are. Raises ConfigError."""
+    """Refuse ``train.lora.targets`` when an adapted network has no layer they name, or when one of them names no
+    layer of any adapted network (a typo beside good names would otherwise train less than asked, without a word),
+    listing the layers there are. The networks are built on the meta device: no memory, no time. Raises
+    ConfigError."""
     from diffusion.models import DENOISERS
     from diffusion.models.lora import linear_names, target_linears
     from diffusion.models.text_encoder import TextEncoder
@@ -163,11 +165,17 @@ def check_lora(cfg: Any) -> None:
     with torch.device("meta"):
         nets = {"denoiser": DENOISERS[cfg.denoising_type][1](cfg.denoiser_config()),
                 "text_encoder": TextEncoder(cfg.text_encoder)}
-    for part in _adapted_parts(cfg.lora):
-        if not target_linears(nets[part], cfg.lora.targets):
-            raise ConfigError(f"train.lora.targets: {list(cfg.lora.targets)} name no layer of the {part} "
-                              f"({type(nets[part]).__name__}); its nn.Linear layers are "
-                              f"{', '.join(linear_names(nets[part]))}")
+    targets, parts = list(cfg.lora.targets), _adapted_parts(cfg.lora)
+    layers = {part: ", ".join(linear_names(nets[part])) for part in parts}
+    for part in parts:
+        if not target_linears(nets[part], targets):
+            raise ConfigError(f"train.lora.targets: {targets} name no layer of the {part} "
+                              f"({type(nets[part]).__name__}); its nn.Linear layers are {layers[part]}")
+    unmatched = [t for t in targets if not any(target_linears(nets[part], [t]) for part in parts)]
+    if unmatched:
+        raise ConfigError(f"train.lora.targets: {', '.join(map(repr, unmatched))} name(s) no layer of the "
+                          f"{' or the '.join(parts)}; " + "; ".join(f"the {part}'s nn.Linear layers are {layers[part]}"
+                                                                    for part in parts))
 
 
 def add_adapters(model: torch.nn.Module, lora: Any) -> None:
