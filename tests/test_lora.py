@@ -16,17 +16,29 @@ from torch import nn
 from diffusion.models import lora
 from diffusion.models.dit import DiT, DiTConfig
 from diffusion.models.lora import LoRALinear, inject_lora, merge_lora
+from diffusion.models.unet import UNet, UNetConfig
 
 TARGETS = ("to_q", "to_kv", "to_qkv", "out")
 
 
+def _trained(net: nn.Module) -> nn.Module:
+    """`net` with a trained model's kind of weights: DiT's zero-initialised gates and output (and the U-Net's
+    zero-initialised output convolutions) would hide any change."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.1)
+    return net
+
+
 def _dit() -> DiT:
     torch.manual_seed(0)
-    dit = DiT(DiTConfig(in_channels=4, context_dim=16, depth=2, hidden_size=32, num_heads=2, patch_size=2))
-    with torch.no_grad():  # a trained model's weights: DiT's zero-initialised gates and output would hide any change
-        for p in dit.parameters():
-            p.normal_(0.0, 0.1)
-    return dit
+    return _trained(DiT(DiTConfig(in_channels=4, context_dim=16, depth=2, hidden_size=32, num_heads=2, patch_size=2)))
+
+
+def _unet() -> UNet:
+    torch.manual_seed(0)
+    return _trained(UNet(UNetConfig(in_channels=4, context_dim=16, base_channels=16, channel_mult=(1, 2),
+                                    num_res_blocks=1, attention_levels=(1,), num_heads=2, norm_groups=4)))
 
 
 def _dit_inputs() -> tuple[torch.Tensor, ...]:
@@ -50,12 +62,15 @@ def test_an_adapter_starts_as_its_layer_and_merges_into_the_same_function():
     assert not torch.allclose(merged(x), base(x), atol=1e-3)
 
 
-def test_adapting_a_dit_trains_the_adapters_alone_and_merging_restores_its_state_dict():
-    dit, inputs = _dit(), _dit_inputs()
+@pytest.mark.parametrize("make, layers", [
+    (_dit, 2 * 5),  # per block: self-attention to_qkv and out, cross-attention to_q, to_kv and out
+    (_unet, 4 * 5),  # the same in each spatial transformer: level 1 down, the middle, level 1 up (two blocks)
+])
+def test_adapting_a_denoiser_trains_the_adapters_alone_and_merging_restores_its_state_dict(make, layers):
+    dit, inputs = make(), _dit_inputs()
     keys, before = dit.state_dict().keys(), dit(*inputs)
     names = inject_lora(dit, TARGETS, rank=2, alpha=2.0)
-    # Per block: self-attention to_qkv and out, cross-attention to_q, to_kv and out.
-    assert len(names) == 2 * 5 and all(n.startswith("blocks.") for n in names)
+    assert len(names) == layers and all(n.rsplit(".", 1)[-1] in TARGETS for n in names)
     assert torch.equal(dit(*inputs), before)  # B = 0
     trainable = {n for n, p in dit.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.lora_{d}.weight" for n in names for d in ("down", "up")}
