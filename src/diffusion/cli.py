@@ -15,6 +15,7 @@ from typing import Annotated, Any, Callable
 
 import typer
 
+from diffusion.cli_text import show_warnings_plainly, unwrap_command_help
 from diffusion.config import Config, ConfigError
 from diffusion.params import BASE_PROFILE, load_params, load_section
 
@@ -390,4 +391,6 @@ def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = None)
 
 def main() -> None:
     """Entry point of the `diffusion` console script and of `python cli.py`."""
+    unwrap_command_help(app)
+    show_warnings_plainly()
     app(prog_name=Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith("cli.py") else "diffusion")
