@@ -113,7 +113,6 @@ class SampleGrid(Callback):
         self.tokens, self.scheduler, self.image_size = tokens, scheduler, image_size
         self.every, self.sampler, self.num_steps, self.guidance = every_n_steps, sampler, num_steps, guidance
         self.seeds, self.final_step = tuple(seeds), final_step
-        self.last_grid = None
 
     @torch.no_grad()
     def render(self, model: torch.nn.Module) -> Any:
@@ -140,5 +139,4 @@ class SampleGrid(Callback):
             return
         if step == self.final_step:  # the caller draws this step's grid (final_step)
             return
-        self.last_grid = self.render(ema_model(trainer, pl_module))
-        log_image(trainer, self.last_grid, f"samples/step_{step:07d}.png")
+        log_image(trainer, self.render(ema_model(trainer, pl_module)), f"samples/step_{step:07d}.png")
