@@ -17,8 +17,9 @@ from diffusion.models import lora
 from diffusion.models.dit import DiT, DiTConfig
 from diffusion.models.lora import LoRALinear, inject_lora, merge_lora
 from diffusion.models.unet import UNet, UNetConfig
+from diffusion.stage_configs import LoRAConfig
 
-TARGETS = ("to_q", "to_kv", "to_qkv", "out")
+TARGETS = LoRAConfig().targets  # the attention projections
 
 
 def _trained(net: nn.Module) -> nn.Module:

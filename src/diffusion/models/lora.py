@@ -30,10 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Attention projections of the denoisers and the text encoder (models/layers.py ``Attention``): the default
-#: targets, diffusers' choice (see the module docstring).
-ATTENTION_TARGETS = ("to_q", "to_kv", "to_qkv", "out")
-
 
 class LoRALinear(nn.Linear):
     """An ``nn.Linear`` with a trainable low-rank update: ``y = x W^T + b + (alpha / r) x A^T B^T``.
@@ -126,9 +122,7 @@ def inject_lora(module: nn.Module, targets: Sequence[str], rank: int, alpha: flo
                          f"are {', '.join(linear_names(module))}")
     module.requires_grad_(False)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear.from_linear(getattr(parent, child), rank, alpha))
+        module.set_submodule(name, LoRALinear.from_linear(module.get_submodule(name), rank, alpha))
     return names
 
 
@@ -137,8 +131,7 @@ def merge_lora(module: nn.Module) -> nn.Module:
     whose state dict then has the keys of the model before :func:`inject_lora`."""
     for name, m in list(module.named_modules()):
         if isinstance(m, LoRALinear):
-            parent_name, _, child = name.rpartition(".")
-            setattr(module.get_submodule(parent_name), child, m.merged())
+            module.set_submodule(name, m.merged())
     return module
 
 
