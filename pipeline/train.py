@@ -37,7 +37,7 @@ from diffusion.stage_configs import TrainConfig
 from diffusion.training import init_from
 
 #: What the stage writes in out_dir (anything else there stops it: check_replaceable).
-MODEL_ENTRIES = ("config.json", "model.pt", "tokenizer.json", "train_config.json")
+MODEL_ENTRIES = ("config.json", "model.pt", "tokenizer.json", "train_config.json", "lora.pt")
 
 STAGE = "train"
 #: Fields that do not change the trained weights (paths: the data, the VAE, the tokenizer and the init_from weights
@@ -283,11 +283,13 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str], val_set: Any) -> tuple[Any
     return trainer, system, grid
 
 
-def export(cfg: TrainConfig, model: Any, image_size: int) -> Path:
+def export(cfg: TrainConfig, model: Any, image_size: int, adapted: Any = None) -> Path:
     """Write the EMA model, its config, the tokenizer and the training resolution to out_dir, atomically
-    (a temporary folder that replaces the old one when complete)."""
+    (a temporary folder that replaces the old one when complete); under train.lora also the adapters of `adapted`,
+    the EMA model before the merge, as lora.pt."""
     with staged_dir(cfg.out_dir) as tmp:
         model.save_pretrained(tmp)
+        init_from.save_adapters(adapted, tmp, cfg)
         shutil.copyfile(cfg.tokenizer_path, tmp / "tokenizer.json")
         # The train section that made it (its scheduler is the sampling schedule) and the image side the
         # latents decode to, the default size for sampling.
@@ -305,8 +307,9 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
     from diffusion.training.val_loss import ValLoss
 
     # Under train.lora, with the adapters merged into their layers: an ordinary model (models/lora.py).
-    model = init_from.exported_model(system.restore_frozen_vae(ema_model(trainer, system)), cfg.lora)
-    export(cfg, model, grid.image_size)
+    ema = system.restore_frozen_vae(ema_model(trainer, system))
+    model = init_from.exported_model(ema, cfg.lora)
+    export(cfg, model, grid.image_size, ema)
     curve = step_means(trainer)
     curve.write()
     final_loss = curve.recent_loss(10)  # the mean over the last 10 windows' steps
@@ -346,6 +349,8 @@ def _finish(cfg: TrainConfig, run: Any, trainer: Any, system: Any, grid: Any, se
 
         atomic_write_text(cfg.val_curve_path, "step,loss,seen_loss\n")
     mlflow.log_dict(model.config, "model/config.json")
+    if cfg.lora.rank:  # the adapters alone, small: runs:/<id>/model/lora.pt for sample --lora
+        mlflow.log_artifact(str(Path(cfg.out_dir) / "lora.pt"), "model")
     if grid.tokens is not None:  # every run's last grid has this name (no step_<max_steps>.png): runs compare by it
         mlflow.log_image(grid.render(model), "samples/final.png")
     return metrics

@@ -4,6 +4,7 @@ the targeted layers train, and the exported model has them merged in, an ordinar
 The stage tests start from test_init_from's trained tiny DiT (its `trained` fixture).
 """
 
+import copy
 import json
 
 import pytest
@@ -40,6 +41,17 @@ def _unet() -> UNet:
     torch.manual_seed(0)
     return _trained(UNet(UNetConfig(in_channels=4, context_dim=16, base_channels=16, channel_mult=(1, 2),
                                     num_res_blocks=1, attention_levels=(1,), num_heads=2, norm_groups=4)))
+
+
+def _adapted_dit() -> tuple[DiT, DiT]:
+    """A DiT and a copy of it with rank-2 adapters on its attention, their B made non-zero (as if trained)."""
+    base = _dit()
+    adapted = copy.deepcopy(base)
+    inject_lora(adapted, TARGETS, rank=2, alpha=3.0)
+    with torch.no_grad():
+        for layer in lora.adapted_layers(adapted).values():
+            layer.lora_up.weight.normal_(0.0, 0.1)
+    return base, adapted
 
 
 def _dit_inputs() -> tuple[torch.Tensor, ...]:
@@ -135,6 +147,19 @@ def test_lora_fine_tuning_trains_the_adapters_and_exports_an_ordinary_model(proj
     model = LatentDiffusionModel.from_pretrained(out)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
+    # Beside it, the adapters alone: merged into the model they were trained on, they give the export to the bit.
+    from diffusion.pipeline_model import TextToImagePipeline
+
+    adapters = lora.read_adapters(out / lora.ADAPTER_FILE)
+    assert (adapters["rank"], adapters["alpha"], adapters["base"], len(adapters["layers"])) == (2, 2.0, str(pretrained),
+                                                                                                10)
+    assert sum(v.numel() for v in adapters["weights"].values()) == metrics["parameters_trained"]
+    pipe = TextToImagePipeline.from_pretrained(pretrained, device="cpu")
+    pipe.load_lora_weights(out)
+    assert all(torch.equal(v, new[k]) for k, v in pipe.model.state_dict().items())
+    client, (run, *_) = runs("train")
+    assert "model/lora.pt" in [f.path for f in client.list_artifacts(run.info.run_id, "model")]
+
     # With lora.text_encoder, its attention is adapted too.
     train_in_process(project, "train.max_steps=3", "train.lr=3e-2", "train.warmup_steps=0", *QUICK,
                      f"train.init_from={pretrained}", "train.lora.rank=2", "train.lora.text_encoder=true")
@@ -186,3 +211,85 @@ def test_bad_lora_settings_are_refused_before_the_run(project, overrides, messag
     with pytest.raises(ConfigError, match=message):
         train_in_process(project, *QUICK, *overrides)
     assert not runs("train")[1] and not (project / "checkpoints/train").exists()
+
+
+def test_the_adapters_file_merges_into_its_base_at_any_scale(tmp_path):
+    """lora.pt holds A and B alone; merged into the base at scale 1 it gives merge_lora's weights to the bit, at 0
+    the base's, at 0.5 half the update; the file says its rank, alpha and base."""
+    base, adapted = _adapted_dit()
+    path = lora.save_adapters(adapted, tmp_path / "lora.pt", base="models/pretrained")
+    adapters = lora.read_adapters(tmp_path)  # the folder holding it will do
+    assert (adapters["rank"], adapters["alpha"], adapters["base"]) == (2, 3.0, "models/pretrained")
+    assert len(adapters["weights"]) == 2 * len(adapters["layers"]) == 2 * len(lora.adapted_layers(adapted))
+    assert path.stat().st_size < 0.2 * sum(p.numel() * 4 for p in base.parameters())
+    merged = merge_lora(copy.deepcopy(adapted)).state_dict()
+    scaled = {}
+    for scale in (1.0, 0.0, 0.5):
+        net = copy.deepcopy(base)
+        assert lora.apply_adapters(net, adapters, scale) is None  # its base: no warning
+        scaled[scale] = net.state_dict()
+    assert all(torch.equal(v, merged[k]) for k, v in scaled[1.0].items())
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in scaled[0.0].items())
+    name = adapters["layers"][0] + ".weight"
+    half = (scaled[1.0][name] - scaled[0.0][name]) / 2
+    assert torch.allclose(scaled[0.5][name] - scaled[0.0][name], half, atol=1e-6) and half.abs().max() > 1e-3
+
+
+def test_adapters_that_do_not_fit_are_refused_before_any_weight_changes(tmp_path):
+    """Another architecture: refused naming the layer, the model untouched. Another model of the same shapes, or
+    the model they are merged into already: merged, with a warning. Not an adapters' file: named."""
+    base, adapted = _adapted_dit()
+    adapters = lora.read_adapters(lora.save_adapters(adapted, tmp_path / "lora.pt", base="models/pretrained"))
+    unet = _unet()
+    before = copy.deepcopy(unet.state_dict())
+    with pytest.raises(ValueError, match=r"lora.pt: adapts blocks.0.attn.out, which this UNet has no plain "
+                                         r"nn.Linear layer for"):
+        lora.apply_adapters(unet, adapters)
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    torch.manual_seed(0)
+    wider = DiT(DiTConfig(in_channels=4, context_dim=16, depth=2, hidden_size=64, num_heads=2, patch_size=2))
+    with pytest.raises(ValueError, match=r"the adapter of blocks.0.attn.out is for a \(32, 32\) weight; this "
+                                         r"model's is \(64, 64\)"):
+        lora.apply_adapters(wider, adapters)
+    merged = merge_lora(copy.deepcopy(adapted))
+    assert "not those of models/pretrained" in lora.apply_adapters(merged, adapters)
+    torch.save(base.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"model.pt: not an adapters' file"):
+        lora.read_adapters(tmp_path / "model.pt")
+    with pytest.raises(FileNotFoundError, match=r"nothing: no such file; expected the lora.pt"):
+        lora.read_adapters(tmp_path / "nothing")
+
+
+def test_sample_and_merge_lora_use_a_runs_adapters(project, cli_env):
+    """`sample --lora` merges the adapters into their base (the run's init_from) and draws what the run's exported
+    model draws; `merge-lora --scale` writes a model folder between the two, which samples as any other; a base
+    that is not a model folder stops merge-lora before it writes anything."""
+    import numpy as np
+    from PIL import Image
+
+    pretrained, out = project / "models/pretrained", project / "models/diffusion"
+    train_in_process(project, "train.max_steps=3", "train.lr=3e-2", "train.warmup_steps=0", *QUICK,
+                     f"train.init_from={pretrained}", "train.lora.rank=2")
+    sample = ["sample", "a red circle", "--steps", "2", "--device", "cpu"]
+    proc = run_cli([*sample, "--lora", str(out / "lora.pt"), "--out", "lora.png"], project, cli_env)
+    assert f"LoRA {out / 'lora.pt'} at scale 1" in proc.stdout and "warning" not in proc.stderr
+    run_cli([*sample, "--model", str(out), "--out", "merged.png"], project, cli_env)
+    run_cli([*sample, "--model", str(pretrained), "--out", "base.png"], project, cli_env)
+    lora_png, merged_png, base_png = (np.asarray(Image.open(project / f"{n}.png")) for n in ("lora", "merged", "base"))
+    assert np.array_equal(lora_png, merged_png) and not np.array_equal(lora_png, base_png)
+
+    proc = run_cli(["merge-lora", str(out), "--scale", "0.5", "--out", "models/half"], project, cli_env)
+    assert "merge-lora: 10 adapted layers (rank 2)" in proc.stdout
+    half, base, full = (torch.load(f / "model.pt", weights_only=True) for f in (project / "models/half", pretrained,
+                                                                                  out))
+    changed = [k for k in base if not torch.equal(base[k], full[k])]
+    assert changed and all(torch.allclose(half[k], (base[k] + full[k]) / 2, atol=1e-6) for k in changed)
+    assert json.loads((project / "models/half/train_config.json").read_text())["merged_lora"]["scale"] == 0.5
+    run_cli([*sample, "--model", "models/half", "--out", "half.png"], project, cli_env)
+
+    # The merged model (lora.pt is in its folder) as a base: a warning; a file as the base: refused.
+    proc = run_cli([*sample, "--model", str(out), "--lora", str(out), "--out", "twice.png"], project, cli_env)
+    assert "warning: " in proc.stderr and "are merged into its own model.pt already" in proc.stderr
+    proc = run_cli(["merge-lora", str(out), "--model", "models/half/model.pt", "--out", "models/bad"], project,
+                   cli_env, check=False)
+    assert proc.returncode == 1 and not (project / "models/bad").exists(), proc.stderr

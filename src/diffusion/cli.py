@@ -331,6 +331,13 @@ def sample(
         help="Inpainting, with --image: regenerate the white (>= 128) of this mask, keep the rest of the image's "
         "latents; read as grayscale, resized to the sample size as the image is.",
     )] = None,
+    lora: Annotated[str | None, typer.Option(
+        help="LoRA adapters to merge into the model first: the lora.pt of a train.lora run (or its folder, or "
+        "runs:/ID/model/lora.pt); without --model, into the model they were trained on.",
+    )] = None,
+    lora_scale: Annotated[float, typer.Option(
+        "--lora-scale", help="With --lora: how much of the adapters' update to add (1: the run's model, 0: none).",
+    )] = 1.0,
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
 ) -> None:
@@ -346,7 +353,8 @@ def sample(
 
     cli_sample.run(prompts, num_images=num_images, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
                    guidance_rescale=guidance_rescale, sampler=sampler, seed=seed, out=out, model=model, size=size,
-                   device=device, image=image, strength=strength, mask=mask, params=params, set_=set_)
+                   device=device, image=image, strength=strength, mask=mask, lora=lora, lora_scale=lora_scale,
+                   params=params, set_=set_)
 
 
 def _judge_config() -> type[Config]:
@@ -387,6 +395,9 @@ def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = None)
     from pipeline import evaluate as stage
 
     run_stage(_evaluate_config(), params, set_, stage.main, (stage.EvaluateError,))
+
+
+from diffusion import cli_lora  # noqa: F401 (registers `merge-lora`; its own module, as sample's cli_sample)
 
 
 def main() -> None:

@@ -88,15 +88,62 @@ def _read_input_image(image: Path | None, strength: float | None, num_prompts: i
     return {"image": inputs, "strength": DEFAULT_STRENGTH if strength is None else strength, "mask_image": masks}
 
 
+def read_lora(lora: str) -> dict[str, Any]:
+    """The adapters' file `lora` (a lora.pt, the folder holding it, or an MLflow artifact URI such as
+    ``runs:/<id>/model/lora.pt``), read and checked (``models.lora.read_adapters``) before any model is loaded. Exit
+    1 naming it when it cannot be read, as for a missing model."""
+    from diffusion.models.lora import read_adapters
+
+    try:
+        if _is_mlflow_uri(lora):
+            import mlflow
+            from mlflow.exceptions import MlflowException
+
+            try:
+                lora = mlflow.artifacts.download_artifacts(lora)
+            except MlflowException as e:
+                _fail(f"--lora {lora}: cannot download this MLflow artifact ({e})", 1)
+        return read_adapters(lora)
+    except (OSError, ValueError) as e:
+        _fail(f"--lora {e}", 1)
+    raise AssertionError("unreachable")
+
+
+def adapters_base(adapters: dict[str, Any]) -> str:
+    """The model the adapters were trained on (their run's train.init_from), the default --model with --lora. Exit
+    1 when that folder is not here (another machine's path)."""
+    if not Path(adapters["base"]).is_dir():
+        _fail(f"--lora {adapters['path']}: its base model {adapters['base']} (the run's train.init_from) is not "
+              "here; pass --model, the model folder or MLflow model URI to merge the adapters into", 1)
+    return adapters["base"]
+
+
+def merge_adapters(model: Any, adapters: dict[str, Any], scale: float) -> None:
+    """Merge `adapters` into `model` at `scale`; exit 2 when they do not fit it (another architecture), a warning
+    when it is not their base."""
+    from diffusion.models.lora import apply_adapters
+
+    try:
+        warning = apply_adapters(model, adapters, scale)
+    except ValueError as e:
+        _fail(f"--lora {e}", 2)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
+
+
 def run(prompts: list[str], *, num_images: int, steps: int, guidance: float, negative_prompt: str,
         guidance_rescale: float, sampler: str, seed: int, out: Path, model: str | None, size: int | None, device: str,
-        image: Path | None, strength: float | None, mask: Path | None, params: Path, set_: list[str] | None) -> None:
+        image: Path | None, strength: float | None, mask: Path | None, lora: str | None, lora_scale: float,
+        params: Path, set_: list[str] | None) -> None:
     """`cli.py sample` with its options parsed: check them, load the model, sample, write the image, summarise."""
     from diffusion.model_spec import ModelNotFoundError, ModelSpec, SampleOptionError, check_device
     from diffusion.pipeline_model import TextToImagePipeline, images_to_grid
 
     _check_out_image(out)
     img2img = _read_input_image(image, strength, len(prompts), mask)
+    adapters = read_lora(lora) if lora is not None else None
+    if adapters is not None and model is None and not set_:
+        model = adapters_base(adapters)
     model_dir, recorded_size = _sample_model_dir(model, params, set_)
     options = dict(steps=steps, guidance=guidance, sampler=sampler, num_images_per_prompt=num_images, image_size=size,
                    guidance_rescale=guidance_rescale)
@@ -108,6 +155,8 @@ def run(prompts: list[str], *, num_images: int, steps: int, guidance: float, neg
         _fail(str(e), 1)
     except SampleOptionError as e:
         _fail(f"{_SAMPLE_FLAGS.get(e.option, e.option)}: {e.detail}", 2)
+    if adapters is not None:
+        merge_adapters(pipe.model, adapters, lora_scale)
     messages = pipe.check_prompts(prompts, negative_prompt, guidance, guidance_rescale, image=image, strength=strength)
     if img2img.get("mask_image"):
         from diffusion.input_images import mask_warnings
@@ -121,6 +170,7 @@ def run(prompts: list[str], *, num_images: int, steps: int, guidance: float, neg
     images_to_grid(images, len(prompts)).save(out)
     h, w = images.shape[1:3]
     extra = _sample_details(negative_prompt, guidance_rescale, steps, image, img2img.get("strength"), mask)
+    extra += f", LoRA {adapters['path']} at scale {lora_scale:g}" if adapters is not None else ""
     typer.echo(f"sample: {len(images)} image(s) of {w}x{h} ({sampler}, {steps} steps, guidance {guidance}{extra}, "
                f"seed {seed}) -> {out}")
 

@@ -59,6 +59,10 @@ class PromptWarning(UserWarning):
     """A prompt the model will read differently from what the user wrote (it still samples)."""
 
 
+class LoRAWarning(UserWarning):
+    """LoRA adapters merged into a model other than the one they were trained on (it still samples)."""
+
+
 class TextToImagePipeline:
     """A trained model with its tokenizer and noise schedule: prompts in, PIL images out.
 
@@ -173,6 +177,21 @@ class TextToImagePipeline:
             save_tokenizer(self.tokenizer, tmp / "tokenizer.json")
             atomic.atomic_write_json(tmp / "train_config.json", train_config)
         return Path(save_directory)
+
+    def load_lora_weights(self, path: str | Path, scale: float = 1.0) -> None:
+        """Merge the LoRA adapters of a ``train.lora`` run (its ``lora.pt``, or the folder holding it) into this
+        pipeline's model at `scale`: each adapted layer's weight becomes W + scale * alpha / rank * B A. diffusers'
+        ``load_lora_weights`` followed by ``fuse_lora(lora_scale=scale)``: merged, sampling costs what it did
+        before; to undo it, load the model again. Scale 1 gives the run's exported model; below 1, a model between
+        the base and it (how much of what fine-tuning learned, and forgot, to take).
+
+        Raises FileNotFoundError (no file) and ValueError naming the file and layer for adapters of another
+        architecture, before any weight changes; warns (:class:`LoRAWarning`) when this model is not the one the
+        adapters were trained on (``models.lora.apply_adapters``)."""
+        from diffusion.models.lora import apply_adapters, read_adapters
+
+        if warning := apply_adapters(self.model, read_adapters(path), scale):
+            warnings.warn(warning, LoRAWarning, stacklevel=2)
 
     def check_prompts(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                       guidance: float | None = None, guidance_rescale: float = 0.0, *, image: Any = None,

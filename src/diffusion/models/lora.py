@@ -23,8 +23,13 @@ W': the exported model is an ordinary one, which every stage, sampler and served
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
+import pickle
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,14 +83,21 @@ class LoRALinear(nn.Linear):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=torch.device("meta"))
         with torch.no_grad():
-            delta = (self.lora_up.weight.float() @ self.lora_down.weight.float()) * self.scale
-            linear.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype))
+            linear.weight = nn.Parameter(merged_weight(self.weight, self.lora_down.weight, self.lora_up.weight,
+                                                       self.scale))
             if self.bias is not None:
                 linear.bias = nn.Parameter(self.bias.detach().clone())
         return linear
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}"
+
+
+def merged_weight(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B @ A, computed in float32 and returned in W's dtype and device (the merge of
+    :meth:`LoRALinear.merged` and of :func:`apply_adapters`, the same operations: the same bits)."""
+    delta = (up.to(weight.device).float() @ down.to(weight.device).float()) * scale
+    return (weight.detach().float() + delta).to(weight.dtype)
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
@@ -139,3 +151,128 @@ def lora_parameter_count(module: nn.Module) -> int:
     """The number of trainable values the adapters in `module` hold."""
     return sum(p.numel() for m in module.modules() if isinstance(m, LoRALinear)
                for p in (m.lora_down.weight, m.lora_up.weight))
+
+
+# ---- the adapters' file ------------------------------------------------------------------------------------------
+#
+# Under train.lora the train stage writes, beside the merged model, the adapters alone (ADAPTER_FILE): r * (in + out)
+# values per layer, 1-10% of the model, the file one shares or keeps per experiment (diffusers'
+# ``pytorch_lora_weights.safetensors`` and ``pipe.load_lora_weights``). It holds, loadable with ``weights_only``:
+#
+#   format       ADAPTER_FORMAT
+#   rank, alpha  of every adapter (the update is alpha / rank * B @ A)
+#   base         the model folder the adapters were trained on (train.init_from, as given)
+#   base_digest  sha256 of the adapted layers' base weights (weights_digest): applied to another model, or to one
+#                they are already merged into, the adapters still load, with a warning (as in diffusers, a LoRA may
+#                be put on a model fine-tuned from its base; the warning says when that is not what happens)
+#   weights      {"<layer>.lora_down.weight": A, "<layer>.lora_up.weight": B}, the adapted model's state-dict keys
+
+#: The adapters' file in a model folder the train stage wrote under train.lora.
+ADAPTER_FILE = "lora.pt"
+ADAPTER_FORMAT = 1
+_DOWN, _UP = ".lora_down.weight", ".lora_up.weight"
+
+
+def adapted_layers(module: nn.Module) -> dict[str, LoRALinear]:
+    """The :class:`LoRALinear` layers of `module` by dotted name."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, LoRALinear)}
+
+
+def weights_digest(module: nn.Module, names: Sequence[str]) -> str:
+    """Hex sha256 of the weights and biases of the ``nn.Linear`` layers `names` of `module`, as float32, in sorted
+    name order: of a :class:`LoRALinear`, its frozen base weight, so the digest taken while training equals the one
+    of the plain layers of the model it started from."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        layer = module.get_submodule(name)
+        for t in (layer.weight, layer.bias):
+            if t is not None:
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_adapters(module: nn.Module, path: str | Path, *, base: str) -> Path:
+    """Write the adapters of `module` (a model after :func:`inject_lora`) to `path` in the format above, atomically.
+    `base`: the model folder they were trained on. Raises ValueError when `module` has no adapter."""
+    from diffusion.atomic import atomic_write_bytes
+
+    layers = adapted_layers(module)
+    if not layers:
+        raise ValueError(f"the {type(module).__name__} has no LoRA adapter to save")
+    (rank, alpha), *others = {(m.rank, float(m.alpha)) for m in layers.values()}
+    if others:
+        raise ValueError("the adapters differ in rank or alpha; the file records one of each")
+    weights = {}
+    for name, m in layers.items():
+        weights[name + _DOWN] = m.lora_down.weight.detach().cpu().clone()
+        weights[name + _UP] = m.lora_up.weight.detach().cpu().clone()
+    buffer = io.BytesIO()
+    torch.save({"format": ADAPTER_FORMAT, "rank": rank, "alpha": alpha, "base": str(base),
+                "base_digest": weights_digest(module, list(layers)), "weights": weights}, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_adapters(path: str | Path) -> dict[str, Any]:
+    """The adapters' file at `path` (a file, or a model folder holding :data:`ADAPTER_FILE`), checked: every layer
+    has an A of shape (rank, in) and a B of shape (out, rank). Raises FileNotFoundError when there is none,
+    ValueError naming the file when it is not an adapters' file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; expected the {ADAPTER_FILE} a train.lora run writes in its "
+                                "train.out_dir (or that folder)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # it may come from anyone (pitfall 14)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # torch's kinds for a file that is not an archive
+        # Not torch's text, which for a file that is not weights-only suggests weights_only=False: that would run
+        # whatever the file holds.
+        raise ValueError(f"{path}: not a readable adapters' file ({type(e).__name__}: not an archive of tensors that "
+                         "torch.save wrote)") from None
+    if not isinstance(state, dict) or state.get("format") != ADAPTER_FORMAT \
+            or not {"rank", "alpha", "base", "base_digest", "weights"} <= state.keys():
+        raise ValueError(f"{path}: not an adapters' file of format {ADAPTER_FORMAT} (a model's model.pt? the "
+                         f"adapters are {ADAPTER_FILE}, beside it in a train.lora run's folder)")
+    rank, weights = state["rank"], state["weights"]
+    names = sorted({k.removesuffix(_DOWN).removesuffix(_UP) for k in weights})
+    for name in names:
+        down, up = weights.get(name + _DOWN), weights.get(name + _UP)
+        if down is None or up is None or down.ndim != 2 or up.ndim != 2 or down.shape[0] != rank \
+                or up.shape[1] != rank:
+            raise ValueError(f"{path}: the adapter of {name} is incomplete or not of rank {rank}")
+    return {**state, "path": str(path), "layers": names}
+
+
+def apply_adapters(module: nn.Module, adapters: dict[str, Any], scale: float = 1.0) -> str | None:
+    """Merge the adapters `adapters` (:func:`read_adapters`) into `module`'s layers in place, each layer's weight
+    becoming W + scale * alpha / rank * B @ A (diffusers' ``fuse_lora(lora_scale=scale)``; scale 1 gives what the
+    train stage exported, to the bit on the same device). Everything is checked before any weight changes: a layer
+    the module lacks, or of another shape, raises ValueError naming it (another architecture). Returns a warning
+    when the layers' weights are not the ones the adapters were trained on (``base_digest``), else None."""
+    source = adapters["path"]
+    layers = {}
+    for name in adapters["layers"]:
+        try:
+            layer = module.get_submodule(name)
+        except AttributeError:
+            layer = None
+        plain_linear = isinstance(layer, nn.Linear) and not isinstance(layer, LoRALinear)
+        if not plain_linear:
+            raise ValueError(f"{source}: adapts {name}, which this {type(module).__name__} has no plain nn.Linear "
+                             "layer for: a model of another architecture than the adapters' base")
+        down, up = adapters["weights"][name + _DOWN], adapters["weights"][name + _UP]
+        if (up.shape[0], down.shape[1]) != tuple(layer.weight.shape):
+            raise ValueError(f"{source}: the adapter of {name} is for a ({up.shape[0]}, {down.shape[1]}) weight; "
+                             f"this model's is {tuple(layer.weight.shape)}: another architecture than the adapters' "
+                             "base")
+        layers[name] = (layer, down, up)
+    warning = None
+    if weights_digest(module, list(layers)) != adapters["base_digest"]:
+        warning = (f"{source}: the adapted layers' weights here are not those of {adapters['base']}, which the "
+                   "adapters were trained on: a model fine-tuned from it works as a base, but the adapters of a "
+                   "train.lora run are merged into its own model.pt already (pass the base model)")
+    factor = scale * adapters["alpha"] / adapters["rank"]
+    with torch.no_grad():
+        for layer, down, up in layers.values():
+            layer.weight.copy_(merged_weight(layer.weight, down, up, factor))
+    return warning

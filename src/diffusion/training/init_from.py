@@ -219,6 +219,16 @@ def exported_model(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
     return merge_lora(copy.deepcopy(model)) if lora.rank else model
 
 
+def save_adapters(model: torch.nn.Module, folder: Path, cfg: Any) -> None:
+    """Under ``train.lora``, write the adapters of `model` (the EMA model before :func:`exported_model` merges
+    them) to `folder`'s ``lora.pt`` (models/lora.py: the small file to share, ``cli.py sample --lora``, ``cli.py
+    merge-lora``); without it, nothing."""
+    from diffusion.models.lora import ADAPTER_FILE, save_adapters
+
+    if cfg.lora.rank:
+        save_adapters(model, folder / ADAPTER_FILE, base=cfg.init_from)
+
+
 def load_init_weights(model: torch.nn.Module, init_from: str) -> None:
     """Load the text encoder's and the denoiser's weights of the model folder `init_from` into `model` (a
     LatentDiffusionModel of the same architecture, :func:`check_init`); its VAE stays the run's."""
