@@ -285,7 +285,8 @@ def test_sample_and_merge_lora_use_a_runs_adapters(project, cli_env):
     changed = [k for k in base if not torch.equal(base[k], full[k])]
     assert changed and all(torch.allclose(half[k], (base[k] + full[k]) / 2, atol=1e-6) for k in changed)
     assert json.loads((project / "models/half/train_config.json").read_text())["merged_lora"]["scale"] == 0.5
-    run_cli([*sample, "--model", "models/half", "--out", "half.png"], project, cli_env)
+    proc = run_cli([*sample, "--model", "models/half", "--lora-scale", "0.5", "--out", "half.png"], project, cli_env)
+    assert "warning: --lora-scale 0.5 has no effect without --lora" in proc.stderr
 
     # The merged model (lora.pt is in its folder) as a base: a warning; a file as the base: refused.
     proc = run_cli([*sample, "--model", str(out), "--lora", str(out), "--out", "twice.png"], project, cli_env)

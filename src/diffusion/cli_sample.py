@@ -157,6 +157,8 @@ def run(prompts: list[str], *, num_images: int, steps: int, guidance: float, neg
         _fail(f"{_SAMPLE_FLAGS.get(e.option, e.option)}: {e.detail}", 2)
     if adapters is not None:
         merge_adapters(pipe.model, adapters, lora_scale)
+    elif lora_scale != 1.0:
+        typer.echo(f"warning: --lora-scale {lora_scale:g} has no effect without --lora (no adapters to scale)", err=True)
     messages = pipe.check_prompts(prompts, negative_prompt, guidance, guidance_rescale, image=image, strength=strength)
     if img2img.get("mask_image"):
         from diffusion.input_images import mask_warnings
