@@ -396,7 +396,8 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
                     if "val_loss" in metrics and "val_seen_loss" in metrics else "")
         print(f"train: final loss {metrics.get('final_loss', float('nan')):.4f} after {metrics['steps']} steps "
               f"({metrics['train_seconds']:.0f} s){held_out}")
-        print(f"train: EMA model -> {cfg.out_dir}; metrics -> {cfg.metrics_path}; loss curve -> {cfg.loss_curve_path}"
+        print(f"train: EMA model -> {cfg.out_dir}{' (adapters alone: lora.pt)' if cfg.lora.rank else ''}; metrics -> "
+              f"{cfg.metrics_path}; loss curve -> {cfg.loss_curve_path}"
               f"{f'; val curve -> {cfg.val_curve_path}' if cfg.val_batches else ''}")
         print(f"train: MLflow run {run.run_id} at {tracking_uri()}")
     return metrics

@@ -252,7 +252,14 @@ def test_adapters_that_do_not_fit_are_refused_before_any_weight_changes(tmp_path
                                          r"model's is \(64, 64\)"):
         lora.apply_adapters(wider, adapters)
     merged = merge_lora(copy.deepcopy(adapted))
-    assert "not those of models/pretrained" in lora.apply_adapters(merged, adapters)
+    assert "not those of models/pretrained, which the adapters were trained on" in lora.apply_adapters(merged,
+                                                                                                       adapters)
+    with pytest.raises(ValueError, match=r"scale: expected a finite number, got nan"):
+        lora.apply_adapters(copy.deepcopy(base), adapters, float("nan"))
+    torch.save({**{k: v for k, v in torch.load(tmp_path / "lora.pt", weights_only=True).items()}, "weights": {}},
+               tmp_path / "empty.pt")
+    with pytest.raises(ValueError, match=r"empty.pt: holds no adapter"):
+        lora.read_adapters(tmp_path / "empty.pt")
     torch.save(base.state_dict(), tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"model.pt: not an adapters' file"):
         lora.read_adapters(tmp_path / "model.pt")
@@ -262,8 +269,9 @@ def test_adapters_that_do_not_fit_are_refused_before_any_weight_changes(tmp_path
 
 def test_sample_and_merge_lora_use_a_runs_adapters(project, cli_env):
     """`sample --lora` merges the adapters into their base (the run's init_from) and draws what the run's exported
-    model draws; `merge-lora --scale` writes a model folder between the two, which samples as any other; a base
-    that is not a model folder stops merge-lora before it writes anything."""
+    model draws; `merge-lora --scale` (here from the run's MLflow artifact) writes a model folder between the two,
+    which samples as any other; merging the adapters into a model that has them already, a scale that is not a
+    number and a base that is not a model folder are refused before anything is written."""
     import numpy as np
     from PIL import Image
 
@@ -278,19 +286,28 @@ def test_sample_and_merge_lora_use_a_runs_adapters(project, cli_env):
     lora_png, merged_png, base_png = (np.asarray(Image.open(project / f"{n}.png")) for n in ("lora", "merged", "base"))
     assert np.array_equal(lora_png, merged_png) and not np.array_equal(lora_png, base_png)
 
-    proc = run_cli(["merge-lora", str(out), "--scale", "0.5", "--out", "models/half"], project, cli_env)
-    assert "merge-lora: 10 adapted layers (rank 2)" in proc.stdout
+    uri = f"runs:/{runs('train')[1][0].info.run_id}/model/lora.pt"
+    proc = run_cli(["merge-lora", uri, "--scale", "0.5", "--out", "models/half"], project, cli_env)
+    assert f"merge-lora: 10 adapted layers (rank 2) of {uri} merged into {pretrained} at scale 0.5" in proc.stdout
     half, base, full = (torch.load(f / "model.pt", weights_only=True) for f in (project / "models/half", pretrained,
                                                                                   out))
     changed = [k for k in base if not torch.equal(base[k], full[k])]
     assert changed and all(torch.allclose(half[k], (base[k] + full[k]) / 2, atol=1e-6) for k in changed)
-    assert json.loads((project / "models/half/train_config.json").read_text())["merged_lora"]["scale"] == 0.5
+    record = json.loads((project / "models/half/train_config.json").read_text())["merged_lora"]
+    assert (record["lora"], record["scale"]) == (uri, 0.5)
     proc = run_cli([*sample, "--model", "models/half", "--lora-scale", "0.5", "--out", "half.png"], project, cli_env)
     assert "warning: --lora-scale 0.5 has no effect without --lora" in proc.stderr
 
-    # The merged model (lora.pt is in its folder) as a base: a warning; a file as the base: refused.
-    proc = run_cli([*sample, "--model", str(out), "--lora", str(out), "--out", "twice.png"], project, cli_env)
-    assert "warning: " in proc.stderr and "are merged into its own model.pt already" in proc.stderr
+    # Refused, exit 2: the adapters into their run's own model or merge-lora's, which hold them already; nan; -S.
+    for args, message in (([*sample, "--model", str(out), "--lora", str(out)], "merged into the model in"),
+                          ([*sample, "--model", "models/half", "--lora", str(out)], "merged into the model in"),
+                          ([*sample, "--lora", str(out), "--lora-scale", "nan"], "--lora-scale: expected a finite"),
+                          ([*sample, "--lora", str(out), "-S", "train.lr=1"], "not with --lora"),
+                          (["merge-lora", str(out), "--model", str(out), "--out", "models/bad"], "would add them twice"),
+                          (["merge-lora", str(out), "--scale", "inf", "--out", "models/bad"], "--scale: expected a")):
+        proc = run_cli([*args, "--out", "bad.png"] if args[0] == "sample" else args, project, cli_env, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
     proc = run_cli(["merge-lora", str(out), "--model", "models/half/model.pt", "--out", "models/bad"], project,
                    cli_env, check=False)
-    assert proc.returncode == 1 and not (project / "models/bad").exists(), proc.stderr
+    assert proc.returncode == 1 and "--model " in proc.stderr, proc.stderr
+    assert not (project / "models/bad").exists() and not (project / "bad.png").exists()

@@ -42,14 +42,15 @@ def merge_lora(
     the adapters' base only warns.
     """
     from diffusion import atomic
-    from diffusion.cli_sample import _sample_model_dir, adapters_base, merge_adapters, read_lora
+    from diffusion.cli_sample import _sample_model_dir, adapters_base, check_scale, merge_adapters, read_lora
     from diffusion.config import ConfigError
     from diffusion.model_spec import MODEL_FILES, ModelNotFoundError
     from diffusion.pipeline_model import TextToImagePipeline
 
-    adapters = read_lora(lora)
-    model_dir, recorded_size = _sample_model_dir(model if model is not None else adapters_base(adapters),
-                                                 Path("params.yaml"), None)
+    check_scale(scale, "--scale")
+    adapters = read_lora(lora, "LORA")
+    base = model if model is not None else adapters_base(adapters, "LORA")
+    model_dir, recorded_size = _sample_model_dir(base, Path("params.yaml"), None)
     if Path(out).resolve() == Path(model_dir).resolve():
         _fail(f"--out {out}: the base model's folder, which the merged model would replace; write another one", 2)
     try:
@@ -58,11 +59,12 @@ def merge_lora(
     except ConfigError as e:
         _fail(str(e), 2)
     except ModelNotFoundError as e:
-        _fail(str(e), 1)
-    merge_adapters(pipe.model, adapters, scale)
-    # Where the weights came from, beside the base's training settings (train_config.json keeps those).
-    pipe.train_config["merged_lora"] = {"lora": adapters["path"], "base": str(model if model is not None else
-                                                                              adapters["base"]), "scale": scale}
+        _fail(f"--model {e}" if model is not None else str(e), 1)
+    merge_adapters(pipe.model, model_dir, adapters, scale, "LORA")
+    # Where the weights came from, beside the base's training settings (train_config.json keeps those); the sha256
+    # lets sample and merge-lora refuse to merge the same adapters into this model a second time.
+    pipe.train_config["merged_lora"] = {"lora": adapters["path"], "sha256": adapters["sha256"],
+                                        "base": str(base), "scale": scale}
     pipe.save_pretrained(out)
     typer.echo(f"merge-lora: {len(adapters['layers'])} adapted layers (rank {adapters['rank']}) of {adapters['path']} "
-               f"merged into {model_dir} at scale {scale:g} -> {out}")
+               f"merged into {base} at scale {scale:g} -> {out}")

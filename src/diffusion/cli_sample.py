@@ -6,6 +6,7 @@ MLflow model URI, the input image and mask, the checks made before any weights a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -88,45 +89,68 @@ def _read_input_image(image: Path | None, strength: float | None, num_prompts: i
     return {"image": inputs, "strength": DEFAULT_STRENGTH if strength is None else strength, "mask_image": masks}
 
 
-def read_lora(lora: str) -> dict[str, Any]:
+def read_lora(lora: str, flag: str = "--lora") -> dict[str, Any]:
     """The adapters' file `lora` (a lora.pt, the folder holding it, or an MLflow artifact URI such as
-    ``runs:/<id>/model/lora.pt``), read and checked (``models.lora.read_adapters``) before any model is loaded. Exit
-    1 naming it when it cannot be read, as for a missing model."""
+    ``runs:/<id>/model/lora.pt``, fetched from the project's tracking store), read and checked
+    (``models.lora.read_adapters``) before any model is loaded; its ``path`` is `lora` as given. Exit 1 naming
+    `flag` and it when it cannot be read, as for a missing model."""
     from diffusion.models.lora import read_adapters
 
-    try:
-        if _is_mlflow_uri(lora):
-            import mlflow
-            from mlflow.exceptions import MlflowException
+    if not _is_mlflow_uri(lora):
+        try:
+            return read_adapters(lora)
+        except (OSError, ValueError) as e:
+            _fail(f"{flag} {e}", 1)
+    import tempfile
 
-            try:
-                lora = mlflow.artifacts.download_artifacts(lora)
-            except MlflowException as e:
-                _fail(f"--lora {lora}: cannot download this MLflow artifact ({e})", 1)
-        return read_adapters(lora)
-    except (OSError, ValueError) as e:
-        _fail(f"--lora {e}", 1)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from diffusion.tracking import tracking_uri
+
+    if not mlflow.is_tracking_uri_set():  # the project's store, as --model's URIs (pyfunc.download_model_dir)
+        mlflow.set_tracking_uri(tracking_uri())
+    with tempfile.TemporaryDirectory() as tmp:  # read into memory, then removed
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=lora, dst_path=tmp)
+            return {**read_adapters(local), "path": lora}  # named as given, not by the temporary copy
+        except MlflowException as e:
+            _fail(f"{flag} {lora}: cannot download this MLflow artifact ({e})", 1)
+        except (OSError, ValueError) as e:
+            _fail(f"{flag} {lora}: {str(e).split(': ', 1)[-1]}", 1)
     raise AssertionError("unreachable")
 
 
-def adapters_base(adapters: dict[str, Any]) -> str:
-    """The model the adapters were trained on (their run's train.init_from), the default --model with --lora. Exit
-    1 when that folder is not here (another machine's path)."""
+def adapters_base(adapters: dict[str, Any], flag: str = "--lora") -> str:
+    """The model the adapters were trained on (their run's train.init_from, a path as given there: relative to the
+    folder the run ran in), the default --model with --lora. Exit 1 when that folder is not here."""
     if not Path(adapters["base"]).is_dir():
-        _fail(f"--lora {adapters['path']}: its base model {adapters['base']} (the run's train.init_from) is not "
-              "here; pass --model, the model folder or MLflow model URI to merge the adapters into", 1)
+        _fail(f"{flag} {adapters['path']}: its base model {adapters['base']} (the run's train.init_from, from the "
+              "folder the run ran in) is not here; pass --model, the model folder or MLflow model URI to merge the "
+              "adapters into", 1)
     return adapters["base"]
 
 
-def merge_adapters(model: Any, adapters: dict[str, Any], scale: float) -> None:
-    """Merge `adapters` into `model` at `scale`; exit 2 when they do not fit it (another architecture), a warning
-    when it is not their base."""
-    from diffusion.models.lora import apply_adapters
+def check_scale(scale: float, flag: str) -> None:
+    """Exit 2 for a scale that is not a finite number (nan and inf parse as floats)."""
+    if not math.isfinite(scale):
+        _fail(f"{flag}: expected a finite number, got {scale}", 2)
 
+
+def merge_adapters(model: Any, model_dir: Path, adapters: dict[str, Any], scale: float, flag: str = "--lora") -> None:
+    """Merge `adapters` into `model` (read from `model_dir`) at `scale`. Exit 2 when they do not fit it (another
+    architecture) or are merged in it already (their own run's folder, or merge-lora's output from them: they would
+    count twice); a warning when it is another model than their base."""
+    from diffusion.models.lora import apply_adapters, merged_already
+
+    if merged_already(model_dir, adapters["sha256"]):
+        _fail(f"{flag} {adapters['path']}: these adapters are merged into the model in {model_dir} already (it is "
+              f"their run's model, or merge-lora's); merging them again would add them twice. Pass the base model "
+              f"they were trained on ({adapters['base']})", 2)
     try:
         warning = apply_adapters(model, adapters, scale)
     except ValueError as e:
-        _fail(f"--lora {e}", 2)
+        _fail(f"{flag} {e}", 2)
     if warning:
         typer.echo(f"warning: {warning}", err=True)
 
@@ -141,8 +165,12 @@ def run(prompts: list[str], *, num_images: int, steps: int, guidance: float, neg
 
     _check_out_image(out)
     img2img = _read_input_image(image, strength, len(prompts), mask)
+    check_scale(lora_scale, "--lora-scale")
     adapters = read_lora(lora) if lora is not None else None
-    if adapters is not None and model is None and not set_:
+    if adapters is not None and model is None:
+        if set_:  # they would choose train.out_dir, which --lora's default model is not
+            _fail(f"-S {set_[0]}: sample reads params only for train.out_dir, the default model; not with --lora, "
+                  "whose default is the adapters' base (choose another with --model)", 2)
         model = adapters_base(adapters)
     model_dir, recorded_size = _sample_model_dir(model, params, set_)
     options = dict(steps=steps, guidance=guidance, sampler=sampler, num_images_per_prompt=num_images, image_size=size,
@@ -156,7 +184,7 @@ def run(prompts: list[str], *, num_images: int, steps: int, guidance: float, neg
     except SampleOptionError as e:
         _fail(f"{_SAMPLE_FLAGS.get(e.option, e.option)}: {e.detail}", 2)
     if adapters is not None:
-        merge_adapters(pipe.model, adapters, lora_scale)
+        merge_adapters(pipe.model, model_dir, adapters, lora_scale)
     elif lora_scale != 1.0:
         typer.echo(f"warning: --lora-scale {lora_scale:g} has no effect without --lora (no adapters to scale)", err=True)
     messages = pipe.check_prompts(prompts, negative_prompt, guidance, guidance_rescale, image=image, strength=strength)

@@ -185,12 +185,18 @@ class TextToImagePipeline:
         before; to undo it, load the model again. Scale 1 gives the run's exported model; below 1, a model between
         the base and it (how much of what fine-tuning learned, and forgot, to take).
 
-        Raises FileNotFoundError (no file) and ValueError naming the file and layer for adapters of another
-        architecture, before any weight changes; warns (:class:`LoRAWarning`) when this model is not the one the
-        adapters were trained on (``models.lora.apply_adapters``)."""
-        from diffusion.models.lora import apply_adapters, read_adapters
+        Raises FileNotFoundError (no file), ValueError naming the file and layer for adapters of another
+        architecture or a scale that is not finite, and ValueError when the folder this pipeline was loaded from has
+        them merged in already (their run's own folder, or merge-lora's output), before any weight changes; warns
+        (:class:`LoRAWarning`) when this model is not the one the adapters were trained on
+        (``models.lora.apply_adapters``)."""
+        from diffusion.models.lora import apply_adapters, merged_already, read_adapters
 
-        if warning := apply_adapters(self.model, read_adapters(path), scale):
+        adapters = read_adapters(path)
+        if self.spec.model_dir is not None and merged_already(self.spec.model_dir, adapters["sha256"]):
+            raise ValueError(f"{adapters['path']}: these adapters are merged into the model in {self.spec.model_dir} "
+                             f"already; merging them again would add them twice (load the base, {adapters['base']})")
+        if warning := apply_adapters(self.model, adapters, scale):
             warnings.warn(warning, LoRAWarning, stacklevel=2)
 
     def check_prompts(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None,

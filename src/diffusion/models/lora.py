@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import pickle
 from collections.abc import Sequence
@@ -235,21 +236,45 @@ def read_adapters(path: str | Path) -> dict[str, Any]:
                          f"adapters are {ADAPTER_FILE}, beside it in a train.lora run's folder)")
     rank, weights = state["rank"], state["weights"]
     names = sorted({k.removesuffix(_DOWN).removesuffix(_UP) for k in weights})
+    if not names:
+        raise ValueError(f"{path}: holds no adapter")
     for name in names:
         down, up = weights.get(name + _DOWN), weights.get(name + _UP)
         if down is None or up is None or down.ndim != 2 or up.ndim != 2 or down.shape[0] != rank \
                 or up.shape[1] != rank:
             raise ValueError(f"{path}: the adapter of {name} is incomplete or not of rank {rank}")
-    return {**state, "path": str(path), "layers": names}
+    from diffusion.atomic import file_sha256
+
+    return {**state, "path": str(path), "layers": names, "sha256": file_sha256(path)}
+
+
+def merged_already(model_dir: str | Path, digest: str) -> bool:
+    """Whether the model folder `model_dir` holds the adapters of the file whose sha256 is `digest` merged in
+    already: it is the folder of their own train.lora run (its lora.pt is the same file), or ``cli.py merge-lora``
+    wrote it from them (its train_config.json's ``merged_lora`` records that sha256). Merging them again would count
+    them twice."""
+    from diffusion.atomic import file_sha256
+
+    own = Path(model_dir) / ADAPTER_FILE
+    if own.is_file() and file_sha256(own) == digest:
+        return True
+    try:
+        record = json.loads((Path(model_dir) / "train_config.json").read_text()).get("merged_lora") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return record.get("sha256") == digest
 
 
 def apply_adapters(module: nn.Module, adapters: dict[str, Any], scale: float = 1.0) -> str | None:
     """Merge the adapters `adapters` (:func:`read_adapters`) into `module`'s layers in place, each layer's weight
     becoming W + scale * alpha / rank * B @ A (diffusers' ``fuse_lora(lora_scale=scale)``; scale 1 gives what the
-    train stage exported, to the bit on the same device). Everything is checked before any weight changes: a layer
-    the module lacks, or of another shape, raises ValueError naming it (another architecture). Returns a warning
+    train stage exported, to the bit on the same device). Everything is checked before any weight changes: a scale
+    that is not finite, or a layer the module lacks or has in another shape (another architecture), raises ValueError
+    naming it. Returns a warning
     when the layers' weights are not the ones the adapters were trained on (``base_digest``), else None."""
     source = adapters["path"]
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
     layers = {}
     for name in adapters["layers"]:
         try:
@@ -269,8 +294,8 @@ def apply_adapters(module: nn.Module, adapters: dict[str, Any], scale: float = 1
     warning = None
     if weights_digest(module, list(layers)) != adapters["base_digest"]:
         warning = (f"{source}: the adapted layers' weights here are not those of {adapters['base']}, which the "
-                   "adapters were trained on: a model fine-tuned from it works as a base, but the adapters of a "
-                   "train.lora run are merged into its own model.pt already (pass the base model)")
+                   "adapters were trained on: they are merged all the same (a model fine-tuned from that base can "
+                   "take them), but were not trained for these weights")
     factor = scale * adapters["alpha"] / adapters["rank"]
     with torch.no_grad():
         for layer, down, up in layers.values():
