@@ -35,6 +35,7 @@ from diffusion.data.locations import read_manifest, require_split
 from diffusion.run_keys import DEFAULT_EXCLUDE
 from diffusion.stage_configs import TrainConfig
 from diffusion.training import init_from
+from diffusion.training.replay import replay_urls
 
 #: What the stage writes in out_dir (anything else there stops it: check_replaceable).
 MODEL_ENTRIES = ("config.json", "model.pt", "tokenizer.json", "train_config.json", "lora.pt")
@@ -44,7 +45,8 @@ STAGE = "train"
 #: are fingerprinted by content; the sample grids and the validation only look at the model: tests/test_val_loss.py
 #: checks the weights are the same to the bit with and without validation). Not `compile`: Inductor's kernels round
 #: differently from eager ones, so a run resumed with the other setting would end with weights neither gives.
-EXCLUDE = (*DEFAULT_EXCLUDE, "latents_dir", "tokenizer_path", "vae_dir", "init_from", "out_dir", "metrics_path",
+EXCLUDE = (*DEFAULT_EXCLUDE, "latents_dir", "replay.latents_dir", "tokenizer_path", "vae_dir", "init_from", "out_dir",
+           "metrics_path",
            "loss_curve_path", "val_curve_path", "val_batches", "sample_every_n_steps", "sample_prompts",
            "sample_sampler", "sample_steps", "sample_guidance")
 
@@ -246,7 +248,7 @@ def _callbacks(cfg: TrainConfig, run: Any, loader: Any, scheduler: Any, tokenize
     ]
 
 
-def _fit(cfg: TrainConfig, run: Any, urls: list[str], val_set: Any) -> tuple[Any, Any, Any]:
+def _fit(cfg: TrainConfig, run: Any, urls: list[str], val_set: Any, replay: list[str]) -> tuple[Any, Any, Any]:
     """Build tokenizer, model, loader, system and Trainer; train (resuming). Returns (trainer, system, grid)."""
     from diffusion.data.latents import iter_latents, make_latent_loader
     from diffusion.data.tokenizer import load_tokenizer
@@ -265,7 +267,7 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str], val_set: Any) -> tuple[Any
         num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
         # One loader epoch per checkpoint interval: each starts a freshly seeded pass (ExactResume).
         epoch_steps=cfg.checkpoint_every_n_steps * cfg.accumulate_grad_batches, caption_dropout=cfg.caption_dropout,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available(), replay_urls=replay, replay_fraction=cfg.replay.fraction,
     )
     side = next(iter_latents(urls[:1]))["mean"].shape[-1] * model.vae.downsample_factor  # the images' side
     optim = OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
@@ -367,6 +369,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
 
     check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
     urls, val_urls, latent_shape = validate(cfg)
+    replay = replay_urls(cfg, latent_shape, TrainError)  # train.replay's shards, checked ([] without)
     cfg = resolve_derived(cfg, latent_shape)
     if cfg.init_from is not None:  # fine-tuning: the model's tokenizer, VAE and architecture, or stop here
         init_from.check_init(cfg, urls)
@@ -374,14 +377,16 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     with resumable_stage_run(STAGE, run_params(cfg), cfg.checkpoint_dir, exclude=EXCLUDE,
-                             extra=_fingerprints(cfg, urls)) as run:
+                             extra=_fingerprints(cfg, urls + replay)) as run:
         if run.run_id is not None:  # once, not once per DDP rank
             print(f"train: {cfg.denoising_type}, {cfg.max_steps} steps, batch {cfg.batch_size} per process"
                   f"{f' x {cfg.accumulate_grad_batches} accumulated' if cfg.accumulate_grad_batches > 1 else ''}, "
                   f"checkpoints in {run.point.dir}")
             if cfg.init_from is not None and not run.point.resuming:
                 print(f"train: fine-tuning, from the text encoder and {cfg.denoising_type} of {cfg.init_from}")
-        trainer, system, grid = _fit(cfg, run, urls, val_set)
+            if replay:
+                print(f"train: {cfg.replay.fraction:.0%} of the samples from {cfg.replay.latents_dir} (train.replay)")
+        trainer, system, grid = _fit(cfg, run, urls, val_set, replay)
         # Every rank says how far it got and a digest of its weights: under DDP both must be equal on every rank,
         # on one machine or several (checkpointing.rank_report). Of the EMA weights, the ones exported: the live
         # module holds them only after Lightning's end-of-training copy, which a rerun of a finished run skips.

@@ -201,6 +201,28 @@ def test_caption_dropout_rate_and_null_tokens(tmp_path, tok):
     assert "" not in none
 
 
+def test_replay_mixes_that_share_of_samples_from_the_other_shards(tmp_path, tok):
+    """train.replay: each sample comes from the replayed shards with probability `replay_fraction` (of 2000, within
+    the binomial's spread), mixed into the same batches, seeded; without replay the stream is what it was."""
+    tiny = np.zeros((1, 1, 1), np.float16)
+    new = [LatentRecord(f"new{i:04d}", tiny, tiny, f"a red square {i}", {}) for i in range(100)]
+    old = [LatentRecord(f"old{i:04d}", tiny, tiny, f"a blue circle {i}", {}) for i in range(300)]
+    urls = [str(p) for p in write_latent_shards([("a.tar", new)], tmp_path / "new")]
+    replay = [str(p) for p in write_latent_shards([("b.tar", old[:150]), ("c.tar", old[150:])], tmp_path / "old")]
+    kw = dict(batch_size=50, latent_scale=1.0, latent_shift=0.0, shuffle_buffer=20, epoch_steps=40, seed=0,
+              caption_dropout=0.0)
+    keys = [[k for k in b["key"]] for b in make_latent_loader(urls, tok, replay_urls=replay, replay_fraction=0.3, **kw)]
+    share = sum(k.startswith("old") for b in keys for k in b) / 2000
+    assert 0.27 < share < 0.33, share  # binomial sd ~0.01
+    assert sum(any(k.startswith("old") for k in b) and any(k.startswith("new") for k in b) for b in keys) >= 35
+    assert keys == [list(b["key"]) for b in make_latent_loader(urls, tok, replay_urls=replay, replay_fraction=0.3,
+                                                               **kw)], "seeded"
+    plain = [list(b["key"]) for b in make_latent_loader(urls, tok, **kw)]
+    assert all(k.startswith("new") for b in plain for k in b)
+    with pytest.raises(ValueError, match=r"replay_fraction: expected a share in \[0, 1\) with replay_urls"):
+        make_latent_loader(urls, tok, replay_fraction=0.3, **kw)
+
+
 def test_rechunked_shards_and_missing_inputs(project, tmp_path, monkeypatch):
     from pipeline import encode_latents as stage
 

@@ -115,6 +115,20 @@ class LoRAConfig(Config):
     text_encoder: bool = param(False, "adapt the text encoder's targets too (false: it stays frozen, as diffusers')")
 
 
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig(Config):
+    """Rehearsal while fine-tuning: a share of the training samples drawn from other latents, typically the data
+    the ``train.init_from`` model learned from, so that training on new data alone does not make it forget the old
+    (catastrophic forgetting, McCloskey & Cohen 1989; the replay of continual learning, and DreamBooth's prior
+    preservation, Ruiz et al. 2023, which mixes in images of the model's own class). Mixed sample by sample in the
+    loader (data/loader.py)."""
+
+    latents_dir: str | None = param(None, "latent shards to mix in (<latents_dir>/train/*.tar, encoded by the same "
+                                    "VAE), e.g. the pipeline's data/latents when fine-tuning on your own; null: none")
+    fraction: float = param(0.0, "the share of training samples drawn from replay.latents_dir (0: none)", ge=0.0,
+                            lt=1.0)
+
+
 def _model_configs() -> None:
     """Put the model configs that the training stages nest (``VAEConfig``, ``TextEncoderConfig``, ``UNetConfig``,
     ``DiTConfig``, ``SchedulerConfig``) into this module's namespace.
@@ -246,6 +260,7 @@ class TrainConfig(TrainerFields):
         "encoder and denoiser weights this run starts from (fresh optimizer, schedule and EMA); its tokenizer, VAE and "
         "architecture must be this run's, checked before any work (training/init_from.py). null: random weights")
     lora: LoRAConfig = param(LoRAConfig(), "fine-tune with low-rank adapters (LoRA) instead of every weight")
+    replay: ReplayConfig = param(ReplayConfig(), "mix a share of other latents (the old data) into training")
     denoising_type: str = param("unet", "the denoiser: a key of diffusion.models.DENOISERS ('unet', 'dit', ...)")
     text_encoder: TextEncoderConfig = _nested("TextEncoderConfig", "the text encoder's shape")  # noqa: F821
     unet: UNetConfig = _nested("UNetConfig", "the U-Net's shape (denoising_type: unet)")  # noqa: F821
@@ -327,6 +342,9 @@ class TrainConfig(TrainerFields):
         if self.lora.rank and self.init_from is None:
             raise ConfigError("lora.rank: LoRA adapts a trained model, and train.init_from is null; name the model "
                               "to fine-tune (train.init_from) or set train.lora.rank to 0")
+        if (self.replay.fraction > 0) != (self.replay.latents_dir is not None):
+            raise ConfigError(f"replay: latents_dir {self.replay.latents_dir!r} with fraction {self.replay.fraction}: "
+                              "set both (a folder and a share above 0) or neither")
         if self.denoising_type == "dit" and self.dit.learn_sigma:
             raise ConfigError("dit.learn_sigma: the training loss has no variance term (DiT's L_vlb); set it false")
 

@@ -303,6 +303,8 @@ def make_latent_loader(
     resampled: bool = True,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
+    replay_urls: Sequence[str] = (),
+    replay_fraction: float = 0.0,
 ) -> StreamLoader:
     """The training loader over latent shards, DDP-correct as :func:`diffusion.data.loader.make_loader`.
 
@@ -322,9 +324,13 @@ def make_latent_loader(
         resampled: draw shards with replacement (training); False: each shard once per pass.
         pin_memory: page-locked batches, for faster copies to a GPU.
         prefetch_factor: batches each worker loads ahead (with ``num_workers`` > 0).
+        replay_urls, replay_fraction: latent shards of other data (of the same VAE) from which that share of the
+            samples is drawn, at random, sample by sample (``train.replay``: rehearsal of a fine-tuned model's
+            original data); resampled only.
     """
     return stream_loader(
         LatentStream, urls, tokenizer, batch_size=batch_size, num_workers=num_workers, epoch_steps=epoch_steps,
         resampled=resampled, caption_dropout=caption_dropout, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
         latent_scale=latent_scale, latent_shift=latent_shift, shuffle_buffer=shuffle_buffer, seed=seed,
+        replay_urls=expand_urls(replay_urls) if replay_urls else (), replay_fraction=replay_fraction,
     )

@@ -138,11 +138,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         resampled: bool,
         caption_dropout: float,
         image_keys: Sequence[str],
+        replay_urls: Sequence[str] = (),
+        replay_fraction: float = 0.0,
     ):
         super().__init__()
         self.urls, self.tokenizer, self.batch_size = urls, tokenizer, batch_size
         self.shuffle_buffer, self.seed, self.resampled = shuffle_buffer, seed, resampled
         self.caption_dropout, self.image_keys = caption_dropout, tuple(image_keys)
+        self.replay_urls, self.replay_fraction = list(replay_urls), replay_fraction
         self.rank, self.world_size, self.epoch = 0, 1, 0
 
     def _rng(self, worker: int, purpose: str) -> random.Random:
@@ -150,11 +153,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         # not with the salted hash()).
         return random.Random(f"{self.seed}/{self.rank}/{worker}/{self.epoch}/{purpose}")
 
-    def _shard_urls(self, worker: int, num_workers: int) -> Iterator[dict[str, str]]:
+    def _shard_urls(self, worker: int, num_workers: int, urls: list[str] | None = None,
+                    purpose: str = "") -> Iterator[dict[str, str]]:
         if self.resampled:  # infinite, with replacement, different for every (rank, worker, epoch)
-            rng = self._rng(worker, "shards")
+            rng, urls = self._rng(worker, purpose + "shards"), urls or self.urls
             while True:
-                yield {"url": rng.choice(self.urls)}
+                yield {"url": rng.choice(urls)}
         # One pass: a permutation shared by all ranks and workers (seeded by epoch only), then
         # split by node and by worker so each shard is read by exactly one of them.
         order = list(self.urls)
@@ -185,6 +189,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         samples = tar_samples(self._shard_urls(worker, num_workers))
         if self.resampled:
             samples = _start_inside_first_shard(samples, self._rng(worker, "offset"))
+        if self.replay_fraction > 0:  # (resampled only: stream_loader) a second endless stream, mixed sample by sample
+            replay = _start_inside_first_shard(tar_samples(self._shard_urls(worker, num_workers, self.replay_urls,
+                                                                            "replay/")),
+                                               self._rng(worker, "replay/offset"))
+            samples = _mix(samples, replay, self.replay_fraction, self._rng(worker, "replay"))
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(
                 self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=self._rng(worker, "shuffle")
@@ -194,6 +203,14 @@ class ShardStream(torch.utils.data.IterableDataset):
             samples = _drop_captions(samples, self.caption_dropout, self._rng(worker, "dropout"))
         batches = wds.batched(self.batch_size, collation_fn=self._collate, partial=False)(samples)
         yield from self.batches(batches, worker)
+
+
+def _mix(samples: Iterator[dict], replay: Iterator[dict], p: float, rng: random.Random) -> Iterator[dict]:
+    """Each sample from `replay` with probability `p`, else from `samples` (both endless): a fixed share of
+    every batch, in expectation, from the replayed data, whatever the two sets' sizes and shard sizes. Before the
+    shuffle buffer, which mixes them within batches further."""
+    while True:
+        yield next(replay) if rng.random() < p else next(samples)
 
 
 def _drop_captions(samples: Iterator[dict], p: float, rng: random.Random) -> Iterator[dict]:
@@ -316,6 +333,12 @@ def stream_loader(
         raise ValueError(f"caption_dropout: expected a probability in [0, 1], got {caption_dropout}")
     if epoch_steps is not None and epoch_steps < 1:
         raise ValueError(f"epoch_steps: expected >= 1 or None, got {epoch_steps}")
+    fraction = stream_kwargs.get("replay_fraction", 0.0)
+    if not 0.0 <= fraction < 1.0 or (fraction > 0) != bool(stream_kwargs.get("replay_urls")) \
+            or (fraction > 0 and not resampled):
+        raise ValueError(f"replay_fraction: expected a share in [0, 1) with replay_urls, of a resampled stream; got "
+                         f"{fraction} with {len(stream_kwargs.get('replay_urls') or ())} replay shard(s), "
+                         f"resampled={resampled}")
     urls = expand_urls(urls)
     stream = stream_cls(urls, tokenizer, batch_size=batch_size, resampled=resampled, caption_dropout=caption_dropout,
                         **stream_kwargs)
