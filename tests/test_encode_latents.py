@@ -209,8 +209,8 @@ def test_replay_mixes_that_share_of_samples_from_the_other_shards(tmp_path, tok)
     old = [LatentRecord(f"old{i:04d}", tiny, tiny, f"a blue circle {i}", {}) for i in range(300)]
     urls = [str(p) for p in write_latent_shards([("a.tar", new)], tmp_path / "new")]
     replay = [str(p) for p in write_latent_shards([("b.tar", old[:150]), ("c.tar", old[150:])], tmp_path / "old")]
-    kw = dict(batch_size=50, latent_scale=1.0, latent_shift=0.0, shuffle_buffer=20, epoch_steps=40, seed=0,
-              caption_dropout=0.0)
+    kw = {"batch_size": 50, "latent_scale": 1.0, "latent_shift": 0.0, "shuffle_buffer": 20, "epoch_steps": 40,
+          "seed": 0, "caption_dropout": 0.0}
     keys = [[k for k in b["key"]] for b in make_latent_loader(urls, tok, replay_urls=replay, replay_fraction=0.3, **kw)]
     share = sum(k.startswith("old") for b in keys for k in b) / 2000
     assert 0.27 < share < 0.33, share  # binomial sd ~0.01
