@@ -46,8 +46,7 @@ STAGE = "train"
 #: checks the weights are the same to the bit with and without validation). Not `compile`: Inductor's kernels round
 #: differently from eager ones, so a run resumed with the other setting would end with weights neither gives.
 EXCLUDE = (*DEFAULT_EXCLUDE, "latents_dir", "replay.latents_dir", "tokenizer_path", "vae_dir", "init_from", "out_dir",
-           "metrics_path",
-           "loss_curve_path", "val_curve_path", "val_batches", "sample_every_n_steps", "sample_prompts",
+           "metrics_path", "loss_curve_path", "val_curve_path", "val_batches", "sample_every_n_steps", "sample_prompts",
            "sample_sampler", "sample_steps", "sample_guidance")
 
 
@@ -130,19 +129,15 @@ def _val_set(cfg: TrainConfig, urls: list[str], val_urls: list[str]) -> Any:
 
 
 def _check_latents_vae(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
-    """The latents must come from the VAE the model is packaged with: the denoiser learns that VAE's latent space,
-    and sampling decodes through `train.vae_dir`. Run stage by stage (`cli.py train-vae` again, then `cli.py
-    train`), nothing else notices: DVC would rerun encode_latents, the CLI does not. Latents whose manifest
-    predates the record are not checked."""
-    from diffusion.training.latent_stats import encoder_digest
+    """The latents must come from the VAE the model is packaged with (``latent_stats.encoded_elsewhere``). Run stage
+    by stage (`cli.py train-vae` again, then `cli.py train`), nothing else notices: DVC would rerun encode_latents."""
+    from diffusion.training.latent_stats import encoded_elsewhere
 
-    encoded_by = (manifest.get("vae") or {}).get("encoder_sha256")
-    if encoded_by and encoded_by != (ours := encoder_digest(cfg.vae_dir)):
-        raise TrainError(
-            f"train.vae_dir: the latents in {cfg.latents_dir} were encoded by another VAE than the one in "
-            f"{cfg.vae_dir} (encoder sha256 {encoded_by[:12]}, of {manifest['vae'].get('dir')} when they were "
-            f"encoded, against {ours[:12]}); a denoiser trained on them would draw through the wrong decoder. Rerun "
-            "`python cli.py encode-latents` with this VAE, or set train.vae_dir to the VAE that encoded them")
+    if detail := encoded_elsewhere(manifest, cfg.vae_dir):
+        raise TrainError(f"train.vae_dir: the latents in {cfg.latents_dir} were encoded by another VAE than the one in "
+                         f"{cfg.vae_dir} ({detail}); a denoiser trained on them would draw through the wrong decoder. "
+                         "Rerun `python cli.py encode-latents` with this VAE, or set train.vae_dir to the VAE that "
+                         "encoded them")
 
 
 def resolve_derived(cfg: TrainConfig, latent_shape: list[int] | None) -> TrainConfig:

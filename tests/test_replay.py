@@ -37,7 +37,7 @@ def test_replay_mixes_the_old_latents_into_fine_tuning(project, capsys):
 
 @pytest.mark.parametrize("change, message", [
     (("vae", "encoder_sha256", "0" * 64), (r"train.replay.latents_dir: the latents in data/latents-old were encoded "
-                                           r"by another VAE than train.vae_dir's")),
+                                           r"by another VAE than the one in train.vae_dir")),
     (("latent_shape", None, [4, 2, 2]), r"train.replay.latents_dir: latents of shape \[4, 2, 2\] in data/latents-old"),
 ])
 def test_replayed_latents_of_another_vae_or_size_are_refused_before_the_run(project, change, message):

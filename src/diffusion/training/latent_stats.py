@@ -189,6 +189,18 @@ def encoder_digest(vae_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+
+def encoded_elsewhere(manifest: dict[str, Any], vae_dir: str | Path) -> str | None:
+    """Why the latents whose encode_latents manifest is `manifest` are not the VAE's in `vae_dir` (``encoder sha256
+    <theirs>, of <folder> when they were encoded, against <ours>``), or None: they are, or the manifest predates the
+    record. A denoiser learns one VAE's latent space and samples decode through its decoder."""
+    encoded_by = (manifest.get("vae") or {}).get("encoder_sha256")
+    if encoded_by and encoded_by != (ours := encoder_digest(vae_dir)):
+        return (f"encoder sha256 {encoded_by[:12]}, of {manifest['vae'].get('dir')} when they were encoded, against "
+                f"{ours[:12]}")
+    return None
+
+
 def _vae_state(vae_dir: str | Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
     """The VAE's state dict from `vae_dir`'s model.pt: all of it in a VAE artifact, the ``vae.*`` entries (prefix
     removed) in a text-to-image model's folder, whose VAE keys all start with ``vae.``."""

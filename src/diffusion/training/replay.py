@@ -29,17 +29,16 @@ def replay_urls(cfg: Any, latent_shape: list[int] | None, error: type[Exception]
     if cfg.replay.latents_dir is None:
         return []
     from diffusion.data.locations import read_manifest, require_split
-    from diffusion.training.latent_stats import encoder_digest
+    from diffusion.training.latent_stats import encoded_elsewhere
 
     folder = cfg.replay.latents_dir
     urls = require_split(folder, "train", KEY, "encode_latents", error, "latent shards")
     manifest = read_manifest(folder) or {}
-    encoded_by = (manifest.get("vae") or {}).get("encoder_sha256")
-    if encoded_by and encoded_by != encoder_digest(cfg.vae_dir):
-        raise error(f"{KEY}: the latents in {folder} were encoded by another VAE than train.vae_dir's ({cfg.vae_dir}); "
-                    "mixed into one training run, they would teach the denoiser two latent spaces at once. Encode "
-                    "their images with this VAE (`python cli.py encode-latents -S encode_latents.vae_dir="
-                    f"{cfg.vae_dir} ...`)")
+    if detail := encoded_elsewhere(manifest, cfg.vae_dir):
+        raise error(f"{KEY}: the latents in {folder} were encoded by another VAE than the one in train.vae_dir "
+                    f"({cfg.vae_dir}; {detail}); mixed into one run, they would teach the denoiser two latent spaces "
+                    f"at once. Encode their images with this VAE (`python cli.py encode-latents -S "
+                    f"encode_latents.vae_dir={cfg.vae_dir} ...`)")
     shape = manifest.get("latent_shape")
     if shape and latent_shape and list(shape) != list(latent_shape):
         raise error(f"{KEY}: latents of shape {list(shape)} in {folder}, and {list(latent_shape)} in "
