@@ -60,7 +60,7 @@ def merge_lora(
         _fail(str(e), 2)
     except ModelNotFoundError as e:
         _fail(f"--model {e}" if model is not None else str(e), 1)
-    merge_adapters(pipe.model, model_dir, adapters, scale, "LORA")
+    merge_adapters(pipe, adapters, scale, "LORA")
     # Where the weights came from, beside the base's training settings (train_config.json keeps those); the sha256
     # lets sample and merge-lora refuse to merge the same adapters into this model a second time.
     pipe.train_config["merged_lora"] = {"lora": adapters["path"], "sha256": adapters["sha256"],

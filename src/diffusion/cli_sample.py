@@ -137,22 +137,14 @@ def check_scale(scale: float, flag: str) -> None:
         _fail(f"{flag}: expected a finite number, got {scale}", 2)
 
 
-def merge_adapters(model: Any, model_dir: Path, adapters: dict[str, Any], scale: float, flag: str = "--lora") -> None:
-    """Merge `adapters` into `model` (read from `model_dir`) at `scale`. Exit 2 when they do not fit it (another
-    architecture) or are merged in it already (their own run's folder, or merge-lora's output from them: they would
-    count twice); a warning when it is another model than their base."""
-    from diffusion.models.lora import apply_adapters, merged_already
-
-    if merged_already(model_dir, adapters["sha256"]):
-        _fail(f"{flag} {adapters['path']}: these adapters are merged into the model in {model_dir} already (it is "
-              f"their run's model, or merge-lora's); merging them again would add them twice. Pass the base model "
-              f"they were trained on ({adapters['base']})", 2)
+def merge_adapters(pipe: Any, adapters: dict[str, Any], scale: float, flag: str = "--lora") -> None:
+    """``pipe.load_lora_weights(adapters, scale)``; exit 2 when they do not fit its model (another architecture) or
+    are merged in it already. A model other than their base only warns (``warning: ...``, as the project's warnings
+    print: ``cli_text.show_warnings_plainly``)."""
     try:
-        warning = apply_adapters(model, adapters, scale)
+        pipe.load_lora_weights(adapters, scale)
     except ValueError as e:
         _fail(f"{flag} {e}", 2)
-    if warning:
-        typer.echo(f"warning: {warning}", err=True)
 
 
 def run(prompts: list[str], *, num_images: int, steps: int, guidance: float, negative_prompt: str,
@@ -184,7 +176,7 @@ def run(prompts: list[str], *, num_images: int, steps: int, guidance: float, neg
     except SampleOptionError as e:
         _fail(f"{_SAMPLE_FLAGS.get(e.option, e.option)}: {e.detail}", 2)
     if adapters is not None:
-        merge_adapters(pipe.model, model_dir, adapters, lora_scale)
+        merge_adapters(pipe, adapters, lora_scale)
     elif lora_scale != 1.0:
         typer.echo(f"warning: --lora-scale {lora_scale:g} has no effect without --lora (no adapters to scale)", err=True)
     messages = pipe.check_prompts(prompts, negative_prompt, guidance, guidance_rescale, image=image, strength=strength)

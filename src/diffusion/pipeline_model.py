@@ -178,22 +178,26 @@ class TextToImagePipeline:
             atomic.atomic_write_json(tmp / "train_config.json", train_config)
         return Path(save_directory)
 
-    def load_lora_weights(self, path: str | Path, scale: float = 1.0) -> None:
-        """Merge the LoRA adapters of a ``train.lora`` run (its ``lora.pt``, or the folder holding it) into this
-        pipeline's model at `scale`: each adapted layer's weight becomes W + scale * alpha / rank * B A. diffusers'
-        ``load_lora_weights`` followed by ``fuse_lora(lora_scale=scale)``: merged, sampling costs what it did
-        before; to undo it, load the model again. Scale 1 gives the run's exported model; below 1, a model between
-        the base and it (how much of what fine-tuning learned, and forgot, to take).
+    def load_lora_weights(self, path: str | Path | dict[str, Any], scale: float = 1.0) -> None:
+        """Merge the LoRA adapters of a ``train.lora`` run (its ``lora.pt``, the folder holding it, or that file as
+        ``models.lora.read_adapters`` read it) into this pipeline's model at `scale`: each adapted layer's weight
+        becomes W + scale * alpha / rank * B A. diffusers' ``load_lora_weights`` followed by
+        ``fuse_lora(lora_scale=scale)``: merged, sampling costs what it did before; to undo it, load the model again.
+        Scale 1 gives the run's exported model; below 1, a model between the base and it (how much of what
+        fine-tuning learned, and forgot, to take).
 
         Raises FileNotFoundError (no file), ValueError naming the file and layer for adapters of another
-        architecture or a scale that is not finite, and ValueError when the folder this pipeline was loaded from has
-        them merged in already (their run's own folder, or merge-lora's output), before any weight changes; warns
-        (:class:`LoRAWarning`) when this model is not the one the adapters were trained on
-        (``models.lora.apply_adapters``)."""
-        from diffusion.models.lora import apply_adapters, merged_already, read_adapters
+        architecture or a scale that is not finite, and ValueError when this model has them merged in already (the
+        folder it was loaded from is their run's own, with the same lora.pt, or merge-lora's output from them, whose
+        ``merged_lora`` records their sha256), before any weight changes; warns (:class:`LoRAWarning`) when this
+        model is not the one the adapters were trained on (``models.lora.apply_adapters``)."""
+        from diffusion.atomic import file_sha256
+        from diffusion.models.lora import ADAPTER_FILE, apply_adapters, read_adapters
 
-        adapters = read_adapters(path)
-        if self.spec.model_dir is not None and merged_already(self.spec.model_dir, adapters["sha256"]):
+        adapters = path if isinstance(path, dict) else read_adapters(path)
+        own = None if self.spec.model_dir is None else self.spec.model_dir / ADAPTER_FILE
+        if (own is not None and own.is_file() and file_sha256(own) == adapters["sha256"]) or \
+                (self.train_config.get("merged_lora") or {}).get("sha256") == adapters["sha256"]:
             raise ValueError(f"{adapters['path']}: these adapters are merged into the model in {self.spec.model_dir} "
                              f"already; merging them again would add them twice (load the base, {adapters['base']})")
         if warning := apply_adapters(self.model, adapters, scale):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import pickle
 from collections.abc import Sequence
@@ -246,23 +245,6 @@ def read_adapters(path: str | Path) -> dict[str, Any]:
     from diffusion.atomic import file_sha256
 
     return {**state, "path": str(path), "layers": names, "sha256": file_sha256(path)}
-
-
-def merged_already(model_dir: str | Path, digest: str) -> bool:
-    """Whether the model folder `model_dir` holds the adapters of the file whose sha256 is `digest` merged in
-    already: it is the folder of their own train.lora run (its lora.pt is the same file), or ``cli.py merge-lora``
-    wrote it from them (its train_config.json's ``merged_lora`` records that sha256). Merging them again would count
-    them twice."""
-    from diffusion.atomic import file_sha256
-
-    own = Path(model_dir) / ADAPTER_FILE
-    if own.is_file() and file_sha256(own) == digest:
-        return True
-    try:
-        record = json.loads((Path(model_dir) / "train_config.json").read_text()).get("merged_lora") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return record.get("sha256") == digest
 
 
 def apply_adapters(module: nn.Module, adapters: dict[str, Any], scale: float = 1.0) -> str | None:
