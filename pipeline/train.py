@@ -267,7 +267,8 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str], val_set: Any, replay: list
     side = next(iter_latents(urls[:1]))["mean"].shape[-1] * model.vae.downsample_factor  # the images' side
     optim = OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                           warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, lr_schedule=cfg.lr_schedule,
-                          min_lr_ratio=cfg.min_lr_ratio, min_snr_gamma=cfg.min_snr_gamma, min_snr_on=cfg.min_snr_on)
+                          min_lr_ratio=cfg.min_lr_ratio, min_snr_gamma=cfg.min_snr_gamma, min_snr_on=cfg.min_snr_on,
+                          noise_offset=cfg.noise_offset, input_perturbation=cfg.input_perturbation)
     system = DiffusionSystem(model, scheduler, optim, compile_denoiser=cfg.compile)
     callbacks = _callbacks(cfg, run, loader, scheduler, tokenizer, side, val_set)
     # No Lightning validation loop: the validation loss is a callback at the optimizer step (val_loss.ValLoss).

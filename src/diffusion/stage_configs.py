@@ -289,6 +289,12 @@ class TrainConfig(TrainerFields):
         "snr", "what Min-SNR caps: snr (the paper: z_0 weight min(SNR, gamma)) | snr_plus_one (min(SNR + 1, gamma): "
         "weight 1 at high noise, where layout is decided; see diffusion_system)"
     )
+    noise_offset: float = param(
+        0.0, "offset noise (Guttenberg 2023; diffusers' --noise_offset, 0.05-0.1 usual): eps + noise_offset * n, n one "
+        "constant per sample and channel, so the model learns to change a whole image's tone; 0: off", ge=0.0)
+    input_perturbation: float = param(
+        0.0, "input perturbation (Ning et al. 2023; diffusers' --input_perturbation, 0.1 usual): z_t made from "
+        "eps + gamma * xi while the target is eps, against exposure bias; 0: off", ge=0.0)
     shuffle_buffer: int = param(2_000, "samples in the loader's shuffle buffer", ge=0)
     val_batches: int = param(
         4, "batches (of batch_size) of held-out latents the validation loss is measured on, every val_every_n_steps "

@@ -75,6 +75,8 @@ def train_diffusion_model(
     ema_decay: float = 0.999,
     ema_warmup: bool = True,
     min_snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+    input_perturbation: float = 0.0,
     precision: str = "32",
     accumulate_grad_batches: int = 1,
     gradient_clip_val: float | None = 1.0,
@@ -87,6 +89,7 @@ def train_diffusion_model(
     When it returns, the model holds the EMA weights (our `EMA`, a Lightning `EMAWeightAveraging`, copies them
     in at the end of training; with `ema_warmup`, update n uses min(ema_decay, (1 + n) / (10 + n)), as
     diffusers' EMAModel). `lr_schedule`: after the warm-up, ``cosine``, ``linear`` or ``constant`` (training/optim.py).
+    `noise_offset` and `input_perturbation`: training/diffusion_system.py's module docstring (0: off).
     Extra keyword arguments go to `pl.Trainer` (e.g. ``devices``, ``logger``)."""
     pl.seed_everything(seed, workers=True, verbose=False)
     length = train_dataset[0][1].shape[0]
@@ -98,7 +101,7 @@ def train_diffusion_model(
     system = DiffusionSystem(
         model, scheduler,
         OptimSettings(lr=lr, warmup_steps=warmup_steps, max_steps=max_steps, lr_schedule=lr_schedule,
-                      min_snr_gamma=min_snr_gamma),
+                      min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, input_perturbation=input_perturbation),
     )
     trainer_kwargs.setdefault("logger", False)
     trainer_kwargs.setdefault("enable_checkpointing", False)

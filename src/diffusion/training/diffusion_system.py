@@ -23,6 +23,22 @@ at high noise, where the layout is decided: min(SNR, gamma) goes to 0 there, min
 On the built-in shapes the plain weight left "top left" unlearned after 90k samples (position at chance),
 while v-prediction with the capped SNR + 1 had it right every time by 83k (README, What to expect).
 
+Two perturbations of the noise, both off by default and both as diffusers' `train_text_to_image.py` has them:
+
+- noise offset (``noise_offset`` delta; Guttenberg 2023, "Diffusion with Offset Noise"): eps + delta * n with
+  n ~ N(0, I) of shape (B, C, 1, 1), one constant per sample and channel. eps ~ N(0, I) has next to no energy in
+  a latent's mean, so a model trained on it never learns to move a whole image's brightness or colour, and
+  samples stay near the data's average tone. The offset noise is the noise the model is trained on: it enters
+  z_t and the target alike.
+- input perturbation (``input_perturbation`` gamma; Ning et al. 2023, "Input Perturbation Reduces Exposure
+  Bias in Diffusion Models", Algorithm 1): z_t is made from eps + gamma * xi, xi ~ N(0, I), while the target keeps
+  eps. At sampling time the network sees its own slightly wrong z_t, not the exact forward-process one; the
+  perturbation trains it on inputs off the forward process in the same way. The paper and diffusers use 0.1.
+
+Each draws its extra noise after t and eps, and only when it is on: with both at 0 the step draws what it
+always drew, so the default run is unchanged. The validation loss (training/val_loss.py) measures the plain
+objective either way, so runs with and without them compare on the same figure.
+
 Caption dropout (so classifier-free guidance has an unconditional model to subtract) happens in the
 loader, at load time (pitfall 2); the system sees already-dropped captions.
 """
@@ -41,7 +57,8 @@ from diffusion.training.optim import FusedAdamWClipping, adamw, lr_lambda
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """What the system needs from the train config: the optimizer, the schedule and the loss weighting."""
+    """What the system needs from the train config: the optimizer, the schedule, the loss weighting and the
+    noise perturbations (module docstring)."""
 
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -52,6 +69,8 @@ class OptimSettings:
     min_lr_ratio: float = 0.1
     min_snr_gamma: float | None = None
     min_snr_on: str = "snr"
+    noise_offset: float = 0.0  # module docstring: delta of eps + delta * n, n constant per sample and channel
+    input_perturbation: float = 0.0  # gamma of z_t made from eps + gamma * xi, the target still eps
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str, on: str = "snr") -> torch.Tensor:
@@ -150,14 +169,20 @@ class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
 
     def diffusion_loss(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The weighted denoising loss of one batch (see the module docstring): t ~ U{0, ..., T-1} and eps ~ N(0, I)
-        drawn from the global generator (t first, then the noise; ExactResume seeds it), then :meth:`weighted_loss`."""
-        b = latents.shape[0]
+        drawn from the global generator (t first, then the noise, then the offset's and the perturbation's noise
+        where they are on; ExactResume seeds it), then :meth:`weighted_loss`."""
+        b, c = latents.shape[:2]
         t = torch.randint(0, self.scheduler.num_timesteps, (b,), device=latents.device)
         noise = torch.randn_like(latents)
-        return self.weighted_loss(latents, tokens, t, noise).mean()
+        if self.optim.noise_offset:  # Guttenberg 2023: a constant per sample and channel, in z_t and the target
+            noise = noise + self.optim.noise_offset * torch.randn(b, c, 1, 1, device=noise.device, dtype=noise.dtype)
+        input_noise = None
+        if self.optim.input_perturbation:  # Ning et al. 2023, Algorithm 1: z_t from eps + gamma * xi, the target eps
+            input_noise = noise + self.optim.input_perturbation * torch.randn_like(noise)
+        return self.weighted_loss(latents, tokens, t, noise, input_noise=input_noise).mean()
 
     def weighted_loss(self, latents: torch.Tensor, tokens: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                      model: torch.nn.Module | None = None) -> torch.Tensor:
+                      model: torch.nn.Module | None = None, input_noise: torch.Tensor | None = None) -> torch.Tensor:
         """The training objective per sample at given timesteps and noise: w(t) || f(z_t, t, text) - target ||^2,
         the mean over each sample's latent values (module docstring). The one formula of the training step and the
         train stage's validation (training/val_loss.py), which fixes t and eps so that its estimate moves only with
@@ -169,10 +194,12 @@ class DiffusionSystem(FusedAdamWClipping, pl.LightningModule):
             t: (B,) long timesteps; noise: (B, C, h, w), eps.
             model: the `LatentDiffusionModel` to evaluate (validation passes the EMA copy), run eagerly; None: this
                 system's own, through the compiled denoiser when ``compile_denoiser``.
+            input_noise: (B, C, h, w), the noise z_t is made from when it is not `noise` (input perturbation);
+                the target is `noise`'s either way.
 
         Returns: (B,) float32 losses.
         """
-        noisy = self.scheduler.add_noise(latents, noise, t)
+        noisy = self.scheduler.add_noise(latents, noise if input_noise is None else input_noise, t)
         if model is not None:
             pred = model(noisy, t, tokens)
         elif self.compile_denoiser:  # LatentDiffusionModel.forward, with the compiled denoiser
