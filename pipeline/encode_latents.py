@@ -38,7 +38,14 @@ from tqdm import tqdm
 
 from diffusion.atomic import atomic_write_json, check_replaceable, pid_alive, staged_dir
 from diffusion.config import ConfigError
-from diffusion.data.latents import LatentRecord, encode_records, rechunk, write_latent_shards
+from diffusion.data.latents import (
+    LOGVAR_FLIP_EXT,
+    MEAN_FLIP_EXT,
+    LatentRecord,
+    encode_records,
+    rechunk,
+    write_latent_shards,
+)
 from diffusion.data.locations import read_manifest, require_split, split_shards
 from diffusion.data.ordered_pool import usable_cores
 from diffusion.data.shard_reading import iter_shards
@@ -94,16 +101,18 @@ def _expected_counts(cfg: EncodeLatentsConfig) -> dict[str, int | None]:
         return dict.fromkeys(SPLITS)
 
 
-def _encoded(cfg: EncodeLatentsConfig, vae: torch.nn.Module, urls: list[str], bar: tqdm) -> Iterator[LatentRecord]:
-    """The latent records of the image shards `urls`, in order, counted on `bar`. The images decode on one thread
-    per usable core when they are large enough for that to pay (``iter_shards``' `workers`)."""
-    for record in encode_records(vae, iter_shards(urls, workers=usable_cores()), cfg.batch_size):
+def _encoded(cfg: EncodeLatentsConfig, vae: torch.nn.Module, urls: list[str], bar: tqdm,
+             flip: bool) -> Iterator[LatentRecord]:
+    """The latent records of the image shards `urls`, in order, counted on `bar`, with the mirrored images'
+    posteriors if `flip`. The images decode on one thread per usable core when they are large enough for that to
+    pay (``iter_shards``' `workers`)."""
+    for record in encode_records(vae, iter_shards(urls, workers=usable_cores()), cfg.batch_size, flip):
         bar.update(1)
         yield record
 
 
 def _groups(
-    cfg: EncodeLatentsConfig, vae: torch.nn.Module, shards: list[tuple[str, str]], bar: tqdm
+    cfg: EncodeLatentsConfig, vae: torch.nn.Module, shards: list[tuple[str, str]], bar: tqdm, flip: bool
 ) -> Iterator[tuple[str, Iterable[LatentRecord]]]:
     """(shard name, records): one per image shard (`shards`: (name, path or URL)), or re-chunked to
     `samples_per_shard`."""
@@ -112,9 +121,9 @@ def _groups(
     if cfg.samples_per_shard is None:
         # Batches stay within a shard; the last batch of each shard may be smaller, deterministically.
         for name, url in shards:
-            yield name, _encoded(cfg, vae, [url], bar)
+            yield name, _encoded(cfg, vae, [url], bar, flip)
     else:
-        records = _encoded(cfg, vae, [url for _, url in shards], bar)
+        records = _encoded(cfg, vae, [url for _, url in shards], bar, flip)
         yield from rechunk(records, cfg.samples_per_shard)
 
 
@@ -123,16 +132,18 @@ def encode_split(
     kept: Path | None = None,
 ) -> ShardList:
     """Encode ``<shards_dir>/<split>`` into ``dest`` (a folder), with a progress bar; with `kept` (a resume
-    folder, one latent shard per image shard only), shard by shard through it (:func:`_encode_resumably`)."""
-    shards = split_shards(cfg.shards_dir, split)
+    folder, one latent shard per image shard only), shard by shard through it (:func:`_encode_resumably`). The
+    mirrored images (`flip`) only for the train split: validation and evaluation read the images as they are."""
+    shards, flip = split_shards(cfg.shards_dir, split), cfg.flip and split == "train"
     with tqdm(total=total, desc=f"encode_latents {split}", unit="img", mininterval=1.0) as bar:
         if kept is not None:
-            return _encode_resumably(cfg, vae, shards, dest, kept, bar)
-        return write_latent_shards(_groups(cfg, vae, shards, bar), dest)
+            return _encode_resumably(cfg, vae, shards, dest, kept, bar, flip)
+        return write_latent_shards(_groups(cfg, vae, shards, bar, flip), dest)
 
 
 def _encode_resumably(
-    cfg: EncodeLatentsConfig, vae: torch.nn.Module, shards: list[tuple[str, str]], dest: Path, kept: Path, bar: tqdm
+    cfg: EncodeLatentsConfig, vae: torch.nn.Module, shards: list[tuple[str, str]], dest: Path, kept: Path, bar: tqdm,
+    flip: bool,
 ) -> ShardList:
     """Each image shard's latent shard: taken from `kept` if an earlier run of the same key finished it, else
     encoded into `kept` (under a temporary name, renamed when complete: a killed run leaves no half shard there);
@@ -154,7 +165,7 @@ def _encode_resumably(
             reused += count
         else:
             shutil.rmtree(work, ignore_errors=True)
-            written = write_latent_shards([(name, _encoded(cfg, vae, [url], bar))], work)
+            written = write_latent_shards([(name, _encoded(cfg, vae, [url], bar, flip))], work)
             if not written:  # an empty image shard: no latent shard (as without resuming)
                 continue
             os.replace(written[0], done)
@@ -227,7 +238,9 @@ def _as_recorded(path: str) -> str:
 def _manifest(
     cfg: EncodeLatentsConfig, written: dict[str, ShardList], tmp: Path, scale: Any, shift: Any
 ) -> dict[str, Any]:
-    """What was written; no timings, so the file is identical on a rerun."""
+    """What was written; no timings, so the file is identical on a rerun. ``flip`` (the train split's samples hold
+    the mirrored images' posteriors too) only when set, so the manifest of a run without it is as it was."""
+    flipped = {"flip": True, "flip_members": [MEAN_FLIP_EXT, LOGVAR_FLIP_EXT]} if cfg.flip else {}
     return {
         "counts": {split: shards.num_samples for split, shards in written.items()},
         "shards": {split: shards.summary()["shards"] for split, shards in written.items()},
@@ -242,6 +255,7 @@ def _manifest(
             "latent_scale": torch.as_tensor(scale).tolist(),
             "latent_shift": torch.as_tensor(shift).tolist(),
         },
+        **flipped,
     }
 
 

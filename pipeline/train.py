@@ -263,6 +263,7 @@ def _fit(cfg: TrainConfig, run: Any, urls: list[str], val_set: Any, replay: list
         # One loader epoch per checkpoint interval: each starts a freshly seeded pass (ExactResume).
         epoch_steps=cfg.checkpoint_every_n_steps * cfg.accumulate_grad_batches, caption_dropout=cfg.caption_dropout,
         pin_memory=torch.cuda.is_available(), replay_urls=replay, replay_fraction=cfg.replay.fraction,
+        random_flip=cfg.random_flip, flip_swaps=cfg.flip_swaps,
     )
     side = next(iter_latents(urls[:1]))["mean"].shape[-1] * model.vae.downsample_factor  # the images' side
     optim = OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
@@ -366,6 +367,9 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
     urls, val_urls, latent_shape = validate(cfg)
     replay = replay_urls(cfg, latent_shape, TrainError)  # train.replay's shards, checked ([] without)
+    if cfg.random_flip and not (read_manifest(cfg.latents_dir) or {}).get("flip"):
+        raise TrainError(f"train.random_flip: the latents in {cfg.latents_dir} hold no mirrored images; encode them "
+                         "with encode_latents.flip: true first (`dvc repro` with it set), or set train.random_flip false")
     cfg = resolve_derived(cfg, latent_shape)
     if cfg.init_from is not None:  # fine-tuning: the model's tokenizer, VAE and architecture, or stop here
         init_from.check_init(cfg, urls)

@@ -288,7 +288,7 @@ def test_loader_with_workers_gives_exactly_epoch_steps_full_batches(project, tok
 def test_failed_run_keeps_the_previous_output(project, monkeypatch):
     from pipeline import encode_latents as stage
 
-    def broken(vae, samples, batch_size):
+    def broken(vae, samples, batch_size, flip):
         yield from []
         raise RuntimeError("killed mid-run")
 
@@ -335,9 +335,9 @@ def test_a_killed_run_resumes_at_its_first_unfinished_shard(project, tmp_path, m
 
     real, calls = stage.encode_records, []
 
-    def encode(vae, samples, batch_size, fail_at=None):
+    def encode(vae, samples, batch_size, flip, fail_at=None):
         calls.append(1)
-        for i, record in enumerate(real(vae, samples, batch_size)):
+        for i, record in enumerate(real(vae, samples, batch_size, flip)):
             if len(calls) == fail_at and i == 2:
                 raise KeyboardInterrupt  # mid-shard
             yield record

@@ -112,6 +112,9 @@ class EncodeLatentsConfig(Config):
                          "train (its VAE: to fine-tune that model on these images, train.init_from)")
     out_dir: str = param("data/latents", "where {train,val}/*.tar and manifest.json are written")
     batch_size: int = param(64, "images per VAE forward pass", ge=1)
+    flip: bool = param(
+        False, "also encode each train image mirrored left to right, for train.random_flip (twice the train split's "
+        "encoding time and latent bytes); the val split as it is")
     samples_per_shard: int | None = param(
         None, "samples per latent shard; null: one latent shard per image shard, same name and size", ge=1
     )

@@ -5,7 +5,8 @@ Each class names its section (``section = "train"``), and every field carries it
 validated is :mod:`diffusion.config`, how params.yaml, profiles and ``-S key=value`` layer is
 :mod:`diffusion.params`. Here: the Trainer fields the training stages share, train_vae's and train's sections, and
 :data:`STAGE_CONFIGS`, every stage's class by its section; shard's and encode_latents' are in
-:mod:`diffusion.data_configs`, train_judge's and evaluate's in :mod:`diffusion.eval_configs`. Model shapes nest
+:mod:`diffusion.data_configs`, train_judge's and evaluate's in :mod:`diffusion.eval_configs`, train's fine-tuning
+subsections (``lora``, ``replay``) in :mod:`diffusion.finetune_configs`. Model shapes nest
 their own configs (``VAEConfig``, ``UNetConfig``, ``DiTConfig``, ...), which live beside their models and are
 imported lazily (see :func:`_model_configs`).
 """
@@ -20,6 +21,7 @@ from diffusion.config import Config, ConfigError, param
 from diffusion.data.locations import URL_HELP
 from diffusion.data_configs import EncodeLatentsConfig, ShardConfig
 from diffusion.eval_configs import EvaluateConfig, JudgeConfig, SamplerName
+from diffusion.finetune_configs import LoRAConfig, ReplayConfig
 
 T = TypeVar("T", bound="TrainerFields")
 
@@ -98,35 +100,6 @@ class DiscriminatorConfig(Config):
     num_layers: int = param(3, "stride-2 conv layers (images must be at least 3 * 2**num_layers px)", ge=1, le=6)
     channels: int = param(64, "width of the first discriminator layer", ge=1)
     lr: float | None = param(None, "discriminator learning rate (null: the autoencoder's)", gt=0.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig(Config):
-    """Fine-tuning with low-rank adapters (LoRA, Hu et al. 2021; diffusers' ``train_text_to_image_lora.py``):
-    the model in ``train.init_from`` stays frozen and each targeted layer learns W + (alpha / rank) B A
-    (models/lora.py). The exported model has the products merged in: an ordinary model."""
-
-    rank: int = param(0, "the adapters' rank r (4-64 is usual; needs init_from); 0: off, every weight trains", ge=0)
-    alpha: float | None = param(None, "the update's scale is alpha / rank (null: alpha = rank, scale 1, as diffusers)",
-                                gt=0.0)
-    targets: tuple[str, ...] = param(
-        ("to_q", "to_kv", "to_qkv", "out"), "the nn.Linear layers adapted, by name or the end of their dotted name "
-        "(default: the attention projections, diffusers' choice; also e.g. fc1, fc2, adaLN_modulation.1)")
-    text_encoder: bool = param(False, "adapt the text encoder's targets too (false: it stays frozen, as diffusers')")
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplayConfig(Config):
-    """Rehearsal while fine-tuning: a share of the training samples drawn from other latents, typically the data
-    the ``train.init_from`` model learned from, so that training on new data alone does not make it forget the old
-    (catastrophic forgetting, McCloskey & Cohen 1989; the replay of continual learning, and DreamBooth's prior
-    preservation, Ruiz et al. 2023, which mixes in images of the model's own class). Mixed sample by sample in the
-    loader (data/loader.py)."""
-
-    latents_dir: str | None = param(None, "latent shards to mix in (<latents_dir>/train/*.tar, encoded by the same "
-                                    "VAE), e.g. the pipeline's data/latents when fine-tuning on your own; null: none")
-    fraction: float = param(0.0, "the share of training samples drawn from replay.latents_dir (0: none)", ge=0.0,
-                            lt=1.0)
 
 
 def _model_configs() -> None:
@@ -295,6 +268,11 @@ class TrainConfig(TrainerFields):
     input_perturbation: float = param(
         0.0, "input perturbation (Ning et al. 2023; diffusers' --input_perturbation, 0.1 usual): z_t made from "
         "eps + gamma * xi while the target is eps, against exposure bias; 0: off", ge=0.0)
+    random_flip: bool = param(
+        False, "mirror half the samples left to right (diffusers' --random_flip): the latents must be encoded with "
+        "encode_latents.flip, which stores each train image's mirrored posterior too")
+    flip_swaps: tuple[tuple[str, str], ...] = param(
+        (), "word pairs a mirrored sample's caption swaps, e.g. [[left, right]] where captions say where things are")
     shuffle_buffer: int = param(2_000, "samples in the loader's shuffle buffer", ge=0)
     val_batches: int = param(
         4, "batches (of batch_size) of held-out latents the validation loss is measured on, every val_every_n_steps "
@@ -351,6 +329,10 @@ class TrainConfig(TrainerFields):
         if (self.replay.fraction > 0) != (self.replay.latents_dir is not None):
             raise ConfigError(f"replay: latents_dir {self.replay.latents_dir!r} with fraction {self.replay.fraction}: "
                               "set both (a folder and a share above 0) or neither")
+        words = [w for pair in self.flip_swaps for w in pair]
+        if any(not w or a == b for a, b in self.flip_swaps for w in (a, b)) or len(set(words)) < len(words):
+            raise ConfigError(f"flip_swaps: expected pairs of two different words, each word in one pair only, got "
+                              f"{[list(p) for p in self.flip_swaps]}")
         if self.denoising_type == "dit" and self.dit.learn_sigma:
             raise ConfigError("dit.learn_sigma: the training loss has no variance term (DiT's L_vlb); set it false")
 

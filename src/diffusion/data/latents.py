@@ -8,6 +8,12 @@ which each sample is a group of members sharing a key, as in the image shards (:
     <key>.txt          the caption, UTF-8, exactly as in the image shard
     <key>.json         the metadata (attributes ...), JSON with sorted keys
 
+and, in the train split of latents encoded with ``encode_latents.flip``, the posterior of the image mirrored left
+to right, for ``train.random_flip`` (diffusers' ``--random_flip``, which flips the image before its VAE encodes it:
+with cached latents that means encoding both ways once, as the VAE is not mirror-equivariant):
+
+    <key>.mean_flip.npy, <key>.logvar_flip.npy
+
 Why this and not a latent:
 
 - The posterior, not a sample of it, is stored (pitfall 3): a cached sample would give the
@@ -30,6 +36,8 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import random
+import re
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +54,8 @@ from diffusion.data.shards import ShardList, add_tar_member, check_sample_key
 from diffusion.data.tokenizer import encode, trim_padding
 
 MEAN_EXT, LOGVAR_EXT = "mean.npy", "logvar.npy"
+#: The mirrored image's posterior (``encode_latents.flip``).
+MEAN_FLIP_EXT, LOGVAR_FLIP_EXT = "mean_flip.npy", "logvar_flip.npy"
 #: The dtype latents are stored in.
 STORE_DTYPE = np.float16
 #: npy format version: 1.0 has a 64-byte-aligned header that depends only on dtype, order and shape.
@@ -61,6 +71,7 @@ class LatentRecord:
         mean, logvar: (C, h, w) float16 arrays, the posterior q(z|x).
         caption: the caption text.
         meta: JSON-serialisable metadata (``meta["attributes"]``...).
+        mean_flip, logvar_flip: the posterior of the image mirrored left to right, or None (``encode_latents.flip``).
     """
 
     key: str
@@ -68,6 +79,8 @@ class LatentRecord:
     logvar: np.ndarray
     caption: str
     meta: dict[str, Any]
+    mean_flip: np.ndarray | None = None
+    logvar_flip: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,15 +125,22 @@ def encode_batch(vae: torch.nn.Module, images: torch.Tensor, keys: Sequence[str]
     return _to_store(posterior.mean, "mean", keys), _to_store(posterior.logvar, "logvar", keys)
 
 
-def encode_records(vae: torch.nn.Module, samples: Iterable[dict[str, Any]], batch_size: int) -> Iterator[LatentRecord]:
+def encode_records(vae: torch.nn.Module, samples: Iterable[dict[str, Any]], batch_size: int,
+                   flip: bool = False) -> Iterator[LatentRecord]:
     """Encode samples (``{"key", "image": (3,H,W), "caption", "meta"}``, as ``iter_shards`` yields them) in
-    batches of `batch_size`, keeping their order. Put `vae` in eval mode first (done by the stage)."""
+    batches of `batch_size`, keeping their order. Put `vae` in eval mode first (done by the stage).
+
+    `flip`: also encode each image mirrored left to right, as a second forward of the same batch size, so the
+    unmirrored posteriors are the bytes a run without `flip` writes."""
     it = iter(samples)
     while batch := list(itertools.islice(it, batch_size)):
         keys = [s["key"] for s in batch]
-        mean, logvar = encode_batch(vae, torch.stack([s["image"] for s in batch]), keys)  # (B, C, h, w) x 2
+        images = torch.stack([s["image"] for s in batch])  # (B, 3, H, W)
+        mean, logvar = encode_batch(vae, images, keys)  # (B, C, h, w) x 2
+        mirrored = encode_batch(vae, images.flip(-1), keys) if flip else (None, None)
         for i, s in enumerate(batch):
-            yield LatentRecord(s["key"], mean[i], logvar[i], s["caption"], s["meta"])
+            extra = {} if not flip else {"mean_flip": mirrored[0][i], "logvar_flip": mirrored[1][i]}
+            yield LatentRecord(s["key"], mean[i], logvar[i], s["caption"], s["meta"], **extra)
 
 
 def rechunk(
@@ -144,6 +164,9 @@ def rechunk(
 def _write_record(tar: tarfile.TarFile, r: LatentRecord) -> None:
     add_tar_member(tar, f"{r.key}.{MEAN_EXT}", npy_bytes(r.mean))
     add_tar_member(tar, f"{r.key}.{LOGVAR_EXT}", npy_bytes(r.logvar))
+    if r.mean_flip is not None:
+        add_tar_member(tar, f"{r.key}.{MEAN_FLIP_EXT}", npy_bytes(r.mean_flip))
+        add_tar_member(tar, f"{r.key}.{LOGVAR_FLIP_EXT}", npy_bytes(r.logvar_flip))
     add_tar_member(tar, f"{r.key}.txt", r.caption.encode("utf-8"))
     add_tar_member(tar, f"{r.key}.json", json.dumps(r.meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
 
@@ -178,7 +201,8 @@ def write_latent_shards(groups: Iterable[tuple[str, Iterable[LatentRecord]]], fo
 
 
 def decode_latent_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """A raw WebDataset sample -> ``{"key", "mean", "logvar": (C,h,w) float16 tensors, "caption", "meta"}``."""
+    """A raw WebDataset sample -> ``{"key", "mean", "logvar": (C,h,w) float16 tensors, "caption", "meta"}``, and
+    ``"mean_flip", "logvar_flip"`` where the shard holds the mirrored image's posterior (``encode_latents.flip``)."""
     key = sample["__key__"]
     missing = [e for e in (MEAN_EXT, LOGVAR_EXT) if e not in sample]
     if missing:
@@ -186,13 +210,17 @@ def decode_latent_sample(sample: dict[str, Any]) -> dict[str, Any]:
             f"{sample.get('__url__', '?')}: sample {key!r} has no {', '.join(missing)}: not a latent shard "
             "(latent shards are written by `python cli.py encode-latents`)"
         )
-    return {
+    out = {
         "key": key,
         "mean": torch.from_numpy(read_npy(sample[MEAN_EXT])),  # (C, h, w) float16
         "logvar": torch.from_numpy(read_npy(sample[LOGVAR_EXT])),  # (C, h, w) float16
         "caption": sample["txt"].decode("utf-8") if "txt" in sample else "",
         "meta": json.loads(sample["json"]) if "json" in sample else {},
     }
+    if MEAN_FLIP_EXT in sample and LOGVAR_FLIP_EXT in sample:
+        out["mean_flip"] = torch.from_numpy(read_npy(sample[MEAN_FLIP_EXT]))  # (C, h, w) float16
+        out["logvar_flip"] = torch.from_numpy(read_npy(sample[LOGVAR_FLIP_EXT]))
+    return out
 
 
 def iter_latents(urls: Sequence[str] | str) -> Iterator[dict[str, Any]]:
@@ -252,16 +280,45 @@ def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scale: float | Sequ
     return (z - shift) * scale
 
 
+def mirror_caption(caption: str, swaps: Sequence[tuple[str, str]]) -> str:
+    """`caption` as it reads for the image mirrored left to right: each word of a pair in `swaps` (whole words,
+    also capitalised) replaced by the other, in one pass (``("left", "right")``: "top left" -> "top right")."""
+    if not swaps:
+        return caption
+    table = {}
+    for a, b in swaps:
+        table.update({a: b, b: a, a.capitalize(): b.capitalize(), b.capitalize(): a.capitalize()})
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(table, key=len, reverse=True))) + r")\b")
+    return pattern.sub(lambda m: table[m.group(0)], caption)
+
+
+def _flip(samples: Iterator[dict[str, Any]], rng: random.Random,
+          swaps: Sequence[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+    """Each sample that holds the mirrored image's posterior takes it with probability 1/2, its caption mirrored
+    by `swaps` (``train.random_flip``); one draw per sample either way, so the choice of a sample does not depend
+    on whether the samples before it could flip."""
+    for s in samples:
+        if rng.random() < 0.5 and "mean_flip" in s:
+            s = {**s, "mean": s["mean_flip"], "logvar": s["logvar_flip"], "caption": mirror_caption(s["caption"], swaps)}
+        yield s
+
+
 class LatentStream(ShardStream):
     """The dataset half of :func:`make_latent_loader`: :class:`ShardStream` (same shard sampling, shuffle,
     seeding by (seed, rank, worker, epoch) and caption dropout) over latent shards, drawing
-    ``z ~ q(z|x)`` at load time and scaling it: ``latents = (z - shift) * scale``."""
+    ``z ~ q(z|x)`` at load time and scaling it: ``latents = (z - shift) * scale``; with `random_flip`, half the
+    samples that hold a mirrored posterior take it (:func:`_flip`)."""
 
     def __init__(self, urls: list[str], tokenizer: Tokenizer, *, latent_scale: float | Sequence[float],
-                 latent_shift: float | Sequence[float], **kwargs: Any):
+                 latent_shift: float | Sequence[float], random_flip: bool = False,
+                 flip_swaps: Sequence[tuple[str, str]] = (), **kwargs: Any):
         super().__init__(urls, tokenizer, image_keys=(), **kwargs)
         self.scale = _as_stat(latent_scale, "latent_scale")
         self.shift = _as_stat(latent_shift, "latent_shift")
+        self.random_flip, self.flip_swaps = random_flip, tuple(flip_swaps)
+
+    def augment(self, samples: Iterator[dict[str, Any]], worker: int) -> Iterator[dict[str, Any]]:
+        return _flip(samples, self._rng(worker, "flip"), self.flip_swaps) if self.random_flip else samples
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         captions = [s["caption"] for s in samples]
@@ -305,6 +362,8 @@ def make_latent_loader(
     prefetch_factor: int = 2,
     replay_urls: Sequence[str] = (),
     replay_fraction: float = 0.0,
+    random_flip: bool = False,
+    flip_swaps: Sequence[tuple[str, str]] = (),
 ) -> StreamLoader:
     """The training loader over latent shards, DDP-correct as :func:`diffusion.data.loader.make_loader`.
 
@@ -327,10 +386,14 @@ def make_latent_loader(
         replay_urls, replay_fraction: latent shards of other data (of the same VAE) from which that share of the
             samples is drawn, at random, sample by sample (``train.replay``: rehearsal of a fine-tuned model's
             original data); resampled only.
+        random_flip: each sample whose shard holds the mirrored image's posterior (``encode_latents.flip``) takes
+            it with probability 1/2, seeded as the other draws; flip_swaps: word pairs its caption then swaps
+            (``("left", "right")``).
     """
     return stream_loader(
         LatentStream, urls, tokenizer, batch_size=batch_size, num_workers=num_workers, epoch_steps=epoch_steps,
         resampled=resampled, caption_dropout=caption_dropout, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
         latent_scale=latent_scale, latent_shift=latent_shift, shuffle_buffer=shuffle_buffer, seed=seed,
         replay_urls=expand_urls(replay_urls) if replay_urls else (), replay_fraction=replay_fraction,
+        random_flip=random_flip, flip_swaps=flip_swaps,
     )

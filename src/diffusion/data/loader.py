@@ -179,6 +179,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         """One raw WebDataset sample -> the fields `_collate` batches (a subclass reads other shards)."""
         return decode_sample(sample, self.image_keys)
 
+    def augment(self, samples: Iterator[dict[str, Any]], worker: int) -> Iterator[dict[str, Any]]:
+        """A per-sample step after decoding, before caption dropout (identity here; the latent loader's random
+        flip)."""
+        return samples
+
     def batches(self, batches: Iterator[dict[str, Any]], worker: int) -> Iterator[dict[str, Any]]:
         """A last per-batch step in the worker (identity here; the latent loader samples the posterior)."""
         return batches
@@ -198,7 +203,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             samples = wds.shuffle(
                 self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=self._rng(worker, "shuffle")
             )(samples)
-        samples = (self.decode(s) for s in samples)
+        samples = self.augment((self.decode(s) for s in samples), worker)
         if self.caption_dropout > 0:
             samples = _drop_captions(samples, self.caption_dropout, self._rng(worker, "dropout"))
         batches = wds.batched(self.batch_size, collation_fn=self._collate, partial=False)(samples)
