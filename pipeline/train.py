@@ -29,16 +29,12 @@ from typing import Any
 
 import torch
 
-from diffusion.atomic import atomic_write_json, check_replaceable, staged_dir
-from diffusion.config import ConfigError
-from diffusion.data.locations import read_manifest, require_split
+from diffusion.atomic import atomic_write_json, staged_dir
 from diffusion.run_keys import DEFAULT_EXCLUDE
 from diffusion.stage_configs import TrainConfig
 from diffusion.training import init_from
 from diffusion.training.replay import replay_urls
-
-#: What the stage writes in out_dir (anything else there stops it: check_replaceable).
-MODEL_ENTRIES = ("config.json", "model.pt", "tokenizer.json", "train_config.json", "lora.pt")
+from diffusion.training.train_inputs import TrainError, read_val_set, validate
 
 STAGE = "train"
 #: Fields that do not change the trained weights (paths: the data, the VAE, the tokenizer and the init_from weights
@@ -48,96 +44,6 @@ STAGE = "train"
 EXCLUDE = (*DEFAULT_EXCLUDE, "latents_dir", "replay.latents_dir", "tokenizer_path", "vae_dir", "init_from", "out_dir",
            "metrics_path", "loss_curve_path", "val_curve_path", "val_batches", "sample_every_n_steps", "sample_prompts",
            "sample_sampler", "sample_steps", "sample_guidance")
-
-
-class TrainError(RuntimeError):
-    """An input of the stage is missing; nothing was written."""
-
-
-def validate(cfg: TrainConfig) -> tuple[list[str], list[str], list[int] | None]:
-    """Checks that need the inputs, before any work. Returns the train and val latent shards (no val shards when
-    train.val_batches is 0) and the latents' shape [C, h, w] from their manifest (None if it does not say)."""
-    urls = require_split(cfg.latents_dir, "train", "train.latents_dir", "encode_latents", TrainError, "latent shards")
-    check_replaceable(cfg.out_dir, MODEL_ENTRIES, "train.out_dir")
-    if not Path(cfg.tokenizer_path).is_file():
-        raise TrainError(f"train.tokenizer_path: {cfg.tokenizer_path} not found; run `python cli.py shard` first")
-    from diffusion.training.latent_stats import vae_problem
-
-    if problem := vae_problem(cfg.vae_dir):
-        raise TrainError(f"train.vae_dir: {problem}; run `python cli.py train-vae` first")
-    manifest = read_manifest(cfg.latents_dir) or {}
-    _check_latents_vae(cfg, manifest)
-    val_urls = _val_urls(cfg, manifest)
-    shape = manifest.get("latent_shape")  # [C, h, w], from encode_latents
-    denoiser = cfg.denoiser_config()
-    multiple = getattr(denoiser, "downsample_factor", getattr(denoiser, "patch_size", 1))
-    if shape and any(side % multiple for side in shape[1:]):
-        # Found here rather than at the first step, inside Lightning, with the MLflow run already open.
-        what = "dit.patch_size" if cfg.denoising_type == "dit" else "unet.channel_mult (2 ** (levels - 1))"
-        raise ConfigError(f"train.{what}: the {cfg.denoising_type} needs latent sides divisible by {multiple}, and "
-                          f"the latents in {cfg.latents_dir} are {shape[1]}x{shape[2]}; use a shard.resolution that "
-                          f"is a multiple of {multiple} times the VAE's factor, or another {what.split(' ')[0]}")
-    return urls, val_urls, shape
-
-
-def _val_urls(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
-    """The val latent shards the validation loss needs (none with train.val_batches 0), counted by the manifest
-    where there is one: no val split, or an empty one, stops the stage here. Latents without a manifest are counted
-    when the set is read, still before the run opens (:func:`_val_set`)."""
-    if not cfg.val_batches:
-        return []
-    try:
-        urls = require_split(cfg.latents_dir, "val", "train.val_batches", "encode_latents", TrainError,
-                             "val latent shards", allow_empty=True)
-    except TrainError as e:
-        raise TrainError(f"{e}; or set train.val_batches: 0 to train without a validation loss") from e
-    count = (manifest.get("counts") or {}).get("val")
-    if not urls or count == 0:
-        raise TrainError(_no_val(cfg))
-    return urls
-
-
-def _no_val(cfg: TrainConfig) -> str:
-    return (f"train.val_batches: {cfg.val_batches} batches of held-out latents asked for, and {cfg.latents_dir}/val "
-            "holds none; hold images out (shard.val_fraction, or a val folder) and rerun shard and encode_latents, or "
-            "set train.val_batches: 0 to train without a validation loss")
-
-
-def _val_set(cfg: TrainConfig, urls: list[str], val_urls: list[str]) -> Any:
-    """The validation loss's fixed samples (training/val_loss.py), read before the run opens; None without. A val
-    split smaller than one batch (a small folder of the user's, 5% held out) is used whole, with a warning: a noisy
-    estimate is still the only held-out one."""
-    if not cfg.val_batches:
-        return None
-    from diffusion.data.tokenizer import load_tokenizer
-    from diffusion.training.latent_stats import read_vae_config
-    from diffusion.training.val_loss import prepare_val_set
-
-    vae = read_vae_config(cfg.vae_dir)  # the scale and shift build_model gives the model and the loader
-    try:
-        found = prepare_val_set(val_urls, urls, load_tokenizer(cfg.tokenizer_path), batch_size=cfg.batch_size,
-                                batches=cfg.val_batches, latent_scale=float(vae["latent_scale"]),
-                                latent_shift=float(vae["latent_shift"]), num_timesteps=cfg.scheduler.num_timesteps,
-                                seed=cfg.seed)
-    except ValueError as e:  # shards without a sample (latents made elsewhere, no manifest to count them)
-        raise TrainError(_no_val(cfg)) from e
-    if len(found) < cfg.batch_size:
-        warnings.warn(f"train.val_batches: {cfg.latents_dir}/val holds {len(found)} latents, less than one batch of "
-                      f"{cfg.batch_size}: the validation loss is measured on all of them, a noisier estimate (hold "
-                      "more images out with shard.val_fraction for a steadier one)", UserWarning, stacklevel=2)
-    return found
-
-
-def _check_latents_vae(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
-    """The latents must come from the VAE the model is packaged with (``latent_stats.encoded_elsewhere``). Run stage
-    by stage (`cli.py train-vae` again, then `cli.py train`), nothing else notices: DVC would rerun encode_latents."""
-    from diffusion.training.latent_stats import encoded_elsewhere
-
-    if detail := encoded_elsewhere(manifest, cfg.vae_dir):
-        raise TrainError(f"train.vae_dir: the latents in {cfg.latents_dir} were encoded by another VAE than the one in "
-                         f"{cfg.vae_dir} ({detail}); a denoiser trained on them would draw through the wrong decoder. "
-                         "Rerun `python cli.py encode-latents` with this VAE, or set train.vae_dir to the VAE that "
-                         "encoded them")
 
 
 def resolve_derived(cfg: TrainConfig, latent_shape: list[int] | None) -> TrainConfig:
@@ -373,7 +279,7 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     cfg = resolve_derived(cfg, latent_shape)
     if cfg.init_from is not None:  # fine-tuning: the model's tokenizer, VAE and architecture, or stop here
         init_from.check_init(cfg, urls)
-    val_set = _val_set(cfg, urls, val_urls)  # every rank, before the run opens (no val latents stop it here)
+    val_set = read_val_set(cfg, urls, val_urls)  # every rank, before the run opens (no val latents stop it here)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     with resumable_stage_run(STAGE, run_params(cfg), cfg.checkpoint_dir, exclude=EXCLUDE,

@@ -19,7 +19,7 @@ the stage checks that this run has the same ones and names the key to change whe
 - the VAE: the same encoder weights (``latent_stats.encoder_digest``) and the same latent scale and shift. The
   denoiser learned one latent space, at one scale (Rombach et al. 2022, sec. 4.3.2): latents of
   another VAE are other numbers. The latents' manifest ties them to ``train.vae_dir`` already
-  (``pipeline.train._check_latents_vae``), so the images must be encoded with that model's VAE
+  (``training.train_inputs._check_latents_vae``), so the images must be encoded with that model's VAE
   (``encode_latents.vae_dir``: the model folder) too.
 - the architecture: the text encoder and denoiser configs this run would build, field by field, except
   ``gradient_checkpointing``, which changes how the backward pass runs, not what the weights are.
