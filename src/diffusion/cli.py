@@ -15,7 +15,11 @@ from typing import Annotated, Any, Callable
 
 import typer
 
-from diffusion.cli_text import show_warnings_plainly, unwrap_command_help
+from diffusion.cli_text import (
+    epilog_when_asked,
+    show_warnings_plainly,
+    unwrap_command_help,
+)
 from diffusion.config import Config, ConfigError
 from diffusion.params import BASE_PROFILE, load_params, load_section
 
@@ -41,58 +45,6 @@ SetOption = Annotated[
         "overrides apply over the profile.",
     ),
 ]
-
-
-def _argv_params() -> tuple[Path, list[str]]:
-    """The ``--params`` file and ``-S`` overrides on this command line, for the help to read them."""
-    params, overrides, argv = Path("params.yaml"), [], sys.argv[1:]
-    for i, arg in enumerate(argv):
-        nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if arg in ("--params", "-p") and nxt:
-            params = Path(nxt)
-        elif arg.startswith("--params="):
-            params = Path(arg.split("=", 1)[1])
-        elif arg in ("--set", "-S") and nxt:
-            overrides.append(nxt)
-        elif arg.startswith("--set="):
-            overrides.append(arg.split("=", 1)[1])
-    return params, overrides
-
-
-def _params_epilog(cls: type[Config]) -> str:
-    """The section's keys with their help, built-in defaults and (where they differ) the values this command
-    would run with: the params file, its profile and the command line's ``-S``, appended to --help."""
-    params, overrides = _argv_params()
-    try:
-        current: Config | None = load_section(cls, params, overrides)
-        source = f"{params}" + (f" with -S {' -S '.join(overrides)}" if overrides else "")
-        header = (f"Parameters (section '{cls.section}'): '= value' is what {source} sets (its profile included) "
-                  f"where it differs from the built-in default; override with -S {cls.section}.KEY=VALUE:")
-    except (ConfigError, OSError) as error:  # no params file here, or a bad one: the defaults alone
-        current = None
-        header = (f"Parameters (section '{cls.section}' of params.yaml), with their built-in defaults ({params} "
-                  f"not read: {error}); override with -S {cls.section}.KEY=VALUE:")
-    lines = [header, ""]
-    lines += _help_lines(cls(), current, cls.section)
-    # Typer/rich rewraps epilog text; a blank line between entries keeps one per line.
-    return "\n\n".join(lines)
-
-
-def _help_lines(default: Config, current: Config | None, prefix: str) -> list[str]:
-    """One line per key, nested configs (train.scheduler, train.dit, ...) key by key under their own: the
-    built-in default, and the value `current` (params.yaml) gives it where that differs."""
-    lines, defaults = [], default.to_dict()
-    values = current.to_dict() if current is not None else defaults
-    for key, text in type(default).help().items():
-        value = getattr(default, key)
-        if isinstance(value, Config):
-            lines.append(f"  {prefix}.{key}: {text}")
-            lines += _help_lines(value, getattr(current, key) if current is not None else None, f"{prefix}.{key}")
-        elif values[key] != defaults[key]:
-            lines.append(f"  {prefix}.{key} = {values[key]!r} (default {defaults[key]!r}): {text}")
-        else:
-            lines.append(f"  {prefix}.{key} (default {defaults[key]!r}): {text}")
-    return lines
 
 
 def _fail(message: str, code: int) -> None:
@@ -164,26 +116,13 @@ def _sigterm_received() -> bool:
     return trainer is not None and trainer.SIGTERM_RECEIVED.is_set()
 
 
-def _epilog_when_asked(command: str, config: Callable[[], type[Config]]) -> str | None:
-    """`_params_epilog` of `config`, built only when this process shows ``<command> --help``.
-
-    It reads params.yaml (the values shown), and the training configs nest model configs that live beside
-    their networks (``models/vae.py``), so building their defaults imports torch, about 3 s that every other
-    command would pay at start-up.
-    """
-    argv = sys.argv[1:]
-    if command in argv and any(a in ("--help", "-h") for a in argv):
-        return _params_epilog(config())
-    return None
-
-
 def _shard_config() -> type[Config]:
     from diffusion.data_configs import ShardConfig
 
     return ShardConfig
 
 
-@app.command(epilog=_epilog_when_asked("shard", _shard_config))
+@app.command(epilog=epilog_when_asked("shard", _shard_config))
 def shard(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Write the dataset as WebDataset shards, train the tokenizer, and count what was skipped.
 
@@ -204,7 +143,7 @@ def _encode_latents_config() -> type[Config]:
     return EncodeLatentsConfig
 
 
-@app.command("encode-latents", epilog=_epilog_when_asked("encode-latents", _encode_latents_config))
+@app.command("encode-latents", epilog=epilog_when_asked("encode-latents", _encode_latents_config))
 def encode_latents(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Encode the image shards with the frozen VAE into latent shards (posterior mean and log-variance).
 
@@ -233,7 +172,7 @@ def _train_vae_config() -> type[Config]:
     return TrainVAEConfig
 
 
-@app.command("train-vae", epilog=_epilog_when_asked("train-vae", _train_vae_config))
+@app.command("train-vae", epilog=epilog_when_asked("train-vae", _train_vae_config))
 def train_vae(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Train the KL autoencoder on the image shards; measure its latent scale and shift.
 
@@ -253,7 +192,7 @@ def _train_config() -> type[Config]:
     return TrainConfig
 
 
-@app.command("train", epilog=_epilog_when_asked("train", _train_config))
+@app.command("train", epilog=epilog_when_asked("train", _train_config))
 def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Train the text encoder and the denoiser (U-Net or DiT) on the cached latents, with EMA.
 
@@ -288,56 +227,74 @@ def _strength_in_range(strength: float | None) -> float | None:
     return strength
 
 
+# sample's arguments and options, one alias each, so that the command below reads as its list of parameters.
+PromptsArgument = Annotated[
+    list[str], typer.Argument(metavar="PROMPT", help="Prompt(s); repeat for several. \"\" samples unconditionally.")
+]
+NumImagesOption = Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")]
+StepsOption = Annotated[int, typer.Option(min=1, help="Sampler steps.")]
+GuidanceOption = Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")]
+NegativePromptOption = Annotated[str, typer.Option(
+    "--negative-prompt", help="What guidance steers away from, for every prompt, in place of the empty caption.",
+)]
+GuidanceRescaleOption = Annotated[float, typer.Option(
+    "--guidance-rescale", help="0-1: rescale the guided prediction (Lin et al. 2023), for strong guidance.",
+)]
+SamplerOption = Annotated[str, typer.Option(
+    help="ddpm | ddim | dpmpp (DPM-Solver++ 2M) | euler | euler_a (Euler ancestral) | heun (2 network calls/step).",
+)]
+SeedOption = Annotated[int, typer.Option(help="Seed of the initial noise; the same seed gives the same images.",
+                                         min=0, max=2**64 - 1)]  # what torch.Generator.manual_seed takes
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="The PNG to write (a grid for several images).")]
+ModelOption = Annotated[str | None, typer.Option(
+    help="A model folder, or an MLflow model URI (models:/NAME@ALIAS, runs:/ID/PATH); default: train.out_dir "
+    "of --params."
+)]
+SizeOption = Annotated[int | None, typer.Option(
+    help="Image side in pixels, a multiple of the model's latent factor; default: the training resolution."
+)]
+DeviceOption = Annotated[str, typer.Option(help="auto | cpu | cuda ...")]
+ImageOption = Annotated[Path | None, typer.Option(
+    help="Image to image (SDEdit): start from this image (for every prompt), resized to the sample size "
+    "(stretched, not cropped), instead of pure noise.",
+)]
+StrengthOption = Annotated[float | None, typer.Option(
+    callback=_strength_in_range, show_default=False,
+    help="With --image, in (0, 1]: how much of the schedule runs, from the image noised that far (int(steps * "
+    "strength) steps); low keeps the image, 1 all but forgets it (default 0.8).",
+)]
+MaskOption = Annotated[Path | None, typer.Option(
+    help="Inpainting, with --image: regenerate the white (>= 128) of this mask, keep the rest of the image's "
+    "latents; read as grayscale, resized to the sample size as the image is.",
+)]
+LoraOption = Annotated[str | None, typer.Option(
+    help="LoRA adapters to merge into the model first: the lora.pt of a train.lora run (or its folder, or "
+    "runs:/ID/model/lora.pt); without --model, into the model they were trained on.",
+)]
+LoraScaleOption = Annotated[float, typer.Option(
+    "--lora-scale", help="With --lora: how much of the adapters' update to add (1: the run's model, 0: none).",
+)]
+
+
 @app.command("sample")
 def sample(
-    prompts: Annotated[
-        list[str], typer.Argument(metavar="PROMPT", help="Prompt(s); repeat for several. \"\" samples unconditionally.")
-    ],
-    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")] = 1,
-    steps: Annotated[int, typer.Option(min=1, help="Sampler steps.")] = 20,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")] = 4.0,
-    negative_prompt: Annotated[str, typer.Option(
-        "--negative-prompt", help="What guidance steers away from, for every prompt, in place of the empty caption.",
-    )] = "",
-    guidance_rescale: Annotated[float, typer.Option(
-        "--guidance-rescale", help="0-1: rescale the guided prediction (Lin et al. 2023), for strong guidance.",
-    )] = 0.0,
-    sampler: Annotated[str, typer.Option(
-        help="ddpm | ddim | dpmpp (DPM-Solver++ 2M) | euler | euler_a (Euler ancestral) | heun (2 network calls/step).",
-    )] = "dpmpp",
-    seed: Annotated[int, typer.Option(help="Seed of the initial noise; the same seed gives the same images.",
-                                      min=0, max=2**64 - 1)] = 0,  # what torch.Generator.manual_seed takes
-    out: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write (a grid for several images).")] = Path(
-        "samples.png"
-    ),
-    model: Annotated[str | None, typer.Option(
-        help="A model folder, or an MLflow model URI (models:/NAME@ALIAS, runs:/ID/PATH); default: train.out_dir "
-        "of --params."
-    )] = None,
-    size: Annotated[int | None, typer.Option(
-        help="Image side in pixels, a multiple of the model's latent factor; default: the training resolution."
-    )] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda ...")] = "auto",
-    image: Annotated[Path | None, typer.Option(
-        help="Image to image (SDEdit): start from this image (for every prompt), resized to the sample size "
-        "(stretched, not cropped), instead of pure noise.",
-    )] = None,
-    strength: Annotated[float | None, typer.Option(
-        callback=_strength_in_range, show_default=False,
-        help="With --image, in (0, 1]: how much of the schedule runs, from the image noised that far (int(steps * "
-        "strength) steps); low keeps the image, 1 all but forgets it (default 0.8).",
-    )] = None,
-    mask: Annotated[Path | None, typer.Option(
-        help="Inpainting, with --image: regenerate the white (>= 128) of this mask, keep the rest of the image's "
-        "latents; read as grayscale, resized to the sample size as the image is.",
-    )] = None,
-    lora: Annotated[str | None, typer.Option(
-        help="LoRA adapters to merge into the model first: the lora.pt of a train.lora run (or its folder, or "
-        "runs:/ID/model/lora.pt); without --model, into the model they were trained on.",
-    )] = None,
-    lora_scale: Annotated[float, typer.Option(
-        "--lora-scale", help="With --lora: how much of the adapters' update to add (1: the run's model, 0: none).",
-    )] = 1.0,
+    prompts: PromptsArgument,
+    num_images: NumImagesOption = 1,
+    steps: StepsOption = 20,
+    guidance: GuidanceOption = 4.0,
+    negative_prompt: NegativePromptOption = "",
+    guidance_rescale: GuidanceRescaleOption = 0.0,
+    sampler: SamplerOption = "dpmpp",
+    seed: SeedOption = 0,
+    out: OutOption = Path("samples.png"),
+    model: ModelOption = None,
+    size: SizeOption = None,
+    device: DeviceOption = "auto",
+    image: ImageOption = None,
+    strength: StrengthOption = None,
+    mask: MaskOption = None,
+    lora: LoraOption = None,
+    lora_scale: LoraScaleOption = 1.0,
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
 ) -> None:
@@ -363,7 +320,7 @@ def _judge_config() -> type[Config]:
     return JudgeConfig
 
 
-@app.command("train-judge", epilog=_epilog_when_asked("train-judge", _judge_config))
+@app.command("train-judge", epilog=epilog_when_asked("train-judge", _judge_config))
 def train_judge(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Train the attribute judge (a small CNN) on the real train shards; score it on the real val images.
 
@@ -383,7 +340,7 @@ def _evaluate_config() -> type[Config]:
     return EvaluateConfig
 
 
-@app.command("evaluate", epilog=_epilog_when_asked("evaluate", _evaluate_config))
+@app.command("evaluate", epilog=epilog_when_asked("evaluate", _evaluate_config))
 def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Evaluate the trained model: prompt adherence, FID/KID, judge FD, speed, a sampler sweep, a grid.
 

@@ -4,7 +4,8 @@ Sampling checks happen in two steps so that a bad request fails before any work 
 its options before it reads a weight): :class:`ModelSpec` reads only a model folder's JSON files (the model is
 built on the ``meta`` device, which allocates no weights) and validates the options against them; then
 :class:`~diffusion.pipeline_model.TextToImagePipeline` loads the weights. The folder's files are listed in
-``pipeline_model``'s docstring.
+``pipeline_model``'s docstring. A pipeline built from parts in memory has no folder to read: :func:`check_components`
+checks that the parts fit together instead.
 """
 
 from __future__ import annotations
@@ -215,3 +216,33 @@ def negative_prompts(negative_prompt: str | Sequence[str] | None, num_prompts: i
         raise SampleOptionError("negative_prompt", f"expected a string, or a list of {num_prompts} strings (one per "
                                                    f"prompt), got {negative_prompt!r}")
     return list(negative_prompt)
+
+
+def check_components(model: Any, tokenizer: Any, scheduler: Any) -> None:
+    """Refuse parts that cannot sample together, naming the part: the types, and a tokenizer whose vocabulary
+    size or padding id differ from the text encoder's, or that pads to more tokens than its position
+    embeddings hold (the train stage sizes the text encoder from the tokenizer: ``resolve_derived``)."""
+    from tokenizers import Tokenizer
+
+    from diffusion.data.tokenizer import max_length_of
+    from diffusion.models import LatentDiffusionModel
+    from diffusion.scheduler import DDPMScheduler
+
+    for name, part, kind in (("model", model, LatentDiffusionModel), ("tokenizer", tokenizer, Tokenizer),
+                             ("scheduler", scheduler, DDPMScheduler)):
+        if not isinstance(part, kind):
+            raise TypeError(f"{name}: expected a {kind.__module__}.{kind.__name__}, got {type(part).__name__}")
+    try:
+        length = max_length_of(tokenizer)
+    except ValueError as e:
+        raise ValueError(f"tokenizer: {e}") from None
+    text, vocab, pad = model.text_encoder.cfg, tokenizer.get_vocab_size(), tokenizer.padding["pad_id"]
+    if vocab != text.vocab_size:
+        raise ValueError(f"tokenizer: its vocabulary has {vocab} tokens, the model's text encoder embeds "
+                         f"{text.vocab_size} (text_encoder.vocab_size): not the tokenizer the model was trained with")
+    if pad != text.pad_token_id:
+        raise ValueError(f"tokenizer: it pads with id {pad}, the model's text encoder masks id {text.pad_token_id} "
+                         "(text_encoder.pad_token_id)")
+    if length > text.max_length:
+        raise ValueError(f"tokenizer: it pads every caption to {length} tokens, the model's text encoder reads at "
+                         f"most {text.max_length} (text_encoder.max_length)")

@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from diffusion.model_spec import (
-    MODEL_FILES, TRAIN_HINT, ModelNotFoundError, ModelSpec, SampleOptionError, check_device, negative_prompts,
-    read_json,
+    MODEL_FILES, TRAIN_HINT, ModelNotFoundError, ModelSpec, SampleOptionError, check_components, check_device,
+    negative_prompts, read_json,
 )
 from diffusion.prompt_checks import prompt_warnings
 
@@ -137,7 +137,7 @@ class TextToImagePipeline:
                 None: each call must give one (and a saved folder records none).
 
         Raises TypeError for a part of the wrong kind, ValueError naming the part for parts that do not fit
-        together (see :func:`check_components`), SampleOptionError("image_size") for a side the model cannot
+        together (see ``model_spec.check_components``), SampleOptionError("image_size") for a side the model cannot
         sample.
         """
         check_components(model, tokenizer, scheduler)
@@ -331,36 +331,6 @@ class TextToImagePipeline:
         from PIL import Image
 
         return [Image.fromarray(a) for a in self.generate(prompts, **options)]
-
-
-def check_components(model: Any, tokenizer: Any, scheduler: Any) -> None:
-    """Refuse parts that cannot sample together, naming the part: the types, and a tokenizer whose vocabulary
-    size or padding id differ from the text encoder's, or that pads to more tokens than its position
-    embeddings hold (the train stage sizes the text encoder from the tokenizer: ``resolve_derived``)."""
-    from tokenizers import Tokenizer
-
-    from diffusion.data.tokenizer import max_length_of
-    from diffusion.models import LatentDiffusionModel
-    from diffusion.scheduler import DDPMScheduler
-
-    for name, part, kind in (("model", model, LatentDiffusionModel), ("tokenizer", tokenizer, Tokenizer),
-                             ("scheduler", scheduler, DDPMScheduler)):
-        if not isinstance(part, kind):
-            raise TypeError(f"{name}: expected a {kind.__module__}.{kind.__name__}, got {type(part).__name__}")
-    try:
-        length = max_length_of(tokenizer)
-    except ValueError as e:
-        raise ValueError(f"tokenizer: {e}") from None
-    text, vocab, pad = model.text_encoder.cfg, tokenizer.get_vocab_size(), tokenizer.padding["pad_id"]
-    if vocab != text.vocab_size:
-        raise ValueError(f"tokenizer: its vocabulary has {vocab} tokens, the model's text encoder embeds "
-                         f"{text.vocab_size} (text_encoder.vocab_size): not the tokenizer the model was trained with")
-    if pad != text.pad_token_id:
-        raise ValueError(f"tokenizer: it pads with id {pad}, the model's text encoder masks id {text.pad_token_id} "
-                         "(text_encoder.pad_token_id)")
-    if length > text.max_length:
-        raise ValueError(f"tokenizer: it pads every caption to {length} tokens, the model's text encoder reads at "
-                         f"most {text.max_length} (text_encoder.max_length)")
 
 
 def _schedule_config(scheduler: Any) -> dict[str, Any]:
