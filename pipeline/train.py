@@ -273,9 +273,6 @@ def main(cfg: TrainConfig) -> dict[str, Any] | None:
     check_hardware(cfg, STAGE)  # before validate: reading the shards takes longer
     urls, val_urls, latent_shape = validate(cfg)
     replay = replay_urls(cfg, latent_shape, TrainError)  # train.replay's shards, checked ([] without)
-    if cfg.random_flip and not (read_manifest(cfg.latents_dir) or {}).get("flip"):
-        raise TrainError(f"train.random_flip: the latents in {cfg.latents_dir} hold no mirrored images; encode them "
-                         "with encode_latents.flip: true first (`dvc repro` with it set), or set train.random_flip false")
     cfg = resolve_derived(cfg, latent_shape)
     if cfg.init_from is not None:  # fine-tuning: the model's tokenizer, VAE and architecture, or stop here
         init_from.check_init(cfg, urls)

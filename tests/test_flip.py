@@ -13,7 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from test_train_stage import copy_project, runs, train_in_process, upstream  # noqa: F401 (a fixture)
+from test_train_stage import copy_project, train_in_process, trains_otherwise, upstream  # noqa: F401 (a fixture)
 
 from diffusion.config import ConfigError
 from diffusion.data.latents import (
@@ -119,13 +119,8 @@ def test_the_loader_takes_half_the_mirrored_posteriors_and_mirrors_their_caption
 
 
 def test_the_stage_trains_on_mirrored_latents_and_logs_it(flipped, tmp_path):
-    root = copy_project(flipped, tmp_path)
-    train_in_process(root, *QUICK)
-    plain = torch.load(root / "models/diffusion/model.pt", weights_only=True)
-    train_in_process(root, *QUICK, "train.random_flip=true", "train.flip_swaps=[[left, right]]")
-    mirrored = torch.load(root / "models/diffusion/model.pt", weights_only=True)
-    assert any(not torch.equal(mirrored[k], plain[k]) for k in plain if k.startswith("denoiser."))
-    params = runs("train")[1][0].data.params
+    params = trains_otherwise(copy_project(flipped, tmp_path), QUICK, "train.random_flip=true",
+                              "train.flip_swaps=[[left, right]]")
     assert (params["random_flip"], params["flip_swaps"]) == ("True", "[['left', 'right']]")
 
 

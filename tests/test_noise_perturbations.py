@@ -8,7 +8,13 @@ weights, and are logged; bad values stop it before any work.
 
 import pytest
 import torch
-from test_train_stage import _tiny_seed_model, runs, train_in_process, upstream  # noqa: F401 (a fixture)
+from test_train_stage import (  # noqa: F401 (upstream: a fixture)
+    _tiny_seed_model,
+    copy_project,
+    train_in_process,
+    trains_otherwise,
+    upstream,
+)
 
 from diffusion.scheduler import DDPMScheduler
 from diffusion.training.diffusion_system import DiffusionSystem, OptimSettings
@@ -75,23 +81,14 @@ def test_both_the_offset_first_and_the_perturbation_on_the_offset_noise():
 
 
 def test_the_stage_trains_with_them_and_logs_them(upstream, tmp_path):  # noqa: F811
-    from test_train_stage import copy_project
-
-    root = copy_project(upstream, tmp_path)
     args = ("train.max_steps=2", "train.warmup_steps=0", "train.sample_every_n_steps=0", "train.val_batches=0")
-    train_in_process(root, *args)
-    plain = torch.load(root / "models/diffusion/model.pt", weights_only=True)
-    train_in_process(root, *args, "train.noise_offset=0.1", "train.input_perturbation=0.1")
-    perturbed = torch.load(root / "models/diffusion/model.pt", weights_only=True)
-    assert any(not torch.equal(perturbed[k], plain[k]) for k in plain if k.startswith("denoiser."))
-    params = runs("train")[1][0].data.params
+    params = trains_otherwise(copy_project(upstream, tmp_path), args, "train.noise_offset=0.1",
+                              "train.input_perturbation=0.1")
     assert (params["noise_offset"], params["input_perturbation"]) == ("0.1", "0.1")
 
 
 @pytest.mark.parametrize("key", ["noise_offset", "input_perturbation"])
 def test_a_negative_value_stops_the_stage_before_any_work(upstream, tmp_path, key):  # noqa: F811
-    from test_train_stage import copy_project
-
     from diffusion.config import ConfigError
 
     root = copy_project(upstream, tmp_path)

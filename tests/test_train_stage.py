@@ -80,6 +80,17 @@ def project(upstream, tmp_path) -> Path:
     return copy_project(upstream, tmp_path)
 
 
+def trains_otherwise(root: Path, args: tuple[str, ...], *extra: str) -> dict[str, str]:
+    """Train `root` with `args`, then with `extra` too: the denoiser's weights must differ. Returns the second
+    run's MLflow params."""
+    train_in_process(root, *args)
+    plain = torch.load(root / "models/diffusion/model.pt", weights_only=True)
+    train_in_process(root, *args, *extra)
+    other = torch.load(root / "models/diffusion/model.pt", weights_only=True)
+    assert any(not torch.equal(other[k], plain[k]) for k in plain if k.startswith("denoiser."))
+    return runs("train")[1][0].data.params
+
+
 def runs(stage: str):
     from mlflow.tracking import MlflowClient
 

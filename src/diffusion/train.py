@@ -113,14 +113,8 @@ def train_diffusion_model(
         # The pipeline's bar, with the loss. Lightning's default (its rich bar, where `rich` is installed) shows
         # no loss (it is not logged to the bar: an .item() per step) and counts epochs out of -2 (max_epochs -1).
         callbacks.append(LossBar(refresh_rate=every))
-    trainer = pl.Trainer(
-        max_steps=max_steps,
-        precision=precision,
-        accumulate_grad_batches=accumulate_grad_batches,
-        gradient_clip_val=gradient_clip_val,
-        callbacks=callbacks,
-        **trainer_kwargs,
-    )
+    trainer = pl.Trainer(max_steps=max_steps, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
+                         gradient_clip_val=gradient_clip_val, callbacks=callbacks, **trainer_kwargs)
     trainer.fit(system, loader)
     system.restore_frozen_vae(model)
     return trainer

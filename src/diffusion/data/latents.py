@@ -299,7 +299,8 @@ def _flip(samples: Iterator[dict[str, Any]], rng: random.Random,
     on whether the samples before it could flip."""
     for s in samples:
         if rng.random() < 0.5 and "mean_flip" in s:
-            s = {**s, "mean": s["mean_flip"], "logvar": s["logvar_flip"], "caption": mirror_caption(s["caption"], swaps)}
+            s = {**s, "mean": s["mean_flip"], "logvar": s["logvar_flip"],
+                 "caption": mirror_caption(s["caption"], swaps)}
         yield s
 
 

@@ -41,6 +41,9 @@ def validate(cfg: TrainConfig) -> tuple[list[str], list[str], list[int] | None]:
         raise TrainError(f"train.vae_dir: {problem}; run `python cli.py train-vae` first")
     manifest = read_manifest(cfg.latents_dir) or {}
     _check_latents_vae(cfg, manifest)
+    if cfg.random_flip and not manifest.get("flip"):
+        raise TrainError(f"train.random_flip: the latents in {cfg.latents_dir} hold no mirrored images; encode them "
+                         "with encode_latents.flip: true first (`dvc repro` with it set), or set train.random_flip false")
     val_urls = _val_urls(cfg, manifest)
     shape = manifest.get("latent_shape")  # [C, h, w], from encode_latents
     denoiser = cfg.denoiser_config()
