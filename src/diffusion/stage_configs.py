@@ -272,7 +272,7 @@ class TrainConfig(TrainerFields):
         False, "mirror half the samples left to right (diffusers' --random_flip): the latents must be encoded with "
         "encode_latents.flip, which stores each train image's mirrored posterior too")
     flip_swaps: tuple[tuple[str, str], ...] = param(
-        (), "word pairs a mirrored sample's caption swaps, e.g. [[left, right]] where captions say where things are")
+        (), "word pairs a mirrored sample's caption swaps, e.g. [['left', 'right']] where captions say which side")
     shuffle_buffer: int = param(2_000, "samples in the loader's shuffle buffer", ge=0)
     val_batches: int = param(
         4, "batches (of batch_size) of held-out latents the validation loss is measured on, every val_every_n_steps "
