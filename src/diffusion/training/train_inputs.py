@@ -3,10 +3,10 @@ opens, a missing or mismatched input stops the stage with a message naming the k
 Kept out of ``pipeline/train.py`` so that the stage script reads as the run it makes.
 
 Checked here: the latent shards (train, and val for the validation loss), the tokenizer, the VAE and that it is
-the one that encoded the latents, a latent size the denoiser can take, and an out_dir holding only what the stage
-writes. The validation loss's fixed samples are read here too (:func:`read_val_set`), so that a val split without
-a sample stops the stage as early. ``train.replay``'s shards and ``train.init_from``'s model are checked by
-training/replay.py and training/init_from.py.
+the one that encoded the latents (with their mirrored images for train.random_flip), a latent size the denoiser can
+take, and an out_dir holding only what the stage writes. The validation loss's fixed samples are read here too
+(:func:`read_val_set`), so that a val split without a sample stops the stage as early. ``train.replay``'s shards
+and ``train.init_from``'s model are checked by training/replay.py and training/init_from.py.
 """
 
 from __future__ import annotations
