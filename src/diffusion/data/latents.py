@@ -33,6 +33,7 @@ shards.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -280,15 +281,22 @@ def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scale: float | Sequ
     return (z - shift) * scale
 
 
+@functools.lru_cache(maxsize=8)
+def _swap_table(swaps: tuple[tuple[str, str], ...]) -> tuple[re.Pattern[str], dict[str, str]]:
+    """The pattern and replacements of :func:`mirror_caption`, built once per `swaps` (it runs for every mirrored
+    sample the loader draws)."""
+    table = {}
+    for a, b in swaps:
+        table.update({a: b, b: a, a.capitalize(): b.capitalize(), b.capitalize(): a.capitalize()})
+    return re.compile(r"\b(" + "|".join(map(re.escape, sorted(table, key=len, reverse=True))) + r")\b"), table
+
+
 def mirror_caption(caption: str, swaps: Sequence[tuple[str, str]]) -> str:
     """`caption` as it reads for the image mirrored left to right: each word of a pair in `swaps` (whole words,
     also capitalised) replaced by the other, in one pass (``("left", "right")``: "top left" -> "top right")."""
     if not swaps:
         return caption
-    table = {}
-    for a, b in swaps:
-        table.update({a: b, b: a, a.capitalize(): b.capitalize(), b.capitalize(): a.capitalize()})
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(table, key=len, reverse=True))) + r")\b")
+    pattern, table = _swap_table(tuple(tuple(pair) for pair in swaps))
     return pattern.sub(lambda m: table[m.group(0)], caption)
 
 
